@@ -1,0 +1,44 @@
+"""Named errors. Every `InputError` is the user's to fix: the CLI prints its message on one
+line and exits with code 2. Anything else is a bug in qanalyze (exit 1)."""
+
+from __future__ import annotations
+
+
+class QAnalyzeError(Exception):
+    """Base class of every error qanalyze raises on purpose."""
+
+
+class InputError(QAnalyzeError):
+    """Bad input from the user: a path, a name, a flag value, a file's content."""
+
+
+class ModelNotFoundError(InputError):
+    """The model path, alias or hub id names nothing that can be loaded."""
+
+
+class ModelFormatError(InputError):
+    """The model exists but is not a usable Hugging Face model for the request."""
+
+
+class UnknownTaskError(InputError):
+    """The task name is not in the registry."""
+
+
+class DataError(InputError):
+    """The data source is missing, malformed or inconsistent with the task."""
+
+
+class ConfigError(InputError):
+    """A setting is out of range or inconsistent with another setting."""
+
+
+class OutputDirError(InputError):
+    """The output location cannot be used as asked (exists, not a run, ...)."""
+
+
+class RecordError(InputError):
+    """A qanalyze record file (metrics.json, plan.json, ...) is missing or invalid."""
+
+
+class NotAvailableError(InputError):
+    """A command or mode exists in the interface but is not implemented yet."""
