@@ -1,0 +1,44 @@
+"""qanalyze: how many bits can each part of a transformer take, and what will it cost?
+
+The public verbs, one per stage, each taking a config and returning a typed record::
+
+    import qanalyze
+    loaded = qanalyze.load_model("minilm-l6", num_labels=2)
+    data = qanalyze.load_task("sst2", "../shared/data/glue", max_train_examples=2000)
+    record = qanalyze.train(loaded, data, qanalyze.TrainConfig(epochs=1), "runs/sst2-fp32")
+
+Names are imported on first use, so ``import qanalyze`` (and ``qanalyze --help``) stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "load_model": "qanalyze.models",
+    "inventory": "qanalyze.models",
+    "LoadedModel": "qanalyze.models",
+    "ModuleInfo": "qanalyze.models",
+    "load_task": "qanalyze.data",
+    "TaskData": "qanalyze.data",
+    "get_task": "qanalyze.tasks",
+    "TaskSpec": "qanalyze.tasks",
+    "train": "qanalyze.engine.train",
+    "TrainConfig": "qanalyze.engine.train",
+    "evaluate": "qanalyze.engine.evaluate",
+    "RunRecord": "qanalyze.records",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name from its module on first access."""
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'qanalyze' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -1,0 +1,250 @@
+"""The ``qanalyze`` command line. Each command reads and writes the records of one stage.
+
+Errors the user can fix (`qanalyze.errors.InputError`, click usage errors) print one line on
+stderr and exit 2; an interrupted run exits 130; anything else is an internal error (exit 1,
+traceback only with ``QANALYZE_DEBUG=1``). Heavy libraries are imported inside the commands so
+that ``--help`` answers at once.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+EXIT_OK, EXIT_INTERNAL, EXIT_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def _console(quiet: bool) -> Any:
+    from rich.console import Console
+
+    return Console(stderr=True, quiet=quiet)
+
+
+def _data_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Options shared by every command that reads task data."""
+    options = [
+        click.option("--task", help="Task name (sst2, mrpc, rte, stsb, cola, qnli, mnli, qqp) or a task JSON file."),
+        click.option("--data", help="GLUE root or task folder, CSV/TSV/JSON/Parquet file or folder, or a "
+                                    "`datasets` hub name."),
+        click.option("--max-train-examples", type=click.IntRange(min=1), default=None,
+                     help="Use a subset of this many training examples (chosen by --seed)."),
+        click.option("--max-eval-examples", type=click.IntRange(min=1), default=None,
+                     help="Use a subset of this many evaluation examples (chosen by --seed)."),
+        click.option("--max-length", type=click.IntRange(min=8), default=None,
+                     help="Truncate inputs to this many tokens (default 128; batches pad dynamically)."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed for subsets, order, init."),
+        click.option("--quiet", "-q", is_flag=True, help="No progress output; results only."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="qanalyze", message="qanalyze %(version)s")
+def cli() -> None:
+    """How many bits can each part of a transformer take, and what will it cost?
+
+    The flow: finetune (FP32 baseline) -> analyze (sensitivity.json) -> plan (plan.json)
+    -> train (quantized run) -> evaluate -> sweep -> report (report.html).
+    MODEL is a local Hugging Face model directory, a qanalyze run directory, the alias
+    `minilm-l6` (the packaged all-MiniLM-L6-v2 weights) or a hub id (only then is anything
+    downloaded).
+    """
+
+
+@cli.command()
+@click.argument("model")
+@_data_options
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory to create.")
+@click.option("--epochs", type=click.IntRange(min=1), default=3, show_default=True)
+@click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Stop after this many steps "
+              "(overrides --epochs).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--lr", type=float, default=1e-4, show_default=True, help="Peak learning rate (AdamW).")
+@click.option("--warmup-ratio", type=float, default=0.06, show_default=True)
+@click.option("--weight-decay", type=float, default=0.01, show_default=True)
+@click.option("--max-grad-norm", type=float, default=1.0, show_default=True, help="Gradient clipping.")
+@click.option("--eval-every", type=click.IntRange(min=1), default=None, help="Also evaluate every N steps.")
+@click.option("--save-every", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Checkpoint every N steps (for --resume).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run in --out from its checkpoint.")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+def finetune(model: str, task: str | None, data: str | None, out: str, quiet: bool, **kw: Any) -> None:
+    """Fine-tune MODEL in FP32 on a task: the baseline every quantized run is compared with.
+
+    Writes the fine-tuned model and tokenizer, metrics.json (schema qanalyze/run/v1), log.csv
+    (one row per step) and evals.csv into --out.
+    """
+    from qanalyze.data import load_task
+    from qanalyze.engine.train import TrainConfig, train
+    from qanalyze.models import load_model
+    from qanalyze.rundir import prepare_run_dir
+
+    task, data = _require_task_and_data(task, data)
+    console = _console(quiet)
+    config = TrainConfig(
+        epochs=kw["epochs"], max_steps=kw["max_steps"], batch_size=kw["batch_size"], lr=kw["lr"],
+        warmup_ratio=kw["warmup_ratio"], weight_decay=kw["weight_decay"], max_grad_norm=kw["max_grad_norm"],
+        max_length=kw["max_length"] or 128, eval_every=kw["eval_every"], save_every=kw["save_every"],
+        seed=kw["seed"], device=kw["device"])
+    task_data = load_task(task, data, max_train_examples=kw["max_train_examples"],
+                          max_eval_examples=kw["max_eval_examples"], seed=kw["seed"])
+    _seed_everything(kw["seed"])
+    loaded = load_model(model, num_labels=task_data.task.num_labels)
+    run = prepare_run_dir(out, overwrite=kw["overwrite"], resume=kw["resume"])
+    console.print(f"[bold]finetune[/] {model} on {task_data.task.name}: {len(task_data.train)} train / "
+                  f"{len(task_data.dev)} dev examples -> {run}")
+    from qanalyze.progress import step_progress
+
+    with step_progress(console) as progress:
+        record = train(loaded, task_data, config, run, resume=kw["resume"],
+                       on_step=progress.on_step, on_eval=progress.on_eval)
+    _print_metrics(task_data.task.name, "dev", record.metrics, len(task_data.dev))
+    console.print(f"train {record.timings['train_seconds']:.1f} s, median step "
+                  f"{record.timings['step_seconds_median']:.3f} s; run saved in {run}")
+
+
+@cli.command()
+@click.argument("model_or_run")
+@_data_options
+@click.option("--split", type=click.Choice(["dev", "train"]), default="dev", show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
+@click.option("--out", type=click.Path(dir_okay=False), default=None,
+              help="Write the metrics here (default: eval-<task>-<split>.json inside a run directory).")
+def evaluate(model_or_run: str, task: str | None, data: str | None, quiet: bool, **kw: Any) -> None:
+    """Evaluate a model or a run directory on a task and print its metrics.
+
+    For a run directory, --task, --data and --max-length default to the run's own.
+    """
+    from qanalyze.data import encode, load_task
+    from qanalyze.engine.evaluate import evaluate as run_evaluation
+    from qanalyze.engine.train import resolve_device
+    from qanalyze.models import load_model
+    from qanalyze.records import EVAL_SCHEMA, RunRecord, atomic_write_json, environment, utc_now
+    from qanalyze.rundir import METRICS_FILE, is_finished_run
+
+    run = Path(model_or_run)
+    previous = RunRecord.load(run / METRICS_FILE) if is_finished_run(run) else None
+    if previous is not None:
+        task = task or previous.task
+        data = data or previous.data.get("source")
+        kw["max_length"] = kw["max_length"] or previous.settings.get("max_length")
+    task, data = _require_task_and_data(task, data)
+    console = _console(quiet)
+    task_data = load_task(task, data, max_train_examples=kw["max_train_examples"],
+                          max_eval_examples=kw["max_eval_examples"], seed=kw["seed"])
+    _seed_everything(kw["seed"])
+    loaded = load_model(model_or_run, num_labels=task_data.task.num_labels)
+    architectures = loaded.model.config.architectures or []
+    if not any(a.endswith("ForSequenceClassification") for a in architectures):
+        console.print(f"[yellow]warning:[/] {model_or_run} has no {task_data.task.name} head; "
+                      "its new head is random, so expect chance-level metrics")
+    loaded.model.to(resolve_device(kw["device"]))
+    examples = task_data.dev if kw["split"] == "dev" else task_data.train
+    encoded = encode(examples, loaded.tokenizer, max_length=kw["max_length"] or 128)
+    with console.status(f"evaluating {len(examples)} examples"):
+        result = run_evaluation(loaded.model, loaded.tokenizer, encoded, task_data.task,
+                                batch_size=kw["batch_size"])
+    _print_metrics(task_data.task.name, kw["split"], result.metrics, result.examples)
+    out = kw["out"] or (str(run / f"eval-{task_data.task.name}-{kw['split']}.json") if previous else None)
+    if out is not None:
+        atomic_write_json(out, {
+            "schema": EVAL_SCHEMA, "versions": environment(), "created": utc_now(), "task": task_data.task.name,
+            "split": kw["split"], "model": loaded.identity, "data": task_data.identity,
+            "metrics": result.metrics, "loss": result.loss,
+            "settings": {"max_length": kw["max_length"] or 128, "batch_size": kw["batch_size"], "seed": kw["seed"]},
+            "timings": {"eval_seconds": round(result.seconds, 3)}})
+        console.print(f"metrics written to {out}")
+
+
+def _not_yet(name: str, issue: int, what: str) -> click.Command:
+    def callback(**_: Any) -> None:
+        from qanalyze.errors import NotAvailableError
+
+        raise NotAvailableError(f"`qanalyze {name}` is not available yet ({what}, issue #{issue})")
+
+    return click.Command(
+        name, callback=callback, help=f"{what[0].upper()}{what[1:]}. Not available yet (issue #{issue}).",
+        context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+        params=[click.Argument(["args"], nargs=-1, type=click.UNPROCESSED)])
+
+
+for _name, _issue, _what in (
+    ("analyze", 3, "per-module Hessian spectrum, traces and quantization error -> sensitivity.json"),
+    ("plan", 4, "budget -> group-wise W/A/G bit-width plan -> plan.json"),
+    ("train", 5, "integer / QAT fine-tuning that follows a plan -> run directory"),
+    ("sweep", 6, "plan and train per budget, with uniform, random and reversed baselines"),
+    ("report", 6, "records -> one self-contained HTML page with plots"),
+):
+    cli.add_command(_not_yet(_name, _issue, _what))
+
+
+def _require_task_and_data(task: str | None, data: str | None) -> tuple[str, str]:
+    missing = [flag for flag, value in (("--task", task), ("--data", data)) if not value]
+    if missing:
+        raise click.UsageError(f"missing option {' and '.join(missing)}")
+    return task, data  # type: ignore[return-value]
+
+
+def _seed_everything(seed: int) -> None:
+    # A new task head is initialised from the global generator; seeding here (the CLI owns the
+    # process) makes `--seed` reproduce it.
+    import torch
+
+    torch.manual_seed(seed)
+
+
+def _print_metrics(task: str, split: str, metrics: dict[str, float], examples: int) -> None:
+    values = "  ".join(f"{name} {value:.4f}" for name, value in metrics.items())
+    click.echo(f"{task} {split} ({examples} examples): {values}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI and turn every outcome into an exit code (0, 1, 2 or 130)."""
+    from qanalyze.errors import InputError
+
+    try:
+        # Without standalone mode click returns the code of --help / --version instead of exiting.
+        result = cli.main(args=argv, prog_name="qanalyze", standalone_mode=False)
+    except click.Abort:
+        click.echo("error: aborted", err=True)
+        return EXIT_INTERRUPTED
+    except click.ClickException as exc:
+        click.echo(f"error: {exc.format_message()}", err=True)
+        return EXIT_INPUT
+    except InputError as exc:
+        click.echo(f"error: {_one_line(exc)}", err=True)
+        return EXIT_INPUT
+    except KeyboardInterrupt:
+        click.echo("error: interrupted", err=True)
+        return EXIT_INTERRUPTED
+    except Exception as exc:
+        from qanalyze.engine.train import TrainingInterrupted
+
+        if isinstance(exc, TrainingInterrupted):
+            click.echo(f"error: {_one_line(exc)}", err=True)
+            return EXIT_INTERRUPTED
+        if os.environ.get("QANALYZE_DEBUG"):
+            traceback.print_exc()
+        click.echo(f"internal error: {exc.__class__.__name__}: {_one_line(exc)} "
+                   "(set QANALYZE_DEBUG=1 for the traceback)", err=True)
+        return EXIT_INTERNAL
+    return result if isinstance(result, int) else EXIT_OK
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or exc.__class__.__name__
+
+
+def entry_point() -> None:
+    """Console-script entry: exit with `main`'s code."""
+    sys.exit(main())

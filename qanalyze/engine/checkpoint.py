@@ -1,0 +1,84 @@
+"""Resumable training state: model weights, optimizer, scheduler, random state and progress.
+
+A checkpoint is written to ``checkpoint.tmp`` and swapped in by renames, so a run killed at any
+moment leaves at least one complete checkpoint behind (see `qanalyze.rundir.checkpoint_dir`).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+
+from qanalyze.errors import RecordError
+from qanalyze.records import CHECKPOINT_SCHEMA, atomic_write_json, read_record
+from qanalyze.rundir import CHECKPOINT_DIR, CHECKPOINT_STATE, checkpoint_dir
+
+_WEIGHTS = "model.safetensors"
+_TRAINER = "trainer.pt"
+
+
+def save_checkpoint(
+    run: Path,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    state: dict[str, Any],
+) -> Path:
+    """Write a complete checkpoint of the training state into ``run/checkpoint`` and return it."""
+    final = run / CHECKPOINT_DIR
+    tmp = run / (CHECKPOINT_DIR + ".tmp")
+    old = run / (CHECKPOINT_DIR + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    # save_model, unlike save_file, copes with tied parameters (GPT-2, LLaMA heads).
+    safetensors.torch.save_model(model, str(tmp / _WEIGHTS))
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng},
+               tmp / _TRAINER)
+    atomic_write_json(tmp / CHECKPOINT_STATE, {"schema": CHECKPOINT_SCHEMA, **state})
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(
+    run: Path,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+) -> dict[str, Any]:
+    """Restore model, optimizer, scheduler and random state in place; return the saved progress state."""
+    folder = checkpoint_dir(run)
+    if folder is None:
+        raise RecordError(f"no complete checkpoint in {run}")
+    state = read_record(folder / CHECKPOINT_STATE, CHECKPOINT_SCHEMA)
+    device = next(model.parameters()).device
+    missing, unexpected = safetensors.torch.load_model(model, str(folder / _WEIGHTS), strict=False,
+                                                       device=str(device))
+    if missing or unexpected:
+        raise RecordError(f"checkpoint in {folder} does not fit this model "
+                          f"(missing {len(missing)}, unexpected {len(unexpected)} tensors)")
+    trainer = torch.load(folder / _TRAINER, map_location=device, weights_only=True)
+    optimizer.load_state_dict(trainer["optimizer"])
+    scheduler.load_state_dict(trainer["scheduler"])
+    torch.set_rng_state(trainer["rng"]["cpu"].cpu())
+    if "cuda" in trainer["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in trainer["rng"]["cuda"]])
+    return state
+
+
+def discard_checkpoints(run: Path) -> None:
+    """Remove every checkpoint folder of a finished run (they hold optimizer state, twice the model)."""
+    for suffix in ("", ".old", ".tmp"):
+        shutil.rmtree(run / (CHECKPOINT_DIR + suffix), ignore_errors=True)

@@ -1,0 +1,270 @@
+"""The fine-tuning loop. FP32 fine-tuning is this loop with no plan; quantized modes reuse it.
+
+AdamW with a linear warm-up and decay, gradient clipping, evaluation at the end (and every N
+steps when asked), a CSV log per step, and checkpoints that make a killed or interrupted run
+resumable to the same numbers.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import get_linear_schedule_with_warmup
+
+from qanalyze.data import Encoded, TaskData, encode, epoch_order, iter_batches, num_batches
+from qanalyze.engine.checkpoint import discard_checkpoints, load_checkpoint, save_checkpoint
+from qanalyze.engine.evaluate import EvalResult, evaluate
+from qanalyze.errors import ConfigError, QAnalyzeError
+from qanalyze.models import LoadedModel
+from qanalyze.records import RunRecord, atomic_write_text
+from qanalyze.rundir import CHECKPOINT_DIR, EVALS_FILE, LOG_FILE, METRICS_FILE
+
+
+class TrainingInterrupted(QAnalyzeError):
+    """Training stopped on Ctrl-C after saving a checkpoint; ``--resume`` continues it."""
+
+    def __init__(self, step: int, run: Path) -> None:
+        super().__init__(f"interrupted at step {step}; checkpoint saved in {run}; continue with --resume")
+        self.step = step
+
+
+class TrainingDiverged(ConfigError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Settings of one fine-tuning run. Every field except ``save_every`` can change the numbers."""
+
+    epochs: int = 3
+    max_steps: int | None = None
+    batch_size: int = 32
+    lr: float = 1e-4
+    warmup_ratio: float = 0.06
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    max_length: int = 128
+    eval_every: int | None = None
+    eval_batch_size: int = 64
+    save_every: int = 100
+    seed: int = 0
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        positive = {"epochs": self.epochs, "batch_size": self.batch_size, "max_length": self.max_length,
+                    "eval_batch_size": self.eval_batch_size, "save_every": self.save_every}
+        for name, value in positive.items():
+            if value < 1:
+                raise ConfigError(f"{name.replace('_', '-')} must be at least 1, got {value}")
+        for name in ("max_steps", "eval_every"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{name.replace('_', '-')} must be at least 1, got {value}")
+        if not self.lr > 0:
+            raise ConfigError(f"lr must be positive, got {self.lr}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"warmup-ratio must lie in [0, 1), got {self.warmup_ratio}")
+        if self.weight_decay < 0 or self.max_grad_norm <= 0:
+            raise ConfigError("weight-decay must be >= 0 and max-grad-norm > 0")
+        if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
+            raise ConfigError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
+
+    def numbers(self) -> dict[str, Any]:
+        """The settings that change the results (checked when a run is resumed)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("save_every", "device")}
+
+
+@dataclass(frozen=True)
+class StepLog:
+    """One optimizer step, as written to ``log.csv`` and shown in progress bars."""
+
+    step: int
+    total_steps: int
+    epoch: int
+    loss: float
+    lr: float
+    grad_norm: float
+    seconds: float
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is the first CUDA device when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {name} asked for, but no CUDA device is available")
+    return torch.device(name)
+
+
+def _parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    # Biases and normalisation gains are not decayed: decay pulls them towards 0, which is not a prior.
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _csv(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return ""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def _label_names(loaded: LoadedModel, data: TaskData) -> None:
+    if data.task.labels is not None:
+        loaded.model.config.id2label = dict(enumerate(data.task.labels))
+        loaded.model.config.label2id = {label: i for i, label in enumerate(data.task.labels)}
+
+
+class _Trainer:
+    """State of one run; `train` is its only user."""
+
+    def __init__(self, loaded: LoadedModel, data: TaskData, config: TrainConfig, run: Path) -> None:
+        self.loaded, self.data, self.config, self.run = loaded, data, config, run
+        self.model = loaded.model.to(resolve_device(config.device))
+        self.train_enc: Encoded = encode(data.train, loaded.tokenizer, max_length=config.max_length)
+        self.dev_enc: Encoded = encode(data.dev, loaded.tokenizer, max_length=config.max_length)
+        self.batches_per_epoch = num_batches(len(self.train_enc), config.batch_size)
+        self.total_steps = config.max_steps or config.epochs * self.batches_per_epoch
+        self.optimizer = torch.optim.AdamW(_parameter_groups(self.model, config.weight_decay), lr=config.lr)
+        self.scheduler = get_linear_schedule_with_warmup(
+            self.optimizer, round(config.warmup_ratio * self.total_steps), self.total_steps)
+        self.step = 0
+        self.log: list[dict[str, Any]] = []
+        self.evals: list[dict[str, Any]] = []
+        self.train_seconds = 0.0
+        self.last_saved = 0
+
+    def progress_state(self) -> dict[str, Any]:
+        return {"step": self.step, "total_steps": self.total_steps, "settings": self.config.numbers(),
+                "data_hash": self.data.identity.get("hash"), "model": self.loaded.identity,
+                "train_seconds": self.train_seconds, "log": self.log, "evals": self.evals}
+
+    def save(self) -> None:
+        save_checkpoint(self.run, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+                        state=self.progress_state())
+        self.last_saved = self.step
+
+    def restore(self) -> None:
+        state = load_checkpoint(self.run, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
+        saved = state.get("settings", {})
+        changed = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in self.config.numbers().items() if saved.get(k) != v]
+        if changed:
+            raise ConfigError(f"cannot resume {self.run} with different settings: {', '.join(changed)}")
+        if state.get("data_hash") != self.data.identity.get("hash"):
+            raise ConfigError(f"cannot resume {self.run}: the training/evaluation data differ from the saved run")
+        self.step, self.log, self.evals = state["step"], state["log"], state["evals"]
+        self.train_seconds = state["train_seconds"]
+        self.last_saved = self.step
+
+    def evaluate(self) -> EvalResult:
+        return evaluate(self.model, self.loaded.tokenizer, self.dev_enc, self.data.task,
+                        batch_size=self.config.eval_batch_size)
+
+    def one_step(self, batch: dict[str, torch.Tensor], epoch: int) -> StepLog:
+        start = time.perf_counter()
+        device = next(self.model.parameters()).device
+        out = self.model(**{k: v.to(device) for k, v in batch.items()})
+        loss = out.loss
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(
+                f"training diverged at step {self.step + 1} (loss {float(loss)}); the last good checkpoint "
+                f"is step {self.last_saved}" + (f" in {self.run / CHECKPOINT_DIR}" if self.last_saved else ""))
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        seconds = time.perf_counter() - start
+        self.train_seconds += seconds
+        return StepLog(self.step, self.total_steps, epoch, float(loss), lr, float(grad_norm), seconds)
+
+
+def train(
+    loaded: LoadedModel,
+    data: TaskData,
+    config: TrainConfig,
+    run: str | Path,
+    *,
+    resume: bool = False,
+    on_step: Callable[[StepLog], None] | None = None,
+    on_eval: Callable[[int, EvalResult], None] | None = None,
+) -> RunRecord:
+    """Fine-tune ``loaded.model`` on ``data`` into the run directory ``run`` and return its record.
+
+    ``run`` must exist (see `qanalyze.rundir.prepare_run_dir`). With ``resume`` the newest
+    checkpoint in ``run`` is restored first and must have been made with the same settings and
+    data. The finished run holds the model and tokenizer (``from_pretrained``-loadable),
+    ``metrics.json``, ``log.csv`` and ``evals.csv``; the checkpoint is removed.
+    """
+    run = Path(run)
+    trainer = _Trainer(loaded, data, config, run)
+    model = trainer.model
+    # Dropout draws from the global generator: seed it for this run only and give the caller's state back.
+    devices = [torch.cuda.current_device()] if model.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(config.seed)
+        if resume:
+            trainer.restore()
+        model.train()
+        try:
+            while trainer.step < trainer.total_steps:
+                epoch, first = divmod(trainer.step, trainer.batches_per_epoch)
+                order = epoch_order(len(trainer.train_enc), seed=config.seed, epoch=epoch)
+                for batch in iter_batches(trainer.train_enc, loaded.tokenizer, batch_size=config.batch_size,
+                                          order=order, start=first):
+                    log = trainer.one_step(batch, epoch)
+                    trainer.log.append({k: v for k, v in asdict(log).items() if k != "total_steps"})
+                    if on_step is not None:
+                        on_step(log)
+                    done = trainer.step >= trainer.total_steps
+                    if config.eval_every and trainer.step % config.eval_every == 0 and not done:
+                        result = trainer.evaluate()
+                        trainer.evals.append({"step": trainer.step, **result.to_dict()})
+                        if on_eval is not None:
+                            on_eval(trainer.step, result)
+                    if trainer.step % config.save_every == 0 and not done:
+                        trainer.save()
+                    if done:
+                        break
+        except KeyboardInterrupt:
+            trainer.save()
+            raise TrainingInterrupted(trainer.step, run) from None
+    final = trainer.evaluate()
+    trainer.evals.append({"step": trainer.step, **final.to_dict()})
+    if on_eval is not None:
+        on_eval(trainer.step, final)
+    _label_names(loaded, data)
+    model.save_pretrained(run)
+    loaded.tokenizer.save_pretrained(run)
+    atomic_write_text(run / LOG_FILE, _csv(trainer.log))
+    atomic_write_text(run / EVALS_FILE, _csv(trainer.evals))
+    steps = [row["seconds"] for row in trainer.log]
+    record = RunRecord(
+        task=data.task.name, mode="fp32", plan=None, metrics=final.metrics,
+        model=loaded.identity, data=data.identity,
+        settings={**config.numbers(), "total_steps": trainer.total_steps, "device": str(model.device)},
+        timings={"train_seconds": round(trainer.train_seconds, 3),
+                 "step_seconds_median": round(statistics.median(steps), 4) if steps else 0.0,
+                 "eval_seconds": round(final.seconds, 3)},
+        eval_history=trainer.evals,
+    )
+    record.save(run / METRICS_FILE)
+    discard_checkpoints(run)
+    return record

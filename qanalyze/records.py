@@ -1,0 +1,154 @@
+"""Versioned records on disk and the one way qanalyze writes files: atomically.
+
+Every record carries ``"schema": "qanalyze/<kind>/v1"`` and the qanalyze version, so a file can
+be checked before it is trusted. Writes go to a temporary file in the same folder, then
+``os.replace`` it over the target: a reader never sees half a file, and a crash leaves the old
+one (or none) in place.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from qanalyze.errors import RecordError
+
+RUN_SCHEMA = "qanalyze/run/v1"
+CHECKPOINT_SCHEMA = "qanalyze/checkpoint/v1"
+EVAL_SCHEMA = "qanalyze/eval/v1"
+
+RUN_MODES = ("fp32", "int", "qat", "ptq-dynamic", "int4", "qdylora")
+
+
+def qanalyze_version() -> str:
+    """The installed qanalyze version (``0+unknown`` when run from a bare checkout)."""
+    try:
+        return metadata.version("qanalyze")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def environment() -> dict[str, str]:
+    """Versions of the parts that change the numbers, for provenance."""
+    versions = {"qanalyze": qanalyze_version(), "python": platform.python_version()}
+    for package in ("torch", "transformers", "datasets"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = "absent"
+    return versions
+
+
+def utc_now() -> str:
+    """The current time in UTC, ISO 8601, to the second."""
+    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it replaces ``path``, on error it is removed."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` to ``path`` atomically (UTF-8)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def _json_safe(value: Any) -> Any:
+    # JSON has no NaN or infinity; a metric that is undefined is written as null, not as invalid JSON.
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
+    """Write ``obj`` as indented JSON to ``path`` atomically."""
+    atomic_write_text(path, json.dumps(_json_safe(obj), indent=2, sort_keys=False) + "\n")
+
+
+def read_record(path: str | os.PathLike[str], schema: str) -> dict[str, Any]:
+    """Read a JSON record and check its schema; any problem is a `RecordError` naming the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise RecordError(f"record not found: {p}")
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RecordError(f"{p} is not a readable JSON record ({exc.__class__.__name__})") from None
+    if not isinstance(data, dict) or data.get("schema") != schema:
+        found = data.get("schema") if isinstance(data, dict) else type(data).__name__
+        raise RecordError(f"{p} has schema {found!r}, expected {schema!r}")
+    return data
+
+
+@dataclass
+class RunRecord:
+    """``metrics.json`` of a run directory: what was trained, on what, how, and how well."""
+
+    task: str
+    mode: str
+    metrics: dict[str, float]
+    model: dict[str, Any]
+    data: dict[str, Any]
+    settings: dict[str, Any]
+    timings: dict[str, float]
+    plan: str | None = None
+    eval_history: list[dict[str, Any]] = field(default_factory=list)
+    versions: dict[str, str] = field(default_factory=environment)
+    created: str = field(default_factory=utc_now)
+    schema: str = RUN_SCHEMA
+
+    def __post_init__(self) -> None:
+        if self.mode not in RUN_MODES:
+            raise RecordError(f"run mode {self.mode!r} is not one of {', '.join(RUN_MODES)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The record as plain JSON-ready data, schema first."""
+        data = asdict(self)
+        return {"schema": data.pop("schema"), **data}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RunRecord:
+        """Rebuild a record; unknown keys are ignored so newer files with extra fields still load."""
+        if data.get("schema") != RUN_SCHEMA:
+            raise RecordError(f"run record has schema {data.get('schema')!r}, expected {RUN_SCHEMA!r}")
+        known = {f for f in cls.__dataclass_fields__}
+        try:
+            return cls(**{k: v for k, v in data.items() if k in known})
+        except TypeError as exc:
+            raise RecordError(f"run record is incomplete: {exc}") from None
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the record atomically."""
+        atomic_write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> RunRecord:
+        """Read and validate a record."""
+        return cls.from_dict(read_record(path, RUN_SCHEMA))

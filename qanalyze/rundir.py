@@ -1,0 +1,77 @@
+"""The run directory: what makes a folder a qanalyze run, and when one may be (re)used.
+
+A run directory holds the trained model (``from_pretrained``-loadable), ``metrics.json`` once the
+run has finished, ``log.csv`` (one row per optimizer step) and ``checkpoint/`` while the run can
+still be resumed. A folder is a qanalyze run when it holds either record.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from qanalyze.errors import OutputDirError
+from qanalyze.records import CHECKPOINT_SCHEMA, RUN_SCHEMA
+
+METRICS_FILE = "metrics.json"
+LOG_FILE = "log.csv"
+EVALS_FILE = "evals.csv"
+CHECKPOINT_DIR = "checkpoint"
+CHECKPOINT_STATE = "state.json"
+
+
+def _has_schema(path: Path, schema: str) -> bool:
+    try:
+        return f'"schema": "{schema}"' in path.read_text(encoding="utf-8")[:200]
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def checkpoint_dir(run: Path) -> Path | None:
+    """The newest complete checkpoint folder of ``run``, if any.
+
+    ``checkpoint.old`` is the previous one, kept only during the swap in `save_checkpoint`; a
+    process killed inside that window leaves it as the last good state.
+    """
+    for name in (CHECKPOINT_DIR, CHECKPOINT_DIR + ".old"):
+        candidate = run / name
+        if _has_schema(candidate / CHECKPOINT_STATE, CHECKPOINT_SCHEMA):
+            return candidate
+    return None
+
+
+def is_finished_run(path: Path) -> bool:
+    """True when ``path`` holds a finished run (a ``metrics.json`` of the run schema)."""
+    return _has_schema(path / METRICS_FILE, RUN_SCHEMA)
+
+
+def is_run_dir(path: Path) -> bool:
+    """True when ``path`` holds a finished run or a resumable checkpoint."""
+    return is_finished_run(path) or checkpoint_dir(path) is not None
+
+
+def prepare_run_dir(path: str | Path, *, overwrite: bool = False, resume: bool = False) -> Path:
+    """Make ``path`` ready for a new run (or a resumed one) and return it.
+
+    Refuses, with an `OutputDirError`, a folder that holds other files (unless ``overwrite``), a
+    finished run (unless ``overwrite``), and ``resume`` where there is nothing to resume.
+    """
+    run = Path(path)
+    if resume and overwrite:
+        raise OutputDirError("--resume and --overwrite contradict each other; choose one")
+    if run.exists() and not run.is_dir():
+        raise OutputDirError(f"output path {run} exists and is not a directory")
+    if resume:
+        if checkpoint_dir(run) is None:
+            raise OutputDirError(f"nothing to resume in {run}: no checkpoint found")
+        return run
+    if run.is_dir() and any(run.iterdir()):
+        if not overwrite:
+            what = "a qanalyze run" if is_run_dir(run) else "not a qanalyze run"
+            raise OutputDirError(
+                f"output directory {run} exists and is {what}; pass --overwrite to replace it"
+                + (" or --resume to continue it" if checkpoint_dir(run) and not is_finished_run(run) else "")
+            )
+        shutil.rmtree(run)
+    run.mkdir(parents=True, exist_ok=True)
+    return run
