@@ -86,9 +86,10 @@ def finetune(model: str, task: str | None, data: str | None, out: str, quiet: bo
     from qanalyze.data import load_task
     from qanalyze.engine.train import TrainConfig, train
     from qanalyze.models import load_model
-    from qanalyze.rundir import prepare_run_dir
+    from qanalyze.rundir import check_run_dir, prepare_run_dir
 
     task, data = _require_task_and_data(task, data)
+    check_run_dir(out, overwrite=kw["overwrite"], resume=kw["resume"])
     console = _console(quiet)
     config = TrainConfig(
         epochs=kw["epochs"], max_steps=kw["max_steps"], batch_size=kw["batch_size"], lr=kw["lr"],

