@@ -42,9 +42,9 @@ _HASH_CHUNK = 1 << 20
 # transformer.layer.2 (DistilBERT), transformer.h.1 (GPT-2), model.layers.0 (LLaMA), block.N (T5).
 _BLOCK = re.compile(r"(?:^|\.)(?:layer|layers|h|block|blocks)\.(\d+)(?:\.|$)")
 
-# transformers 5 turns a size mismatch between checkpoint and model into a RuntimeError that
-# points at a report we silence; these markers tell such loading errors from genuine bugs.
-_STATE_DICT_ERRORS = ("Error(s) in loading state_dict", "ignore_mismatched_sizes", "automatic conversion")
+# transformers 5 raises a bare RuntimeError, pointing at a log report we silence, when a
+# checkpoint cannot be copied into the model; these markers tell it from a genuine bug.
+_STATE_DICT_ERRORS = ("Error(s) in loading state_dict", "automatic conversion")
 
 
 @dataclass(frozen=True)
@@ -122,8 +122,8 @@ def load_model(spec: str, *, num_labels: int | None = None, eager_attention: boo
     have that many labels. `eager_attention=True` selects the eager attention kernel, which
     has the double backward that Hessian-vector products need.
     """
-    if num_labels is not None and (isinstance(num_labels, bool) or not isinstance(num_labels, int)
-                                   or num_labels < 1):
+    valid = num_labels is None or (type(num_labels) is int and num_labels >= 1)
+    if not valid:
         raise ConfigError(f"num_labels must be a positive integer or None, got {num_labels!r}")
     source = resolve_model(spec)
     offline = source.kind != "hub"
@@ -134,11 +134,13 @@ def load_model(spec: str, *, num_labels: int | None = None, eager_attention: boo
             _set_head(config, num_labels, source)
         auto = transformers.AutoModel if num_labels is None else transformers.AutoModelForSequenceClassification
         extra = {"attn_implementation": "eager"} if eager_attention else {}
+        # ignore_mismatched_sizes only defers the shape check to _check_loaded_weights, which
+        # can name the tensor; transformers' own error points at a report we silence.
         model, info = auto.from_pretrained(
             source.location, config=config, dtype=torch.float32, local_files_only=offline,
-            output_loading_info=True, **extra,
+            output_loading_info=True, ignore_mismatched_sizes=True, **extra,
         )
-        _check_loaded_weights(info["missing_keys"], source)
+        _check_loaded_weights(info, source)
         tokenizer = transformers.AutoTokenizer.from_pretrained(source.location, local_files_only=offline)
     _prepare_tokenizer(tokenizer, model, source)
     model.eval()
@@ -159,21 +161,28 @@ def _set_head(config: Any, num_labels: int, source: ModelSource) -> None:
         if config.num_labels != num_labels:
             raise ModelFormatError(
                 f"{source.spec} already has a classification head with {config.num_labels} labels; "
-                f"the task needs {num_labels}"
+                f"asked for {num_labels}"
             )
         if config.problem_type not in (None, problem_type):
             raise ModelFormatError(
-                f"{source.spec} was trained for {config.problem_type}; the task needs {problem_type}"
+                f"{source.spec} was trained for {config.problem_type}; asked for {problem_type}"
             )
     config.num_labels = num_labels
     config.problem_type = problem_type
 
 
-def _check_loaded_weights(missing: set[str], source: ModelSource) -> None:
+def _check_loaded_weights(info: dict[str, Any], source: ModelSource) -> None:
+    mismatched = sorted(info["mismatched_keys"], key=lambda entry: entry[0])
+    if mismatched:
+        key, stored, expected = mismatched[0]
+        raise ModelFormatError(
+            f"{source.spec}: {len(mismatched)} weights do not fit config.json (e.g. {key} is "
+            f"{tuple(stored)} in the checkpoint, {tuple(expected)} in the model)"
+        )
     # transformers 5 initialises every weight it cannot find at random and only logs it (a log
     # we silence); a missing head is expected, a missing layer-stack weight means the checkpoint
     # is not this architecture and the "pre-trained" model would be noise.
-    in_stack = sorted(key for key in missing if _BLOCK.search(key))
+    in_stack = sorted(key for key in info["missing_keys"] if _BLOCK.search(key))
     if in_stack:
         raise ModelFormatError(
             f"{source.spec}: {len(in_stack)} layer weights missing from the checkpoint "
@@ -228,14 +237,15 @@ def _as_input_errors(source: ModelSource) -> Iterator[None]:
         yield
     except (OSError, ValueError, KeyError, SafetensorError) as exc:
         if source.kind == "hub" and isinstance(exc, OSError):
-            raise ModelNotFoundError(f"cannot fetch hub model {source.spec}: {_first_line(exc)}") from exc
+            raise ModelNotFoundError(
+                f"cannot fetch hub model {source.spec} (not a local directory nor the alias "
+                f"{MINILM_ALIAS!r}): {_first_line(exc)}"
+            ) from exc
         raise ModelFormatError(f"cannot load {source.spec}: {_first_line(exc)}") from exc
     except RuntimeError as exc:
         if not any(marker in str(exc) for marker in _STATE_DICT_ERRORS):
             raise
-        raise ModelFormatError(
-            f"cannot load {source.spec}: weight shapes do not match config.json ({_first_line(exc)})"
-        ) from exc
+        raise ModelFormatError(f"cannot load {source.spec}: {_first_line(exc)}") from exc
 
 
 def _first_line(exc: BaseException) -> str:

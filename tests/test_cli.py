@@ -1,0 +1,132 @@
+"""The command line: real commands, real exit codes, one-line errors and no partial output."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from qanalyze.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(capfd, *args):
+    code = main([str(a) for a in args])
+    out, err = capfd.readouterr()
+    return code, out, err
+
+
+def assert_one_line_error(code, err, *fragments):
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error: ")
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_help_lists_every_command():
+    result = subprocess.run([sys.executable, str(ROOT / "cli.py"), "--help"], capture_output=True, text=True,
+                            check=False)
+    assert result.returncode == 0
+    for command in ("finetune", "evaluate", "analyze", "plan", "train", "sweep", "report"):
+        assert command in result.stdout
+
+
+@pytest.mark.parametrize("command", ["analyze", "plan", "train", "sweep", "report"])
+def test_later_commands_say_they_are_not_available(capfd, command):
+    code, _, err = run_cli(capfd, command, "minilm-l6", "--budget", "4bit")
+    assert_one_line_error(code, err, "not available yet", "issue #")
+    code, out, _ = run_cli(capfd, command, "--help")
+    assert code == 0 and "Not available yet" in " ".join(out.split())
+
+
+def _finetune_args(model, data, out, *extra):
+    return ["finetune", model, "--task", "sst2", "--data", data, "--out", out, "--max-train-examples", "32",
+            "--max-eval-examples", "16", "--max-length", "24", "--epochs", "1", "--batch-size", "16",
+            "--quiet", *extra]
+
+
+def test_missing_model_path(capfd, tmp_path, glue_dir):
+    code, _, err = run_cli(capfd, *_finetune_args(str(tmp_path / "nope"), glue_dir, tmp_path / "out"))
+    assert_one_line_error(code, err, "model path not found", "nope")
+    assert not (tmp_path / "out").exists()
+
+
+def test_folder_without_config(capfd, tmp_path, glue_dir):
+    (tmp_path / "model").mkdir()
+    code, _, err = run_cli(capfd, *_finetune_args(tmp_path / "model", glue_dir, tmp_path / "out"))
+    assert_one_line_error(code, err, "config.json")
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_task_lists_known_ones(capfd, tmp_path, glue_dir):
+    code, _, err = run_cli(capfd, "finetune", "minilm-l6", "--task", "sst5", "--data", glue_dir,
+                           "--out", tmp_path / "out")
+    assert_one_line_error(code, err, "sst5", "sst2", "mrpc", "stsb")
+    assert not (tmp_path / "out").exists()
+
+
+def test_data_folder_without_tsv_files(capfd, tmp_path, tiny_bert_dir):
+    (tmp_path / "data").mkdir()
+    code, _, err = run_cli(capfd, *_finetune_args(tiny_bert_dir, tmp_path / "data", tmp_path / "out"))
+    assert_one_line_error(code, err, "train.tsv")
+    assert not (tmp_path / "out").exists()
+
+
+def test_tsv_missing_a_column_names_it(capfd, tmp_path, tiny_bert_dir):
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("train.tsv", "dev.tsv"):
+        (data / name).write_text("text\tlabel\na fine film\t1\n")
+    code, _, err = run_cli(capfd, *_finetune_args(tiny_bert_dir, data, tmp_path / "out"))
+    assert_one_line_error(code, err, "sentence")
+    assert not (tmp_path / "out").exists()
+
+
+def test_label_outside_the_label_set(capfd, tmp_path, tiny_bert_dir):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.tsv").write_text("sentence\tlabel\na fine film\t1\na dull one\t0\n")
+    (data / "dev.tsv").write_text("sentence\tlabel\nso so\t2\n")
+    code, _, err = run_cli(capfd, *_finetune_args(tiny_bert_dir, data, tmp_path / "out"))
+    assert_one_line_error(code, err, "'2'", "dev.tsv")
+    assert not (tmp_path / "out").exists()
+
+
+def test_output_directory_that_is_not_a_run(capfd, tmp_path, tiny_bert_dir, glue_dir):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "thesis.tex").write_text("precious")
+    code, _, err = run_cli(capfd, *_finetune_args(tiny_bert_dir, glue_dir, out))
+    assert_one_line_error(code, err, "not a qanalyze run", "--overwrite")
+    assert (out / "thesis.tex").read_text() == "precious"
+
+
+def test_finetune_then_evaluate_end_to_end(capfd, tmp_path, tiny_bert_dir, glue_dir):
+    out = tmp_path / "run"
+    code, stdout, err = run_cli(capfd, *_finetune_args(tiny_bert_dir, glue_dir, out))
+    assert code == 0, err
+    assert "sst2 dev (16 examples): accuracy" in stdout
+    record = json.loads((out / "metrics.json").read_text())
+    assert record["schema"] == "qanalyze/run/v1" and record["settings"]["max_length"] == 24
+
+    # A finished run is refused without --overwrite, and evaluate reuses its task, data and length.
+    code, _, err = run_cli(capfd, *_finetune_args(tiny_bert_dir, glue_dir, out))
+    assert_one_line_error(code, err, "is a qanalyze run")
+    code, stdout, err = run_cli(capfd, "evaluate", out, "--max-eval-examples", "16", "--quiet")
+    assert code == 0, err
+    written = json.loads((out / "eval-sst2-dev.json").read_text())
+    assert written["schema"] == "qanalyze/eval/v1"
+    assert written["metrics"]["accuracy"] == pytest.approx(record["metrics"]["accuracy"])
+    assert f"accuracy {record['metrics']['accuracy']:.4f}" in stdout
+
+
+def test_console_script_exit_code_for_bad_input(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "cli.py"), "evaluate", str(tmp_path / "missing"),
+                             "--task", "sst2", "--data", str(tmp_path)], capture_output=True, text=True, check=False)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
