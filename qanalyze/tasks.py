@@ -17,6 +17,8 @@ from typing import Any
 from qanalyze.errors import ConfigError, UnknownTaskError
 from qanalyze.metrics import METRICS
 
+# F1 of the positive class (index 1) means nothing for regression or for more than two classes
+_BINARY_METRICS = frozenset({"f1"})
 _TUPLE_FIELDS = ("text_columns", "labels", "metrics", "columns", "label_range", "hub_text_columns")
 
 
@@ -143,6 +145,9 @@ def _validate(spec: TaskSpec) -> None:
     for metric in spec.metrics:
         if metric not in METRICS:
             raise ConfigError(f"{where}: unknown metric '{metric}'; known metrics: {', '.join(sorted(METRICS))}")
+    binary_only = [m for m in spec.metrics if m in _BINARY_METRICS]
+    if binary_only and spec.num_labels != 2:
+        raise ConfigError(f"{where}: metric {binary_only[0]} needs exactly two labels, the task has {spec.num_labels}")
     if spec.columns is not None:
         if not _is_names(spec.columns):
             raise ConfigError(f"{where}: columns must be a list of column names, got {spec.columns!r}")

@@ -193,7 +193,7 @@ class _Trainer:
         self.step += 1
         seconds = time.perf_counter() - start
         self.train_seconds += seconds
-        return StepLog(self.step, self.total_steps, epoch, float(loss), lr, float(grad_norm), seconds)
+        return StepLog(self.step, self.total_steps, epoch, float(loss.detach()), lr, float(grad_norm), seconds)
 
 
 def train(
