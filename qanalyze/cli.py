@@ -137,7 +137,7 @@ def evaluate(model_or_run: str, task: str | None, data: str | None, quiet: bool,
     previous = RunRecord.load(run / METRICS_FILE) if is_finished_run(run) else None
     if previous is not None:
         task = task or previous.task
-        data = data or previous.data.get("source")
+        data = data or previous.data.get("location") or previous.data.get("source")
         kw["max_length"] = kw["max_length"] or previous.settings.get("max_length")
     task, data = _require_task_and_data(task, data)
     console = _console(quiet)
@@ -179,8 +179,103 @@ def _not_yet(name: str, issue: int, what: str) -> click.Command:
         params=[click.Argument(["args"], nargs=-1, type=click.UNPROCESSED)])
 
 
+def _int_list(text: str) -> tuple[int, ...]:
+    """``2-16`` or ``2,3,4,8`` -> a tuple of ints."""
+    values: list[int] = []
+    try:
+        for part in text.split(","):
+            low, _, high = part.strip().partition("-")
+            values.extend(range(int(low), int(high) + 1) if high else [int(low)])
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a list of integers like 2-16 or 2,4,8") from None
+    return tuple(values)
+
+
+@cli.command()
+@click.argument("model")
+@_data_options
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="sensitivity.json to write.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--batches", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Calibration batches (Q-BERT: eigenvalues per batch, Ω = |mean| + std).")
+@click.option("--metrics", default=",".join(("eig", "trace", "weights", "activations", "gradients")),
+              show_default=True, help="Any of eig, trace, density, weights, activations, gradients.")
+@click.option("--modules", default=None, help="Only modules whose name matches this regular expression.")
+@click.option("--engine", type=click.Choice(["native", "pyhessian"]), default="native", show_default=True)
+@click.option("--eig-method", type=click.Choice(["lanczos", "power"]), default="lanczos", show_default=True)
+@click.option("--eig-tol", type=float, default=1e-3, show_default=True)
+@click.option("--trace-tol", type=float, default=0.05, show_default=True, help="Relative standard error to stop at.")
+@click.option("--trace-probes", type=click.IntRange(min=2), default=32, show_default=True,
+              help="Most Hutchinson probes per batch.")
+@click.option("--bits", default="2-16", show_default=True, help="Bit-widths for weight and activation errors.")
+@click.option("--gradient-bits", default="2,3,4,5,6,8,12,16", show_default=True)
+@click.option("--measure-delta-loss", is_flag=True,
+              help="Also measure the loss change of quantizing each module alone.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
+@click.option("--resume", is_flag=True, help="Continue from OUT.partial, skipping finished work.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+def analyze(model: str, task: str | None, data: str | None, out: str, quiet: bool, **kw: Any) -> None:
+    """Measure each quantizable module's sensitivity of MODEL on a task -> sensitivity.json.
+
+    Hessian top eigenvalues (per module and per layer, over --batches batches), Hutchinson traces
+    of every module from one pass, and the quantization error of weights, activations and
+    gradients for every bit-width. MODEL needs a task head: analyze a `qanalyze finetune` run.
+    """
+    from qanalyze.data import load_task
+    from qanalyze.engine.train import resolve_device
+    from qanalyze.models import load_model
+    from qanalyze.sensitivity.analyze import AnalyzeConfig
+    from qanalyze.sensitivity.analyze import analyze as run_analysis
+
+    task, data = _require_task_and_data(task, data)
+    if Path(out).exists() and not kw["overwrite"]:
+        raise click.UsageError(f"{out} exists; pass --overwrite to replace it")
+    if kw["engine"] == "pyhessian":
+        from qanalyze.errors import NotAvailableError
+
+        raise NotAvailableError("--engine pyhessian is the reference for tests and benchmarks "
+                                "(qanalyze.sensitivity.hvp.pyhessian_adapter); analyze runs the native engine")
+    console = _console(quiet)
+    config = AnalyzeConfig(
+        batches=kw["batches"], batch_size=kw["batch_size"], max_length=kw["max_length"] or 128,
+        metrics=tuple(m.strip() for m in kw["metrics"].split(",") if m.strip()), modules=kw["modules"],
+        eig_method=kw["eig_method"], eig_tol=kw["eig_tol"], trace_rel_tol=kw["trace_tol"],
+        trace_max_probes=kw["trace_probes"], trace_min_probes=min(8, kw["trace_probes"]),
+        bits=_int_list(kw["bits"]), gradient_bits=_int_list(kw["gradient_bits"]),
+        measure_delta_loss=kw["measure_delta_loss"], seed=kw["seed"])
+    task_data = load_task(task, data, max_train_examples=kw["max_train_examples"],
+                          max_eval_examples=kw["max_eval_examples"], seed=kw["seed"])
+    _seed_everything(kw["seed"])
+    loaded = load_model(model, num_labels=task_data.task.num_labels, eager_attention=True)
+    loaded.model.to(resolve_device(kw["device"]))
+    from qanalyze.progress import stage_progress
+
+    with stage_progress(console) as progress:
+        report = run_analysis(loaded, task_data, config, out, resume=kw["resume"], progress=progress.update)
+    _print_most_sensitive(report, console)
+    console.print(f"sensitivity of {len(report.modules)} modules written to {out} "
+                  f"({report.timings.get('seconds', 0.0):.0f} s)")
+
+
+def _print_most_sensitive(report: Any, console: Any, count: int = 10) -> None:
+    from rich.table import Table
+
+    rows = []
+    for name, entry in report.modules.items():
+        hessian = entry.get("hessian", {})
+        if name.endswith("key.bias"):
+            continue
+        rows.append((name, hessian.get("omega"), hessian.get("avg_trace"), hessian.get("trace")))
+    rows.sort(key=lambda r: -(r[2] if r[2] is not None else (r[1] or 0.0)))
+    table = Table(title=f"the {count} most sensitive modules (by average trace)")
+    for column in ("module", "Ω (top eigenvalue)", "avg trace", "trace"):
+        table.add_column(column)
+    for name, omega, avg, trace in rows[:count]:
+        table.add_row(name, *(f"{v:.4g}" if v is not None else "-" for v in (omega, avg, trace)))
+    console.print(table)
+
+
 for _name, _issue, _what in (
-    ("analyze", 3, "per-module Hessian spectrum, traces and quantization error -> sensitivity.json"),
     ("plan", 4, "budget -> group-wise W/A/G bit-width plan -> plan.json"),
     ("train", 5, "integer / QAT fine-tuning that follows a plan -> run directory"),
     ("sweep", 6, "plan and train per budget, with uniform, random and reversed baselines"),

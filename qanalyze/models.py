@@ -212,6 +212,13 @@ def _prepare_tokenizer(tokenizer: Any, model: torch.nn.Module, source: ModelSour
         )
 
 
+def save_model(model: torch.nn.Module, tokenizer: Any, folder: str | os.PathLike[str]) -> None:
+    """Save a model and its tokenizer with ``save_pretrained``, without transformers' progress bars."""
+    with _quiet_transformers(hide_progress=True):
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+
 @contextmanager
 def _quiet_transformers(*, hide_progress: bool) -> Iterator[None]:
     # Expected notices (a new head initialised at random, unused checkpoint keys) would read
@@ -377,3 +384,20 @@ def architecture_fingerprint(modules: list[ModuleInfo]) -> str:
     one architecture, different for any other; plans are bound to it."""
     rows = [[m.name, m.kind, list(m.shape)] for m in modules]
     return hashlib.sha256(json.dumps(rows, separators=(",", ":")).encode("utf-8")).hexdigest()
+
+
+# Attention projections whose output rows are laid out head by head, so a per-head group is one head.
+_HEAD_ROWS = re.compile(r"(?:^|\.)(?:query|key|value|q_proj|k_proj|v_proj|q_lin|k_lin|v_lin|c_attn)$")
+
+
+def head_dim(model: torch.nn.Module, info: ModuleInfo) -> int | None:
+    """Rows per attention head of a Q/K/V projection (``None`` for any other module)."""
+    if info.kind != "linear" or not _HEAD_ROWS.search(info.name):
+        return None
+    config = getattr(model, "config", None)
+    size = getattr(config, "head_dim", None)
+    if not size:
+        hidden = getattr(config, "hidden_size", None) or getattr(config, "dim", None)
+        heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_heads", None)
+        size = hidden // heads if hidden and heads else None
+    return size if size and info.shape[0] % size == 0 else None

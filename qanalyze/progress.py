@@ -48,3 +48,27 @@ def step_progress(console: Console) -> Iterator[StepProgress]:
     progress = StepProgress(console)
     with progress.bar:
         yield progress
+
+
+class StageProgress:
+    """One progress bar per analysis stage (weights, errors, trace, eig, ...), advanced by callbacks."""
+
+    def __init__(self, console: Console) -> None:
+        self.bar = Progress(TextColumn("[bold]{task.fields[stage]:<22}"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("{task.fields[detail]}"), TimeElapsedColumn(),
+                            console=console, disable=console.quiet)
+        self.tasks: dict[str, Any] = {}
+
+    def update(self, stage: str, done: int, total: int, detail: str) -> None:
+        """Show ``done`` of ``total`` for ``stage``, with what is being worked on now."""
+        if stage not in self.tasks:
+            self.tasks[stage] = self.bar.add_task(stage, total=total, stage=stage, detail=detail)
+        self.bar.update(self.tasks[stage], completed=done, total=total, detail=detail)
+
+
+@contextlib.contextmanager
+def stage_progress(console: Console) -> Iterator[StageProgress]:
+    """A `StageProgress` that is live for the duration of the block."""
+    progress = StageProgress(console)
+    with progress.bar:
+        yield progress

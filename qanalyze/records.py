@@ -152,3 +152,63 @@ class RunRecord:
     def load(cls, path: str | os.PathLike[str]) -> RunRecord:
         """Read and validate a record."""
         return cls.from_dict(read_record(path, RUN_SCHEMA))
+
+
+SENSITIVITY_SCHEMA = "qanalyze/sensitivity/v1"
+MODULE_KINDS = ("linear", "embedding", "layernorm")
+
+
+@dataclass
+class SensitivityReport:
+    """``sensitivity.json``: per quantizable module, Hessian metrics and quantization errors.
+
+    ``modules`` maps a fully qualified module name to its entry (keys fixed in DESIGN.md:
+    kind, block, shape, params, hessian, weight_error, activation_error, gradient_error,
+    delta_loss); ``blocks`` holds Q-BERT's per-layer eigenvalues; ``complete`` is false only in
+    the ``.partial`` file a running analysis keeps for ``--resume``.
+    """
+
+    model: dict[str, Any]
+    data: dict[str, Any]
+    settings: dict[str, Any]
+    modules: dict[str, dict[str, Any]]
+    blocks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    model_level: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    progress: dict[str, Any] = field(default_factory=dict)
+    complete: bool = False
+    versions: dict[str, str] = field(default_factory=environment)
+    created: str = field(default_factory=utc_now)
+    schema: str = SENSITIVITY_SCHEMA
+
+    def __post_init__(self) -> None:
+        if "fingerprint" not in self.model:
+            raise RecordError("sensitivity record lacks model.fingerprint")
+        for name, entry in self.modules.items():
+            if entry.get("kind") not in MODULE_KINDS:
+                raise RecordError(f"sensitivity record: module {name} has kind {entry.get('kind')!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The record as plain JSON-ready data, schema first."""
+        data = asdict(self)
+        return {"schema": data.pop("schema"), **data}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SensitivityReport:
+        """Rebuild and validate a record; unknown keys are ignored."""
+        if data.get("schema") != SENSITIVITY_SCHEMA:
+            raise RecordError(f"sensitivity record has schema {data.get('schema')!r}, expected {SENSITIVITY_SCHEMA!r}")
+        known = set(cls.__dataclass_fields__)
+        try:
+            return cls(**{k: v for k, v in data.items() if k in known})
+        except TypeError as exc:
+            raise RecordError(f"sensitivity record is incomplete: {exc}") from None
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the record atomically."""
+        atomic_write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> SensitivityReport:
+        """Read and validate a record."""
+        return cls.from_dict(read_record(path, SENSITIVITY_SCHEMA))

@@ -23,7 +23,7 @@ from qanalyze.data import Encoded, TaskData, encode, epoch_order, iter_batches, 
 from qanalyze.engine.checkpoint import discard_checkpoints, load_checkpoint, save_checkpoint
 from qanalyze.engine.evaluate import EvalResult, evaluate
 from qanalyze.errors import ConfigError, QAnalyzeError
-from qanalyze.models import LoadedModel
+from qanalyze.models import LoadedModel, save_model
 from qanalyze.records import RunRecord, atomic_write_text
 from qanalyze.rundir import CHECKPOINT_DIR, EVALS_FILE, LOG_FILE, METRICS_FILE
 
@@ -251,8 +251,7 @@ def train(
     if on_eval is not None:
         on_eval(trainer.step, final)
     _label_names(loaded, data)
-    model.save_pretrained(run)
-    loaded.tokenizer.save_pretrained(run)
+    save_model(model, loaded.tokenizer, run)
     atomic_write_text(run / LOG_FILE, _csv(trainer.log))
     atomic_write_text(run / EVALS_FILE, _csv(trainer.evals))
     steps = [row["seconds"] for row in trainer.log]

@@ -1,0 +1,1 @@
+"""Quantization maths shared by the analysis and the engine: pure functions over tensors."""

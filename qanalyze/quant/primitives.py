@@ -1,0 +1,424 @@
+"""Pure, stateless quantization maths: group layout, rounding, quantize / dequantize.
+
+Everything here is a function of its arguments: no input is modified in place, no global random
+state is used (stochastic rounding takes an explicit ``torch.Generator``), nothing is cached.
+
+Granularity is one notion, ``rows_per_group`` (Q-BERT group-wise quantization): dim 0 of a tensor
+(the output rows of a weight, the tokens of an activation) is split into contiguous groups of
+``rows_per_group`` rows, one scale per group; ``None`` means one scale for the whole tensor.
+Plans name groups with strings (``"tensor"``, ``"channel"``, ``"head"``, ``"<rows>"``);
+:func:`rows_per_group` turns a name into a row count for a given weight.
+
+Scale shape convention. For ``x`` of shape ``(R, *rest)`` quantized with ``rows_per_group=r``:
+
+- ``G = R // r`` groups; the grouped view of ``x`` is ``x.reshape(G, r, *rest)``;
+- ``scale`` (and ``zero_point``) has shape ``(G,) + (1,) * x.dim()``, i.e. ``(G, 1, 1, ...)``, which
+  broadcasts against that grouped view: ``x_hat = (q.reshape(G, r, *rest) * scale).reshape(x.shape)``;
+- per tensor (``rows_per_group=None``) ``scale`` is a 0-d tensor that broadcasts against ``x`` itself.
+
+Scales are float32, or float64 when the input is float64; integer values use the smallest signed
+integer dtype that holds their range (int8 up to 8 bits symmetric, int16 up to 16; asymmetric
+``[0, 2**bits - 1]`` needs int16 from 8 bits and int32 at 16).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from qanalyze.errors import ConfigError
+
+BITS_RANGE = range(2, 17)
+"""Supported bit widths, 2 to 16 inclusive."""
+
+GROUP_NAMES = ("tensor", "channel", "head")
+"""Named group layouts; any positive integer (rows per group) is also a group spec."""
+
+
+def qmax(bits: int) -> int:
+    """Largest magnitude of a symmetric signed ``bits``-bit integer: ``2**(bits-1) - 1``.
+
+    The symmetric range is ``[-qmax, qmax]`` (the most negative code is left unused so that the
+    range is symmetric and zero sits in the middle). Raises ConfigError outside 2..16 bits.
+    """
+    _check_bits(bits)
+    return 2 ** (bits - 1) - 1
+
+
+def _check_bits(bits: int) -> None:
+    # bool is an int subclass; True would silently mean 1 bit
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in BITS_RANGE:
+        raise ConfigError(f"bits must be an integer from {BITS_RANGE.start} to {BITS_RANGE.stop - 1}, not {bits!r}")
+
+
+def _is_positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# group layout
+
+
+def parse_group(group: str | int) -> str:
+    """Normalise a group spec to its canonical string.
+
+    ``"tensor"``, ``"channel"`` and ``"head"`` are kept as they are; a positive integer, or a string
+    of decimal digits naming one, becomes that integer as a string (``64`` and ``"064"`` -> ``"64"``).
+    Raises ConfigError for anything else (other names, zero, negatives, non-integers).
+    """
+    if _is_positive_int(group):
+        return str(group)
+    if isinstance(group, str):
+        if group in GROUP_NAMES:
+            return group
+        if group.isascii() and group.isdigit() and int(group) > 0:
+            return str(int(group))
+    raise ConfigError(f"group must be one of {', '.join(GROUP_NAMES)} or a positive number of rows, not {group!r}")
+
+
+def rows_per_group(out_rows: int, group: str | int, *, head_dim: int | None = None) -> int:
+    """Rows in each group when the ``out_rows`` rows (dim 0) of a weight are split as ``group`` says.
+
+    ``"tensor"`` -> ``out_rows`` (one group); ``"channel"`` -> 1 (one scale per output row);
+    ``"head"`` -> ``head_dim`` (one group per attention head; the rows of head h are
+    ``h * head_dim`` to ``(h + 1) * head_dim``); ``"<n>"`` -> n.
+    Raises ConfigError when the row count does not divide ``out_rows`` or ``"head"`` has no ``head_dim``.
+    """
+    if not _is_positive_int(out_rows):
+        raise ConfigError(f"out_rows must be a positive integer, not {out_rows!r}")
+    name = parse_group(group)
+    if name == "tensor":
+        return out_rows
+    if name == "channel":
+        return 1
+    if name == "head":
+        if head_dim is None:
+            raise ConfigError("group 'head' needs head_dim (the rows of one attention head)")
+        if not _is_positive_int(head_dim):
+            raise ConfigError(f"head_dim must be a positive integer, not {head_dim!r}")
+        rows = head_dim
+    else:
+        rows = int(name)
+    if out_rows % rows:
+        raise ConfigError(f"group '{name}' needs {rows} rows per group, which does not divide {out_rows} rows")
+    return rows
+
+
+def num_groups(out_rows: int, group: str | int, *, head_dim: int | None = None) -> int:
+    """Number of groups (and so of scales) for ``out_rows`` rows split as ``group`` says."""
+    return out_rows // rows_per_group(out_rows, group, head_dim=head_dim)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the quantized value
+
+
+@dataclass(frozen=True)
+class Quantized:
+    """Integer values with their scales: ``x_hat = (q - zero_point) * scale`` per group.
+
+    ``q`` has the input's shape and an integer dtype. ``scale`` (float32, or float64 for a float64
+    input) and ``zero_point`` (integer, asymmetric only, else None) are 0-d when ``rows_per_group``
+    is None (per tensor), else of shape ``(G, 1, 1, ...)`` with ``q.dim() + 1`` dimensions, which
+    broadcasts against ``q.reshape(G, rows_per_group, *q.shape[1:])``.
+    """
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    zero_point: torch.Tensor | None
+    bits: int
+    rows_per_group: int | None
+
+    def dequantize(self) -> torch.Tensor:
+        """The real values the integers stand for, in the scale's dtype, with ``q``'s shape."""
+        values = _grouped(self.q.to(self.scale.dtype), self.rows_per_group)
+        if self.zero_point is not None:
+            values = values - self.zero_point.to(self.scale.dtype)
+        return (values * self.scale).reshape(self.q.shape)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# rounding
+
+
+def round_nearest(x: torch.Tensor) -> torch.Tensor:
+    """Round to the nearest integer, ties to even (``torch.round``: 0.5 -> 0, 1.5 -> 2, -2.5 -> -2).
+
+    Ties to even has no bias on values spread evenly over the ties, unlike ties away from zero.
+    """
+    return torch.round(x)
+
+
+def round_stochastic(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Round down or up at random, up with probability ``x - floor(x)``: unbiased, ``E[result] = x``.
+
+    Equivalent to ``floor(x + u)`` with ``u ~ U[0, 1)`` drawn from ``generator`` on ``x``'s device, in
+    ``x``'s dtype (float32 for float16 / bfloat16, whose 8 to 11 bits would quantize ``u`` itself and bias
+    the result). The result, in ``x``'s dtype, is always ``floor(x)`` or ``ceil(x)``.
+    """
+    _check_generator(generator, x)
+    if not x.is_floating_point():
+        raise ConfigError(f"stochastic rounding needs a floating-point tensor, not {x.dtype}")
+    work = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    u = torch.rand(work.shape, generator=generator, dtype=work.dtype, device=work.device)
+    low = torch.floor(work)
+    # Written as floor(x) + [u < frac] rather than floor(x + u): in floating point x + u can round up
+    # to x + 1 when x is already an integer and u is close to 1, which would give neither floor nor ceil.
+    return (low + (u < work - low).to(work.dtype)).to(x.dtype)
+
+
+def _check_generator(generator: object, x: torch.Tensor) -> None:
+    if not isinstance(generator, torch.Generator):
+        raise ConfigError(f"stochastic rounding needs a torch.Generator, not {type(generator).__name__}")
+    if generator.device.type != x.device.type:
+        raise ConfigError(f"the generator is on {generator.device} but the tensor is on {x.device}")
+
+
+_ROUNDERS: dict[str, Callable[[torch.Tensor, torch.Generator | None], torch.Tensor]] = {
+    "nearest": lambda x, generator: round_nearest(x),
+    "stochastic": round_stochastic,
+}
+
+ROUNDING_MODES = tuple(_ROUNDERS)
+"""Names accepted by the ``rounding`` argument of the quantizers."""
+
+
+def _rounder(rounding: str, generator: torch.Generator | None) -> Callable[[torch.Tensor], torch.Tensor]:
+    if rounding not in _ROUNDERS:
+        raise ConfigError(f"unknown rounding {rounding!r}; known: {', '.join(ROUNDING_MODES)}")
+    if rounding == "stochastic" and generator is None:
+        raise ConfigError("stochastic rounding needs an explicit torch.Generator (generator=...)")
+    # With nearest rounding a generator is accepted and unused, so callers can pass one uniformly.
+    fn = _ROUNDERS[rounding]
+    return lambda values: fn(values, generator)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# quantizers
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    # float64 stays float64 so references can be exact; half types are widened for the scale maths
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _prepare(x: torch.Tensor, rows_per_group: int | None) -> torch.Tensor:
+    """Validate ``x`` and the group size; return ``x`` in the compute dtype, viewed by groups."""
+    if not isinstance(x, torch.Tensor):
+        raise ConfigError(f"expected a torch.Tensor, not {type(x).__name__}")
+    if not x.is_floating_point():
+        raise ConfigError(f"can only quantize floating-point tensors, not {x.dtype}")
+    if x.dim() < 1 or x.numel() == 0:
+        raise ConfigError(f"can only quantize non-empty tensors of at least one dimension, not shape {tuple(x.shape)}")
+    if rows_per_group is not None:
+        if not _is_positive_int(rows_per_group):
+            raise ConfigError(f"rows_per_group must be a positive integer or None, not {rows_per_group!r}")
+        if x.shape[0] % rows_per_group:
+            raise ConfigError(f"rows_per_group {rows_per_group} does not divide the {x.shape[0]} rows of the tensor")
+    # .to() returns x itself when the dtype already matches; that is safe because nothing below writes in place
+    return _grouped(x.to(_compute_dtype(x)), rows_per_group)
+
+
+def _grouped(x: torch.Tensor, rows_per_group: int | None) -> torch.Tensor:
+    if rows_per_group is None:
+        return x
+    return x.reshape(x.shape[0] // rows_per_group, rows_per_group, *x.shape[1:])
+
+
+def _reduce(values: torch.Tensor, rows_per_group: int | None, op: Callable[..., torch.Tensor]) -> torch.Tensor:
+    """``op`` (amax / amin) per group: 0-d per tensor, else keeping dims so the result is ``(G, 1, ...)``."""
+    if rows_per_group is None:
+        return op(values)
+    return op(values, dim=tuple(range(1, values.dim())), keepdim=True)
+
+
+def _check_finite(scale: torch.Tensor) -> None:
+    # One check on the (small) scale tensor catches inf / nan anywhere in the input: amax / amin propagate them.
+    if not bool(torch.isfinite(scale).all()):
+        raise ConfigError("cannot quantize a tensor with inf or nan values (or a range beyond its dtype)")
+
+
+def _int_dtype(low: int, high: int) -> torch.dtype:
+    for dtype in (torch.int8, torch.int16):
+        info = torch.iinfo(dtype)
+        if info.min <= low and high <= info.max:
+            return dtype
+    return torch.int32  # holds every range of 2..16 bits, including asymmetric [0, 2**16 - 1]
+
+
+def quantize_symmetric(
+    x: torch.Tensor,
+    bits: int,
+    *,
+    rows_per_group: int | None = None,
+    rounding: str = "nearest",
+    generator: torch.Generator | None = None,
+) -> Quantized:
+    """Symmetric uniform quantization: ``q = clamp(round(x / s), -qmax, qmax)``, ``s = max|x_g| / qmax``.
+
+    One scale per group of ``rows_per_group`` rows of dim 0 (None: per tensor). The element of largest
+    magnitude in each group maps to ``±qmax``. A group of zeros gets scale 1, so it stays exactly zero.
+    ``rounding`` is ``"nearest"`` (ties to even) or ``"stochastic"`` (needs ``generator``).
+    """
+    limit = qmax(bits)
+    round_fn = _rounder(rounding, generator)
+    values = _prepare(x, rows_per_group)
+    amax = _reduce(values.abs(), rows_per_group, torch.amax)
+    scale = amax / limit
+    _check_finite(scale)
+    # s == 0 for an all-zero group (or one so tiny that amax / qmax underflows): 1 keeps q = 0 and avoids 0 / 0
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = round_fn(values / scale).clamp(-limit, limit)
+    return Quantized(
+        q=q.to(_int_dtype(-limit, limit)).reshape(x.shape),
+        scale=scale,
+        zero_point=None,
+        bits=bits,
+        rows_per_group=rows_per_group,
+    )
+
+
+def quantize_asymmetric(
+    x: torch.Tensor,
+    bits: int,
+    *,
+    rows_per_group: int | None = None,
+    rounding: str = "nearest",
+    generator: torch.Generator | None = None,
+) -> Quantized:
+    """Asymmetric (affine) quantization to ``[0, 2**bits - 1]`` with an integer zero point per group.
+
+    The range ``[lo, hi]`` is the group's ``[min, max]`` widened to include 0, so that zero is exactly
+    representable (padding, ReLU outputs): ``s = (hi - lo) / (2**bits - 1)``,
+    ``zero_point = clamp(round(-lo / s), 0, 2**bits - 1)``, ``q = clamp(round(x / s) + zero_point, 0, 2**bits - 1)``.
+    For a non-negative input the zero point is 0 and the minimum maps to code 0 exactly. Because the
+    zero point is rounded, the other end of a mixed-sign range can fall up to half a step outside the
+    codes and is clipped (the PyTorch / Q8BERT convention). A degenerate range (an all-zero group) gets
+    scale 1 and zero point 0.
+    """
+    _check_bits(bits)
+    levels = 2**bits - 1
+    round_fn = _rounder(rounding, generator)
+    values = _prepare(x, rows_per_group)
+    low = _reduce(values, rows_per_group, torch.amin).clamp(max=0)
+    high = _reduce(values, rows_per_group, torch.amax).clamp(min=0)
+    scale = (high - low) / levels
+    _check_finite(scale)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    # the zero point always rounds to nearest: it is part of the format, not a random draw
+    zero_point = round_nearest(-low / scale).clamp(0, levels)
+    q = (round_fn(values / scale) + zero_point).clamp(0, levels)
+    dtype = _int_dtype(0, levels)
+    return Quantized(
+        q=q.to(dtype).reshape(x.shape),
+        scale=scale,
+        zero_point=zero_point.to(dtype),
+        bits=bits,
+        rows_per_group=rows_per_group,
+    )
+
+
+def fake_quantize(
+    x: torch.Tensor,
+    bits: int,
+    *,
+    symmetric: bool = True,
+    rows_per_group: int | None = None,
+    rounding: str = "nearest",
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """``dequantize(quantize(x))`` in ``x``'s dtype: the values a ``bits``-bit format can hold, in float.
+
+    There is no straight-through estimator here (rounding has zero gradient); autograd wrappers that
+    need one belong in the engine.
+    """
+    quantize = quantize_symmetric if symmetric else quantize_asymmetric
+    quantized = quantize(x, bits, rows_per_group=rows_per_group, rounding=rounding, generator=generator)
+    return quantized.dequantize().to(x.dtype)
+
+
+def dynamic_fixed_point(
+    x: torch.Tensor,
+    bits: int,
+    *,
+    rounding: str = "nearest",
+    generator: torch.Generator | None = None,
+) -> Quantized:
+    """Dynamic fixed point (integer fine-tuning paper): one power-of-two scale per tensor.
+
+    ``s = 2**(e - (bits - 2))`` with ``e = floor(log2(max|x|))``, the binary exponent of the largest
+    magnitude; mantissas ``q = clamp(round(x / s), -qmax, qmax)``. This is the paper's float-to-integer
+    mapping: every mantissa is aligned to the tensor's largest exponent, and the largest element's
+    ``1.m`` fills the ``bits - 1`` magnitude bits, so ``max|x| / s`` lies in ``[2**(bits-2), 2**(bits-1))``
+    and is clipped by at most one step (when it rounds up to ``2**(bits-1)``). (``e = ceil(log2 max|x|)``
+    would leave the upper half of the integer range unused: one bit lost.) An all-zero tensor gets
+    scale 1; the scale never goes below the dtype's smallest normal number.
+    """
+    limit = qmax(bits)
+    round_fn = _rounder(rounding, generator)
+    values = _prepare(x, None)
+    amax = values.abs().amax()
+    _check_finite(amax)
+    # frexp gives amax = m * 2**k with m in [0.5, 1), so floor(log2 amax) = k - 1 exactly, with no log2 rounding
+    _, exponent = torch.frexp(amax)
+    min_exponent = int(math.log2(torch.finfo(values.dtype).tiny))
+    shift = (exponent - 1 - (bits - 2)).clamp(min=min_exponent)
+    scale = torch.exp2(shift.to(values.dtype))
+    scale = torch.where(amax > 0, scale, torch.ones_like(scale))
+    q = round_fn(values / scale).clamp(-limit, limit)
+    return Quantized(q=q.to(_int_dtype(-limit, limit)), scale=scale, zero_point=None, bits=bits, rows_per_group=None)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# errors
+
+
+def quantization_error(
+    x: torch.Tensor,
+    bits: int,
+    *,
+    rows_per_group: int | None = None,
+    symmetric: bool = True,
+) -> float:
+    """``||fake_quantize(x) - x||^2`` (nearest rounding) as a Python float, accumulated in float64."""
+    x = x.detach()  # a Parameter in, a float out: no autograd graph is wanted
+    quantized = (quantize_symmetric if symmetric else quantize_asymmetric)(x, bits, rows_per_group=rows_per_group)
+    difference = quantized.dequantize().to(torch.float64) - x.to(torch.float64)
+    return float(torch.sum(difference * difference))
+
+
+def weight_errors(
+    weight: torch.Tensor,
+    bits_list: Sequence[int],
+    groups: Sequence[str | int],
+    *,
+    head_dim: int | None = None,
+) -> dict[int, dict[str, float]]:
+    """``{bits: {group: ||Q(W) - W||^2}}`` with symmetric nearest rounding, rows of dim 0 grouped.
+
+    Group keys are canonical (:func:`parse_group`). Groups that do not apply to this weight (a row
+    count that does not divide its rows, ``"head"`` without ``head_dim``) are left out silently: the
+    caller offers candidates and this keeps the ones that fit. Invalid bits or group specs still raise
+    ConfigError.
+    """
+    for bits in bits_list:
+        _check_bits(bits)
+    names = list(dict.fromkeys(parse_group(group) for group in groups))
+    if head_dim is not None and not _is_positive_int(head_dim):
+        raise ConfigError(f"head_dim must be a positive integer or None, not {head_dim!r}")
+    if not isinstance(weight, torch.Tensor) or weight.dim() < 1 or weight.numel() == 0:
+        raise ConfigError("a weight must be a non-empty tensor with at least one dimension")
+    layout: dict[str, int] = {}
+    for name in names:
+        try:
+            layout[name] = rows_per_group(weight.shape[0], name, head_dim=head_dim)
+        except ConfigError:
+            # with the specs and head_dim checked above, only the two "does not apply" cases land here
+            continue
+    return {
+        bits: {name: quantization_error(weight, bits, rows_per_group=rows) for name, rows in layout.items()}
+        for bits in bits_list
+    }

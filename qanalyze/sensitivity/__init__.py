@@ -1,0 +1,1 @@
+"""Sensitivity analysis: Hessian-vector products and the estimators built on them."""

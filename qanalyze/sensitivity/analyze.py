@@ -1,0 +1,452 @@
+"""`analyze`: per-module sensitivity of a model on a task -> `SensitivityReport` (sensitivity.json).
+
+Stages, each resumable from the ``.partial`` file written after every unit of work:
+1. weight quantization error per bits and group layout (no data needed);
+2. activation and gradient quantization error, one forward and backward per calibration batch;
+3. per batch, one double-backward graph over the weights of every selected module serves
+   all Hessian work on that batch: Hutchinson traces of every module from one global product
+   per probe, then the top eigenvalue of each layer block (Q-BERT) and of each module, by
+   Lanczos (or power iteration) on the restriction of that same graph;
+4. optional spectral density (SLQ) of the whole weight Hessian on the first batch, and the
+   measured loss change of quantizing each module alone.
+Weights only: biases and norm shifts are not quantized, so their Hessian blocks are not asked.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qanalyze.data import TaskData, collate, encode
+from qanalyze.errors import ConfigError
+from qanalyze.models import LoadedModel, ModuleInfo, architecture_fingerprint, head_dim, inventory
+from qanalyze.quant.primitives import fake_quantize, parse_group, weight_errors
+from qanalyze.records import SensitivityReport
+from qanalyze.sensitivity.errors import ErrorProbe
+from qanalyze.sensitivity.estimators import Estimate, hutchinson_traces, lanczos, power_iteration, slq_density
+from qanalyze.sensitivity.hvp import HVP, NonFiniteError
+
+METRICS = ("eig", "trace", "density", "weights", "activations", "gradients")
+DEFAULT_METRICS = ("eig", "trace", "weights", "activations", "gradients")
+EIG_METHODS: dict[str, Callable[..., list[Estimate]]] = {"lanczos": lanczos, "power": power_iteration}
+ENGINES = ("native", "pyhessian")
+
+Progress = Callable[[str, int, int, str], None]
+"""``progress(stage, done, total, detail)``: called as work advances."""
+
+
+@dataclass(frozen=True)
+class AnalyzeConfig:
+    """Settings of one analysis; every field but ``modules`` changes numbers and is recorded."""
+
+    batches: int = 4
+    batch_size: int = 16
+    max_length: int = 128
+    metrics: tuple[str, ...] = DEFAULT_METRICS
+    modules: str | None = None
+    engine: str = "native"
+    eig_method: str = "lanczos"
+    eig_tol: float = 1e-3
+    eig_max_iter: int = 100
+    trace_rel_tol: float = 0.05
+    trace_max_probes: int = 32
+    trace_min_probes: int = 8
+    density_steps: int = 40
+    bits: tuple[int, ...] = tuple(range(2, 17))
+    gradient_bits: tuple[int, ...] = (2, 3, 4, 5, 6, 8, 12, 16)
+    groups: tuple[str, ...] = ("tensor", "channel", "head", "128", "64", "32")
+    measure_delta_loss: bool = False
+    delta_loss_bits: tuple[int, ...] = (2, 4, 8)
+    hvp_method: str = "double_backward"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.metrics) - set(METRICS))
+        if unknown or not self.metrics:
+            raise ConfigError(f"unknown metric(s) {', '.join(unknown) or '(none given)'}; known: {', '.join(METRICS)}")
+        if self.engine not in ENGINES:
+            raise ConfigError(f"unknown engine {self.engine!r}; known: {', '.join(ENGINES)}")
+        if self.eig_method not in EIG_METHODS:
+            raise ConfigError(f"unknown eigenvalue method {self.eig_method!r}; known: {', '.join(EIG_METHODS)}")
+        for name in ("batches", "batch_size", "max_length", "eig_max_iter", "trace_max_probes", "density_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if not 2 <= self.trace_min_probes <= self.trace_max_probes:
+            raise ConfigError("trace probes: need 2 <= min probes <= max probes")
+        for bits in (*self.bits, *self.gradient_bits, *self.delta_loss_bits):
+            if not 2 <= bits <= 16:
+                raise ConfigError(f"bits must lie in 2..16, got {bits}")
+        for group in self.groups:
+            parse_group(group)
+        if self.modules is not None:
+            try:
+                re.compile(self.modules)
+            except re.error as exc:
+                raise ConfigError(f"--modules {self.modules!r} is not a regular expression: {exc}") from None
+
+    def recorded(self) -> dict[str, Any]:
+        """The settings as written to sensitivity.json (and compared on resume)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+@dataclass
+class _State:
+    """The analysis in progress, mirrored into the ``.partial`` file."""
+
+    report: SensitivityReport
+    partial: Path
+    started: float = field(default_factory=time.perf_counter)
+
+    def entry(self, name: str) -> dict[str, Any]:
+        return self.report.modules[name]
+
+    def done(self, key: str) -> bool:
+        return bool(self.report.progress.get(key))
+
+    def mark(self, key: str, value: Any = True) -> None:
+        self.report.progress[key] = value
+        self.report.timings["seconds"] = self.report.timings.get("seconds", 0.0) + time.perf_counter() - self.started
+        self.started = time.perf_counter()
+        self.report.save(self.partial)
+
+
+def partial_path(out: str | Path) -> Path:
+    """Where a running analysis keeps its progress for ``--resume``."""
+    out = Path(out)
+    return out.with_name(out.name + ".partial")
+
+
+def select_modules(model: torch.nn.Module, pattern: str | None) -> list[ModuleInfo]:
+    """The quantizable modules whose name matches ``pattern`` (all when None); ConfigError if none."""
+    modules = inventory(model)
+    if pattern is None:
+        return modules
+    regex = re.compile(pattern)
+    chosen = [m for m in modules if regex.search(m.name)]
+    if not chosen:
+        raise ConfigError(f"--modules {pattern!r} matches none of the {len(modules)} quantizable modules "
+                          f"(for example {modules[0].name})")
+    return chosen
+
+
+def calibration_batches(data: TaskData, tokenizer: Any, config: AnalyzeConfig) -> list[dict[str, torch.Tensor]]:
+    """``config.batches`` batches of ``config.batch_size`` training examples, drawn by seed."""
+    needed = config.batches * config.batch_size
+    if len(data.train) < needed:
+        raise ConfigError(f"--batches {config.batches} x --batch-size {config.batch_size} needs {needed} training "
+                          f"examples; the data has {len(data.train)} (raise --max-train-examples or lower them)")
+    order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(config.seed))[:needed].tolist()
+    encoded = encode([data.train[i] for i in order], tokenizer, max_length=config.max_length)
+    return [collate(encoded, range(i * config.batch_size, (i + 1) * config.batch_size), tokenizer)
+            for i in range(config.batches)]
+
+
+def _new_report(loaded: LoadedModel, data: TaskData, config: AnalyzeConfig, infos: list[ModuleInfo],
+                all_infos: list[ModuleInfo]) -> SensitivityReport:
+    model = loaded.model
+    modules = {}
+    for info in infos:
+        entry = info.to_dict()
+        entry.pop("name", None)
+        size = head_dim(model, info)
+        entry["head_dim"] = size
+        entry["group_rows"] = {g: r for g, r in _group_rows(info, size, config.groups).items()}
+        entry["hessian"] = {}
+        modules[info.name] = entry
+    return SensitivityReport(
+        model={**loaded.identity, "fingerprint": architecture_fingerprint(all_infos),
+               "architecture": type(model).__name__},
+        data={**data.identity, "split": "train", "examples": config.batches * config.batch_size},
+        settings=config.recorded(),
+        modules=modules,
+    )
+
+
+def _group_rows(info: ModuleInfo, size: int | None, groups: Sequence[str]) -> dict[str, int]:
+    from qanalyze.quant.primitives import rows_per_group
+
+    rows = {}
+    for group in groups:
+        try:
+            rows[parse_group(group)] = rows_per_group(info.shape[0], group, head_dim=size)
+        except ConfigError:
+            continue  # this layout does not fit this weight: not a candidate
+    return rows
+
+
+def _open(loaded: LoadedModel, data: TaskData, config: AnalyzeConfig, out: Path, infos: list[ModuleInfo],
+          all_infos: list[ModuleInfo], resume: bool) -> _State:
+    partial = partial_path(out)
+    if not resume or not partial.exists():
+        if resume:
+            raise ConfigError(f"nothing to resume: {partial} does not exist")
+        return _State(_new_report(loaded, data, config, infos, all_infos), partial)
+    report = SensitivityReport.load(partial)
+    fresh = _new_report(loaded, data, config, infos, all_infos)
+    if report.settings != fresh.settings:
+        changed = [k for k in fresh.settings if report.settings.get(k) != fresh.settings[k]]
+        raise ConfigError(f"cannot resume {partial} with different settings: {', '.join(changed)}")
+    if report.model.get("fingerprint") != fresh.model["fingerprint"] or \
+            report.model.get("weights_hash") != fresh.model.get("weights_hash"):
+        raise ConfigError(f"cannot resume {partial}: it was made for another model")
+    if report.data.get("hash") != fresh.data.get("hash") or set(report.modules) != set(fresh.modules):
+        raise ConfigError(f"cannot resume {partial}: data or module selection differ")
+    return _State(report, partial)
+
+
+def _check_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> None:
+    try:
+        with torch.no_grad():
+            out = model(**batch)
+    except TypeError:  # a bare encoder's forward takes no labels
+        out = None
+    if getattr(out, "loss", None) is None:
+        raise ConfigError("the model computes no loss on labelled batches: it has no task head. Fine-tune one "
+                          "first (`qanalyze finetune MODEL --task ...`) and analyze the run directory")
+
+
+def analyze(
+    loaded: LoadedModel,
+    data: TaskData,
+    config: AnalyzeConfig,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    progress: Progress | None = None,
+) -> SensitivityReport:
+    """Measure every selected module's sensitivity and write ``out`` (sensitivity.json) atomically.
+
+    The model must use eager attention (`qanalyze.load_model(..., eager_attention=True)`): the
+    fused CPU attention kernel has no double backward. Work done so far is kept in
+    ``out + ".partial"``; with ``resume`` it is reused (same settings, model and data required).
+    """
+    out = Path(out)
+    model = loaded.model.eval()
+    report_progress = progress or (lambda *_: None)
+    all_infos = inventory(model)
+    infos = select_modules(model, config.modules)
+    batches = calibration_batches(data, loaded.tokenizer, config)
+    _check_loss(model, batches[0])
+    state = _open(loaded, data, config, out, infos, all_infos, resume)
+    device = next(model.parameters()).device
+    batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
+    modules = dict(model.named_modules())
+    metrics = set(config.metrics)
+
+    if "weights" in metrics and not state.done("weights"):
+        for i, info in enumerate(infos):
+            report_progress("weights", i, len(infos), info.name)
+            errors = weight_errors(modules[info.name].weight.detach(), config.bits, config.groups,
+                                   head_dim=state.entry(info.name)["head_dim"])
+            state.entry(info.name)["weight_error"] = {str(b): e for b, e in errors.items()}
+        state.mark("weights")
+
+    if metrics & {"activations", "gradients"} and not state.done("errors"):
+        _measure_errors(model, infos, modules, batches, config, state, report_progress)
+        state.mark("errors")
+
+    if metrics & {"eig", "trace", "density"}:
+        _measure_hessian(model, infos, modules, batches, config, state, report_progress)
+
+    if config.measure_delta_loss and not state.done("delta_loss"):
+        _measure_delta_loss(model, infos, modules, batches, config, state, report_progress)
+        state.mark("delta_loss")
+
+    _summarise(state.report, config)
+    state.report.complete = True
+    state.report.progress = {}
+    state.report.save(out)
+    state.partial.unlink(missing_ok=True)
+    return state.report
+
+
+def _measure_errors(model: torch.nn.Module, infos: list[ModuleInfo], modules: dict[str, torch.nn.Module],
+                    batches: list[dict[str, torch.Tensor]], config: AnalyzeConfig, state: _State,
+                    report_progress: Progress) -> None:
+    metrics = set(config.metrics)
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(config.seed + 1)
+    probe = ErrorProbe({i.name: modules[i.name] for i in infos}, {i.name: i for i in infos},
+                       bits=config.bits if "activations" in metrics else (),
+                       gradient_bits=config.gradient_bits if "gradients" in metrics else (),
+                       generator=generator)
+    saved = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        with probe:
+            for index, batch in enumerate(batches):
+                report_progress("activations/gradients", index, len(batches), f"batch {index + 1}")
+                model.zero_grad(set_to_none=True)
+                loss = model(**batch).loss
+                if not torch.isfinite(loss):
+                    raise NonFiniteError(f"the loss on calibration batch {index + 1} is {float(loss)}")
+                loss.backward()
+                probe.end_batch()
+    finally:
+        model.zero_grad(set_to_none=True)
+        for p, flag in saved:
+            p.requires_grad_(flag)
+    for name, sums in probe.sums.items():
+        summary = sums.summary()
+        if "activations" in metrics:
+            for key in ("activation_error", "activation_relative_error", "activation_weighted_error"):
+                if summary[key]:
+                    state.entry(name)[key] = summary[key]
+        if "gradients" in metrics and "gradient_error" in summary:
+            state.entry(name)["gradient_error"] = summary["gradient_error"]
+
+
+def _measure_hessian(model: torch.nn.Module, infos: list[ModuleInfo], modules: dict[str, torch.nn.Module],
+                     batches: list[dict[str, torch.Tensor]], config: AnalyzeConfig, state: _State,
+                     report_progress: Progress) -> None:
+    metrics = set(config.metrics)
+    eig = EIG_METHODS[config.eig_method]
+    names = [info.name for info in infos]
+    weights = {name: modules[name].weight for name in names}
+    blocks: dict[int, list[int]] = {}
+    for index, info in enumerate(infos):
+        if info.block is not None:
+            blocks.setdefault(info.block, []).append(index)
+    for b, batch in enumerate(batches):
+        key = f"hessian_batch_{b}"
+        if state.done(key):
+            continue
+        done_units = set(state.report.progress.get(key + "_units", []))
+        op = HVP(model, batch, weights, method=config.hvp_method)
+        generator = torch.Generator(device=op.device).manual_seed(config.seed * 7919 + b)
+        if "trace" in metrics and "trace" not in done_units:
+            report_progress("trace", b, len(batches), f"batch {b + 1}: all {len(names)} modules, one pass")
+            traces = hutchinson_traces(op, {n: [i] for i, n in enumerate(names)}, generator=generator,
+                                       max_probes=config.trace_max_probes, min_probes=config.trace_min_probes,
+                                       rel_tol=config.trace_rel_tol)
+            for name, estimate in traces.items():
+                state.entry(name)["hessian"].setdefault("trace_per_batch", []).append(asdict(estimate))
+            _unit_done(state, key, "trace")
+        if "eig" in metrics:
+            for block, members in sorted(blocks.items()):
+                unit = f"block {block}"
+                if unit in done_units:
+                    continue
+                report_progress("eig", b, len(batches), f"batch {b + 1}: layer {block}")
+                estimate = eig(_Restricted(op, members), generator=generator, max_iter=config.eig_max_iter,
+                               tol=config.eig_tol)[0]
+                state.report.blocks.setdefault(str(block), {"modules": [names[i] for i in members],
+                                                            "per_batch": []})["per_batch"].append(asdict(estimate))
+                _unit_done(state, key, unit)
+            for index, name in enumerate(names):
+                if name in done_units:
+                    continue
+                report_progress("eig", b, len(batches), f"batch {b + 1}: {name}")
+                estimate = eig(_Restricted(op, [index]), generator=generator, max_iter=config.eig_max_iter,
+                               tol=config.eig_tol)[0]
+                state.entry(name)["hessian"].setdefault("eig_per_batch", []).append(asdict(estimate))
+                _unit_done(state, key, name)
+        if "density" in metrics and b == 0 and "density" not in done_units:
+            report_progress("density", 0, 1, "whole weight Hessian, batch 1")
+            density = slq_density(op, generator=generator, probes=1, steps=config.density_steps)
+            state.report.model_level["density"] = {"nodes": density.nodes, "weights": density.weights}
+            _unit_done(state, key, "density")
+        state.report.timings[f"hessian_products_batch_{b}"] = op.count
+        del op
+        state.mark(key)
+
+
+def _unit_done(state: _State, key: str, unit: str) -> None:
+    units = state.report.progress.setdefault(key + "_units", [])
+    units.append(unit)
+    state.mark(key + "_units", units)
+
+
+class _Restricted:
+    """The diagonal block of an `HVP` for a subset of its parameters, on the same graph."""
+
+    def __init__(self, op: HVP, indices: Sequence[int]) -> None:
+        self.op, self.indices = op, list(indices)
+        self.params = [op.params[i] for i in self.indices]
+        self.names = [op.names[i] for i in self.indices]
+        self.shapes = [op.shapes[i] for i in self.indices]
+        self.sizes = [op.sizes[i] for i in self.indices]
+        self.numel = sum(self.sizes)
+        self.dtype, self.device = op.dtype, op.device
+
+    @property
+    def count(self) -> int:
+        return self.op.count
+
+    def __call__(self, v: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        return self.op.restricted(self.indices, v)
+
+    def flat(self, v: torch.Tensor) -> torch.Tensor:
+        parts = [chunk.view(shape) for chunk, shape in zip(v.split(self.sizes), self.shapes)]
+        return torch.cat([h.reshape(-1) for h in self(parts)])
+
+
+def _measure_delta_loss(model: torch.nn.Module, infos: list[ModuleInfo], modules: dict[str, torch.nn.Module],
+                        batches: list[dict[str, torch.Tensor]], config: AnalyzeConfig, state: _State,
+                        report_progress: Progress) -> None:
+    def mean_loss() -> float:
+        with torch.no_grad():
+            return statistics.fmean(float(model(**batch).loss) for batch in batches)
+
+    base = mean_loss()
+    state.report.model_level["loss"] = base
+    for i, info in enumerate(infos):
+        report_progress("delta-loss", i, len(infos), info.name)
+        weight = modules[info.name].weight
+        original = weight.detach().clone()
+        measured = {}
+        try:
+            for bits in config.delta_loss_bits:
+                with torch.no_grad():
+                    weight.copy_(fake_quantize(original, bits, rows_per_group=1))
+                measured[str(bits)] = mean_loss() - base
+        finally:
+            with torch.no_grad():
+                weight.copy_(original)
+        state.entry(info.name).setdefault("delta_loss", {})["measured"] = measured
+
+
+def _combine(estimates: list[dict[str, Any]]) -> tuple[float, float]:
+    values = [e["value"] for e in estimates]
+    mean = statistics.fmean(values)
+    stderr = math.sqrt(sum(e["stderr"] ** 2 for e in estimates)) / len(estimates)
+    return mean, stderr
+
+
+def _summarise(report: SensitivityReport, config: AnalyzeConfig) -> None:
+    """Derived figures: Ω over batches, trace over batches, average trace, predicted damage."""
+    for block in report.blocks.values():
+        values = [e["value"] for e in block["per_batch"]]
+        block["eigenvalues"] = values
+        block["omega"] = abs(statistics.fmean(values)) + (statistics.pstdev(values) if len(values) > 1 else 0.0)
+    for entry in report.modules.values():
+        hessian = entry["hessian"]
+        if hessian.get("eig_per_batch"):
+            values = [e["value"] for e in hessian["eig_per_batch"]]
+            hessian["eigenvalues"] = values
+            hessian["omega"] = abs(statistics.fmean(values)) + (statistics.pstdev(values) if len(values) > 1 else 0.0)
+            hessian["eig_converged"] = all(e["converged"] for e in hessian["eig_per_batch"])
+        if hessian.get("trace_per_batch"):
+            trace, stderr = _combine(hessian["trace_per_batch"])
+            hessian["trace"], hessian["trace_stderr"] = trace, stderr
+            hessian["avg_trace"] = trace / entry["shape"][0] / math.prod(entry["shape"][1:])
+        errors = entry.get("weight_error", {})
+        predicted: dict[str, dict[str, float]] = {}
+        for bits, by_group in errors.items():
+            reference = by_group.get("channel", next(iter(by_group.values()), None))
+            if reference is None:
+                continue
+            if "avg_trace" in hessian:
+                predicted.setdefault("trace", {})[bits] = hessian["avg_trace"] * reference
+            if "omega" in hessian:
+                predicted.setdefault("eig", {})[bits] = hessian["omega"] * reference
+        if predicted:
+            entry.setdefault("delta_loss", {}).update(predicted)

@@ -1,0 +1,320 @@
+"""Estimators of a Hessian block's spectrum and trace, built on Hessian-vector products.
+
+- `power_iteration`: the top eigenvalues (largest in magnitude) with PyHessian's semantics;
+- `lanczos`: the same eigenvalues from a Krylov space, in far fewer products;
+- `hutchinson_traces`: the traces of many diagonal blocks at once, one product per probe;
+- `slq_density`: stochastic Lanczos quadrature, the spectral density as nodes and weights.
+
+Every random draw comes from the `torch.Generator` passed in (made on the device it should draw
+on), so a seed fixes the result. Each estimate carries its standard error or error bound, the
+number of products it used, and whether it met its tolerance. Krylov methods keep their basis:
+memory is (steps x block size) elements of the block's dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from qanalyze.errors import ConfigError
+from qanalyze.sensitivity.hvp import HVP
+
+NEGLIGIBLE_TRACE = 1e-3
+"""Hutchinson: a group whose |trace| is under this fraction of the largest group's |trace| is held
+to an absolute standard error, rel_tol x this fraction x the largest |trace|, instead of a relative
+one (a trace near 0, like the attention key bias's, has no relative precision to reach)."""
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """One estimated quantity: `value`, its standard error (or error bound, per estimator),
+    the Hessian-vector products it used, and whether it met its tolerance."""
+
+    value: float
+    stderr: float
+    iterations: int
+    converged: bool
+
+
+@dataclass(frozen=True)
+class Density:
+    """Spectral density from stochastic Lanczos quadrature: per probe, Ritz values (`nodes`)
+    and their quadrature `weights` (each probe's weights sum to 1)."""
+
+    nodes: list[list[float]]
+    weights: list[list[float]]
+
+    def smooth(self, grid: Sequence[float] | Tensor, sigma: float) -> Tensor:
+        """Gaussian-broadened density (float64) on `grid`, averaged over probes; it integrates to
+        about 1 when the grid covers the nodes with a margin of a few `sigma`."""
+        if not sigma > 0:
+            raise ConfigError(f"sigma must be positive, got {sigma!r}")
+        points = torch.as_tensor(grid, dtype=torch.float64)
+        density = torch.zeros_like(points)
+        for nodes, weights in zip(self.nodes, self.weights):
+            centres = torch.tensor(nodes, dtype=torch.float64).unsqueeze(1)
+            mass = torch.tensor(weights, dtype=torch.float64).unsqueeze(1)
+            bumps = torch.exp(-0.5 * ((points - centres) / sigma) ** 2) / (sigma * math.sqrt(2 * math.pi))
+            density += (mass * bumps).sum(dim=0)
+        return density / max(len(self.nodes), 1)
+
+
+def power_iteration(
+    op: HVP, *, generator: torch.Generator, top_k: int = 1, max_iter: int = 100, tol: float = 1e-3
+) -> list[Estimate]:
+    """The `top_k` eigenvalues of largest magnitude by power iteration with deflation (PyHessian).
+
+    Each starts from a normalized Gaussian vector, orthogonalized against the eigenvectors found
+    before it; the Rayleigh quotient λ = vᵀHv is the estimate, and iteration stops when
+    |λ_new − λ_old| / (|λ_old| + 1e-6) < tol or after `max_iter` products. `stderr` is the
+    residual ‖Hv − λv‖, a bound on the distance from λ to an eigenvalue.
+    """
+    _check_count("top_k", top_k, limit=op.numel)
+    _check_count("max_iter", max_iter)
+    _check_tol("tol", tol)
+    found: list[Tensor] = []
+    estimates = []
+    for _ in range(top_k):
+        v = _unit(_gaussian(op, generator))
+        value, residual, used, converged = math.nan, math.nan, 0, False
+        for used in range(1, max_iter + 1):  # noqa: B007 - `used` is read after the loop
+            v = _unit(_deflate(v, found))
+            hv = _deflate(op.flat(v), found)
+            rayleigh = torch.dot(hv, v)
+            norms = [torch.linalg.vector_norm(hv - rayleigh * v), torch.linalg.vector_norm(hv)]
+            # One host sync per product: the stopping test needs the value.
+            new, residual, norm = torch.stack([rayleigh, *norms]).tolist()
+            if norm == 0.0:
+                # v lies in the null space of the deflated block: its remaining eigenvalues are 0.
+                value, converged = 0.0, True
+                break
+            previous, value = value, new
+            v = hv / norm
+            if not math.isnan(previous) and abs(value - previous) / (abs(previous) + 1e-6) < tol:
+                converged = True
+                break
+        found.append(v)
+        estimates.append(Estimate(value=value, stderr=residual, iterations=used, converged=converged))
+    return estimates
+
+
+def lanczos(
+    op: HVP, *, generator: torch.Generator, top_k: int = 1, max_iter: int = 100, tol: float = 1e-3
+) -> list[Estimate]:
+    """The `top_k` eigenvalues of largest magnitude by Lanczos with full reorthogonalization.
+
+    After each step the tridiagonal matrix T is diagonalized (`torch.linalg.eigh`); its Ritz
+    values θ_i come with the residual bound |β · s_mi| (β the next off-diagonal, s_mi the last
+    component of θ_i's eigenvector of T), which bounds |θ_i − λ| for some eigenvalue λ. It stops
+    when every one of the top-k bounds is under tol · |θ_i|, when the Krylov space is exhausted
+    (exact Ritz values), or after `max_iter` products. `stderr` is that bound; all estimates
+    share `iterations`, the products used.
+    """
+    _check_count("top_k", top_k, limit=op.numel)
+    _check_count("max_iter", max_iter, minimum=top_k)
+    _check_tol("tol", tol)
+    start = _gaussian(op, generator)
+    values = bounds = torch.zeros(0, dtype=torch.float64)
+    steps, converged = 0, False
+    for tri in _lanczos_steps(op, start, max_iter):
+        steps = len(tri.alphas)
+        if steps < top_k:
+            continue
+        theta, vectors = tri.eigh()
+        order = torch.argsort(theta.abs(), descending=True)[:top_k]
+        values = theta[order]
+        bounds = (tri.betas[-1] * vectors[-1, order]).abs()
+        # An exhausted Krylov space is invariant: its Ritz values are exact eigenvalues.
+        converged = tri.exhausted or bool((bounds <= tol * values.abs()).all())
+        if converged:
+            break
+    if values.numel() < top_k:
+        raise ConfigError(f"the block has fewer than top_k={top_k} independent directions the start vector reaches")
+    return [
+        Estimate(value=float(value), stderr=float(bound), iterations=steps, converged=converged)
+        for value, bound in zip(values.tolist(), bounds.tolist())
+    ]
+
+
+def hutchinson_traces(
+    op: HVP,
+    groups: Mapping[str, Sequence[int]],
+    *,
+    generator: torch.Generator,
+    max_probes: int = 200,
+    min_probes: int = 8,
+    rel_tol: float = 0.05,
+    abs_tol: float = 0.0,
+) -> dict[str, Estimate]:
+    """The trace of each group's diagonal Hessian block, from one global product per probe.
+
+    `groups` maps a name to indices into `op.params`. Each probe draws one Rademacher vector v
+    over the whole block and computes Hv once; for group g, Σ_{p∈g} v_pᵀ(Hv)_p is an unbiased
+    sample of tr(H_gg), since the cross terms vanish in expectation. After `min_probes`, it stops
+    when every group's standard error (sample std / √n) is at most
+    max(rel_tol · |mean|, abs_tol, rel_tol · NEGLIGIBLE_TRACE · largest |mean| of all groups),
+    or after `max_probes`.
+    Each Estimate: mean, standard error, probes used, and whether that group met the test.
+    """
+    _check_count("min_probes", min_probes, minimum=2)
+    _check_count("max_probes", max_probes, minimum=min_probes)
+    _check_tol("rel_tol", rel_tol)
+    if not abs_tol >= 0:
+        raise ConfigError(f"abs_tol must be >= 0, got {abs_tol!r}")
+    names = list(groups)
+    if not names:
+        raise ConfigError("no groups given")
+    membership = torch.zeros(len(names), len(op.sizes), dtype=torch.float64, device=op.device)
+    for row, name in enumerate(names):
+        indices = list(groups[name])
+        if not indices:
+            raise ConfigError(f"group {name!r} is empty")
+        for index in indices:
+            if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(op.sizes):
+                raise ConfigError(f"group {name!r}: {index!r} is not a parameter index in 0..{len(op.sizes) - 1}")
+            membership[row, index] = 1.0
+    samples = torch.zeros(max_probes, len(names), dtype=torch.float64, device=op.device)
+    probes, met = 0, torch.zeros(len(names), dtype=torch.bool)
+    for probes in range(1, max_probes + 1):
+        v = _split(op, _rademacher(op, generator))
+        hv = op(v)
+        per_param = torch.stack([torch.dot(a.reshape(-1), b.reshape(-1)) for a, b in zip(v, hv)])
+        samples[probes - 1] = membership @ per_param.to(torch.float64)
+        if probes >= min_probes:
+            met = _precise_enough(samples[:probes], rel_tol, abs_tol)
+            # One host sync per probe: the stopping test needs it.
+            if bool(met.all()):
+                break
+    mean, stderr = _mean_stderr(samples[:probes])
+    return {
+        name: Estimate(value=value, stderr=error, iterations=probes, converged=ok)
+        for name, value, error, ok in zip(names, mean.tolist(), stderr.tolist(), met.tolist())
+    }
+
+
+def slq_density(op: HVP, *, generator: torch.Generator, probes: int = 1, steps: int = 30) -> Density:
+    """Spectral density by stochastic Lanczos quadrature.
+
+    Per probe: a normalized Rademacher start, `steps` Lanczos steps with full reorthogonalization
+    (fewer when the Krylov space is exhausted, then the Ritz values are exact), `torch.linalg.eigh`
+    of the tridiagonal; the nodes are its eigenvalues, the weights the squared first components
+    of its eigenvectors.
+    """
+    _check_count("probes", probes)
+    _check_count("steps", steps)
+    nodes, weights = [], []
+    for _ in range(probes):
+        tri = deque(_lanczos_steps(op, _rademacher(op, generator), steps), maxlen=1)[0]
+        theta, vectors = tri.eigh()
+        nodes.append(theta.tolist())
+        weights.append((vectors[0] ** 2).tolist())
+    return Density(nodes=nodes, weights=weights)
+
+
+# ---------------------------------------------------------------------------------------------
+# Lanczos core
+
+
+@dataclass(frozen=True)
+class _Tridiagonal:
+    """Lanczos coefficients so far: T has `alphas` on its diagonal and betas[:-1] beside it;
+    betas[-1] couples T to the next basis vector (≈ 0 when `exhausted`)."""
+
+    alphas: list[float]
+    betas: list[float]
+    exhausted: bool
+
+    def eigh(self) -> tuple[Tensor, Tensor]:
+        """Ritz values (ascending) and eigenvectors (columns) of T, in float64."""
+        t = torch.diag(torch.tensor(self.alphas, dtype=torch.float64))
+        off = torch.tensor(self.betas[:-1], dtype=torch.float64)
+        t += torch.diag(off, 1) + torch.diag(off, -1)
+        return torch.linalg.eigh(t)
+
+
+def _lanczos_steps(op: HVP, start: Tensor, max_steps: int) -> Iterator[_Tridiagonal]:
+    """Run Lanczos from `start`, yielding T after each step; ends after `max_steps`, at the block
+    size, or when the next basis vector vanishes (the Krylov space is invariant)."""
+    steps = min(max_steps, op.numel)
+    basis = torch.empty(steps, op.numel, dtype=op.dtype, device=op.device)
+    q = _unit(start)
+    alphas: list[float] = []
+    betas: list[float] = []
+    for j in range(steps):
+        basis[j] = q
+        w = op.flat(q)
+        alpha = torch.dot(w, q)
+        known = basis[: j + 1]
+        # Classical Gram-Schmidt twice against the whole basis ("twice is enough") keeps it
+        # orthogonal to rounding, which plain three-term Lanczos loses after a few steps.
+        w = w - known.T @ (known @ w)
+        w = w - known.T @ (known @ w)
+        beta = torch.linalg.vector_norm(w)
+        # One host sync per step: T is rebuilt on the host from these.
+        a, b = (float(x) for x in torch.stack([alpha, beta]))
+        alphas.append(a)
+        betas.append(b)
+        scale = max(max(abs(x) for x in alphas), max(betas))
+        exhausted = j + 1 == op.numel or b <= 100 * torch.finfo(op.dtype).eps * scale
+        yield _Tridiagonal(list(alphas), list(betas), exhausted)
+        if exhausted:
+            return
+        q = w / beta
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _gaussian(op: HVP, generator: torch.Generator) -> Tensor:
+    draw = torch.randn(op.numel, generator=generator, device=generator.device, dtype=op.dtype)
+    return draw.to(op.device)
+
+
+def _rademacher(op: HVP, generator: torch.Generator) -> Tensor:
+    bits = torch.randint(0, 2, (op.numel,), generator=generator, device=generator.device, dtype=op.dtype)
+    return (2 * bits - 1).to(op.device)
+
+
+def _split(op: HVP, flat: Tensor) -> list[Tensor]:
+    return [chunk.view(shape) for chunk, shape in zip(flat.split(op.sizes), op.shapes)]
+
+
+def _unit(v: Tensor) -> Tensor:
+    return v / torch.linalg.vector_norm(v)
+
+
+def _deflate(v: Tensor, found: Sequence[Tensor]) -> Tensor:
+    for u in found:
+        v = v - torch.dot(v, u) * u
+    return v
+
+
+def _mean_stderr(samples: Tensor) -> tuple[Tensor, Tensor]:
+    mean = samples.mean(dim=0)
+    stderr = samples.std(dim=0, correction=1) / math.sqrt(samples.shape[0])
+    return mean, stderr
+
+
+def _precise_enough(samples: Tensor, rel_tol: float, abs_tol: float) -> Tensor:
+    mean, stderr = _mean_stderr(samples)
+    size = mean.abs()
+    floor = torch.clamp(NEGLIGIBLE_TRACE * size.max(), min=abs_tol / rel_tol)
+    return (stderr <= rel_tol * torch.maximum(size, floor)).cpu()
+
+
+def _check_count(name: str, value: int, *, minimum: int = 1, limit: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{name} must be a whole number of at least {minimum}, got {value!r}")
+    if limit is not None and value > limit:
+        raise ConfigError(f"{name}={value} exceeds the block size {limit}")
+
+
+def _check_tol(name: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ConfigError(f"{name} must be a positive number, got {value!r}")

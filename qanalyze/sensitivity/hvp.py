@@ -1,0 +1,392 @@
+"""Hessian-vector products of a model's loss on one batch, restricted to chosen parameters.
+
+`HVP` is the operator every estimator (power iteration, Lanczos, Hutchinson, SLQ) is built on:
+H v for the block of the Hessian that belongs to a list of parameters, with the model in eval
+mode. Two ways to compute it, which agree to rounding:
+
+- ``double_backward``: the gradient is taken once with ``create_graph=True`` and every product
+  differentiates that same graph again (``retain_graph=True``), so many products on one batch
+  cost one forward pass in all;
+- ``forward_over_reverse``: ``torch.func.jvp`` of ``torch.func.grad`` through
+  ``torch.func.functional_call``, the other parameters held fixed; one forward per product.
+
+`pyhessian_adapter` runs the same computation through PyHessian 0.1, the reference the tests
+compare with; it hides what PyHessian needs (a wrapper module, frozen parameters, the global
+RNG) and undoes all of it afterwards.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from qanalyze.errors import ConfigError, InputError
+
+LossFn = Callable[[nn.Module, Mapping[str, Any]], Tensor]
+"""A loss on one batch: ``loss_fn(model, batch)`` returns a scalar tensor."""
+
+Criterion = Callable[[Tensor, Tensor], Tensor]
+"""A loss on ``(logits, labels)``, the form PyHessian calls."""
+
+ParamSelection = nn.Module | Mapping[str, nn.Parameter] | str | Sequence[nn.Parameter | str]
+"""Which parameters a Hessian block covers: a submodule (all its parameters), a name-to-parameter
+map, one name, or a sequence of parameters and names (a name is a parameter's or a module's)."""
+
+METHODS = ("double_backward", "forward_over_reverse")
+"""The ways `HVP` can compute a product."""
+
+
+class NonFiniteError(InputError):
+    """The loss or a Hessian-vector product holds NaN or infinity (so do the weights or the batch)."""
+
+
+def resolve_params(model: nn.Module, params: ParamSelection) -> tuple[list[str], list[nn.Parameter]]:
+    """The fully qualified names and the parameters `params` selects in `model`, in the order given.
+
+    Raises ConfigError for an unknown name, a parameter that is not the model's, one listed
+    twice, a selection with no floating-point parameter, or parameters on different devices or
+    of different dtypes.
+    """
+    named = dict(model.named_parameters())
+    name_of = {id(p): name for name, p in named.items()}
+    chosen: list[nn.Parameter] = []
+    if isinstance(params, nn.Module):
+        chosen = list(params.parameters())
+    elif isinstance(params, Mapping):
+        chosen = list(params.values())
+    else:
+        items = [params] if isinstance(params, str) else list(params)
+        modules = dict(model.named_modules())
+        for item in items:
+            if isinstance(item, str):
+                chosen.extend(_by_name(item, named, modules))
+            else:
+                chosen.append(item)
+    names = []
+    for param in chosen:
+        if id(param) not in name_of:
+            raise ConfigError(f"a selected parameter of shape {tuple(param.shape)} is not a parameter of the model")
+        names.append(name_of[id(param)])
+    twice = sorted({name for name in names if names.count(name) > 1})
+    if twice:
+        raise ConfigError(f"parameter {twice[0]} is selected more than once")
+    if not chosen:
+        raise ConfigError("the selection holds no parameters")
+    kinds = {(p.dtype, p.device) for p in chosen}
+    if len(kinds) > 1:
+        raise ConfigError(f"selected parameters mix dtypes or devices: {sorted(map(str, kinds))}")
+    if not chosen[0].is_floating_point():
+        raise ConfigError(f"selected parameters have dtype {chosen[0].dtype}; a Hessian needs floating point")
+    return names, chosen
+
+
+def _by_name(name: str, named: Mapping[str, nn.Parameter], modules: Mapping[str, nn.Module]) -> list[nn.Parameter]:
+    if name in named:
+        return [named[name]]
+    if name in modules and name:
+        found = list(modules[name].parameters())
+        if found:
+            return found
+        raise ConfigError(f"module {name} has no parameters")
+    raise ConfigError(f"{name!r} names neither a parameter nor a module of the model")
+
+
+def default_loss(model: nn.Module, batch: Mapping[str, Any]) -> Tensor:
+    """``model(**batch).loss``, the loss a Hugging Face task model computes when the batch has labels.
+
+    Raises ConfigError when there is none: a bare model (no task head) or a batch without labels.
+    """
+    output = model(**batch)
+    loss = output.get("loss") if isinstance(output, Mapping) else getattr(output, "loss", None)
+    if loss is None:
+        missing = "the batch has no labels" if "labels" not in batch else "the model has no task head"
+        raise ConfigError(
+            f"the model returned no loss ({missing}); Hessian sensitivity needs a model with a task "
+            "head: run `qanalyze finetune` first or give a model that has one"
+        )
+    return loss
+
+
+class HVP:
+    """Hessian-vector products of the loss of `model` on one batch w.r.t. a chosen list of
+    parameters, model in eval mode (dropout off).
+
+    `params` selects the block (see `ParamSelection`); `loss_fn(model, batch)` gives the loss
+    (default `default_loss`). The model's parameters, their ``requires_grad`` flags, gradients
+    and train/eval modes are the same after every call as before it. ``double_backward`` keeps
+    the gradient's graph alive as long as this object lives (memory: one forward's activations).
+
+    Attributes: `loss` (float, on the batch), `names` and `params` (the block, in order),
+    `shapes`, `sizes` (elements per parameter), `numel` (block size), `dtype`, `device`,
+    `method`, and `count`, the number of products computed so far.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        batch: Mapping[str, Any],
+        params: ParamSelection,
+        *,
+        method: str = "double_backward",
+        loss_fn: LossFn | None = None,
+    ) -> None:
+        if method not in METHODS:
+            raise ConfigError(f"unknown HVP method {method!r}; known: {', '.join(METHODS)}")
+        self.model = model
+        self.batch = batch
+        self.method = method
+        self.names, self.params = resolve_params(model, params)
+        self.shapes = [p.shape for p in self.params]
+        self.sizes = [p.numel() for p in self.params]
+        self.numel = sum(self.sizes)
+        self.dtype = self.params[0].dtype
+        self.device = self.params[0].device
+        self.count = 0
+        self._loss_fn = loss_fn or default_loss
+        chosen = {id(p) for p in self.params}
+        if method == "double_backward":
+            # Freezing the other parameters for the forward keeps their branches out of the graph
+            # the products reuse; the flags come back as soon as the graph exists.
+            with _eval_mode(model), _requires_grad(model, self.params, freeze_others=True), torch.enable_grad():
+                loss = self._checked_loss(self._loss_fn(model, batch))
+                self._grads = torch.autograd.grad(
+                    loss, self.params, create_graph=True, allow_unused=True, materialize_grads=True
+                )
+        else:
+            with _eval_mode(model), torch.no_grad():
+                loss = self._checked_loss(self._loss_fn(model, batch))
+            self._wrapper = _LossModule(model, self._loss_fn)
+            # Detached views: the other parameters enter functional_call as constants.
+            self._fixed = {
+                f"model.{name}": p.detach() for name, p in model.named_parameters() if id(p) not in chosen
+            }
+            self._keys = [f"model.{name}" for name in self.names]
+        self.loss = float(loss.detach())
+
+    def __call__(self, v: Sequence[Tensor]) -> list[Tensor]:
+        """H v, one tensor per parameter of the block with that parameter's shape.
+
+        `v` holds one tensor per parameter (same shapes; cast to the block's dtype and device).
+        Raises ValueError for a wrong count or shape, NonFiniteError when the product holds NaN
+        or infinity.
+        """
+        vectors = self._checked_vectors(v)
+        hv = self._double_backward(vectors) if self.method == "double_backward" else self._forward_over_reverse(vectors)
+        self.count += 1
+        self._check_finite(hv, vectors)
+        return hv
+
+    def flat(self, v: Tensor) -> Tensor:
+        """H v for `v` flattened to one vector of `numel` elements (parameters in block order)."""
+        if v.dim() != 1 or v.numel() != self.numel:
+            raise ValueError(f"expected a flat vector of {self.numel} elements, got shape {tuple(v.shape)}")
+        parts = [chunk.view(shape) for chunk, shape in zip(v.split(self.sizes), self.shapes)]
+        return torch.cat([h.reshape(-1) for h in self(parts)])
+
+    def _checked_loss(self, loss: Tensor) -> Tensor:
+        if not isinstance(loss, Tensor) or loss.dim() != 0:
+            raise ConfigError("the loss function must return a scalar tensor")
+        if not torch.isfinite(loss):
+            bad = next((name for name, p in self.model.named_parameters() if not torch.isfinite(p).all()), None)
+            where = f"parameter {bad} holds NaN or infinity" if bad else "no parameter does, so the batch must"
+            raise NonFiniteError(f"the loss on this batch is {float(loss)}: {where}")
+        return loss
+
+    def _checked_vectors(self, v: Sequence[Tensor]) -> list[Tensor]:
+        vectors = list(v)
+        if len(vectors) != len(self.params):
+            raise ValueError(f"expected {len(self.params)} tensors (one per parameter), got {len(vectors)}")
+        for name, t, shape in zip(self.names, vectors, self.shapes):
+            if t.shape != shape:
+                raise ValueError(f"vector for {name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+        return [t.to(device=self.device, dtype=self.dtype) for t in vectors]
+
+    def _double_backward(self, vectors: list[Tensor]) -> list[Tensor]:
+        # A gradient that does not require grad is constant in the block: its Hessian rows are 0.
+        live = [i for i, g in enumerate(self._grads) if g.requires_grad]
+        if not live:
+            return [torch.zeros_like(p) for p in self.params]
+        with _requires_grad(self.model, self.params, freeze_others=False):
+            hv = torch.autograd.grad(
+                [self._grads[i] for i in live],
+                self.params,
+                grad_outputs=[vectors[i] for i in live],
+                retain_graph=True,
+                allow_unused=True,
+                materialize_grads=True,
+            )
+        return [h.detach() for h in hv]
+
+    def _forward_over_reverse(self, vectors: list[Tensor]) -> list[Tensor]:
+        def loss_of(values: tuple[Tensor, ...]) -> Tensor:
+            state = {**self._fixed, **dict(zip(self._keys, values))}
+            return torch.func.functional_call(self._wrapper, state, (self.batch,))
+
+        primals = tuple(p.detach() for p in self.params)
+        with _eval_mode(self.model):
+            _, hv = torch.func.jvp(torch.func.grad(loss_of), (primals,), (tuple(vectors),))
+        return [h.detach() for h in hv]
+
+    def _check_finite(self, hv: list[Tensor], vectors: list[Tensor]) -> None:
+        # One host sync per product for all parameters together; names only on failure.
+        if bool(torch.stack([torch.isfinite(h).all() for h in hv]).all()):
+            return
+        bad = next(name for name, h in zip(self.names, hv) if not torch.isfinite(h).all())
+        bad_input = next((name for name, t in zip(self.names, vectors) if not torch.isfinite(t).all()), None)
+        cause = f"the vector for {bad_input} does" if bad_input else "the vector is finite"
+        raise NonFiniteError(f"the Hessian-vector product for {bad} holds NaN or infinity ({cause})")
+
+
+class _LossModule(nn.Module):
+    """Holds the model as a submodule so functional_call can swap its parameters under `loss_fn`."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn) -> None:
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, batch: Mapping[str, Any]) -> Tensor:
+        """The loss of the wrapped model on `batch`."""
+        return self.loss_fn(self.model, batch)
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    # Per-module flags: model.train(True) would also flip submodules the caller kept in eval.
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, mode in modes:
+            module.training = mode
+
+
+@contextmanager
+def _requires_grad(model: nn.Module, chosen: Sequence[nn.Parameter], *, freeze_others: bool) -> Iterator[None]:
+    # The block's parameters must require grad while a product differentiates them, even when
+    # the caller froze them; the caller's flags come back afterwards.
+    params = list(model.parameters()) if freeze_others else list(chosen)
+    flags = [(p, p.requires_grad) for p in params]
+    chosen_ids = {id(p) for p in chosen}
+    try:
+        for p in params:
+            p.requires_grad_(id(p) in chosen_ids)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+# ---------------------------------------------------------------------------------------------
+# PyHessian, the reference
+
+
+def default_criterion(logits: Tensor, labels: Tensor) -> Tensor:
+    """The loss a Hugging Face sequence classifier computes: cross-entropy for class labels,
+    mean squared error for float labels (regression, one output)."""
+    if labels.is_floating_point():
+        return nn.functional.mse_loss(logits.squeeze(-1), labels.to(logits.dtype))
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+
+
+class _LogitsModule(nn.Module):
+    """PyHessian calls ``model(inputs)`` with one argument and applies its criterion to the result."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs: Mapping[str, Tensor]) -> Tensor:
+        """The logits of the wrapped model."""
+        logits = getattr(self.model(**inputs), "logits", None)
+        if logits is None:
+            raise ConfigError("the model returns no logits; PyHessian needs a model with a task head")
+        return logits
+
+
+class PyHessianOracle:
+    """PyHessian 0.1's `hessian` object for one block, model and batch, made by `pyhessian_adapter`.
+
+    Its methods call PyHessian's own with the block's parameters the only ones requiring grad,
+    the global RNG seeded (PyHessian draws from it) and then restored, and the model's flags,
+    modes and gradients put back afterwards. `hessian` is the raw PyHessian object.
+    """
+
+    def __init__(self, model: nn.Module, params: list[nn.Parameter], hessian: Any) -> None:
+        self.model = model
+        self.params = params
+        self.hessian = hessian
+
+    def eigenvalues(self, max_iter: int = 100, tol: float = 1e-3, top_n: int = 1, *, seed: int = 0) -> list[float]:
+        """PyHessian's power iteration: the `top_n` eigenvalues largest in magnitude."""
+        with _pyhessian_scope(self.model, self.params, seed=seed):
+            values, _ = self.hessian.eigenvalues(maxIter=max_iter, tol=tol, top_n=top_n)
+        return [float(value) for value in values]
+
+    def trace(self, max_iter: int = 100, tol: float = 1e-3, *, seed: int = 0) -> list[float]:
+        """PyHessian's Hutchinson samples vᵀHv, one per probe (it returns samples, not a mean).
+
+        PyHessian 0.1 divides its stopping test by the signed running mean, so it stops after two
+        probes when that mean is negative; ``tol=0`` runs exactly `max_iter` probes on a block
+        whose trace is positive.
+        """
+        with _pyhessian_scope(self.model, self.params, seed=seed):
+            samples = self.hessian.trace(maxIter=max_iter, tol=tol)
+        return [float(sample) for sample in samples]
+
+
+def pyhessian_adapter(
+    model: nn.Module,
+    batch: Mapping[str, Tensor],
+    params: ParamSelection,
+    *,
+    criterion: Criterion | None = None,
+) -> PyHessianOracle:
+    """PyHessian on the same model, batch (with ``labels``) and block as ``HVP(model, batch, params)``.
+
+    `criterion(logits, labels)` defaults to `default_criterion`, which equals the loss of a
+    Hugging Face classifier or regressor. Raises ConfigError when the batch has no labels.
+    """
+    from pyhessian import hessian  # imported here: only the reference comparisons need it
+
+    if "labels" not in batch:
+        raise ConfigError("the batch has no labels; PyHessian needs (inputs, labels)")
+    _, chosen = resolve_params(model, params)
+    inputs = {key: value for key, value in batch.items() if key != "labels"}
+    with _pyhessian_scope(model, chosen, seed=0):
+        reference = hessian(
+            _LogitsModule(model),
+            criterion or default_criterion,
+            data=(inputs, batch["labels"]),
+            cuda=chosen[0].device.type == "cuda",
+        )
+    return PyHessianOracle(model, chosen, reference)
+
+
+@contextmanager
+def _pyhessian_scope(model: nn.Module, chosen: list[nn.Parameter], *, seed: int) -> Iterator[None]:
+    # PyHessian finds its parameters by requires_grad, calls model.eval() and zero_grad(), leaves
+    # a create_graph gradient in .grad, draws from the global RNG and builds vectors in the
+    # default dtype: each of these is set for the call and undone after it.
+    grads = [(p, p.grad) for p in model.parameters()]
+    devices = [chosen[0].device.index or 0] if chosen[0].device.type == "cuda" else []
+    default_dtype = torch.get_default_dtype()
+    with ExitStack() as stack:
+        stack.enter_context(_eval_mode(model))
+        stack.enter_context(_requires_grad(model, chosen, freeze_others=True))
+        stack.enter_context(torch.random.fork_rng(devices=devices))
+        stack.enter_context(torch.enable_grad())
+        torch.manual_seed(seed)
+        if chosen[0].dtype in (torch.float32, torch.float64):
+            torch.set_default_dtype(chosen[0].dtype)
+        try:
+            yield
+        finally:
+            torch.set_default_dtype(default_dtype)
+            for p, grad in grads:
+                p.grad = grad

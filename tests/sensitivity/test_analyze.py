@@ -1,0 +1,131 @@
+"""analyze() end to end on a tiny BERT with real SST-2 sentences, and its resume and bad input."""
+
+import json
+
+import pytest
+import torch
+from transformers import BertConfig, BertForSequenceClassification
+
+from qanalyze.data import load_task
+from qanalyze.errors import ConfigError
+from qanalyze.models import LoadedModel, load_model
+from qanalyze.records import SensitivityReport
+from qanalyze.sensitivity.analyze import AnalyzeConfig, analyze, partial_path
+from qanalyze.sensitivity.estimators import lanczos
+from qanalyze.sensitivity.hvp import HVP, NonFiniteError
+
+
+@pytest.fixture(scope="module")
+def sst2(glue_dir):
+    return load_task("sst2", str(glue_dir), max_train_examples=64, max_eval_examples=8, seed=0)
+
+
+@pytest.fixture()
+def tiny(tiny_bert_dir):
+    return load_model(str(tiny_bert_dir), num_labels=2, eager_attention=True)
+
+
+def _config(**overrides):
+    settings = dict(batches=2, batch_size=8, max_length=24, bits=(2, 4, 8), gradient_bits=(4, 8),
+                    groups=("tensor", "channel", "head", "8"), trace_max_probes=12, trace_min_probes=4,
+                    metrics=("eig", "trace", "density", "weights", "activations", "gradients"),
+                    density_steps=10, eig_max_iter=40)
+    settings.update(overrides)
+    return AnalyzeConfig(**settings)
+
+
+def test_analyze_covers_every_module(tmp_path, tiny, sst2):
+    out = tmp_path / "sensitivity.json"
+    report = analyze(tiny, sst2, _config(measure_delta_loss=True, delta_loss_bits=(2, 8)), out)
+    raw = json.loads(out.read_text())
+    assert raw["schema"] == "qanalyze/sensitivity/v1" and raw["complete"] is True
+    assert not partial_path(out).exists()
+    assert SensitivityReport.load(out).modules.keys() == report.modules.keys()
+    assert raw["data"]["task"] == "sst2" and raw["data"]["examples"] == 16
+    assert len(raw["model"]["fingerprint"]) == 64
+    query = raw["modules"]["bert.encoder.layer.0.attention.self.query"]
+    assert query["kind"] == "linear" and query["block"] == 0 and query["head_dim"] == 16
+    assert set(query["weight_error"]["2"]) == {"tensor", "channel", "head", "8"}
+    assert query["weight_error"]["2"]["tensor"] >= query["weight_error"]["2"]["channel"]
+    assert len(query["hessian"]["eigenvalues"]) == 2
+    assert query["hessian"]["omega"] > 0
+    assert query["hessian"]["trace_stderr"] >= 0
+    assert set(query["gradient_error"]) == {"4", "8"}
+    assert query["activation_error"]["2"] > query["activation_error"]["8"]
+    assert set(query["delta_loss"]) == {"trace", "eig", "measured"}
+    assert set(raw["blocks"]) == {"0", "1"} and len(raw["blocks"]["0"]["eigenvalues"]) == 2
+    assert sum(raw["model_level"]["density"]["weights"][0]) == pytest.approx(1.0)
+    embedding = raw["modules"]["bert.embeddings.word_embeddings"]
+    assert embedding["kind"] == "embedding" and "gradient_error" not in embedding
+    for name, entry in raw["modules"].items():
+        hessian = entry["hessian"]
+        if entry["kind"] != "embedding" and hessian["avg_trace"] > 0:
+            # the top eigenvalue bounds the mean eigenvalue
+            assert max(hessian["eigenvalues"]) >= hessian["avg_trace"] * 0.99, name
+
+
+def test_module_eigenvalue_is_the_block_of_the_full_hessian(tiny, sst2):
+    """The per-module restriction of the shared graph equals an HVP built for that module alone."""
+    from qanalyze.sensitivity.analyze import _Restricted, calibration_batches
+
+    config = _config()
+    batch = calibration_batches(sst2, tiny.tokenizer, config)[0]
+    model = tiny.model
+    name = "bert.encoder.layer.1.output.dense"
+    weights = {n: m.weight for n, m in model.named_modules() if n.endswith("dense")}
+    index = list(weights).index(name)
+    shared = _Restricted(HVP(model, batch, weights), [index])
+    alone = HVP(model, batch, {name: weights[name]})
+    v = torch.randn(weights[name].shape, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(shared([v])[0], alone([v])[0], rtol=1e-4, atol=1e-7)
+    a = lanczos(shared, generator=torch.Generator().manual_seed(1))[0].value
+    b = lanczos(alone, generator=torch.Generator().manual_seed(1))[0].value
+    assert a == pytest.approx(b, rel=1e-3)
+
+
+def test_killed_analysis_resumes_without_redoing_work(tmp_path, tiny, sst2, monkeypatch):
+    import qanalyze.sensitivity.analyze as module
+
+    out = tmp_path / "s.json"
+    config = _config(metrics=("eig", "weights"))
+    calls = []
+    real = module.lanczos
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setitem(module.EIG_METHODS, "lanczos", failing)
+    with pytest.raises(KeyboardInterrupt):
+        analyze(tiny, sst2, config, out)
+    assert not out.exists() and partial_path(out).exists()
+    assert json.loads(partial_path(out).read_text())["complete"] is False
+    calls.clear()
+    monkeypatch.setitem(module.EIG_METHODS, "lanczos", lambda *a, **k: calls.append(1) or real(*a, **k))
+    report = analyze(tiny, sst2, config, out, resume=True)
+    units_per_batch = len(report.blocks) + len(report.modules)
+    assert len(calls) == 2 * units_per_batch - 4  # the four finished units are not redone
+    assert all(len(e["hessian"]["eigenvalues"]) == 2 for e in report.modules.values())
+    with pytest.raises(ConfigError, match="nothing to resume"):
+        analyze(tiny, sst2, config, tmp_path / "other.json", resume=True)
+
+
+def test_bad_inputs(tmp_path, tiny, sst2, tiny_bert_dir):
+    with pytest.raises(ConfigError, match="matches none"):
+        analyze(tiny, sst2, _config(modules="nothing-like-this"), tmp_path / "a.json")
+    with pytest.raises(ConfigError, match="needs 800 training examples; the data has 64"):
+        analyze(tiny, sst2, _config(batches=100), tmp_path / "b.json")
+    bare = BertForSequenceClassification(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=1,
+                                                    num_attention_heads=2, intermediate_size=64))
+    headless = LoadedModel(model=bare.bert, tokenizer=tiny.tokenizer, source=tiny.source, identity=tiny.identity)
+    with pytest.raises(ConfigError, match="no task head"):
+        analyze(headless, sst2, _config(), tmp_path / "c.json")
+    with torch.no_grad():
+        tiny.model.classifier.weight[0, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match="classifier.weight"):
+        analyze(tiny, sst2, _config(metrics=("eig",)), tmp_path / "d.json")
+    assert not (tmp_path / "d.json").exists()
+    for name in ("a.json", "b.json", "c.json"):
+        assert not (tmp_path / name).exists()

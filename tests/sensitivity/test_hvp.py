@@ -1,0 +1,243 @@
+"""Hessian-vector products against a dense float64 Hessian, their guards, and PyHessian as the oracle."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import BertConfig, BertForSequenceClassification, BertModel
+
+from qanalyze.data import collate, encode, load_task
+from qanalyze.errors import ConfigError, InputError
+from qanalyze.models import load_model
+from qanalyze.sensitivity.estimators import hutchinson_traces, lanczos, power_iteration
+from qanalyze.sensitivity.hvp import HVP, METHODS, NonFiniteError, pyhessian_adapter
+
+LAYER = "bert.encoder.layer.0"
+QUERY = f"{LAYER}.attention.self.query.weight"
+CLASSIFIER = "classifier.weight"
+
+
+def tiny_config(layers: int = 1) -> BertConfig:
+    # A wider initialisation than BERT's 0.02 gives the attention blocks a Hessian well above rounding.
+    return BertConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=layers, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=32, num_labels=2, initializer_range=0.2, attn_implementation="eager",
+    )
+
+
+def tiny_bert(*, dtype: torch.dtype = torch.float64, seed: int = 0) -> BertForSequenceClassification:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = BertForSequenceClassification(tiny_config())
+    return model.to(dtype).eval()
+
+
+def tiny_batch(*, size: int = 8, length: int = 12, seed: int = 1) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 50, (size, length), generator=g)
+    lengths = torch.randint(length // 2, length + 1, (size,), generator=g)
+    mask = (torch.arange(length) < lengths[:, None]).long()
+    return {"input_ids": ids * mask, "attention_mask": mask, "labels": torch.randint(0, 2, (size,), generator=g)}
+
+
+def block_names(model: torch.nn.Module, prefix: str) -> list[str]:
+    return [name for name, _ in model.named_parameters() if name == prefix or name.startswith(prefix + ".")]
+
+
+def dense_hessian(model: torch.nn.Module, batch: dict, names: list[str]) -> torch.Tensor:
+    """The float64 Hessian of the loss as a function of the flattened block."""
+    params = dict(model.named_parameters())
+    shapes = [params[n].shape for n in names]
+    sizes = [params[n].numel() for n in names]
+    flat = torch.cat([params[n].detach().reshape(-1) for n in names])
+
+    def loss(x: torch.Tensor) -> torch.Tensor:
+        parts = {n: c.view(s) for n, c, s in zip(names, x.split(sizes), shapes)}
+        return torch.func.functional_call(model, parts, args=(), kwargs=batch).loss
+
+    return torch.autograd.functional.hessian(loss, flat, vectorize=True)
+
+
+@pytest.fixture(scope="module")
+def model() -> BertForSequenceClassification:
+    return tiny_bert()
+
+
+@pytest.fixture(scope="module")
+def batch() -> dict[str, torch.Tensor]:
+    return tiny_batch()
+
+
+@pytest.fixture(scope="module")
+def dense(model, batch) -> dict[str, tuple[list[str], torch.Tensor]]:
+    blocks = {QUERY: [QUERY], LAYER: block_names(model, LAYER), "classifier": block_names(model, "classifier")}
+    return {key: (names, dense_hessian(model, batch, names)) for key, names in blocks.items()}
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b))
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("block", [QUERY, LAYER])
+def test_products_equal_dense_hessian_times_vector(model, batch, dense, method, block):
+    names, hessian = dense[block]
+    op = HVP(model, batch, block, method=method)
+    assert op.names == names
+    assert op.numel == hessian.shape[0] == sum(op.sizes)
+    vectors = torch.randn(3, op.numel, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    for v in vectors:
+        assert relative_error(op.flat(v), hessian @ v) < 1e-8
+    assert op.count == 3
+    assert op.loss == pytest.approx(float(model(**batch).loss), rel=1e-12)
+
+
+def test_methods_agree_on_all_parameters(model, batch):
+    backward = HVP(model, batch, model, method="double_backward")
+    forward = HVP(model, batch, model, method="forward_over_reverse")
+    v = [torch.randn(p.shape, generator=torch.Generator().manual_seed(i), dtype=p.dtype)
+         for i, p in enumerate(backward.params)]
+    for a, b in zip(backward(v), forward(v)):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_list_and_flat_forms_agree(model, batch):
+    op = HVP(model, batch, LAYER)
+    v = torch.randn(op.numel, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    parts = [chunk.view(shape) for chunk, shape in zip(v.split(op.sizes), op.shapes)]
+    listed = torch.cat([h.reshape(-1) for h in op(parts)])
+    torch.testing.assert_close(op.flat(v), listed, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="flat vector"):
+        op.flat(v[:-1])
+    with pytest.raises(ValueError, match="expected"):
+        op(parts[:-1])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_model_state_is_left_as_it_was(batch, method):
+    model = tiny_bert()
+    model.train()
+    model.classifier.bias.requires_grad_(False)  # a frozen parameter inside the block
+    model.bert.embeddings.word_embeddings.weight.requires_grad_(False)
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    op = HVP(model, batch, "classifier", method=method)
+    hv = op([torch.ones_like(p) for p in op.params])
+    assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
+    assert all(module.training for module in model.modules())
+    assert all(p.grad is None for p in model.parameters())
+    # The products are those of eval mode (dropout off), whatever mode the model was in.
+    model.eval()
+    again = HVP(model, batch, "classifier", method=method)([torch.ones_like(p) for p in op.params])
+    for a, b in zip(hv, again):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_nan_weight_raises_named_error(batch, method):
+    model = tiny_bert()
+    with torch.no_grad():
+        model.bert.encoder.layer[0].output.dense.weight[0, 0] = math.nan
+    with pytest.raises(NonFiniteError, match=r"bert\.encoder\.layer\.0\.output\.dense\.weight") as caught:
+        HVP(model, batch, CLASSIFIER, method=method)
+    assert isinstance(caught.value, InputError)
+
+
+def test_nan_vector_raises_named_error(model, batch):
+    op = HVP(model, batch, "classifier")
+    v = [torch.ones_like(p) for p in op.params]
+    v[1] = v[1].clone()
+    v[1][0] = math.inf
+    with pytest.raises(NonFiniteError, match=r"classifier\.bias"):
+        op(v)
+
+
+def test_model_without_head_or_labels_is_a_config_error(batch):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        bare = BertModel(tiny_config(), add_pooling_layer=False).double().eval()
+    inputs = {key: value for key, value in batch.items() if key != "labels"}
+    with pytest.raises(ConfigError, match="qanalyze finetune"):
+        HVP(bare, inputs, "encoder.layer.0.output.dense")
+    with pytest.raises(ConfigError, match="no labels"):
+        HVP(tiny_bert(), inputs, CLASSIFIER)
+
+
+def test_bad_selections_are_config_errors(model, batch):
+    other = tiny_bert(seed=1)
+    with pytest.raises(ConfigError, match="neither a parameter nor a module"):
+        HVP(model, batch, "bert.encoder.layer.9")
+    with pytest.raises(ConfigError, match="more than once"):
+        HVP(model, batch, [CLASSIFIER, model.classifier.weight])
+    with pytest.raises(ConfigError, match="not a parameter of the model"):
+        HVP(model, batch, [other.classifier.weight])
+    with pytest.raises(ConfigError, match="unknown HVP method"):
+        HVP(model, batch, CLASSIFIER, method="finite_differences")
+
+
+def test_custom_loss_function(model, batch):
+    def half_loss(m: torch.nn.Module, b: dict) -> torch.Tensor:
+        return 0.5 * m(**b).loss
+
+    full = HVP(model, batch, CLASSIFIER)
+    for method in METHODS:
+        half = HVP(model, batch, CLASSIFIER, method=method, loss_fn=half_loss)
+        v = torch.ones(half.numel, dtype=torch.float64)
+        torch.testing.assert_close(half.flat(v), 0.5 * full.flat(v), rtol=1e-10, atol=1e-14)
+
+
+# ---------------------------------------------------------------------------------------------
+# PyHessian, the oracle
+
+
+def test_pyhessian_agrees_on_top_eigenvalue_and_trace(model, batch):
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    oracle = pyhessian_adapter(model, batch, QUERY)
+    reference = oracle.eigenvalues(max_iter=100, tol=1e-3, top_n=1)[0]
+    assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
+    assert all(p.grad is None for p in model.parameters())
+    op = HVP(model, batch, QUERY)
+    native = lanczos(op, generator=torch.Generator().manual_seed(0), tol=1e-6)[0]
+    powered = power_iteration(op, generator=torch.Generator().manual_seed(0))[0]
+    assert native.value == pytest.approx(reference, rel=0.02)
+    assert powered.value == pytest.approx(reference, rel=0.02)
+
+    # The classifier block is positive semi-definite (logits are linear in it), so pyhessian's
+    # signed stopping test with tol=0 never fires and both sides use the same number of probes.
+    probes = 60
+    samples = torch.tensor(pyhessian_adapter(model, batch, "classifier").trace(max_iter=probes, tol=0.0))
+    assert samples.numel() == probes
+    mine = hutchinson_traces(
+        HVP(model, batch, "classifier"), {"all": [0, 1]}, generator=torch.Generator().manual_seed(0),
+        max_probes=probes, min_probes=probes,
+    )["all"]
+    assert mine.iterations == probes
+    theirs, their_stderr = float(samples.mean()), float(samples.std() / math.sqrt(probes))
+    assert theirs > 0
+    assert abs(mine.value - theirs) <= 3 * math.hypot(mine.stderr, their_stderr)
+
+
+def test_pyhessian_seeded_call_is_reproducible(model, batch):
+    oracle = pyhessian_adapter(model, batch, CLASSIFIER)
+    state = torch.random.get_rng_state()
+    first = oracle.trace(max_iter=5, tol=0.0, seed=3)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert oracle.trace(max_iter=5, tol=0.0, seed=3) == first
+    assert oracle.trace(max_iter=5, tol=0.0, seed=4) != first
+
+
+def test_real_minilm_lanczos_agrees_with_pyhessian(glue_dir):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # the new classification head is drawn at random
+        loaded = load_model("minilm-l6", num_labels=2, eager_attention=True)
+    data = load_task("sst2", str(glue_dir), max_train_examples=64, seed=0)
+    encoded = encode(data.train[:8], loaded.tokenizer, max_length=32)
+    batch = collate(encoded, range(8), loaded.tokenizer)
+    block = "bert.encoder.layer.5.attention.output.dense.weight"
+    op = HVP(loaded.model, batch, block)
+    native = lanczos(op, generator=torch.Generator().manual_seed(0), tol=1e-4)[0]
+    reference = pyhessian_adapter(loaded.model, batch, block).eigenvalues(max_iter=100, tol=1e-3)[0]
+    assert native.converged
+    assert native.value == pytest.approx(reference, rel=0.02)
