@@ -230,16 +230,11 @@ def analyze(model: str, task: str | None, data: str | None, out: str, quiet: boo
     task, data = _require_task_and_data(task, data)
     if Path(out).exists() and not kw["overwrite"]:
         raise click.UsageError(f"{out} exists; pass --overwrite to replace it")
-    if kw["engine"] == "pyhessian":
-        from qanalyze.errors import NotAvailableError
-
-        raise NotAvailableError("--engine pyhessian is the reference for tests and benchmarks "
-                                "(qanalyze.sensitivity.hvp.pyhessian_adapter); analyze runs the native engine")
     console = _console(quiet)
     config = AnalyzeConfig(
         batches=kw["batches"], batch_size=kw["batch_size"], max_length=kw["max_length"] or 128,
         metrics=tuple(m.strip() for m in kw["metrics"].split(",") if m.strip()), modules=kw["modules"],
-        eig_method=kw["eig_method"], eig_tol=kw["eig_tol"], trace_rel_tol=kw["trace_tol"],
+        engine=kw["engine"], eig_method=kw["eig_method"], eig_tol=kw["eig_tol"], trace_rel_tol=kw["trace_tol"],
         trace_max_probes=kw["trace_probes"], trace_min_probes=min(8, kw["trace_probes"]),
         bits=_int_list(kw["bits"]), gradient_bits=_int_list(kw["gradient_bits"]),
         measure_delta_loss=kw["measure_delta_loss"], seed=kw["seed"])

@@ -182,7 +182,7 @@ class _Trainer:
         loss = out.loss
         if not torch.isfinite(loss):
             raise TrainingDiverged(
-                f"training diverged at step {self.step + 1} (loss {float(loss)}); the last good checkpoint "
+                f"training diverged at step {self.step + 1} (loss {float(loss.detach())}); the last good checkpoint "
                 f"is step {self.last_saved}" + (f" in {self.run / CHECKPOINT_DIR}" if self.last_saved else ""))
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)

@@ -32,7 +32,7 @@ from qanalyze.quant.primitives import fake_quantize, parse_group, weight_errors
 from qanalyze.records import SensitivityReport
 from qanalyze.sensitivity.errors import ErrorProbe
 from qanalyze.sensitivity.estimators import Estimate, hutchinson_traces, lanczos, power_iteration, slq_density
-from qanalyze.sensitivity.hvp import HVP, NonFiniteError
+from qanalyze.sensitivity.hvp import HVP, NonFiniteError, pyhessian_adapter
 
 METRICS = ("eig", "trace", "density", "weights", "activations", "gradients")
 DEFAULT_METRICS = ("eig", "trace", "weights", "activations", "gradients")
@@ -304,11 +304,75 @@ def _measure_errors(model: torch.nn.Module, infos: list[ModuleInfo], modules: di
             state.entry(name)["gradient_error"] = summary["gradient_error"]
 
 
+class _NativeSource:
+    """Hessian work on one batch with qanalyze's engine: one double-backward graph over every
+    selected weight serves the one-pass traces and, restricted, every block's eigenvalue."""
+
+    def __init__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], weights: dict[str, torch.nn.Parameter],
+                 config: AnalyzeConfig, generator: torch.Generator) -> None:
+        self.op = HVP(model, batch, weights, method=config.hvp_method)
+        self.config, self.generator = config, generator
+        self.eig = EIG_METHODS[config.eig_method]
+
+    @property
+    def products(self) -> int:
+        return self.op.count
+
+    def traces(self, names: list[str]) -> dict[str, Estimate]:
+        return hutchinson_traces(self.op, {n: [i] for i, n in enumerate(names)}, generator=self.generator,
+                                 max_probes=self.config.trace_max_probes, min_probes=self.config.trace_min_probes,
+                                 rel_tol=self.config.trace_rel_tol)
+
+    def top_eigenvalue(self, indices: list[int]) -> Estimate:
+        return self.eig(_Restricted(self.op, indices), generator=self.generator, max_iter=self.config.eig_max_iter,
+                        tol=self.config.eig_tol)[0]
+
+    def density(self) -> dict[str, Any]:
+        density = slq_density(self.op, generator=self.generator, probes=1, steps=self.config.density_steps)
+        return {"nodes": density.nodes, "weights": density.weights}
+
+
+class _PyHessianSource:
+    """The same questions answered by PyHessian 0.1, one block at a time (the reference and baseline)."""
+
+    def __init__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], weights: dict[str, torch.nn.Parameter],
+                 config: AnalyzeConfig, generator: torch.Generator) -> None:
+        self.model, self.batch, self.config = model, batch, config
+        self.weights = list(weights.values())
+        # PyHessian draws from the global generator; its seeds come from ours so runs repeat.
+        self.seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+        self.products = 0
+
+    def traces(self, names: list[str]) -> dict[str, Estimate]:
+        result = {}
+        for index, name in enumerate(names):
+            oracle = pyhessian_adapter(self.model, self.batch, [self.weights[index]])
+            samples = oracle.trace(max_iter=self.config.trace_max_probes, tol=self.config.trace_rel_tol,
+                                   seed=self.seed + index)
+            self.products += len(samples)
+            stderr = statistics.stdev(samples) / math.sqrt(len(samples)) if len(samples) > 1 else math.inf
+            result[name] = Estimate(statistics.fmean(samples), stderr, len(samples),
+                                    len(samples) < self.config.trace_max_probes)
+        return result
+
+    def top_eigenvalue(self, indices: list[int]) -> Estimate:
+        oracle = pyhessian_adapter(self.model, self.batch, [self.weights[i] for i in indices])
+        value = oracle.eigenvalues(max_iter=self.config.eig_max_iter, tol=self.config.eig_tol, seed=self.seed)[0]
+        # PyHessian reports neither its iteration count nor a residual.
+        return Estimate(value, math.nan, 0, True)
+
+    def density(self) -> dict[str, Any]:
+        raise ConfigError("--metrics density needs --engine native: pyhessian 0.1's density() calls torch.eig, "
+                          "which PyTorch 2 removed")
+
+
+HESSIAN_ENGINES = {"native": _NativeSource, "pyhessian": _PyHessianSource}
+
+
 def _measure_hessian(model: torch.nn.Module, infos: list[ModuleInfo], modules: dict[str, torch.nn.Module],
                      batches: list[dict[str, torch.Tensor]], config: AnalyzeConfig, state: _State,
                      report_progress: Progress) -> None:
     metrics = set(config.metrics)
-    eig = EIG_METHODS[config.eig_method]
     names = [info.name for info in infos]
     weights = {name: modules[name].weight for name in names}
     blocks: dict[int, list[int]] = {}
@@ -320,14 +384,11 @@ def _measure_hessian(model: torch.nn.Module, infos: list[ModuleInfo], modules: d
         if state.done(key):
             continue
         done_units = set(state.report.progress.get(key + "_units", []))
-        op = HVP(model, batch, weights, method=config.hvp_method)
-        generator = torch.Generator(device=op.device).manual_seed(config.seed * 7919 + b)
+        generator = torch.Generator().manual_seed(config.seed * 7919 + b)
+        source = HESSIAN_ENGINES[config.engine](model, batch, weights, config, generator)
         if "trace" in metrics and "trace" not in done_units:
-            report_progress("trace", b, len(batches), f"batch {b + 1}: all {len(names)} modules, one pass")
-            traces = hutchinson_traces(op, {n: [i] for i, n in enumerate(names)}, generator=generator,
-                                       max_probes=config.trace_max_probes, min_probes=config.trace_min_probes,
-                                       rel_tol=config.trace_rel_tol)
-            for name, estimate in traces.items():
+            report_progress("trace", b, len(batches), f"batch {b + 1}: all {len(names)} modules")
+            for name, estimate in source.traces(names).items():
                 state.entry(name)["hessian"].setdefault("trace_per_batch", []).append(asdict(estimate))
             _unit_done(state, key, "trace")
         if "eig" in metrics:
@@ -336,8 +397,7 @@ def _measure_hessian(model: torch.nn.Module, infos: list[ModuleInfo], modules: d
                 if unit in done_units:
                     continue
                 report_progress("eig", b, len(batches), f"batch {b + 1}: layer {block}")
-                estimate = eig(_Restricted(op, members), generator=generator, max_iter=config.eig_max_iter,
-                               tol=config.eig_tol)[0]
+                estimate = source.top_eigenvalue(members)
                 state.report.blocks.setdefault(str(block), {"modules": [names[i] for i in members],
                                                             "per_batch": []})["per_batch"].append(asdict(estimate))
                 _unit_done(state, key, unit)
@@ -345,17 +405,15 @@ def _measure_hessian(model: torch.nn.Module, infos: list[ModuleInfo], modules: d
                 if name in done_units:
                     continue
                 report_progress("eig", b, len(batches), f"batch {b + 1}: {name}")
-                estimate = eig(_Restricted(op, [index]), generator=generator, max_iter=config.eig_max_iter,
-                               tol=config.eig_tol)[0]
+                estimate = source.top_eigenvalue([index])
                 state.entry(name)["hessian"].setdefault("eig_per_batch", []).append(asdict(estimate))
                 _unit_done(state, key, name)
         if "density" in metrics and b == 0 and "density" not in done_units:
             report_progress("density", 0, 1, "whole weight Hessian, batch 1")
-            density = slq_density(op, generator=generator, probes=1, steps=config.density_steps)
-            state.report.model_level["density"] = {"nodes": density.nodes, "weights": density.weights}
+            state.report.model_level["density"] = source.density()
             _unit_done(state, key, "density")
-        state.report.timings[f"hessian_products_batch_{b}"] = op.count
-        del op
+        state.report.timings[f"hessian_products_batch_{b}"] = source.products
+        del source
         state.mark(key)
 
 

@@ -111,15 +111,16 @@ def lanczos(
     After each step the tridiagonal matrix T is diagonalized (`torch.linalg.eigh`); its Ritz
     values θ_i come with the residual bound |β · s_mi| (β the next off-diagonal, s_mi the last
     component of θ_i's eigenvector of T), which bounds |θ_i − λ| for some eigenvalue λ. It stops
-    when every one of the top-k bounds is under tol · |θ_i|, when the Krylov space is exhausted
-    (exact Ritz values), or after `max_iter` products. `stderr` is that bound; all estimates
-    share `iterations`, the products used.
+    when each of the top-k Ritz values either changed by less than tol · |θ_i| since the last
+    step (power iteration's test, so the two compare at equal `tol`) or has a bound under
+    tol · |θ_i|; when the Krylov space is exhausted (exact Ritz values); or after `max_iter`
+    products. `stderr` is the residual bound; all estimates share `iterations`, the products used.
     """
     _check_count("top_k", top_k, limit=op.numel)
     _check_count("max_iter", max_iter, minimum=top_k)
     _check_tol("tol", tol)
     start = _gaussian(op, generator)
-    values = bounds = torch.zeros(0, dtype=torch.float64)
+    values = bounds = previous = torch.zeros(0, dtype=torch.float64)
     steps, converged = 0, False
     for tri in _lanczos_steps(op, start, max_iter):
         steps = len(tri.alphas)
@@ -127,10 +128,13 @@ def lanczos(
             continue
         theta, vectors = tri.eigh()
         order = torch.argsort(theta.abs(), descending=True)[:top_k]
-        values = theta[order]
+        previous, values = values, theta[order]
         bounds = (tri.betas[-1] * vectors[-1, order]).abs()
+        settled = bounds <= tol * values.abs()
+        if previous.numel() == top_k:
+            settled |= (values - previous).abs() < tol * values.abs()
         # An exhausted Krylov space is invariant: its Ritz values are exact eigenvalues.
-        converged = tri.exhausted or bool((bounds <= tol * values.abs()).all())
+        converged = tri.exhausted or bool(settled.all())
         if converged:
             break
     if values.numel() < top_k:
@@ -160,6 +164,10 @@ def hutchinson_traces(
     max(rel_tol · |mean|, abs_tol, rel_tol · NEGLIGIBLE_TRACE · largest |mean| of all groups),
     or after `max_probes`.
     Each Estimate: mean, standard error, probes used, and whether that group met the test.
+
+    A group's sample variance, 2 Σ_{i∈g, j≠i} H_ij², counts its coupling to every parameter of
+    `op`, not only to its own: a small group tied to the rest (an embedding LayerNorm) may need
+    far more probes than `max_probes` for a tight trace; `op.restricted` gives H_gg v_g directly.
     """
     _check_count("min_probes", min_probes, minimum=2)
     _check_count("max_probes", max_probes, minimum=min_probes)

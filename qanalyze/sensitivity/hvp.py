@@ -17,6 +17,7 @@ RNG) and undoes all of it afterwards.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from typing import Any
@@ -120,6 +121,8 @@ class HVP:
     and train/eval modes are the same after every call as before it. ``double_backward`` keeps
     the gradient's graph alive as long as this object lives (memory: one forward's activations).
 
+    `restricted` gives the products of diagonal sub-blocks from the same graph.
+
     Attributes: `loss` (float, on the batch), `names` and `params` (the block, in order),
     `shapes`, `sizes` (elements per parameter), `numel` (block size), `dtype`, `device`,
     `method`, and `count`, the number of products computed so far.
@@ -174,11 +177,20 @@ class HVP:
         Raises ValueError for a wrong count or shape, NonFiniteError when the product holds NaN
         or infinity.
         """
-        vectors = self._checked_vectors(v)
-        hv = self._double_backward(vectors) if self.method == "double_backward" else self._forward_over_reverse(vectors)
-        self.count += 1
-        self._check_finite(hv, vectors)
-        return hv
+        return self._product(list(range(len(self.params))), v)
+
+    def restricted(self, indices: Sequence[int], v: Sequence[Tensor]) -> list[Tensor]:
+        """H_SS v_S for the diagonal sub-block of the parameters at `indices` (positions in
+        `params`): `v` and the result hold one tensor per index, in that order.
+
+        It reuses this object's graph, so one `HVP` over every module serves the per-module and
+        per-layer blocks too; it counts as one product.
+        """
+        chosen = list(indices)
+        valid = all(not isinstance(i, bool) and isinstance(i, int) and 0 <= i < len(self.params) for i in chosen)
+        if not chosen or not valid or len(set(chosen)) != len(chosen):
+            raise ValueError(f"indices must be distinct positions in 0..{len(self.params) - 1}, got {chosen}")
+        return self._product(chosen, v)
 
     def flat(self, v: Tensor) -> Tensor:
         """H v for `v` flattened to one vector of `numel` elements (parameters in block order)."""
@@ -187,56 +199,75 @@ class HVP:
         parts = [chunk.view(shape) for chunk, shape in zip(v.split(self.sizes), self.shapes)]
         return torch.cat([h.reshape(-1) for h in self(parts)])
 
+    def _product(self, indices: list[int], v: Sequence[Tensor]) -> list[Tensor]:
+        vectors = self._checked_vectors(indices, v)
+        if self.method == "double_backward":
+            hv = self._double_backward(indices, vectors)
+        else:
+            hv = self._forward_over_reverse(indices, vectors)
+        self.count += 1
+        self._check_finite([self.names[i] for i in indices], hv, vectors)
+        return hv
+
     def _checked_loss(self, loss: Tensor) -> Tensor:
         if not isinstance(loss, Tensor) or loss.dim() != 0:
             raise ConfigError("the loss function must return a scalar tensor")
         if not torch.isfinite(loss):
             bad = next((name for name, p in self.model.named_parameters() if not torch.isfinite(p).all()), None)
             where = f"parameter {bad} holds NaN or infinity" if bad else "no parameter does, so the batch must"
-            raise NonFiniteError(f"the loss on this batch is {float(loss)}: {where}")
+            raise NonFiniteError(f"the loss on this batch is {float(loss.detach())}: {where}")
         return loss
 
-    def _checked_vectors(self, v: Sequence[Tensor]) -> list[Tensor]:
+    def _checked_vectors(self, indices: list[int], v: Sequence[Tensor]) -> list[Tensor]:
         vectors = list(v)
-        if len(vectors) != len(self.params):
-            raise ValueError(f"expected {len(self.params)} tensors (one per parameter), got {len(vectors)}")
-        for name, t, shape in zip(self.names, vectors, self.shapes):
-            if t.shape != shape:
-                raise ValueError(f"vector for {name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+        if len(vectors) != len(indices):
+            raise ValueError(f"expected {len(indices)} tensors (one per parameter), got {len(vectors)}")
+        for i, t in zip(indices, vectors):
+            if t.shape != self.shapes[i]:
+                raise ValueError(
+                    f"vector for {self.names[i]} has shape {tuple(t.shape)}, expected {tuple(self.shapes[i])}"
+                )
         return [t.to(device=self.device, dtype=self.dtype) for t in vectors]
 
-    def _double_backward(self, vectors: list[Tensor]) -> list[Tensor]:
+    def _double_backward(self, indices: list[int], vectors: list[Tensor]) -> list[Tensor]:
         # A gradient that does not require grad is constant in the block: its Hessian rows are 0.
-        live = [i for i, g in enumerate(self._grads) if g.requires_grad]
+        live = [k for k, i in enumerate(indices) if self._grads[i].requires_grad]
+        params = [self.params[i] for i in indices]
         if not live:
-            return [torch.zeros_like(p) for p in self.params]
-        with _requires_grad(self.model, self.params, freeze_others=False):
+            return [torch.zeros_like(p) for p in params]
+        with _requires_grad(self.model, params, freeze_others=False):
             hv = torch.autograd.grad(
-                [self._grads[i] for i in live],
-                self.params,
-                grad_outputs=[vectors[i] for i in live],
+                [self._grads[indices[k]] for k in live],
+                params,
+                grad_outputs=[vectors[k] for k in live],
                 retain_graph=True,
                 allow_unused=True,
                 materialize_grads=True,
             )
         return [h.detach() for h in hv]
 
-    def _forward_over_reverse(self, vectors: list[Tensor]) -> list[Tensor]:
-        def loss_of(values: tuple[Tensor, ...]) -> Tensor:
-            state = {**self._fixed, **dict(zip(self._keys, values))}
-            return torch.func.functional_call(self._wrapper, state, (self.batch,))
+    def _forward_over_reverse(self, indices: list[int], vectors: list[Tensor]) -> list[Tensor]:
+        # The block's parameters outside `indices` join the constants: H_SS needs no others.
+        keys = [self._keys[i] for i in indices]
+        fixed = {**self._fixed, **{key: p.detach() for key, p in zip(self._keys, self.params) if key not in keys}}
 
-        primals = tuple(p.detach() for p in self.params)
-        with _eval_mode(self.model):
+        def loss_of(values: tuple[Tensor, ...]) -> Tensor:
+            return torch.func.functional_call(self._wrapper, {**fixed, **dict(zip(keys, values))}, (self.batch,))
+
+        primals = tuple(self.params[i].detach() for i in indices)
+        with _eval_mode(self.model), warnings.catch_warnings():
+            # torch scripts its forward-AD decompositions on first use and warns that scripting
+            # is deprecated: torch's own business, not the caller's.
+            warnings.filterwarnings("ignore", message=".*torch.jit.script.* is deprecated", category=DeprecationWarning)
             _, hv = torch.func.jvp(torch.func.grad(loss_of), (primals,), (tuple(vectors),))
         return [h.detach() for h in hv]
 
-    def _check_finite(self, hv: list[Tensor], vectors: list[Tensor]) -> None:
+    def _check_finite(self, names: list[str], hv: list[Tensor], vectors: list[Tensor]) -> None:
         # One host sync per product for all parameters together; names only on failure.
         if bool(torch.stack([torch.isfinite(h).all() for h in hv]).all()):
             return
-        bad = next(name for name, h in zip(self.names, hv) if not torch.isfinite(h).all())
-        bad_input = next((name for name, t in zip(self.names, vectors) if not torch.isfinite(t).all()), None)
+        bad = next(name for name, h in zip(names, hv) if not torch.isfinite(h).all())
+        bad_input = next((name for name, t in zip(names, vectors) if not torch.isfinite(t).all()), None)
         cause = f"the vector for {bad_input} does" if bad_input else "the vector is finite"
         raise NonFiniteError(f"the Hessian-vector product for {bad} holds NaN or infinity ({cause})")
 
@@ -358,7 +389,9 @@ def pyhessian_adapter(
         raise ConfigError("the batch has no labels; PyHessian needs (inputs, labels)")
     _, chosen = resolve_params(model, params)
     inputs = {key: value for key, value in batch.items() if key != "labels"}
-    with _pyhessian_scope(model, chosen, seed=0):
+    with _pyhessian_scope(model, chosen, seed=0), warnings.catch_warnings():
+        # PyHessian's backward(create_graph=True) ties .grad to the graph; the scope resets .grad.
+        warnings.filterwarnings("ignore", message="Using backward.. with create_graph=True", category=UserWarning)
         reference = hessian(
             _LogitsModule(model),
             criterion or default_criterion,

@@ -1,6 +1,7 @@
 """analyze() end to end on a tiny BERT with real SST-2 sentences, and its resume and bad input."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -59,9 +60,9 @@ def test_analyze_covers_every_module(tmp_path, tiny, sst2):
     assert embedding["kind"] == "embedding" and "gradient_error" not in embedding
     for name, entry in raw["modules"].items():
         hessian = entry["hessian"]
-        if entry["kind"] != "embedding" and hessian["avg_trace"] > 0:
-            # the top eigenvalue bounds the mean eigenvalue
-            assert max(hessian["eigenvalues"]) >= hessian["avg_trace"] * 0.99, name
+        # the top eigenvalue bounds the mean eigenvalue, up to the trace estimate's own noise
+        noise = 3 * hessian["trace_stderr"] / math.prod(entry["shape"])
+        assert max(abs(v) for v in hessian["eigenvalues"]) >= hessian["avg_trace"] - noise - 1e-9, name
 
 
 def test_module_eigenvalue_is_the_block_of_the_full_hessian(tiny, sst2):
@@ -124,7 +125,7 @@ def test_bad_inputs(tmp_path, tiny, sst2, tiny_bert_dir):
         analyze(headless, sst2, _config(), tmp_path / "c.json")
     with torch.no_grad():
         tiny.model.classifier.weight[0, 0] = float("nan")
-    with pytest.raises(NonFiniteError, match="classifier.weight"):
+    with pytest.raises(NonFiniteError, match=r"classifier\.weight"):
         analyze(tiny, sst2, _config(metrics=("eig",)), tmp_path / "d.json")
     assert not (tmp_path / "d.json").exists()
     for name in ("a.json", "b.json", "c.json"):

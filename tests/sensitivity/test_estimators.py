@@ -87,16 +87,17 @@ def test_top_eigenvalues_match_dense(setup, key):
     assert top.iterations <= op.numel
 
 
-def test_lanczos_needs_fewer_products_than_power_iteration(setup):
+@pytest.mark.parametrize("tol", [1e-4, 1e-6])
+def test_lanczos_needs_fewer_products_than_power_iteration(setup, tol):
     expected = by_magnitude(setup["hessians"][QUERY])[0].item()
-    counts = {}
+    counts, errors = {}, {}
     for name, estimator in (("lanczos", lanczos), ("power", power_iteration)):
         op = op_for(setup, QUERY)
-        estimate = estimator(op, generator=seeded(), tol=1e-6)[0]
-        assert estimate.value == pytest.approx(expected, rel=1e-4)
+        estimate = estimator(op, generator=seeded(), tol=tol)[0]
         assert estimate.iterations == op.count
-        counts[name] = op.count
+        counts[name], errors[name] = op.count, abs(estimate.value / expected - 1)
     assert counts["lanczos"] < counts["power"]
+    assert errors["lanczos"] <= max(errors["power"], tol)
 
 
 def test_power_iteration_reports_non_convergence(setup):
@@ -151,8 +152,9 @@ def test_slq_density(setup):
         assert len(nodes) == 30
         assert sum(weights) == pytest.approx(1.0, abs=1e-10)
         assert min(nodes) >= low - slack and max(nodes) <= high + slack
-    grid = torch.linspace(low - 1.0, high + 1.0, 4001)
-    smooth = density.smooth(grid, sigma=0.05)
+    sigma = 0.02 * (high - low)
+    grid = torch.linspace(low - 10 * sigma, high + 10 * sigma, 4001)
+    smooth = density.smooth(grid, sigma=sigma)
     assert torch.trapezoid(smooth, grid).item() == pytest.approx(1.0, abs=1e-3)
 
 
