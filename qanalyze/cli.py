@@ -129,7 +129,7 @@ def evaluate(model_or_run: str, task: str | None, data: str | None, quiet: bool,
     from qanalyze.data import encode, load_task
     from qanalyze.engine.evaluate import evaluate as run_evaluation
     from qanalyze.engine.train import resolve_device
-    from qanalyze.models import load_model
+    from qanalyze.models import has_task_head, load_model
     from qanalyze.records import EVAL_SCHEMA, RunRecord, atomic_write_json, environment, utc_now
     from qanalyze.rundir import METRICS_FILE, is_finished_run
 
@@ -145,8 +145,7 @@ def evaluate(model_or_run: str, task: str | None, data: str | None, quiet: bool,
                           max_eval_examples=kw["max_eval_examples"], seed=kw["seed"])
     _seed_everything(kw["seed"])
     loaded = load_model(model_or_run, num_labels=task_data.task.num_labels)
-    architectures = loaded.model.config.architectures or []
-    if not any(a.endswith("ForSequenceClassification") for a in architectures):
+    if not has_task_head(loaded.model):
         console.print(f"[yellow]warning:[/] {model_or_run} has no {task_data.task.name} head; "
                       "its new head is random, so expect chance-level metrics")
     loaded.model.to(resolve_device(kw["device"]))
@@ -223,7 +222,8 @@ def analyze(model: str, task: str | None, data: str | None, out: str, quiet: boo
     """
     from qanalyze.data import load_task
     from qanalyze.engine.train import resolve_device
-    from qanalyze.models import load_model
+    from qanalyze.errors import ConfigError
+    from qanalyze.models import has_task_head, load_model
     from qanalyze.sensitivity.analyze import AnalyzeConfig
     from qanalyze.sensitivity.analyze import analyze as run_analysis
 
@@ -242,6 +242,10 @@ def analyze(model: str, task: str | None, data: str | None, out: str, quiet: boo
                           max_eval_examples=kw["max_eval_examples"], seed=kw["seed"])
     _seed_everything(kw["seed"])
     loaded = load_model(model, num_labels=task_data.task.num_labels, eager_attention=True)
+    if not has_task_head(loaded.model):
+        raise ConfigError(f"{model} has no trained {task_data.task.name} head, so its loss means nothing; fine-tune "
+                          f"one first (qanalyze finetune {model} --task {task_data.task.name} --data ... --out RUN) "
+                          "and analyze RUN")
     loaded.model.to(resolve_device(kw["device"]))
     from qanalyze.progress import stage_progress
 

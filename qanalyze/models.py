@@ -401,3 +401,13 @@ def head_dim(model: torch.nn.Module, info: ModuleInfo) -> int | None:
         heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_heads", None)
         size = hidden // heads if hidden and heads else None
     return size if size and info.shape[0] % size == 0 else None
+
+
+def has_task_head(model: torch.nn.Module) -> bool:
+    """True when the checkpoint the model came from carried a trained sequence-classification head.
+
+    `load_model` adds a random head to a bare checkpoint; its ``config.architectures`` still names
+    the bare class until the model is saved again after fine-tuning.
+    """
+    architectures = getattr(getattr(model, "config", None), "architectures", None) or []
+    return any(a.endswith("ForSequenceClassification") for a in architectures)

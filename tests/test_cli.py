@@ -130,3 +130,26 @@ def test_console_script_exit_code_for_bad_input(tmp_path):
                              "--task", "sst2", "--data", str(tmp_path)], capture_output=True, text=True, check=False)
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+def test_analyze_writes_sensitivity_and_refuses_bad_input(capfd, tmp_path, tiny_bert_dir, glue_dir):
+    out = tmp_path / "sensitivity.json"
+    common = ["--task", "sst2", "--data", glue_dir, "--max-train-examples", "32", "--batch-size", "8",
+              "--batches", "2", "--max-length", "24", "--bits", "2,4,8", "--gradient-bits", "4,8",
+              "--trace-probes", "8", "--quiet"]
+    code, _, err = run_cli(capfd, "analyze", tiny_bert_dir, *common, "--out", out)
+    assert code == 0, err
+    record = json.loads(out.read_text())
+    assert record["schema"] == "qanalyze/sensitivity/v1"
+    assert "bert.encoder.layer.1.output.dense" in record["modules"]
+
+    code, _, err = run_cli(capfd, "analyze", tiny_bert_dir, *common, "--out", out)
+    assert_one_line_error(code, err, "exists", "--overwrite")
+    code, _, err = run_cli(capfd, "analyze", tiny_bert_dir, *common, "--modules", "no_such", "--out",
+                           tmp_path / "a.json")
+    assert_one_line_error(code, err, "matches none")
+    code, _, err = run_cli(capfd, "analyze", tiny_bert_dir, *common, "--batches", "40", "--out", tmp_path / "b.json")
+    assert_one_line_error(code, err, "needs 320 training examples")
+    code, _, err = run_cli(capfd, "analyze", "minilm-l6", *common, "--out", tmp_path / "c.json")
+    assert_one_line_error(code, err, "no trained sst2 head", "qanalyze finetune")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sensitivity.json"]
