@@ -28,6 +28,9 @@ _EXPORTS = {
     "TrainConfig": "qanalyze.engine.train",
     "evaluate": "qanalyze.engine.evaluate",
     "RunRecord": "qanalyze.records",
+    "SensitivityReport": "qanalyze.records",
+    "analyze": "qanalyze.sensitivity.analyze",
+    "AnalyzeConfig": "qanalyze.sensitivity.analyze",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -372,49 +372,66 @@ HESSIAN_ENGINES = {"native": _NativeSource, "pyhessian": _PyHessianSource}
 def _measure_hessian(model: torch.nn.Module, infos: list[ModuleInfo], modules: dict[str, torch.nn.Module],
                      batches: list[dict[str, torch.Tensor]], config: AnalyzeConfig, state: _State,
                      report_progress: Progress) -> None:
-    metrics = set(config.metrics)
-    names = [info.name for info in infos]
-    weights = {name: modules[name].weight for name in names}
-    blocks: dict[int, list[int]] = {}
+    targets = _Targets([info.name for info in infos], {info.name: modules[info.name].weight for info in infos}, {})
     for index, info in enumerate(infos):
         if info.block is not None:
-            blocks.setdefault(info.block, []).append(index)
+            targets.blocks.setdefault(info.block, []).append(index)
     for b, batch in enumerate(batches):
         key = f"hessian_batch_{b}"
         if state.done(key):
             continue
-        done_units = set(state.report.progress.get(key + "_units", []))
         generator = torch.Generator().manual_seed(config.seed * 7919 + b)
-        source = HESSIAN_ENGINES[config.engine](model, batch, weights, config, generator)
-        if "trace" in metrics and "trace" not in done_units:
-            report_progress("trace", b, len(batches), f"batch {b + 1}: all {len(names)} modules")
-            for name, estimate in source.traces(names).items():
-                state.entry(name)["hessian"].setdefault("trace_per_batch", []).append(asdict(estimate))
-            _unit_done(state, key, "trace")
-        if "eig" in metrics:
-            for block, members in sorted(blocks.items()):
-                unit = f"block {block}"
-                if unit in done_units:
-                    continue
-                report_progress("eig", b, len(batches), f"batch {b + 1}: layer {block}")
-                estimate = source.top_eigenvalue(members)
-                state.report.blocks.setdefault(str(block), {"modules": [names[i] for i in members],
-                                                            "per_batch": []})["per_batch"].append(asdict(estimate))
-                _unit_done(state, key, unit)
-            for index, name in enumerate(names):
-                if name in done_units:
-                    continue
-                report_progress("eig", b, len(batches), f"batch {b + 1}: {name}")
-                estimate = source.top_eigenvalue([index])
-                state.entry(name)["hessian"].setdefault("eig_per_batch", []).append(asdict(estimate))
-                _unit_done(state, key, name)
-        if "density" in metrics and b == 0 and "density" not in done_units:
-            report_progress("density", 0, 1, "whole weight Hessian, batch 1")
-            state.report.model_level["density"] = source.density()
-            _unit_done(state, key, "density")
-        state.report.timings[f"hessian_products_batch_{b}"] = source.products
-        del source
+        try:
+            _hessian_batch(model, batch, (b, len(batches)), targets, config, state, generator, report_progress)
+        except NonFiniteError as exc:
+            raise NonFiniteError(f"calibration batch {b + 1}: {exc}") from None
         state.mark(key)
+
+
+@dataclass(frozen=True)
+class _Targets:
+    """What the Hessian is asked about: module names, their weights, and layer blocks (indices)."""
+
+    names: list[str]
+    weights: dict[str, torch.nn.Parameter]
+    blocks: dict[int, list[int]]
+
+
+def _hessian_batch(model: torch.nn.Module, batch: dict[str, torch.Tensor], position: tuple[int, int],
+                   targets: _Targets, config: AnalyzeConfig, state: _State, generator: torch.Generator,
+                   report_progress: Progress) -> None:
+    metrics = set(config.metrics)
+    (b, total), names, blocks = position, targets.names, targets.blocks
+    key = f"hessian_batch_{b}"
+    done_units = set(state.report.progress.get(key + "_units", []))
+    source = HESSIAN_ENGINES[config.engine](model, batch, targets.weights, config, generator)
+    if "trace" in metrics and "trace" not in done_units:
+        report_progress("trace", b, total, f"batch {b + 1}: all {len(names)} modules")
+        for name, estimate in source.traces(names).items():
+            state.entry(name)["hessian"].setdefault("trace_per_batch", []).append(asdict(estimate))
+        _unit_done(state, key, "trace")
+    if "eig" in metrics:
+        for block, members in sorted(blocks.items()):
+            unit = f"block {block}"
+            if unit in done_units:
+                continue
+            report_progress("eig", b, total, f"batch {b + 1}: layer {block}")
+            estimate = source.top_eigenvalue(members)
+            state.report.blocks.setdefault(str(block), {"modules": [names[i] for i in members],
+                                                        "per_batch": []})["per_batch"].append(asdict(estimate))
+            _unit_done(state, key, unit)
+        for index, name in enumerate(names):
+            if name in done_units:
+                continue
+            report_progress("eig", b, total, f"batch {b + 1}: {name}")
+            estimate = source.top_eigenvalue([index])
+            state.entry(name)["hessian"].setdefault("eig_per_batch", []).append(asdict(estimate))
+            _unit_done(state, key, name)
+    if "density" in metrics and b == 0 and "density" not in done_units:
+        report_progress("density", 0, 1, "whole weight Hessian, batch 1")
+        state.report.model_level["density"] = source.density()
+        _unit_done(state, key, "density")
+    state.report.timings[f"hessian_products_batch_{b}"] = source.products
 
 
 def _unit_done(state: _State, key: str, unit: str) -> None:
@@ -508,3 +525,27 @@ def _summarise(report: SensitivityReport, config: AnalyzeConfig) -> None:
                 predicted.setdefault("eig", {})[bits] = hessian["omega"] * reference
         if predicted:
             entry.setdefault("delta_loss", {}).update(predicted)
+    report.model_level["predictor_spearman"] = predictor_agreement(report)
+
+
+def predictor_agreement(report: SensitivityReport) -> dict[str, dict[str, float]]:
+    """Spearman rank correlation, per bit-width, between each predicted Δloss and the measured one.
+
+    Answers which Hessian metric orders the modules the way quantizing them actually does; empty
+    without ``--measure-delta-loss``. Attention key weights stay in: only the key *bias* has a
+    vanishing Hessian, and biases are not analyzed.
+    """
+    from scipy.stats import spearmanr
+
+    result: dict[str, dict[str, float]] = {}
+    entries = [e["delta_loss"] for e in report.modules.values() if "measured" in e.get("delta_loss", {})]
+    if len(entries) < 3:
+        return result
+    for bits in entries[0]["measured"]:
+        measured = [e["measured"][bits] for e in entries]
+        for predictor in ("trace", "eig"):
+            predicted = [e.get(predictor, {}).get(bits) for e in entries]
+            if None not in predicted:
+                rho = spearmanr(predicted, measured).statistic
+                result.setdefault(bits, {})[predictor] = float(rho)
+    return result
