@@ -30,7 +30,9 @@ demo: $(STAMP)
 	$(PY) cli.py finetune minilm-l6 --task sst2 --data $(DATA) --max-train-examples 2000 \
 		--max-eval-examples 872 --epochs 1 --max-length 64 --out $(DEMO)/sst2-fp32 --overwrite
 	$(PY) cli.py evaluate $(DEMO)/sst2-fp32
-	@echo "demo run: $(DEMO)/sst2-fp32 (metrics.json, log.csv, evals.csv, the fine-tuned model)"
+	$(PY) cli.py analyze $(DEMO)/sst2-fp32 --task sst2 --data $(DATA) --max-train-examples 2000 \
+		--batches 2 --batch-size 16 --max-length 64 --trace-probes 16 --overwrite --out $(DEMO)/sensitivity.json
+	@echo "demo run: $(DEMO)/sst2-fp32 (metrics.json, log.csv, the fine-tuned model); sensitivity: $(DEMO)/sensitivity.json"
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache *.egg-info

@@ -96,31 +96,37 @@ def main() -> None:
                 print(f"     outside: {name}: ours {value:.4g} ± {se:.2g}, PyHessian {ref:.4g} ± {ref_se:.2g}")
 
     if "eig" not in skip:
+        # Same accuracy, not the same stopping rule: PyHessian's test (relative change per
+        # iteration < tol) stops power iteration before the estimate is within tol of the
+        # eigenvalue, so it is run at 1e-3, 1e-4, 1e-5 until it is within 1e-3 of a Lanczos
+        # value converged to 1e-8, and timed at the first tolerance that gets there.
         blocks: dict[int, list[str]] = {}
         for info in infos:
             if info.block is not None:
                 blocks.setdefault(info.block, []).append(info.name)
         ours_total = theirs_total = 0.0
-        products = 0
-        worst = 0.0
         for block, names in sorted(blocks.items()):
             params = [weights[n] for n in names]
+            exact = lanczos(HVP(model, batch, params), generator=torch.Generator().manual_seed(99), tol=1e-8)[0].value
             start = time.perf_counter()
             op = HVP(model, batch, params)
             estimate = lanczos(op, generator=torch.Generator().manual_seed(block), tol=1e-3)[0]
             ours = time.perf_counter() - start
-            products += op.count
             del op
-            start = time.perf_counter()
-            reference = pyhessian_adapter(model, batch, params).eigenvalues(max_iter=100, tol=1e-3, seed=block)[0]
-            theirs = time.perf_counter() - start
+            ours_error = abs(estimate.value - exact) / abs(exact)
+            for tol in (1e-3, 1e-4, 1e-5):
+                start = time.perf_counter()
+                reference = pyhessian_adapter(model, batch, params).eigenvalues(max_iter=100, tol=tol, seed=block)[0]
+                theirs = time.perf_counter() - start
+                theirs_error = abs(reference - exact) / abs(exact)
+                if theirs_error <= 1e-3:
+                    break
             ours_total, theirs_total = ours_total + ours, theirs_total + theirs
-            gap = abs(estimate.value - reference) / abs(reference)
-            worst = max(worst, gap)
-            print(f"B. layer {block}: Lanczos {estimate.value:.5g} ({estimate.iterations} products, {ours:.1f} s), "
-                  f"PyHessian power {reference:.5g} ({theirs:.1f} s), relative gap {gap:.2e}", flush=True)
-        print(f"   PyHessian / qanalyze wall time over {len(blocks)} layers: {theirs_total / ours_total:.1f}x "
-              f"(target >= 3x); largest relative gap {worst:.2e}")
+            print(f"B. layer {block}: λ = {exact:.6g}; Lanczos at tol 1e-3: error {ours_error:.1e}, "
+                  f"{estimate.iterations} products, {ours:.2f} s; PyHessian power at tol {tol:g}: error "
+                  f"{theirs_error:.1e}, {theirs:.2f} s", flush=True)
+        print(f"   PyHessian / qanalyze wall time at 1e-3 accuracy over {len(blocks)} layers: "
+              f"{theirs_total / ours_total:.1f}x (target >= 3x)")
 
 
 if __name__ == "__main__":

@@ -512,6 +512,8 @@ def _summarise(report: SensitivityReport, config: AnalyzeConfig) -> None:
         if hessian.get("trace_per_batch"):
             trace, stderr = _combine(hessian["trace_per_batch"])
             hessian["trace"], hessian["trace_stderr"] = trace, stderr
+            hessian["trace_probes"] = sum(e["iterations"] for e in hessian["trace_per_batch"])
+            hessian["trace_converged"] = all(e["converged"] for e in hessian["trace_per_batch"])
             hessian["avg_trace"] = trace / entry["shape"][0] / math.prod(entry["shape"][1:])
         errors = entry.get("weight_error", {})
         predicted: dict[str, dict[str, float]] = {}

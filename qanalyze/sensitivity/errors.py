@@ -8,7 +8,9 @@ For each module and bit-width:
   weighs activation bits by;
 - gradient error of a linear layer when its output gradient G is quantized to b bits with
   stochastic rounding: relative error of the weight gradient Gᵀ·X and of the input gradient G·W,
-  and their bias (relative norm of the mean error over ``draws`` roundings).
+  and their bias: the relative norm of the mean error over ``draws`` roundings. Stochastic
+  rounding is unbiased, so that mean shrinks like 1/√draws; ``bias_floor`` (the error divided by
+  √draws) is recorded beside it, and a bias well above its floor means clipping or a bug.
 
 One forward and one backward pass per batch serve every module and bit-width: the hooks compute
 the errors at once and keep only running sums, never the tensors.
@@ -16,6 +18,7 @@ the errors at once and keep only running sums, never the tensors.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -32,6 +35,7 @@ class ErrorSums:
     """Running sums of one module's activation and gradient errors over batches."""
 
     batches: int = 0
+    draws: int = 1
     activation: dict[int, float] = field(default_factory=lambda: defaultdict(float))
     activation_relative: dict[int, float] = field(default_factory=lambda: defaultdict(float))
     activation_weighted: dict[int, float] = field(default_factory=lambda: defaultdict(float))
@@ -52,7 +56,8 @@ class ErrorSums:
             result["gradient_error"] = {
                 str(b): {"weight_grad": self.weight_grad[b] / n, "input_grad": self.input_grad[b] / n,
                          "weight_grad_bias": self.weight_grad_bias[b] / n,
-                         "input_grad_bias": self.input_grad_bias[b] / n}
+                         "input_grad_bias": self.input_grad_bias[b] / n,
+                         "draws": self.draws, "bias_floor": self.weight_grad[b] / n / math.sqrt(self.draws)}
                 for b in sorted(self.weight_grad)
             }
         return result
@@ -75,11 +80,11 @@ class ErrorProbe:
     """
 
     def __init__(self, modules: dict[str, nn.Module], infos: dict[str, ModuleInfo], *, bits: Sequence[int],
-                 gradient_bits: Sequence[int], generator: torch.Generator, draws: int = 2) -> None:
+                 gradient_bits: Sequence[int], generator: torch.Generator, draws: int = 4) -> None:
         self.modules, self.infos = modules, infos
         self.bits, self.gradient_bits = tuple(bits), tuple(gradient_bits)
         self.generator, self.draws = generator, draws
-        self.sums = {name: ErrorSums() for name in modules}
+        self.sums = {name: ErrorSums(draws=draws) for name in modules}
         self._inputs: dict[str, torch.Tensor] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
