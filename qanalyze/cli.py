@@ -264,13 +264,16 @@ def _print_most_sensitive(report: Any, console: Any, count: int = 10) -> None:
         hessian = entry.get("hessian", {})
         if name.endswith("key.bias"):
             continue
-        rows.append((name, hessian.get("omega"), hessian.get("avg_trace"), hessian.get("trace")))
-    rows.sort(key=lambda r: -(r[2] if r[2] is not None else (r[1] or 0.0)))
-    table = Table(title=f"the {count} most sensitive modules (by average trace)")
-    for column in ("module", "Ω (top eigenvalue)", "avg trace", "trace"):
+        rows.append((name, hessian.get("omega"), hessian.get("avg_trace"), hessian.get("trace"),
+                     hessian.get("trace_stderr")))
+    # Ω comes from converged Lanczos runs; the trace is a stochastic estimate shown with its error.
+    rows.sort(key=lambda r: -(r[1] if r[1] is not None else (r[2] or 0.0)))
+    table = Table(title=f"the {count} most sensitive modules (by Ω = |mean λ_max| + std over batches)")
+    for column in ("module", "Ω", "average trace", "trace ± stderr"):
         table.add_column(column)
-    for name, omega, avg, trace in rows[:count]:
-        table.add_row(name, *(f"{v:.4g}" if v is not None else "-" for v in (omega, avg, trace)))
+    for name, omega, avg, trace, stderr in rows[:count]:
+        shown = f"{trace:.4g} ± {stderr:.2g}" if trace is not None else "-"
+        table.add_row(name, *(f"{v:.4g}" if v is not None else "-" for v in (omega, avg)), shown)
     console.print(table)
 
 

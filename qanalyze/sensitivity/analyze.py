@@ -59,6 +59,7 @@ class AnalyzeConfig:
     trace_rel_tol: float = 0.05
     trace_max_probes: int = 32
     trace_min_probes: int = 8
+    trace_refine_params: int = 4096
     density_steps: int = 40
     bits: tuple[int, ...] = tuple(range(2, 17))
     gradient_bits: tuple[int, ...] = (2, 3, 4, 5, 6, 8, 12, 16)
@@ -247,6 +248,7 @@ def analyze(
             errors = weight_errors(modules[info.name].weight.detach(), config.bits, config.groups,
                                    head_dim=state.entry(info.name)["head_dim"])
             state.entry(info.name)["weight_error"] = {str(b): e for b, e in errors.items()}
+        report_progress("weights", len(infos), len(infos), "done")
         state.mark("weights")
 
     if metrics & {"activations", "gradients"} and not state.done("errors"):
@@ -290,6 +292,7 @@ def _measure_errors(model: torch.nn.Module, infos: list[ModuleInfo], modules: di
                     raise NonFiniteError(f"the loss on calibration batch {index + 1} is {float(loss)}")
                 loss.backward()
                 probe.end_batch()
+        report_progress("activations/gradients", len(batches), len(batches), "done")
     finally:
         model.zero_grad(set_to_none=True)
         for p, flag in saved:
@@ -318,10 +321,26 @@ class _NativeSource:
     def products(self) -> int:
         return self.op.count
 
-    def traces(self, names: list[str]) -> dict[str, Estimate]:
-        return hutchinson_traces(self.op, {n: [i] for i, n in enumerate(names)}, generator=self.generator,
-                                 max_probes=self.config.trace_max_probes, min_probes=self.config.trace_min_probes,
-                                 rel_tol=self.config.trace_rel_tol)
+    def traces(self, names: list[str]) -> dict[str, tuple[Estimate, str]]:
+        """One pass over all modules; then small modules the pass left imprecise, on their own.
+
+        A one-pass sample for module i is Σ_j v_iᵀH_ij v_j: the cross terms vanish in expectation
+        but add variance that swamps a small, strongly coupled block (a LayerNorm gain, the
+        token-type embedding). Those get a Hutchinson estimate from products restricted to their
+        block on the same graph (cheap: few parameters, one graph).
+        """
+        settings = {"generator": self.generator, "max_probes": self.config.trace_max_probes,
+                    "min_probes": self.config.trace_min_probes, "rel_tol": self.config.trace_rel_tol}
+        estimates = hutchinson_traces(self.op, {n: [i] for i, n in enumerate(names)}, **settings)
+        result = {name: (estimate, "one-pass") for name, estimate in estimates.items()}
+        for index, name in enumerate(names):
+            one_pass = estimates[name]
+            if one_pass.converged or self.op.sizes[index] > self.config.trace_refine_params:
+                continue
+            alone = hutchinson_traces(_Restricted(self.op, [index]), {name: [0]}, **settings)[name]
+            if alone.stderr < one_pass.stderr:
+                result[name] = (alone, "restricted")
+        return result
 
     def top_eigenvalue(self, indices: list[int]) -> Estimate:
         return self.eig(_Restricted(self.op, indices), generator=self.generator, max_iter=self.config.eig_max_iter,
@@ -343,7 +362,7 @@ class _PyHessianSource:
         self.seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
         self.products = 0
 
-    def traces(self, names: list[str]) -> dict[str, Estimate]:
+    def traces(self, names: list[str]) -> dict[str, tuple[Estimate, str]]:
         result = {}
         for index, name in enumerate(names):
             oracle = pyhessian_adapter(self.model, self.batch, [self.weights[index]])
@@ -351,8 +370,8 @@ class _PyHessianSource:
                                    seed=self.seed + index)
             self.products += len(samples)
             stderr = statistics.stdev(samples) / math.sqrt(len(samples)) if len(samples) > 1 else math.inf
-            result[name] = Estimate(statistics.fmean(samples), stderr, len(samples),
-                                    len(samples) < self.config.trace_max_probes)
+            result[name] = (Estimate(statistics.fmean(samples), stderr, len(samples),
+                                     len(samples) < self.config.trace_max_probes), "pyhessian")
         return result
 
     def top_eigenvalue(self, indices: list[int]) -> Estimate:
@@ -386,6 +405,9 @@ def _measure_hessian(model: torch.nn.Module, infos: list[ModuleInfo], modules: d
         except NonFiniteError as exc:
             raise NonFiniteError(f"calibration batch {b + 1}: {exc}") from None
         state.mark(key)
+    for stage in ("trace", "eig"):
+        if stage in config.metrics:
+            report_progress(stage, len(batches), len(batches), "done")
 
 
 @dataclass(frozen=True)
@@ -407,8 +429,9 @@ def _hessian_batch(model: torch.nn.Module, batch: dict[str, torch.Tensor], posit
     source = HESSIAN_ENGINES[config.engine](model, batch, targets.weights, config, generator)
     if "trace" in metrics and "trace" not in done_units:
         report_progress("trace", b, total, f"batch {b + 1}: all {len(names)} modules")
-        for name, estimate in source.traces(names).items():
-            state.entry(name)["hessian"].setdefault("trace_per_batch", []).append(asdict(estimate))
+        for name, (estimate, method) in source.traces(names).items():
+            state.entry(name)["hessian"].setdefault("trace_per_batch", []).append({**asdict(estimate),
+                                                                                   "method": method})
         _unit_done(state, key, "trace")
     if "eig" in metrics:
         for block, members in sorted(blocks.items()):
@@ -430,6 +453,7 @@ def _hessian_batch(model: torch.nn.Module, batch: dict[str, torch.Tensor], posit
     if "density" in metrics and b == 0 and "density" not in done_units:
         report_progress("density", 0, 1, "whole weight Hessian, batch 1")
         state.report.model_level["density"] = source.density()
+        report_progress("density", 1, 1, "done")
         _unit_done(state, key, "density")
     state.report.timings[f"hessian_products_batch_{b}"] = source.products
 
@@ -487,6 +511,7 @@ def _measure_delta_loss(model: torch.nn.Module, infos: list[ModuleInfo], modules
             with torch.no_grad():
                 weight.copy_(original)
         state.entry(info.name).setdefault("delta_loss", {})["measured"] = measured
+    report_progress("delta-loss", len(infos), len(infos), "done")
 
 
 def _combine(estimates: list[dict[str, Any]]) -> tuple[float, float]:

@@ -54,6 +54,8 @@ def test_analyze_covers_every_module(tmp_path, tiny, sst2):
     assert set(query["gradient_error"]) == {"4", "8"}
     assert query["activation_error"]["2"] > query["activation_error"]["8"]
     assert set(query["delta_loss"]) == {"trace", "eig", "measured"}
+    methods = {t["method"] for e in raw["modules"].values() for t in e["hessian"]["trace_per_batch"]}
+    assert "restricted" in methods and methods <= {"one-pass", "restricted"}  # small noisy blocks refined
     spearman = raw["model_level"]["predictor_spearman"]
     assert set(spearman) == {"2", "8"} and all(-1 <= v <= 1 for v in spearman["2"].values())
     assert set(raw["blocks"]) == {"0", "1"} and len(raw["blocks"]["0"]["eigenvalues"]) == 2
