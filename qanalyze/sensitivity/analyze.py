@@ -14,7 +14,6 @@ Weights only: biases and norm shifts are not quantized, so their Hessian blocks 
 
 from __future__ import annotations
 
-import math
 import re
 import statistics
 import time
@@ -31,12 +30,12 @@ from qanalyze.models import LoadedModel, ModuleInfo, architecture_fingerprint, h
 from qanalyze.quant.primitives import fake_quantize, parse_group, weight_errors
 from qanalyze.records import SensitivityReport
 from qanalyze.sensitivity.errors import ErrorProbe
-from qanalyze.sensitivity.estimators import Estimate, hutchinson_traces, lanczos, power_iteration, slq_density
-from qanalyze.sensitivity.hvp import HVP, NonFiniteError, pyhessian_adapter
+from qanalyze.sensitivity.hvp import NonFiniteError
+from qanalyze.sensitivity.sources import EIG_METHODS, HESSIAN_ENGINES
+from qanalyze.sensitivity.summary import summarise
 
 METRICS = ("eig", "trace", "density", "weights", "activations", "gradients")
 DEFAULT_METRICS = ("eig", "trace", "weights", "activations", "gradients")
-EIG_METHODS: dict[str, Callable[..., list[Estimate]]] = {"lanczos": lanczos, "power": power_iteration}
 ENGINES = ("native", "pyhessian")
 
 Progress = Callable[[str, int, int, str], None]
@@ -262,7 +261,7 @@ def analyze(
         _measure_delta_loss(model, infos, modules, batches, config, state, report_progress)
         state.mark("delta_loss")
 
-    _summarise(state.report, config)
+    summarise(state.report)
     state.report.complete = True
     state.report.progress = {}
     state.report.save(out)
@@ -307,85 +306,6 @@ def _measure_errors(model: torch.nn.Module, infos: list[ModuleInfo], modules: di
             state.entry(name)["gradient_error"] = summary["gradient_error"]
 
 
-class _NativeSource:
-    """Hessian work on one batch with qanalyze's engine: one double-backward graph over every
-    selected weight serves the one-pass traces and, restricted, every block's eigenvalue."""
-
-    def __init__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], weights: dict[str, torch.nn.Parameter],
-                 config: AnalyzeConfig, generator: torch.Generator) -> None:
-        self.op = HVP(model, batch, weights, method=config.hvp_method)
-        self.config, self.generator = config, generator
-        self.eig = EIG_METHODS[config.eig_method]
-
-    @property
-    def products(self) -> int:
-        return self.op.count
-
-    def traces(self, names: list[str]) -> dict[str, tuple[Estimate, str]]:
-        """One pass over all modules; then small modules the pass left imprecise, on their own.
-
-        A one-pass sample for module i is Σ_j v_iᵀH_ij v_j: the cross terms vanish in expectation
-        but add variance that swamps a small, strongly coupled block (a LayerNorm gain, the
-        token-type embedding). Those get a Hutchinson estimate from products restricted to their
-        block on the same graph (cheap: few parameters, one graph).
-        """
-        settings = {"generator": self.generator, "max_probes": self.config.trace_max_probes,
-                    "min_probes": self.config.trace_min_probes, "rel_tol": self.config.trace_rel_tol}
-        estimates = hutchinson_traces(self.op, {n: [i] for i, n in enumerate(names)}, **settings)
-        result = {name: (estimate, "one-pass") for name, estimate in estimates.items()}
-        for index, name in enumerate(names):
-            one_pass = estimates[name]
-            if one_pass.converged or self.op.sizes[index] > self.config.trace_refine_params:
-                continue
-            alone = hutchinson_traces(_Restricted(self.op, [index]), {name: [0]}, **settings)[name]
-            if alone.stderr < one_pass.stderr:
-                result[name] = (alone, "restricted")
-        return result
-
-    def top_eigenvalue(self, indices: list[int]) -> Estimate:
-        return self.eig(_Restricted(self.op, indices), generator=self.generator, max_iter=self.config.eig_max_iter,
-                        tol=self.config.eig_tol)[0]
-
-    def density(self) -> dict[str, Any]:
-        density = slq_density(self.op, generator=self.generator, probes=1, steps=self.config.density_steps)
-        return {"nodes": density.nodes, "weights": density.weights}
-
-
-class _PyHessianSource:
-    """The same questions answered by PyHessian 0.1, one block at a time (the reference and baseline)."""
-
-    def __init__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], weights: dict[str, torch.nn.Parameter],
-                 config: AnalyzeConfig, generator: torch.Generator) -> None:
-        self.model, self.batch, self.config = model, batch, config
-        self.weights = list(weights.values())
-        # PyHessian draws from the global generator; its seeds come from ours so runs repeat.
-        self.seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
-        self.products = 0
-
-    def traces(self, names: list[str]) -> dict[str, tuple[Estimate, str]]:
-        result = {}
-        for index, name in enumerate(names):
-            oracle = pyhessian_adapter(self.model, self.batch, [self.weights[index]])
-            samples = oracle.trace(max_iter=self.config.trace_max_probes, tol=self.config.trace_rel_tol,
-                                   seed=self.seed + index)
-            self.products += len(samples)
-            stderr = statistics.stdev(samples) / math.sqrt(len(samples)) if len(samples) > 1 else math.inf
-            result[name] = (Estimate(statistics.fmean(samples), stderr, len(samples),
-                                     len(samples) < self.config.trace_max_probes), "pyhessian")
-        return result
-
-    def top_eigenvalue(self, indices: list[int]) -> Estimate:
-        oracle = pyhessian_adapter(self.model, self.batch, [self.weights[i] for i in indices])
-        value = oracle.eigenvalues(max_iter=self.config.eig_max_iter, tol=self.config.eig_tol, seed=self.seed)[0]
-        # PyHessian reports neither its iteration count nor a residual.
-        return Estimate(value, math.nan, 0, True)
-
-    def density(self) -> dict[str, Any]:
-        raise ConfigError("--metrics density needs --engine native: pyhessian 0.1's density() calls torch.eig, "
-                          "which PyTorch 2 removed")
-
-
-HESSIAN_ENGINES = {"native": _NativeSource, "pyhessian": _PyHessianSource}
 
 
 def _measure_hessian(model: torch.nn.Module, infos: list[ModuleInfo], modules: dict[str, torch.nn.Module],
@@ -464,30 +384,6 @@ def _unit_done(state: _State, key: str, unit: str) -> None:
     state.mark(key + "_units", units)
 
 
-class _Restricted:
-    """The diagonal block of an `HVP` for a subset of its parameters, on the same graph."""
-
-    def __init__(self, op: HVP, indices: Sequence[int]) -> None:
-        self.op, self.indices = op, list(indices)
-        self.params = [op.params[i] for i in self.indices]
-        self.names = [op.names[i] for i in self.indices]
-        self.shapes = [op.shapes[i] for i in self.indices]
-        self.sizes = [op.sizes[i] for i in self.indices]
-        self.numel = sum(self.sizes)
-        self.dtype, self.device = op.dtype, op.device
-
-    @property
-    def count(self) -> int:
-        return self.op.count
-
-    def __call__(self, v: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        return self.op.restricted(self.indices, v)
-
-    def flat(self, v: torch.Tensor) -> torch.Tensor:
-        parts = [chunk.view(shape) for chunk, shape in zip(v.split(self.sizes), self.shapes)]
-        return torch.cat([h.reshape(-1) for h in self(parts)])
-
-
 def _measure_delta_loss(model: torch.nn.Module, infos: list[ModuleInfo], modules: dict[str, torch.nn.Module],
                         batches: list[dict[str, torch.Tensor]], config: AnalyzeConfig, state: _State,
                         report_progress: Progress) -> None:
@@ -512,67 +408,3 @@ def _measure_delta_loss(model: torch.nn.Module, infos: list[ModuleInfo], modules
                 weight.copy_(original)
         state.entry(info.name).setdefault("delta_loss", {})["measured"] = measured
     report_progress("delta-loss", len(infos), len(infos), "done")
-
-
-def _combine(estimates: list[dict[str, Any]]) -> tuple[float, float]:
-    values = [e["value"] for e in estimates]
-    mean = statistics.fmean(values)
-    stderr = math.sqrt(sum(e["stderr"] ** 2 for e in estimates)) / len(estimates)
-    return mean, stderr
-
-
-def _summarise(report: SensitivityReport, config: AnalyzeConfig) -> None:
-    """Derived figures: Ω over batches, trace over batches, average trace, predicted damage."""
-    for block in report.blocks.values():
-        values = [e["value"] for e in block["per_batch"]]
-        block["eigenvalues"] = values
-        block["omega"] = abs(statistics.fmean(values)) + (statistics.pstdev(values) if len(values) > 1 else 0.0)
-    for entry in report.modules.values():
-        hessian = entry["hessian"]
-        if hessian.get("eig_per_batch"):
-            values = [e["value"] for e in hessian["eig_per_batch"]]
-            hessian["eigenvalues"] = values
-            hessian["omega"] = abs(statistics.fmean(values)) + (statistics.pstdev(values) if len(values) > 1 else 0.0)
-            hessian["eig_converged"] = all(e["converged"] for e in hessian["eig_per_batch"])
-        if hessian.get("trace_per_batch"):
-            trace, stderr = _combine(hessian["trace_per_batch"])
-            hessian["trace"], hessian["trace_stderr"] = trace, stderr
-            hessian["trace_probes"] = sum(e["iterations"] for e in hessian["trace_per_batch"])
-            hessian["trace_converged"] = all(e["converged"] for e in hessian["trace_per_batch"])
-            hessian["avg_trace"] = trace / entry["shape"][0] / math.prod(entry["shape"][1:])
-        errors = entry.get("weight_error", {})
-        predicted: dict[str, dict[str, float]] = {}
-        for bits, by_group in errors.items():
-            reference = by_group.get("channel", next(iter(by_group.values()), None))
-            if reference is None:
-                continue
-            if "avg_trace" in hessian:
-                predicted.setdefault("trace", {})[bits] = hessian["avg_trace"] * reference
-            if "omega" in hessian:
-                predicted.setdefault("eig", {})[bits] = hessian["omega"] * reference
-        if predicted:
-            entry.setdefault("delta_loss", {}).update(predicted)
-    report.model_level["predictor_spearman"] = predictor_agreement(report)
-
-
-def predictor_agreement(report: SensitivityReport) -> dict[str, dict[str, float]]:
-    """Spearman rank correlation, per bit-width, between each predicted Δloss and the measured one.
-
-    Answers which Hessian metric orders the modules the way quantizing them actually does; empty
-    without ``--measure-delta-loss``. Attention key weights stay in: only the key *bias* has a
-    vanishing Hessian, and biases are not analyzed.
-    """
-    from scipy.stats import spearmanr
-
-    result: dict[str, dict[str, float]] = {}
-    entries = [e["delta_loss"] for e in report.modules.values() if "measured" in e.get("delta_loss", {})]
-    if len(entries) < 3:
-        return result
-    for bits in entries[0]["measured"]:
-        measured = [e["measured"][bits] for e in entries]
-        for predictor in ("trace", "eig"):
-            predicted = [e.get(predictor, {}).get(bits) for e in entries]
-            if None not in predicted:
-                rho = spearmanr(predicted, measured).statistic
-                result.setdefault(bits, {})[predictor] = float(rho)
-    return result

@@ -71,7 +71,8 @@ def test_analyze_covers_every_module(tmp_path, tiny, sst2):
 
 def test_module_eigenvalue_is_the_block_of_the_full_hessian(tiny, sst2):
     """The per-module restriction of the shared graph equals an HVP built for that module alone."""
-    from qanalyze.sensitivity.analyze import _Restricted, calibration_batches
+    from qanalyze.sensitivity.analyze import calibration_batches
+    from qanalyze.sensitivity.sources import Restricted
 
     config = _config()
     batch = calibration_batches(sst2, tiny.tokenizer, config)[0]
@@ -79,7 +80,7 @@ def test_module_eigenvalue_is_the_block_of_the_full_hessian(tiny, sst2):
     name = "bert.encoder.layer.1.output.dense"
     weights = {n: m.weight for n, m in model.named_modules() if n.endswith("dense")}
     index = list(weights).index(name)
-    shared = _Restricted(HVP(model, batch, weights), [index])
+    shared = Restricted(HVP(model, batch, weights), [index])
     alone = HVP(model, batch, {name: weights[name]})
     v = torch.randn(weights[name].shape, generator=torch.Generator().manual_seed(0))
     assert torch.allclose(shared([v])[0], alone([v])[0], rtol=1e-4, atol=1e-7)
@@ -94,7 +95,7 @@ def test_killed_analysis_resumes_without_redoing_work(tmp_path, tiny, sst2, monk
     out = tmp_path / "s.json"
     config = _config(metrics=("eig", "weights"))
     calls = []
-    real = module.lanczos
+    real = module.EIG_METHODS["lanczos"]
 
     def failing(*args, **kwargs):
         calls.append(1)
