@@ -32,7 +32,9 @@ demo: $(STAMP)
 	$(PY) cli.py evaluate $(DEMO)/sst2-fp32
 	$(PY) cli.py analyze $(DEMO)/sst2-fp32 --task sst2 --data $(DATA) --max-train-examples 2000 \
 		--batches 2 --batch-size 16 --max-length 64 --trace-probes 16 --overwrite --out $(DEMO)/sensitivity.json
-	@echo "demo run: $(DEMO)/sst2-fp32 (metrics.json, log.csv, the fine-tuned model); sensitivity: $(DEMO)/sensitivity.json"
+	$(PY) cli.py plan $(DEMO)/sst2-fp32 --budget 4bit --sensitivity $(DEMO)/sensitivity.json \
+		--out $(DEMO)/plan-4bit.json --baselines --overwrite
+	@echo "demo: run $(DEMO)/sst2-fp32, sensitivity $(DEMO)/sensitivity.json, plan $(DEMO)/plan-4bit.json"
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache *.egg-info

@@ -277,8 +277,130 @@ def _print_most_sensitive(report: Any, console: Any, count: int = 10) -> None:
     console.print(table)
 
 
+@cli.command()
+@click.argument("model", required=False)
+@click.option("--budget", help="Weight budget: 4bit, 3.5bit (mean bits, scales counted), 12MB, 12MiB, 0.5GB, 8x.")
+@click.option("--sensitivity", type=click.Path(dir_okay=False), default=None,
+              help="From `qanalyze analyze` (default: sensitivity.json beside OUT, made if missing).")
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="plan.json to write.")
+@click.option("--objective", type=click.Choice(["trace", "eig", "measured"]), default="trace", show_default=True,
+              help="Predicted damage: (tr H / n)·‖ΔW‖² (HAWQ-V2), Ω·‖ΔW‖² (Q-BERT) or measured Δloss.")
+@click.option("--bits", "bit_list", default="2,3,4,5,6,8,12,16", show_default=True, help="Allowed bit-widths.")
+@click.option("--group-sizes", default="tensor,channel,head,128,64,32", show_default=True,
+              help="Allowed groupings of output rows (one scale each).")
+@click.option("--keep-float", default="layernorm,head", show_default=True,
+              help="Kinds (linear, embedding, layernorm), stages (embeddings, head) or re:REGEX kept in float.")
+@click.option("--tie", multiple=True, help="Regex of modules that share bits within a layer (repeatable).")
+@click.option("--act-budget", default="8bit", show_default=True, help="Mean activation bits.")
+@click.option("--grad-tol", type=float, default=0.05, show_default=True,
+              help="Gradient bits: the fewest whose relative gradient error stays under this.")
+@click.option("--solver", type=click.Choice(["ilp", "highs", "dp"]), default="ilp", show_default=True)
+@click.option("--baselines", is_flag=True, help="Also write uniform, random and reversed plans beside OUT.")
+@click.option("--show", "show", type=click.Path(dir_okay=False), default=None, help="Pretty-print this plan and exit.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@_data_options
+def plan(model: str | None, budget: str | None, sensitivity: str | None, out: str | None, quiet: bool,
+         **kw: Any) -> None:
+    """Turn a budget into a per-module weight / activation / gradient bit-width plan -> plan.json.
+
+    The weight bits and group sizes minimise the total predicted damage under the budget (an exact
+    multiple-choice knapsack); activation bits do the same under --act-budget; gradient bits are the
+    fewest whose measured error stays under --grad-tol.
+    """
+    from qanalyze.plan.budget import parse_bits, parse_budget
+    from qanalyze.plan.make import BASELINES, PlanConfig, check_plan, make_plan
+    from qanalyze.records import BitPlan, SensitivityReport
+
+    console = _console(quiet)
+    if kw["show"]:
+        _print_plan(BitPlan.load(kw["show"]), console)
+        return
+    if not model or not budget or not out:
+        raise click.UsageError("plan needs MODEL, --budget and --out (or --show FILE)")
+    parsed = parse_budget(budget)
+    config = PlanConfig(
+        objective=kw["objective"], bits=_int_list(kw["bit_list"]),
+        groups=tuple(g.strip() for g in kw["group_sizes"].split(",") if g.strip()),
+        keep_float=tuple(k.strip() for k in kw["keep_float"].split(",") if k.strip()), ties=tuple(kw["tie"]),
+        act_budget=parse_bits(kw["act_budget"]), grad_tol=kw["grad_tol"], solver=kw["solver"], seed=kw["seed"])
+    targets = [Path(out)] + ([_baseline_path(out, name) for name in BASELINES] if kw["baselines"] else [])
+    existing = [str(t) for t in targets if t.exists()]
+    if existing and not kw["overwrite"]:
+        raise click.UsageError(f"{existing[0]} exists; pass --overwrite to replace it")
+    source = Path(sensitivity) if sensitivity else Path(out).parent / "sensitivity.json"
+    if not source.exists():
+        if sensitivity:
+            raise click.UsageError(f"sensitivity file not found: {sensitivity}")
+        _analyze_for_plan(model, source, kw, console)
+    report = SensitivityReport.load(source)
+    architecture = _architecture(model, report.data.get("task"))
+    made = [make_plan(report, parsed, config, sensitivity_path=source)]
+    if kw["baselines"]:
+        made += [make_plan(report, parsed, config, sensitivity_path=source, baseline=name) for name in BASELINES]
+    for plan_record in made:
+        check_plan(plan_record, architecture)
+    for plan_record, target in zip(made, targets):
+        plan_record.save(target)
+    _print_plan(made[0], console)
+    for plan_record, target in zip(made, targets):
+        totals = plan_record.totals
+        click.echo(f"{target}: {plan_record.baseline or 'hessian'} plan, mean weight bits "
+                   f"{totals['weight_bits_mean']:.3f}, {totals['weight_bytes'] / 1e6:.2f} MB, "
+                   f"{totals['compression']:.2f}x, predicted damage {totals['predicted_damage']:.4g}")
+
+
+def _baseline_path(out: str, name: str) -> Path:
+    path = Path(out)
+    return path.with_name(f"{path.stem}.{name}{path.suffix}")
+
+
+def _architecture(model: str, task: str | None) -> dict[str, list[int]]:
+    from qanalyze.models import inventory, load_model
+    from qanalyze.tasks import get_task
+
+    # the task head is part of the architecture the sensitivity file (and so the plan) describes
+    loaded = load_model(model, num_labels=get_task(task).num_labels if task else None)
+    return {info.name: list(info.shape) for info in inventory(loaded.model)}
+
+
+def _analyze_for_plan(model: str, target: Path, kw: dict[str, Any], console: Any) -> None:
+    from qanalyze.data import load_task
+    from qanalyze.models import load_model
+    from qanalyze.progress import stage_progress
+    from qanalyze.sensitivity.analyze import AnalyzeConfig, analyze
+
+    if not kw.get("task") or not kw.get("data"):
+        raise click.UsageError(f"no sensitivity file at {target}: pass --sensitivity FILE, or --task and --data "
+                               "to analyze the model first")
+    task_data = load_task(kw["task"], kw["data"], max_train_examples=kw["max_train_examples"], seed=kw["seed"])
+    loaded = load_model(model, num_labels=task_data.task.num_labels, eager_attention=True)
+    console.print(f"no sensitivity file yet: analyzing {model} into {target}")
+    with stage_progress(console) as progress:
+        analyze(loaded, task_data, AnalyzeConfig(max_length=kw["max_length"] or 128, seed=kw["seed"]), target,
+                progress=progress.update)
+
+
+def _print_plan(plan_record: Any, console: Any) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"plan: budget {plan_record.budget['text']}, objective {plan_record.objective}"
+                        + (f", baseline {plan_record.baseline}" if plan_record.baseline else ""))
+    table.add_column("module", overflow="fold")
+    for column in ("W bits", "group", "A bits", "G bits", "predicted damage"):
+        table.add_column(column)
+    for name, spec in plan_record.modules.items():
+        if spec.get("float"):
+            table.add_row(name, "float", "", "", "", "")
+        else:
+            table.add_row(name, str(spec["weight_bits"]), spec["group"], str(spec.get("activation_bits") or "-"),
+                          str(spec.get("gradient_bits") or "-"), f"{spec['predicted_damage']:.3g}")
+    console.print(table)
+    totals = plan_record.totals
+    console.print(f"mean weight bits {totals['weight_bits_mean']:.3f}, weight bytes {totals['weight_bytes']:,}, "
+                  f"compression {totals['compression']:.2f}x, predicted damage {totals['predicted_damage']:.4g}")
+
+
 for _name, _issue, _what in (
-    ("plan", 4, "budget -> group-wise W/A/G bit-width plan -> plan.json"),
     ("train", 5, "integer / QAT fine-tuning that follows a plan -> run directory"),
     ("sweep", 6, "plan and train per budget, with uniform, random and reversed baselines"),
     ("report", 6, "records -> one self-contained HTML page with plots"),

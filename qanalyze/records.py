@@ -212,3 +212,68 @@ class SensitivityReport:
     def load(cls, path: str | os.PathLike[str]) -> SensitivityReport:
         """Read and validate a record."""
         return cls.from_dict(read_record(path, SENSITIVITY_SCHEMA))
+
+
+PLAN_SCHEMA = "qanalyze/plan/v1"
+
+
+@dataclass
+class BitPlan:
+    """``plan.json``: the bit-width of every module's weights, activations and gradients.
+
+    ``modules`` maps a module name to ``{"weight_bits", "group", "groups", "activation_bits",
+    "gradient_bits", "scheme", "rounding", "predicted_damage"}`` or ``{"float": true}``;
+    ``model.modules`` records the architecture (name -> weight shape) the plan was made for, and
+    ``model.fingerprint`` its hash: a plan applies to any checkpoint of that architecture.
+    """
+
+    model: dict[str, Any]
+    budget: dict[str, Any]
+    objective: str
+    totals: dict[str, Any]
+    modules: dict[str, dict[str, Any]]
+    sensitivity: dict[str, Any] = field(default_factory=dict)
+    solver: dict[str, Any] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+    baseline: str | None = None
+    # No creation time and no solve time: the same inputs must give a byte-identical plan.
+    versions: dict[str, str] = field(default_factory=lambda: {"qanalyze": qanalyze_version()})
+    schema: str = PLAN_SCHEMA
+
+    def __post_init__(self) -> None:
+        if "fingerprint" not in self.model or "modules" not in self.model:
+            raise RecordError("plan lacks model.fingerprint or model.modules (the architecture it was made for)")
+        for name, spec in self.modules.items():
+            if spec.get("float"):
+                continue
+            for key in ("weight_bits", "activation_bits", "gradient_bits"):
+                bits = spec.get(key)
+                if bits is not None and not (isinstance(bits, int) and 2 <= bits <= 16):
+                    raise RecordError(f"plan: module {name} has {key} {bits!r}; bits must be integers in 2..16")
+            if spec.get("weight_bits") is None or "group" not in spec:
+                raise RecordError(f"plan: module {name} has no weight_bits/group and is not float")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The record as plain JSON-ready data, schema first."""
+        data = asdict(self)
+        return {"schema": data.pop("schema"), **data}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> BitPlan:
+        """Rebuild and validate a plan; unknown keys are ignored."""
+        if data.get("schema") != PLAN_SCHEMA:
+            raise RecordError(f"plan has schema {data.get('schema')!r}, expected {PLAN_SCHEMA!r}")
+        known = set(cls.__dataclass_fields__)
+        try:
+            return cls(**{k: v for k, v in data.items() if k in known})
+        except TypeError as exc:
+            raise RecordError(f"plan is incomplete: {exc}") from None
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the plan atomically."""
+        atomic_write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> BitPlan:
+        """Read and validate a plan."""
+        return cls.from_dict(read_record(path, PLAN_SCHEMA))

@@ -36,7 +36,7 @@ def test_help_lists_every_command():
         assert command in result.stdout
 
 
-@pytest.mark.parametrize("command", ["plan", "train", "sweep", "report"])
+@pytest.mark.parametrize("command", ["train", "sweep", "report"])
 def test_later_commands_say_they_are_not_available(capfd, command):
     code, _, err = run_cli(capfd, command, "minilm-l6", "--budget", "4bit")
     assert_one_line_error(code, err, "not available yet", "issue #")
@@ -153,3 +153,34 @@ def test_analyze_writes_sensitivity_and_refuses_bad_input(capfd, tmp_path, tiny_
     code, _, err = run_cli(capfd, "analyze", "minilm-l6", *common, "--out", tmp_path / "c.json")
     assert_one_line_error(code, err, "no trained sst2 head", "qanalyze finetune")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sensitivity.json"]
+
+
+def test_plan_from_a_sensitivity_file(capfd, tmp_path, tiny_bert_dir, glue_dir):
+    sensitivity = tmp_path / "sensitivity.json"
+    code, _, err = run_cli(capfd, "analyze", tiny_bert_dir, "--task", "sst2", "--data", glue_dir,
+                           "--max-train-examples", "16", "--batch-size", "8", "--batches", "2", "--max-length", "24",
+                           "--bits", "2,3,4,5,6,8,12,16", "--gradient-bits", "4,8", "--trace-probes", "4",
+                           "--metrics", "trace,weights,activations,gradients", "--quiet", "--out", sensitivity)
+    assert code == 0, err
+    out = tmp_path / "plan-4bit.json"
+    code, stdout, err = run_cli(capfd, "plan", tiny_bert_dir, "--budget", "4bit", "--sensitivity", sensitivity,
+                                "--out", out, "--baselines", "--quiet")
+    assert code == 0, err
+    plan = json.loads(out.read_text())
+    assert plan["schema"] == "qanalyze/plan/v1" and plan["totals"]["weight_bits_mean"] <= 4.0
+    for name in ("uniform", "random", "reversed"):
+        assert json.loads((tmp_path / f"plan-4bit.{name}.json").read_text())["baseline"] == name
+    assert "hessian plan, mean weight bits" in stdout
+    code, stdout, _ = run_cli(capfd, "plan", "--show", out)
+    assert code == 0
+
+    for budget, fragment in (("4 bananas", "4bit"), ("0.1bit", "smallest reachable"), ("2x3", "4bit")):
+        target = tmp_path / "bad.json"
+        code, _, err = run_cli(capfd, "plan", tiny_bert_dir, "--budget", budget, "--sensitivity", sensitivity,
+                               "--out", target, "--quiet")
+        assert_one_line_error(code, err, fragment)
+        assert not target.exists()
+    code, _, err = run_cli(capfd, "plan", "minilm-l6", "--budget", "4bit", "--sensitivity", sensitivity,
+                           "--out", tmp_path / "other.json", "--quiet")
+    assert_one_line_error(code, err, "another architecture")
+    assert not (tmp_path / "other.json").exists()

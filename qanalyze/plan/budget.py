@@ -1,0 +1,134 @@
+"""Budgets as the user types them (``4bit``, ``3.5bit``, ``12MB``, ``12MiB``, ``0.5GB``, ``8x``) -> `Budget`.
+
+A budget is one number of one kind:
+
+- ``bits``: the parameter-weighted mean of weight bits over the planned modules, scale storage
+  counted (``4bit``: the quantized weights, scales included, take at most 4 bits per weight);
+- ``bytes``: the storage of the quantized weights and their scales (``12MB`` is 12 * 10**6 bytes,
+  ``12MiB`` is 12 * 2**20: the decimal and binary prefixes are both in use and differ by 5 %);
+- ``ratio``: compression against FP32 (``8x``: at most 32 / 8 = 4 bits per weight on average).
+
+`Budget.capacity_bits` turns any of them into the one thing a solver needs: the total number of
+storage bits allowed for a given number of planned weights.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from qanalyze.errors import ConfigError
+
+ACCEPTED_FORMS = "4bit, 3.5bit, 12MB, 12MiB, 0.5GB, 8x"
+"""Examples of every accepted budget form, quoted by every parsing error."""
+
+FLOAT_BITS = 32
+"""Bits of one FP32 weight: the reference of a compression ratio and the ceiling of a bits budget."""
+
+BITS_RANGE = (2.0, 16.0)
+"""Inclusive range of an activation or gradient bits budget (the quantizers' 2..16 bits)."""
+
+
+class BudgetError(ConfigError):
+    """A budget string that cannot be read or whose value is out of range."""
+
+
+# unit (lower case) -> (kind, multiplier from the typed number to the budget's value)
+_UNITS: dict[str, tuple[str, float]] = {
+    "bit": ("bits", 1.0),
+    "bits": ("bits", 1.0),
+    "kb": ("bytes", 1e3),
+    "kib": ("bytes", 2.0**10),
+    "mb": ("bytes", 1e6),
+    "mib": ("bytes", 2.0**20),
+    "gb": ("bytes", 1e9),
+    "gib": ("bytes", 2.0**30),
+    "x": ("ratio", 1.0),
+}
+
+# kind -> capacity in bits for `params` planned weights
+_CAPACITY: dict[str, Callable[[float, int], float]] = {
+    "bits": lambda value, params: value * params,
+    "bytes": lambda value, params: value * 8,
+    "ratio": lambda value, params: FLOAT_BITS * params / value,
+}
+
+# kind -> (lowest allowed value, highest allowed value or None, why), bounds inclusive except a 0 floor
+_LIMITS: dict[str, tuple[float, float | None, str]] = {
+    "bits": (0.0, float(FLOAT_BITS), f"a bits budget must be above 0 and at most {FLOAT_BITS} (FP32)"),
+    "bytes": (0.0, None, "a storage budget must be above 0 bytes"),
+    # below 1x the "compressed" model would be larger than FP32, which no plan can use
+    "ratio": (1.0, None, "a compression ratio must be at least 1x (FP32 itself)"),
+}
+
+_NUMBER = r"(?P<number>\d+(?:\.\d*)?|\.\d+)"
+_BUDGET = re.compile(rf"^\s*{_NUMBER}\s*(?P<unit>[a-z]+)\s*$", re.IGNORECASE)
+_BITS = re.compile(rf"^\s*{_NUMBER}\s*(?:bits?)?\s*$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A parsed weight budget: ``text`` as typed, ``kind`` ("bits" | "bytes" | "ratio") and ``value``.
+
+    ``value`` is bits per weight for "bits", bytes for "bytes", the compression factor for "ratio".
+    """
+
+    text: str
+    kind: str
+    value: float
+
+    def __post_init__(self) -> None:
+        if self.kind not in _CAPACITY:
+            raise BudgetError(f"budget kind {self.kind!r} is not one of {', '.join(_CAPACITY)}")
+        _check_value(self.text, self.kind, self.value)
+
+    def capacity_bits(self, params: int) -> float:
+        """Total storage, in bits, that ``params`` planned weights may take (scales included)."""
+        if isinstance(params, bool) or not isinstance(params, int) or params < 0:
+            raise ConfigError(f"the number of planned weights must be a non-negative integer, not {params!r}")
+        return _CAPACITY[self.kind](self.value, params)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form: ``{"text", "kind", "value"}`` (plan.json's ``budget``)."""
+        return {"text": self.text, "kind": self.kind, "value": self.value}
+
+
+def _check_value(text: str, kind: str, value: float) -> None:
+    low, high, why = _LIMITS[kind]
+    too_low = value <= 0 or value < low
+    if not math.isfinite(value) or too_low or (high is not None and value > high):
+        raise BudgetError(f"budget {text!r}: {why} (accepted forms: {ACCEPTED_FORMS})")
+
+
+def _not_understood(text: object) -> BudgetError:
+    return BudgetError(f"budget {text!r} is not understood; accepted forms: {ACCEPTED_FORMS} "
+                       "(also KB/KiB/GiB, case-insensitive, spaces allowed)")
+
+
+def parse_budget(text: str) -> Budget:
+    """Parse a weight budget: ``4bit``, ``4 bits``, ``3.5bit``, ``12MB`` (10**6 bytes), ``12MiB`` (2**20),
+    ``0.5GB``, ``1GiB``, ``8x``; case-insensitive, spaces allowed. Anything else raises `BudgetError`."""
+    if not isinstance(text, str):
+        raise _not_understood(text)
+    match = _BUDGET.match(text)
+    if match is None or match["unit"].lower() not in _UNITS:
+        raise _not_understood(text)
+    kind, multiplier = _UNITS[match["unit"].lower()]
+    value = float(match["number"]) * multiplier
+    _check_value(text, kind, value)
+    return Budget(text=text, kind=kind, value=value)
+
+
+def parse_bits(text: str) -> float:
+    """Parse an activation or gradient bits budget (``--act-budget``, ``--grad-budget``): ``8bit``,
+    ``8 bits`` or ``8`` -> 8.0, from 2 to 16 inclusive; anything else raises `BudgetError`."""
+    if not isinstance(text, str) or (match := _BITS.match(text)) is None:
+        raise BudgetError(f"bits budget {text!r} is not understood; accepted forms: 8bit, 8 bits, 8, 6.5bit")
+    value = float(match["number"])
+    low, high = BITS_RANGE
+    if not low <= value <= high:
+        raise BudgetError(f"bits budget {text!r} must be from {low:g} to {high:g} bits")
+    return value

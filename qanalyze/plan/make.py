@@ -1,0 +1,233 @@
+"""`plan`: a sensitivity report and a budget -> a `BitPlan` (plan.json), and its baselines.
+
+Weight bits and group sizes come from the exact multiple-choice knapsack over every planned
+module's candidates (`qanalyze.plan.costs`, `qanalyze.plan.solvers`); activation bits from the
+same solver over the activation candidates under ``act_budget``; gradient bits are the fewest
+whose measured gradient error stays under ``grad_tol`` (16 where none does).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qanalyze.errors import ConfigError
+from qanalyze.plan.budget import Budget
+from qanalyze.plan.costs import (
+    DEFAULT_BITS,
+    DEFAULT_GROUPS,
+    ModuleOptions,
+    activation_options,
+    gradient_bits,
+    merge_ties,
+    module_options,
+    tie_groups,
+)
+from qanalyze.plan.solvers import (
+    InfeasibleError,
+    Item,
+    Solution,
+    random_choice,
+    reversed_choice,
+    solve,
+    uniform_choice,
+)
+from qanalyze.records import BitPlan, SensitivityReport
+
+BASELINES = ("uniform", "random", "reversed")
+
+
+@dataclass(frozen=True)
+class PlanConfig:
+    """Settings of a plan: every field changes the result and is recorded in plan.json."""
+
+    objective: str = "trace"
+    bits: tuple[int, ...] = DEFAULT_BITS
+    groups: tuple[str, ...] = DEFAULT_GROUPS
+    keep_float: tuple[str, ...] = ("layernorm", "head")
+    ties: tuple[str, ...] = ()
+    act_budget: float = 8.0
+    grad_tol: float = 0.05
+    solver: str = "ilp"
+    seed: int = 0
+
+    def recorded(self) -> dict[str, Any]:
+        """The settings as written to plan.json."""
+        return {"objective": self.objective, "bits": list(self.bits), "groups": list(self.groups),
+                "keep_float": list(self.keep_float), "ties": list(self.ties), "act_budget": self.act_budget,
+                "grad_tol": self.grad_tol, "solver": self.solver, "seed": self.seed}
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file, to tie a plan to the sensitivity file it was made from."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _items(options: Sequence[ModuleOptions]) -> list[list[Item]]:
+    return [[Item((c.cost_bits,), c.damage) for c in o.candidates] for o in options]
+
+
+def _capacity(budget: Budget, planned: Sequence[ModuleOptions], floats: Sequence[ModuleOptions]) -> float:
+    params = sum(o.params for o in planned)
+    if budget.kind == "bits":
+        return budget.capacity_bits(params)
+    # bytes and compression ratios are about the whole model's weights, float ones included
+    total = budget.capacity_bits(params + sum(o.params for o in floats))
+    return total - sum(o.float_cost_bits for o in floats)
+
+
+def _unreachable(budget: Budget, exc: InfeasibleError, planned: Sequence[ModuleOptions],
+                 floats: Sequence[ModuleOptions]) -> ConfigError:
+    minimum = exc.minimum[0]
+    params = sum(o.params for o in planned)
+    all_params = params + sum(o.params for o in floats)
+    float_bits = sum(o.float_cost_bits for o in floats)
+    smallest = {
+        "bits": f"{math.ceil(100 * minimum / params) / 100:g}bit",
+        "bytes": f"{math.ceil((minimum + float_bits) / 8 / 1e4) / 100:g}MB",
+        "ratio": f"{math.floor(100 * 32 * all_params / (minimum + float_bits)) / 100:g}x",
+    }[budget.kind]
+    return ConfigError(f"budget {budget.text} cannot be reached with these bit-widths and groups; "
+                       f"the smallest reachable is {smallest}")
+
+
+def make_plan(report: SensitivityReport, budget: Budget, config: PlanConfig, *,
+              sensitivity_path: str | Path | None = None, baseline: str | None = None) -> BitPlan:
+    """The plan minimising predicted damage under ``budget`` (or, with ``baseline``, that baseline)."""
+    options = module_options(report.to_dict(), bits=config.bits, groups=config.groups,
+                             objective=config.objective, keep_float=config.keep_float)
+    ties = tie_groups(options, config.ties) if config.ties else []
+    merged = merge_ties(options, ties)
+    planned = [o for o in merged if not o.float]
+    floats = [o for o in merged if o.float]
+    if not planned:
+        raise ConfigError("every module is kept in float (--keep-float): nothing to plan")
+    capacity = _capacity(budget, planned, floats)
+    items = _items(planned)
+    try:
+        solution = _BASELINE_SOLVERS.get(baseline, _optimal)(planned, items, capacity, config)
+    except InfeasibleError as exc:
+        raise _unreachable(budget, exc, planned, floats) from None
+    return _assemble(report, budget, config, options, planned, floats, solution, sensitivity_path, baseline)
+
+
+def _optimal(planned: Sequence[ModuleOptions], items: list[list[Item]], capacity: float,
+             config: PlanConfig) -> Solution:
+    return solve(items, (capacity,), solver=config.solver)
+
+
+def _uniform(planned: Sequence[ModuleOptions], items: list[list[Item]], capacity: float,
+             config: PlanConfig) -> Solution:
+    return uniform_choice(items, (capacity,), [[c.label for c in o.candidates] for o in planned])
+
+
+def _random(planned: Sequence[ModuleOptions], items: list[list[Item]], capacity: float,
+            config: PlanConfig) -> Solution:
+    return random_choice(items, (capacity,), seed=config.seed)
+
+
+def _reversed(planned: Sequence[ModuleOptions], items: list[list[Item]], capacity: float,
+              config: PlanConfig) -> Solution:
+    # a module's sensitivity: its damage at the cheapest choice per weight, the scale the objective gives it
+    sensitivity = [max(o.candidates[0].damage, 1e-30) / o.params for o in planned]
+    return reversed_choice(items, (capacity,), sensitivity)
+
+
+_BASELINE_SOLVERS = {"uniform": _uniform, "random": _random, "reversed": _reversed}
+
+
+def _assemble(report: SensitivityReport, budget: Budget, config: PlanConfig, options: Sequence[ModuleOptions],
+              planned: Sequence[ModuleOptions], floats: Sequence[ModuleOptions], solution: Solution,
+              sensitivity_path: str | Path | None, baseline: str | None) -> BitPlan:
+    raw = report.to_dict()
+    activation = _activation_bits(raw, config)
+    gradients = gradient_bits(raw, bits=config.bits, tol=config.grad_tol)
+    modules: dict[str, dict[str, Any]] = {o.name: {"float": True} for o in options}
+    chosen_bits = 0.0
+    damage = 0.0
+    for option, index in zip(planned, solution.choice):
+        candidate = option.candidates[index]
+        chosen_bits += candidate.cost_bits
+        damage += candidate.damage
+        for name in option.name.split("+"):  # a tie group lists its members joined by "+"
+            member = next(o for o in options if o.name == name)
+            member_candidate = next(c for c in member.candidates if c.label == candidate.label)
+            modules[name] = {
+                "weight_bits": candidate.bits, "group": candidate.group, "groups": member_candidate.groups,
+                "activation_bits": activation.get(name), "gradient_bits": gradients.get(name) or 16,
+                "scheme": "symmetric", "rounding": "nearest", "predicted_damage": member_candidate.damage,
+            }
+    planned_params = sum(o.params for o in planned)
+    all_params = planned_params + sum(o.params for o in floats)
+    float_bits = sum(o.float_cost_bits for o in floats)
+    weight_bytes = (chosen_bits + float_bits) / 8
+    quantized = [m for m in modules.values() if not m.get("float")]
+    totals = {
+        "weight_bits_mean": chosen_bits / planned_params,
+        "weight_bytes": math.ceil(weight_bytes),
+        "compression": 32 * all_params / (chosen_bits + float_bits),
+        "predicted_damage": damage,
+        "planned_modules": len(quantized), "float_modules": len(modules) - len(quantized),
+        "activation_bits_mean": _mean([m["activation_bits"] for m in quantized if m["activation_bits"]]),
+        "gradient_bits_mean": _mean([m["gradient_bits"] for m in quantized]),
+    }
+    sensitivity = {"path": str(sensitivity_path) if sensitivity_path else None,
+                   "sha256": file_sha256(sensitivity_path) if sensitivity_path else None,
+                   "data": {k: raw["data"].get(k) for k in ("task", "examples", "hash")}}
+    return BitPlan(
+        model={"fingerprint": raw["model"]["fingerprint"], "architecture": raw["model"].get("architecture"),
+               "modules": {o.name: list(o.shape) for o in options}},
+        budget={**budget.to_dict(), "capacity_bits": _capacity(budget, planned, floats),
+                "act_budget": config.act_budget},
+        objective=config.objective, totals=totals, modules=modules, sensitivity=sensitivity,
+        solver={"name": solution.solver, "optimal": solution.optimal}, settings=config.recorded(),
+        baseline=baseline,
+    )
+
+
+def _activation_bits(raw: Mapping[str, Any], config: PlanConfig) -> dict[str, int]:
+    options = [o for o in activation_options(raw, bits=config.bits, keep_float=config.keep_float) if not o.float]
+    if not options:
+        return {}
+    capacity = sum(o.candidates[0].cost_bits / o.candidates[0].bits for o in options) * config.act_budget
+    try:
+        solution = solve(_items(options), (capacity,), solver=config.solver)
+    except InfeasibleError as exc:
+        raise ConfigError(f"activation budget {config.act_budget:g}bit cannot be reached with bits "
+                          f"{min(config.bits)}..{max(config.bits)}") from exc
+    return {o.name: o.candidates[i].bits for o, i in zip(options, solution.choice)}
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def check_plan(plan: BitPlan, architecture: Mapping[str, Sequence[int]]) -> None:
+    """Refuse a plan for another architecture, naming the first offending module.
+
+    ``architecture`` maps module names to weight shapes (from `qanalyze.models.inventory`).
+    """
+    for name, shape in plan.model["modules"].items():
+        if name not in architecture:
+            raise ConfigError(f"plan module {name} does not exist in this model: the plan is for another architecture")
+        if list(architecture[name]) != list(shape):
+            raise ConfigError(f"the plan is for another architecture: plan module {name} has shape {list(shape)}, "
+                              f"the model's is {list(architecture[name])}")
+    missing = [name for name in architecture if name not in plan.model["modules"]]
+    if missing:
+        raise ConfigError(f"the model has module {missing[0]} that the plan does not cover: "
+                          "the plan is for another architecture")
+    for name, spec in plan.modules.items():
+        if spec.get("float"):
+            continue
+        rows = plan.model["modules"][name][0]
+        if spec.get("groups") and rows % spec["groups"]:
+            raise ConfigError(f"plan module {name}: {spec['groups']} groups do not divide its {rows} rows")
