@@ -20,14 +20,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from qanalyze.errors import ConfigError
+from qanalyze.plan.budget import FLOAT_BITS
 from qanalyze.quant.primitives import BITS_RANGE, parse_group, rows_per_group
 from qanalyze.records import MODULE_KINDS, SensitivityReport
 
 SCALE_BITS = 16
 """Storage of one group's scale (fp16); symmetric weights need no zero point."""
-
-FLOAT_BITS = 32
-"""Storage of one weight kept in floating point (FP32)."""
 
 DEFAULT_BITS = (2, 3, 4, 5, 6, 8, 12, 16)
 """Bit widths offered to every module unless ``--bits`` says otherwise."""

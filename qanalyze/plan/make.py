@@ -153,12 +153,13 @@ def _assemble(report: SensitivityReport, budget: Budget, config: PlanConfig, opt
     modules: dict[str, dict[str, Any]] = {o.name: {"float": True} for o in options}
     chosen_bits = 0.0
     damage = 0.0
+    by_name = {o.name: o for o in options}
     for option, index in zip(planned, solution.choice):
         candidate = option.candidates[index]
         chosen_bits += candidate.cost_bits
         damage += candidate.damage
-        for name in option.name.split("+"):  # a tie group lists its members joined by "+"
-            member = next(o for o in options if o.name == name)
+        for name in option.members:  # a tie group stands for several modules
+            member = by_name[name]
             member_candidate = next(c for c in member.candidates if c.label == candidate.label)
             modules[name] = {
                 "weight_bits": candidate.bits, "group": candidate.group, "groups": member_candidate.groups,
