@@ -294,7 +294,8 @@ def _print_most_sensitive(report: Any, console: Any, count: int = 10) -> None:
 @click.option("--act-budget", default="8bit", show_default=True, help="Mean activation bits.")
 @click.option("--grad-tol", type=float, default=0.05, show_default=True,
               help="Gradient bits: the fewest whose relative gradient error stays under this.")
-@click.option("--solver", type=click.Choice(["ilp", "highs", "dp"]), default="ilp", show_default=True)
+@click.option("--solver", type=click.Choice(["ilp", "highs", "cbc", "dp"]), default="ilp", show_default=True,
+              help="ilp: exact, HiGHS (else CBC); dp: dynamic programming on a discretised cost.")
 @click.option("--baselines", is_flag=True, help="Also write uniform, random and reversed plans beside OUT.")
 @click.option("--show", "show", type=click.Path(dir_okay=False), default=None, help="Pretty-print this plan and exit.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")

@@ -131,14 +131,14 @@ def _uniform(planned: Sequence[ModuleOptions], items: list[list[Item]], capacity
 
 def _random(planned: Sequence[ModuleOptions], items: list[list[Item]], capacity: float,
             config: PlanConfig) -> Solution:
-    return random_choice(items, (capacity,), seed=config.seed)
+    return random_choice(items, (capacity,), seed=config.seed, solver=config.solver)
 
 
 def _reversed(planned: Sequence[ModuleOptions], items: list[list[Item]], capacity: float,
               config: PlanConfig) -> Solution:
     # a module's sensitivity: its damage at the cheapest choice per weight, the scale the objective gives it
     sensitivity = [max(o.candidates[0].damage, 1e-30) / o.params for o in planned]
-    return reversed_choice(items, (capacity,), sensitivity)
+    return reversed_choice(items, (capacity,), sensitivity, solver=config.solver)
 
 
 _BASELINE_SOLVERS = {"uniform": _uniform, "random": _random, "reversed": _reversed}
