@@ -292,6 +292,9 @@ def _print_most_sensitive(report: Any, console: Any, count: int = 10) -> None:
               help="Kinds (linear, embedding, layernorm), stages (embeddings, head) or re:REGEX kept in float.")
 @click.option("--tie", multiple=True, help="Regex of modules that share bits within a layer (repeatable).")
 @click.option("--act-budget", default="8bit", show_default=True, help="Mean activation bits.")
+@click.option("--bops", default=None, help="Also cap bit operations per sequence (MACs x W bits x A bits): 2e12, 500G.")
+@click.option("--seq-len", type=click.IntRange(min=1), default=128, show_default=True,
+              help="Sequence length the BOPs count assumes.")
 @click.option("--grad-tol", type=float, default=0.05, show_default=True,
               help="Gradient bits: the fewest whose relative gradient error stays under this.")
 @click.option("--solver", type=click.Choice(["ilp", "highs", "cbc", "dp"]), default="ilp", show_default=True,
@@ -308,7 +311,7 @@ def plan(model: str | None, budget: str | None, sensitivity: str | None, out: st
     multiple-choice knapsack); activation bits do the same under --act-budget; gradient bits are the
     fewest whose measured error stays under --grad-tol.
     """
-    from qanalyze.plan.budget import parse_bits, parse_budget
+    from qanalyze.plan.budget import parse_bits, parse_bops, parse_budget
     from qanalyze.plan.make import BASELINES, PlanConfig, check_plan, make_plan
     from qanalyze.records import BitPlan, SensitivityReport
 
@@ -323,7 +326,8 @@ def plan(model: str | None, budget: str | None, sensitivity: str | None, out: st
         objective=kw["objective"], bits=_int_list(kw["bit_list"]),
         groups=tuple(g.strip() for g in kw["group_sizes"].split(",") if g.strip()),
         keep_float=tuple(k.strip() for k in kw["keep_float"].split(",") if k.strip()), ties=tuple(kw["tie"]),
-        act_budget=parse_bits(kw["act_budget"]), grad_tol=kw["grad_tol"], solver=kw["solver"], seed=kw["seed"])
+        act_budget=parse_bits(kw["act_budget"]), grad_tol=kw["grad_tol"], solver=kw["solver"], seed=kw["seed"],
+        bops=parse_bops(kw["bops"]) if kw["bops"] else None, seq_len=kw["seq_len"])
     targets = [Path(out)] + ([_baseline_path(out, name) for name in BASELINES] if kw["baselines"] else [])
     existing = [str(t) for t in targets if t.exists()]
     if existing and not kw["overwrite"]:
@@ -398,7 +402,8 @@ def _print_plan(plan_record: Any, console: Any) -> None:
     console.print(table)
     totals = plan_record.totals
     console.print(f"mean weight bits {totals['weight_bits_mean']:.3f}, weight bytes {totals['weight_bytes']:,}, "
-                  f"compression {totals['compression']:.2f}x, predicted damage {totals['predicted_damage']:.4g}")
+                  f"compression {totals['compression']:.2f}x, predicted damage {totals['predicted_damage']:.4g}, "
+                  f"BOPs {totals.get('bops', 0):.3g} per {totals.get('bops_seq_len', '?')}-token sequence")
 
 
 for _name, _issue, _what in (

@@ -132,3 +132,16 @@ def parse_bits(text: str) -> float:
     if not low <= value <= high:
         raise BudgetError(f"bits budget {text!r} must be from {low:g} to {high:g} bits")
     return value
+
+
+_BOPS = re.compile(r"^\s*(?P<number>\d+(?:\.\d*)?(?:e\d+)?|\.\d+)\s*(?P<unit>[kmgt]?)\s*(?:bops)?\s*$", re.IGNORECASE)
+_BOPS_UNITS = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12}
+
+
+def parse_bops(text: str) -> float:
+    """A bit-operations budget: ``2e12``, ``500G``, ``1.5T`` (k, M, G, T are powers of 1000)."""
+    match = _BOPS.match(str(text))
+    value = float(match["number"]) * _BOPS_UNITS[match["unit"].lower()] if match else 0.0
+    if not value > 0:
+        raise BudgetError(f"cannot read BOPs budget {text!r}; write a positive number such as 2e12, 500G or 1.5T")
+    return value

@@ -54,12 +54,15 @@ class PlanConfig:
     grad_tol: float = 0.05
     solver: str = "ilp"
     seed: int = 0
+    bops: float | None = None
+    seq_len: int = 128
 
     def recorded(self) -> dict[str, Any]:
         """The settings as written to plan.json."""
         return {"objective": self.objective, "bits": list(self.bits), "groups": list(self.groups),
                 "keep_float": list(self.keep_float), "ties": list(self.ties), "act_budget": self.act_budget,
-                "grad_tol": self.grad_tol, "solver": self.solver, "seed": self.seed}
+                "grad_tol": self.grad_tol, "solver": self.solver, "seed": self.seed, "bops": self.bops,
+                "seq_len": self.seq_len}
 
 
 def file_sha256(path: str | Path) -> str:
@@ -75,6 +78,27 @@ def _items(options: Sequence[ModuleOptions]) -> list[list[Item]]:
     return [[Item((c.cost_bits,), c.damage) for c in o.candidates] for o in options]
 
 
+def _macs(option: ModuleOptions, seq_len: int) -> int:
+    """Multiply-accumulates of one sequence: out x in per token for linear layers, none for lookups."""
+    return option.params * seq_len if "linear" in option.kind else 0
+
+
+def _activation_of(option: ModuleOptions, activation: Mapping[str, int]) -> int:
+    # a module without planned activation bits (float input) is costed as 16-bit
+    return max(activation.get(name) or 16 for name in option.members)
+
+
+def _bops(option: ModuleOptions, bits: int, activation: Mapping[str, int], seq_len: int) -> float:
+    """Bit operations of one sequence: MACs x weight bits x activation bits."""
+    return float(_macs(option, seq_len) * bits * _activation_of(option, activation))
+
+
+def _items_with_bops(options: Sequence[ModuleOptions], activation: Mapping[str, int],
+                     seq_len: int) -> list[list[Item]]:
+    return [[Item((c.cost_bits, _bops(o, c.bits, activation, seq_len)), c.damage) for c in o.candidates]
+            for o in options]
+
+
 def _capacity(budget: Budget, planned: Sequence[ModuleOptions], floats: Sequence[ModuleOptions]) -> float:
     params = sum(o.params for o in planned)
     if budget.kind == "bits":
@@ -85,7 +109,10 @@ def _capacity(budget: Budget, planned: Sequence[ModuleOptions], floats: Sequence
 
 
 def _unreachable(budget: Budget, exc: InfeasibleError, planned: Sequence[ModuleOptions],
-                 floats: Sequence[ModuleOptions]) -> ConfigError:
+                 floats: Sequence[ModuleOptions], config: PlanConfig) -> ConfigError:
+    if config.bops is not None and exc.minimum[1] > config.bops:
+        return ConfigError(f"BOPs budget {config.bops:.4g} cannot be reached with these bit-widths and activation "
+                           f"bits; the smallest reachable is {exc.minimum[1]:.4g} (sequence length {config.seq_len})")
     minimum = exc.minimum[0]
     params = sum(o.params for o in planned)
     all_params = params + sum(o.params for o in floats)
@@ -110,35 +137,43 @@ def make_plan(report: SensitivityReport, budget: Budget, config: PlanConfig, *,
     floats = [o for o in merged if o.float]
     if not planned:
         raise ConfigError("every module is kept in float (--keep-float): nothing to plan")
-    capacity = _capacity(budget, planned, floats)
-    items = _items(planned)
+    raw = report.to_dict()
+    activation = _activation_bits(raw, config)
+    capacities: tuple[float, ...] = (_capacity(budget, planned, floats),)
+    if config.bops is None:
+        items = _items(planned)
+    else:
+        # activation bits are chosen first, so BOPs are linear in the weight bits
+        items = _items_with_bops(planned, activation, config.seq_len)
+        capacities += (config.bops,)
     try:
-        solution = _BASELINE_SOLVERS.get(baseline, _optimal)(planned, items, capacity, config)
+        solution = _BASELINE_SOLVERS.get(baseline, _optimal)(planned, items, capacities, config)
     except InfeasibleError as exc:
-        raise _unreachable(budget, exc, planned, floats) from None
-    return _assemble(report, budget, config, options, planned, floats, solution, sensitivity_path, baseline)
+        raise _unreachable(budget, exc, planned, floats, config) from None
+    return _assemble(report, budget, config, options, planned, floats, solution, sensitivity_path, baseline,
+                     activation)
 
 
-def _optimal(planned: Sequence[ModuleOptions], items: list[list[Item]], capacity: float,
+def _optimal(planned: Sequence[ModuleOptions], items: list[list[Item]], capacities: tuple[float, ...],
              config: PlanConfig) -> Solution:
-    return solve(items, (capacity,), solver=config.solver)
+    return solve(items, capacities, solver=config.solver)
 
 
-def _uniform(planned: Sequence[ModuleOptions], items: list[list[Item]], capacity: float,
+def _uniform(planned: Sequence[ModuleOptions], items: list[list[Item]], capacities: tuple[float, ...],
              config: PlanConfig) -> Solution:
-    return uniform_choice(items, (capacity,), [[c.label for c in o.candidates] for o in planned])
+    return uniform_choice(items, capacities, [[c.label for c in o.candidates] for o in planned])
 
 
-def _random(planned: Sequence[ModuleOptions], items: list[list[Item]], capacity: float,
+def _random(planned: Sequence[ModuleOptions], items: list[list[Item]], capacities: tuple[float, ...],
             config: PlanConfig) -> Solution:
-    return random_choice(items, (capacity,), seed=config.seed, solver=config.solver)
+    return random_choice(items, capacities, seed=config.seed, solver=config.solver)
 
 
-def _reversed(planned: Sequence[ModuleOptions], items: list[list[Item]], capacity: float,
+def _reversed(planned: Sequence[ModuleOptions], items: list[list[Item]], capacities: tuple[float, ...],
               config: PlanConfig) -> Solution:
     # a module's sensitivity: its damage at the cheapest choice per weight, the scale the objective gives it
     sensitivity = [max(o.candidates[0].damage, 1e-30) / o.params for o in planned]
-    return reversed_choice(items, (capacity,), sensitivity, solver=config.solver)
+    return reversed_choice(items, capacities, sensitivity, solver=config.solver)
 
 
 _BASELINE_SOLVERS = {"uniform": _uniform, "random": _random, "reversed": _reversed}
@@ -146,18 +181,19 @@ _BASELINE_SOLVERS = {"uniform": _uniform, "random": _random, "reversed": _revers
 
 def _assemble(report: SensitivityReport, budget: Budget, config: PlanConfig, options: Sequence[ModuleOptions],
               planned: Sequence[ModuleOptions], floats: Sequence[ModuleOptions], solution: Solution,
-              sensitivity_path: str | Path | None, baseline: str | None) -> BitPlan:
+              sensitivity_path: str | Path | None, baseline: str | None, activation: Mapping[str, int]) -> BitPlan:
     raw = report.to_dict()
-    activation = _activation_bits(raw, config)
     gradients = gradient_bits(raw, bits=config.bits, tol=config.grad_tol)
     modules: dict[str, dict[str, Any]] = {o.name: {"float": True} for o in options}
     chosen_bits = 0.0
     damage = 0.0
+    bops = 0.0
     by_name = {o.name: o for o in options}
     for option, index in zip(planned, solution.choice):
         candidate = option.candidates[index]
         chosen_bits += candidate.cost_bits
         damage += candidate.damage
+        bops += _bops(option, candidate.bits, activation, config.seq_len)
         for name in option.members:  # a tie group stands for several modules
             member = by_name[name]
             member_candidate = next(c for c in member.candidates if c.label == candidate.label)
@@ -179,6 +215,7 @@ def _assemble(report: SensitivityReport, budget: Budget, config: PlanConfig, opt
         "planned_modules": len(quantized), "float_modules": len(modules) - len(quantized),
         "activation_bits_mean": _mean([m["activation_bits"] for m in quantized if m["activation_bits"]]),
         "gradient_bits_mean": _mean([m["gradient_bits"] for m in quantized]),
+        "bops": bops, "bops_seq_len": config.seq_len,
     }
     sensitivity = {"path": str(sensitivity_path) if sensitivity_path else None,
                    "sha256": file_sha256(sensitivity_path) if sensitivity_path else None,
@@ -187,7 +224,7 @@ def _assemble(report: SensitivityReport, budget: Budget, config: PlanConfig, opt
         model={"fingerprint": raw["model"]["fingerprint"], "architecture": raw["model"].get("architecture"),
                "modules": {o.name: list(o.shape) for o in options}},
         budget={**budget.to_dict(), "capacity_bits": _capacity(budget, planned, floats),
-                "act_budget": config.act_budget},
+                "act_budget": config.act_budget, "bops": config.bops},
         objective=config.objective, totals=totals, modules=modules, sensitivity=sensitivity,
         solver={"name": solution.solver, "optimal": solution.optimal}, settings=config.recorded(),
         baseline=baseline,

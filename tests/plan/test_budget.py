@@ -77,3 +77,14 @@ def test_parse_bits(text, value):
 def test_parse_bits_rejects(text):
     with pytest.raises(BudgetError):
         parse_bits(text)
+
+
+def test_bops_budgets():
+    from qanalyze.plan.budget import parse_bops
+
+    assert parse_bops("2e12") == 2e12
+    assert parse_bops("500G") == 5e11
+    assert parse_bops("1.5T") == 1.5e12
+    for bad in ("", "-3G", "2Q", "0"):
+        with pytest.raises(BudgetError, match="500G"):
+            parse_bops(bad)

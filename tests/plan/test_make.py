@@ -88,3 +88,15 @@ def test_tied_modules_share_bits(analysed):
                 for p in ("query", "key", "value")}
         assert len(bits) == 1
     assert json.dumps(plan.to_dict())  # plain JSON
+
+
+def test_bops_budget_is_a_second_constraint(analysed):
+    report, _, _ = analysed
+    free = make_plan(report, parse_budget("8bit"), PlanConfig())
+    cap = free.totals["bops"] * 0.5
+    capped = make_plan(report, parse_budget("8bit"), PlanConfig(bops=cap))
+    assert capped.totals["bops"] <= cap * (1 + 1e-9)
+    assert capped.totals["weight_bits_mean"] <= 8.0 + 1e-9
+    assert capped.totals["predicted_damage"] >= free.totals["predicted_damage"]
+    with pytest.raises(ConfigError, match=r"BOPs budget .* smallest reachable"):
+        make_plan(report, parse_budget("8bit"), PlanConfig(bops=1.0))
