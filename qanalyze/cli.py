@@ -297,6 +297,8 @@ def _print_most_sensitive(report: Any, console: Any, count: int = 10) -> None:
               help="Sequence length the BOPs count assumes.")
 @click.option("--grad-tol", type=float, default=0.05, show_default=True,
               help="Gradient bits: the fewest whose relative gradient error stays under this.")
+@click.option("--grad-budget", default=None, help="Instead of --grad-tol: mean gradient bits (e.g. 8bit), "
+                                                  "allocated to minimise the measured gradient error.")
 @click.option("--solver", type=click.Choice(["ilp", "highs", "cbc", "dp"]), default="ilp", show_default=True,
               help="ilp: exact, HiGHS (else CBC); dp: dynamic programming on a discretised cost.")
 @click.option("--baselines", is_flag=True, help="Also write uniform, random and reversed plans beside OUT.")
@@ -327,7 +329,8 @@ def plan(model: str | None, budget: str | None, sensitivity: str | None, out: st
         groups=tuple(g.strip() for g in kw["group_sizes"].split(",") if g.strip()),
         keep_float=tuple(k.strip() for k in kw["keep_float"].split(",") if k.strip()), ties=tuple(kw["tie"]),
         act_budget=parse_bits(kw["act_budget"]), grad_tol=kw["grad_tol"], solver=kw["solver"], seed=kw["seed"],
-        bops=parse_bops(kw["bops"]) if kw["bops"] else None, seq_len=kw["seq_len"])
+        bops=parse_bops(kw["bops"]) if kw["bops"] else None, seq_len=kw["seq_len"],
+        grad_budget=parse_bits(kw["grad_budget"]) if kw["grad_budget"] else None)
     targets = [Path(out)] + ([_baseline_path(out, name) for name in BASELINES] if kw["baselines"] else [])
     existing = [str(t) for t in targets if t.exists()]
     if existing and not kw["overwrite"]:

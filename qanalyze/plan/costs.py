@@ -462,3 +462,38 @@ def gradient_bits(
             None,
         )
     return chosen
+
+
+def gradient_options(
+    report: Mapping[str, Any] | SensitivityReport,
+    *,
+    bits: Sequence[int] = DEFAULT_BITS,
+    keep_float: Sequence[str] = DEFAULT_KEEP_FLOAT,
+) -> list[ModuleOptions]:
+    """Gradient candidates of every module with measured gradient errors, for ``--grad-budget``.
+
+    The output gradient is quantized per tensor in the backward pass, so a candidate costs ``bits``
+    per output element of one token (``params`` = ``shape[0]``, out_features) and its damage is the
+    measured relative error of the weight gradient plus that of the input gradient. Only measured
+    bit widths among ``bits`` are candidates; modules without gradient data stay float.
+    """
+    bits = _check_bits(bits)
+    keeps_float = _keeps_float(keep_float)
+    options = []
+    for name, entry in _modules(report).items():
+        shape = _shape(name, entry)
+        common = {"name": name, "kind": entry.get("kind"), "block": entry.get("block"), "params": shape[0],
+                  "shape": shape}
+        measured = entry.get("gradient_error") or {}
+        candidates = [
+            Candidate(bits=b, group="tensor", groups=1, cost_bits=float(b * shape[0]),
+                      damage=float(err["weight_grad"] + err["input_grad"]))
+            for b in bits
+            if isinstance(err := measured.get(str(b)), Mapping)
+            and isinstance(err.get("weight_grad"), (int, float)) and isinstance(err.get("input_grad"), (int, float))
+        ]
+        if keeps_float(name, entry) or not candidates:
+            options.append(ModuleOptions(**common, candidates=(), float=True))
+        else:
+            options.append(ModuleOptions(**common, candidates=tuple(sorted(candidates, key=_order))))
+    return options

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from qanalyze.plan.costs import (
     ModuleOptions,
     activation_options,
     gradient_bits,
+    gradient_options,
     merge_ties,
     module_options,
     tie_groups,
@@ -52,6 +53,7 @@ class PlanConfig:
     ties: tuple[str, ...] = ()
     act_budget: float = 8.0
     grad_tol: float = 0.05
+    grad_budget: float | None = None
     solver: str = "ilp"
     seed: int = 0
     bops: float | None = None
@@ -59,10 +61,7 @@ class PlanConfig:
 
     def recorded(self) -> dict[str, Any]:
         """The settings as written to plan.json."""
-        return {"objective": self.objective, "bits": list(self.bits), "groups": list(self.groups),
-                "keep_float": list(self.keep_float), "ties": list(self.ties), "act_budget": self.act_budget,
-                "grad_tol": self.grad_tol, "solver": self.solver, "seed": self.seed, "bops": self.bops,
-                "seq_len": self.seq_len}
+        return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v for f in fields(self)}
 
 
 def file_sha256(path: str | Path) -> str:
@@ -183,7 +182,7 @@ def _assemble(report: SensitivityReport, budget: Budget, config: PlanConfig, opt
               planned: Sequence[ModuleOptions], floats: Sequence[ModuleOptions], solution: Solution,
               sensitivity_path: str | Path | None, baseline: str | None, activation: Mapping[str, int]) -> BitPlan:
     raw = report.to_dict()
-    gradients = gradient_bits(raw, bits=config.bits, tol=config.grad_tol)
+    gradients = _gradient_bits(raw, config)
     modules: dict[str, dict[str, Any]] = {o.name: {"float": True} for o in options}
     chosen_bits = 0.0
     damage = 0.0
@@ -224,7 +223,7 @@ def _assemble(report: SensitivityReport, budget: Budget, config: PlanConfig, opt
         model={"fingerprint": raw["model"]["fingerprint"], "architecture": raw["model"].get("architecture"),
                "modules": {o.name: list(o.shape) for o in options}},
         budget={**budget.to_dict(), "capacity_bits": _capacity(budget, planned, floats),
-                "act_budget": config.act_budget, "bops": config.bops},
+                "act_budget": config.act_budget, "grad_budget": config.grad_budget, "bops": config.bops},
         objective=config.objective, totals=totals, modules=modules, sensitivity=sensitivity,
         solver={"name": solution.solver, "optimal": solution.optimal}, settings=config.recorded(),
         baseline=baseline,
@@ -241,6 +240,25 @@ def _activation_bits(raw: Mapping[str, Any], config: PlanConfig) -> dict[str, in
     except InfeasibleError as exc:
         raise ConfigError(f"activation budget {config.act_budget:g}bit cannot be reached with bits "
                           f"{min(config.bits)}..{max(config.bits)}") from exc
+    return {o.name: o.candidates[i].bits for o, i in zip(options, solution.choice)}
+
+
+def _gradient_bits(raw: Mapping[str, Any], config: PlanConfig) -> Mapping[str, int | None]:
+    """The fewest bits under ``grad_tol``; or, with ``grad_budget``, the allocation of mean gradient
+    bits that minimises the summed relative gradient errors (the same knapsack)."""
+    if config.grad_budget is None:
+        return gradient_bits(raw, bits=config.bits, tol=config.grad_tol)
+    options = [o for o in gradient_options(raw, bits=config.bits, keep_float=config.keep_float) if not o.float]
+    if not options:
+        raise ConfigError("--grad-budget needs measured gradient errors: run `qanalyze analyze` with the gradients "
+                          "metric")
+    capacity = config.grad_budget * sum(o.params for o in options)
+    try:
+        solution = solve(_items(options), (capacity,), solver=config.solver)
+    except InfeasibleError as exc:
+        raise ConfigError(f"gradient budget {config.grad_budget:g}bit cannot be reached with the measured gradient "
+                          f"bits; the smallest reachable is {exc.minimum[0] / (capacity / config.grad_budget):.2f}bit"
+                          ) from None
     return {o.name: o.candidates[i].bits for o, i in zip(options, solution.choice)}
 
 

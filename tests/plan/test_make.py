@@ -100,3 +100,15 @@ def test_bops_budget_is_a_second_constraint(analysed):
     assert capped.totals["predicted_damage"] >= free.totals["predicted_damage"]
     with pytest.raises(ConfigError, match=r"BOPs budget .* smallest reachable"):
         make_plan(report, parse_budget("8bit"), PlanConfig(bops=1.0))
+
+
+def test_gradient_budget_allocates_measured_bits(analysed):
+    report, _, _ = analysed
+    plan = make_plan(report, parse_budget("4bit"), PlanConfig(grad_budget=6.0))
+    linear = {n: m for n, m in plan.modules.items() if not m.get("float") and "embeddings" not in n}
+    out_features = {n: plan.model["modules"][n][0] for n in linear}
+    mean = sum(m["gradient_bits"] * out_features[n] for n, m in linear.items()) / sum(out_features.values())
+    assert mean <= 6.0 + 1e-9
+    assert len({m["gradient_bits"] for m in linear.values()}) > 1  # allocated, not uniform
+    with pytest.raises(ConfigError, match=r"gradient budget 1\.5bit cannot be reached"):
+        make_plan(report, parse_budget("4bit"), PlanConfig(grad_budget=1.5))
