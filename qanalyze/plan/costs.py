@@ -64,9 +64,14 @@ def _hessian_number(entry: Mapping[str, Any], key: str, metric: str) -> float:
 def _trace_damage(entry: Mapping[str, Any], bits: int, group: str) -> float:
     """HAWQ-V2: (tr(H) / n) * ||Q(W) - W||^2."""
     # The average trace is a Hutchinson estimate; for a flat module it scatters around 0 and can come
-    # out slightly negative. A negative curvature sum would reward quantizing, which is noise, not
-    # information: clamp it to 0 (the module is then free to quantize, which is what "flat" means).
-    return max(_hessian_number(entry, "avg_trace", "trace"), 0.0) * _weight_error(entry, bits, group)
+    # out negative. A negative curvature sum would reward quantizing, and 0 would make the module
+    # free: both read noise as information. The floor is the estimate's own standard error: the
+    # curvature is not known to be smaller than that.
+    average = _hessian_number(entry, "avg_trace", "trace")
+    stderr = (entry.get("hessian") or {}).get("trace_stderr")
+    params = math.prod(_shape("", entry)) if entry.get("shape") else 0
+    floor = stderr / params if isinstance(stderr, (int, float)) and stderr > 0 and params else 0.0
+    return max(average, floor) * _weight_error(entry, bits, group)
 
 
 def _eig_damage(entry: Mapping[str, Any], bits: int, group: str) -> float:

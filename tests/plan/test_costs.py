@@ -119,6 +119,14 @@ def test_trace_objective_uses_average_trace_and_clamps_a_negative_one_to_zero():
     assert all(c.damage == 0.0 for c in down.candidates)
 
 
+def test_trace_objective_floors_a_noisy_trace_at_its_standard_error():
+    noisy = entry(avg_trace=-1e-4)
+    noisy["hessian"]["trace_stderr"] = 3.2  # over n = 8 x 4 weights: 0.1 per weight
+    (option,) = module_options(report(noisy=noisy), bits=BITS, groups=GROUPS, keep_float=())
+    for c in option.candidates:
+        assert c.damage == pytest.approx(0.1 * 4.0**-c.bits * SHRINK[c.group])
+
+
 def test_eig_objective_uses_omega():
     (options,) = module_options(report(d=entry(omega=3.0, avg_trace=-5.0)), bits=BITS, groups=GROUPS, objective="eig",
                                 keep_float=())
