@@ -31,6 +31,10 @@ _EXPORTS = {
     "SensitivityReport": "qanalyze.records",
     "analyze": "qanalyze.sensitivity.analyze",
     "AnalyzeConfig": "qanalyze.sensitivity.analyze",
+    "make_plan": "qanalyze.plan.make",
+    "PlanConfig": "qanalyze.plan.make",
+    "parse_budget": "qanalyze.plan.budget",
+    "BitPlan": "qanalyze.records",
 }
 
 __all__ = sorted(_EXPORTS)
