@@ -19,7 +19,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Self
 
 from qanalyze.errors import RecordError
 
@@ -51,7 +51,7 @@ def environment() -> dict[str, str]:
 
 def utc_now() -> str:
     """The current time in UTC, ISO 8601, to the second."""
-    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+    return _dt.datetime.now(_dt.UTC).replace(microsecond=0).isoformat()
 
 
 @contextlib.contextmanager
@@ -107,8 +107,44 @@ def read_record(path: str | os.PathLike[str], schema: str) -> dict[str, Any]:
     return data
 
 
+class JsonRecord:
+    """What every versioned record shares: JSON round trip with a schema check, atomic save, load.
+
+    Subclasses are dataclasses with a ``schema`` field defaulting to their ``SCHEMA``; ``KIND``
+    names the record in messages.
+    """
+
+    SCHEMA: ClassVar[str] = ""
+    KIND: ClassVar[str] = "record"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The record as plain JSON-ready data, schema first."""
+        data = asdict(self)  # type: ignore[call-overload]
+        return {"schema": data.pop("schema"), **data}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Self:
+        """Rebuild and validate a record; unknown keys are ignored so newer files with extra fields load."""
+        if data.get("schema") != cls.SCHEMA:
+            raise RecordError(f"{cls.KIND} has schema {data.get('schema')!r}, expected {cls.SCHEMA!r}")
+        known = set(cls.__dataclass_fields__)  # type: ignore[attr-defined]
+        try:
+            return cls(**{k: v for k, v in data.items() if k in known})
+        except TypeError as exc:
+            raise RecordError(f"{cls.KIND} is incomplete: {exc}") from None
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the record atomically."""
+        atomic_write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Self:
+        """Read and validate a record."""
+        return cls.from_dict(read_record(path, cls.SCHEMA))
+
+
 @dataclass
-class RunRecord:
+class RunRecord(JsonRecord):
     """``metrics.json`` of a run directory: what was trained, on what, how, and how well."""
 
     task: str
@@ -123,35 +159,13 @@ class RunRecord:
     versions: dict[str, str] = field(default_factory=environment)
     created: str = field(default_factory=utc_now)
     schema: str = RUN_SCHEMA
+    SCHEMA: ClassVar[str] = RUN_SCHEMA
+    KIND: ClassVar[str] = "run record"
 
     def __post_init__(self) -> None:
         if self.mode not in RUN_MODES:
             raise RecordError(f"run mode {self.mode!r} is not one of {', '.join(RUN_MODES)}")
 
-    def to_dict(self) -> dict[str, Any]:
-        """The record as plain JSON-ready data, schema first."""
-        data = asdict(self)
-        return {"schema": data.pop("schema"), **data}
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> RunRecord:
-        """Rebuild a record; unknown keys are ignored so newer files with extra fields still load."""
-        if data.get("schema") != RUN_SCHEMA:
-            raise RecordError(f"run record has schema {data.get('schema')!r}, expected {RUN_SCHEMA!r}")
-        known = {f for f in cls.__dataclass_fields__}
-        try:
-            return cls(**{k: v for k, v in data.items() if k in known})
-        except TypeError as exc:
-            raise RecordError(f"run record is incomplete: {exc}") from None
-
-    def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the record atomically."""
-        atomic_write_json(path, self.to_dict())
-
-    @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> RunRecord:
-        """Read and validate a record."""
-        return cls.from_dict(read_record(path, RUN_SCHEMA))
 
 
 SENSITIVITY_SCHEMA = "qanalyze/sensitivity/v1"
@@ -159,7 +173,7 @@ MODULE_KINDS = ("linear", "embedding", "layernorm")
 
 
 @dataclass
-class SensitivityReport:
+class SensitivityReport(JsonRecord):
     """``sensitivity.json``: per quantizable module, Hessian metrics and quantization errors.
 
     ``modules`` maps a fully qualified module name to its entry (keys fixed in DESIGN.md:
@@ -180,6 +194,8 @@ class SensitivityReport:
     versions: dict[str, str] = field(default_factory=environment)
     created: str = field(default_factory=utc_now)
     schema: str = SENSITIVITY_SCHEMA
+    SCHEMA: ClassVar[str] = SENSITIVITY_SCHEMA
+    KIND: ClassVar[str] = "sensitivity record"
 
     def __post_init__(self) -> None:
         if "fingerprint" not in self.model:
@@ -188,37 +204,13 @@ class SensitivityReport:
             if entry.get("kind") not in MODULE_KINDS:
                 raise RecordError(f"sensitivity record: module {name} has kind {entry.get('kind')!r}")
 
-    def to_dict(self) -> dict[str, Any]:
-        """The record as plain JSON-ready data, schema first."""
-        data = asdict(self)
-        return {"schema": data.pop("schema"), **data}
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> SensitivityReport:
-        """Rebuild and validate a record; unknown keys are ignored."""
-        if data.get("schema") != SENSITIVITY_SCHEMA:
-            raise RecordError(f"sensitivity record has schema {data.get('schema')!r}, expected {SENSITIVITY_SCHEMA!r}")
-        known = set(cls.__dataclass_fields__)
-        try:
-            return cls(**{k: v for k, v in data.items() if k in known})
-        except TypeError as exc:
-            raise RecordError(f"sensitivity record is incomplete: {exc}") from None
-
-    def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the record atomically."""
-        atomic_write_json(path, self.to_dict())
-
-    @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> SensitivityReport:
-        """Read and validate a record."""
-        return cls.from_dict(read_record(path, SENSITIVITY_SCHEMA))
 
 
 PLAN_SCHEMA = "qanalyze/plan/v1"
 
 
 @dataclass
-class BitPlan:
+class BitPlan(JsonRecord):
     """``plan.json``: the bit-width of every module's weights, activations and gradients.
 
     ``modules`` maps a module name to ``{"weight_bits", "group", "groups", "activation_bits",
@@ -239,6 +231,8 @@ class BitPlan:
     # No creation time and no solve time: the same inputs must give a byte-identical plan.
     versions: dict[str, str] = field(default_factory=lambda: {"qanalyze": qanalyze_version()})
     schema: str = PLAN_SCHEMA
+    SCHEMA: ClassVar[str] = PLAN_SCHEMA
+    KIND: ClassVar[str] = "plan"
 
     def __post_init__(self) -> None:
         if "fingerprint" not in self.model or "modules" not in self.model:
@@ -253,27 +247,3 @@ class BitPlan:
             if spec.get("weight_bits") is None or "group" not in spec:
                 raise RecordError(f"plan: module {name} has no weight_bits/group and is not float")
 
-    def to_dict(self) -> dict[str, Any]:
-        """The record as plain JSON-ready data, schema first."""
-        data = asdict(self)
-        return {"schema": data.pop("schema"), **data}
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> BitPlan:
-        """Rebuild and validate a plan; unknown keys are ignored."""
-        if data.get("schema") != PLAN_SCHEMA:
-            raise RecordError(f"plan has schema {data.get('schema')!r}, expected {PLAN_SCHEMA!r}")
-        known = set(cls.__dataclass_fields__)
-        try:
-            return cls(**{k: v for k, v in data.items() if k in known})
-        except TypeError as exc:
-            raise RecordError(f"plan is incomplete: {exc}") from None
-
-    def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the plan atomically."""
-        atomic_write_json(path, self.to_dict())
-
-    @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> BitPlan:
-        """Read and validate a plan."""
-        return cls.from_dict(read_record(path, PLAN_SCHEMA))
