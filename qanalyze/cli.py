@@ -262,8 +262,6 @@ def _print_most_sensitive(report: Any, console: Any, count: int = 10) -> None:
     rows = []
     for name, entry in report.modules.items():
         hessian = entry.get("hessian", {})
-        if name.endswith("key.bias"):
-            continue
         rows.append((name, hessian.get("omega"), hessian.get("avg_trace"), hessian.get("trace"),
                      hessian.get("trace_stderr")))
     # Ω comes from converged Lanczos runs; the trace is a stochastic estimate shown with its error.

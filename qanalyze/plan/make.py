@@ -128,7 +128,8 @@ def _unreachable(budget: Budget, exc: InfeasibleError, planned: Sequence[ModuleO
 def make_plan(report: SensitivityReport, budget: Budget, config: PlanConfig, *,
               sensitivity_path: str | Path | None = None, baseline: str | None = None) -> BitPlan:
     """The plan minimising predicted damage under ``budget`` (or, with ``baseline``, that baseline)."""
-    options = module_options(report.to_dict(), bits=config.bits, groups=config.groups,
+    raw = report.to_dict()
+    options = module_options(raw, bits=config.bits, groups=config.groups,
                              objective=config.objective, keep_float=config.keep_float)
     ties = tie_groups(options, config.ties) if config.ties else []
     merged = merge_ties(options, ties)
@@ -136,7 +137,6 @@ def make_plan(report: SensitivityReport, budget: Budget, config: PlanConfig, *,
     floats = [o for o in merged if o.float]
     if not planned:
         raise ConfigError("every module is kept in float (--keep-float): nothing to plan")
-    raw = report.to_dict()
     activation = _activation_bits(raw, config)
     capacities: tuple[float, ...] = (_capacity(budget, planned, floats),)
     if config.bops is None:
@@ -149,8 +149,8 @@ def make_plan(report: SensitivityReport, budget: Budget, config: PlanConfig, *,
         solution = _BASELINE_SOLVERS.get(baseline, _optimal)(planned, items, capacities, config)
     except InfeasibleError as exc:
         raise _unreachable(budget, exc, planned, floats, config) from None
-    return _assemble(report, budget, config, options, planned, floats, solution, sensitivity_path, baseline,
-                     activation)
+    return _assemble(raw, budget, config, options, planned, floats, solution, sensitivity_path, baseline,
+                     activation, capacities[0])
 
 
 def _optimal(planned: Sequence[ModuleOptions], items: list[list[Item]], capacities: tuple[float, ...],
@@ -178,10 +178,10 @@ def _reversed(planned: Sequence[ModuleOptions], items: list[list[Item]], capacit
 _BASELINE_SOLVERS = {"uniform": _uniform, "random": _random, "reversed": _reversed}
 
 
-def _assemble(report: SensitivityReport, budget: Budget, config: PlanConfig, options: Sequence[ModuleOptions],
+def _assemble(raw: Mapping[str, Any], budget: Budget, config: PlanConfig, options: Sequence[ModuleOptions],
               planned: Sequence[ModuleOptions], floats: Sequence[ModuleOptions], solution: Solution,
-              sensitivity_path: str | Path | None, baseline: str | None, activation: Mapping[str, int]) -> BitPlan:
-    raw = report.to_dict()
+              sensitivity_path: str | Path | None, baseline: str | None, activation: Mapping[str, int],
+              capacity: float) -> BitPlan:
     gradients = _gradient_bits(raw, config)
     modules: dict[str, dict[str, Any]] = {o.name: {"float": True} for o in options}
     chosen_bits = 0.0
@@ -222,7 +222,7 @@ def _assemble(report: SensitivityReport, budget: Budget, config: PlanConfig, opt
     return BitPlan(
         model={"fingerprint": raw["model"]["fingerprint"], "architecture": raw["model"].get("architecture"),
                "modules": {o.name: list(o.shape) for o in options}},
-        budget={**budget.to_dict(), "capacity_bits": _capacity(budget, planned, floats),
+        budget={**budget.to_dict(), "capacity_bits": capacity,
                 "act_budget": config.act_budget, "grad_budget": config.grad_budget, "bops": config.bops},
         objective=config.objective, totals=totals, modules=modules, sensitivity=sensitivity,
         solver={"name": solution.solver, "optimal": solution.optimal}, settings=config.recorded(),

@@ -27,7 +27,7 @@ import torch
 from qanalyze.data import TaskData, collate, encode
 from qanalyze.errors import ConfigError
 from qanalyze.models import LoadedModel, ModuleInfo, architecture_fingerprint, head_dim, inventory
-from qanalyze.quant.primitives import fake_quantize, parse_group, weight_errors
+from qanalyze.quant.primitives import fake_quantize, parse_group, rows_per_group, weight_errors
 from qanalyze.records import SensitivityReport
 from qanalyze.sensitivity.errors import ErrorProbe
 from qanalyze.sensitivity.hvp import NonFiniteError
@@ -158,7 +158,7 @@ def _new_report(loaded: LoadedModel, data: TaskData, config: AnalyzeConfig, info
         entry.pop("name", None)
         size = head_dim(model, info)
         entry["head_dim"] = size
-        entry["group_rows"] = {g: r for g, r in _group_rows(info, size, config.groups).items()}
+        entry["group_rows"] = _group_rows(info, size, config.groups)
         entry["hessian"] = {}
         modules[info.name] = entry
     return SensitivityReport(
@@ -171,8 +171,6 @@ def _new_report(loaded: LoadedModel, data: TaskData, config: AnalyzeConfig, info
 
 
 def _group_rows(info: ModuleInfo, size: int | None, groups: Sequence[str]) -> dict[str, int]:
-    from qanalyze.quant.primitives import rows_per_group
-
     rows = {}
     for group in groups:
         try:
@@ -233,11 +231,12 @@ def analyze(
     report_progress = progress or (lambda *_: None)
     all_infos = inventory(model)
     infos = select_modules(model, config.modules)
-    batches = calibration_batches(data, loaded.tokenizer, config)
+    device = next(model.parameters()).device
+    # on the model's device before the first forward, or a GPU model would meet CPU tensors
+    batches = [{k: v.to(device) for k, v in b.items()}
+               for b in calibration_batches(data, loaded.tokenizer, config)]
     _check_loss(model, batches[0])
     state = _open(loaded, data, config, out, infos, all_infos, resume)
-    device = next(model.parameters()).device
-    batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
     modules = dict(model.named_modules())
     metrics = set(config.metrics)
 
