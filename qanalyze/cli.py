@@ -59,30 +59,33 @@ def cli() -> None:
     """
 
 
-@cli.command()
-@click.argument("model")
-@_data_options
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory to create.")
-@click.option("--epochs", type=click.IntRange(min=1), default=3, show_default=True)
-@click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Stop after this many steps "
-              "(overrides --epochs).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True)
-@click.option("--lr", type=float, default=1e-4, show_default=True, help="Peak learning rate (AdamW).")
-@click.option("--warmup-ratio", type=float, default=0.06, show_default=True)
-@click.option("--weight-decay", type=float, default=0.01, show_default=True)
-@click.option("--max-grad-norm", type=float, default=1.0, show_default=True, help="Gradient clipping.")
-@click.option("--eval-every", type=click.IntRange(min=1), default=None, help="Also evaluate every N steps.")
-@click.option("--save-every", type=click.IntRange(min=1), default=100, show_default=True,
-              help="Checkpoint every N steps (for --resume).")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
-@click.option("--resume", is_flag=True, help="Continue an interrupted run in --out from its checkpoint.")
-@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
-def finetune(model: str, task: str | None, data: str | None, out: str, quiet: bool, **kw: Any) -> None:
-    """Fine-tune MODEL in FP32 on a task: the baseline every quantized run is compared with.
+_TRAIN_OPTIONS = (
+    click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory to create."),
+    click.option("--epochs", type=click.IntRange(min=1), default=3, show_default=True),
+    click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Stop after this many steps "
+                 "(overrides --epochs)."),
+    click.option("--batch-size", type=click.IntRange(min=1), default=32, show_default=True),
+    click.option("--lr", type=float, default=1e-4, show_default=True, help="Peak learning rate (AdamW)."),
+    click.option("--warmup-ratio", type=float, default=0.06, show_default=True),
+    click.option("--weight-decay", type=float, default=0.01, show_default=True),
+    click.option("--max-grad-norm", type=float, default=1.0, show_default=True, help="Gradient clipping."),
+    click.option("--eval-every", type=click.IntRange(min=1), default=None, help="Also evaluate every N steps."),
+    click.option("--save-every", type=click.IntRange(min=1), default=100, show_default=True,
+                 help="Checkpoint every N steps (for --resume)."),
+    click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N]."),
+    click.option("--resume", is_flag=True, help="Continue an interrupted run in --out from its checkpoint."),
+    click.option("--overwrite", is_flag=True, help="Replace --out if it exists."),
+)
 
-    Writes the fine-tuned model and tokenizer, metrics.json (schema qanalyze/run/v1), log.csv
-    (one row per step) and evals.csv into --out.
-    """
+
+def _train_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed(_TRAIN_OPTIONS):
+        fn = option(fn)
+    return fn
+
+
+def _run_training(model: str, task: str | None, data: str | None, out: str, quiet: bool, kw: dict[str, Any], *,
+                  plan_spec: str | None = None, mode: str = "fp32") -> None:
     from qanalyze.data import load_task
     from qanalyze.engine.train import TrainConfig, train
     from qanalyze.models import load_model
@@ -100,17 +103,59 @@ def finetune(model: str, task: str | None, data: str | None, out: str, quiet: bo
                           max_eval_examples=kw["max_eval_examples"], seed=kw["seed"])
     _seed_everything(kw["seed"])
     loaded = load_model(model, num_labels=task_data.task.num_labels)
+    plan = None
+    if plan_spec is not None:
+        from qanalyze.engine.apply import get_mode, validate_plan
+        from qanalyze.plan.uniform import resolve_plan
+
+        kinds = tuple(get_mode(mode).builders)
+        plan = resolve_plan(plan_spec, loaded.model, kinds=kinds)
+        validate_plan(loaded.model, plan, mode)  # before the run directory is made: bad input leaves nothing
     run = prepare_run_dir(out, overwrite=kw["overwrite"], resume=kw["resume"])
-    console.print(f"[bold]finetune[/] {model} on {task_data.task.name}: {len(task_data.train)} train / "
+    what = "finetune" if plan is None else f"train --mode {mode} --plan {plan_spec}"
+    console.print(f"[bold]{what}[/] {model} on {task_data.task.name}: {len(task_data.train)} train / "
                   f"{len(task_data.dev)} dev examples -> {run}")
     from qanalyze.progress import step_progress
 
     with step_progress(console) as progress:
-        record = train(loaded, task_data, config, run, resume=kw["resume"],
-                       on_step=progress.on_step, on_eval=progress.on_eval)
+        record = train(loaded, task_data, config, run, resume=kw["resume"], on_step=progress.on_step,
+                       on_eval=progress.on_eval, plan=plan, mode=mode, plan_source=plan_spec)
     _print_metrics(task_data.task.name, "dev", record.metrics, len(task_data.dev))
     console.print(f"train {record.timings['train_seconds']:.1f} s, median step "
                   f"{record.timings['step_seconds_median']:.3f} s; run saved in {run}")
+
+
+@cli.command()
+@click.argument("model")
+@_data_options
+@_train_options
+def finetune(model: str, task: str | None, data: str | None, out: str, quiet: bool, **kw: Any) -> None:
+    """Fine-tune MODEL in FP32 on a task: the baseline every quantized run is compared with.
+
+    Writes the fine-tuned model and tokenizer, metrics.json (schema qanalyze/run/v1), log.csv
+    (one row per step) and evals.csv into --out.
+    """
+    _run_training(model, task, data, out, quiet, kw)
+
+
+@cli.command("train")
+@click.argument("model")
+@click.option("--plan", "plan_spec", required=True,
+              help="plan.json from `qanalyze plan`, or uniform:N (every weight, activation and gradient at N bits).")
+@click.option("--mode", type=click.Choice(["int", "qat", "ptq-dynamic"]), default="int", show_default=True,
+              help="int: integer forward and backward (dynamic fixed point); qat: Q8BERT fake quantization; "
+                   "ptq-dynamic: quantize MODEL as it is, no training.")
+@_data_options
+@_train_options
+def train_command(model: str, plan_spec: str, mode: str, task: str | None, data: str | None, out: str,
+                  quiet: bool, **kw: Any) -> None:
+    """Fine-tune MODEL with the bits of a plan: integer training (int), QAT (qat), or none (ptq-dynamic).
+
+    Writes metrics.json (mode and plan recorded), log.csv, evals.csv, plan.json and the quantized
+    checkpoint: weights.safetensors (integer weights packed to their bit-width, float16 scales) and
+    extra.safetensors (biases, norms); `qanalyze evaluate RUN` reloads it with the same integer kernels.
+    """
+    _run_training(model, task, data, out, quiet, kw, plan_spec=plan_spec, mode=mode)
 
 
 @cli.command()
@@ -124,12 +169,13 @@ def finetune(model: str, task: str | None, data: str | None, out: str, quiet: bo
 def evaluate(model_or_run: str, task: str | None, data: str | None, quiet: bool, **kw: Any) -> None:
     """Evaluate a model or a run directory on a task and print its metrics.
 
-    For a run directory, --task, --data and --max-length default to the run's own.
+    For a run directory, --task, --data and --max-length default to the run's own. A quantized run
+    (from `qanalyze train`) is evaluated from its packed integer weights with the integer kernels.
     """
     from qanalyze.data import encode, load_task
     from qanalyze.engine.evaluate import evaluate as run_evaluation
     from qanalyze.engine.train import resolve_device
-    from qanalyze.models import has_task_head, load_model
+    from qanalyze.models import LoadedModel, has_task_head, load_model, resolve_model
     from qanalyze.records import EVAL_SCHEMA, RunRecord, atomic_write_json, environment, utc_now
     from qanalyze.rundir import METRICS_FILE, is_finished_run
 
@@ -144,8 +190,16 @@ def evaluate(model_or_run: str, task: str | None, data: str | None, quiet: bool,
     task_data = load_task(task, data, max_train_examples=kw["max_train_examples"],
                           max_eval_examples=kw["max_eval_examples"], seed=kw["seed"])
     _seed_everything(kw["seed"])
-    loaded = load_model(model_or_run, num_labels=task_data.task.num_labels)
-    if not has_task_head(loaded.model):
+    from qanalyze.engine.quantized_checkpoint import is_quantized_run, load_quantized_run
+
+    if previous is not None and is_quantized_run(run):
+        # a quantized run: rebuild it from its packed integer weights, evaluated with the integer kernels
+        model, tokenizer, _, _ = load_quantized_run(run, device=resolve_device(kw["device"]))
+        loaded = LoadedModel(model=model, tokenizer=tokenizer, source=resolve_model(str(run)),
+                             identity={**previous.model, "run": str(run), "mode": previous.mode})
+    else:
+        loaded = load_model(model_or_run, num_labels=task_data.task.num_labels)
+    if not has_task_head(loaded.model) and not (previous is not None and is_quantized_run(run)):
         console.print(f"[yellow]warning:[/] {model_or_run} has no {task_data.task.name} head; "
                       "its new head is random, so expect chance-level metrics")
     loaded.model.to(resolve_device(kw["device"]))
@@ -408,7 +462,6 @@ def _print_plan(plan_record: Any, console: Any) -> None:
 
 
 for _name, _issue, _what in (
-    ("train", 5, "integer / QAT fine-tuning that follows a plan -> run directory"),
     ("sweep", 6, "plan and train per budget, with uniform, random and reversed baselines"),
     ("report", 6, "records -> one self-contained HTML page with plots"),
 ):

@@ -36,7 +36,7 @@ def test_help_lists_every_command():
         assert command in result.stdout
 
 
-@pytest.mark.parametrize("command", ["train", "sweep", "report"])
+@pytest.mark.parametrize("command", ["sweep", "report"])
 def test_later_commands_say_they_are_not_available(capfd, command):
     code, _, err = run_cli(capfd, command, "minilm-l6", "--budget", "4bit")
     assert_one_line_error(code, err, "not available yet", "issue #")
@@ -123,6 +123,51 @@ def test_finetune_then_evaluate_end_to_end(capfd, tmp_path, tiny_bert_dir, glue_
     assert written["schema"] == "qanalyze/eval/v1"
     assert written["metrics"]["accuracy"] == pytest.approx(record["metrics"]["accuracy"])
     assert f"accuracy {record['metrics']['accuracy']:.4f}" in stdout
+
+
+def _train_args(model, data, out, plan, *extra):
+    return ["train", model, "--plan", plan, "--task", "sst2", "--data", data, "--out", out,
+            "--max-train-examples", "32", "--max-eval-examples", "16", "--max-length", "24", "--epochs", "1",
+            "--batch-size", "16", "--quiet", *extra]
+
+
+def test_train_with_a_uniform_plan_then_evaluate_the_packed_run(capfd, tmp_path, tiny_bert_dir, glue_dir):
+    out = tmp_path / "int8"
+    code, _, err = run_cli(capfd, *_train_args(tiny_bert_dir, glue_dir, out, "uniform:8", "--mode", "int"))
+    assert code == 0, err
+    record = json.loads((out / "metrics.json").read_text())
+    assert record["mode"] == "int" and record["plan"] == "uniform:8"
+    assert (out / "weights.safetensors").is_file() and (out / "plan.json").is_file()
+    code, _, err = run_cli(capfd, "evaluate", out, "--max-eval-examples", "16", "--quiet")
+    assert code == 0, err
+    written = json.loads((out / "eval-sst2-dev.json").read_text())
+    assert written["metrics"]["accuracy"] == pytest.approx(record["metrics"]["accuracy"])
+
+
+def test_train_refuses_bad_plans_with_one_line_and_no_run(capfd, tmp_path, tiny_bert_dir, glue_dir):
+    out = tmp_path / "run"
+    code, _, err = run_cli(capfd, *_train_args(tiny_bert_dir, glue_dir, out, "uniform:1"))
+    assert_one_line_error(code, err, "2 to 16")
+    code, _, err = run_cli(capfd, *_train_args(tiny_bert_dir, glue_dir, out, str(tmp_path / "none.json")))
+    assert_one_line_error(code, err, "plan file", "not found")
+    # a plan whose architecture differs: a plan made for a 3-layer model does not fit the 2-layer one
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from qanalyze.plan.uniform import uniform_plan
+
+    other = BertForSequenceClassification(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=3,
+                                                     num_attention_heads=2, intermediate_size=64))
+    uniform_plan(other, 8).save(tmp_path / "other.json")
+    code, _, err = run_cli(capfd, *_train_args(tiny_bert_dir, glue_dir, out, tmp_path / "other.json"))
+    assert_one_line_error(code, err, "another architecture")
+    # a layer norm planned for a mode that keeps it in float
+    from qanalyze.models import load_model
+
+    tiny = load_model(str(tiny_bert_dir), num_labels=2).model
+    uniform_plan(tiny, 8, kinds=("linear", "layernorm")).save(tmp_path / "ln.json")
+    code, _, err = run_cli(capfd, *_train_args(tiny_bert_dir, glue_dir, out, tmp_path / "ln.json", "--mode", "qat"))
+    assert_one_line_error(code, err, "cannot quantize", "LayerNorm")
+    assert not out.exists()
 
 
 def test_console_script_exit_code_for_bad_input(tmp_path):

@@ -7,6 +7,7 @@ moment leaves at least one complete checkpoint behind (see `qanalyze.rundir.chec
 from __future__ import annotations
 
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +29,13 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     state: dict[str, Any],
+    generators: Mapping[str, torch.Generator] | None = None,
 ) -> Path:
-    """Write a complete checkpoint of the training state into ``run/checkpoint`` and return it."""
+    """Write a complete checkpoint of the training state into ``run/checkpoint`` and return it.
+
+    ``generators`` are the engine's stochastic-rounding generators (by module name): their states
+    are saved so a resumed quantized run draws the same roundings as an uninterrupted one.
+    """
     final = run / CHECKPOINT_DIR
     tmp = run / (CHECKPOINT_DIR + ".tmp")
     old = run / (CHECKPOINT_DIR + ".old")
@@ -40,8 +46,9 @@ def save_checkpoint(
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng},
-               tmp / _TRAINER)
+    engine = {name: generator.get_state() for name, generator in (generators or {}).items()}
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng,
+                "generators": engine}, tmp / _TRAINER)
     atomic_write_json(tmp / CHECKPOINT_STATE, {"schema": CHECKPOINT_SCHEMA, **state})
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
@@ -57,6 +64,7 @@ def load_checkpoint(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
+    generators: Mapping[str, torch.Generator] | None = None,
 ) -> dict[str, Any]:
     """Restore model, optimizer, scheduler and random state in place; return the saved progress state."""
     folder = checkpoint_dir(run)
@@ -75,6 +83,11 @@ def load_checkpoint(
     torch.set_rng_state(trainer["rng"]["cpu"].cpu())
     if "cuda" in trainer["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in trainer["rng"]["cuda"]])
+    saved = trainer.get("generators", {})
+    for name, generator in (generators or {}).items():
+        if name not in saved:
+            raise RecordError(f"checkpoint in {folder} has no random state for {name}: it was made with another plan")
+        generator.set_state(saved[name].cpu())
     return state
 
 

@@ -1,5 +1,10 @@
 """The fine-tuning loop. FP32 fine-tuning is this loop with no plan; quantized modes reuse it.
 
+With a plan and a mode (``int``, ``qat``, ``ptq-dynamic``) the model's planned modules are swapped
+by `qanalyze.engine.apply.apply_plan` before the optimizer is built; a mode that does not train
+(``ptq-dynamic``) runs no step and goes straight to evaluation. A quantized run is saved as a packed
+checkpoint (`qanalyze.engine.quantized_checkpoint`) instead of a float model.
+
 AdamW with a linear warm-up and decay, gradient clipping, evaluation at the end (and every N
 steps when asked), a CSV log per step, and checkpoints that make a killed or interrupted run
 resumable to the same numbers.
@@ -8,7 +13,9 @@ resumable to the same numbers.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
+import json
 import statistics
 import time
 from collections.abc import Callable
@@ -20,11 +27,14 @@ import torch
 from transformers import get_linear_schedule_with_warmup
 
 from qanalyze.data import Encoded, TaskData, encode, epoch_order, iter_batches, num_batches
+from qanalyze.engine.apply import AppliedPlan, apply_plan, get_mode
 from qanalyze.engine.checkpoint import discard_checkpoints, load_checkpoint, save_checkpoint
 from qanalyze.engine.evaluate import EvalResult, evaluate
+from qanalyze.engine.quantized_checkpoint import save_quantized_run
 from qanalyze.errors import ConfigError, QAnalyzeError
 from qanalyze.models import LoadedModel, save_model
-from qanalyze.records import RunRecord, atomic_write_text
+from qanalyze.quant.primitives import NonFiniteValuesError
+from qanalyze.records import BitPlan, RunRecord, atomic_write_text
 from qanalyze.rundir import CHECKPOINT_DIR, EVALS_FILE, LOG_FILE, METRICS_FILE
 
 
@@ -133,16 +143,24 @@ def _label_names(loaded: LoadedModel, data: TaskData) -> None:
 class _Trainer:
     """State of one run; `train` is its only user."""
 
-    def __init__(self, loaded: LoadedModel, data: TaskData, config: TrainConfig, run: Path) -> None:
+    def __init__(self, loaded: LoadedModel, data: TaskData, config: TrainConfig, run: Path,
+                 plan: BitPlan | None, mode: str) -> None:
         self.loaded, self.data, self.config, self.run = loaded, data, config, run
         self.model = loaded.model.to(resolve_device(config.device))
+        self.mode, self.plan = mode, plan
+        self.applied: AppliedPlan | None = None
+        if plan is not None:
+            self.applied = apply_plan(self.model, plan, mode, seed=config.seed)
+        self.plan_hash = _plan_hash(plan)
         self.train_enc: Encoded = encode(data.train, loaded.tokenizer, max_length=config.max_length)
         self.dev_enc: Encoded = encode(data.dev, loaded.tokenizer, max_length=config.max_length)
         self.batches_per_epoch = num_batches(len(self.train_enc), config.batch_size)
         self.total_steps = config.max_steps or config.epochs * self.batches_per_epoch
+        if mode != "fp32" and not get_mode(mode).trains:
+            self.total_steps = 0
         self.optimizer = torch.optim.AdamW(_parameter_groups(self.model, config.weight_decay), lr=config.lr)
         self.scheduler = get_linear_schedule_with_warmup(
-            self.optimizer, round(config.warmup_ratio * self.total_steps), self.total_steps)
+            self.optimizer, round(config.warmup_ratio * self.total_steps), max(self.total_steps, 1))
         self.step = 0
         self.log: list[dict[str, Any]] = []
         self.evals: list[dict[str, Any]] = []
@@ -152,15 +170,20 @@ class _Trainer:
     def progress_state(self) -> dict[str, Any]:
         return {"step": self.step, "total_steps": self.total_steps, "settings": self.config.numbers(),
                 "data_hash": self.data.identity.get("hash"), "model": self.loaded.identity,
+                "mode": self.mode, "plan_hash": self.plan_hash,
                 "train_seconds": self.train_seconds, "log": self.log, "evals": self.evals}
 
     def save(self) -> None:
         save_checkpoint(self.run, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
-                        state=self.progress_state())
+                        state=self.progress_state(), generators=self._generators())
         self.last_saved = self.step
 
     def restore(self) -> None:
-        state = load_checkpoint(self.run, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
+        state = load_checkpoint(self.run, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+                                generators=self._generators())
+        if (state.get("mode", "fp32"), state.get("plan_hash")) != (self.mode, self.plan_hash):
+            raise ConfigError(f"cannot resume {self.run} with a different plan or mode (it was "
+                              f"{state.get('mode', 'fp32')}): start a new run directory")
         saved = state.get("settings", {})
         changed = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in self.config.numbers().items() if saved.get(k) != v]
         if changed:
@@ -171,6 +194,9 @@ class _Trainer:
         self.train_seconds = state["train_seconds"]
         self.last_saved = self.step
 
+    def _generators(self) -> dict[str, torch.Generator]:
+        return self.applied.generators if self.applied is not None else {}
+
     def evaluate(self) -> EvalResult:
         return evaluate(self.model, self.loaded.tokenizer, self.dev_enc, self.data.task,
                         batch_size=self.config.eval_batch_size)
@@ -178,13 +204,16 @@ class _Trainer:
     def one_step(self, batch: dict[str, torch.Tensor], epoch: int) -> StepLog:
         start = time.perf_counter()
         device = next(self.model.parameters()).device
-        out = self.model(**{k: v.to(device) for k, v in batch.items()})
-        loss = out.loss
-        if not torch.isfinite(loss):
-            raise TrainingDiverged(
-                f"training diverged at step {self.step + 1} (loss {float(loss.detach())}); the last good checkpoint "
-                f"is step {self.last_saved}" + (f" in {self.run / CHECKPOINT_DIR}" if self.last_saved else ""))
-        loss.backward()
+        try:
+            out = self.model(**{k: v.to(device) for k, v in batch.items()})
+            loss = out.loss
+            if not torch.isfinite(loss):
+                raise NonFiniteValuesError(f"loss {float(loss.detach())}")
+            loss.backward()
+        except NonFiniteValuesError as exc:
+            where = f" in {self.run / CHECKPOINT_DIR}" if self.last_saved else ""
+            raise TrainingDiverged(f"training diverged at step {self.step + 1} ({exc}); the last good checkpoint "
+                                   f"is step {self.last_saved}{where}") from None
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
@@ -196,6 +225,17 @@ class _Trainer:
         return StepLog(self.step, self.total_steps, epoch, float(loss.detach()), lr, float(grad_norm), seconds)
 
 
+def _plan_hash(plan: BitPlan | None) -> str | None:
+    if plan is None:
+        return None
+    return hashlib.sha256(json.dumps(plan.to_dict(), sort_keys=True).encode()).hexdigest()
+
+
+def _plan_summary(plan: BitPlan, applied: AppliedPlan | None) -> dict[str, Any]:
+    return {"budget": plan.budget.get("text"), "totals": plan.totals, "sha256": _plan_hash(plan),
+            "swapped_modules": len(applied.specs) if applied else 0}
+
+
 def train(
     loaded: LoadedModel,
     data: TaskData,
@@ -205,6 +245,9 @@ def train(
     resume: bool = False,
     on_step: Callable[[StepLog], None] | None = None,
     on_eval: Callable[[int, EvalResult], None] | None = None,
+    plan: BitPlan | None = None,
+    mode: str = "fp32",
+    plan_source: str | None = None,
 ) -> RunRecord:
     """Fine-tune ``loaded.model`` on ``data`` into the run directory ``run`` and return its record.
 
@@ -212,9 +255,15 @@ def train(
     checkpoint in ``run`` is restored first and must have been made with the same settings and
     data. The finished run holds the model and tokenizer (``from_pretrained``-loadable),
     ``metrics.json``, ``log.csv`` and ``evals.csv``; the checkpoint is removed.
+
+    With ``plan`` and ``mode`` (see `qanalyze.engine.apply.MODES`) the planned modules are quantized
+    first and the run is saved as a quantized checkpoint; ``plan_source`` (a path or ``uniform:N``) is
+    recorded in ``metrics.json``.
     """
     run = Path(run)
-    trainer = _Trainer(loaded, data, config, run)
+    if (plan is None) != (mode == "fp32"):
+        raise ConfigError(f"mode {mode} needs a plan" if plan is None else "a plan needs a quantized mode, not fp32")
+    trainer = _Trainer(loaded, data, config, run, plan, mode)
     model = trainer.model
     # Dropout draws from the global generator: seed it for this run only and give the caller's state back.
     devices = [torch.cuda.current_device()] if model.device.type == "cuda" else []
@@ -251,14 +300,18 @@ def train(
     if on_eval is not None:
         on_eval(trainer.step, final)
     _label_names(loaded, data)
-    save_model(model, loaded.tokenizer, run)
+    if plan is None:
+        save_model(model, loaded.tokenizer, run)
+    else:
+        save_quantized_run(run, model, loaded.tokenizer, plan, mode)
     atomic_write_text(run / LOG_FILE, _csv(trainer.log))
     atomic_write_text(run / EVALS_FILE, _csv(trainer.evals))
     steps = [row["seconds"] for row in trainer.log]
     record = RunRecord(
-        task=data.task.name, mode="fp32", plan=None, metrics=final.metrics,
+        task=data.task.name, mode=mode, plan=plan_source, metrics=final.metrics,
         model=loaded.identity, data=data.identity,
-        settings={**config.numbers(), "total_steps": trainer.total_steps, "device": str(model.device)},
+        settings={**config.numbers(), "total_steps": trainer.total_steps, "device": str(model.device),
+                  **({"plan": _plan_summary(plan, trainer.applied)} if plan is not None else {})},
         timings={"train_seconds": round(trainer.train_seconds, 3),
                  "step_seconds_median": round(statistics.median(steps), 4) if steps else 0.0,
                  "eval_seconds": round(final.seconds, 3)},

@@ -235,10 +235,32 @@ def _reduce(values: torch.Tensor, rows_per_group: int | None, op: Callable[..., 
     return op(values, dim=tuple(range(1, values.dim())), keepdim=True)
 
 
+class NonFiniteValuesError(ConfigError):
+    """A tensor to quantize holds inf or nan (in training: an overflow or a diverged step)."""
+
+
 def _check_finite(scale: torch.Tensor) -> None:
     # One check on the (small) scale tensor catches inf / nan anywhere in the input: amax / amin propagate them.
     if not bool(torch.isfinite(scale).all()):
-        raise ConfigError("cannot quantize a tensor with inf or nan values (or a range beyond its dtype)")
+        raise NonFiniteValuesError("cannot quantize a tensor with inf or nan values (or a range beyond its dtype)")
+
+
+SCALE_FORMATS = ("exact", "float16")
+"""How scales are stored: as computed, or rounded up to float16 (what a packed checkpoint keeps)."""
+
+
+def _format_scale(scale: torch.Tensor, scale_format: str) -> torch.Tensor:
+    if scale_format == "exact":
+        return scale
+    if scale_format != "float16":
+        raise ConfigError(f"unknown scale_format {scale_format!r}; known: {', '.join(SCALE_FORMATS)}")
+    half = scale.to(torch.float16)
+    up = torch.nextafter(half, torch.full_like(half, math.inf))
+    # the smallest float16 value >= scale; a scale below float16's range becomes its smallest subnormal
+    half = torch.where(half.to(scale.dtype) < scale, up, half)
+    half = torch.where(half > 0, half, torch.full_like(half, 2.0**-24))
+    _check_finite(half)
+    return half.to(scale.dtype)
 
 
 def _int_dtype(low: int, high: int) -> torch.dtype:
@@ -256,12 +278,16 @@ def quantize_symmetric(
     rows_per_group: int | None = None,
     rounding: str = "nearest",
     generator: torch.Generator | None = None,
+    scale_format: str = "exact",
 ) -> Quantized:
     """Symmetric uniform quantization: ``q = clamp(round(x / s), -qmax, qmax)``, ``s = max|x_g| / qmax``.
 
     One scale per group of ``rows_per_group`` rows of dim 0 (None: per tensor). The element of largest
     magnitude in each group maps to ``±qmax``. A group of zeros gets scale 1, so it stays exactly zero.
     ``rounding`` is ``"nearest"`` (ties to even) or ``"stochastic"`` (needs ``generator``).
+    ``scale_format="float16"`` rounds each scale up to the next float16 value before quantizing, so a
+    checkpoint that stores scales in 16 bits holds exactly the scales used (rounding up, not to nearest,
+    keeps ``max|x| / s <= qmax``: nothing is clipped).
     """
     limit = qmax(bits)
     round_fn = _rounder(rounding, generator)
@@ -271,6 +297,7 @@ def quantize_symmetric(
     _check_finite(scale)
     # s == 0 for an all-zero group (or one so tiny that amax / qmax underflows): 1 keeps q = 0 and avoids 0 / 0
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    scale = _format_scale(scale, scale_format)
     q = round_fn(values / scale).clamp(-limit, limit)
     return Quantized(
         q=q.to(_int_dtype(-limit, limit)).reshape(x.shape),
@@ -344,23 +371,25 @@ def dynamic_fixed_point(
     x: torch.Tensor,
     bits: int,
     *,
+    rows_per_group: int | None = None,
     rounding: str = "nearest",
     generator: torch.Generator | None = None,
 ) -> Quantized:
-    """Dynamic fixed point (integer fine-tuning paper): one power-of-two scale per tensor.
+    """Dynamic fixed point (integer fine-tuning paper): a power-of-two scale per tensor (or per group).
 
     ``s = 2**(e - (bits - 2))`` with ``e = floor(log2(max|x|))``, the binary exponent of the largest
     magnitude; mantissas ``q = clamp(round(x / s), -qmax, qmax)``. This is the paper's float-to-integer
     mapping: every mantissa is aligned to the tensor's largest exponent, and the largest element's
     ``1.m`` fills the ``bits - 1`` magnitude bits, so ``max|x| / s`` lies in ``[2**(bits-2), 2**(bits-1))``
     and is clipped by at most one step (when it rounds up to ``2**(bits-1)``). (``e = ceil(log2 max|x|)``
-    would leave the upper half of the integer range unused: one bit lost.) An all-zero tensor gets
-    scale 1; the scale never goes below the dtype's smallest normal number.
+    would leave the upper half of the integer range unused: one bit lost.) ``rows_per_group`` gives
+    each group of rows its own exponent (the plan's groups); None is the paper's one per tensor. An
+    all-zero group gets scale 1; the scale never goes below the dtype's smallest normal number.
     """
     limit = qmax(bits)
     round_fn = _rounder(rounding, generator)
-    values = _prepare(x, None)
-    amax = values.abs().amax()
+    values = _prepare(x, rows_per_group)
+    amax = _reduce(values.abs(), rows_per_group, torch.amax)
     _check_finite(amax)
     # frexp gives amax = m * 2**k with m in [0.5, 1), so floor(log2 amax) = k - 1 exactly, with no log2 rounding
     _, exponent = torch.frexp(amax)
@@ -369,7 +398,8 @@ def dynamic_fixed_point(
     scale = torch.exp2(shift.to(values.dtype))
     scale = torch.where(amax > 0, scale, torch.ones_like(scale))
     q = round_fn(values / scale).clamp(-limit, limit)
-    return Quantized(q=q.to(_int_dtype(-limit, limit)), scale=scale, zero_point=None, bits=bits, rows_per_group=None)
+    return Quantized(q=q.to(_int_dtype(-limit, limit)).reshape(x.shape), scale=scale, zero_point=None, bits=bits,
+                     rows_per_group=rows_per_group)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

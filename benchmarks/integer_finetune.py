@@ -1,0 +1,91 @@
+"""Issue 5 targets: dev metric of integer / QAT / PTQ fine-tuning against FP32 from the same start.
+
+Every row fine-tunes the pre-trained minilm-l6 (integer from the pre-trained start, the integer
+fine-tuning paper's setting) with the same data, steps, seed and settings (batch 32, lr 1e-4,
+max length 64, 6 % warm-up): FP32; int with uniform 16-bit and 8-bit plans; QAT (Q8BERT) at 8 bits;
+and dynamic PTQ at 8 bits of the FP32 result (no training). Targets on SST-2 (8,000 examples,
+1 epoch): int16 within 0.3 pt of FP32, int8 within 1.0 pt, QAT8 within 0.5 pt.
+
+    .venv/bin/python benchmarks/integer_finetune.py --task sst2 --examples 8000 --epochs 1
+    .venv/bin/python benchmarks/integer_finetune.py --task mrpc --epochs 3     # full training set
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+import qanalyze
+from qanalyze.engine.apply import get_mode
+from qanalyze.plan.uniform import uniform_plan
+from qanalyze.rundir import prepare_run_dir
+
+ROWS = (("fp32", None, None), ("int", 16, 0.3), ("int", 8, 1.0), ("qat", 8, 0.5))
+GLUE_FOLDERS = {"sst2": "SST-2", "mrpc": "MRPC", "rte": "RTE", "stsb": "STS-B"}
+
+
+def _train(args, data, mode: str, bits: int | None, out: Path, start: str = "minilm-l6"):
+    torch.manual_seed(args.seed)
+    loaded = qanalyze.load_model(start, num_labels=data.task.num_labels)
+    config = qanalyze.TrainConfig(epochs=args.epochs, batch_size=32, lr=args.lr, max_length=64, seed=args.seed,
+                                  save_every=10**6)
+    plan = None if bits is None else uniform_plan(loaded.model, bits, kinds=tuple(get_mode(mode).builders))
+    started = time.perf_counter()
+    record = qanalyze.train(loaded, data, config, prepare_run_dir(out, overwrite=True), plan=plan, mode=mode,
+                            plan_source=None if bits is None else f"uniform:{bits}")
+    return record, time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=str(Path(__file__).resolve().parents[1].parent / "shared/data/glue"))
+    parser.add_argument("--task", default="sst2", choices=sorted(GLUE_FOLDERS))
+    parser.add_argument("--examples", type=int, default=None, help="training subset (default: all)")
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rows", default="fp32,int16,int8,qat8,ptq8")
+    parser.add_argument("--out", default="runs/bench/engine")
+    args = parser.parse_args()
+    wanted = args.rows.split(",")
+    data = qanalyze.load_task(args.task, str(Path(args.data) / GLUE_FOLDERS[args.task]),
+                              max_train_examples=args.examples, seed=args.seed)
+    out = Path(args.out) / args.task
+    metric = data.task.metric if hasattr(data.task, "metric") else None
+    print(f"{args.task}: {len(data.train)} train / {len(data.dev)} dev examples, {args.epochs} epoch(s), "
+          f"seed {args.seed}, torch threads {torch.get_num_threads()}", flush=True)
+    results: dict[str, dict] = {}
+    for mode, bits, tolerance in ROWS:
+        label = mode if bits is None else f"{mode}{bits}"
+        if label not in wanted:
+            continue
+        record, seconds = _train(args, data, mode, bits, out / label)
+        results[label] = {"metrics": record.metrics, "seconds": seconds, "tolerance": tolerance,
+                          "step": record.timings["step_seconds_median"]}
+        print(f"{label:>6}: {json.dumps(record.metrics)}  train {seconds:.0f} s, median step "
+              f"{record.timings['step_seconds_median']:.3f} s", flush=True)
+    if "ptq8" in wanted and "fp32" in results:
+        record, seconds = _train(args, data, "ptq-dynamic", 8, out / "ptq8", start=str(out / "fp32"))
+        results["ptq8"] = {"metrics": record.metrics, "seconds": seconds, "tolerance": None, "step": 0.0}
+        print(f"  ptq8: {json.dumps(record.metrics)}  (dynamic PTQ of the fp32 run)", flush=True)
+    if "fp32" not in results:
+        return
+    key = next(iter(results["fp32"]["metrics"]))
+    if metric and metric in results["fp32"]["metrics"]:
+        key = metric
+    base = results["fp32"]["metrics"][key]
+    print(f"\n{key} against fp32 ({100 * base:.2f}):")
+    for label, row in results.items():
+        delta = 100 * (row["metrics"][key] - base)
+        tolerance = row["tolerance"]
+        verdict = "" if tolerance is None else f"  target within {tolerance} pt: " \
+            f"{'met' if delta >= -tolerance else 'MISSED'}"
+        print(f"{label:>6}: {100 * row['metrics'][key]:.2f} ({delta:+.2f} pt){verdict}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""Issue 5 target: training step time of the integer engine against the FP32 loop, in one run.
+
+minilm-l6 with a fresh SST-2 head, the same 32-sentence batches (max length 64, real SST-2 text)
+for every row, a full step each (forward, backward, clipping, AdamW). Rows: FP32; integer mode
+with a uniform 8-bit plan (W8 A8 G8) and a uniform 16-bit plan; QAT at 8 bits. Targets: int8 at
+most 0.7x the FP32 step, int16 at most 1.5x. Rows are interleaved (round robin over the modes) so
+drifting machine load hits every mode alike; the median over steps is reported.
+
+    .venv/bin/python benchmarks/train_step.py --steps 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import qanalyze
+from qanalyze.data import collate, encode
+from qanalyze.engine.apply import apply_plan, get_mode
+from qanalyze.plan.uniform import uniform_plan
+
+TARGETS = {"int W8A8G8": 0.7, "int W16A16G16": 1.5}
+
+
+def _setup(label: str, mode: str | None, bits: int | None):
+    torch.manual_seed(0)
+    loaded = qanalyze.load_model("minilm-l6", num_labels=2)
+    model = loaded.model
+    if mode is not None:
+        apply_plan(model, uniform_plan(model, bits, kinds=tuple(get_mode(mode).builders)), mode)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    return label, model, optimizer
+
+
+def _step(model, optimizer, batch) -> float:
+    start = time.perf_counter()
+    model(**batch).loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=str(Path(__file__).resolve().parents[1].parent / "shared/data/glue"))
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=2)
+    args = parser.parse_args()
+    data = qanalyze.load_task("sst2", args.data, max_train_examples=32 * (args.steps + args.warmup), seed=0)
+    tokenizer = qanalyze.load_model("minilm-l6", num_labels=2).tokenizer
+    encoded = encode(data.train, tokenizer, max_length=64)
+    batches = [collate(encoded, list(range(i * 32, (i + 1) * 32)), tokenizer)
+               for i in range(args.steps + args.warmup)]
+    rows = [_setup("fp32", None, None), _setup("int W8A8G8", "int", 8), _setup("int W16A16G16", "int", 16),
+            _setup("qat W8A8", "qat", 8)]
+    times: dict[str, list[float]] = {label: [] for label, _, _ in rows}
+    for index, batch in enumerate(batches):
+        for label, model, optimizer in rows:
+            seconds = _step(model, optimizer, batch)
+            if index >= args.warmup:
+                times[label].append(seconds)
+    print(f"torch threads {torch.get_num_threads()}, batch 32 x <=64 tokens, {args.steps} steps per row "
+          f"(+{args.warmup} warm-up), interleaved")
+    base = statistics.median(times["fp32"])
+    for label, values in times.items():
+        median = statistics.median(values)
+        ratio = median / base
+        target = TARGETS.get(label)
+        verdict = "" if target is None else f"  target <= {target}x: {'met' if ratio <= target else 'MISSED'}"
+        print(f"{label:>14}: median step {median:.3f} s, {ratio:.2f}x fp32{verdict}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,169 @@
+"""``apply_plan(model, plan, mode)``: swap the planned modules for quantized ones, by name.
+
+The policy layer of the engine: which module becomes what is decided here, from the plan and the
+mode's registry entry. Modules the plan keeps in float are not touched. Like torchao's
+``quantize_``, the model is changed in place (the swapped modules take over the original
+Parameters, so an optimizer built before or after sees the same tensors).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from qanalyze.engine.functions import TensorSpec
+from qanalyze.engine.modules import IntEmbedding, IntLayerNorm, IntLinear, QATEmbedding, QATLinear, _Swapped
+from qanalyze.errors import ConfigError
+from qanalyze.models import ModuleInfo, head_dim, inventory
+from qanalyze.plan.make import check_plan
+from qanalyze.quant.primitives import Quantized, rows_per_group
+from qanalyze.records import BitPlan
+
+DEFAULT_BITS = 16
+"""Bits of a tensor the plan leaves unconstrained (an activation or gradient with no bits): the widest."""
+
+Builder = Callable[[nn.Module, ModuleInfo, TensorSpec, torch.Generator], nn.Module]
+
+
+def _linear(cls: type[_Swapped]) -> Builder:
+    return lambda module, info, spec, generator: cls(module, spec, generator, transposed=info.transposed)
+
+
+def _plain(cls: type[_Swapped]) -> Builder:
+    return lambda module, info, spec, generator: cls(module, spec, generator)
+
+
+@dataclass(frozen=True)
+class Mode:
+    """An engine mode: how each module kind is swapped, which quantizer it uses, whether it trains,
+    and why a kind it cannot run is refused."""
+
+    name: str
+    quantizer: str
+    trains: bool
+    builders: Mapping[str, Builder]
+    refused: Mapping[str, str] = field(default_factory=dict)
+    description: str = ""
+
+
+MODES: dict[str, Mode] = {
+    "int": Mode("int", "dfp", True,
+                {"linear": _linear(IntLinear), "embedding": _plain(IntEmbedding), "layernorm": _plain(IntLayerNorm)},
+                description="integer forward and backward (dynamic fixed point; integer fine-tuning)"),
+    "qat": Mode("qat", "symmetric", True, {"linear": _linear(QATLinear), "embedding": _plain(QATEmbedding)},
+                {"layernorm": "Q8BERT keeps layer norms in float; mark it float in the plan (--keep-float layernorm)"},
+                description="Q8BERT fake quantization, EMA activation ranges, straight-through estimator"),
+    "ptq-dynamic": Mode("ptq-dynamic", "symmetric", False,
+                        {"linear": _linear(IntLinear), "embedding": _plain(IntEmbedding)},
+                        {"layernorm": "dynamic quantization covers GEMMs and embeddings only; mark it float"},
+                        description="post-training dynamic quantization (integer GEMMs, no training)"),
+}
+"""Engine modes by name (``int4`` and ``qdylora`` are issue #7)."""
+
+
+def get_mode(name: str) -> Mode:
+    """The mode registered under ``name``; ConfigError lists the known ones."""
+    if name not in MODES:
+        raise ConfigError(f"unknown mode {name!r}; known: {', '.join(MODES)}")
+    return MODES[name]
+
+
+@dataclass
+class AppliedPlan:
+    """What `apply_plan` did: the mode, each swapped module's spec, and the generators it created."""
+
+    mode: str
+    specs: dict[str, TensorSpec]
+    generators: dict[str, torch.Generator]
+    seed: int
+
+    def generator_states(self) -> dict[str, torch.Tensor]:
+        """Every generator's state, so a resumed run draws the same stochastic roundings."""
+        return {name: generator.get_state() for name, generator in self.generators.items()}
+
+    def set_generator_states(self, states: Mapping[str, torch.Tensor]) -> None:
+        """Restore states saved by `generator_states`."""
+        for name, state in states.items():
+            self.generators[name].set_state(state)
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready form for a run record."""
+        return {"mode": self.mode, "seed": self.seed, "swapped": len(self.specs),
+                "modules": {name: spec.__dict__ for name, spec in self.specs.items()}}
+
+
+def _spec(name: str, entry: Mapping[str, Any], info: ModuleInfo, model: nn.Module, mode: Mode) -> TensorSpec:
+    group = entry.get("group", "tensor")
+    rows = rows_per_group(info.shape[0], group, head_dim=head_dim(model, info)) if info.kind != "layernorm" else None
+    try:
+        return TensorSpec(
+            weight_bits=entry["weight_bits"],
+            activation_bits=entry.get("activation_bits") or DEFAULT_BITS,
+            gradient_bits=entry.get("gradient_bits") or DEFAULT_BITS,
+            rows_per_group=None if rows == info.shape[0] else rows,
+            quantizer=mode.quantizer,
+        )
+    except ConfigError as exc:
+        raise ConfigError(f"plan module {name}: {exc}") from None
+
+
+def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent_name, _, child = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), child
+
+
+def validate_plan(model: nn.Module, plan: BitPlan, mode: str) -> dict[str, TensorSpec]:
+    """Check, without changing the model, that ``mode`` can run ``plan`` on it; return each planned
+    module's spec. Refuses a plan for another architecture and a module kind the mode cannot run,
+    naming the module and the reason."""
+    chosen = get_mode(mode)
+    infos = inventory(model)
+    check_plan(plan, {info.name: list(info.shape) for info in infos})
+    specs: dict[str, TensorSpec] = {}
+    for info in infos:
+        entry = plan.modules.get(info.name, {"float": True})
+        if entry.get("float"):
+            continue
+        if info.kind not in chosen.builders:
+            why = chosen.refused.get(info.kind, f"mode {mode} has no {info.kind} module")
+            raise ConfigError(f"mode {mode} cannot quantize {info.name} ({info.kind}): {why}")
+        specs[info.name] = _spec(info.name, entry, info, model, chosen)
+    return specs
+
+
+def apply_plan(model: nn.Module, plan: BitPlan, mode: str, *, seed: int = 0) -> AppliedPlan:
+    """Swap every module the plan quantizes for the ``mode`` version of it; return what was done.
+
+    The plan must be for this architecture (names and shapes, `qanalyze.plan.make.check_plan`). A
+    module kind the mode cannot run is refused with the module's name and the reason. Each swapped
+    module gets its own ``torch.Generator`` (on the weight's device) seeded from ``seed`` and its
+    position, so stochastic rounding is reproducible.
+    """
+    chosen = get_mode(mode)
+    planned = validate_plan(model, plan, mode)
+    specs: dict[str, TensorSpec] = {}
+    generators: dict[str, torch.Generator] = {}
+    for index, info in enumerate(inventory(model)):
+        if info.name not in planned:
+            continue
+        spec = planned[info.name]
+        parent, child = _parent(model, info.name)
+        original = getattr(parent, child)
+        generator = torch.Generator(device=original.weight.device).manual_seed(seed * 100_003 + index)
+        setattr(parent, child, chosen.builders[info.kind](original, info, spec, generator))
+        specs[info.name], generators[info.name] = spec, generator
+    return AppliedPlan(mode=mode, specs=specs, generators=generators, seed=seed)
+
+
+def swapped_modules(model: nn.Module) -> dict[str, _Swapped]:
+    """Every swapped module of ``model`` by name."""
+    return {name: module for name, module in model.named_modules() if isinstance(module, _Swapped)}
+
+
+def quantized_weights(model: nn.Module) -> dict[str, Quantized]:
+    """The integer codes and scales of every swapped module's weight, as its forward pass uses them."""
+    return {name: module.quantized_weight() for name, module in swapped_modules(model).items()}

@@ -1,0 +1,227 @@
+"""Autograd Functions of the integer engine: the maths of one quantized op, forward and backward.
+
+No policy and no state: every Function takes tensors, a frozen spec (bits, groups, quantizer) and
+the ``torch.Generator`` that stochastic rounding draws from, and saves what backward needs with
+``save_for_backward``. Which module gets which spec is decided in `qanalyze.engine.apply`.
+
+Integer linear (the integer fine-tuning paper, with the plan's bits per tensor)::
+
+    forward    X_q = Q_a(X), W_q = Q_w(W)            Y   = s_x s_w ⊙ (X_q · W_qᵀ) + b
+    backward   G_x = Q_g(G ⊙ s_w), G_w = Q_g(G ⊙ s_x)  ∇X  = s_gx (G_x · W_q),  ∇W = s_gw (G_wᵀ · X_q)
+
+Every product is an integer GEMM (`qanalyze.engine.kernels.int_mm`). The weight has one scale per
+group of output rows and the activation one per tensor or per token, so those scales vary along the
+dimension a backward product sums over; they are folded into the output gradient *before* it is
+quantized (one scale per tensor), which keeps both backward products purely integer and exact in
+the maths: Σ_n g[m,n] s_w[n] W_q[n,k] = Σ_n (g ⊙ s_w)[m,n] W_q[n,k].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from qanalyze.engine.kernels import int_mm
+from qanalyze.errors import ConfigError
+from qanalyze.quant.primitives import Quantized, dynamic_fixed_point, qmax, quantize_symmetric
+
+Quantizer = Callable[[torch.Tensor, int, int | None, str, torch.Generator | None], Quantized]
+
+QUANTIZERS: dict[str, Quantizer] = {
+    # integer fine-tuning: power-of-two scales, so rescaling is a shift
+    "dfp": lambda x, bits, rows, rounding, generator: dynamic_fixed_point(
+        x, bits, rows_per_group=rows, rounding=rounding, generator=generator),
+    # Q-BERT / Q8BERT: max-calibrated scales, rounded up to float16 so a checkpoint stores them exactly
+    "symmetric": lambda x, bits, rows, rounding, generator: quantize_symmetric(
+        x, bits, rows_per_group=rows, rounding=rounding, generator=generator, scale_format="float16"),
+}
+"""Quantizer name -> function(x, bits, rows_per_group, rounding, generator) -> Quantized."""
+
+
+def get_quantizer(name: str) -> Quantizer:
+    """The quantizer registered under ``name``; ConfigError lists the known ones."""
+    if name not in QUANTIZERS:
+        raise ConfigError(f"unknown quantizer {name!r}; known: {', '.join(QUANTIZERS)}")
+    return QUANTIZERS[name]
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """How one op quantizes its tensors: weight, activation (input) and gradient bits, weight rows
+    per group (None: one scale per tensor), activation scale per token or per tensor, quantizer."""
+
+    weight_bits: int
+    activation_bits: int
+    gradient_bits: int
+    rows_per_group: int | None = None
+    per_token: bool = False
+    quantizer: str = "dfp"
+
+    def __post_init__(self) -> None:
+        for name in ("weight_bits", "activation_bits", "gradient_bits"):
+            qmax(getattr(self, name))  # raises ConfigError outside 2..16
+        get_quantizer(self.quantizer)
+
+
+def row_scales(quantized: Quantized, rows: int) -> torch.Tensor:
+    """The scale of each of the ``rows`` rows of a quantized 2-D tensor: shape ``(rows,)``, or 0-d per tensor."""
+    if quantized.rows_per_group is None:
+        return quantized.scale
+    return quantized.scale.reshape(-1).repeat_interleave(quantized.rows_per_group, output_size=rows)
+
+
+def _column(scale: torch.Tensor) -> torch.Tensor:
+    return scale if scale.dim() == 0 else scale.unsqueeze(1)
+
+
+def quantize_weight(weight: torch.Tensor, spec: TensorSpec) -> Quantized:
+    """The weight's integer codes and scales as ``spec`` says (nearest rounding, rows of dim 0 grouped)."""
+    return get_quantizer(spec.quantizer)(weight.detach(), spec.weight_bits, spec.rows_per_group, "nearest", None)
+
+
+class IntLinearFunction(torch.autograd.Function):
+    """Integer linear layer: integer GEMMs forward and for both gradients (see the module docstring).
+
+    ``apply(x, weight, bias, spec, generator, frozen)``: ``weight`` is ``(out, in)``; ``frozen`` is an
+    already quantized weight (a loaded checkpoint, or a cached one in evaluation) or None.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, spec: TensorSpec,
+                generator: torch.Generator, frozen: Quantized | None) -> torch.Tensor:
+        quantize = get_quantizer(spec.quantizer)
+        x2 = x.reshape(-1, x.shape[-1]).detach().float()
+        xq = quantize(x2, spec.activation_bits, 1 if spec.per_token else None, "nearest", None)
+        wq = frozen if frozen is not None else quantize_weight(weight, spec)
+        s_x = _column(row_scales(xq, x2.shape[0]).float())
+        s_w = row_scales(wq, weight.shape[0]).float()
+        acc = int_mm(xq.q, wq.q.t(), bits_a=spec.activation_bits, bits_b=spec.weight_bits)
+        y = acc.to(torch.float32) * s_x * s_w
+        if bias is not None:
+            y = y + bias.detach().float()
+        ctx.save_for_backward(xq.q, s_x, wq.q, s_w)
+        ctx.spec, ctx.generator, ctx.x_shape, ctx.has_bias = spec, generator, x.shape, bias is not None
+        return y.reshape(*x.shape[:-1], weight.shape[0]).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x_q, s_x, w_q, s_w = ctx.saved_tensors
+        spec: TensorSpec = ctx.spec
+        quantize = get_quantizer(spec.quantizer)
+        g2 = grad.reshape(-1, grad.shape[-1]).float()
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            gq = quantize(g2 * s_w, spec.gradient_bits, None, "stochastic", ctx.generator)
+            product = int_mm(gq.q, w_q, bits_a=spec.gradient_bits, bits_b=spec.weight_bits)
+            grad_x = (product.to(torch.float32) * gq.scale.float()).reshape(ctx.x_shape).to(grad.dtype)
+        if ctx.needs_input_grad[1]:
+            gq = quantize(g2 * s_x, spec.gradient_bits, None, "stochastic", ctx.generator)
+            product = int_mm(gq.q.t(), x_q, bits_a=spec.gradient_bits, bits_b=spec.activation_bits)
+            grad_w = (product.to(torch.float32) * gq.scale.float()).to(grad.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = g2.sum(0).to(grad.dtype)
+        return grad_x, grad_w, grad_b, None, None, None
+
+
+class IntEmbeddingFunction(torch.autograd.Function):
+    """Integer embedding: rows of the integer table looked up and rescaled; the gradient is an integer
+    scatter-add of the quantized output gradient (int32 accumulation, one scale per tensor).
+
+    ``apply(ids, weight, spec, generator, padding_idx, frozen)``; the padding row gets no gradient,
+    as in ``nn.Embedding``.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, ids: torch.Tensor, weight: torch.Tensor, spec: TensorSpec, generator: torch.Generator,
+                padding_idx: int | None, frozen: Quantized | None) -> torch.Tensor:
+        wq = frozen if frozen is not None else quantize_weight(weight, spec)
+        scales = row_scales(wq, weight.shape[0]).float()
+        rows = wq.q[ids].to(torch.float32)
+        out = rows * (scales if scales.dim() == 0 else scales[ids].unsqueeze(-1))
+        ctx.save_for_backward(ids)
+        ctx.spec, ctx.generator, ctx.padding_idx, ctx.weight_shape = spec, generator, padding_idx, weight.shape
+        return out.to(weight.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        (ids,) = ctx.saved_tensors
+        spec: TensorSpec = ctx.spec
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            g2 = grad.reshape(-1, grad.shape[-1]).float()
+            gq = get_quantizer(spec.quantizer)(g2, spec.gradient_bits, None, "stochastic", ctx.generator)
+            # int32 holds the sum: a row repeated n times sums to at most n * 32767, n < 65536 tokens per batch
+            total = torch.zeros(ctx.weight_shape, dtype=torch.int32, device=grad.device)
+            total.index_add_(0, ids.reshape(-1), gq.q.to(torch.int32))
+            if ctx.padding_idx is not None:
+                total[ctx.padding_idx] = 0
+            grad_w = (total.to(torch.float32) * gq.scale.float()).to(grad.dtype)
+        return None, grad_w, None, None, None, None
+
+
+class IntLayerNormFunction(torch.autograd.Function):
+    """Layer norm on integer inputs: the mean and variance come from exact integer sums of the
+    quantized input (Σq, Σq² in int64); the division and square root, and the backward formula
+    applied to the quantized output gradient and quantized gain, are float.
+
+    ``apply(x, weight, bias, spec, generator, eps)``.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, spec: TensorSpec,
+                generator: torch.Generator, eps: float) -> torch.Tensor:
+        quantize = get_quantizer(spec.quantizer)
+        width = x.shape[-1]
+        x2 = x.reshape(-1, width).detach().float()
+        xq = quantize(x2, spec.activation_bits, None, "nearest", None)
+        q = xq.q.to(torch.int64)
+        sum1 = q.sum(-1, keepdim=True)
+        sum2 = (q * q).sum(-1, keepdim=True)
+        mean_q = sum1.double() / width
+        var = (sum2.double() / width - mean_q * mean_q) * xq.scale.double() ** 2
+        rstd = torch.rsqrt(var + eps)
+        xhat = ((q.double() - mean_q) * xq.scale.double() * rstd).float()
+        gain = get_quantizer(spec.quantizer)(weight.detach().float(), spec.weight_bits, None, "nearest", None)
+        gamma = gain.dequantize().float()
+        y = xhat * gamma
+        if bias is not None:
+            y = y + bias.detach().float()
+        ctx.save_for_backward(xhat, gamma, rstd.float())
+        ctx.spec, ctx.generator, ctx.x_shape, ctx.has_bias = spec, generator, x.shape, bias is not None
+        return y.reshape(x.shape).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        xhat, gamma, rstd = ctx.saved_tensors
+        spec: TensorSpec = ctx.spec
+        g2 = grad.reshape(-1, grad.shape[-1]).float()
+        gq = get_quantizer(spec.quantizer)(g2, spec.gradient_bits, None, "stochastic", ctx.generator)
+        g = gq.dequantize().float()
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            dxhat = g * gamma
+            grad_x = rstd * (dxhat - dxhat.mean(-1, keepdim=True) - xhat * (dxhat * xhat).mean(-1, keepdim=True))
+            grad_x = grad_x.reshape(ctx.x_shape).to(grad.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_w = (g * xhat).sum(0).to(grad.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = g.sum(0).to(grad.dtype)
+        return grad_x, grad_w, grad_b, None, None, None
+
+
+def fake_quantize_ste(x: torch.Tensor, bits: int, rows_per_group: int | None = None,
+                      scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Q8BERT fake quantization with a straight-through estimator: forward ``Q(x)``, backward identity.
+
+    With ``scale`` (an EMA-calibrated activation scale) values beyond ``±qmax·scale`` are clipped;
+    without it the scale is ``max|x|/qmax`` per group.
+    """
+    if scale is None:
+        quantized = quantize_symmetric(x.detach(), bits, rows_per_group=rows_per_group).dequantize()
+    else:
+        limit = qmax(bits)
+        quantized = torch.round(x.detach() / scale).clamp(-limit, limit) * scale
+    return x + (quantized.to(x.dtype) - x).detach()

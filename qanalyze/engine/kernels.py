@@ -1,0 +1,362 @@
+"""Integer matrix products with integer accumulation: the bottom layer of the integer engine.
+
+One contract, several paths: :func:`int_mm` returns the exact product of two matrices of signed
+symmetric codes (``|v| <= 2**(bits-1) - 1``, 2 to 16 bits), whatever their shapes and strides.
+
+- ``int8`` (both sides <= 8 bits): one ``torch._int_mm`` (int8 x int8 -> int32). The result is
+  int32 when ``K * qmax_a * qmax_b`` fits int32, else K is cut into chunks that do and the chunk
+  products are summed in int64.
+- ``split`` (9 to 16 bits on either side): each operand wider than 8 bits is cut into two int8
+  digits and every product goes through ``torch._int_mm``; the partial products are combined into
+  an exact int64 result (see :func:`_split_mm`).
+- ``reference``: int64 matmul, the oracle every other path is tested against.
+
+Shape and hardware rules of ``torch._int_mm`` live in :func:`safe_int_mm`, nowhere else. Values
+outside the declared code range are not checked (that would cost a pass over both operands per
+call; the quantizers guarantee the range) and may give wrong results.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from qanalyze.errors import ConfigError
+from qanalyze.quant.primitives import qmax
+
+_Kernel = Callable[..., torch.Tensor]  # kernel(a, b, *, bits_a, bits_b) on validated operands
+
+KERNEL_PATHS: dict[str, _Kernel] = {}
+"""Path name -> ``kernel(a, b, *, bits_a, bits_b)``, the exact product of validated operands.
+``int_mm(..., path="auto")`` picks ``int8`` when both sides have <= 8 bits, else ``split``."""
+
+# signed only: the codes are signed, and uint8 would read -1 as 255
+_INTEGER_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64)
+
+_INT32_MAX = 2**31 - 1
+_DIGIT_BITS = 8
+_RADIX = 1 << _DIGIT_BITS
+# x = 256 * hi + lo + 128 with hi, lo int8: x - 128 spans [-32896, 32639], which holds every 16-bit code
+# [-32767, 32767]; a plain signed split (x = 256 * hi + lo) stops at 32639 and hi would need 128.
+_OFFSET = 128
+# Rows of the output combined at a time in the split path: the int32 partial products of one block and
+# its int64 result stay in the per-core cache while they are combined (measured on the 2-core AVX-512
+# machine; see benchmarks/kernels_matmul.py).
+_BLOCK_ELEMENTS = 1 << 16
+_MIN_BLOCK_ROWS = 512
+
+
+def _register(name: str) -> Callable[[_Kernel], _Kernel]:
+    def add(kernel: _Kernel) -> _Kernel:
+        KERNEL_PATHS[name] = kernel
+        return kernel
+
+    return add
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the public entry points
+
+
+def int_mm(a: torch.Tensor, b: torch.Tensor, *, bits_a: int, bits_b: int, path: str = "auto") -> torch.Tensor:
+    """Exact ``a @ b`` for integer tensors a (M, K) and b (K, N) holding values of signed bits_a / bits_b-bit
+    symmetric codes (|value| <= 2**(bits-1) - 1, bits in 2..16). Returns the exact integer product:
+    int32 when it provably fits (path int8), else int64.
+
+    ``a`` and ``b`` may have any signed integer dtype (int8, int16, int32, int64) and any strides (a
+    transposed view is used as it is). ``path`` is ``"auto"`` or a name in :data:`KERNEL_PATHS`.
+    Raises ConfigError for a non-integer dtype, operands that are not 2-D or do not chain, bits
+    outside 2..16, an unknown path, or the ``int8`` path asked for more than 8 bits.
+    """
+    _check_operands(a, b, bits_a, bits_b)
+    name = ("int8" if max(bits_a, bits_b) <= 8 else "split") if path == "auto" else path
+    if name not in KERNEL_PATHS:
+        raise ConfigError(f"unknown kernel path {path!r}; known: auto, {', '.join(KERNEL_PATHS)}")
+    return KERNEL_PATHS[name](a, b, bits_a=bits_a, bits_b=bits_b)
+
+
+def reference_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The exact product of two integer matrices in int64: ``a.to(int64) @ b.to(int64)``.
+
+    Exact as long as every partial sum fits int64 (|sum| < 2**63; 16-bit codes need K > 8.5e9 to get
+    there). CUDA has no int64 matmul, so a CUDA operand is multiplied on the CPU and moved back.
+    """
+    if a.dtype not in _INTEGER_DTYPES or b.dtype not in _INTEGER_DTYPES:
+        raise ConfigError(f"reference_mm needs integer operands, not {a.dtype} and {b.dtype}")
+    device = a.device
+    return (a.cpu().to(torch.int64) @ b.cpu().to(torch.int64)).to(device)
+
+
+def safe_int_mm(a8: torch.Tensor, b8: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``torch._int_mm(a8, b8)``: int8 (M, K) @ int8 (K, N) -> int32 (M, N), on any device and shape.
+
+    The shape rules of ``torch._int_mm``, written here because this is the only caller:
+
+    - CPU (oneDNN): any shape (M = 1, K and N not multiples of 8, K = 0), row- or column-major,
+      bit-exact against int64 (measured, PyTorch 2.13). Such operands are passed as they are: a
+      transposed view is no slower than a contiguous one, and ``.contiguous()`` would add a copy.
+      But an operand whose strides are neither (leading dimension >= columns, 1) nor (1, leading
+      dimension >= rows) gives a silently wrong result, uninitialized memory (measured: ``x.t()`` of
+      an (N, 1) matrix, strides (1, 1)); ``.contiguous()`` keeps such strides (a size-1 dimension's
+      stride does not count), so those operands are copied into a fresh row-major tensor.
+    - CUDA (cuBLASLt int8 GEMM): ``_int_mm_out_cuda`` requires M > 16 and K, N positive multiples of
+      8, and some transposed layouts give silently wrong results (torchao's ``safe_int_mm`` makes
+      mat2 contiguous for that reason). Operands are made contiguous and zero-padded up to the
+      nearest admissible shape; zero rows and columns add nothing to any dot product, so the
+      corresponding slice of the padded product is exact.
+
+    The accumulator is int32 and wraps silently: the caller keeps ``K * max|a8| * max|b8| < 2**31``.
+    ``out``, when given, is an int32 (M, N) tensor that receives the product and is returned.
+    """
+    if a8.dtype != torch.int8 or b8.dtype != torch.int8:
+        raise ConfigError(f"safe_int_mm needs int8 operands, not {a8.dtype} and {b8.dtype}")
+    if a8.dim() != 2 or b8.dim() != 2 or a8.shape[1] != b8.shape[0]:
+        raise ConfigError(f"safe_int_mm needs (M, K) and (K, N) operands, not {tuple(a8.shape)} and {tuple(b8.shape)}")
+    if a8.device.type == "cpu":
+        a8, b8 = _onednn_operand(a8), _onednn_operand(b8)
+        return torch._int_mm(a8, b8) if out is None else torch._int_mm(a8, b8, out=out)
+    m, n = a8.shape[0], b8.shape[1]
+    a_pad, b_pad = _cublas_operands(a8, b8)
+    product = torch._int_mm(a_pad, b_pad)[:m, :n]
+    return product if out is None else out.copy_(product)
+
+
+def _onednn_operand(x: torch.Tensor) -> torch.Tensor:
+    """x itself when its strides describe a row- or column-major matrix the CPU kernel reads right, else a
+    row-major copy. Row-major is tested first: with strides (1, 1) both would match, and only row-major works."""
+    rows, cols = x.shape
+    row_stride, col_stride = x.stride()
+    if col_stride == 1:
+        fine = row_stride >= max(1, cols)
+    else:
+        fine = row_stride == 1 and col_stride >= max(1, rows)
+    return x if fine else torch.empty(x.shape, dtype=x.dtype, device=x.device).copy_(x)
+
+
+def _cublas_operands(a8: torch.Tensor, b8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Contiguous, zero-padded copies of the operands in a shape cuBLASLt's int8 GEMM accepts."""
+    (m, k), n = a8.shape, b8.shape[1]
+    m_pad, k_pad, n_pad = max(m, 17), _round_up(max(k, 1), 8), _round_up(max(n, 1), 8)
+    a_pad = F.pad(a8, (0, k_pad - k, 0, m_pad - m)) if (m_pad, k_pad) != (m, k) else a8
+    b_pad = F.pad(b8, (0, n_pad - n, 0, k_pad - k)) if (k_pad, n_pad) != (k, n) else b8
+    return a_pad.contiguous(), b_pad.contiguous()
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def _check_operands(a: torch.Tensor, b: torch.Tensor, bits_a: int, bits_b: int) -> None:
+    for name, x in (("a", a), ("b", b)):
+        if not isinstance(x, torch.Tensor):
+            raise ConfigError(f"{name} must be a tensor, not {type(x).__name__}")
+        if x.dtype not in _INTEGER_DTYPES:
+            names = ", ".join(str(d).removeprefix("torch.") for d in _INTEGER_DTYPES)
+            raise ConfigError(f"{name} must hold integer codes ({names}), not {x.dtype}")
+        if x.dim() != 2:
+            raise ConfigError(f"{name} must be a matrix (2-D), not {x.dim()}-D with shape {tuple(x.shape)}")
+    if a.shape[1] != b.shape[0]:
+        raise ConfigError(f"a {tuple(a.shape)} and b {tuple(b.shape)} do not chain: a has {a.shape[1]} columns, "
+                          f"b has {b.shape[0]} rows")
+    if a.device != b.device:
+        raise ConfigError(f"a is on {a.device} and b on {b.device}")
+    qmax(bits_a)  # raises ConfigError outside 2..16
+    qmax(bits_b)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# paths
+
+
+@_register("reference")
+def _reference_path(a: torch.Tensor, b: torch.Tensor, *, bits_a: int, bits_b: int) -> torch.Tensor:
+    return reference_mm(a, b)
+
+
+@_register("int8")
+def _int8_path(a: torch.Tensor, b: torch.Tensor, *, bits_a: int, bits_b: int) -> torch.Tensor:
+    if max(bits_a, bits_b) > 8:
+        raise ConfigError(f"the int8 path multiplies codes of at most 8 bits, not {bits_a} x {bits_b}; "
+                          f"use path='split' (or 'auto')")
+    # values of <= 8-bit codes fit int8 whatever the dtype, so the conversion is exact
+    a8 = a if a.dtype == torch.int8 else a.to(torch.int8)
+    b8 = b if b.dtype == torch.int8 else b.to(torch.int8)
+    step = _INT32_MAX // (qmax(bits_a) * qmax(bits_b))
+    if a8.shape[1] <= step:
+        return safe_int_mm(a8, b8)
+    return _sum_k_chunks(lambda x, y: safe_int_mm(x, y), a8, b8, step)
+
+
+@_register("split")
+def _split_path(a: torch.Tensor, b: torch.Tensor, *, bits_a: int, bits_b: int) -> torch.Tensor:
+    step = _split_k_step(bits_a, bits_b)
+    if a.shape[1] <= step:
+        return _split_mm(a, b, bits_a, bits_b)
+    return _sum_k_chunks(lambda x, y: _split_mm(x, y, bits_a, bits_b), a, b, step)
+
+
+def _sum_k_chunks(product: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], a: torch.Tensor, b: torch.Tensor,
+                  step: int) -> torch.Tensor:
+    """Sum in int64 of ``product`` over chunks of at most ``step`` columns of a (rows of b)."""
+    out = torch.zeros(a.shape[0], b.shape[1], dtype=torch.int64, device=a.device)
+    for start in range(0, a.shape[1], step):
+        out += product(a[:, start:start + step], b[start:start + step])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the split path
+
+
+@dataclass(frozen=True)
+class _Operand:
+    """One side of the product as int8 digits: ``x = sum(256**e * digit_e) (+ 128 if offset)``."""
+
+    digits: dict[int, torch.Tensor]  # exponent -> int8 tensor with x's shape
+    offset: bool
+
+
+@dataclass(frozen=True)
+class _Level:
+    """The terms of one power of 256 in the product: one int_mm (terms stacked along K) plus corrections."""
+
+    a: torch.Tensor  # int8 (M, K * terms)
+    b: torch.Tensor  # int8 (K * terms, N)
+    row: torch.Tensor | None  # int32 (M, 1), added to every column
+    col: torch.Tensor | None  # int32 (1, N), added to every row
+    bound: int  # largest |a @ b + row + col|
+
+
+def _hi_bound(bits: int) -> int:
+    # hi = floor(x / 256) for |x| <= qmax
+    return -(-qmax(bits) // _RADIX)
+
+
+def _per_k_bounds(bits_a: int, bits_b: int) -> dict[int, int]:
+    """Exponent -> largest |level| / K in :func:`_levels` (products plus corrections), from the bits alone."""
+    def digit_bounds(bits: int) -> dict[int, int]:
+        return {0: qmax(bits)} if bits <= 8 else {1: _hi_bound(bits), 0: _OFFSET}
+
+    da, db = digit_bounds(bits_a), digit_bounds(bits_b)
+    offset_a, offset_b = bits_a > 8, bits_b > 8
+    per_k: dict[int, int] = {}
+    for ea, bound_a in da.items():
+        for eb, bound_b in db.items():
+            per_k[ea + eb] = per_k.get(ea + eb, 0) + bound_a * bound_b
+    for e, bound in da.items():
+        per_k[e] += _OFFSET * bound if offset_b else 0
+    for e, bound in db.items():
+        per_k[e] += _OFFSET * bound if offset_a else 0
+    if offset_a and offset_b:
+        per_k[0] += _OFFSET * _OFFSET
+    return per_k
+
+
+def _split_k_step(bits_a: int, bits_b: int) -> int:
+    """The largest K for which every level of :func:`_split_mm` fits int32 (32767 at 16 x 16 bits)."""
+    return _INT32_MAX // max(_per_k_bounds(bits_a, bits_b).values())
+
+
+def _empty_like_layout(shape: tuple[int, int], like: torch.Tensor) -> torch.Tensor:
+    """An empty int8 (rows, cols) tensor, column-major when ``like`` is (a transposed view), so that
+    elementwise ops from ``like`` into it read and write memory in order."""
+    if like.stride(0) == 1 and like.stride(1) != 1:
+        return torch.empty(shape[::-1], dtype=torch.int8, device=like.device).t()
+    return torch.empty(shape, dtype=torch.int8, device=like.device)
+
+
+def _digits(x: torch.Tensor, bits: int, dim: int, hi_first: bool) -> tuple[torch.Tensor, _Operand]:
+    """x cut into int8 digits, stacked along ``dim`` (hi then lo, or lo then hi) in one buffer.
+
+    ``x = 256 * hi + lo + 128``: lo = (x mod 256) - 128 in [-128, 127], hi = floor(x / 256). Returns
+    the stacked buffer and the operand whose digits are views into it.
+    """
+    if bits <= 8:
+        x8 = x if x.dtype == torch.int8 else x.to(torch.int8)
+        return x8, _Operand({0: x8}, offset=False)
+    k = x.shape[dim]
+    shape = (x.shape[0] * 2, x.shape[1]) if dim == 0 else (x.shape[0], x.shape[1] * 2)
+    stacked = _empty_like_layout(shape, x)
+    first, second = stacked.narrow(dim, 0, k), stacked.narrow(dim, k, k)
+    hi, lo = (first, second) if hi_first else (second, first)
+    # out=hi would cast through a temporary that loses a transposed layout (10x slower, measured)
+    hi.copy_(torch.bitwise_right_shift(x, _DIGIT_BITS))
+    # int -> int8 conversion keeps x mod 256 (two's complement); flipping the sign bit subtracts 128 mod 256
+    lo.copy_(x).bitwise_xor_(-_OFFSET)
+    return stacked, _Operand({1: hi, 0: lo}, offset=True)
+
+
+def _levels(a: torch.Tensor, b: torch.Tensor, bits_a: int, bits_b: int) -> list[_Level]:
+    """The product as ``sum(256**e * (A_e @ B_e + row_e + col_e))``, highest exponent first.
+
+    With a = a' + 128 (a' the digit sum, when a is split) and likewise b:
+    a @ b = a' @ b' + 128 * rowsum(a') [if b is split] + 128 * colsum(b') [if a is split] + 128 * 128 * K
+    [if both]. Each digit's row or column sum lands at the digit's exponent, so every level's terms
+    stay as small as its products and fit int32 together for K <= _split_k_step.
+    """
+    k = a.shape[1]
+    per_k = _per_k_bounds(bits_a, bits_b)
+    # row and column sums of the digits as int8 GEMMs: 30x faster than sum(dtype=...), which converts first
+    ones_k = torch.ones(1, k, dtype=torch.int8, device=a.device)
+    a_stack, da = _digits(a, bits_a, dim=1, hi_first=True)
+    b_stack, db = _digits(b, bits_b, dim=0, hi_first=False)
+    top = max(da.digits) + max(db.digits)
+    levels = []
+    for e in range(top, -1, -1):
+        pairs = [(ea, e - ea) for ea in sorted(da.digits, reverse=True) if e - ea in db.digits]
+        if len(pairs) == 1:
+            (ea, eb), = pairs
+            a_e, b_e = da.digits[ea], db.digits[eb]
+        else:  # the two cross terms hi @ lo + lo @ hi, stacked along K: [hi_a | lo_a] @ [lo_b ; hi_b]
+            a_e, b_e = a_stack, b_stack
+        row = col = None
+        if db.offset and e in da.digits:
+            row = safe_int_mm(da.digits[e], ones_k.t()).mul_(_OFFSET)
+        if da.offset and e in db.digits:
+            col = safe_int_mm(ones_k, db.digits[e]).mul_(_OFFSET)
+        if e == 0 and da.offset and db.offset:
+            row += _OFFSET * _OFFSET * k
+        levels.append(_Level(a_e, b_e, row, col, k * per_k[e]))
+    return levels
+
+
+def _split_mm(a: torch.Tensor, b: torch.Tensor, bits_a: int, bits_b: int) -> torch.Tensor:
+    """Exact int64 a @ b through int8 digits; K must be at most ``_split_k_step(bits_a, bits_b)``.
+
+    The levels are combined by Horner's rule, ``acc = 256 * acc + level``, block of rows by block of
+    rows. ``acc`` stays int32 while its bound allows and only then moves to int64: at K = 384 a 16 x 16
+    product needs int64 only for its last level, an 8 x 16 product not at all.
+    """
+    levels = _levels(a, b, bits_a, bits_b)
+    m, n = a.shape[0], b.shape[1]
+    out = torch.empty(m, n, dtype=torch.int64, device=a.device)
+    rows = m if a.device.type != "cpu" else max(1, min(m, max(_MIN_BLOCK_ROWS, _BLOCK_ELEMENTS // max(n, 1))))
+    partials = [torch.empty(rows, n, dtype=torch.int32, device=a.device) for _ in levels]
+    wide = torch.empty(rows, n, dtype=torch.int64, device=a.device)
+    for start in range(0, m, rows):
+        stop = min(start + rows, m)
+        acc: torch.Tensor | None = None
+        bound = 0
+        for level, buffer in zip(levels, partials):
+            p = safe_int_mm(level.a[start:stop], level.b, out=buffer[: stop - start])
+            if level.row is not None:
+                p += level.row[start:stop]
+            if level.col is not None:
+                p += level.col
+            if acc is None:
+                acc, bound = p, level.bound
+                continue
+            bound = bound * _RADIX + level.bound
+            if acc.dtype == torch.int32 and bound <= _INT32_MAX:
+                acc = p.add_(acc, alpha=_RADIX)
+                continue
+            if acc.dtype == torch.int32:
+                acc = out[start:stop].copy_(acc)
+            acc.bitwise_left_shift_(_DIGIT_BITS)
+            acc += wide[: stop - start].copy_(p)
+        if acc is not None and acc.dtype == torch.int32:
+            out[start:stop].copy_(acc)
+    return out

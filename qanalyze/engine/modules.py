@@ -1,0 +1,145 @@
+"""Thin modules that hold a swapped layer's parameters and quantization settings and call a Function.
+
+Each module takes over the original layer's ``weight`` and ``bias`` Parameters (the same objects),
+so the optimizer, the state dict keys and ``save_pretrained`` see the model unchanged: the master
+weights stay FP32 and are updated in FP32. ``quantized_weight()`` gives the integer codes and scales
+a packed checkpoint stores; ``freeze(quantized)`` makes the module use given codes (a loaded
+checkpoint) instead of quantizing its float weight.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from qanalyze.engine.functions import (
+    IntEmbeddingFunction,
+    IntLayerNormFunction,
+    IntLinearFunction,
+    TensorSpec,
+    fake_quantize_ste,
+    quantize_weight,
+)
+from qanalyze.quant.primitives import Quantized, qmax
+
+EMA_DECAY = 0.9999
+"""Q8BERT's decay of the exponential moving average of activation ranges."""
+
+
+class _Swapped(nn.Module):
+    """What every swapped module shares: the original parameters, the spec, a generator, frozen codes."""
+
+    def __init__(self, original: nn.Module, spec: TensorSpec, generator: torch.Generator, *,
+                 transposed: bool = False) -> None:
+        super().__init__()
+        self.weight = original.weight
+        self.bias = getattr(original, "bias", None)
+        self.spec = spec
+        self.generator = generator
+        self.transposed = transposed
+        self._frozen: Quantized | None = None
+        self._cache: tuple[int, Quantized] | None = None
+
+    def matrix(self) -> torch.Tensor:
+        """The weight as ``(out, in)`` (GPT-2's Conv1D stores it ``(in, out)``)."""
+        return self.weight.t() if self.transposed else self.weight
+
+    def quantized_weight(self) -> Quantized:
+        """The integer codes and scales the forward pass uses now (frozen, cached, or fresh)."""
+        if self._frozen is not None:
+            return self._frozen
+        version = self.weight._version
+        if self._cache is None or self._cache[0] != version:
+            self._cache = (version, quantize_weight(self.matrix(), self.spec))
+        return self._cache[1]
+
+    def freeze(self, quantized: Quantized) -> None:
+        """Use ``quantized`` as the weight from now on (evaluation of a packed checkpoint)."""
+        self._frozen = quantized
+        with torch.no_grad():
+            values = quantized.dequantize().to(self.weight.dtype)
+            self.weight.copy_(values.t() if self.transposed else values)
+
+    def _weight_for_forward(self) -> Quantized | None:
+        # in training the weight changes every step, so it is quantized inside the Function; in
+        # evaluation the cached codes are reused until the weight changes
+        if self._frozen is not None:
+            return self._frozen
+        return None if self.training else self.quantized_weight()
+
+    def extra_repr(self) -> str:
+        spec = self.spec
+        groups = "tensor" if spec.rows_per_group is None else f"{spec.rows_per_group} rows"
+        return (f"W{spec.weight_bits} A{spec.activation_bits} G{spec.gradient_bits}, groups of {groups}, "
+                f"{spec.quantizer}")
+
+
+class IntLinear(_Swapped):
+    """A linear layer on the integer path (`IntLinearFunction`)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return IntLinearFunction.apply(x, self.matrix(), self.bias, self.spec, self.generator,
+                                       self._weight_for_forward())
+
+
+class IntEmbedding(_Swapped):
+    """An embedding on the integer path (`IntEmbeddingFunction`)."""
+
+    def __init__(self, original: nn.Embedding, spec: TensorSpec, generator: torch.Generator) -> None:
+        super().__init__(original, spec, generator)
+        self.padding_idx = original.padding_idx
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return IntEmbeddingFunction.apply(ids, self.weight, self.spec, self.generator, self.padding_idx,
+                                          self._weight_for_forward())
+
+
+class IntLayerNorm(_Swapped):
+    """A layer norm with integer statistics (`IntLayerNormFunction`)."""
+
+    def __init__(self, original: nn.LayerNorm, spec: TensorSpec, generator: torch.Generator) -> None:
+        super().__init__(original, spec, generator)
+        self.eps = original.eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return IntLayerNormFunction.apply(x, self.weight, self.bias, self.spec, self.generator, self.eps)
+
+class QATLinear(_Swapped):
+    """Q8BERT quantization-aware training: fake-quantized weight (per the plan's groups) and input
+    (EMA range, decay 0.9999), straight-through gradients, float GEMM."""
+
+    def __init__(self, original: nn.Module, spec: TensorSpec, generator: torch.Generator, *,
+                 transposed: bool = False) -> None:
+        super().__init__(original, spec, generator, transposed=transposed)
+        self.register_buffer("activation_range", torch.zeros((), device=original.weight.device))
+
+    def _input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            current = x.detach().abs().amax().float()
+            with torch.no_grad():
+                first = bool(self.activation_range == 0)
+                self.activation_range.copy_(current if first else
+                                            EMA_DECAY * self.activation_range + (1 - EMA_DECAY) * current)
+        if not bool(self.activation_range > 0):
+            return fake_quantize_ste(x, self.spec.activation_bits)
+        scale = self.activation_range / qmax(self.spec.activation_bits)
+        return fake_quantize_ste(x, self.spec.activation_bits, scale=scale.to(x.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.matrix()
+        fake = quantize_weight(weight, self.spec).dequantize().to(weight.dtype)
+        weight = weight + (fake - weight).detach()
+        return nn.functional.linear(self._input(x), weight, self.bias)
+
+
+class QATEmbedding(_Swapped):
+    """Q8BERT's fake-quantized embedding table (straight-through gradients)."""
+
+    def __init__(self, original: nn.Embedding, spec: TensorSpec, generator: torch.Generator) -> None:
+        super().__init__(original, spec, generator)
+        self.padding_idx = original.padding_idx
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        fake = quantize_weight(self.weight, self.spec).dequantize().to(self.weight.dtype)
+        weight = self.weight + (fake - self.weight).detach()
+        return nn.functional.embedding(ids, weight, self.padding_idx)

@@ -1,0 +1,107 @@
+"""apply_plan on tiny random models built here: swapping, refusals, and what the swapped model computes."""
+
+import pytest
+import torch
+from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2ForSequenceClassification
+
+from qanalyze.engine.apply import MODES, apply_plan, quantized_weights, swapped_modules
+from qanalyze.engine.modules import IntEmbedding, IntLayerNorm, IntLinear, QATLinear
+from qanalyze.errors import ConfigError
+from qanalyze.plan.uniform import resolve_plan, uniform_plan
+
+
+def _bert(seed=0, layers=2):
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=64, num_labels=2)
+    return BertForSequenceClassification(config).eval()
+
+
+def _batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {"input_ids": torch.randint(1, 100, (3, 10), generator=g),
+            "attention_mask": torch.ones(3, 10, dtype=torch.long), "labels": torch.tensor([0, 1, 1])}
+
+
+def test_int_mode_swaps_every_planned_module_and_keeps_the_head_float():
+    model = _bert()
+    plan = uniform_plan(model, 8, kinds=tuple(MODES["int"].builders))
+    applied = apply_plan(model, plan, "int", seed=3)
+    swapped = swapped_modules(model)
+    assert isinstance(model.bert.encoder.layer[0].attention.self.query, IntLinear)
+    assert isinstance(model.bert.embeddings.word_embeddings, IntEmbedding)
+    assert isinstance(model.bert.encoder.layer[1].output.LayerNorm, IntLayerNorm)
+    assert type(model.classifier) is torch.nn.Linear and type(model.bert.pooler.dense) is torch.nn.Linear
+    assert set(swapped) == set(applied.specs) == {n for n, m in plan.modules.items() if not m.get("float")}
+    # the parameters are the same objects: optimizer and state dict see the model unchanged
+    names = set(dict(model.named_parameters()))
+    assert "bert.encoder.layer.0.attention.self.query.weight" in names
+    codes = quantized_weights(model)
+    assert all(q.bits == 8 for q in codes.values())
+
+
+def test_uniform_16_bit_int_model_computes_the_float_model_closely():
+    reference = _bert(seed=1)
+    model = _bert(seed=1)
+    apply_plan(model, uniform_plan(model, 16, kinds=("linear", "embedding", "layernorm")), "int")
+    batch = _batch()
+    with torch.no_grad():
+        a, b = reference(**batch).logits, model(**batch).logits
+    assert float((a - b).abs().max()) < 2e-3
+    model8 = _bert(seed=1)
+    apply_plan(model8, uniform_plan(model8, 4), "int")
+    with torch.no_grad():
+        c = model8(**batch).logits
+    assert float((a - c).abs().max()) > float((a - b).abs().max())  # fewer bits, more error
+
+
+def test_gpt2_conv1d_is_swapped_with_its_transposed_weight():
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=100, n_embd=32, n_layer=1, n_head=4, n_positions=32, num_labels=2,
+                        pad_token_id=0)
+    reference = GPT2ForSequenceClassification(config).eval()
+    model = GPT2ForSequenceClassification(config).eval()
+    model.load_state_dict(reference.state_dict())
+    apply_plan(model, uniform_plan(model, 16), "int")
+    assert isinstance(model.transformer.h[0].attn.c_attn, IntLinear)
+    ids = torch.randint(1, 100, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert float((reference(input_ids=ids).logits - model(input_ids=ids).logits).abs().max()) < 5e-3
+
+
+def test_qat_mode_refuses_a_planned_layer_norm_by_name():
+    model = _bert()
+    plan = uniform_plan(model, 8, kinds=("linear", "embedding", "layernorm"))
+    with pytest.raises(ConfigError, match=r"qat cannot quantize bert\.embeddings\.LayerNorm .*Q8BERT"):
+        apply_plan(model, plan, "qat")
+    apply_plan(model, uniform_plan(model, 8), "qat")
+    assert isinstance(model.bert.encoder.layer[0].intermediate.dense, QATLinear)
+
+
+def test_a_plan_for_another_architecture_is_refused_by_module_name():
+    plan = uniform_plan(_bert(layers=2), 8)
+    with pytest.raises(ConfigError, match=r"layer\.2"):
+        apply_plan(_bert(layers=3), plan, "int")
+
+
+def test_unknown_mode_and_bad_uniform_specs():
+    model = _bert()
+    with pytest.raises(ConfigError, match="unknown mode 'int5'; known: int, qat, ptq-dynamic"):
+        apply_plan(model, uniform_plan(model, 8), "int5")
+    with pytest.raises(ConfigError, match="uniform:N"):
+        resolve_plan("uniform:x", model)
+    with pytest.raises(ConfigError, match="2 to 16"):
+        resolve_plan("uniform:17", model)
+    with pytest.raises(ConfigError, match="not found"):
+        resolve_plan("no-such-plan.json", model)
+
+
+def test_training_updates_the_float_master_weights_through_integer_gradients():
+    model = _bert()
+    apply_plan(model, uniform_plan(model, 8), "int")
+    model.train()
+    loss = model(**_batch()).loss
+    loss.backward()
+    query = model.bert.encoder.layer[0].attention.self.query
+    assert query.weight.grad is not None and float(query.weight.grad.abs().sum()) > 0
+    assert model.bert.embeddings.word_embeddings.weight.grad.abs().sum() > 0

@@ -1,0 +1,163 @@
+"""The integer autograd Functions against int64 references (exact) and float64 (within tolerance)."""
+
+import pytest
+import torch
+
+from qanalyze.engine.functions import (
+    IntEmbeddingFunction,
+    IntLayerNormFunction,
+    IntLinearFunction,
+    TensorSpec,
+    fake_quantize_ste,
+    get_quantizer,
+    row_scales,
+)
+from qanalyze.engine.kernels import reference_mm
+from qanalyze.errors import ConfigError
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _data(m, k, n, seed=0, dtype=torch.float32):
+    g = _gen(seed)
+    x = torch.randn(m, k, generator=g, dtype=dtype)
+    w = torch.randn(n, k, generator=g, dtype=dtype) * 0.1
+    b = torch.randn(n, generator=g, dtype=dtype)
+    grad = torch.randn(m, n, generator=g, dtype=dtype)
+    return x, w, b, grad
+
+
+def _reference_linear(x, w, b, grad, spec, seed):
+    """The same maths with every product in int64: what the Function must reproduce bit for bit."""
+    quantize = get_quantizer(spec.quantizer)
+    xq = quantize(x, spec.activation_bits, 1 if spec.per_token else None, "nearest", None)
+    wq = quantize(w, spec.weight_bits, spec.rows_per_group, "nearest", None)
+    s_x = row_scales(xq, x.shape[0]).float()
+    s_x = s_x if s_x.dim() == 0 else s_x.unsqueeze(1)
+    s_w = row_scales(wq, w.shape[0]).float()
+    y = reference_mm(xq.q, wq.q.t()).to(torch.float32) * s_x * s_w + b
+    generator = _gen(seed)
+    gx = quantize(grad * s_w, spec.gradient_bits, None, "stochastic", generator)
+    grad_x = reference_mm(gx.q, wq.q).to(torch.float32) * gx.scale
+    gw = quantize(grad * s_x, spec.gradient_bits, None, "stochastic", generator)
+    grad_w = reference_mm(gw.q.t(), xq.q).to(torch.float32) * gw.scale
+    return y, grad_x, grad_w
+
+
+def _run_linear(x, w, b, grad, spec, seed):
+    x = x.clone().requires_grad_(True)
+    w = w.clone().requires_grad_(True)
+    b = b.clone().requires_grad_(True)
+    y = IntLinearFunction.apply(x, w, b, spec, _gen(seed), None)
+    y.backward(grad)
+    return y.detach(), x.grad, w.grad, b.grad
+
+
+@pytest.mark.parametrize("bits", [(8, 8, 8), (4, 8, 8), (16, 16, 16), (8, 12, 16), (2, 3, 5)])
+@pytest.mark.parametrize("quantizer", ["dfp", "symmetric"])
+@pytest.mark.parametrize("shape", [(1, 7, 13), (37, 64, 24), (5, 3, 96)])
+def test_integer_linear_equals_the_int64_reference_exactly(bits, quantizer, shape):
+    weight_bits, activation_bits, gradient_bits = bits
+    m, k, n = shape
+    rows = n // 4 if n % 4 == 0 else None
+    spec = TensorSpec(weight_bits, activation_bits, gradient_bits, rows_per_group=rows, quantizer=quantizer)
+    x, w, b, grad = _data(m, k, n, seed=m + k + n)
+    y, grad_x, grad_w, grad_b = _run_linear(x, w, b, grad, spec, seed=11)
+    ref_y, ref_x, ref_w = _reference_linear(x, w, b, grad, spec, seed=11)
+    assert torch.equal(y, ref_y)
+    assert torch.equal(grad_x, ref_x)
+    assert torch.equal(grad_w, ref_w)
+    assert torch.equal(grad_b, grad.sum(0))
+
+
+def test_per_token_activation_scales_are_exact_too():
+    spec = TensorSpec(8, 8, 8, rows_per_group=1, per_token=True)
+    x, w, b, grad = _data(9, 16, 8, seed=3)
+    x[0] *= 100  # one loud token: per-token scales keep the others' resolution
+    y, grad_x, grad_w, _ = _run_linear(x, w, b, grad, spec, seed=5)
+    ref_y, ref_x, ref_w = _reference_linear(x, w, b, grad, spec, seed=5)
+    assert torch.equal(y, ref_y) and torch.equal(grad_x, ref_x) and torch.equal(grad_w, ref_w)
+
+
+def test_sixteen_bit_linear_matches_float64_within_quantization_tolerance():
+    x, w, b, grad = _data(24, 48, 32, seed=7, dtype=torch.float64)
+    spec = TensorSpec(16, 16, 16, rows_per_group=1)
+    y, grad_x, grad_w, _ = _run_linear(x.float(), w.float(), b.float(), grad.float(), spec, seed=1)
+    xs, ws = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    exact = torch.nn.functional.linear(xs, ws, b)
+    exact.backward(grad)
+
+    def rel(a, ref):
+        return float((a.double() - ref).norm() / ref.norm())
+
+    # 16-bit dynamic fixed point: a step of 2**-14 of the range; 1e-3 leaves room for the sums
+    assert rel(y, exact.detach()) < 1e-3
+    assert rel(grad_x, xs.grad) < 1e-3
+    assert rel(grad_w, ws.grad) < 1e-3
+    # while 4 bits is visibly lossy: the tolerance above is not vacuous
+    coarse = _run_linear(x.float(), w.float(), b.float(), grad.float(), TensorSpec(4, 4, 4), seed=1)
+    assert rel(coarse[0], exact.detach()) > 1e-2
+
+
+def test_stochastic_rounding_of_gradients_is_unbiased():
+    x, w, b, grad = _data(16, 8, 6, seed=9)
+    spec = TensorSpec(16, 16, 3)  # 3-bit gradients: rounding noise is large, any bias would show
+    draws = torch.stack([_run_linear(x, w, b, grad, spec, seed=s)[2] for s in range(400)])
+    # the expectation is the gradient of the quantized forward with the exact output gradient
+    quantize = get_quantizer("dfp")
+    xq = quantize(x, 16, None, "nearest", None)
+    expected = grad.t().double() @ xq.dequantize().double()
+    mean = draws.double().mean(0)
+    stderr = draws.double().std(0) / 20
+    assert bool(((mean - expected).abs() <= 3 * stderr + 1e-6).float().mean() >= 0.99)
+
+
+def test_embedding_forward_is_the_integer_table_and_backward_an_integer_scatter():
+    g = _gen(2)
+    weight = torch.randn(50, 12, generator=g).requires_grad_(True)
+    ids = torch.randint(0, 50, (4, 9), generator=g)
+    ids[0, 0] = 0
+    spec = TensorSpec(6, 8, 8, rows_per_group=1)
+    out = IntEmbeddingFunction.apply(ids, weight, spec, _gen(4), 0, None)
+    wq = get_quantizer("dfp")(weight.detach(), 6, 1, "nearest", None)
+    assert torch.equal(out, wq.dequantize()[ids])
+    grad = torch.randn(4, 9, 12, generator=g)
+    out.backward(grad)
+    gq = get_quantizer("dfp")(grad.reshape(-1, 12), 8, None, "stochastic", _gen(4))
+    expected = torch.zeros(50, 12, dtype=torch.int64).index_add_(0, ids.reshape(-1), gq.q.to(torch.int64))
+    expected[0] = 0  # padding row
+    assert torch.equal(weight.grad, expected.to(torch.float32) * gq.scale)
+
+
+def test_integer_layer_norm_is_close_to_layer_norm_at_16_bits():
+    g = _gen(5)
+    x = (torch.randn(6, 10, 32, generator=g) * 3 + 1).requires_grad_(True)
+    gamma = (1 + 0.1 * torch.randn(32, generator=g)).requires_grad_(True)
+    beta = (0.1 * torch.randn(32, generator=g)).requires_grad_(True)
+    grad = torch.randn(6, 10, 32, generator=g)
+    y = IntLayerNormFunction.apply(x, gamma, beta, TensorSpec(16, 16, 16), _gen(0), 1e-12)
+    y.backward(grad)
+    got = (y.detach(), x.grad.clone(), gamma.grad.clone(), beta.grad.clone())
+    for t in (x, gamma, beta):
+        t.grad = None
+    ref = torch.nn.functional.layer_norm(x, (32,), gamma, beta, 1e-12)
+    ref.backward(grad)
+    for a, b in zip(got, (ref.detach(), x.grad, gamma.grad, beta.grad)):
+        assert float((a - b).norm() / b.norm()) < 2e-3
+
+
+def test_fake_quantize_ste_passes_gradients_straight_through():
+    x = torch.linspace(-1, 1, 11).requires_grad_(True)
+    y = fake_quantize_ste(x, 3)
+    assert len(torch.unique(y.detach())) <= 7
+    y.sum().backward()
+    assert torch.equal(x.grad, torch.ones(11))
+
+
+def test_bad_specs_are_refused():
+    with pytest.raises(ConfigError, match="bits"):
+        TensorSpec(1, 8, 8)
+    with pytest.raises(ConfigError, match="unknown quantizer"):
+        TensorSpec(8, 8, 8, quantizer="nf4")
