@@ -2,14 +2,24 @@
 
 A budget is one number of one kind:
 
-- ``bits``: the parameter-weighted mean of weight bits over the planned modules, scale storage
-  counted (``4bit``: the quantized weights, scales included, take at most 4 bits per weight);
-- ``bytes``: the storage of the quantized weights and their scales (``12MB`` is 12 * 10**6 bytes,
-  ``12MiB`` is 12 * 2**20: the decimal and binary prefixes are both in use and differ by 5 %);
-- ``ratio``: compression against FP32 (``8x``: at most 32 / 8 = 4 bits per weight on average).
+- ``bits``: the parameter-weighted mean of weight bits over the planned modules, with every scale
+  beyond the first of each weight tensor counted (``4bit``: at most 4 bits per weight, plus one
+  free fp16 scale per tensor; finer groups pay for their extra scales out of the 4 bits);
+- ``bytes``: the storage of the quantized weights and all their scales (``12MB`` is 12 * 10**6
+  bytes, ``12MiB`` is 12 * 2**20: the decimal and binary prefixes are both in use and differ by 5 %);
+- ``ratio``: compression against FP32, every scale counted (``8x``: at most 32 / 8 = 4 bits per
+  weight on average, scales included).
+
+Why a bits budget lets one scale per tensor go free: counting every scale would make the budgets
+people type mean something else. ``16bit`` could then never give every module 16 bits (a
+per-tensor 16-bit weight costs ``16 * n + 16`` bits), ``2bit`` would be unreachable, and the
+uniform plan at ``4bit`` would drop to 3 bits. One scale per tensor is a rounding error next to
+the weights (0.0001 bits per weight on a 384 x 384 projection), while finer groups (per channel,
+per 32 rows) add enough to matter, so those are what a bits budget still charges. Byte and ratio
+budgets are about the real storage, so they keep counting every byte.
 
 `Budget.capacity_bits` turns any of them into the one thing a solver needs: the total number of
-storage bits allowed for a given number of planned weights.
+storage bits (every scale included) that the planned weights may take.
 """
 
 from __future__ import annotations
@@ -27,6 +37,9 @@ ACCEPTED_FORMS = "4bit, 3.5bit, 12MB, 12MiB, 0.5GB, 8x"
 
 FLOAT_BITS = 32
 """Bits of one FP32 weight: the reference of a compression ratio and the ceiling of a bits budget."""
+
+SCALE_BITS = 16
+"""Storage of one group's scale (fp16); symmetric weights need no zero point."""
 
 BITS_RANGE = (2.0, 16.0)
 """Inclusive range of an activation or gradient bits budget (the quantizers' 2..16 bits)."""
@@ -49,11 +62,12 @@ _UNITS: dict[str, tuple[str, float]] = {
     "x": ("ratio", 1.0),
 }
 
-# kind -> capacity in bits for `params` planned weights
-_CAPACITY: dict[str, Callable[[float, int], float]] = {
-    "bits": lambda value, params: value * params,
-    "bytes": lambda value, params: value * 8,
-    "ratio": lambda value, params: FLOAT_BITS * params / value,
+# kind -> capacity in bits for `params` planned weights in `tensors` weight tensors
+_CAPACITY: dict[str, Callable[[float, int, int], float]] = {
+    # the first scale of every tensor is free (see the module docstring)
+    "bits": lambda value, params, tensors: value * params + SCALE_BITS * tensors,
+    "bytes": lambda value, params, tensors: value * 8,
+    "ratio": lambda value, params, tensors: FLOAT_BITS * params / value,
 }
 
 # kind -> (lowest allowed value, highest allowed value or None, why), bounds inclusive except a 0 floor
@@ -85,11 +99,14 @@ class Budget:
             raise BudgetError(f"budget kind {self.kind!r} is not one of {', '.join(_CAPACITY)}")
         _check_value(self.text, self.kind, self.value)
 
-    def capacity_bits(self, params: int) -> float:
-        """Total storage, in bits, that ``params`` planned weights may take (scales included)."""
-        if isinstance(params, bool) or not isinstance(params, int) or params < 0:
-            raise ConfigError(f"the number of planned weights must be a non-negative integer, not {params!r}")
-        return _CAPACITY[self.kind](self.value, params)
+    def capacity_bits(self, params: int, *, tensors: int) -> float:
+        """Total storage, in bits and every scale included, that ``params`` planned weights forming
+        ``tensors`` weight tensors may take. Only a bits budget depends on ``tensors``: it adds
+        `SCALE_BITS` per tensor, the free first scale."""
+        for what, number in (("weights", params), ("weight tensors", tensors)):
+            if isinstance(number, bool) or not isinstance(number, int) or number < 0:
+                raise ConfigError(f"the number of planned {what} must be a non-negative integer, not {number!r}")
+        return _CAPACITY[self.kind](self.value, params, tensors)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form: ``{"text", "kind", "value"}`` (plan.json's ``budget``)."""

@@ -2,9 +2,10 @@
 
 A weight candidate is a (bits, group) pair. Its cost is the storage of the quantized weight,
 ``bits * n + SCALE_BITS * groups`` bits (n weight elements, one fp16 scale per group; weights are
-symmetric, so there is no zero point). Its damage is the loss change the chosen objective
-predicts from ``sensitivity.json`` (see `OBJECTIVES`). Modules the user keeps in floating point
-get no candidates and cost ``32 * n``.
+symmetric, so there is no zero point; a bits budget lets each tensor's first scale go free, see
+`qanalyze.plan.budget`). Its damage is the loss change the chosen objective predicts from
+``sensitivity.json`` (see `OBJECTIVES`). Modules the user keeps in floating point get no
+candidates and cost ``32 * n``.
 
 Activation candidates (`activation_options`) have the same form with activation bits, and
 gradient bits (`gradient_bits`) are the fewest bits whose measured error stays under a tolerance.
@@ -20,12 +21,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from qanalyze.errors import ConfigError
-from qanalyze.plan.budget import FLOAT_BITS
+from qanalyze.plan.budget import FLOAT_BITS, SCALE_BITS
 from qanalyze.quant.primitives import BITS_RANGE, parse_group, rows_per_group
 from qanalyze.records import MODULE_KINDS, SensitivityReport
-
-SCALE_BITS = 16
-"""Storage of one group's scale (fp16); symmetric weights need no zero point."""
 
 DEFAULT_BITS = (2, 3, 4, 5, 6, 8, 12, 16)
 """Bit widths offered to every module unless ``--bits`` says otherwise."""

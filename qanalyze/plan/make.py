@@ -1,9 +1,14 @@
 """`plan`: a sensitivity report and a budget -> a `BitPlan` (plan.json), and its baselines.
 
 Weight bits and group sizes come from the exact multiple-choice knapsack over every planned
-module's candidates (`qanalyze.plan.costs`, `qanalyze.plan.solvers`); activation bits from the
-same solver over the activation candidates under ``act_budget``; gradient bits are the fewest
-whose measured gradient error stays under ``grad_tol`` (16 where none does).
+module's candidates (`qanalyze.plan.costs`, `qanalyze.plan.solvers`; the baselines from
+`qanalyze.plan.baselines`); activation bits from the same solver over the activation candidates
+under ``act_budget``; gradient bits are the fewest whose measured gradient error stays under
+``grad_tol`` (16 where none does).
+
+``totals.weight_bits_mean`` is what a bits budget constrains (every scale beyond each planned
+tensor's first counted, see `qanalyze.plan.budget`): at most N under an ``Nbit`` budget;
+``weight_bits_mean_all_scales``, ``weight_bytes`` and ``compression`` count every scale.
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from qanalyze.errors import ConfigError
-from qanalyze.plan.budget import Budget
+from qanalyze.plan.baselines import random_choice, reversed_choice, uniform_choice
+from qanalyze.plan.budget import SCALE_BITS, Budget
 from qanalyze.plan.costs import (
     DEFAULT_BITS,
     DEFAULT_GROUPS,
@@ -28,15 +34,7 @@ from qanalyze.plan.costs import (
     module_options,
     tie_groups,
 )
-from qanalyze.plan.solvers import (
-    InfeasibleError,
-    Item,
-    Solution,
-    random_choice,
-    reversed_choice,
-    solve,
-    uniform_choice,
-)
+from qanalyze.plan.solvers import InfeasibleError, Item, Solution, solve
 from qanalyze.records import BitPlan, SensitivityReport
 
 BASELINES = ("uniform", "random", "reversed")
@@ -98,13 +96,24 @@ def _items_with_bops(options: Sequence[ModuleOptions], activation: Mapping[str, 
             for o in options]
 
 
+def _tensors(planned: Sequence[ModuleOptions]) -> int:
+    """Weight tensors of the planned modules: a tie group counts each member."""
+    return sum(len(o.members) for o in planned)
+
+
 def _capacity(budget: Budget, planned: Sequence[ModuleOptions], floats: Sequence[ModuleOptions]) -> float:
     params = sum(o.params for o in planned)
     if budget.kind == "bits":
-        return budget.capacity_bits(params)
+        # the mean over the planned weights, one free scale per planned tensor (`qanalyze.plan.budget`)
+        return budget.capacity_bits(params, tensors=_tensors(planned))
     # bytes and compression ratios are about the whole model's weights, float ones included
-    total = budget.capacity_bits(params + sum(o.params for o in floats))
+    total = budget.capacity_bits(params + sum(o.params for o in floats), tensors=0)
     return total - sum(o.float_cost_bits for o in floats)
+
+
+def _mean_bits(cost_bits: float, planned: Sequence[ModuleOptions]) -> float:
+    """Mean weight bits as a bits budget counts them: every scale beyond each tensor's first."""
+    return (cost_bits - SCALE_BITS * _tensors(planned)) / sum(o.params for o in planned)
 
 
 def _unreachable(budget: Budget, exc: InfeasibleError, planned: Sequence[ModuleOptions],
@@ -117,7 +126,7 @@ def _unreachable(budget: Budget, exc: InfeasibleError, planned: Sequence[ModuleO
     all_params = params + sum(o.params for o in floats)
     float_bits = sum(o.float_cost_bits for o in floats)
     smallest = {
-        "bits": f"{math.ceil(100 * minimum / params) / 100:g}bit",
+        "bits": f"{math.ceil(100 * _mean_bits(minimum, planned)) / 100:g}bit",
         "bytes": f"{math.ceil((minimum + float_bits) / 8 / 1e4) / 100:g}MB",
         "ratio": f"{math.floor(100 * 32 * all_params / (minimum + float_bits)) / 100:g}x",
     }[budget.kind]
@@ -207,7 +216,9 @@ def _assemble(raw: Mapping[str, Any], budget: Budget, config: PlanConfig, option
     weight_bytes = (chosen_bits + float_bits) / 8
     quantized = [m for m in modules.values() if not m.get("float")]
     totals = {
-        "weight_bits_mean": chosen_bits / planned_params,
+        # what a bits budget constrains (each tensor's first scale free), and the same with every scale
+        "weight_bits_mean": _mean_bits(chosen_bits, planned),
+        "weight_bits_mean_all_scales": chosen_bits / planned_params,
         "weight_bytes": math.ceil(weight_bytes),
         "compression": 32 * all_params / (chosen_bits + float_bits),
         "predicted_damage": damage,

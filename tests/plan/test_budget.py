@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from qanalyze.errors import ConfigError
-from qanalyze.plan.budget import Budget, BudgetError, parse_bits, parse_budget
+from qanalyze.plan.budget import SCALE_BITS, Budget, BudgetError, parse_bits, parse_budget
 
 
 @pytest.mark.parametrize(("text", "kind", "value"), [
@@ -48,14 +48,26 @@ def test_budget_error_is_a_config_error():
 
 
 def test_capacity_bits_per_kind():
-    assert parse_budget("4bit").capacity_bits(1000) == 4000.0
-    assert parse_budget("3.5bit").capacity_bits(1000) == 3500.0
-    assert parse_budget("12MB").capacity_bits(10**9) == 96e6  # bytes do not depend on the weight count
-    assert parse_budget("1MiB").capacity_bits(5) == 8 * 2**20
-    assert parse_budget("8x").capacity_bits(1000) == 4000.0
-    assert parse_budget("4bit").capacity_bits(0) == 0.0
-    with pytest.raises(ConfigError):
-        parse_budget("4bit").capacity_bits(-1)
+    assert parse_budget("4bit").capacity_bits(1000, tensors=0) == 4000.0
+    assert parse_budget("3.5bit").capacity_bits(1000, tensors=0) == 3500.0
+    assert parse_budget("12MB").capacity_bits(10**9, tensors=3) == 96e6  # bytes do not depend on the weight count
+    assert parse_budget("1MiB").capacity_bits(5, tensors=1) == 8 * 2**20
+    assert parse_budget("8x").capacity_bits(1000, tensors=2) == 4000.0  # a ratio counts every scale
+    assert parse_budget("4bit").capacity_bits(0, tensors=0) == 0.0
+    for params, tensors in ((-1, 0), (10, -1), (10, 1.5), (10, True)):
+        with pytest.raises(ConfigError):
+            parse_budget("4bit").capacity_bits(params, tensors=tensors)
+
+
+def test_a_bits_budget_lets_the_first_scale_of_each_tensor_go_free():
+    # 16 bits everywhere at one fp16 scale per tensor is exactly a 16bit budget, and 2 bits a 2bit one
+    for bits in (2, 4, 16):
+        tensors = [(64, 32), (128, 32), (10, 3)]
+        per_tensor = sum(bits * rows * cols + SCALE_BITS for rows, cols in tensors)
+        params = sum(rows * cols for rows, cols in tensors)
+        assert parse_budget(f"{bits}bit").capacity_bits(params, tensors=len(tensors)) == per_tensor
+    # a finer layout pays for every scale past the first: per channel, 63 more on a 64-row tensor
+    assert parse_budget("4bit").capacity_bits(64 * 32, tensors=1) < 4 * 64 * 32 + SCALE_BITS * 64
 
 
 def test_to_dict_and_frozen():

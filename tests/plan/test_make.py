@@ -1,15 +1,19 @@
-"""make_plan end to end: a sensitivity report from a real analysis of a tiny BERT -> plan.json."""
+"""make_plan end to end: a sensitivity report from a real analysis of a tiny BERT -> plan.json; the bits
+budget rule (each tensor's first scale free) on that report and on random ones."""
 
+import itertools
 import json
+import math
 
+import numpy as np
 import pytest
 
 from qanalyze.data import load_task
 from qanalyze.errors import ConfigError
 from qanalyze.models import inventory, load_model
-from qanalyze.plan.budget import parse_budget
-from qanalyze.plan.make import PlanConfig, check_plan, make_plan
-from qanalyze.records import BitPlan
+from qanalyze.plan.budget import SCALE_BITS, parse_budget
+from qanalyze.plan.make import BASELINES, PlanConfig, check_plan, make_plan
+from qanalyze.records import BitPlan, SensitivityReport
 from qanalyze.sensitivity.analyze import AnalyzeConfig, analyze
 
 
@@ -43,8 +47,103 @@ def test_plan_meets_the_budget_and_round_trips(tmp_path, analysed):
 def test_more_budget_never_predicts_more_damage(analysed):
     report, _, _ = analysed
     damages = [make_plan(report, parse_budget(f"{b}bit"), PlanConfig()).totals["predicted_damage"]
-               for b in (2.5, 3, 4, 6, 8, 16)]
+               for b in (2, 2.5, 3, 4, 6, 8, 16)]
     assert damages == sorted(damages, reverse=True)
+
+
+def quantized(plan: BitPlan) -> dict[str, dict]:
+    return {n: m for n, m in plan.modules.items() if not m.get("float")}
+
+
+def test_16bit_gives_every_planned_module_16_bits_per_tensor(analysed):
+    # a bits budget lets each tensor's first scale go free, so 16 bits everywhere fits a 16bit budget exactly
+    report, _, _ = analysed
+    plan = make_plan(report, parse_budget("16bit"), PlanConfig(groups=("tensor",)))
+    assert {(m["weight_bits"], m["groups"]) for m in quantized(plan).values()} == {(16, 1)}
+    assert plan.totals["weight_bits_mean"] == 16.0
+    assert plan.totals["weight_bits_mean_all_scales"] > 16.0  # nothing hidden: the scales are still stored
+
+
+def test_16bit_with_finer_groups_on_offer(analysed):
+    # the uniform plan takes 16 bits at one scale per tensor; the optimum may give a few bits of an
+    # insensitive module to finer scales elsewhere, but only when that lowers the predicted damage
+    report, _, _ = analysed
+    uniform = make_plan(report, parse_budget("16bit"), PlanConfig(), baseline="uniform")
+    assert {(m["weight_bits"], m["groups"]) for m in quantized(uniform).values()} == {(16, 1)}
+    best = make_plan(report, parse_budget("16bit"), PlanConfig())
+    assert best.totals["weight_bits_mean"] <= 16.0
+    assert best.totals["predicted_damage"] <= uniform.totals["predicted_damage"]
+
+
+@pytest.mark.parametrize("baseline", [None, *BASELINES])
+def test_2bit_is_reachable_and_gives_2_bits_everywhere(analysed, baseline):
+    # the one choice that fits: 2 bits and one scale per tensor (groups of 32 or more rows are one group here)
+    report, _, _ = analysed
+    plan = make_plan(report, parse_budget("2bit"), PlanConfig(), baseline=baseline)
+    assert {(m["weight_bits"], m["groups"]) for m in quantized(plan).values()} == {(2, 1)}
+    assert plan.totals["weight_bits_mean"] == 2.0
+
+
+def test_uniform_baseline_at_4bit_gives_4_bits_everywhere(analysed):
+    report, _, _ = analysed
+    plan = make_plan(report, parse_budget("4bit"), PlanConfig(), baseline="uniform")
+    assert {m["weight_bits"] for m in quantized(plan).values()} == {4}
+    assert plan.totals["weight_bits_mean"] == 4.0
+
+
+def test_mean_bits_count_every_scale_beyond_the_first_of_each_tensor(analysed):
+    report, _, _ = analysed
+    plan = make_plan(report, parse_budget("3bit"), PlanConfig())
+    planned = quantized(plan)
+    params = sum(math.prod(plan.model["modules"][n]) for n in planned)
+    stored = sum(m["weight_bits"] * math.prod(plan.model["modules"][n]) + SCALE_BITS * m["groups"]
+                 for n, m in planned.items())
+    assert plan.totals["weight_bits_mean_all_scales"] == pytest.approx(stored / params, rel=1e-12)
+    assert plan.totals["weight_bits_mean"] == pytest.approx((stored - SCALE_BITS * len(planned)) / params, rel=1e-12)
+    assert plan.totals["weight_bits_mean"] <= 3.0 + 1e-9
+    # bytes count every scale: the weights plus every scale, plus the float modules at 32 bits
+    floats = sum(math.prod(plan.model["modules"][n]) for n, m in plan.modules.items() if m.get("float"))
+    assert plan.totals["weight_bytes"] == math.ceil((stored + 32 * floats) / 8)
+
+
+def random_report(rng: np.random.Generator, layers: int) -> SensitivityReport:
+    """Random sensitivities of ``layers`` x two linear modules (``layer.<i>.a``, ``layer.<i>.b``) with
+    shapes, curvatures and weight errors drawn at random; finer groups err less, by a random factor."""
+    modules = {}
+    for layer in range(layers):
+        for part in ("a", "b"):
+            rows, cols = int(rng.choice([2, 4, 8, 16, 32])), int(rng.integers(1, 48))
+            shrink = {"tensor": 1.0, "2": float(rng.uniform(0.3, 1.0)), "channel": float(rng.uniform(0.05, 0.3))}
+            modules[f"layer.{layer}.{part}"] = {
+                "kind": "linear", "block": layer, "shape": [rows, cols], "params": rows * cols,
+                "group_rows": {"tensor": rows, "2": 2, "channel": 1},
+                "hessian": {"avg_trace": float(10 ** rng.uniform(-3, 2))},
+                "weight_error": {str(b): {g: float(rng.uniform(0.5, 2.0)) * rows * cols * 4.0**-b * f
+                                          for g, f in shrink.items()} for b in RANDOM_BITS},
+            }
+    return SensitivityReport(model={"fingerprint": "random"}, data={}, settings={}, modules=modules)
+
+
+RANDOM_BITS = (2, 3, 4, 6, 8, 16)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_instances_never_exceed_a_bits_budget_and_more_budget_never_hurts(seed):
+    rng = np.random.default_rng(seed)
+    report = random_report(rng, int(rng.integers(1, 5)))
+    # odd seeds tie a and b of each layer: a tie group counts each member tensor
+    config = PlanConfig(bits=RANDOM_BITS, groups=("tensor", "2", "channel"), keep_float=(),
+                        ties=(r"\.(a|b)$",) if seed % 2 else ())
+    budgets = sorted({2.0, 16.0, *np.round(rng.uniform(2, 16, 5), 2).tolist()})
+    damages = []
+    for value in budgets:
+        budget = parse_budget(f"{value}bit")
+        for baseline in (None, *BASELINES):
+            plan = make_plan(report, budget, config, baseline=baseline)
+            assert plan.totals["weight_bits_mean"] <= value + 1e-9, (value, baseline)
+            if baseline is None:
+                damages.append(plan.totals["predicted_damage"])
+    assert all(later <= earlier * (1 + 1e-9) for earlier, later in itertools.pairwise(damages)), damages
 
 
 def test_hessian_plan_beats_its_baselines_at_equal_budget(analysed):
@@ -60,8 +159,11 @@ def test_hessian_plan_beats_its_baselines_at_equal_budget(analysed):
 
 def test_unreachable_budget_names_the_smallest_reachable(analysed):
     report, _, _ = analysed
-    with pytest.raises(ConfigError, match=r"smallest reachable is \d"):
+    # the same rule as the budget: 2 bits at one scale per tensor is exactly 2bit
+    with pytest.raises(ConfigError, match=r"smallest reachable is 2bit$"):
         make_plan(report, parse_budget("1bit"), PlanConfig())
+    with pytest.raises(ConfigError, match=r"smallest reachable is 3bit$"):
+        make_plan(report, parse_budget("2.5bit"), PlanConfig(bits=(3, 4, 8)))
     with pytest.raises(ConfigError, match="smallest reachable"):
         make_plan(report, parse_budget("30x"), PlanConfig())
 

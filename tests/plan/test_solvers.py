@@ -10,6 +10,7 @@ import pytest
 
 import qanalyze.plan.solvers as solvers
 from qanalyze.errors import ConfigError
+from qanalyze.plan.baselines import EQUAL_COST_RTOL, random_choice, reversed_choice, uniform_choice
 from qanalyze.plan.solvers import (
     SOLVERS,
     InfeasibleError,
@@ -17,12 +18,9 @@ from qanalyze.plan.solvers import (
     SolverUnavailableError,
     brute_force,
     minimum_costs,
-    random_choice,
-    reversed_choice,
     solve,
     solve_dp,
     solve_ilp,
-    uniform_choice,
 )
 
 BACKENDS = ["cbc", "highs"]
@@ -71,6 +69,24 @@ def test_ilp_matches_brute_force_exactly(seed):
             assert found.choice == reference.choice, (backend, fraction)
             assert found.damage == reference.damage
             assert found.optimal and within(found, capacities)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ilp_is_exact_at_and_just_above_the_cheapest_total(backend):
+    # a 2bit plan: capacity at (or a few bits over) the cheapest total of ~10^8 bits, where the
+    # backends' tolerance (1e-6 of a row scaled by the capacity) was ~100 bits, more than the
+    # dearer options add (8, 16): they overshot, and the repair then declared it infeasible
+    rng = np.random.default_rng(5)
+    options = []
+    for _ in range(12):
+        n, damage, gain = int(rng.integers(5, 15)) * 10**6, float(rng.uniform(1, 2)), float(rng.uniform(0.1, 0.5))
+        dearer = ((0, 0.0), (8, 1.0), (16, 1.5))
+        options.append([Item((2.0 * n + extra,), damage - share * gain) for extra, share in dearer])
+    (cheapest,) = minimum_costs(options)
+    for extra in (0, 10, 20, 30):
+        reference = brute_force(options, (cheapest + extra,))
+        found = solve_ilp(options, (cheapest + extra,), backend=backend)
+        assert found.choice == reference.choice and found.costs[0] <= cheapest + extra, extra
 
 
 def test_dp_matches_brute_force_exactly_on_an_exact_grid():
@@ -214,6 +230,17 @@ def test_registry_names_known_solvers():
         solve_ilp([[Item((1.0,), 0.0)]], (1.0,), backend="gurobi")
 
 
+def test_register_solver_adds_a_name_and_refuses_a_taken_one(monkeypatch):
+    monkeypatch.setattr(solvers, "SOLVERS", dict(SOLVERS))  # registration lasts for this test only
+    solvers.register_solver("brute", lambda options, capacities, floors: brute_force(options, capacities))
+    options = bit_instance(np.random.default_rng(3), 3)
+    capacities = capacity_between(options, 0.5)
+    found = solve(options, capacities, solver="brute")
+    assert (found.solver, found.choice) == ("brute-force", brute_force(options, capacities).choice)
+    with pytest.raises(ConfigError, match="already registered"):
+        solvers.register_solver("dp", solvers.SOLVERS["brute"])
+
+
 def test_ilp_falls_back_to_dp_without_an_ilp_backend(monkeypatch):
     monkeypatch.setattr(solvers, "ilp_available", lambda backend="cbc": False)
     options = bit_instance(np.random.default_rng(6), 5)
@@ -292,7 +319,7 @@ def test_random_is_seeded_at_equal_cost(planner_case):
     assert first.choice != other.choice
     for found in (first, other):
         assert within(found, capacities)
-        assert found.costs[0] >= (1 - solvers.EQUAL_COST_RTOL) * optimal.costs[0]
+        assert found.costs[0] >= (1 - EQUAL_COST_RTOL) * optimal.costs[0]
         assert found.damage == pytest.approx(sum(options[i][j].damage for i, j in enumerate(found.choice)))
 
 
@@ -303,7 +330,7 @@ def test_random_with_the_dp_holds_about_equal_cost(planner_case):
     assert found.solver == "random:dp" and within(found, capacities)
     # the DP's floor holds on its grid: at most one grid unit per module below it
     slack = len(options) * capacities[0] / 20000
-    assert found.costs[0] >= (1 - solvers.EQUAL_COST_RTOL) * optimal.costs[0] - slack
+    assert found.costs[0] >= (1 - EQUAL_COST_RTOL) * optimal.costs[0] - slack
     assert found.choice == random_choice(options, capacities, seed=0, solver="dp").choice
 
 
