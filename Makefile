@@ -34,7 +34,11 @@ demo: $(STAMP)
 		--batches 2 --batch-size 16 --max-length 64 --trace-probes 16 --overwrite --out $(DEMO)/sensitivity.json
 	$(PY) cli.py plan $(DEMO)/sst2-fp32 --budget 4bit --sensitivity $(DEMO)/sensitivity.json \
 		--out $(DEMO)/plan-4bit.json --baselines --overwrite
-	@echo "demo: run $(DEMO)/sst2-fp32, sensitivity $(DEMO)/sensitivity.json, plan $(DEMO)/plan-4bit.json"
+	$(PY) cli.py train $(DEMO)/sst2-fp32 --plan $(DEMO)/plan-4bit.json --mode int --task sst2 --data $(DATA) \
+		--max-train-examples 2000 --max-eval-examples 872 --epochs 1 --max-length 64 --lr 2e-5 \
+		--out $(DEMO)/sst2-int-4bit --overwrite
+	$(PY) cli.py evaluate $(DEMO)/sst2-int-4bit
+	@echo "demo: run $(DEMO)/sst2-fp32, sensitivity $(DEMO)/sensitivity.json, plan $(DEMO)/plan-4bit.json, integer run $(DEMO)/sst2-int-4bit"
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache *.egg-info

@@ -82,27 +82,65 @@ def quantize_weight(weight: torch.Tensor, spec: TensorSpec) -> Quantized:
     return get_quantizer(spec.quantizer)(weight.detach(), spec.weight_bits, spec.rows_per_group, "nearest", None)
 
 
+def tensor_scale(x: torch.Tensor, bits: int, quantizer: str) -> torch.Tensor:
+    """The one scale ``quantizer`` gives the whole of ``x`` (0-d): computed by quantizing the single
+    value ``max|x|``, so it is by construction the scale the full quantizer would choose."""
+    low, high = torch.aminmax(x.detach())
+    amax = torch.maximum(high, -low).float().reshape(1)
+    return get_quantizer(quantizer)(amax, bits, None, "nearest", None).scale
+
+
+def integer_codes(x: torch.Tensor, scale: torch.Tensor, bits: int, noise: torch.Tensor | None = None) -> torch.Tensor:
+    """``clamp(round(x / scale), -qmax, qmax)`` as int8 (<= 8 bits) or int16: nearest rounding, or with
+    ``noise`` (uniform [0, 1) draws of x's shape) stochastic rounding ``floor(x/s) + [u < frac(x/s)]``.
+
+    The hot path of the engine: the same values as `qanalyze.quant.primitives` for a per-tensor scale,
+    with in-place steps so that no more temporaries than needed are made.
+    """
+    limit = qmax(bits)
+    values = x.detach().float() / scale
+    if noise is None:
+        values.round_()
+    else:
+        low = values.floor()
+        values.sub_(low)  # the fraction
+        values = low.add_(noise < values)
+    values.clamp_(-limit, limit)
+    return values.to(torch.int8 if bits <= 8 else torch.int16)
+
+
+def draw_noise(shape: torch.Size, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """Uniform [0, 1) float32 draws for stochastic rounding, from ``generator``."""
+    return torch.rand(shape, generator=generator, dtype=torch.float32, device=device)
+
+
 class IntLinearFunction(torch.autograd.Function):
     """Integer linear layer: integer GEMMs forward and for both gradients (see the module docstring).
 
     ``apply(x, weight, bias, spec, generator, frozen)``: ``weight`` is ``(out, in)``; ``frozen`` is an
-    already quantized weight (a loaded checkpoint, or a cached one in evaluation) or None.
+    already quantized weight (a loaded checkpoint, or a cached one in evaluation) or None. The two
+    output-gradient quantizations of one backward share their uniform draws (each product stays
+    unbiased; drawing is the most expensive step), and when both the activation and the weight have
+    one scale per tensor they are the same quantization, done once.
     """
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, spec: TensorSpec,
                 generator: torch.Generator, frozen: Quantized | None) -> torch.Tensor:
-        quantize = get_quantizer(spec.quantizer)
-        x2 = x.reshape(-1, x.shape[-1]).detach().float()
-        xq = quantize(x2, spec.activation_bits, 1 if spec.per_token else None, "nearest", None)
+        x2 = x.reshape(-1, x.shape[-1])
+        if spec.per_token:
+            xq = get_quantizer(spec.quantizer)(x2.detach().float(), spec.activation_bits, 1, "nearest", None)
+            x_codes, s_x = xq.q, row_scales(xq, x2.shape[0]).float().unsqueeze(1)
+        else:
+            s_x = tensor_scale(x2, spec.activation_bits, spec.quantizer).float().reshape(())
+            x_codes = integer_codes(x2, s_x, spec.activation_bits)
         wq = frozen if frozen is not None else quantize_weight(weight, spec)
-        s_x = _column(row_scales(xq, x2.shape[0]).float())
         s_w = row_scales(wq, weight.shape[0]).float()
-        acc = int_mm(xq.q, wq.q.t(), bits_a=spec.activation_bits, bits_b=spec.weight_bits)
-        y = acc.to(torch.float32) * s_x * s_w
+        acc = int_mm(x_codes, wq.q.t(), bits_a=spec.activation_bits, bits_b=spec.weight_bits)
+        y = acc.to(torch.float32).mul_(s_x * s_w)
         if bias is not None:
-            y = y + bias.detach().float()
-        ctx.save_for_backward(xq.q, s_x, wq.q, s_w)
+            y.add_(bias.detach().float())
+        ctx.save_for_backward(x_codes, s_x, wq.q, s_w)
         ctx.spec, ctx.generator, ctx.x_shape, ctx.has_bias = spec, generator, x.shape, bias is not None
         return y.reshape(*x.shape[:-1], weight.shape[0]).to(x.dtype)
 
@@ -110,17 +148,31 @@ class IntLinearFunction(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x_q, s_x, w_q, s_w = ctx.saved_tensors
         spec: TensorSpec = ctx.spec
-        quantize = get_quantizer(spec.quantizer)
+        bits = spec.gradient_bits
         g2 = grad.reshape(-1, grad.shape[-1]).float()
+        want_x, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        noise = draw_noise(g2.shape, ctx.generator, g2.device) if want_x or want_w else None
+        shared = s_x.dim() == 0 and s_w.dim() == 0
         grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            gq = quantize(g2 * s_w, spec.gradient_bits, None, "stochastic", ctx.generator)
-            product = int_mm(gq.q, w_q, bits_a=spec.gradient_bits, bits_b=spec.weight_bits)
-            grad_x = (product.to(torch.float32) * gq.scale.float()).reshape(ctx.x_shape).to(grad.dtype)
-        if ctx.needs_input_grad[1]:
-            gq = quantize(g2 * s_x, spec.gradient_bits, None, "stochastic", ctx.generator)
-            product = int_mm(gq.q.t(), x_q, bits_a=spec.gradient_bits, bits_b=spec.activation_bits)
-            grad_w = (product.to(torch.float32) * gq.scale.float()).to(grad.dtype)
+        if shared and want_x and want_w:
+            scale = tensor_scale(g2, bits, spec.quantizer)
+            codes_x = codes_w = integer_codes(g2, scale, bits, noise)
+            scale_x, scale_w = scale * s_w, scale * s_x
+        else:
+            if want_x:
+                folded = g2 * s_w
+                scale_x = tensor_scale(folded, bits, spec.quantizer)
+                codes_x = integer_codes(folded, scale_x, bits, noise)
+            if want_w:
+                folded = g2 * s_x
+                scale_w = tensor_scale(folded, bits, spec.quantizer)
+                codes_w = integer_codes(folded, scale_w, bits, noise)
+        if want_x:
+            product = int_mm(codes_x, w_q, bits_a=bits, bits_b=spec.weight_bits)
+            grad_x = product.to(torch.float32).mul_(scale_x).reshape(ctx.x_shape).to(grad.dtype)
+        if want_w:
+            product = int_mm(codes_w.t(), x_q, bits_a=bits, bits_b=spec.activation_bits)
+            grad_w = product.to(torch.float32).mul_(scale_w).to(grad.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = g2.sum(0).to(grad.dtype)
         return grad_x, grad_w, grad_b, None, None, None
@@ -131,16 +183,25 @@ class IntEmbeddingFunction(torch.autograd.Function):
     scatter-add of the quantized output gradient (int32 accumulation, one scale per tensor).
 
     ``apply(ids, weight, spec, generator, padding_idx, frozen)``; the padding row gets no gradient,
-    as in ``nn.Embedding``.
+    as in ``nn.Embedding``. With one scale per tensor or per row only the looked-up rows are
+    quantized (the same codes as quantizing the whole table, for a fraction of the work: a batch
+    touches a few thousand of 30,522 rows).
     """
 
     @staticmethod
     def forward(ctx: Any, ids: torch.Tensor, weight: torch.Tensor, spec: TensorSpec, generator: torch.Generator,
                 padding_idx: int | None, frozen: Quantized | None) -> torch.Tensor:
-        wq = frozen if frozen is not None else quantize_weight(weight, spec)
-        scales = row_scales(wq, weight.shape[0]).float()
-        rows = wq.q[ids].to(torch.float32)
-        out = rows * (scales if scales.dim() == 0 else scales[ids].unsqueeze(-1))
+        if frozen is None and spec.rows_per_group is None:
+            scale = tensor_scale(weight, spec.weight_bits, spec.quantizer)
+            out = integer_codes(weight[ids], scale, spec.weight_bits).to(torch.float32).mul_(scale)
+        elif frozen is None and spec.rows_per_group == 1:
+            rows = get_quantizer(spec.quantizer)(weight.detach()[ids.reshape(-1)].float(), spec.weight_bits, 1,
+                                                 "nearest", None)
+            out = rows.dequantize().float().reshape(*ids.shape, weight.shape[1])
+        else:
+            wq = frozen if frozen is not None else quantize_weight(weight, spec)
+            scales = row_scales(wq, weight.shape[0]).float()
+            out = wq.q[ids].to(torch.float32) * (scales if scales.dim() == 0 else scales[ids].unsqueeze(-1))
         ctx.save_for_backward(ids)
         ctx.spec, ctx.generator, ctx.padding_idx, ctx.weight_shape = spec, generator, padding_idx, weight.shape
         return out.to(weight.dtype)
@@ -152,13 +213,18 @@ class IntEmbeddingFunction(torch.autograd.Function):
         grad_w = None
         if ctx.needs_input_grad[1]:
             g2 = grad.reshape(-1, grad.shape[-1]).float()
-            gq = get_quantizer(spec.quantizer)(g2, spec.gradient_bits, None, "stochastic", ctx.generator)
-            # int32 holds the sum: a row repeated n times sums to at most n * 32767, n < 65536 tokens per batch
-            total = torch.zeros(ctx.weight_shape, dtype=torch.int32, device=grad.device)
-            total.index_add_(0, ids.reshape(-1), gq.q.to(torch.int32))
+            scale = tensor_scale(g2, spec.gradient_bits, spec.quantizer)
+            codes = integer_codes(g2, scale, spec.gradient_bits, draw_noise(g2.shape, ctx.generator, g2.device))
+            # accumulate over the distinct ids only; int32 holds the sum: a row repeated n times sums to
+            # at most n * 32767, and n < 65536 tokens per batch
+            distinct, position = torch.unique(ids.reshape(-1), return_inverse=True)
+            sums = torch.zeros(len(distinct), g2.shape[1], dtype=torch.int32, device=grad.device)
+            sums.index_add_(0, position, codes.to(torch.int32))
+            grad_w = torch.zeros(ctx.weight_shape, dtype=torch.float32, device=grad.device)
+            grad_w[distinct] = sums.to(torch.float32).mul_(scale)
             if ctx.padding_idx is not None:
-                total[ctx.padding_idx] = 0
-            grad_w = (total.to(torch.float32) * gq.scale.float()).to(grad.dtype)
+                grad_w[ctx.padding_idx] = 0
+            grad_w = grad_w.to(grad.dtype)
         return None, grad_w, None, None, None, None
 
 

@@ -18,6 +18,7 @@ call; the quantizers guarantee the range) and may give wrong results.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -42,11 +43,11 @@ _RADIX = 1 << _DIGIT_BITS
 # x = 256 * hi + lo + 128 with hi, lo int8: x - 128 spans [-32896, 32639], which holds every 16-bit code
 # [-32767, 32767]; a plain signed split (x = 256 * hi + lo) stops at 32639 and hi would need 128.
 _OFFSET = 128
+_SIGNED_SPLIT_MAX = 127 * _RADIX + 127  # 32639: the largest x = 256 * hi + lo with hi, lo int8
 # Rows of the output combined at a time in the split path: the int32 partial products of one block and
 # its int64 result stay in the per-core cache while they are combined (measured on the 2-core AVX-512
 # machine; see benchmarks/kernels_matmul.py).
-_BLOCK_ELEMENTS = 1 << 16
-_MIN_BLOCK_ROWS = 512
+_BLOCK_ELEMENTS = 3 << 17
 
 
 def _register(name: str) -> Callable[[_Kernel], _Kernel]:
@@ -129,11 +130,9 @@ def _onednn_operand(x: torch.Tensor) -> torch.Tensor:
     row-major copy. Row-major is tested first: with strides (1, 1) both would match, and only row-major works."""
     rows, cols = x.shape
     row_stride, col_stride = x.stride()
-    if col_stride == 1:
-        fine = row_stride >= max(1, cols)
-    else:
-        fine = row_stride == 1 and col_stride >= max(1, rows)
-    return x if fine else torch.empty(x.shape, dtype=x.dtype, device=x.device).copy_(x)
+    row_major = col_stride == 1 and row_stride >= max(1, cols)
+    column_major = col_stride != 1 and row_stride == 1 and col_stride >= max(1, rows)
+    return x if row_major or column_major else torch.empty(x.shape, dtype=x.dtype, device=x.device).copy_(x)
 
 
 def _cublas_operands(a8: torch.Tensor, b8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -231,8 +230,9 @@ class _Level:
 
 
 def _hi_bound(bits: int) -> int:
-    # hi = floor(x / 256) for |x| <= qmax
-    return -(-qmax(bits) // _RADIX)
+    # hi = floor(x / 256) with the offset, floor((x + 128) / 256) without (then x <= 32639), for |x| <= qmax
+    top = qmax(bits)
+    return max(-((-top) >> _DIGIT_BITS), (min(top, _SIGNED_SPLIT_MAX) + _OFFSET) >> _DIGIT_BITS)
 
 
 def _per_k_bounds(bits_a: int, bits_b: int) -> dict[int, int]:
@@ -269,24 +269,34 @@ def _empty_like_layout(shape: tuple[int, int], like: torch.Tensor) -> torch.Tens
 
 
 def _digits(x: torch.Tensor, bits: int, dim: int, hi_first: bool) -> tuple[torch.Tensor, _Operand]:
-    """x cut into int8 digits, stacked along ``dim`` (hi then lo, or lo then hi) in one buffer.
+    """x cut into two int8 digits (if wider than 8 bits), stacked along ``dim`` (hi then lo, or lo then hi)
+    in one buffer. Returns the stacked buffer and the operand whose digits are views into it.
 
-    ``x = 256 * hi + lo + 128``: lo = (x mod 256) - 128 in [-128, 127], hi = floor(x / 256). Returns
-    the stacked buffer and the operand whose digits are views into it.
+    Signed split ``x = 256 * hi + lo`` (lo = x mod 256 in [-128, 127]) when every value is at most
+    32639, which needs no correction; else ``x = 256 * hi + lo + 128`` (lo = (x mod 256) - 128,
+    hi = floor(x / 256)), which holds every int16 value. Only 16-bit codes can need the offset; a
+    16-bit dynamic fixed-point code never does (|q| <= 2**14).
     """
     if bits <= 8:
         x8 = x if x.dtype == torch.int8 else x.to(torch.int8)
         return x8, _Operand({0: x8}, offset=False)
+    if x.dtype == torch.int8:
+        x = x.to(torch.int16)  # x + 128 below must not wrap
+    offset = x.numel() > 0 and int(x.max()) > _SIGNED_SPLIT_MAX
     k = x.shape[dim]
     shape = (x.shape[0] * 2, x.shape[1]) if dim == 0 else (x.shape[0], x.shape[1] * 2)
     stacked = _empty_like_layout(shape, x)
     first, second = stacked.narrow(dim, 0, k), stacked.narrow(dim, k, k)
     hi, lo = (first, second) if hi_first else (second, first)
-    # out=hi would cast through a temporary that loses a transposed layout (10x slower, measured)
-    hi.copy_(torch.bitwise_right_shift(x, _DIGIT_BITS))
-    # int -> int8 conversion keeps x mod 256 (two's complement); flipping the sign bit subtracts 128 mod 256
-    lo.copy_(x).bitwise_xor_(-_OFFSET)
-    return stacked, _Operand({1: hi, 0: lo}, offset=True)
+    # int -> int8 conversion keeps x mod 256 (two's complement); out=... would instead cast through a
+    # temporary that loses a transposed layout (10x slower, measured)
+    lo.copy_(x)
+    if offset:
+        hi.copy_(torch.bitwise_right_shift(x, _DIGIT_BITS))
+        lo.bitwise_xor_(-_OFFSET)  # flipping the sign bit subtracts 128 mod 256
+    else:
+        hi.copy_(torch.add(x, _OFFSET).bitwise_right_shift_(_DIGIT_BITS))  # (x - lo) / 256, rounded
+    return stacked, _Operand({1: hi, 0: lo}, offset=offset)
 
 
 def _levels(a: torch.Tensor, b: torch.Tensor, bits_a: int, bits_b: int) -> list[_Level]:
@@ -324,39 +334,43 @@ def _levels(a: torch.Tensor, b: torch.Tensor, bits_a: int, bits_b: int) -> list[
 
 
 def _split_mm(a: torch.Tensor, b: torch.Tensor, bits_a: int, bits_b: int) -> torch.Tensor:
-    """Exact int64 a @ b through int8 digits; K must be at most ``_split_k_step(bits_a, bits_b)``.
+    """Exact a @ b through int8 digits, int32 when its bound fits, else int64; K <= ``_split_k_step``.
 
-    The levels are combined by Horner's rule, ``acc = 256 * acc + level``, block of rows by block of
-    rows. ``acc`` stays int32 while its bound allows and only then moves to int64: at K = 384 a 16 x 16
-    product needs int64 only for its last level, an 8 x 16 product not at all.
+    The levels are combined by Horner's rule, ``acc = 256 * acc + level``, one block of rows at a
+    time so that a block's partial products are still in cache when they are combined. ``acc`` stays
+    int32 while its bound allows and only then moves to int64, whose ops cost two to five times more
+    here: at K = 384 a 16 x 16 product needs int64 for its last level only, an 8 x 16 product not at all.
     """
     levels = _levels(a, b, bits_a, bits_b)
+    bounds = list(itertools.accumulate((level.bound for level in levels), lambda acc, x: acc * _RADIX + x))
+    narrow = [bound <= _INT32_MAX for bound in bounds]  # once False, False for every lower level
     m, n = a.shape[0], b.shape[1]
-    out = torch.empty(m, n, dtype=torch.int64, device=a.device)
-    rows = m if a.device.type != "cpu" else max(1, min(m, max(_MIN_BLOCK_ROWS, _BLOCK_ELEMENTS // max(n, 1))))
-    partials = [torch.empty(rows, n, dtype=torch.int32, device=a.device) for _ in levels]
-    wide = torch.empty(rows, n, dtype=torch.int64, device=a.device)
+    out = torch.empty(m, n, dtype=torch.int32 if narrow[-1] else torch.int64, device=a.device)
+    rows = m if a.device.type != "cpu" else max(1, min(m, _BLOCK_ELEMENTS // max(n, 1)))
+    partials = [torch.empty(rows, n, dtype=torch.int32, device=a.device) for _ in levels[:-1]]
+    last = None if narrow[-1] else torch.empty(rows, n, dtype=torch.int32, device=a.device)
+    wide = None if narrow[-1] else torch.empty(rows, n, dtype=torch.int64, device=a.device)
     for start in range(0, m, rows):
         stop = min(start + rows, m)
-        acc: torch.Tensor | None = None
-        bound = 0
-        for level, buffer in zip(levels, partials):
+        block = out[start:stop]
+        # an int32 result is accumulated in place in the output: no final copy
+        buffers = [*partials, block if last is None else last]
+        acc = block
+        for i, (level, buffer) in enumerate(zip(levels, buffers)):
             p = safe_int_mm(level.a[start:stop], level.b, out=buffer[: stop - start])
             if level.row is not None:
                 p += level.row[start:stop]
             if level.col is not None:
                 p += level.col
-            if acc is None:
-                acc, bound = p, level.bound
-                continue
-            bound = bound * _RADIX + level.bound
-            if acc.dtype == torch.int32 and bound <= _INT32_MAX:
+            if i == 0:
+                acc = p
+            elif narrow[i]:
                 acc = p.add_(acc, alpha=_RADIX)
-                continue
-            if acc.dtype == torch.int32:
-                acc = out[start:stop].copy_(acc)
-            acc.bitwise_left_shift_(_DIGIT_BITS)
-            acc += wide[: stop - start].copy_(p)
-        if acc is not None and acc.dtype == torch.int32:
-            out[start:stop].copy_(acc)
+            else:
+                if narrow[i - 1]:
+                    acc = block.copy_(acc)
+                acc.bitwise_left_shift_(_DIGIT_BITS)
+                acc += wide[: stop - start].copy_(p)
+        if acc is not block:
+            block.copy_(acc)
     return out

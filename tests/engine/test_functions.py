@@ -8,9 +8,12 @@ from qanalyze.engine.functions import (
     IntLayerNormFunction,
     IntLinearFunction,
     TensorSpec,
+    draw_noise,
     fake_quantize_ste,
     get_quantizer,
+    integer_codes,
     row_scales,
+    tensor_scale,
 )
 from qanalyze.engine.kernels import reference_mm
 from qanalyze.errors import ConfigError
@@ -37,13 +40,35 @@ def _reference_linear(x, w, b, grad, spec, seed):
     s_x = row_scales(xq, x.shape[0]).float()
     s_x = s_x if s_x.dim() == 0 else s_x.unsqueeze(1)
     s_w = row_scales(wq, w.shape[0]).float()
-    y = reference_mm(xq.q, wq.q.t()).to(torch.float32) * s_x * s_w + b
-    generator = _gen(seed)
-    gx = quantize(grad * s_w, spec.gradient_bits, None, "stochastic", generator)
-    grad_x = reference_mm(gx.q, wq.q).to(torch.float32) * gx.scale
-    gw = quantize(grad * s_x, spec.gradient_bits, None, "stochastic", generator)
-    grad_w = reference_mm(gw.q.t(), xq.q).to(torch.float32) * gw.scale
+    y = reference_mm(xq.q, wq.q.t()).to(torch.float32) * (s_x * s_w) + b
+    noise = draw_noise(grad.shape, _gen(seed), grad.device)  # one draw shared by both products
+    if s_x.dim() == 0 and s_w.dim() == 0:  # one quantization of G serves both products
+        scale = tensor_scale(grad, spec.gradient_bits, spec.quantizer)
+        codes = integer_codes(grad, scale, spec.gradient_bits, noise)
+        grad_x = reference_mm(codes, wq.q).to(torch.float32) * (scale * s_w)
+        grad_w = reference_mm(codes.t(), xq.q).to(torch.float32) * (scale * s_x)
+        return y, grad_x, grad_w
+    folded = grad * s_w
+    scale = tensor_scale(folded, spec.gradient_bits, spec.quantizer)
+    grad_x = reference_mm(integer_codes(folded, scale, spec.gradient_bits, noise), wq.q).to(torch.float32) * scale
+    folded = grad * s_x
+    scale = tensor_scale(folded, spec.gradient_bits, spec.quantizer)
+    codes = integer_codes(folded, scale, spec.gradient_bits, noise)
+    grad_w = reference_mm(codes.t(), xq.q).to(torch.float32) * scale
     return y, grad_x, grad_w
+
+
+@pytest.mark.parametrize("quantizer", ["dfp", "symmetric"])
+@pytest.mark.parametrize("bits", [2, 5, 8, 12, 16])
+def test_fast_integer_codes_equal_the_reference_quantizers(quantizer, bits):
+    x = torch.randn(50, 30, generator=_gen(bits)) * 3
+    scale = tensor_scale(x, bits, quantizer)
+    reference = get_quantizer(quantizer)(x, bits, None, "nearest", None)
+    assert torch.equal(scale, reference.scale)
+    assert torch.equal(integer_codes(x, scale, bits).to(torch.int32), reference.q.to(torch.int32))
+    stochastic = get_quantizer(quantizer)(x, bits, None, "stochastic", _gen(7))
+    noise = draw_noise(x.shape, _gen(7), x.device)
+    assert torch.equal(integer_codes(x, scale, bits, noise).to(torch.int32), stochastic.q.to(torch.int32))
 
 
 def _run_linear(x, w, b, grad, spec, seed):
@@ -114,21 +139,24 @@ def test_stochastic_rounding_of_gradients_is_unbiased():
     assert bool(((mean - expected).abs() <= 3 * stderr + 1e-6).float().mean() >= 0.99)
 
 
-def test_embedding_forward_is_the_integer_table_and_backward_an_integer_scatter():
+@pytest.mark.parametrize("rows", [None, 1, 10])
+def test_embedding_forward_is_the_integer_table_and_backward_an_integer_scatter(rows):
     g = _gen(2)
     weight = torch.randn(50, 12, generator=g).requires_grad_(True)
     ids = torch.randint(0, 50, (4, 9), generator=g)
     ids[0, 0] = 0
-    spec = TensorSpec(6, 8, 8, rows_per_group=1)
+    spec = TensorSpec(6, 8, 8, rows_per_group=rows)
     out = IntEmbeddingFunction.apply(ids, weight, spec, _gen(4), 0, None)
-    wq = get_quantizer("dfp")(weight.detach(), 6, 1, "nearest", None)
+    wq = get_quantizer("dfp")(weight.detach(), 6, rows, "nearest", None)
     assert torch.equal(out, wq.dequantize()[ids])
     grad = torch.randn(4, 9, 12, generator=g)
     out.backward(grad)
-    gq = get_quantizer("dfp")(grad.reshape(-1, 12), 8, None, "stochastic", _gen(4))
-    expected = torch.zeros(50, 12, dtype=torch.int64).index_add_(0, ids.reshape(-1), gq.q.to(torch.int64))
+    g2 = grad.reshape(-1, 12)
+    scale = tensor_scale(g2, 8, "dfp")
+    codes = integer_codes(g2, scale, 8, draw_noise(g2.shape, _gen(4), g2.device))
+    expected = torch.zeros(50, 12, dtype=torch.int64).index_add_(0, ids.reshape(-1), codes.to(torch.int64))
     expected[0] = 0  # padding row
-    assert torch.equal(weight.grad, expected.to(torch.float32) * gq.scale)
+    assert torch.equal(weight.grad, expected.to(torch.float32) * scale)
 
 
 def test_integer_layer_norm_is_close_to_layer_norm_at_16_bits():
