@@ -230,7 +230,7 @@ class IntEmbeddingFunction(torch.autograd.Function):
 
 class IntLayerNormFunction(torch.autograd.Function):
     """Layer norm on integer inputs: the mean and variance come from exact integer sums of the
-    quantized input (Σq, Σq² in int64); the division and square root, and the backward formula
+    quantized input (Σq, Σq² in int64, one scale per token); the division and square root, and the backward formula
     applied to the quantized output gradient and quantized gain, are float.
 
     ``apply(x, weight, bias, spec, generator, eps)``.
@@ -242,14 +242,17 @@ class IntLayerNormFunction(torch.autograd.Function):
         quantize = get_quantizer(spec.quantizer)
         width = x.shape[-1]
         x2 = x.reshape(-1, width).detach().float()
-        xq = quantize(x2, spec.activation_bits, None, "nearest", None)
+        # one scale per token: the statistics are per token, so a token's own exponent costs nothing and
+        # keeps the tokens whose residual stream is small from being flattened by the loudest one
+        xq = quantize(x2, spec.activation_bits, 1, "nearest", None)
+        scale = xq.scale.reshape(-1, 1).double()
         q = xq.q.to(torch.int64)
         sum1 = q.sum(-1, keepdim=True)
         sum2 = (q * q).sum(-1, keepdim=True)
         mean_q = sum1.double() / width
-        var = (sum2.double() / width - mean_q * mean_q) * xq.scale.double() ** 2
+        var = (sum2.double() / width - mean_q * mean_q) * scale**2
         rstd = torch.rsqrt(var + eps)
-        xhat = ((q.double() - mean_q) * xq.scale.double() * rstd).float()
+        xhat = ((q.double() - mean_q) * scale * rstd).float()
         gain = get_quantizer(spec.quantizer)(weight.detach().float(), spec.weight_bits, None, "nearest", None)
         gamma = gain.dequantize().float()
         y = xhat * gamma

@@ -7,8 +7,9 @@ symmetric codes (``|v| <= 2**(bits-1) - 1``, 2 to 16 bits), whatever their shape
   int32 when ``K * qmax_a * qmax_b`` fits int32, else K is cut into chunks that do and the chunk
   products are summed in int64.
 - ``split`` (9 to 16 bits on either side): each operand wider than 8 bits is cut into two int8
-  digits and every product goes through ``torch._int_mm``; the partial products are combined into
-  an exact int64 result (see :func:`_split_mm`).
+  digits and every product goes through ``torch._int_mm`` (2 calls for 8 x 16 bits, 3 for 16 x 16,
+  the two cross terms sharing one call); the int32 partial products are combined exactly, in int32
+  as long as the bound allows and in int64 after (see :func:`_split_mm`).
 - ``reference``: int64 matmul, the oracle every other path is tested against.
 
 Shape and hardware rules of ``torch._int_mm`` live in :func:`safe_int_mm`, nowhere else. Values
@@ -44,9 +45,9 @@ _RADIX = 1 << _DIGIT_BITS
 # [-32767, 32767]; a plain signed split (x = 256 * hi + lo) stops at 32639 and hi would need 128.
 _OFFSET = 128
 _SIGNED_SPLIT_MAX = 127 * _RADIX + 127  # 32639: the largest x = 256 * hi + lo with hi, lo int8
-# Rows of the output combined at a time in the split path: the int32 partial products of one block and
-# its int64 result stay in the per-core cache while they are combined (measured on the 2-core AVX-512
-# machine; see benchmarks/kernels_matmul.py).
+# Output elements per block of rows in the split path: a block's int32 partial products are still in
+# cache when they are combined. On the 2-core machine (2 threads) 384K beat 128K, 192K and 768K by 5 to
+# 25 % at 16 x 16 bits, and whole 2048 x 1536 products by 2x; each block repacks b, so smaller is slower.
 _BLOCK_ELEMENTS = 3 << 17
 
 
@@ -66,6 +67,11 @@ def int_mm(a: torch.Tensor, b: torch.Tensor, *, bits_a: int, bits_b: int, path: 
     """Exact ``a @ b`` for integer tensors a (M, K) and b (K, N) holding values of signed bits_a / bits_b-bit
     symmetric codes (|value| <= 2**(bits-1) - 1, bits in 2..16). Returns the exact integer product:
     int32 when it provably fits (path int8), else int64.
+
+    "Provably" is decided from the bits and K alone, never from the values, so the dtype is a function
+    of the call's shape: the int8 path gives int32 unless K * qmax_a * qmax_b >= 2**31 (K > 133144 at
+    8 x 8 bits); the split path gives int32 when the same kind of bound fits (8 x 16 bits up to K = 512,
+    16 x 16 bits never); the reference path always gives int64.
 
     ``a`` and ``b`` may have any signed integer dtype (int8, int16, int32, int64) and any strides (a
     transposed view is used as it is). ``path`` is ``"auto"`` or a name in :data:`KERNEL_PATHS`.

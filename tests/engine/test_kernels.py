@@ -77,6 +77,7 @@ def test_extreme_codes(bits_a, bits_b):
     """All +qmax, all -qmax and alternating signs: the digit split's edge values (16 bits: +32767)."""
     qa, qb = _qmax(bits_a), _qmax(bits_b)
     m, k, n = 3, 40, 5
+
     def alternating(rows, cols, top):
         return (1 - 2 * (torch.arange(rows * cols) % 2)).reshape(rows, cols) * top
 
@@ -123,14 +124,17 @@ def test_split_path_cuts_k_beyond_its_int32_levels():
     b = torch.full((k, 2), -32767, dtype=torch.int16)
     got = int_mm(a, b, bits_a=16, bits_b=16)
     assert got.dtype == torch.int64 and torch.equal(got, torch.full((2, 2), -k * 32767**2))
+    _assert_exact(*_operands(2, k, 3, 16, 16, torch.Generator().manual_seed(29), a_t=True, b_t=True), 16, 16)
 
 
 def test_result_is_int32_exactly_when_it_provably_fits():
     generator = torch.Generator().manual_seed(11)
     a, b = _operands(4, 384, 6, 8, 16, generator)
     assert int_mm(a, b, bits_a=8, bits_b=16).dtype == torch.int32  # 384 * 127 * 32767 < 2**31
-    a, b = _operands(4, 600, 6, 8, 16, generator)
-    assert int_mm(a, b, bits_a=8, bits_b=16).dtype == torch.int64  # 600 * 127 * 32767 > 2**31
+    a, b = _operands(4, 512, 6, 8, 16, generator)
+    assert int_mm(a, b, bits_a=8, bits_b=16).dtype == torch.int32  # the largest K that fits at 8 x 16
+    a, b = _operands(4, 513, 6, 8, 16, generator)
+    assert int_mm(a, b, bits_a=8, bits_b=16).dtype == torch.int64
     a, b = _operands(4, 2, 6, 16, 16, generator)
     assert int_mm(a, b, bits_a=16, bits_b=16).dtype == torch.int64
     a, b = _operands(4, 384, 6, 8, 8, generator)
