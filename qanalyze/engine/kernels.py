@@ -46,9 +46,10 @@ _RADIX = 1 << _DIGIT_BITS
 _OFFSET = 128
 _SIGNED_SPLIT_MAX = 127 * _RADIX + 127  # 32639: the largest x = 256 * hi + lo with hi, lo int8
 # Output elements per block of rows in the split path: a block's int32 partial products are still in
-# cache when they are combined. On the 2-core machine (2 threads) 384K beat 128K, 192K and 768K by 5 to
-# 25 % at 16 x 16 bits, and whole 2048 x 1536 products by 2x; each block repacks b, so smaller is slower.
-_BLOCK_ELEMENTS = 3 << 17
+# cache when they are combined, while each block's int_mm repacks b, so blocks must not be too small.
+# 2-core machine, 2 threads, the six products of benchmarks/kernels_matmul.py at 16 x 16 bits: 768K
+# took 58 ms in all, 384K 61, 192K 68, unblocked 80 (2x slower on the 2048 x 1536 outputs).
+_BLOCK_ELEMENTS = 3 << 18
 
 
 def _register(name: str) -> Callable[[_Kernel], _Kernel]:
@@ -71,7 +72,7 @@ def int_mm(a: torch.Tensor, b: torch.Tensor, *, bits_a: int, bits_b: int, path: 
     "Provably" is decided from the bits and K alone, never from the values, so the dtype is a function
     of the call's shape: the int8 path gives int32 unless K * qmax_a * qmax_b >= 2**31 (K > 133144 at
     8 x 8 bits); the split path gives int32 when the same kind of bound fits (8 x 16 bits up to K = 512,
-    16 x 16 bits never); the reference path always gives int64.
+    16 x 16 bits only at K = 1); the reference path always gives int64.
 
     ``a`` and ``b`` may have any signed integer dtype (int8, int16, int32, int64) and any strides (a
     transposed view is used as it is). ``path`` is ``"auto"`` or a name in :data:`KERNEL_PATHS`.
@@ -100,7 +101,7 @@ def reference_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def safe_int_mm(a8: torch.Tensor, b8: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
     """``torch._int_mm(a8, b8)``: int8 (M, K) @ int8 (K, N) -> int32 (M, N), on any device and shape.
 
-    The shape rules of ``torch._int_mm``, written here because this is the only caller:
+    The shape rules of ``torch._int_mm``, written here because nothing else in qanalyze calls it:
 
     - CPU (oneDNN): any shape (M = 1, K and N not multiples of 8, K = 0), row- or column-major,
       bit-exact against int64 (measured, PyTorch 2.13). Such operands are passed as they are: a
@@ -133,7 +134,8 @@ def safe_int_mm(a8: torch.Tensor, b8: torch.Tensor, *, out: torch.Tensor | None 
 
 def _onednn_operand(x: torch.Tensor) -> torch.Tensor:
     """x itself when its strides describe a row- or column-major matrix the CPU kernel reads right, else a
-    row-major copy. Row-major is tested first: with strides (1, 1) both would match, and only row-major works."""
+    row-major copy. Strides (1, 1) count as row-major only: that is how the kernel reads them (measured
+    over every stride pair up to 7 and every shape up to 5 x 3 x 3)."""
     rows, cols = x.shape
     row_stride, col_stride = x.stride()
     row_major = col_stride == 1 and row_stride >= max(1, cols)
@@ -375,8 +377,8 @@ def _split_mm(a: torch.Tensor, b: torch.Tensor, bits_a: int, bits_b: int) -> tor
             else:
                 if narrow[i - 1]:
                     acc = block.copy_(acc)
-                acc.bitwise_left_shift_(_DIGIT_BITS)
-                acc += wide[: stop - start].copy_(p)
+                # one fused op: mixed int32 + int64 would convert p into a temporary anyway
+                torch.add(wide[: stop - start].copy_(p), acc, alpha=_RADIX, out=acc)
         if acc is not block:
             block.copy_(acc)
     return out
