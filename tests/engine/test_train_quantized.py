@@ -39,6 +39,11 @@ def _predicted_bytes(plan):
     return total
 
 
+def _stop_at_three(log):
+    if log.step == 3:
+        raise KeyboardInterrupt
+
+
 def _losses(run):
     with open(run / "log.csv") as handle:
         return [float(row["loss"]) for row in csv.DictReader(handle)]
@@ -103,12 +108,9 @@ def test_resuming_with_another_plan_is_refused(tmp_path, tiny_bert_dir, sst2_sma
     loaded = load_model(str(tiny_bert_dir), num_labels=2)
     run = prepare_run_dir(tmp_path / "run")
 
-    def stop(log):
-        if log.step == 3:
-            raise KeyboardInterrupt
-
     with pytest.raises(TrainingInterrupted):
-        train(loaded, sst2_small, _config(), run, plan=uniform_plan(loaded.model, 8), mode="int", on_step=stop)
+        train(loaded, sst2_small, _config(), run, plan=uniform_plan(loaded.model, 8), mode="int",
+              on_step=_stop_at_three)
     again = load_model(str(tiny_bert_dir), num_labels=2)
     with pytest.raises(ConfigError, match="different plan"):
         train(again, sst2_small, _config(), run, resume=True, plan=uniform_plan(again.model, 6), mode="int")
@@ -121,13 +123,9 @@ def test_interrupted_integer_run_resumes_to_identical_weights(tmp_path, tiny_ber
     interrupted = load_model(str(tiny_bert_dir), num_labels=2)
     run = prepare_run_dir(tmp_path / "b")
 
-    def stop(log):
-        if log.step == 3:
-            raise KeyboardInterrupt
-
     with pytest.raises(TrainingInterrupted):
         train(interrupted, sst2_small, _config(), run, plan=uniform_plan(interrupted.model, 8), mode="int",
-              on_step=stop)
+              on_step=_stop_at_three)
     resumed = load_model(str(tiny_bert_dir), num_labels=2)
     train(resumed, sst2_small, _config(), run, resume=True, plan=uniform_plan(resumed.model, 8), mode="int")
     a, b = quantized_weights(straight.model), quantized_weights(resumed.model)
