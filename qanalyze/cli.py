@@ -192,14 +192,15 @@ def evaluate(model_or_run: str, task: str | None, data: str | None, quiet: bool,
     _seed_everything(kw["seed"])
     from qanalyze.engine.quantized_checkpoint import is_quantized_run, load_quantized_run
 
-    if previous is not None and is_quantized_run(run):
+    quantized = previous is not None and is_quantized_run(run)
+    if quantized:
         # a quantized run: rebuild it from its packed integer weights, evaluated with the integer kernels
         model, tokenizer, _, _ = load_quantized_run(run, device=resolve_device(kw["device"]))
         loaded = LoadedModel(model=model, tokenizer=tokenizer, source=resolve_model(str(run)),
                              identity={**previous.model, "run": str(run), "mode": previous.mode})
     else:
         loaded = load_model(model_or_run, num_labels=task_data.task.num_labels)
-    if not has_task_head(loaded.model) and not (previous is not None and is_quantized_run(run)):
+    if not quantized and not has_task_head(loaded.model):
         console.print(f"[yellow]warning:[/] {model_or_run} has no {task_data.task.name} head; "
                       "its new head is random, so expect chance-level metrics")
     loaded.model.to(resolve_device(kw["device"]))

@@ -74,26 +74,12 @@ def get_mode(name: str) -> Mode:
 
 @dataclass
 class AppliedPlan:
-    """What `apply_plan` did: the mode, each swapped module's spec, and the generators it created."""
+    """What `apply_plan` did: the mode, each swapped module's spec, and the generators it created
+    (saved in checkpoints so a resumed run draws the same stochastic roundings)."""
 
     mode: str
     specs: dict[str, TensorSpec]
     generators: dict[str, torch.Generator]
-    seed: int
-
-    def generator_states(self) -> dict[str, torch.Tensor]:
-        """Every generator's state, so a resumed run draws the same stochastic roundings."""
-        return {name: generator.get_state() for name, generator in self.generators.items()}
-
-    def set_generator_states(self, states: Mapping[str, torch.Tensor]) -> None:
-        """Restore states saved by `generator_states`."""
-        for name, state in states.items():
-            self.generators[name].set_state(state)
-
-    def summary(self) -> dict[str, Any]:
-        """JSON-ready form for a run record."""
-        return {"mode": self.mode, "seed": self.seed, "swapped": len(self.specs),
-                "modules": {name: spec.__dict__ for name, spec in self.specs.items()}}
 
 
 def _spec(name: str, entry: Mapping[str, Any], info: ModuleInfo, model: nn.Module, mode: Mode) -> TensorSpec:
@@ -156,7 +142,7 @@ def apply_plan(model: nn.Module, plan: BitPlan, mode: str, *, seed: int = 0) -> 
         generator = torch.Generator(device=original.weight.device).manual_seed(seed * 100_003 + index)
         setattr(parent, child, chosen.builders[info.kind](original, info, spec, generator))
         specs[info.name], generators[info.name] = spec, generator
-    return AppliedPlan(mode=mode, specs=specs, generators=generators, seed=seed)
+    return AppliedPlan(mode=mode, specs=specs, generators=generators)
 
 
 def swapped_modules(model: nn.Module) -> dict[str, _Swapped]:

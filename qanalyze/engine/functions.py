@@ -73,10 +73,6 @@ def row_scales(quantized: Quantized, rows: int) -> torch.Tensor:
     return quantized.scale.reshape(-1).repeat_interleave(quantized.rows_per_group, output_size=rows)
 
 
-def _column(scale: torch.Tensor) -> torch.Tensor:
-    return scale if scale.dim() == 0 else scale.unsqueeze(1)
-
-
 def quantize_weight(weight: torch.Tensor, spec: TensorSpec) -> Quantized:
     """The weight's integer codes and scales as ``spec`` says (nearest rounding, rows of dim 0 grouped)."""
     return get_quantizer(spec.quantizer)(weight.detach(), spec.weight_bits, spec.rows_per_group, "nearest", None)
