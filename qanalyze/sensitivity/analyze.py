@@ -8,7 +8,8 @@ Stages, each resumable from the ``.partial`` file written after every unit of wo
    per probe, then the top eigenvalue of each layer block (Q-BERT) and of each module, by
    Lanczos (or power iteration) on the restriction of that same graph;
 4. optional spectral density (SLQ) of the whole weight Hessian on the first batch, and the
-   measured loss change of quantizing each module alone.
+   measured loss change of quantizing each module alone, beside the empirical-Fisher prediction
+   of that change (sum of diag(F) ⊙ ΔW², from single-example gradients on the same batches).
 Weights only: biases and norm shifts are not quantized, so their Hessian blocks are not asked.
 """
 
@@ -392,6 +393,7 @@ def _measure_delta_loss(model: torch.nn.Module, infos: list[ModuleInfo], modules
 
     base = mean_loss()
     state.report.model_level["loss"] = base
+    fisher = _empirical_fisher(model, infos, modules, batches, report_progress)
     for i, info in enumerate(infos):
         report_progress("delta-loss", i, len(infos), info.name)
         weight = modules[info.name].weight
@@ -405,5 +407,41 @@ def _measure_delta_loss(model: torch.nn.Module, infos: list[ModuleInfo], modules
         finally:
             with torch.no_grad():
                 weight.copy_(original)
-        state.entry(info.name).setdefault("delta_loss", {})["measured"] = measured
+        delta_loss = state.entry(info.name).setdefault("delta_loss", {})
+        delta_loss["measured"] = measured
+        delta_loss["fisher"] = {str(bits): float((fisher[info.name] * (fake_quantize(original, bits, rows_per_group=1)
+                                                                       - original) ** 2).sum())
+                                for bits in config.delta_loss_bits}
     report_progress("delta-loss", len(infos), len(infos), "done")
+
+
+def _empirical_fisher(model: torch.nn.Module, infos: list[ModuleInfo], modules: dict[str, torch.nn.Module],
+                      batches: list[dict[str, torch.Tensor]], report_progress: Progress) -> dict[str, torch.Tensor]:
+    """The diagonal of the empirical Fisher, E[g ⊙ g] over single-example gradients, of every weight.
+
+    One example at a time: the square of a batch gradient would be the Fisher of the mean, which
+    cross-example cancellation makes much smaller than the Fisher itself.
+    """
+    weights = {info.name: modules[info.name].weight for info in infos}
+    sums = {name: torch.zeros_like(w, dtype=torch.float64) for name, w in weights.items()}
+    saved = [(p, p.requires_grad) for p in model.parameters()]
+    examples = 0
+    try:
+        wanted = set(weights.values())
+        for p in model.parameters():
+            p.requires_grad_(p in wanted)
+        for index, batch in enumerate(batches):
+            report_progress("fisher", index, len(batches), f"batch {index + 1}")
+            rows = next(iter(batch.values())).shape[0]
+            for row in range(rows):
+                single = {k: v[row:row + 1] for k, v in batch.items()}
+                grads = torch.autograd.grad(model(**single).loss, list(weights.values()), allow_unused=True)
+                for name, grad in zip(weights, grads):
+                    if grad is not None:
+                        sums[name] += grad.double() ** 2
+                examples += 1
+        report_progress("fisher", len(batches), len(batches), "done")
+    finally:
+        for p, flag in saved:
+            p.requires_grad_(flag)
+    return {name: (total / max(examples, 1)).to(weights[name].dtype) for name, total in sums.items()}

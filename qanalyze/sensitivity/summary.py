@@ -51,6 +51,10 @@ def summarise(report: SensitivityReport) -> None:
     report.model_level["predictor_spearman"] = predictor_agreement(report)
 
 
+PREDICTORS = ("trace", "eig", "fisher")
+"""The predicted loss changes a sensitivity report can hold beside the measured one."""
+
+
 def predictor_agreement(report: SensitivityReport) -> dict[str, dict[str, float]]:
     """Spearman rank correlation, per bit-width, between each predicted Δloss and the measured one.
 
@@ -66,7 +70,7 @@ def predictor_agreement(report: SensitivityReport) -> dict[str, dict[str, float]
         return result
     for bits in entries[0]["measured"]:
         measured = [e["measured"][bits] for e in entries]
-        for predictor in ("trace", "eig"):
+        for predictor in PREDICTORS:
             predicted = [e.get(predictor, {}).get(bits) for e in entries]
             if None not in predicted:
                 rho = spearmanr(predicted, measured).statistic

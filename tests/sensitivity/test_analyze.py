@@ -53,7 +53,8 @@ def test_analyze_covers_every_module(tmp_path, tiny, sst2):
     assert query["hessian"]["trace_stderr"] >= 0
     assert set(query["gradient_error"]) == {"4", "8"}
     assert query["activation_error"]["2"] > query["activation_error"]["8"]
-    assert set(query["delta_loss"]) == {"trace", "eig", "measured"}
+    assert set(query["delta_loss"]) == {"trace", "eig", "measured", "fisher"}
+    assert query["delta_loss"]["fisher"]["2"] > query["delta_loss"]["fisher"]["8"] > 0
     methods = {t["method"] for e in raw["modules"].values() for t in e["hessian"]["trace_per_batch"]}
     assert "restricted" in methods and methods <= {"one-pass", "restricted"}  # small noisy blocks refined
     spearman = raw["model_level"]["predictor_spearman"]
@@ -67,6 +68,31 @@ def test_analyze_covers_every_module(tmp_path, tiny, sst2):
         # the top eigenvalue bounds the mean eigenvalue, up to the trace estimate's own noise
         noise = 3 * hessian["trace_stderr"] / math.prod(entry["shape"])
         assert max(abs(v) for v in hessian["eigenvalues"]) >= hessian["avg_trace"] - noise - 1e-9, name
+
+
+def test_empirical_fisher_is_the_mean_of_single_example_squared_gradients(tiny, sst2):
+    """Each example encoded alone (no padding) gives the reference; the padded batch slices must match it."""
+    from qanalyze.data import collate, encode
+    from qanalyze.models import inventory
+    from qanalyze.sensitivity.analyze import _empirical_fisher, calibration_batches
+
+    config = _config(batches=1, batch_size=4)
+    model = tiny.model.eval()
+    infos = [i for i in inventory(model) if i.name.endswith("layer.1.output.dense")]
+    modules = dict(model.named_modules())
+    fisher = _empirical_fisher(model, infos, modules, calibration_batches(sst2, tiny.tokenizer, config),
+                               lambda *_: None)[infos[0].name]
+    order = torch.randperm(len(sst2.train), generator=torch.Generator().manual_seed(config.seed))[:4].tolist()
+    weight = modules[infos[0].name].weight
+    squares, grads = [], []
+    for i in order:
+        encoded = encode([sst2.train[i]], tiny.tokenizer, max_length=config.max_length)
+        (grad,) = torch.autograd.grad(model(**collate(encoded, range(1), tiny.tokenizer)).loss, [weight])
+        squares.append(grad**2)
+        grads.append(grad)
+    torch.testing.assert_close(fisher, torch.stack(squares).mean(0), rtol=1e-4, atol=1e-10)
+    # the Fisher of the mean gradient is what a batch gradient would have given: much smaller
+    assert float(fisher.sum()) > 1.5 * float((torch.stack(grads).mean(0) ** 2).sum())
 
 
 def test_module_eigenvalue_is_the_block_of_the_full_hessian(tiny, sst2):
