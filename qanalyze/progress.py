@@ -72,3 +72,57 @@ def stage_progress(console: Console) -> Iterator[StageProgress]:
     progress = StageProgress(console)
     with progress.bar:
         yield progress
+
+
+class SweepProgress:
+    """A sweep's progress: one bar over its runs (with the ETA of the rest), one over the current run's
+    steps, and a line per finished run with its metric and cost."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.bar = Progress(TextColumn("[bold]{task.fields[label]:<10}"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("{task.fields[detail]}"), TimeElapsedColumn(), TextColumn("eta"),
+                            TimeRemainingColumn(), console=console, disable=console.quiet)
+        self.runs: Any = None
+        self.steps: Any = None
+
+    def on_stage(self, text: str) -> None:
+        """Say which stage the sweep is in (FP32 reference, analysis, planning)."""
+        self.console.print(f"[bold]sweep:[/] {text}")
+
+    def on_analysis(self, stage: str, done: int, total: int, detail: str) -> None:
+        """Show the analysis a sweep runs when it has no sensitivity file yet."""
+        if done == total:
+            self.console.print(f"  analyze: {stage} done")
+
+    def on_run_start(self, index: int, total: int, run: Any) -> None:
+        """A run (`qanalyze.sweep.run.SweepRun`) begins: name it on the runs bar, reset the steps bar."""
+        if self.runs is None:
+            self.runs = self.bar.add_task("runs", total=total, completed=index, label="runs", detail="")
+        self.bar.update(self.runs, detail=run.name)
+        if self.steps is not None:
+            self.bar.remove_task(self.steps)
+            self.steps = None
+
+    def on_step(self, log: Any) -> None:
+        """Advance the current run's steps bar (a `qanalyze.engine.train.StepLog`)."""
+        if self.steps is None:
+            self.steps = self.bar.add_task("steps", total=log.total_steps, label="  steps", detail="")
+        self.bar.update(self.steps, completed=log.step, detail=f"loss {log.loss:.4f}")
+
+    def on_run_end(self, index: int, total: int, run: Any, row: dict[str, Any]) -> None:
+        """Print what the run gave and what it cost, and advance the runs bar."""
+        value, delta = row.get("value"), row.get("delta_pts")
+        shown = (f"{row['metric']} {100 * value:.2f} ({delta:+.2f} pt vs FP32)" if value is not None
+                 else "no result")
+        self.console.print(f"{run.name}: {shown}, {row['weight_bytes'] / 1e6:.2f} MB, {row['status']}, "
+                           f"{row['seconds']:.0f} s")
+        self.bar.update(self.runs, completed=index + 1)
+
+
+@contextlib.contextmanager
+def sweep_progress(console: Console) -> Iterator[SweepProgress]:
+    """A `SweepProgress` that is live for the duration of the block."""
+    progress = SweepProgress(console)
+    with progress.bar:
+        yield progress

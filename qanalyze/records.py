@@ -247,3 +247,38 @@ class BitPlan(JsonRecord):
             if spec.get("weight_bits") is None or "group" not in spec:
                 raise RecordError(f"plan: module {name} has no weight_bits/group and is not float")
 
+
+
+SWEEP_SCHEMA = "qanalyze/sweep/v1"
+
+
+@dataclass
+class SweepRecord(JsonRecord):
+    """``sweep.json``: one row per budget x plan (and per uniform integer reference) with its metrics.
+
+    Each row holds ``budget``, ``plan`` (hessian, uniform, random, reversed or int<N>), ``mode``,
+    ``run`` and ``plan_file`` (relative to the sweep folder), the plan's totals (``weight_bits_mean``,
+    ``weight_bytes``, ``compression``, ``predicted_damage``, ...), ``metrics``, ``metric`` (the task's
+    main one), ``value``, ``delta_pts`` (against ``fp32``, in points), ``status`` and timings.
+    ``complete`` is false while the sweep is still running.
+    """
+
+    model: dict[str, Any]
+    data: dict[str, Any]
+    settings: dict[str, Any]
+    sensitivity: dict[str, Any]
+    fp32: dict[str, Any]
+    rows: list[dict[str, Any]]
+    timings: dict[str, float] = field(default_factory=dict)
+    complete: bool = False
+    versions: dict[str, str] = field(default_factory=environment)
+    created: str = field(default_factory=utc_now)
+    schema: str = SWEEP_SCHEMA
+    SCHEMA: ClassVar[str] = SWEEP_SCHEMA
+    KIND: ClassVar[str] = "sweep record"
+
+    def __post_init__(self) -> None:
+        for row in self.rows:
+            missing = {"plan", "mode", "run", "metrics"} - set(row)
+            if missing:
+                raise RecordError(f"sweep record: a row lacks {', '.join(sorted(missing))}")

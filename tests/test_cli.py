@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from qanalyze.cli import main
@@ -36,7 +37,7 @@ def test_help_lists_every_command():
         assert command in result.stdout
 
 
-@pytest.mark.parametrize("command", ["sweep", "report"])
+@pytest.mark.parametrize("command", ["report"])
 def test_later_commands_say_they_are_not_available(capfd, command):
     code, _, err = run_cli(capfd, command, "minilm-l6", "--budget", "4bit")
     assert_one_line_error(code, err, "not available yet", "issue #")
@@ -200,7 +201,7 @@ def test_analyze_writes_sensitivity_and_refuses_bad_input(capfd, tmp_path, tiny_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sensitivity.json"]
 
 
-def test_plan_from_a_sensitivity_file(capfd, tmp_path, tiny_bert_dir, glue_dir):
+def test_plan_and_sweep_from_a_sensitivity_file(capfd, tmp_path, tiny_bert_dir, glue_dir):
     sensitivity = tmp_path / "sensitivity.json"
     code, _, err = run_cli(capfd, "analyze", tiny_bert_dir, "--task", "sst2", "--data", glue_dir,
                            "--max-train-examples", "16", "--batch-size", "8", "--batches", "2", "--max-length", "24",
@@ -229,3 +230,18 @@ def test_plan_from_a_sensitivity_file(capfd, tmp_path, tiny_bert_dir, glue_dir):
                            "--out", tmp_path / "other.json", "--quiet")
     assert_one_line_error(code, err, "another architecture")
     assert not (tmp_path / "other.json").exists()
+
+    sweep = ["sweep", tiny_bert_dir, "--task", "sst2", "--data", glue_dir, "--max-train-examples", "16",
+             "--max-eval-examples", "16", "--max-length", "24", "--sensitivity", sensitivity, "--quiet"]
+    code, stdout, err = run_cli(capfd, *sweep, "--budgets", "4,8", "--plans", "hessian,uniform", "--mode",
+                                "ptq-dynamic", "--integer-bits", "none", "--out", tmp_path / "sweep")
+    assert code == 0, err
+    table = pd.read_csv(tmp_path / "sweep" / "sweep.csv")
+    assert list(table["plan"]) == ["fp32", "hessian", "uniform", "hessian", "uniform"]
+    assert list(table["budget"].fillna("")) == ["", "4bit", "4bit", "8bit", "8bit"]
+    assert "hessian" in stdout and "delta_pts" in stdout
+    for bad, fragment in ((["--budgets", "1"], "smallest reachable"), (["--plans", "best"], "unknown plan kind"),
+                          (["--budgets", "4", "--resume"], "continues by itself")):
+        code, _, err = run_cli(capfd, *sweep, *bad, "--out", tmp_path / "bad-sweep")
+        assert_one_line_error(code, err, fragment)
+        assert not (tmp_path / "bad-sweep").exists()

@@ -151,7 +151,7 @@ class _Trainer:
         self.applied: AppliedPlan | None = None
         if plan is not None:
             self.applied = apply_plan(self.model, plan, mode, seed=config.seed)
-        self.plan_hash = _plan_hash(plan)
+        self.plan_hash = plan_hash(plan)
         self.train_enc: Encoded = encode(data.train, loaded.tokenizer, max_length=config.max_length)
         self.dev_enc: Encoded = encode(data.dev, loaded.tokenizer, max_length=config.max_length)
         self.batches_per_epoch = num_batches(len(self.train_enc), config.batch_size)
@@ -225,14 +225,15 @@ class _Trainer:
         return StepLog(self.step, self.total_steps, epoch, float(loss.detach()), lr, float(grad_norm), seconds)
 
 
-def _plan_hash(plan: BitPlan | None) -> str | None:
+def plan_hash(plan: BitPlan | None) -> str | None:
+    """The sha256 of a plan's JSON (None without a plan): what a run records and a resume compares."""
     if plan is None:
         return None
     return hashlib.sha256(json.dumps(plan.to_dict(), sort_keys=True).encode()).hexdigest()
 
 
 def _plan_summary(plan: BitPlan, applied: AppliedPlan | None) -> dict[str, Any]:
-    return {"budget": plan.budget.get("text"), "totals": plan.totals, "sha256": _plan_hash(plan),
+    return {"budget": plan.budget.get("text"), "totals": plan.totals, "sha256": plan_hash(plan),
             "swapped_modules": len(applied.specs) if applied else 0}
 
 

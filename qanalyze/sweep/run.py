@@ -1,0 +1,247 @@
+"""`sweep`: plan and train a model at every budget, with the baselines of equal cost, and collect
+the results in ``OUT/sweep.json`` and ``OUT/sweep.csv``.
+
+Layout of ``OUT``::
+
+    fp32.json                 the FP32 model evaluated on the sweep's dev set (the reference line)
+    sensitivity.json          made by `analyze` when no sensitivity file is given
+    plans/plan-4bit.json      the Hessian plan; plan-4bit.uniform.json, ... its baselines
+    plans/uniform-8.int.json  the uniform integer reference plans
+    runs/4bit-hessian-qat/    one run directory per distinct (plan, mode)
+    sweep.json, sweep.csv     the collected rows, rewritten after every run
+
+Resumable: a finished run whose plan, mode, settings and data match is reused; an interrupted one
+continues from its checkpoint (or restarts when that checkpoint no longer matches). Plans that come
+out identical (at 2 bits only the all-2-bit plan fits, so every baseline equals the Hessian plan)
+are trained once and share the run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qanalyze.data import TaskData, encode
+from qanalyze.engine.apply import get_mode
+from qanalyze.engine.evaluate import evaluate
+from qanalyze.engine.train import StepLog, TrainingDiverged, plan_hash, resolve_device, train
+from qanalyze.errors import ConfigError
+from qanalyze.models import LoadedModel, has_task_head, inventory, load_model
+from qanalyze.plan.budget import parse_budget
+from qanalyze.plan.make import check_plan, make_plan
+from qanalyze.plan.uniform import uniform_plan
+from qanalyze.records import BitPlan, RunRecord, SensitivityReport, SweepRecord, atomic_write_json, utc_now
+from qanalyze.rundir import METRICS_FILE, checkpoint_dir, is_finished_run, prepare_run_dir
+from qanalyze.sensitivity.analyze import analyze, partial_path
+from qanalyze.sweep.config import SweepConfig
+from qanalyze.sweep.table import write_table
+
+FP32_FILE = "fp32.json"
+SWEEP_FILE = "sweep.json"
+TABLE_FILE = "sweep.csv"
+
+
+@dataclass(frozen=True)
+class SweepRun:
+    """One row of the sweep: a plan trained in a mode (``plan`` is hessian, a baseline, or int<N>)."""
+
+    name: str
+    budget: str | None
+    plan: str
+    mode: str
+    record: BitPlan
+    path: Path
+
+    @property
+    def key(self) -> str:
+        """Identical module specs in the same mode train identically: one run serves them all."""
+        # the group label is left out: "32" on a 32-row weight is one group, the same layout as "tensor"
+        training = {name: {k: v for k, v in spec.items() if k not in ("group", "predicted_damage")}
+                    for name, spec in self.record.modules.items()}
+        text = json.dumps({"modules": training, "mode": self.mode}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class SweepHooks:
+    """Callbacks a sweep reports through (the CLI draws progress bars with them); all optional."""
+
+    on_stage: Callable[[str], None] | None = None
+    on_run_start: Callable[[int, int, SweepRun], None] | None = None
+    on_run_end: Callable[[int, int, SweepRun, dict[str, Any]], None] | None = None
+    on_step: Callable[[StepLog], None] | None = None
+    on_analysis: Callable[[str, int, int, str], None] | None = None
+
+
+def _call(hook: Callable[..., None] | None, *args: Any) -> None:
+    if hook is not None:
+        hook(*args)
+
+
+def sweep(model: str, data: TaskData, config: SweepConfig, out: str | Path, *,
+          sensitivity: str | Path | None = None, hooks: SweepHooks | None = None) -> SweepRecord:
+    """Plan ``model`` at every budget of ``config``, train each plan, and return the collected record.
+
+    ``model`` is the FP32 fine-tuned starting point (Q-BERT re-trains from it). Every plan is made
+    before any training, so an unreachable budget fails fast. The record is rewritten after each run.
+    """
+    hooks = hooks or SweepHooks()
+    out = Path(out)
+    loaded = load_model(model, num_labels=data.task.num_labels)
+    if not has_task_head(loaded.model):
+        raise ConfigError(f"{model} has no trained {data.task.name} head: a sweep re-trains an FP32 fine-tuned "
+                          f"model (qanalyze finetune {model} --task {data.task.name} ... --out RUN, then sweep RUN)")
+    source = Path(sensitivity) if sensitivity else out / "sensitivity.json"
+    if not source.exists():
+        if sensitivity:
+            raise ConfigError(f"sensitivity file not found: {sensitivity}")
+        _call(hooks.on_stage, f"analyzing {model} into {source}")
+        analyze(load_model(model, num_labels=data.task.num_labels, eager_attention=True), data, config.analysis,
+                source, resume=partial_path(source).exists(), progress=hooks.on_analysis)
+    _call(hooks.on_stage, "planning")
+    runs = _plan_runs(loaded, config, out, SensitivityReport.load(source), source)
+    _call(hooks.on_stage, "evaluating the FP32 model")
+    fp32 = _fp32_reference(loaded, data, config, out)
+    record = SweepRecord(model=fp32["model"], data=data.identity, settings=config.recorded(),
+                         sensitivity={"path": str(source), "sha256": _sha256(source)}, fp32=fp32, rows=[])
+    trained: dict[str, dict[str, Any]] = {}
+    started = time.perf_counter()
+    for index, run in enumerate(runs):
+        _call(hooks.on_run_start, index, len(runs), run)
+        first = trained.get(run.key)
+        if first is not None:
+            row = {**_row(run, first["record"], out), "status": "same as " + first["row"]["run"], "seconds": 0.0}
+        else:
+            tic = time.perf_counter()
+            result, status = _train_or_reuse(model, data, config, out / "runs" / run.name, run, fp32["model"],
+                                             hooks)
+            row = {**_row(run, result, out), "status": status, "seconds": round(time.perf_counter() - tic, 1)}
+            if result is not None:
+                trained[run.key] = {"record": result, "row": row}
+        row.update(_against_fp32(row, fp32, data.task.main_metric))
+        record.rows.append(row)
+        record.timings["seconds"] = round(time.perf_counter() - started, 1)
+        _save(record, out)
+        _call(hooks.on_run_end, index, len(runs), run, row)
+    record.complete = True
+    _save(record, out)
+    return record
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _fp32_reference(loaded: LoadedModel, data: TaskData, config: SweepConfig, out: Path) -> dict[str, Any]:
+    """The starting model's own dev metrics (the FP32 line), cached in ``fp32.json`` by model and data."""
+    path = out / FP32_FILE
+    key = {"model": loaded.identity, "data_hash": data.identity.get("hash"), "max_length": config.train.max_length}
+    if path.exists():
+        cached = json.loads(path.read_text(encoding="utf-8"))
+        if cached.get("key") == key:
+            return cached
+    params = sum(math.prod(info.shape) for info in inventory(loaded.model))
+    loaded.model.to(resolve_device(config.train.device))
+    result = evaluate(loaded.model, loaded.tokenizer, encode(data.dev, loaded.tokenizer,
+                                                             max_length=config.train.max_length),
+                      data.task, batch_size=config.train.eval_batch_size)
+    fp32 = {"key": key, "model": loaded.identity, "metrics": result.metrics, "loss": result.loss,
+            "examples": result.examples, "seconds": round(result.seconds, 3), "weight_bytes": 4 * params,
+            "created": utc_now()}
+    atomic_write_json(path, fp32)
+    return fp32
+
+
+def _plan_runs(loaded: LoadedModel, config: SweepConfig, out: Path, report: SensitivityReport,
+               source: Path) -> list[SweepRun]:
+    """Every run of the sweep with its plan; the plans are written only once all of them could be made."""
+    architecture = {info.name: list(info.shape) for info in inventory(loaded.model)}
+    plans = out / "plans"
+    runs = []
+    for budget in config.budgets:
+        parsed = parse_budget(budget)
+        for kind in config.plans:
+            baseline = None if kind == "hessian" else kind
+            record = make_plan(report, parsed, config.plan, sensitivity_path=source, baseline=baseline)
+            check_plan(record, architecture)
+            stem = f"plan-{budget}" + (f".{kind}" if baseline else "")
+            runs.append(SweepRun(f"{budget}-{kind}-{config.mode}", budget, kind, config.mode, record,
+                                 plans / f"{stem}.json"))
+    kinds = tuple(get_mode("int").builders)
+    for bits in config.integer_bits:
+        record = uniform_plan(loaded.model, bits, kinds=kinds)
+        runs.append(SweepRun(f"uniform{bits}-int", None, f"int{bits}", "int", record,
+                             plans / f"uniform-{bits}.int.json"))
+    for run in runs:
+        run.record.save(run.path)
+    return runs
+
+
+def _matches(record: RunRecord, run: SweepRun, config: SweepConfig, data: TaskData,
+             identity: dict[str, Any]) -> bool:
+    saved = record.settings
+    same_settings = all(saved.get(k) == v for k, v in config.train.numbers().items())
+    return (record.mode == run.mode and same_settings and record.data.get("hash") == data.identity.get("hash")
+            and saved.get("plan", {}).get("sha256") == plan_hash(run.record)
+            and record.model.get("weights_hash") == identity.get("weights_hash"))
+
+
+def _train_or_reuse(model: str, data: TaskData, config: SweepConfig, folder: Path, run: SweepRun,
+                    identity: dict[str, Any], hooks: SweepHooks) -> tuple[RunRecord | None, str]:
+    if is_finished_run(folder):
+        previous = RunRecord.load(folder / METRICS_FILE)
+        if _matches(previous, run, config, data, identity):
+            return previous, "reused"
+
+    def attempt(resume: bool) -> RunRecord:
+        loaded = load_model(model, num_labels=data.task.num_labels)
+        prepare_run_dir(folder, overwrite=not resume, resume=resume)
+        return train(loaded, data, config.train, folder, resume=resume, on_step=hooks.on_step,
+                     plan=run.record, mode=run.mode, plan_source=str(run.path))
+
+    try:
+        if checkpoint_dir(folder) is not None and not is_finished_run(folder):
+            try:
+                return attempt(resume=True), "resumed"
+            except TrainingDiverged:
+                raise
+            except ConfigError:
+                pass  # the checkpoint was made with other settings or another plan: start over
+        return attempt(resume=False), "trained"
+    except TrainingDiverged as exc:
+        # a plan too aggressive to train is a finding for the table, not the end of the sweep
+        return None, f"diverged: {' '.join(str(exc).split())}"
+
+
+def _row(run: SweepRun, result: RunRecord | None, out: Path) -> dict[str, Any]:
+    totals = run.record.totals
+    return {
+        "budget": run.budget, "plan": run.plan, "mode": run.mode,
+        "run": str((out / "runs" / run.name).relative_to(out)), "plan_file": str(run.path.relative_to(out)),
+        "weight_bits_mean": totals.get("weight_bits_mean"),
+        "weight_bits_mean_all_scales": totals.get("weight_bits_mean_all_scales"),
+        "weight_bytes": totals.get("weight_bytes"), "compression": totals.get("compression"),
+        "predicted_damage": totals.get("predicted_damage"),
+        "activation_bits_mean": totals.get("activation_bits_mean"),
+        "gradient_bits_mean": totals.get("gradient_bits_mean"),
+        "metrics": dict(result.metrics) if result is not None else {},
+        "train_seconds": result.timings.get("train_seconds") if result is not None else None,
+        "step_seconds_median": result.timings.get("step_seconds_median") if result is not None else None,
+    }
+
+
+def _against_fp32(row: dict[str, Any], fp32: dict[str, Any], metric: str) -> dict[str, Any]:
+    value, reference = row["metrics"].get(metric), fp32["metrics"].get(metric)
+    delta = None if value is None or reference is None else round(100 * (value - reference), 4)
+    return {"metric": metric, "value": value, "delta_pts": delta}
+
+
+def _save(record: SweepRecord, out: Path) -> None:
+    record.save(out / SWEEP_FILE)
+    write_table(record, out / TABLE_FILE)

@@ -1,0 +1,31 @@
+"""A sweep record as a pandas table: one row per run, the columns people compare."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from qanalyze.records import SweepRecord, atomic_write_text
+
+COLUMNS = ("budget", "plan", "mode", "metric", "value", "delta_pts", "weight_bits_mean", "weight_bytes",
+           "compression", "predicted_damage", "activation_bits_mean", "gradient_bits_mean", "train_seconds",
+           "status", "run")
+
+
+def sweep_table(record: SweepRecord) -> pd.DataFrame:
+    """Every row of ``record`` (FP32 first) with the columns of `COLUMNS`; metrics in points (x100)."""
+    fp32 = record.fp32
+    metric = record.rows[0]["metric"] if record.rows else next(iter(fp32.get("metrics", {})), None)
+    first = {"budget": None, "plan": "fp32", "mode": "fp32", "metric": metric,
+             "value": fp32.get("metrics", {}).get(metric), "delta_pts": 0.0, "weight_bits_mean": 32.0,
+             "weight_bytes": fp32.get("weight_bytes"), "compression": 1.0, "status": "reference",
+             "run": record.model.get("source")}
+    frame = pd.DataFrame([first, *record.rows], columns=list(COLUMNS))
+    frame["value"] = frame["value"].astype(float) * 100
+    return frame
+
+
+def write_table(record: SweepRecord, path: str | Path) -> None:
+    """Write `sweep_table` of ``record`` as CSV, atomically."""
+    atomic_write_text(path, sweep_table(record).to_csv(index=False, float_format="%.6g"))

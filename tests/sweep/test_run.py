@@ -1,0 +1,119 @@
+"""sweep() end to end on a tiny BERT with real SST-2 sentences: rows, baselines, reuse and resume."""
+
+import json
+
+import pandas as pd
+import pytest
+
+from qanalyze.data import load_task
+from qanalyze.engine.train import TrainConfig, TrainingInterrupted
+from qanalyze.errors import ConfigError
+from qanalyze.records import SweepRecord
+from qanalyze.rundir import checkpoint_dir, is_finished_run
+from qanalyze.sensitivity.analyze import AnalyzeConfig
+from qanalyze.sweep.config import SweepConfig, budget_text
+from qanalyze.sweep.run import SweepHooks, sweep
+from qanalyze.sweep.table import sweep_table
+
+
+@pytest.fixture(scope="module")
+def sst2(glue_dir):
+    return load_task("sst2", str(glue_dir), max_train_examples=48, max_eval_examples=16, seed=0)
+
+
+def _config(**overrides):
+    settings = dict(budgets=("2bit", "4bit"), mode="qat", integer_bits=(8,),
+                    train=TrainConfig(epochs=1, batch_size=16, max_length=24, save_every=1),
+                    analysis=AnalyzeConfig(batches=2, batch_size=8, max_length=24, trace_max_probes=4,
+                                           trace_min_probes=2, eig_max_iter=10,
+                                           metrics=("eig", "trace", "weights", "activations", "gradients")))
+    settings.update(overrides)
+    return SweepConfig(**settings)
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory, tiny_bert_dir, sst2):
+    out = tmp_path_factory.mktemp("sweep")
+    return out, sweep(str(tiny_bert_dir), sst2, _config(), out)
+
+
+def test_every_budget_and_plan_becomes_a_row(swept):
+    out, record = swept
+    assert record.complete and SweepRecord.load(out / "sweep.json").rows == record.rows
+    assert [(r["budget"], r["plan"]) for r in record.rows] == [
+        (b, p) for b in ("2bit", "4bit") for p in ("hessian", "uniform", "random", "reversed")] + [(None, "int8")]
+    assert (out / "sensitivity.json").is_file() and (out / "fp32.json").is_file()
+    for row in record.rows:
+        assert row["metric"] == "accuracy" and 0 <= row["value"] <= 1, row
+        assert (out / row["plan_file"]).is_file()
+        assert row["delta_pts"] == pytest.approx(100 * (row["value"] - record.fp32["metrics"]["accuracy"]))
+    four = {r["plan"]: r for r in record.rows if r["budget"] == "4bit"}
+    assert all(is_finished_run(out / r["run"]) for r in four.values())
+    # the Hessian plan is the optimum of the damage every baseline is measured by, at (nearly) equal bytes
+    for name in ("uniform", "random", "reversed"):
+        assert four["hessian"]["predicted_damage"] <= four[name]["predicted_damage"] + 1e-12
+        assert four[name]["weight_bits_mean"] <= 4.0 + 1e-9
+    assert record.rows[-1]["mode"] == "int" and record.rows[-1]["weight_bits_mean"] == 8
+
+
+def test_identical_plans_are_trained_once(swept):
+    out, record = swept
+    two = [r for r in record.rows if r["budget"] == "2bit"]
+    # at exactly 2 bits only the all-2-bit plan fits: the baselines equal the Hessian plan
+    assert two[0]["status"] == "trained"
+    assert all(r["status"] == f"same as {two[0]['run']}" and r["value"] == two[0]["value"] for r in two[1:])
+    assert not (out / two[1]["run"]).exists()
+
+
+def test_table_and_csv_hold_every_row_in_points(swept):
+    out, record = swept
+    table = sweep_table(record)
+    assert table["plan"].iloc[0] == "fp32" and len(table) == len(record.rows) + 1
+    assert table["value"].iloc[1] == pytest.approx(100 * record.rows[0]["value"])
+    csv = pd.read_csv(out / "sweep.csv")
+    assert list(csv.columns) == list(table.columns) and len(csv) == len(table)
+
+
+def test_a_second_sweep_reuses_finished_runs(swept, tiny_bert_dir, sst2):
+    out, record = swept
+    stamps = {r["run"]: (out / r["run"] / "metrics.json").stat().st_mtime_ns for r in record.rows
+              if r["status"] == "trained"}
+    again = sweep(str(tiny_bert_dir), sst2, _config(), out)
+    assert {r["status"].split()[0] for r in again.rows} <= {"reused", "same"}
+    assert [r["value"] for r in again.rows] == [r["value"] for r in record.rows]
+    assert stamps == {run: (out / run / "metrics.json").stat().st_mtime_ns for run in stamps}
+
+
+def test_an_interrupted_sweep_resumes_its_run_and_redoes_changed_ones(tmp_path, tiny_bert_dir, sst2):
+    config = _config(budgets=("4bit",), plans=("hessian", "uniform"), integer_bits=())
+    steps = []
+
+    def interrupt(log):
+        steps.append(log.step)
+        if len(steps) == 5:  # the second run, at its second step
+            raise KeyboardInterrupt
+
+    with pytest.raises(TrainingInterrupted):
+        sweep(str(tiny_bert_dir), sst2, config, tmp_path, hooks=SweepHooks(on_step=interrupt))
+    record = json.loads((tmp_path / "sweep.json").read_text())
+    assert not record["complete"] and [r["status"] for r in record["rows"]] == ["trained"]
+    assert checkpoint_dir(tmp_path / "runs" / "4bit-uniform-qat") is not None
+    resumed = sweep(str(tiny_bert_dir), sst2, config, tmp_path)
+    assert [r["status"] for r in resumed.rows] == ["reused", "resumed"] and resumed.complete
+    # other training settings: nothing can be reused
+    changed = _config(budgets=("4bit",), plans=("hessian",), integer_bits=(),
+                      train=TrainConfig(epochs=1, batch_size=16, max_length=24, lr=5e-5))
+    assert [r["status"] for r in sweep(str(tiny_bert_dir), sst2, changed, tmp_path).rows] == ["trained"]
+
+
+def test_bad_sweeps_are_refused_before_any_work(tmp_path, minilm_dir, sst2):
+    with pytest.raises(ConfigError, match="unknown plan kind"):
+        _config(plans=("hessian", "best"))
+    with pytest.raises(ConfigError, match="budget"):
+        _config(budgets=("four",))
+    with pytest.raises(ConfigError, match="mode"):
+        _config(mode="fp32")
+    with pytest.raises(ConfigError, match="no trained sst2 head"):
+        sweep(str(minilm_dir), sst2, _config(), tmp_path / "out")
+    assert not (tmp_path / "out" / "sweep.json").exists()
+    assert budget_text("4") == "4bit" and budget_text("3.5") == "3.5bit" and budget_text("12MB") == "12MB"
