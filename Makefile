@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 DATA   ?= ../shared/data/glue
 DEMO   ?= runs/demo
 
-.PHONY: venv test lint demo clean
+.PHONY: venv test lint browser demo clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,7 +22,15 @@ venv: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-test: lint
+# The report's browser test drives Debian's chromium (Playwright downloads no browser here). Installed
+# when missing and apt-get can; otherwise that one test is skipped and says why.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && \
+		{ apt-get install -y -qq chromium >/dev/null 2>&1 || \
+		  { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq chromium >/dev/null 2>&1; }; }; } || \
+		echo "chromium could not be installed: the browser test will be skipped"
+
+test: lint browser
 	$(PY) -m pytest
 
 # The main job end to end at small scale on the packaged model and real GLUE data.
@@ -38,7 +46,10 @@ demo: $(STAMP)
 		--max-train-examples 2000 --max-eval-examples 872 --epochs 1 --max-length 64 --lr 2e-5 \
 		--out $(DEMO)/sst2-int-4bit --overwrite
 	$(PY) cli.py evaluate $(DEMO)/sst2-int-4bit
+	$(PY) cli.py report $(DEMO)/sensitivity.json $(DEMO)/plan-4bit.json $(DEMO)/sst2-fp32 $(DEMO)/sst2-int-4bit \
+		--out $(DEMO)/report.html --quiet
 	@echo "demo: run $(DEMO)/sst2-fp32, sensitivity $(DEMO)/sensitivity.json, plan $(DEMO)/plan-4bit.json, integer run $(DEMO)/sst2-int-4bit"
+	@echo "report: $(CURDIR)/$(DEMO)/report.html"
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache *.egg-info

@@ -221,18 +221,6 @@ def evaluate(model_or_run: str, task: str | None, data: str | None, quiet: bool,
         console.print(f"metrics written to {out}")
 
 
-def _not_yet(name: str, issue: int, what: str) -> click.Command:
-    def callback(**_: Any) -> None:
-        from qanalyze.errors import NotAvailableError
-
-        raise NotAvailableError(f"`qanalyze {name}` is not available yet ({what}, issue #{issue})")
-
-    return click.Command(
-        name, callback=callback, help=f"{what[0].upper()}{what[1:]}. Not available yet (issue #{issue}).",
-        context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
-        params=[click.Argument(["args"], nargs=-1, type=click.UNPROCESSED)])
-
-
 def _int_list(text: str) -> tuple[int, ...]:
     """``2-16`` or ``2,3,4,8`` -> a tuple of ints."""
     values: list[int] = []
@@ -535,10 +523,31 @@ def sweep(model: str, budgets: str, plans: str, mode: str, integer_bits: str, se
                   f"({record.timings.get('seconds', 0.0):.0f} s)")
 
 
-for _name, _issue, _what in (
-    ("report", 6, "records -> one self-contained HTML page with plots"),
-):
-    cli.add_command(_not_yet(_name, _issue, _what))
+@cli.command()
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="report.html to write.")
+@click.option("--png/--no-png", default=True, show_default=True,
+              help="Also write every figure as PNG in OUT's folder, under <name>-figures/.")
+@click.option("--quiet", "-q", is_flag=True, help="Print only the path of the page.")
+def report(inputs: tuple[str, ...], out: str, png: bool, quiet: bool) -> None:
+    """Turn records into one self-contained HTML page with figures and tables.
+
+    INPUTS are sweep folders (`qanalyze sweep --out`), sensitivity.json and plan.json files, or
+    run directories, in any mix: the page shows what they hold (provenance, sensitivity, errors,
+    plan, Pareto chart, predictors) and says what is missing.
+    """
+    from qanalyze.report.html import render_report
+    from qanalyze.report.inputs import collect
+
+    records = collect(list(inputs))
+    target = Path(out)
+    png_dir = target.with_name(f"{target.stem}-figures") if png else None
+    with _console(quiet).status("rendering the report"):
+        result = render_report(records, target, png_dir=png_dir)
+    if not quiet:
+        click.echo(f"sections with content: {', '.join(result.filled)}"
+                   + (f"; {len(result.pngs)} PNG figures in {png_dir}" if png_dir else ""), err=True)
+    click.echo(str(result.path))
 
 
 def _given(name: str) -> bool:

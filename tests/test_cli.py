@@ -37,14 +37,6 @@ def test_help_lists_every_command():
         assert command in result.stdout
 
 
-@pytest.mark.parametrize("command", ["report"])
-def test_later_commands_say_they_are_not_available(capfd, command):
-    code, _, err = run_cli(capfd, command, "minilm-l6", "--budget", "4bit")
-    assert_one_line_error(code, err, "not available yet", "issue #")
-    code, out, _ = run_cli(capfd, command, "--help")
-    assert code == 0 and "Not available yet" in " ".join(out.split())
-
-
 def _finetune_args(model, data, out, *extra):
     return ["finetune", model, "--task", "sst2", "--data", data, "--out", out, "--max-train-examples", "32",
             "--max-eval-examples", "16", "--max-length", "24", "--epochs", "1", "--batch-size", "16",

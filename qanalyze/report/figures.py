@@ -1,0 +1,179 @@
+"""Tables -> matplotlib figures. Pure: each function takes a table and returns a new `Figure`
+(the object API, no pyplot state), which the caller renders to SVG or PNG."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from matplotlib.colors import LogNorm
+from matplotlib.figure import Figure
+
+PLAN_STYLES = {
+    "hessian": {"color": "#c0392b", "marker": "o", "label": "Hessian plan"},
+    "uniform": {"color": "#2c3e50", "marker": "s", "label": "uniform"},
+    "random": {"color": "#7f8c8d", "marker": "^", "label": "random (equal cost)"},
+    "reversed": {"color": "#8e44ad", "marker": "v", "label": "reversed"},
+}
+"""How each plan kind is drawn in the Pareto chart."""
+
+WIDTH = 10.5  # inches: with the page's 1100-pixel column, figures are shown at their natural size
+
+
+def _module_axis(ax: Any, labels: Sequence[str]) -> None:
+    ax.set_xticks(range(len(labels)))
+    ax.set_xticklabels(labels, rotation=90, fontsize=6)
+    ax.set_xlim(-0.6, len(labels) - 0.4)
+
+
+def _log_if_spread(ax: Any, values: pd.Series) -> None:
+    positive = values[values > 0]
+    if len(positive) and positive.max() / positive.min() > 100:
+        ax.set_yscale("log")
+
+
+def sensitivity_figure(table: pd.DataFrame) -> Figure:
+    """Bars by depth: top eigenvalue Ω with the spread over batches, and average trace with its standard error."""
+    fig = Figure(figsize=(WIDTH, 6.2), layout="constrained")
+    top, bottom = fig.subplots(2, 1, sharex=True)
+    x = np.arange(len(table))
+    omega = table["omega"].astype(float)
+    top.bar(x, omega.fillna(0), yerr=table["eig_std"].astype(float).fillna(0), color="#c0392b", ecolor="#333",
+            capsize=1.5, width=0.75)
+    top.set_ylabel("Ω = |mean λmax| + std")
+    top.set_title("Top Hessian eigenvalue per module (error bar: std over batches)", fontsize=10)
+    _log_if_spread(top, omega)
+    trace = table["avg_trace"].astype(float)
+    bottom.bar(x, trace.fillna(0), yerr=table["avg_trace_stderr"].astype(float).fillna(0), color="#2980b9",
+               ecolor="#333", capsize=1.5, width=0.75)
+    bottom.set_ylabel("average trace tr(H)/n")
+    bottom.set_title("Average Hessian trace per module (error bar: standard error)", fontsize=10)
+    bottom.axhline(0, color="#333", linewidth=0.6)
+    _module_axis(bottom, list(table["module"]))
+    return fig
+
+
+def density_figure(density: Mapping[str, Any], *, points: int = 600) -> Figure:
+    """The eigenvalue density of the whole weight Hessian: SLQ Ritz nodes smoothed by Gaussians."""
+    nodes = np.concatenate([np.asarray(n, dtype=float) for n in density["nodes"]])
+    weights = np.concatenate([np.asarray(w, dtype=float) for w in density["weights"]]) / len(density["nodes"])
+    span = max(nodes.max() - nodes.min(), 1e-12)
+    grid = np.linspace(nodes.min() - 0.05 * span, nodes.max() + 0.05 * span, points)
+    sigma = 0.01 * span
+    curve = (weights[None, :] * np.exp(-((grid[:, None] - nodes[None, :]) ** 2) / (2 * sigma**2))).sum(1)
+    curve /= sigma * math.sqrt(2 * math.pi)
+    fig = Figure(figsize=(WIDTH, 3.4), layout="constrained")
+    ax = fig.subplots()
+    ax.semilogy(grid, np.maximum(curve, 1e-12), color="#2c3e50")
+    ax.set_ylim(bottom=max(curve.max() * 1e-8, 1e-12))
+    ax.set_xlabel("eigenvalue")
+    ax.set_ylabel("density (log)")
+    ax.set_title("Eigenvalue density of the weight Hessian (stochastic Lanczos quadrature)", fontsize=10)
+    return fig
+
+
+def heatmap_figure(table: pd.DataFrame, *, title: str, colorbar: str) -> Figure:
+    """Module x bits heatmap on a log colour scale (quantization errors span orders of magnitude)."""
+    values = table.to_numpy(dtype=float)
+    positive = values[np.isfinite(values) & (values > 0)]
+    fig = Figure(figsize=(WIDTH, 1.2 + 0.16 * len(table)), layout="constrained")
+    ax = fig.subplots()
+    norm = LogNorm(vmin=positive.min(), vmax=positive.max()) if positive.size else None
+    image = ax.imshow(np.where(values > 0, values, np.nan), aspect="auto", cmap="viridis", norm=norm,
+                      interpolation="nearest")
+    ax.set_xticks(range(table.shape[1]))
+    ax.set_xticklabels([str(c) for c in table.columns], fontsize=8)
+    ax.set_yticks(range(len(table)))
+    ax.set_yticklabels(list(table.index), fontsize=6)
+    ax.set_xlabel("bits")
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(image, ax=ax, label=colorbar, shrink=0.8)
+    return fig
+
+
+def plan_figure(table: pd.DataFrame) -> Figure:
+    """The plan as a module x (W, A, G) heatmap of bits, annotated with the bits and W's group layout."""
+    columns = (("weight_bits", "W"), ("activation_bits", "A"), ("gradient_bits", "G"))
+    values = np.full((len(table), 3), np.nan)
+    for row, (_, spec) in enumerate(table.iterrows()):
+        if spec["float"]:
+            continue
+        for col, (key, _) in enumerate(columns):
+            if pd.notna(spec[key]):
+                values[row, col] = float(spec[key])
+    fig = Figure(figsize=(WIDTH, 1.2 + 0.17 * len(table)), layout="constrained")
+    ax = fig.subplots()
+    ax.set_facecolor("#e3e3e3")
+    image = ax.imshow(values, aspect="auto", cmap="RdYlGn", vmin=2, vmax=16, interpolation="nearest")
+    for row, (_, spec) in enumerate(table.iterrows()):
+        if spec["float"]:
+            ax.text(1, row, "float", ha="center", va="center", fontsize=6, color="#555")
+            continue
+        for col, (key, _) in enumerate(columns):
+            if pd.notna(spec[key]):
+                text = f"{int(spec[key])}" + (f" / {spec['group']}" if key == "weight_bits" else "")
+                ax.text(col, row, text, ha="center", va="center", fontsize=6)
+    ax.set_xticks(range(3))
+    ax.set_xticklabels(["weights (bits / group)", "activations", "gradients"], fontsize=8)
+    ax.set_yticks(range(len(table)))
+    ax.set_yticklabels(list(table["module"]), fontsize=6)
+    ax.set_title("Bit-width plan per module (grey: kept in float)", fontsize=10)
+    fig.colorbar(image, ax=ax, label="bits", shrink=0.6)
+    return fig
+
+
+def pareto_figure(results: pd.DataFrame, *, metric: str) -> Figure:
+    """Metric against weight megabytes for every plan kind, FP32 as a line, integer references as stars;
+    the top axis reads the same positions as compression against FP32."""
+    fig = Figure(figsize=(WIDTH, 4.6), layout="constrained")
+    ax = fig.subplots()
+    fp32 = results[results["plan"] == "fp32"]
+    fp32_mb = float(fp32["weight_mb"].iloc[0]) if len(fp32) and pd.notna(fp32["weight_mb"].iloc[0]) else None
+    if len(fp32) and pd.notna(fp32["value"].iloc[0]):
+        ax.axhline(float(fp32["value"].iloc[0]), color="#27ae60", linestyle="--", label="FP32")
+    for plan, style in PLAN_STYLES.items():
+        rows = results[(results["plan"] == plan) & results["value"].notna()].sort_values("weight_mb")
+        if len(rows):
+            ax.plot(rows["weight_mb"], rows["value"], linestyle="-", linewidth=1.2, markersize=6, **style)
+    others = results[~results["plan"].isin([*PLAN_STYLES, "fp32"]) & results["value"].notna()
+                     & results["weight_mb"].notna()]
+    for _, row in others.iterrows():  # integer references of a sweep, or single quantized runs
+        ax.plot(row["weight_mb"], row["value"], marker="*", markersize=12, color="#e67e22", linestyle="none")
+        ax.annotate(str(row["label"]), (row["weight_mb"], row["value"]), textcoords="offset points",
+                    xytext=(6, -10), fontsize=8)
+    ax.set_xlabel("weight storage (MB, scales included)")
+    ax.set_ylabel(f"dev {metric} (points)")
+    ax.set_title("Accuracy against weight bytes: what the Hessian bought", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    if fp32_mb:
+        top = ax.secondary_xaxis("top", functions=(lambda mb: fp32_mb / np.maximum(mb, 1e-9),
+                                                   lambda ratio: fp32_mb / np.maximum(ratio, 1e-9)))
+        top.set_xlabel("compression against FP32 (x)")
+    return fig
+
+
+def predictor_figure(predictions: pd.DataFrame, spearman: pd.DataFrame) -> Figure:
+    """Predicted against measured loss change per module, one panel per predictor, with Spearman's ρ."""
+    predictors = [p for p in ("trace", "eig", "fisher") if predictions[p].notna().any()]
+    fig = Figure(figsize=(WIDTH, 3.6), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, max(len(predictors), 1)))
+    colours = {2: "#c0392b", 3: "#d35400", 4: "#2980b9", 6: "#16a085", 8: "#27ae60"}
+    for ax, predictor in zip(axes, predictors):
+        for bits, group in predictions.groupby("bits"):
+            pair = group[[predictor, "measured"]].dropna()
+            ax.scatter(pair[predictor].clip(lower=1e-12), pair["measured"], s=10, label=f"{bits} bits",
+                       color=colours.get(int(bits)))
+        ax.set_xscale("log")
+        ax.set_yscale("symlog", linthresh=1e-4)
+        rhos = ", ".join(f"{int(r['bits'])}b {r[predictor]:.2f}" for _, r in spearman.iterrows()
+                         if pd.notna(r[predictor]))
+        ax.set_title(f"{predictor}: ρ {rhos}", fontsize=9)
+        ax.set_xlabel(f"predicted Δloss ({predictor})")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("measured Δloss")
+    axes[0].legend(fontsize=7)
+    return fig

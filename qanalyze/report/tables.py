@@ -1,0 +1,224 @@
+"""Records -> pandas tables: every number a report figure shows, in the order it shows them. Pure."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import pandas as pd
+
+from qanalyze.records import BitPlan, RunRecord, SensitivityReport, SweepRecord
+from qanalyze.sensitivity.summary import PREDICTORS
+from qanalyze.sweep.table import sweep_table
+
+PREFIXES = ("bert.encoder.", "bert.", "distilbert.transformer.", "distilbert.", "roberta.encoder.", "roberta.",
+            "transformer.", "model.")
+"""Leading parts of module names that every module of a model shares and a reader does not need."""
+
+BASELINE_PLANS = ("uniform", "random", "reversed")
+
+
+def short_name(name: str) -> str:
+    """``bert.encoder.layer.0.attention.self.query`` -> ``layer.0.attention.self.query``."""
+    for prefix in PREFIXES:
+        if name.startswith(prefix):
+            return name[len(prefix):]
+    return name
+
+
+def sensitivity_table(report: SensitivityReport) -> pd.DataFrame:
+    """Per module, by depth: Ω (|mean| + std of the top eigenvalue over batches), its mean and spread,
+    and the average trace with its standard error."""
+    rows = []
+    for name, entry in report.modules.items():
+        hessian = entry.get("hessian", {})
+        eigenvalues = hessian.get("eigenvalues") or []
+        params = math.prod(entry["shape"])
+        stderr = hessian.get("trace_stderr")
+        rows.append({
+            "module": short_name(name), "kind": entry["kind"], "block": entry.get("block"), "params": params,
+            "omega": hessian.get("omega"),
+            "eig_mean": sum(eigenvalues) / len(eigenvalues) if eigenvalues else None,
+            "eig_std": pd.Series(eigenvalues).std(ddof=0) if len(eigenvalues) > 1 else (0.0 if eigenvalues else None),
+            "avg_trace": hessian.get("avg_trace"),
+            "avg_trace_stderr": stderr / params if isinstance(stderr, (int, float)) else None,
+            "trace": hessian.get("trace"), "trace_stderr": stderr,
+        })
+    return pd.DataFrame(rows)
+
+
+def _bits_columns(frame: pd.DataFrame) -> pd.DataFrame:
+    frame.columns = [int(c) for c in frame.columns]
+    return frame.reindex(sorted(frame.columns), axis=1)
+
+
+def error_table(report: SensitivityReport, kind: str, *, group: str = "channel") -> pd.DataFrame:
+    """Module x bits quantization error: ``weight`` (‖Q(W) − W‖², at ``group``, else per tensor),
+    ``activation`` (E‖Q(X) − X‖²) or ``gradient`` (relative error of the weight gradient)."""
+    readers = {
+        "weight": lambda e: {b: v.get(group, v.get("tensor")) for b, v in e.get("weight_error", {}).items()},
+        "activation": lambda e: dict(e.get("activation_error", {})),
+        "gradient": lambda e: {b: v.get("weight_grad") for b, v in e.get("gradient_error", {}).items()},
+    }
+    rows = {short_name(name): readers[kind](entry) for name, entry in report.modules.items()}
+    rows = {name: values for name, values in rows.items() if values}
+    if not rows:
+        return pd.DataFrame()
+    frame = pd.DataFrame.from_dict(rows, orient="index").astype(float)
+    frame.index.name = "module"
+    return _bits_columns(frame)
+
+
+def plan_table(plan: BitPlan) -> pd.DataFrame:
+    """Per module: weight bits and group layout, activation and gradient bits, predicted damage; float ones too."""
+    rows = []
+    for name, spec in plan.modules.items():
+        if spec.get("float"):
+            rows.append({"module": short_name(name), "float": True})
+            continue
+        rows.append({"module": short_name(name), "float": False, "weight_bits": spec["weight_bits"],
+                     "group": spec["group"], "groups": spec.get("groups"),
+                     "activation_bits": spec.get("activation_bits"), "gradient_bits": spec.get("gradient_bits"),
+                     "predicted_damage": spec.get("predicted_damage")})
+    columns = ["module", "float", "weight_bits", "group", "groups", "activation_bits", "gradient_bits",
+               "predicted_damage"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def plan_totals(plan: BitPlan) -> pd.DataFrame:
+    """The plan's budget and achieved totals as (quantity, value) rows."""
+    rows = [("budget", plan.budget.get("text")), ("objective", plan.objective),
+            ("plan", plan.baseline or "hessian")]
+    rows += [(key, value) for key, value in plan.totals.items()]
+    return pd.DataFrame(rows, columns=["quantity", "value"])
+
+
+def predictor_table(report: SensitivityReport) -> pd.DataFrame:
+    """Per module and bit-width: the measured loss change of quantizing it alone and each prediction."""
+    rows = []
+    for name, entry in report.modules.items():
+        delta = entry.get("delta_loss") or {}
+        for bits, measured in (delta.get("measured") or {}).items():
+            row: dict[str, Any] = {"module": short_name(name), "bits": int(bits), "measured": measured}
+            for predictor in PREDICTORS:
+                row[predictor] = (delta.get(predictor) or {}).get(bits)
+            rows.append(row)
+    return pd.DataFrame(rows, columns=["module", "bits", "measured", *PREDICTORS])
+
+
+def spearman_table(predictions: pd.DataFrame) -> pd.DataFrame:
+    """Spearman rank correlation of each predictor with the measured loss change, per bit-width."""
+    rows = []
+    for bits, group in predictions.groupby("bits"):
+        row: dict[str, Any] = {"bits": bits, "modules": len(group)}
+        for predictor in PREDICTORS:
+            pair = group[[predictor, "measured"]].dropna()
+            row[predictor] = pair[predictor].corr(pair["measured"], method="spearman") if len(pair) >= 3 else None
+        rows.append(row)
+    return pd.DataFrame(rows, columns=["bits", "modules", *PREDICTORS])
+
+
+def results_table(sweep: SweepRecord) -> pd.DataFrame:
+    """The sweep's rows (FP32 first) with weight megabytes, metric in points (`sweep_table`)."""
+    frame = sweep_table(sweep)
+    frame.insert(frame.columns.get_loc("weight_bytes") + 1, "weight_mb", frame["weight_bytes"].astype(float) / 1e6)
+    frame.insert(frame.columns.get_loc("plan") + 1, "label",
+                 [f"integer {p[3:]}-bit" if str(p).startswith("int") else p for p in frame["plan"]])
+    return frame
+
+
+def runs_table(runs: Mapping[str, RunRecord], metric: str | None = None) -> pd.DataFrame:
+    """Single runs (no sweep) in the columns of `results_table`: FP32 runs first, quantized runs with
+    their plan's budget and bytes; ``delta_pts`` against the first FP32 run on the same data."""
+    ordered = sorted(runs.items(), key=lambda item: item[1].mode != "fp32")
+    metric = metric or next((next(iter(r.metrics), None) for _, r in ordered), None)
+    reference = next((r for _, r in ordered if r.mode == "fp32"), None)
+    rows = []
+    for path, record in ordered:
+        plan = record.settings.get("plan") or {}
+        totals = plan.get("totals") or {}
+        value = record.metrics.get(metric)
+        same_data = reference is not None and reference.data.get("dev_hash") == record.data.get("dev_hash")
+        delta = (100 * (value - reference.metrics[metric]) if same_data and value is not None
+                 and reference.metrics.get(metric) is not None else None)
+        rows.append({"budget": plan.get("budget"), "plan": "fp32" if record.mode == "fp32" else "run",
+                     "label": f"{record.mode} {plan.get('budget') or ''}".strip(), "mode": record.mode,
+                     "metric": metric, "value": None if value is None else 100 * value, "delta_pts": delta,
+                     "weight_bits_mean": totals.get("weight_bits_mean"), "weight_bytes": totals.get("weight_bytes"),
+                     "weight_mb": totals["weight_bytes"] / 1e6 if totals.get("weight_bytes") else None,
+                     "compression": totals.get("compression"), "train_seconds": record.timings.get("train_seconds"),
+                     "run": path})
+    return pd.DataFrame(rows)
+
+
+def verdict_table(results: pd.DataFrame) -> pd.DataFrame:
+    """Per budget: the Hessian plan's metric against the best baseline of equal cost, and who wins."""
+    rows = []
+    planned = results[results["budget"].notna()]
+    for budget, group in planned.groupby("budget", sort=False):
+        by_plan = dict(zip(group["plan"], group["value"]))
+        hessian = by_plan.get("hessian")
+        baselines = {p: v for p, v in by_plan.items() if p in BASELINE_PLANS and v is not None and not pd.isna(v)}
+        if hessian is None or pd.isna(hessian) or not baselines:
+            continue
+        best = max(baselines, key=baselines.get)
+        margin = hessian - baselines[best]
+        rows.append({"budget": budget, "hessian": hessian, "best_baseline": best,
+                     "best_baseline_value": baselines[best], "margin_pts": margin,
+                     "delta_vs_fp32_pts": group.loc[group["plan"] == "hessian", "delta_pts"].iloc[0],
+                     "hessian_ahead": bool(margin > 0)})
+    return pd.DataFrame(rows, columns=["budget", "hessian", "best_baseline", "best_baseline_value", "margin_pts",
+                                       "delta_vs_fp32_pts", "hessian_ahead"])
+
+
+def damage_agreement(results: pd.DataFrame) -> dict[str, Any]:
+    """Across every trained plan: does a larger predicted damage go with a larger measured loss of metric?"""
+    planned = results[results["predicted_damage"].notna() & results["value"].notna()]
+    if len(planned) < 3 or planned["predicted_damage"].nunique() < 2 or planned["delta_pts"].nunique() < 2:
+        return {"plans": len(planned), "spearman": None}  # a rank correlation needs two distinct values a side
+    rho = planned["predicted_damage"].astype(float).corr(-planned["delta_pts"].astype(float), method="spearman")
+    return {"plans": len(planned), "spearman": None if pd.isna(rho) else float(rho)}
+
+
+def provenance_table(records: Mapping[str, Any], sources: Mapping[str, str]) -> pd.DataFrame:
+    """One row per record: its file, when and with what versions it was made, and what it was made from."""
+    rows = []
+    for slot, record in records.items():
+        if record is None:
+            continue
+        model = getattr(record, "model", {}) or {}
+        data = getattr(record, "data", None) or getattr(record, "sensitivity", {}).get("data", {}) or {}
+        versions = getattr(record, "versions", {}) or {}
+        rows.append({
+            "record": slot, "file": sources.get(slot, ""), "created": getattr(record, "created", None),
+            "qanalyze": versions.get("qanalyze"), "torch": versions.get("torch"),
+            "transformers": versions.get("transformers"),
+            "model": model.get("source") or model.get("architecture"),
+            "weights_hash": (model.get("weights_hash") or "")[:12] or None,
+            "fingerprint": (model.get("fingerprint") or "")[:12] or None,
+            "task": data.get("task"), "examples": data.get("examples") or data.get("train_examples"),
+            "data_hash": (data.get("hash") or "")[:12] or None,
+        })
+    return pd.DataFrame(rows)
+
+
+def settings_table(records: Mapping[str, Any]) -> pd.DataFrame:
+    """Every setting that changes the numbers, per record, flattened to (record, setting, value) rows."""
+    rows = []
+    for slot, record in records.items():
+        if record is None:
+            continue
+        for key, value in _flatten(getattr(record, "settings", {}) or {}):
+            rows.append({"record": slot, "setting": key, "value": str(value)})
+    return pd.DataFrame(rows, columns=["record", "setting", "value"])
+
+
+def _flatten(settings: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    items = []
+    for key, value in settings.items():
+        if isinstance(value, Mapping):
+            items += _flatten(value, f"{prefix}{key}.")
+        else:
+            items.append((prefix + key, value))
+    return items
