@@ -209,6 +209,11 @@ def test_plan_and_sweep_from_a_sensitivity_file(capfd, tmp_path, tiny_bert_dir, 
     for name in ("uniform", "random", "reversed"):
         assert json.loads((tmp_path / f"plan-4bit.{name}.json").read_text())["baseline"] == name
     assert "hessian plan, mean weight bits" in stdout
+    # in a fresh process, where highspy prints its banner from C++ on first use unless silenced
+    fresh = subprocess.run([sys.executable, str(ROOT / "cli.py"), "plan", str(tiny_bert_dir), "--budget", "3bit",
+                            "--sensitivity", str(sensitivity), "--out", str(tmp_path / "plan-3bit.json"), "--quiet"],
+                           capture_output=True, text=True, check=False)
+    assert fresh.returncode == 0 and fresh.stdout.startswith(str(tmp_path / "plan-3bit.json")), fresh.stdout
     code, stdout, _ = run_cli(capfd, "plan", "--show", out)
     assert code == 0
 

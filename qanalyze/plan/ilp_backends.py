@@ -6,9 +6,12 @@ in `qanalyze.plan.ilp` holds the algorithm around these runs.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
+import sys
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -156,6 +159,24 @@ def _model(
     return _Model(problem, x, fixed)
 
 
+@contextlib.contextmanager
+def _native_stdout_silenced() -> Iterator[None]:
+    """Send what native code writes to file descriptor 1 to /dev/null for the duration of the block.
+
+    highspy prints its banner from C++ the first time a `Highs` object is made, whatever PuLP's
+    ``msg=False`` says; on the command line that lands in the middle of a command's output.
+    """
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "wb") as sink:
+            os.dup2(sink.fileno(), 1)
+            yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def _run(pulp: Any, model: _Model, engines: Sequence[Any], modules: int) -> tuple[tuple[int, ...] | None, bool, bool]:
     """Solve with the first engine that does not crash; returns (choice or None, proved optimal,
     proved infeasible)."""
@@ -166,7 +187,8 @@ def _run(pulp: Any, model: _Model, engines: Sequence[Any], modules: int) -> tupl
     failure = None
     for engine in engines:
         try:
-            model.problem.solve(engine)
+            with _native_stdout_silenced():
+                model.problem.solve(engine)
             break
         except pulp.PulpSolverError as error:
             failure = error
