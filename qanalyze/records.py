@@ -160,6 +160,8 @@ class RunRecord(JsonRecord):
     timings: dict[str, float]
     plan: str | None = None
     eval_history: list[dict[str, Any]] = field(default_factory=list)
+    # qdylora: the dev metrics of the one trained run truncated to each rank ({"4": {"accuracy": ...}})
+    rank_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=environment)
     created: str = field(default_factory=utc_now)
     schema: str = RUN_SCHEMA

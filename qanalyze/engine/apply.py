@@ -48,6 +48,8 @@ class Mode:
     builders: Mapping[str, Builder]
     refused: Mapping[str, str] = field(default_factory=dict)
     description: str = ""
+    swaps: bool = True
+    """False for a mode that builds its own model (``qdylora``: `qanalyze.engine.lora.apply_qdylora`)."""
 
 
 MODES: dict[str, Mode] = {
@@ -61,8 +63,10 @@ MODES: dict[str, Mode] = {
                         {"linear": _linear(IntLinear), "embedding": _plain(IntEmbedding)},
                         {"layernorm": "dynamic quantization covers GEMMs and embeddings only; mark it float"},
                         description="post-training dynamic quantization (integer GEMMs, no training)"),
+    "qdylora": Mode("qdylora", "symmetric", True, {}, swaps=False,
+                    description="frozen quantized base (the plan's bits or NF4) with dynamic-rank LoRA adapters"),
 }
-"""Engine modes by name (``int4`` and ``qdylora`` are issue #7)."""
+"""Engine modes by name (``int4`` is issue #7)."""
 
 
 def get_mode(name: str) -> Mode:
@@ -110,6 +114,8 @@ def validate_plan(model: nn.Module, plan: BitPlan, mode: str) -> dict[str, Tenso
     infos = inventory(model)
     check_plan(plan, {info.name: list(info.shape) for info in infos})
     specs: dict[str, TensorSpec] = {}
+    if not chosen.swaps:
+        return specs  # the mode quantizes any kind its own way (fake-quantized frozen base)
     for info in infos:
         entry = plan.modules.get(info.name, {"float": True})
         if entry.get("float"):
@@ -130,6 +136,8 @@ def apply_plan(model: nn.Module, plan: BitPlan, mode: str, *, seed: int = 0) -> 
     position, so stochastic rounding is reproducible.
     """
     chosen = get_mode(mode)
+    if not chosen.swaps:
+        raise ConfigError(f"mode {mode} builds its own model: use qanalyze.engine.lora.apply_qdylora")
     planned = validate_plan(model, plan, mode)
     specs: dict[str, TensorSpec] = {}
     generators: dict[str, torch.Generator] = {}

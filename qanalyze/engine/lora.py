@@ -32,7 +32,7 @@ from qanalyze.engine.functions import TensorSpec, quantize_weight
 from qanalyze.errors import ConfigError
 from qanalyze.models import ModuleInfo, head_dim, inventory
 from qanalyze.plan.make import check_plan
-from qanalyze.quant.nf4 import NF4Tensor, nf4_quantize
+from qanalyze.quant.nf4 import NF4Tensor, nf4_dequantize, nf4_quantize
 from qanalyze.quant.primitives import Quantized, rows_per_group
 from qanalyze.records import BitPlan
 
@@ -342,6 +342,11 @@ def apply_qdylora(model: nn.Module, plan: BitPlan | None, config: LoRAConfig, se
             setattr(parent, child, built[name])
         elif spec is not None and not _matches(name, config.head):
             _fake_quantize_(module, info, spec)
+        elif config.base == "nf4" and isinstance(module, nn.Linear) and not _matches(name, config.head):
+            # an NF4 base is the whole frozen base in NF4 (QLoRA), not only the modules with adapters
+            with torch.no_grad():
+                module.weight.copy_(nf4_dequantize(nf4_quantize(module.weight.detach(), config.nf4_block_size,
+                                                                config.double_quant)).to(module.weight.dtype))
 
     for parameter in model.parameters():
         parameter.requires_grad_(False)

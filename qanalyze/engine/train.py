@@ -30,6 +30,8 @@ from qanalyze.data import Encoded, TaskData, encode, epoch_order, iter_batches, 
 from qanalyze.engine.apply import AppliedPlan, apply_plan, get_mode
 from qanalyze.engine.checkpoint import discard_checkpoints, load_checkpoint, save_checkpoint
 from qanalyze.engine.evaluate import EvalResult, evaluate
+from qanalyze.engine.lora import LoRAConfig, RankSampler, apply_qdylora, set_rank
+from qanalyze.engine.lora_checkpoint import LORA_FILE
 from qanalyze.engine.quantized_checkpoint import save_quantized_run
 from qanalyze.errors import ConfigError, QAnalyzeError
 from qanalyze.models import LoadedModel, save_model
@@ -144,12 +146,18 @@ class _Trainer:
     """State of one run; `train` is its only user."""
 
     def __init__(self, loaded: LoadedModel, data: TaskData, config: TrainConfig, run: Path,
-                 plan: BitPlan | None, mode: str) -> None:
+                 plan: BitPlan | None, mode: str, lora: LoRAConfig | None = None) -> None:
         self.loaded, self.data, self.config, self.run = loaded, data, config, run
         self.model = loaded.model.to(resolve_device(config.device))
         self.mode, self.plan = mode, plan
         self.applied: AppliedPlan | None = None
-        if plan is not None:
+        self.lora: LoRAConfig | None = None
+        self.sampler: RankSampler | None = None
+        if mode == "qdylora":
+            self.lora = lora or LoRAConfig()
+            built = apply_qdylora(self.model, plan, self.lora, seed=config.seed)
+            self.sampler = RankSampler(built, torch.Generator().manual_seed(config.seed * 7919 + 1))
+        elif plan is not None:
             self.applied = apply_plan(self.model, plan, mode, seed=config.seed)
         self.plan_hash = plan_hash(plan)
         self.train_enc: Encoded = encode(data.train, loaded.tokenizer, max_length=config.max_length)
@@ -171,6 +179,7 @@ class _Trainer:
         return {"step": self.step, "total_steps": self.total_steps, "settings": self.config.numbers(),
                 "data_hash": self.data.identity.get("hash"), "model": self.loaded.identity,
                 "mode": self.mode, "plan_hash": self.plan_hash,
+                "lora": asdict(self.lora) if self.lora is not None else None,
                 "train_seconds": self.train_seconds, "log": self.log, "evals": self.evals}
 
     def save(self) -> None:
@@ -184,6 +193,8 @@ class _Trainer:
         if (state.get("mode", "fp32"), state.get("plan_hash")) != (self.mode, self.plan_hash):
             raise ConfigError(f"cannot resume {self.run} with a different plan or mode (it was "
                               f"{state.get('mode', 'fp32')}): start a new run directory")
+        if state.get("lora") != (asdict(self.lora) if self.lora is not None else None):
+            raise ConfigError(f"cannot resume {self.run} with different LoRA settings: start a new run directory")
         saved = state.get("settings", {})
         changed = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in self.config.numbers().items() if saved.get(k) != v]
         if changed:
@@ -195,15 +206,22 @@ class _Trainer:
         self.last_saved = self.step
 
     def _generators(self) -> dict[str, torch.Generator]:
+        if self.sampler is not None:
+            return {"rank-sampler": self.sampler.generator,
+                    **{name: module.generator for name, module in self.sampler.adapters.items()}}
         return self.applied.generators if self.applied is not None else {}
 
-    def evaluate(self) -> EvalResult:
+    def evaluate(self, rank: int | None = None) -> EvalResult:
+        if self.sampler is not None:
+            set_rank(self.sampler.adapters, rank or self.sampler.max_rank)  # the full adapter unless asked
         return evaluate(self.model, self.loaded.tokenizer, self.dev_enc, self.data.task,
                         batch_size=self.config.eval_batch_size)
 
     def one_step(self, batch: dict[str, torch.Tensor], epoch: int) -> StepLog:
         start = time.perf_counter()
         device = next(self.model.parameters()).device
+        if self.sampler is not None:
+            self.sampler.step()  # one rank for every adapter this step (DyLoRA)
         try:
             out = self.model(**{k: v.to(device) for k, v in batch.items()})
             loss = out.loss
@@ -249,6 +267,8 @@ def train(
     plan: BitPlan | None = None,
     mode: str = "fp32",
     plan_source: str | None = None,
+    lora: LoRAConfig | None = None,
+    eval_ranks: tuple[int, ...] = (1, 2, 4, 8, 16),
 ) -> RunRecord:
     """Fine-tune ``loaded.model`` on ``data`` into the run directory ``run`` and return its record.
 
@@ -260,11 +280,18 @@ def train(
     With ``plan`` and ``mode`` (see `qanalyze.engine.apply.MODES`) the planned modules are quantized
     first and the run is saved as a quantized checkpoint; ``plan_source`` (a path or ``uniform:N``) is
     recorded in ``metrics.json``.
+
+    ``mode="qdylora"`` freezes the base (quantized by ``plan``, or NF4 with ``lora.base == "nf4"``; a
+    plan is optional), trains dynamic-rank LoRA adapters (``lora``) with one rank drawn per step, and
+    evaluates the run at its full rank and truncated to each of ``eval_ranks`` (those up to r); the
+    run is saved as a float model with the adapters' weights in it and ``lora.json``.
     """
     run = Path(run)
-    if (plan is None) != (mode == "fp32"):
+    if mode != "qdylora" and (plan is None) != (mode == "fp32"):
         raise ConfigError(f"mode {mode} needs a plan" if plan is None else "a plan needs a quantized mode, not fp32")
-    trainer = _Trainer(loaded, data, config, run, plan, mode)
+    if mode == "qdylora" and plan is None and (lora or LoRAConfig()).base != "nf4":
+        raise ConfigError("mode qdylora needs a plan for its base, or an NF4 base (--base nf4)")
+    trainer = _Trainer(loaded, data, config, run, plan, mode, lora)
     model = trainer.model
     # Dropout draws from the global generator: seed it for this run only and give the caller's state back.
     devices = [torch.cuda.current_device()] if model.device.type == "cuda" else []
@@ -300,8 +327,18 @@ def train(
     trainer.evals.append({"step": trainer.step, **final.to_dict()})
     if on_eval is not None:
         on_eval(trainer.step, final)
+    rank_metrics = {}
+    if trainer.sampler is not None:
+        for rank in sorted({r for r in eval_ranks if r <= trainer.sampler.max_rank}):
+            rank_metrics[str(rank)] = trainer.evaluate(rank).metrics
+        trainer.evaluate(trainer.sampler.max_rank)  # leave the saved model at its full rank
     _label_names(loaded, data)
-    if plan is None:
+    if trainer.lora is not None:
+        save_model(model, loaded.tokenizer, run)
+        atomic_write_text(run / LORA_FILE, json.dumps(asdict(trainer.lora), indent=2))
+        if plan is not None:
+            plan.save(run / "plan.json")
+    elif plan is None:
         save_model(model, loaded.tokenizer, run)
     else:
         save_quantized_run(run, model, loaded.tokenizer, plan, mode)
@@ -312,11 +349,12 @@ def train(
         task=data.task.name, mode=mode, plan=plan_source, metrics=final.metrics,
         model=loaded.identity, data=data.identity,
         settings={**config.numbers(), "total_steps": trainer.total_steps, "device": str(model.device),
-                  **({"plan": _plan_summary(plan, trainer.applied)} if plan is not None else {})},
+                  **({"plan": _plan_summary(plan, trainer.applied)} if plan is not None else {}),
+                  **({"lora": asdict(trainer.lora)} if trainer.lora is not None else {})},
         timings={"train_seconds": round(trainer.train_seconds, 3),
                  "step_seconds_median": round(statistics.median(steps), 4) if steps else 0.0,
                  "eval_seconds": round(final.seconds, 3)},
-        eval_history=trainer.evals,
+        eval_history=trainer.evals, rank_metrics=rank_metrics,
     )
     record.save(run / METRICS_FILE)
     discard_checkpoints(run)
