@@ -85,7 +85,7 @@ def _train_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _run_training(model: str, task: str | None, data: str | None, out: str, quiet: bool, kw: dict[str, Any], *,
-                  plan_spec: str | None = None, mode: str = "fp32") -> None:
+                  plan_spec: str | None = None, mode: str = "fp32", lora: Any = None) -> None:
     from qanalyze.data import load_task
     from qanalyze.engine.train import TrainConfig, train
     from qanalyze.models import load_model
@@ -108,19 +108,22 @@ def _run_training(model: str, task: str | None, data: str | None, out: str, quie
         from qanalyze.engine.apply import get_mode, validate_plan
         from qanalyze.plan.uniform import resolve_plan
 
-        kinds = tuple(get_mode(mode).builders)
+        kinds = tuple(get_mode(mode).builders) or ("linear", "embedding")
         plan = resolve_plan(plan_spec, loaded.model, kinds=kinds)
         validate_plan(loaded.model, plan, mode)  # before the run directory is made: bad input leaves nothing
     run = prepare_run_dir(out, overwrite=kw["overwrite"], resume=kw["resume"])
-    what = "finetune" if plan is None else f"train --mode {mode} --plan {plan_spec}"
+    what = "finetune" if mode == "fp32" else f"train --mode {mode} --plan {plan_spec}"
     console.print(f"[bold]{what}[/] {model} on {task_data.task.name}: {len(task_data.train)} train / "
                   f"{len(task_data.dev)} dev examples -> {run}")
     from qanalyze.progress import step_progress
 
     with step_progress(console) as progress:
+        extra = {"lora": lora, "eval_ranks": kw["eval_ranks"]} if lora is not None else {}
         record = train(loaded, task_data, config, run, resume=kw["resume"], on_step=progress.on_step,
-                       on_eval=progress.on_eval, plan=plan, mode=mode, plan_source=plan_spec)
+                       on_eval=progress.on_eval, plan=plan, mode=mode, plan_source=plan_spec, **extra)
     _print_metrics(task_data.task.name, "dev", record.metrics, len(task_data.dev))
+    for rank, metrics in record.rank_metrics.items():
+        _print_metrics(task_data.task.name, f"dev at rank {rank}", metrics, len(task_data.dev))
     console.print(f"train {record.timings['train_seconds']:.1f} s, median step "
                   f"{record.timings['step_seconds_median']:.3f} s; run saved in {run}")
 
@@ -140,22 +143,55 @@ def finetune(model: str, task: str | None, data: str | None, out: str, quiet: bo
 
 @cli.command("train")
 @click.argument("model")
-@click.option("--plan", "plan_spec", required=True,
-              help="plan.json from `qanalyze plan`, or uniform:N (every weight, activation and gradient at N bits).")
-@click.option("--mode", type=click.Choice(["int", "qat", "ptq-dynamic"]), default="int", show_default=True,
+@click.option("--plan", "plan_spec", default=None,
+              help="plan.json from `qanalyze plan`, or uniform:N (every weight, activation and gradient at N bits). "
+                   "Required except for --mode qdylora --base nf4.")
+@click.option("--mode", type=click.Choice(["int", "qat", "ptq-dynamic", "qdylora"]), default="int",
+              show_default=True,
               help="int: integer forward and backward (dynamic fixed point); qat: Q8BERT fake quantization; "
-                   "ptq-dynamic: quantize MODEL as it is, no training.")
+                   "ptq-dynamic: quantize MODEL as it is, no training; qdylora: frozen quantized base with "
+                   "dynamic-rank LoRA adapters.")
+@click.option("--lora-rank", type=click.IntRange(min=1), default=16, show_default=True,
+              help="qdylora: largest adapter rank r (one run serves ranks 1..r).")
+@click.option("--lora-alpha", type=float, default=16.0, show_default=True, help="qdylora: scale alpha (alpha / rank).")
+@click.option("--lora-targets", default="query,value", show_default=True,
+              help="qdylora: regexes of the linear modules that get adapters.")
+@click.option("--dylora-update", type=click.Choice(["frozen", "all"]), default="frozen", show_default=True,
+              help="qdylora: update only the sampled rank's row and column (frozen) or rows 1..b (all).")
+@click.option("--base", type=click.Choice(["plan", "nf4"]), default="plan", show_default=True,
+              help="qdylora: base weights at the plan's bits, or NF4 (QLoRA's 4-bit normal float, blocks of 64).")
+@click.option("--double-quant", is_flag=True, help="qdylora with --base nf4: quantize the block scales too.")
+@click.option("--eval-ranks", default="1,2,4,8,16", show_default=True,
+              help="qdylora: ranks the finished run is also evaluated at.")
 @_data_options
 @_train_options
-def train_command(model: str, plan_spec: str, mode: str, task: str | None, data: str | None, out: str,
+def train_command(model: str, plan_spec: str | None, mode: str, task: str | None, data: str | None, out: str,
                   quiet: bool, **kw: Any) -> None:
-    """Fine-tune MODEL with the bits of a plan: integer training (int), QAT (qat), or none (ptq-dynamic).
+    """Fine-tune MODEL with the bits of a plan: integer training (int), QAT (qat), none (ptq-dynamic), or
+    adapters on a frozen quantized base (qdylora).
 
     Writes metrics.json (mode and plan recorded), log.csv, evals.csv, plan.json and the quantized
     checkpoint: weights.safetensors (integer weights packed to their bit-width, float16 scales) and
     extra.safetensors (biases, norms); `qanalyze evaluate RUN` reloads it with the same integer kernels.
+    A qdylora run holds the frozen base and the adapters (model.safetensors) and lora.json, and is
+    evaluated at its full rank and at every --eval-ranks rank (metrics.json rank_metrics).
     """
-    _run_training(model, task, data, out, quiet, kw, plan_spec=plan_spec, mode=mode)
+    lora_options = {k: kw.pop(k) for k in ("lora_rank", "lora_alpha", "lora_targets", "dylora_update", "base",
+                                           "double_quant", "eval_ranks")}
+    lora = None
+    if mode == "qdylora":
+        from qanalyze.engine.lora import LoRAConfig
+
+        lora = LoRAConfig(rank=lora_options["lora_rank"], alpha=lora_options["lora_alpha"],
+                          targets=tuple(t.strip() for t in lora_options["lora_targets"].split(",") if t.strip()),
+                          update=lora_options["dylora_update"], base=lora_options["base"],
+                          double_quant=lora_options["double_quant"])
+        kw["eval_ranks"] = _int_list(lora_options["eval_ranks"])
+        if plan_spec is None and lora.base != "nf4":
+            raise click.UsageError("--mode qdylora needs --plan for its base, or --base nf4")
+    elif plan_spec is None:
+        raise click.UsageError("missing option --plan (a plan.json, or uniform:N)")
+    _run_training(model, task, data, out, quiet, kw, plan_spec=plan_spec, mode=mode, lora=lora)
 
 
 @cli.command()
@@ -166,6 +202,8 @@ def train_command(model: str, plan_spec: str, mode: str, task: str | None, data:
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
 @click.option("--out", type=click.Path(dir_okay=False), default=None,
               help="Write the metrics here (default: eval-<task>-<split>.json inside a run directory).")
+@click.option("--ranks", default=None, help="qdylora runs: also evaluate the adapters truncated to these ranks "
+                                            "(1,2,4,8,16).")
 def evaluate(model_or_run: str, task: str | None, data: str | None, quiet: bool, **kw: Any) -> None:
     """Evaluate a model or a run directory on a task and print its metrics.
 
@@ -190,10 +228,17 @@ def evaluate(model_or_run: str, task: str | None, data: str | None, quiet: bool,
     task_data = load_task(task, data, max_train_examples=kw["max_train_examples"],
                           max_eval_examples=kw["max_eval_examples"], seed=kw["seed"])
     _seed_everything(kw["seed"])
+    from qanalyze.engine.lora_checkpoint import is_qdylora_run, load_qdylora_run
     from qanalyze.engine.quantized_checkpoint import is_quantized_run, load_quantized_run
 
     quantized = previous is not None and is_quantized_run(run)
-    if quantized:
+    adapters = None
+    if previous is not None and is_qdylora_run(run):
+        quantized = True  # its base is frozen and quantized; the head is trained
+        model, tokenizer, adapters = load_qdylora_run(run, device=resolve_device(kw["device"]))
+        loaded = LoadedModel(model=model, tokenizer=tokenizer, source=resolve_model(str(run)),
+                             identity={**previous.model, "run": str(run), "mode": previous.mode})
+    elif quantized:
         # a quantized run: rebuild it from its packed integer weights, evaluated with the integer kernels
         model, tokenizer, _, _ = load_quantized_run(run, device=resolve_device(kw["device"]))
         loaded = LoadedModel(model=model, tokenizer=tokenizer, source=resolve_model(str(run)),
@@ -210,12 +255,24 @@ def evaluate(model_or_run: str, task: str | None, data: str | None, quiet: bool,
         result = run_evaluation(loaded.model, loaded.tokenizer, encoded, task_data.task,
                                 batch_size=kw["batch_size"])
     _print_metrics(task_data.task.name, kw["split"], result.metrics, result.examples)
+    rank_metrics = {}
+    if kw["ranks"]:
+        if adapters is None:
+            raise click.UsageError("--ranks applies to qdylora runs only")
+        from qanalyze.engine.lora import set_rank
+
+        for rank in _int_list(kw["ranks"]):
+            set_rank(adapters, rank)
+            metrics = run_evaluation(loaded.model, loaded.tokenizer, encoded, task_data.task,
+                                     batch_size=kw["batch_size"]).metrics
+            rank_metrics[str(rank)] = metrics
+            _print_metrics(task_data.task.name, f"{kw['split']} at rank {rank}", metrics, result.examples)
     out = kw["out"] or (str(run / f"eval-{task_data.task.name}-{kw['split']}.json") if previous else None)
     if out is not None:
         atomic_write_json(out, {
             "schema": EVAL_SCHEMA, "versions": environment(), "created": utc_now(), "task": task_data.task.name,
             "split": kw["split"], "model": loaded.identity, "data": task_data.identity,
-            "metrics": result.metrics, "loss": result.loss,
+            "metrics": result.metrics, "loss": result.loss, "rank_metrics": rank_metrics,
             "settings": {"max_length": kw["max_length"] or 128, "batch_size": kw["batch_size"], "seed": kw["seed"]},
             "timings": {"eval_seconds": round(result.seconds, 3)}})
         console.print(f"metrics written to {out}")

@@ -242,3 +242,21 @@ def test_plan_and_sweep_from_a_sensitivity_file(capfd, tmp_path, tiny_bert_dir, 
         code, _, err = run_cli(capfd, *sweep, *bad, "--out", tmp_path / "bad-sweep")
         assert_one_line_error(code, err, fragment)
         assert not (tmp_path / "bad-sweep").exists()
+
+
+def test_qdylora_train_then_evaluate_at_several_ranks(capfd, tmp_path, tiny_bert_dir, glue_dir):
+    out = tmp_path / "qdylora"
+    args = ["train", tiny_bert_dir, "--mode", "qdylora", "--base", "nf4", "--lora-rank", "4", "--eval-ranks", "1,4",
+            "--task", "sst2", "--data", glue_dir, "--max-train-examples", "32", "--max-eval-examples", "16",
+            "--max-length", "24", "--max-steps", "2", "--batch-size", "16", "--quiet", "--out", out]
+    code, stdout, err = run_cli(capfd, *args)
+    assert code == 0, err
+    assert "dev at rank 1" in stdout and "dev at rank 4" in stdout
+    record = json.loads((out / "metrics.json").read_text())
+    code, stdout, err = run_cli(capfd, "evaluate", out, "--ranks", "1,4", "--max-eval-examples", "16", "--quiet")
+    assert code == 0, err
+    saved = json.loads((out / "eval-sst2-dev.json").read_text())
+    assert saved["rank_metrics"] == record["rank_metrics"]
+    code, _, err = run_cli(capfd, *args[:4], "--task", "sst2", "--data", glue_dir, "--out", tmp_path / "x")
+    assert_one_line_error(code, err, "needs --plan")
+    assert not (tmp_path / "x").exists()
