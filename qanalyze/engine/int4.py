@@ -1,0 +1,550 @@
+"""The ``int4`` engine mode: training transformers with 4-bit integers (Xi et al., NeurIPS 2023).
+
+Building blocks, bottom up:
+
+- **LSQ quantizer** (`LSQQuantize`, `lsq_quantize`, `lsq_init`): 4-bit codes ``-8..7`` with a learned
+  step size ``s`` per tensor, initialised to ``2·mean|h| / sqrt(7)`` and used rounded to float16 (so a
+  packed checkpoint, which stores scales in float16, holds exactly the step the layer trained with).
+- **Hadamard quantizer** (forward): ``Y = X Wᵀ = (XH)(WH)ᵀ ≈ Q(XH) Q(WH)ᵀ`` with ``H`` the block-diagonal
+  normalized Hadamard matrix of `qanalyze.quant.hadamard`, ``Q`` the LSQ quantizer.
+- **Bit splitting** (`bit_split`): the output gradient ``G`` becomes two 4-bit matrices, ``G ≈ s_hi·hi + s_lo·lo``.
+- **Leverage-score sampling** (`lss_probabilities`, `lss_sample`): rows of ``G`` kept with probabilities
+  proportional to their scores, reweighted by ``1/p`` so the gradients stay unbiased.
+- `Int4LinearFunction` (the maths, no state), `Int4Linear` and `Int4Embedding` (the parameters).
+
+What is integer and what is float in `Int4LinearFunction` (N tokens, D in-features, O out-features)::
+
+    forward   float    X̃ = X H, W̃ = W H (fast Walsh-Hadamard), v = X̃ / s_x, W̃ / s_w
+              integer  codes X_c = clamp(round(v), -8, 7), W_c likewise (int8)
+              integer  A = X_c · W_cᵀ (int_mm, int32 accumulation)
+              float    Y = (s_x s_w) · A + b
+    backward  float    row scores, probabilities, Bernoulli draws; G' = G[kept] / p[kept] (the 1/p folded
+                       into G before it is split, so the products below keep one scale per part)
+              float    bit split of G': hi = round(G'/s_hi), lo = stochastic_round((G' − s_hi·hi)/s_lo)
+              integer  hi, lo (int8, -7..7); P = [hi; lo] · W_c (one int_mm, int32), C = 14·P_hi + P_lo (int32)
+              float    ∂L/∂Q(X̃)[kept] = (s_lo s_w) · C;  ∇X = (mask_x ⊙ ∂L/∂Q(X̃)) Hᵀ (fast transform)
+              integer  P = [hiᵀ; loᵀ] · X_c[kept] (one int_mm, int32), C = 14·P_hi + P_lo (int32)
+              float    ∂L/∂Q(W̃) = (s_lo s_x) · C;  ∇W = (mask_w ⊙ ∂L/∂Q(W̃)) Hᵀ
+              float    LSQ step-size gradients from ∂L/∂Q(X̃), ∂L/∂Q(W̃); bias gradient Σ_rows G (not sampled)
+
+``mask`` is LSQ's straight-through mask (1 strictly inside the code range, 0 where clipped). The two
+samplings (one for ∇X with score ‖G_i‖, one for ∇W with score ‖G_i‖·‖X_i‖) and the two bit splits are
+independent draws from the explicit generator. Sampling happens on the rows of ``G`` before the split:
+sampling the stacked ``[hi; lo]`` rows after it would put a different ``1/p`` on each term of the sum
+that ``∇W`` contracts over, which no integer GEMM with one scale per operand can apply. Folding ``1/p``
+into ``G`` first keeps every product a plain integer GEMM and the estimate unbiased (``E[G'] = G`` over
+the sampling, ``E[split] = G'`` over the rounding, and the products are linear in ``G``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qanalyze.engine.functions import TensorSpec
+from qanalyze.engine.kernels import int_mm
+from qanalyze.engine.modules import _Swapped
+from qanalyze.errors import ConfigError
+from qanalyze.quant.hadamard import block_hadamard, check_block, choose_block
+from qanalyze.quant.primitives import Quantized, round_stochastic
+
+CODE_MIN, CODE_MAX = -8, 7
+"""The LSQ code range: all 16 values of a signed 4-bit integer (LSQ's Q_N = 8, Q_P = 7)."""
+
+SPLIT_MAX = 7
+"""Largest |code| of the hi and lo parts of a bit split (symmetric 4-bit)."""
+
+SPLIT_RATIO = 2 * SPLIT_MAX
+"""``s_hi / s_lo``: the hi residual spans ``±s_hi/2``, which lo's ``±7`` steps of ``s_hi/14`` cover exactly."""
+
+MIN_STEP = 2.0**-24
+"""Floor of an LSQ step size (the smallest positive float16): an optimizer step that drives ``s`` to or below
+zero would make every code ±inf; the floor keeps the quantizer defined (the step-size gradient then pushes
+``s`` back up)."""
+
+MAX_STEP = 65504.0
+"""Ceiling of an LSQ step size: the largest float16."""
+
+# LSQ codes reach -8, one past the symmetric 4-bit range |v| <= 7 that int_mm's bits=4 declares; declaring
+# 5 bits (|v| <= 15) keeps every call inside int_mm's contract. It is the same int8 kernel either way,
+# only int_mm's int32 overflow bound is worked out on 15 instead of 7.
+_LSQ_BITS = 5
+_SPLIT_BITS = 4
+_INT32_MAX = 2**31 - 1
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# LSQ
+
+
+def lsq_init(h: torch.Tensor) -> torch.Tensor:
+    """LSQ's initial step size ``2·mean|h| / sqrt(7)`` as a 0-d tensor (float32, float64 for a float64 ``h``);
+    1 for an all-zero ``h`` (any positive step keeps zeros exact). ConfigError for inf or nan in ``h``."""
+    values = h.detach()
+    dtype = torch.float64 if values.dtype == torch.float64 else torch.float32
+    step = 2 * values.to(dtype).abs().mean() / math.sqrt(CODE_MAX)
+    if not bool(torch.isfinite(step)):
+        raise ConfigError("cannot initialise an LSQ step size from a tensor with inf or nan values")
+    return torch.where(step > 0, step, torch.ones_like(step))
+
+
+def _step(s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The step size a quantization uses: ``s`` rounded to the nearest float16, within [MIN_STEP, MAX_STEP].
+
+    A packed checkpoint stores scales in float16 and refuses one it cannot hold exactly, so every LSQ
+    step is float16 from the start: the codes a layer trains with are the codes its checkpoint keeps.
+    The Parameter itself stays float32 (its small updates accumulate there); the gradient passes the
+    rounding straight through.
+    """
+    return s.detach().to(torch.float16).to(dtype).clamp_(MIN_STEP, MAX_STEP)
+
+
+def lsq_quantize(h: torch.Tensor, s: torch.Tensor) -> Quantized:
+    """The 4-bit LSQ codes of ``h`` with step ``s``: ``q = clamp(round(h/s), -8, 7)`` (int8, ties to even)
+    and ``scale = s`` (0-d, float32 or float64), one scale per tensor: ``q · s`` is the fake-quantized value.
+    ``s`` is first rounded to float16 (see `LSQQuantize`), so the scale is exactly storable in a checkpoint."""
+    dtype = torch.float64 if h.dtype == torch.float64 else torch.float32
+    step = _step(s, dtype).reshape(())
+    codes = (h.detach().to(dtype) / step).round_().clamp_(CODE_MIN, CODE_MAX).to(torch.int8)
+    return Quantized(q=codes, scale=step, zero_point=None, bits=4, rows_per_group=None)
+
+
+def _lsq_step_terms(v: torch.Tensor) -> torch.Tensor:
+    """Per element ``∂(s·Q(v))/∂s`` with a straight-through round: ``round(v) − v`` inside, -8 or 7 when clipped."""
+    inside = v.round().sub_(v)
+    return torch.where(v <= CODE_MIN, float(CODE_MIN), torch.where(v >= CODE_MAX, float(CODE_MAX), inside))
+
+
+def _inside(v: torch.Tensor) -> torch.Tensor:
+    """LSQ's straight-through mask: strictly inside the code range (clipped values get no gradient)."""
+    return (v > CODE_MIN) & (v < CODE_MAX)
+
+
+def _grad_scale(numel: int) -> float:
+    """LSQ's step-size gradient scale ``1 / sqrt(numel · Q_P)``: keeps the step's update in proportion to the
+    weights' updates whatever the tensor size."""
+    return 1.0 / math.sqrt(max(numel, 1) * CODE_MAX)
+
+
+class LSQQuantize(torch.autograd.Function):
+    """LSQ fake quantization ``apply(h, s) = s · clamp(round(h/s), -8, 7)`` with LSQ's gradients.
+
+    - ``∂/∂h``: straight through where ``-8 < h/s < 7``, 0 where clipped;
+    - ``∂/∂s``: ``Σ grad · d`` times ``1/sqrt(numel · 7)``, with per element ``d = round(h/s) − h/s``
+      inside the range, ``-8`` where ``h/s <= -8`` and ``7`` where ``h/s >= 7``.
+
+    ``s`` is a 0-d (or one-element) tensor, normally an ``nn.Parameter``; the step used is ``s`` rounded to
+    the nearest float16 (what a packed checkpoint can store exactly) and kept within [2**-24, 65504], with
+    the gradient passed straight through that rounding. Computed in ``h``'s dtype.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, h: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        step = _step(s, h.dtype).reshape(())
+        v = h.detach() / step
+        out = v.round().clamp_(CODE_MIN, CODE_MAX).mul_(step)
+        ctx.save_for_backward(v)
+        ctx.s_shape, ctx.s_dtype = s.shape, s.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        (v,) = ctx.saved_tensors
+        grad_h = grad * _inside(v) if ctx.needs_input_grad[0] else None
+        grad_s = None
+        if ctx.needs_input_grad[1]:
+            total = (grad * _lsq_step_terms(v)).sum() * _grad_scale(v.numel())
+            grad_s = total.reshape(ctx.s_shape).to(ctx.s_dtype)
+        return grad_h, grad_s
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# bit splitting
+
+
+@dataclass(frozen=True)
+class BitSplit:
+    """A tensor as two 4-bit parts: ``g ≈ scale_hi · hi + scale_lo · lo``.
+
+    ``hi`` and ``lo`` are int8 codes in ``-7..7`` with ``g``'s shape; ``scale_lo = max|g| / 98`` and
+    ``scale_hi = 14 · scale_lo = max|g| / 7`` (0-d). Together they are one code ``14·hi + lo`` in
+    ``-105..105`` (211 levels, about 7.7 bits) times ``scale_lo``.
+    """
+
+    hi: torch.Tensor
+    lo: torch.Tensor
+    scale_hi: torch.Tensor
+    scale_lo: torch.Tensor
+
+    def dequantize(self) -> torch.Tensor:
+        """``scale_hi · hi + scale_lo · lo`` in the scales' dtype."""
+        return self.hi.to(self.scale_hi.dtype) * self.scale_hi + self.lo.to(self.scale_lo.dtype) * self.scale_lo
+
+
+def bit_split(g: torch.Tensor, generator: torch.Generator) -> BitSplit:
+    """Split ``g`` (one scale per tensor) into a 4-bit high part and a 4-bit low part (the paper's bit splitting).
+
+    ``hi = round(g / s_hi)`` (nearest) with ``s_hi = max|g| / 7``; the residual ``r = g − s_hi·hi`` lies in
+    ``±s_hi/2``; ``lo`` is ``r / s_lo`` rounded stochastically (from ``generator``) with ``s_lo = s_hi / 14``,
+    so ``|r / s_lo| <= 7`` and ``lo`` needs no clipping (a clamp to ``±7`` only absorbs float rounding).
+
+    Error bound: every element satisfies ``|g − (s_hi·hi + s_lo·lo)| < s_lo = max|g| / 98`` (stochastic
+    rounding moves a value by less than one step), and ``E[s_lo·lo] = r``, so the split is unbiased:
+    ``E[s_hi·hi + s_lo·lo] = g``. An all-zero ``g`` gets ``s_hi = 1`` and zero codes. Computed in float32
+    (float64 for a float64 ``g``). ConfigError for inf or nan, or a generator on another device.
+    """
+    dtype = torch.float64 if g.dtype == torch.float64 else torch.float32
+    work = g.detach().to(dtype)
+    amax = work.abs().amax() if work.numel() else torch.zeros((), dtype=dtype, device=work.device)
+    if not bool(torch.isfinite(amax)):
+        raise ConfigError("cannot bit-split a gradient with inf or nan values")
+    scale_lo = torch.where(amax > 0, amax / (SPLIT_MAX * SPLIT_RATIO), torch.full_like(amax, 1.0 / SPLIT_RATIO))
+    scale_hi = scale_lo * SPLIT_RATIO
+    hi = (work / scale_hi).round_().clamp_(-SPLIT_MAX, SPLIT_MAX)
+    residual = work - hi * scale_hi
+    lo = round_stochastic(residual / scale_lo, generator).clamp_(-SPLIT_MAX, SPLIT_MAX)
+    return BitSplit(hi=hi.to(torch.int8), lo=lo.to(torch.int8), scale_hi=scale_hi, scale_lo=scale_lo)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# leverage-score sampling
+
+
+def lss_probabilities(norms: torch.Tensor, budget: float) -> torch.Tensor:
+    """Keep probabilities ``p_i = min(1, c · norms_i)``, with ``c`` found by water-filling so ``Σ p = budget``.
+
+    ``norms`` is 1-D and non-negative (row scores); ``budget`` is the expected number of kept rows. The
+    rows whose scaled score would exceed 1 are capped at 1 and the remaining budget is shared in
+    proportion among the others (the smallest set of capped rows that makes every other ``c · norm_i <= 1``).
+    Rows of score 0 get ``p = 0``; when ``budget`` is at least the number of positive scores every such
+    row gets ``p = 1`` (the sum is then that number). Computed in float64, returned in ``norms``' dtype
+    (float64 for an integer ``norms``). ConfigError for a non-positive or non-finite budget, or for
+    negative or non-finite scores.
+    """
+    if not isinstance(norms, torch.Tensor) or norms.dim() != 1:
+        raise ConfigError(f"row scores must be a 1-D tensor, not {getattr(norms, 'shape', type(norms))}")
+    if isinstance(budget, bool) or not isinstance(budget, int | float) or not math.isfinite(budget) or budget <= 0:
+        raise ConfigError(f"the sampling budget (expected kept rows) must be a positive number, not {budget!r}")
+    scores = norms.detach().to(torch.float64)
+    if not bool(torch.isfinite(scores).all()) or bool((scores < 0).any()):
+        raise ConfigError("row scores must be finite and non-negative")
+    out_dtype = norms.dtype if norms.is_floating_point() else torch.float64
+    positive = scores > 0
+    count = int(positive.sum())
+    if budget >= count:
+        return positive.to(out_dtype)
+    ordered, order = scores.sort(descending=True)
+    # suffix[m] = sum of the scores from rank m on: what the uncapped rows share when the m largest are capped
+    suffix = ordered.flip(0).cumsum(0).flip(0)
+    capped = torch.arange(len(ordered), dtype=torch.float64, device=scores.device)
+    ratio = (budget - capped) / suffix.clamp_min(torch.finfo(torch.float64).tiny)
+    # m capped rows are consistent when the largest uncapped row stays at or under 1; the smallest such m
+    # also leaves every capped row at or above 1 (at m - 1 the condition failed), so it is the water level.
+    # It always exists below the budget: at m = ceil(budget) - 1, (budget - m) * score_m <= score_m <= suffix[m].
+    # (the 1e-12 slack absorbs the rounding of that bound, which is exactly 1 at worst)
+    valid = (ratio * ordered <= 1 + 1e-12) & (capped < count)
+    m = int(torch.argmax(valid.to(torch.int8)))
+    probs_sorted = torch.where(capped < m, torch.ones_like(ordered), (ratio[m] * ordered).clamp(max=1))
+    probs = torch.empty_like(probs_sorted)
+    probs[order] = probs_sorted
+    return probs.to(out_dtype)
+
+
+def lss_sample(rows: torch.Tensor, probs: torch.Tensor, generator: torch.Generator
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keep row ``i`` of ``rows`` with probability ``probs[i]`` (independent Bernoulli draws from ``generator``)
+    and divide each kept row by its probability.
+
+    Returns ``(kept, reweighted)``: the int64 indices of the kept rows and ``rows[kept] / probs[kept]``.
+    Unbiased: scattering ``reweighted`` back to ``kept`` (zeros elsewhere) has expectation ``rows``, so any
+    product linear in the rows (``rowsᵀ X``, ``rows · W``) is unbiased too. ``p = 1`` rows are always kept,
+    ``p = 0`` rows never.
+    """
+    if probs.dim() != 1 or rows.dim() < 1 or rows.shape[0] != probs.shape[0]:
+        raise ConfigError(f"need one probability per row: rows {tuple(rows.shape)}, probabilities {tuple(probs.shape)}")
+    if not isinstance(generator, torch.Generator) or generator.device.type != probs.device.type:
+        raise ConfigError(f"sampling needs a torch.Generator on {probs.device}")
+    # float64 draws: a float32 u cannot resolve probabilities below about 6e-8
+    draws = torch.rand(probs.shape, generator=generator, dtype=torch.float64, device=probs.device)
+    kept = torch.nonzero(draws < probs.to(torch.float64)).squeeze(1)
+    weights = probs[kept].to(rows.dtype).reshape(-1, *([1] * (rows.dim() - 1)))
+    return kept, rows[kept] / weights
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the linear Function
+
+
+@dataclass(frozen=True)
+class Int4Spec:
+    """Settings of the int4 mode for one linear layer.
+
+    ``block``: Hadamard block size (power of two up to 1024), or None to choose it with
+    `qanalyze.quant.hadamard.choose_block` on the first batch (modules only; the Function needs a size).
+    ``lss``: leverage-score sampling of the output-gradient rows; off keeps every non-zero row.
+    ``keep_fraction``: with ``lss``, the expected fraction of the non-zero rows kept, in (0, 1].
+    """
+
+    block: int | None = None
+    lss: bool = True
+    keep_fraction: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.block is not None:
+            check_block(self.block)
+        if not isinstance(self.lss, bool):
+            raise ConfigError(f"lss must be True or False, not {self.lss!r}")
+        fraction = self.keep_fraction
+        if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0 < fraction <= 1:
+            raise ConfigError(f"keep_fraction must be a number in (0, 1], not {fraction!r}")
+
+
+def _sample(g: torch.Tensor, scores: torch.Tensor, spec: Int4Spec, generator: torch.Generator
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of ``g`` that enter a backward product and their reweighted values (see `lss_sample`)."""
+    if not spec.lss:
+        # rows of zero score contribute nothing: skipping them is exact (padding tokens, masked losses)
+        kept = torch.nonzero(scores > 0).squeeze(1)
+        return kept, g[kept]
+    count = int((scores > 0).sum())
+    if count == 0:
+        return torch.zeros(0, dtype=torch.int64, device=g.device), g[:0]
+    return lss_sample(g, lss_probabilities(scores, spec.keep_fraction * count), generator)
+
+
+def _combine(product: torch.Tensor, parts: int, depth: int) -> torch.Tensor:
+    """``14 · product[:parts] + product[parts:]``: the hi and lo halves of a stacked product as one integer.
+
+    Each half is at most ``depth · 7 · 8`` in magnitude, so the sum is at most ``840 · depth``; it is
+    formed in int64 when that could pass int32."""
+    if product.dtype == torch.int32 and (SPLIT_RATIO + 1) * SPLIT_MAX * -CODE_MIN * depth > _INT32_MAX:
+        product = product.to(torch.int64)
+    return product[:parts] * SPLIT_RATIO + product[parts:]
+
+
+def _input_side(g: torch.Tensor, w_codes: torch.Tensor, step_w: torch.Tensor, spec: Int4Spec,
+                generator: torch.Generator) -> torch.Tensor:
+    """``∂L/∂Q(X̃) ≈ G · Q(W̃)`` (N x D, float32) from integer products of the split, sampled rows of G."""
+    out = torch.zeros(g.shape[0], w_codes.shape[1], dtype=torch.float32, device=g.device)
+    kept, rows = _sample(g, g.norm(dim=1), spec, generator)
+    if kept.numel():
+        split = bit_split(rows, generator)
+        product = int_mm(torch.cat((split.hi, split.lo)), w_codes, bits_a=_SPLIT_BITS, bits_b=_LSQ_BITS)
+        combined = _combine(product, kept.numel(), g.shape[1])
+        out[kept] = combined.to(torch.float32).mul_(split.scale_lo.float() * step_w)
+    return out
+
+
+def _weight_side(g: torch.Tensor, x_codes: torch.Tensor, step_x: torch.Tensor, spec: Int4Spec,
+                 generator: torch.Generator) -> torch.Tensor:
+    """``∂L/∂Q(W̃) ≈ Gᵀ · Q(X̃)`` (O x D, float32) from integer products of the split, sampled rows of G."""
+    out_features = g.shape[1]
+    scores = g.norm(dim=1) * x_codes.to(torch.float32).norm(dim=1)  # s_x is common to all rows: not needed
+    kept, rows = _sample(g, scores, spec, generator)
+    if not kept.numel():
+        return torch.zeros(out_features, x_codes.shape[1], dtype=torch.float32, device=g.device)
+    split = bit_split(rows, generator)
+    # one GEMM for both parts: [hiᵀ; loᵀ] (2O x kept) times the kept activation codes (kept x D)
+    stacked = torch.cat((split.hi, split.lo), dim=1).t()
+    product = int_mm(stacked, x_codes[kept], bits_a=_SPLIT_BITS, bits_b=_LSQ_BITS)
+    combined = _combine(product, out_features, kept.numel())
+    return combined.to(torch.float32).mul_(split.scale_lo.float() * step_x)
+
+
+class Int4LinearFunction(torch.autograd.Function):
+    """INT4 linear layer: Hadamard quantizer forward, bit splitting and leverage-score sampling backward.
+
+    ``apply(x, weight, bias, spec, s_x, s_w, generator, frozen)``: ``weight`` is ``(out, in)``, ``spec`` an
+    `Int4Spec` with a concrete ``block``, ``s_x`` and ``s_w`` the LSQ step sizes (0-d, normally Parameters,
+    both receive LSQ gradients), ``frozen`` the already quantized ``W̃ = W H`` (`lsq_quantize` codes and
+    scale) or None. With ``frozen`` the weight gradient is straight through (no clipping mask: the float
+    ``W̃`` is not known) and ``s_w`` gets none. Which quantities are integer and which float is tabulated in
+    the module docstring. Returns ``Y`` in ``x``'s dtype.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, spec: Int4Spec,
+                s_x: torch.Tensor, s_w: torch.Tensor, generator: torch.Generator,
+                frozen: Quantized | None) -> torch.Tensor:
+        if spec.block is None:
+            raise ConfigError("Int4LinearFunction needs a concrete Hadamard block size (Int4Spec(block=k))")
+        k = spec.block
+        x2 = x.detach().reshape(-1, x.shape[-1]).float()
+        step_x = _step(s_x, torch.float32).reshape(())
+        v_x = block_hadamard(x2, k) / step_x
+        x_codes = v_x.round().clamp_(CODE_MIN, CODE_MAX).to(torch.int8)
+        if frozen is None:
+            step_w = _step(s_w, torch.float32).reshape(())
+            v_w = block_hadamard(weight.detach().float(), k) / step_w
+            w_codes = v_w.round().clamp_(CODE_MIN, CODE_MAX).to(torch.int8)
+        else:
+            step_w, v_w, w_codes = frozen.scale.float().reshape(()), None, frozen.q.to(torch.int8)
+        acc = int_mm(x_codes, w_codes.t(), bits_a=_LSQ_BITS, bits_b=_LSQ_BITS)
+        y = acc.to(torch.float32).mul_(step_x * step_w)
+        if bias is not None:
+            y.add_(bias.detach().float())
+        ctx.save_for_backward(x_codes, v_x, w_codes, v_w, step_x, step_w)
+        ctx.spec, ctx.generator, ctx.x_shape, ctx.has_bias = spec, generator, x.shape, bias is not None
+        ctx.s_x_meta, ctx.s_w_meta = (s_x.shape, s_x.dtype), (s_w.shape, s_w.dtype)
+        return y.reshape(*x.shape[:-1], weight.shape[0]).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x_codes, v_x, w_codes, v_w, step_x, step_w = ctx.saved_tensors
+        spec: Int4Spec = ctx.spec
+        needs = ctx.needs_input_grad
+        g = grad.reshape(-1, grad.shape[-1]).float()
+        grad_x = grad_w = grad_b = grad_sx = grad_sw = None
+        if needs[0] or needs[4]:
+            d_qx = _input_side(g, w_codes, step_w, spec, ctx.generator)
+            if needs[0]:
+                grad_x = block_hadamard(d_qx * _inside(v_x), spec.block).reshape(ctx.x_shape).to(grad.dtype)
+            if needs[4]:
+                total = (d_qx * _lsq_step_terms(v_x)).sum() * _grad_scale(v_x.numel())
+                grad_sx = total.reshape(ctx.s_x_meta[0]).to(ctx.s_x_meta[1])
+        want_sw = needs[5] and v_w is not None
+        if needs[1] or want_sw:
+            d_qw = _weight_side(g, x_codes, step_x, spec, ctx.generator)
+            if needs[1]:
+                masked = d_qw if v_w is None else d_qw * _inside(v_w)
+                grad_w = block_hadamard(masked, spec.block).to(grad.dtype)
+            if want_sw:
+                total = (d_qw * _lsq_step_terms(v_w)).sum() * _grad_scale(v_w.numel())
+                grad_sw = total.reshape(ctx.s_w_meta[0]).to(ctx.s_w_meta[1])
+        if ctx.has_bias and needs[2]:
+            grad_b = g.sum(0).to(grad.dtype)
+        return grad_x, grad_w, grad_b, None, grad_sx, grad_sw, None, None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# modules
+
+
+class Int4Linear(_Swapped):
+    """A linear layer on the int4 path (`Int4LinearFunction`), holding the LSQ step sizes as Parameters.
+
+    ``spec`` (a `TensorSpec`) is kept for the common interface; the int4 mode is 4-bit by definition, so
+    its bits are not used. ``int4`` gives the mode's own settings (default ``Int4Spec()``: block chosen on
+    the first batch, LSS on). ``s_w`` is initialised at construction (with ``k = 1`` when the block is
+    not known yet, then again once it is chosen, before any step can have changed it) and ``s_x`` on the
+    first batch. The chosen block lives in the float buffer ``block_size`` (0 until chosen; float so that
+    checkpoint code keeping the float entries of the state dict keeps it), so a loaded state dict
+    restores it and nothing is chosen again.
+    """
+
+    def __init__(self, original: nn.Module, spec: TensorSpec, generator: torch.Generator, *,
+                 transposed: bool = False, int4: Int4Spec | None = None) -> None:
+        super().__init__(original, spec, generator, transposed=transposed)
+        self.int4 = int4 if int4 is not None else Int4Spec()
+        matrix = self.matrix().detach()
+        block = self.int4.block
+        if block is not None and matrix.shape[1] % block:
+            raise ConfigError(f"Hadamard block size {block} does not divide the {matrix.shape[1]} in-features "
+                              f"of a {tuple(matrix.shape)} weight")
+        device = matrix.device
+        self.register_buffer("block_size", torch.tensor(float(block or 0), device=device))
+        self.s_x = nn.Parameter(torch.zeros((), device=device))
+        self.s_w = nn.Parameter(lsq_init(block_hadamard(matrix.float(), block or 1)))
+        self._ready = False
+        self._int4_cache: tuple[tuple[int, int, int], Quantized] | None = None
+
+    @property
+    def block(self) -> int | None:
+        """The Hadamard block size in use, or None before the first batch chose it."""
+        return int(self.block_size) or None
+
+    def _require_block(self) -> int:
+        block = self.block
+        if block is None:
+            raise ConfigError("the Hadamard block size is not chosen yet: run a batch through the layer, load "
+                              "its state dict, or pass Int4Spec(block=k)")
+        return block
+
+    def _prepare(self, x: torch.Tensor) -> None:
+        """Choose the block and initialise the step sizes on the first batch (not again after a load)."""
+        if self._ready:
+            return
+        with torch.no_grad():
+            matrix = self.matrix().detach().float()
+            if self.block is None:
+                block = choose_block(x.detach().float(), matrix)
+                self.block_size.fill_(block)
+                self.s_w.copy_(lsq_init(block_hadamard(matrix, block)))
+            if not bool(self.s_x > 0):
+                rows = x.detach().reshape(-1, x.shape[-1]).float()
+                self.s_x.copy_(lsq_init(block_hadamard(rows, self._require_block())))
+        self._ready = True
+
+    def quantized_weight(self) -> Quantized:
+        """The 4-bit LSQ codes of ``W H`` (int8, ``-8..7``, ``(out, in)``) and ``s_w``: frozen, cached or fresh."""
+        if self._frozen is not None:
+            return self._frozen
+        block = self._require_block()
+        key = (self.weight._version, self.s_w._version, block)
+        if self._int4_cache is None or self._int4_cache[0] != key:
+            self._int4_cache = (key, lsq_quantize(block_hadamard(self.matrix().detach().float(), block), self.s_w))
+        return self._int4_cache[1]
+
+    def freeze(self, quantized: Quantized) -> None:
+        """Use ``quantized`` (codes of ``W H``) from now on and write the float weight it stands for,
+        ``dequantize(codes) · Hᵀ``, into ``self.weight``."""
+        block = self._require_block()
+        shape = tuple(self.matrix().shape)
+        if quantized.bits != 4 or tuple(quantized.q.shape) != shape or quantized.rows_per_group is not None:
+            raise ConfigError(f"an int4 layer freezes 4-bit per-tensor codes of shape {shape}, not "
+                              f"{quantized.bits}-bit codes of shape {tuple(quantized.q.shape)}")
+        self._frozen = quantized
+        with torch.no_grad():
+            values = block_hadamard(quantized.dequantize().float(), block).to(self.weight.dtype)
+            self.weight.copy_(values.t() if self.transposed else values)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._prepare(x)
+        spec = Int4Spec(block=self.block, lss=self.int4.lss, keep_fraction=self.int4.keep_fraction)
+        return Int4LinearFunction.apply(x, self.matrix(), self.bias, spec, self.s_x, self.s_w, self.generator,
+                                        self._weight_for_forward())
+
+    def extra_repr(self) -> str:
+        lss = f"LSS keep {self.int4.keep_fraction:g}" if self.int4.lss else "LSS off"
+        return f"INT4 Hadamard quantizer, block {self.block or 'auto'}, bit splitting, {lss}"
+
+
+class Int4Embedding(_Swapped):
+    """An embedding whose outputs are LSQ fake-quantized to 4 bits (the paper quantizes embedding outputs).
+
+    An output row is a table row, so quantizing outputs with one step ``s_out`` per tensor is quantizing
+    the table itself: ``quantized_weight()`` gives the 4-bit codes of the table with ``s_out``, a packed
+    checkpoint stores them, and a frozen layer looks its outputs up in them (the same values as training's
+    fake-quantized outputs). ``s_out`` is initialised from the whole table at construction (every output
+    is one of its rows) and learned with LSQ's gradient; the table receives straight-through gradients.
+    ``spec`` is kept for the common interface; its bits are not used.
+    """
+
+    def __init__(self, original: nn.Embedding, spec: TensorSpec, generator: torch.Generator) -> None:
+        super().__init__(original, spec, generator)
+        self.padding_idx = original.padding_idx
+        self.s_out = nn.Parameter(lsq_init(self.weight))
+        self._int4_cache: tuple[tuple[int, int], Quantized] | None = None
+
+    def quantized_weight(self) -> Quantized:
+        """The 4-bit LSQ codes of the table with step ``s_out``: frozen, cached or fresh."""
+        if self._frozen is not None:
+            return self._frozen
+        key = (self.weight._version, self.s_out._version)
+        if self._int4_cache is None or self._int4_cache[0] != key:
+            self._int4_cache = (key, lsq_quantize(self.weight, self.s_out))
+        return self._int4_cache[1]
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        table = self._weight_for_forward()
+        if table is not None:
+            return (table.q[ids].to(table.scale.dtype) * table.scale).to(self.weight.dtype)
+        return LSQQuantize.apply(F.embedding(ids, self.weight, self.padding_idx), self.s_out)
+
+    def extra_repr(self) -> str:
+        return "INT4 LSQ outputs"
