@@ -119,6 +119,8 @@ def _run_training(model: str, task: str | None, data: str | None, out: str, quie
 
     with step_progress(console) as progress:
         extra = {"lora": lora, "eval_ranks": kw["eval_ranks"]} if lora is not None else {}
+        if kw.get("options"):
+            extra["options"] = kw["options"]
         record = train(loaded, task_data, config, run, resume=kw["resume"], on_step=progress.on_step,
                        on_eval=progress.on_eval, plan=plan, mode=mode, plan_source=plan_spec, **extra)
     _print_metrics(task_data.task.name, "dev", record.metrics, len(task_data.dev))
@@ -146,11 +148,16 @@ def finetune(model: str, task: str | None, data: str | None, out: str, quiet: bo
 @click.option("--plan", "plan_spec", default=None,
               help="plan.json from `qanalyze plan`, or uniform:N (every weight, activation and gradient at N bits). "
                    "Required except for --mode qdylora --base nf4.")
-@click.option("--mode", type=click.Choice(["int", "qat", "ptq-dynamic", "qdylora"]), default="int",
+@click.option("--mode", type=click.Choice(["int", "qat", "ptq-dynamic", "int4", "qdylora"]), default="int",
               show_default=True,
               help="int: integer forward and backward (dynamic fixed point); qat: Q8BERT fake quantization; "
-                   "ptq-dynamic: quantize MODEL as it is, no training; qdylora: frozen quantized base with "
-                   "dynamic-rank LoRA adapters.")
+                   "ptq-dynamic: quantize MODEL as it is, no training; int4: 4-bit training (Hadamard quantizer, "
+                   "bit splitting, leverage score sampling); qdylora: frozen quantized base with dynamic-rank LoRA "
+                   "adapters.")
+@click.option("--lss/--no-lss", default=True, show_default=True,
+              help="int4: leverage score sampling of the output gradient's rows (off: keep every non-zero row).")
+@click.option("--hq-block", type=click.IntRange(min=1, max=1024), default=None,
+              help="int4: Hadamard block size (a power of two; default: chosen per layer on the first batch).")
 @click.option("--lora-rank", type=click.IntRange(min=1), default=16, show_default=True,
               help="qdylora: largest adapter rank r (one run serves ranks 1..r).")
 @click.option("--lora-alpha", type=float, default=16.0, show_default=True, help="qdylora: scale alpha (alpha / rank).")
@@ -176,6 +183,7 @@ def train_command(model: str, plan_spec: str | None, mode: str, task: str | None
     A qdylora run holds the frozen base and the adapters (model.safetensors) and lora.json, and is
     evaluated at its full rank and at every --eval-ranks rank (metrics.json rank_metrics).
     """
+    int4_options = {"lss": kw.pop("lss"), "block": kw.pop("hq_block")}
     lora_options = {k: kw.pop(k) for k in ("lora_rank", "lora_alpha", "lora_targets", "dylora_update", "base",
                                            "double_quant", "eval_ranks")}
     lora = None
@@ -191,6 +199,8 @@ def train_command(model: str, plan_spec: str | None, mode: str, task: str | None
             raise click.UsageError("--mode qdylora needs --plan for its base, or --base nf4")
     elif plan_spec is None:
         raise click.UsageError("missing option --plan (a plan.json, or uniform:N)")
+    if mode == "int4":
+        kw["options"] = int4_options
     _run_training(model, task, data, out, quiet, kw, plan_spec=plan_spec, mode=mode, lora=lora)
 
 

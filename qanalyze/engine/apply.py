@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from qanalyze.engine.functions import TensorSpec
+from qanalyze.engine.int4 import Int4Embedding, Int4Linear, Int4Spec
 from qanalyze.engine.modules import IntEmbedding, IntLayerNorm, IntLinear, QATEmbedding, QATLinear, _Swapped
 from qanalyze.errors import ConfigError
 from qanalyze.models import ModuleInfo, head_dim, inventory
@@ -26,15 +27,27 @@ from qanalyze.records import BitPlan
 DEFAULT_BITS = 16
 """Bits of a tensor the plan leaves unconstrained (an activation or gradient with no bits): the widest."""
 
-Builder = Callable[[nn.Module, ModuleInfo, TensorSpec, torch.Generator], nn.Module]
+Builder = Callable[..., nn.Module]
+"""``builder(module, info, spec, generator, **options) -> swapped module``; ``options`` are the mode's
+own settings (`apply_plan`'s ``options``, e.g. ``lss`` and ``block`` for int4)."""
 
 
 def _linear(cls: type[_Swapped]) -> Builder:
-    return lambda module, info, spec, generator: cls(module, spec, generator, transposed=info.transposed)
+    return lambda module, info, spec, generator, **_: cls(module, spec, generator, transposed=info.transposed)
 
 
 def _plain(cls: type[_Swapped]) -> Builder:
-    return lambda module, info, spec, generator: cls(module, spec, generator)
+    return lambda module, info, spec, generator, **_: cls(module, spec, generator)
+
+
+def _int4_linear(module: nn.Module, info: ModuleInfo, spec: TensorSpec, generator: torch.Generator,
+                 **options: Any) -> nn.Module:
+    return Int4Linear(module, spec, generator, transposed=info.transposed, int4=Int4Spec(**options))
+
+
+def _int4_embedding(module: nn.Module, info: ModuleInfo, spec: TensorSpec, generator: torch.Generator,
+                    **_: Any) -> nn.Module:
+    return Int4Embedding(module, spec, generator)
 
 
 @dataclass(frozen=True)
@@ -63,10 +76,14 @@ MODES: dict[str, Mode] = {
                         {"linear": _linear(IntLinear), "embedding": _plain(IntEmbedding)},
                         {"layernorm": "dynamic quantization covers GEMMs and embeddings only; mark it float"},
                         description="post-training dynamic quantization (integer GEMMs, no training)"),
+    "int4": Mode("int4", "symmetric", True, {"linear": _int4_linear, "embedding": _int4_embedding},
+                 {"layernorm": "4-bit training keeps layer norms in float (Xi et al.); mark it float"},
+                 description="4-bit training: Hadamard quantizer with LSQ forward, bit splitting and leverage "
+                             "score sampling backward"),
     "qdylora": Mode("qdylora", "symmetric", True, {}, swaps=False,
                     description="frozen quantized base (the plan's bits or NF4) with dynamic-rank LoRA adapters"),
 }
-"""Engine modes by name (``int4`` is issue #7)."""
+"""Engine modes by name."""
 
 
 def get_mode(name: str) -> Mode:
@@ -127,13 +144,15 @@ def validate_plan(model: nn.Module, plan: BitPlan, mode: str) -> dict[str, Tenso
     return specs
 
 
-def apply_plan(model: nn.Module, plan: BitPlan, mode: str, *, seed: int = 0) -> AppliedPlan:
+def apply_plan(model: nn.Module, plan: BitPlan, mode: str, *, seed: int = 0,
+               options: Mapping[str, Any] | None = None) -> AppliedPlan:
     """Swap every module the plan quantizes for the ``mode`` version of it; return what was done.
 
     The plan must be for this architecture (names and shapes, `qanalyze.plan.make.check_plan`). A
     module kind the mode cannot run is refused with the module's name and the reason. Each swapped
     module gets its own ``torch.Generator`` (on the weight's device) seeded from ``seed`` and its
-    position, so stochastic rounding is reproducible.
+    position, so stochastic rounding is reproducible. ``options`` go to the mode's builders (int4:
+    ``lss``, ``block``, ``keep_fraction`` of `qanalyze.engine.int4.Int4Spec`).
     """
     chosen = get_mode(mode)
     if not chosen.swaps:
@@ -148,7 +167,7 @@ def apply_plan(model: nn.Module, plan: BitPlan, mode: str, *, seed: int = 0) -> 
         parent, child = _parent(model, info.name)
         original = getattr(parent, child)
         generator = torch.Generator(device=original.weight.device).manual_seed(seed * 100_003 + index)
-        setattr(parent, child, chosen.builders[info.kind](original, info, spec, generator))
+        setattr(parent, child, chosen.builders[info.kind](original, info, spec, generator, **(options or {})))
         specs[info.name], generators[info.name] = spec, generator
     return AppliedPlan(mode=mode, specs=specs, generators=generators)
 

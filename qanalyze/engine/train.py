@@ -146,10 +146,12 @@ class _Trainer:
     """State of one run; `train` is its only user."""
 
     def __init__(self, loaded: LoadedModel, data: TaskData, config: TrainConfig, run: Path,
-                 plan: BitPlan | None, mode: str, lora: LoRAConfig | None = None) -> None:
+                 plan: BitPlan | None, mode: str, lora: LoRAConfig | None = None,
+                 options: dict[str, Any] | None = None) -> None:
         self.loaded, self.data, self.config, self.run = loaded, data, config, run
         self.model = loaded.model.to(resolve_device(config.device))
         self.mode, self.plan = mode, plan
+        self.options = dict(options or {})
         self.applied: AppliedPlan | None = None
         self.lora: LoRAConfig | None = None
         self.sampler: RankSampler | None = None
@@ -158,7 +160,7 @@ class _Trainer:
             built = apply_qdylora(self.model, plan, self.lora, seed=config.seed)
             self.sampler = RankSampler(built, torch.Generator().manual_seed(config.seed * 7919 + 1))
         elif plan is not None:
-            self.applied = apply_plan(self.model, plan, mode, seed=config.seed)
+            self.applied = apply_plan(self.model, plan, mode, seed=config.seed, options=options)
         self.plan_hash = plan_hash(plan)
         self.train_enc: Encoded = encode(data.train, loaded.tokenizer, max_length=config.max_length)
         self.dev_enc: Encoded = encode(data.dev, loaded.tokenizer, max_length=config.max_length)
@@ -179,7 +181,7 @@ class _Trainer:
         return {"step": self.step, "total_steps": self.total_steps, "settings": self.config.numbers(),
                 "data_hash": self.data.identity.get("hash"), "model": self.loaded.identity,
                 "mode": self.mode, "plan_hash": self.plan_hash,
-                "lora": asdict(self.lora) if self.lora is not None else None,
+                "lora": asdict(self.lora) if self.lora is not None else None, "mode_options": self.options,
                 "train_seconds": self.train_seconds, "log": self.log, "evals": self.evals}
 
     def save(self) -> None:
@@ -193,8 +195,10 @@ class _Trainer:
         if (state.get("mode", "fp32"), state.get("plan_hash")) != (self.mode, self.plan_hash):
             raise ConfigError(f"cannot resume {self.run} with a different plan or mode (it was "
                               f"{state.get('mode', 'fp32')}): start a new run directory")
-        if state.get("lora") != (asdict(self.lora) if self.lora is not None else None):
-            raise ConfigError(f"cannot resume {self.run} with different LoRA settings: start a new run directory")
+        if state.get("lora") != (asdict(self.lora) if self.lora is not None else None) or \
+                state.get("mode_options", {}) != self.options:
+            raise ConfigError(f"cannot resume {self.run} with different LoRA or mode settings: start a new run "
+                              "directory")
         saved = state.get("settings", {})
         changed = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in self.config.numbers().items() if saved.get(k) != v]
         if changed:
@@ -269,6 +273,7 @@ def train(
     plan_source: str | None = None,
     lora: LoRAConfig | None = None,
     eval_ranks: tuple[int, ...] = (1, 2, 4, 8, 16),
+    options: dict[str, Any] | None = None,
 ) -> RunRecord:
     """Fine-tune ``loaded.model`` on ``data`` into the run directory ``run`` and return its record.
 
@@ -291,7 +296,7 @@ def train(
         raise ConfigError(f"mode {mode} needs a plan" if plan is None else "a plan needs a quantized mode, not fp32")
     if mode == "qdylora" and plan is None and (lora or LoRAConfig()).base != "nf4":
         raise ConfigError("mode qdylora needs a plan for its base, or an NF4 base (--base nf4)")
-    trainer = _Trainer(loaded, data, config, run, plan, mode, lora)
+    trainer = _Trainer(loaded, data, config, run, plan, mode, lora, options)
     model = trainer.model
     # Dropout draws from the global generator: seed it for this run only and give the caller's state back.
     devices = [torch.cuda.current_device()] if model.device.type == "cuda" else []
@@ -350,7 +355,8 @@ def train(
         model=loaded.identity, data=data.identity,
         settings={**config.numbers(), "total_steps": trainer.total_steps, "device": str(model.device),
                   **({"plan": _plan_summary(plan, trainer.applied)} if plan is not None else {}),
-                  **({"lora": asdict(trainer.lora)} if trainer.lora is not None else {})},
+                  **({"lora": asdict(trainer.lora)} if trainer.lora is not None else {}),
+                  **({"mode_options": dict(options)} if options else {})},
         timings={"train_seconds": round(trainer.train_seconds, 3),
                  "step_seconds_median": round(statistics.median(steps), 4) if steps else 0.0,
                  "eval_seconds": round(final.seconds, 3)},

@@ -2,13 +2,14 @@
 
 import csv
 import json
+import math
 
 import pytest
 import torch
 
 from qanalyze.data import encode, load_task
 from qanalyze.engine.apply import quantized_weights
-from qanalyze.engine.evaluate import predict
+from qanalyze.engine.evaluate import evaluate, predict
 from qanalyze.engine.quantized_checkpoint import EXTRA_FILE, PLAN_FILE, WEIGHTS_FILE, load_quantized_run
 from qanalyze.engine.train import TrainConfig, TrainingDiverged, TrainingInterrupted, train
 from qanalyze.errors import ConfigError
@@ -144,3 +145,20 @@ def test_a_plan_needs_a_quantized_mode(tmp_path, tiny_bert_dir, sst2_small):
     loaded = load_model(str(tiny_bert_dir), num_labels=2)
     with pytest.raises(ConfigError, match="needs a plan"):
         train(loaded, sst2_small, _config(), prepare_run_dir(tmp_path / "x"), mode="int")
+
+
+@pytest.mark.parametrize("lss", [True, False])
+def test_int4_mode_trains_and_reloads_its_packed_4_bit_weights(tmp_path, tiny_bert_dir, sst2_small, lss):
+    from qanalyze.engine.int4 import Int4Embedding, Int4Linear
+
+    loaded = load_model(str(tiny_bert_dir), num_labels=2)
+    plan = uniform_plan(loaded.model, 4)
+    run = prepare_run_dir(tmp_path / "int4")
+    record = train(loaded, sst2_small, _config(), run, plan=plan, mode="int4", options={"lss": lss})
+    assert record.mode == "int4" and record.settings["mode_options"] == {"lss": lss}
+    assert all(math.isfinite(loss) for loss in _losses(run))
+    kinds = {type(m) for m in loaded.model.modules()}
+    assert Int4Linear in kinds and Int4Embedding in kinds
+    model, tokenizer, _, _ = load_quantized_run(run)
+    encoded = encode(sst2_small.dev, tokenizer, max_length=32)
+    assert evaluate(model, tokenizer, encoded, sst2_small.task).metrics == record.metrics
