@@ -84,6 +84,56 @@ def _train_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
+_INT4_OPTIONS = [
+    click.option("--lss/--no-lss", default=True, show_default=True,
+                 help="int4: leverage score sampling of the output gradient's rows (off: keep every non-zero row)."),
+    click.option("--hq-block", type=click.IntRange(min=1, max=1024), default=None,
+                 help="int4: Hadamard block size (a power of two; default: chosen per layer on the first batch)."),
+]
+
+_LORA_OPTIONS = [
+    click.option("--lora-rank", type=click.IntRange(min=1), default=16, show_default=True,
+                 help="qdylora: largest adapter rank r (one run serves ranks 1..r)."),
+    click.option("--lora-alpha", type=float, default=16.0, show_default=True,
+                 help="qdylora: scale alpha (alpha / rank)."),
+    click.option("--lora-targets", default="query,value", show_default=True,
+                 help="qdylora: regexes of the linear modules that get adapters."),
+    click.option("--dylora-update", type=click.Choice(["frozen", "all"]), default="frozen", show_default=True,
+                 help="qdylora: update only the sampled rank's row and column (frozen) or rows 1..b (all)."),
+    click.option("--eval-ranks", default="1,2,4,8,16", show_default=True,
+                 help="qdylora: ranks the finished run is also evaluated at."),
+]
+
+
+def _int4_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Options of the int4 mode (train and sweep)."""
+    for option in reversed(_INT4_OPTIONS):
+        fn = option(fn)
+    return fn
+
+
+def _lora_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Options of the qdylora mode's adapters (train and sweep)."""
+    for option in reversed(_LORA_OPTIONS):
+        fn = option(fn)
+    return fn
+
+
+def _pop_int4_options(kw: dict[str, Any]) -> dict[str, Any]:
+    return {"lss": kw.pop("lss"), "block": kw.pop("hq_block")}
+
+
+def _pop_lora_options(kw: dict[str, Any], *, base: str = "plan",
+                      double_quant: bool = False) -> tuple[Any, tuple[int, ...]]:
+    """The LoRAConfig and evaluation ranks the qdylora options in ``kw`` give (removed from ``kw``)."""
+    from qanalyze.engine.lora import LoRAConfig
+
+    lora = LoRAConfig(rank=kw.pop("lora_rank"), alpha=kw.pop("lora_alpha"),
+                      targets=tuple(t.strip() for t in kw.pop("lora_targets").split(",") if t.strip()),
+                      update=kw.pop("dylora_update"), base=base, double_quant=double_quant)
+    return lora, _int_list(kw.pop("eval_ranks"))
+
+
 def _run_training(model: str, task: str | None, data: str | None, out: str, quiet: bool, kw: dict[str, Any], *,
                   plan_spec: str | None = None, mode: str = "fp32", lora: Any = None) -> None:
     from qanalyze.data import load_task
@@ -154,22 +204,11 @@ def finetune(model: str, task: str | None, data: str | None, out: str, quiet: bo
                    "ptq-dynamic: quantize MODEL as it is, no training; int4: 4-bit training (Hadamard quantizer, "
                    "bit splitting, leverage score sampling); qdylora: frozen quantized base with dynamic-rank LoRA "
                    "adapters.")
-@click.option("--lss/--no-lss", default=True, show_default=True,
-              help="int4: leverage score sampling of the output gradient's rows (off: keep every non-zero row).")
-@click.option("--hq-block", type=click.IntRange(min=1, max=1024), default=None,
-              help="int4: Hadamard block size (a power of two; default: chosen per layer on the first batch).")
-@click.option("--lora-rank", type=click.IntRange(min=1), default=16, show_default=True,
-              help="qdylora: largest adapter rank r (one run serves ranks 1..r).")
-@click.option("--lora-alpha", type=float, default=16.0, show_default=True, help="qdylora: scale alpha (alpha / rank).")
-@click.option("--lora-targets", default="query,value", show_default=True,
-              help="qdylora: regexes of the linear modules that get adapters.")
-@click.option("--dylora-update", type=click.Choice(["frozen", "all"]), default="frozen", show_default=True,
-              help="qdylora: update only the sampled rank's row and column (frozen) or rows 1..b (all).")
+@_int4_options
+@_lora_options
 @click.option("--base", type=click.Choice(["plan", "nf4"]), default="plan", show_default=True,
               help="qdylora: base weights at the plan's bits, or NF4 (QLoRA's 4-bit normal float, blocks of 64).")
 @click.option("--double-quant", is_flag=True, help="qdylora with --base nf4: quantize the block scales too.")
-@click.option("--eval-ranks", default="1,2,4,8,16", show_default=True,
-              help="qdylora: ranks the finished run is also evaluated at.")
 @_data_options
 @_train_options
 def train_command(model: str, plan_spec: str | None, mode: str, task: str | None, data: str | None, out: str,
@@ -183,21 +222,15 @@ def train_command(model: str, plan_spec: str | None, mode: str, task: str | None
     A qdylora run holds the frozen base and the adapters (model.safetensors) and lora.json, and is
     evaluated at its full rank and at every --eval-ranks rank (metrics.json rank_metrics).
     """
-    int4_options = {"lss": kw.pop("lss"), "block": kw.pop("hq_block")}
-    lora_options = {k: kw.pop(k) for k in ("lora_rank", "lora_alpha", "lora_targets", "dylora_update", "base",
-                                           "double_quant", "eval_ranks")}
-    lora = None
+    int4_options = _pop_int4_options(kw)
+    lora, eval_ranks = _pop_lora_options(kw, base=kw.pop("base"), double_quant=kw.pop("double_quant"))
     if mode == "qdylora":
-        from qanalyze.engine.lora import LoRAConfig
-
-        lora = LoRAConfig(rank=lora_options["lora_rank"], alpha=lora_options["lora_alpha"],
-                          targets=tuple(t.strip() for t in lora_options["lora_targets"].split(",") if t.strip()),
-                          update=lora_options["dylora_update"], base=lora_options["base"],
-                          double_quant=lora_options["double_quant"])
-        kw["eval_ranks"] = _int_list(lora_options["eval_ranks"])
+        kw["eval_ranks"] = eval_ranks
         if plan_spec is None and lora.base != "nf4":
             raise click.UsageError("--mode qdylora needs --plan for its base, or --base nf4")
-    elif plan_spec is None:
+    else:
+        lora = None
+    if mode != "qdylora" and plan_spec is None:
         raise click.UsageError("missing option --plan (a plan.json, or uniform:N)")
     if mode == "int4":
         kw["options"] = int4_options
@@ -523,11 +556,14 @@ def _print_plan(plan_record: Any, console: Any) -> None:
               help="Weight budgets: numbers are bits (4 -> 4bit); 12MB or 8x also work.")
 @click.option("--plans", default="hessian,uniform,random,reversed", show_default=True,
               help="Plans per budget: the Hessian plan and the baselines of equal cost.")
-@click.option("--mode", type=click.Choice(["qat", "int", "ptq-dynamic"]), default="qat", show_default=True,
-              help="How every plan is trained: qat (Q8BERT, as Q-BERT re-trains), int (integer fine-tuning) or "
-                   "ptq-dynamic (no training).")
+@click.option("--modes", "--mode", "modes", default="qat", show_default=True,
+              help="How the plans are trained, comma-separated: qat (Q8BERT, as Q-BERT re-trains), int (integer "
+                   "fine-tuning), ptq-dynamic (no training), qdylora (adapters on a base frozen at each plan's "
+                   "bits); int4 (4-bit training) adds one uniform 4-bit reference run.")
 @click.option("--integer-bits", default="8,16", show_default=True,
               help="Uniform integer-training reference points (int mode, W=A=G bits); `none` for none.")
+@_int4_options
+@_lora_options
 @click.option("--sensitivity", type=click.Path(dir_okay=False), default=None,
               help="From `qanalyze analyze` (default: OUT/sensitivity.json, made if missing).")
 @click.option("--objective", type=click.Choice(["trace", "eig", "measured"]), default="trace", show_default=True)
@@ -536,7 +572,7 @@ def _print_plan(plan_record: Any, console: Any) -> None:
               help="When the sweep analyzes: also measure each module's loss change (for the report's predictors).")
 @_data_options
 @_train_options
-def sweep(model: str, budgets: str, plans: str, mode: str, integer_bits: str, sensitivity: str | None,
+def sweep(model: str, budgets: str, plans: str, modes: str, integer_bits: str, sensitivity: str | None,
           task: str | None, data: str | None, out: str, quiet: bool, **kw: Any) -> None:
     """Plan and train MODEL at every budget, beside uniform, random and reversed plans of equal cost.
 
@@ -546,6 +582,7 @@ def sweep(model: str, budgets: str, plans: str, mode: str, integer_bits: str, se
     an interrupted one continues from its checkpoint. --epochs defaults to 1 here.
     """
     from qanalyze.data import load_task
+    from qanalyze.engine.int4 import Int4Spec
     from qanalyze.engine.train import TrainConfig
     from qanalyze.plan.budget import parse_bits
     from qanalyze.plan.make import PlanConfig
@@ -561,9 +598,12 @@ def sweep(model: str, budgets: str, plans: str, mode: str, integer_bits: str, se
         raise click.UsageError("sweep continues by itself: run it again with the same --out (no --resume or "
                                "--overwrite); delete a run folder under OUT/runs to redo that run")
     max_length = kw["max_length"] or 128
+    lora, eval_ranks = _pop_lora_options(kw)
     config = SweepConfig(
         budgets=tuple(budget_text(b) for b in budgets.split(",") if b.strip()),
-        plans=tuple(p.strip() for p in plans.split(",") if p.strip()), mode=mode,
+        plans=tuple(p.strip() for p in plans.split(",") if p.strip()),
+        modes=tuple(m.strip() for m in modes.split(",") if m.strip()),
+        lora=lora, eval_ranks=eval_ranks, int4=Int4Spec(**_pop_int4_options(kw)),
         integer_bits=() if integer_bits.strip().lower() == "none" else _int_list(integer_bits),
         plan=PlanConfig(objective=kw.pop("objective"), act_budget=parse_bits(kw.pop("act_budget")), seed=kw["seed"]),
         train=TrainConfig(
@@ -578,8 +618,8 @@ def sweep(model: str, budgets: str, plans: str, mode: str, integer_bits: str, se
     _seed_everything(kw["seed"])
     console = _console(quiet)
     console.print(f"[bold]sweep[/] {model} on {task_data.task.name}: budgets {', '.join(config.budgets)} x "
-                  f"{', '.join(config.plans)} ({mode}), {len(task_data.train)} train / {len(task_data.dev)} dev "
-                  f"examples -> {out}")
+                  f"{', '.join(config.plans)} ({', '.join(config.modes)}), {len(task_data.train)} train / "
+                  f"{len(task_data.dev)} dev examples -> {out}")
     with sweep_progress(console) as progress:
         hooks = SweepHooks(on_stage=progress.on_stage, on_run_start=progress.on_run_start,
                            on_run_end=progress.on_run_end, on_step=progress.on_step, on_analysis=progress.on_analysis)

@@ -162,6 +162,8 @@ class RunRecord(JsonRecord):
     eval_history: list[dict[str, Any]] = field(default_factory=list)
     # qdylora: the dev metrics of the one trained run truncated to each rank ({"4": {"accuracy": ...}})
     rank_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    # qdylora: trainable parameters at each rank of rank_metrics (the adapters cut there, plus the task head)
+    rank_parameters: dict[str, int] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=environment)
     created: str = field(default_factory=utc_now)
     schema: str = RUN_SCHEMA

@@ -238,7 +238,9 @@ def test_plan_and_sweep_from_a_sensitivity_file(capfd, tmp_path, tiny_bert_dir, 
     assert list(table["budget"].fillna("")) == ["", "4bit", "4bit", "8bit", "8bit"]
     assert "hessian" in stdout and "delta_pts" in stdout
     for bad, fragment in ((["--budgets", "1"], "smallest reachable"), (["--plans", "best"], "unknown plan kind"),
-                          (["--budgets", "4", "--resume"], "continues by itself")):
+                          (["--budgets", "4", "--resume"], "continues by itself"),
+                          (["--budgets", "4", "--modes", "qat,int5"], "'int5' not among"),
+                          (["--budgets", "4", "--modes", "qdylora", "--eval-ranks", "0"], "positive integers")):
         code, _, err = run_cli(capfd, *sweep, *bad, "--out", tmp_path / "bad-sweep")
         assert_one_line_error(code, err, fragment)
         assert not (tmp_path / "bad-sweep").exists()

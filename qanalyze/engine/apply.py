@@ -63,6 +63,9 @@ class Mode:
     description: str = ""
     swaps: bool = True
     """False for a mode that builds its own model (``qdylora``: `qanalyze.engine.lora.apply_qdylora`)."""
+    fixed_bits: int | None = None
+    """The weight and activation bits a mode always trains at (``int4``: 4). A plan asking for other bits is
+    refused rather than silently run at these."""
 
 
 MODES: dict[str, Mode] = {
@@ -78,6 +81,7 @@ MODES: dict[str, Mode] = {
                         description="post-training dynamic quantization (integer GEMMs, no training)"),
     "int4": Mode("int4", "symmetric", True, {"linear": _int4_linear, "embedding": _int4_embedding},
                  {"layernorm": "4-bit training keeps layer norms in float (Xi et al.); mark it float"},
+                 fixed_bits=4,
                  description="4-bit training: Hadamard quantizer with LSQ forward, bit splitting and leverage "
                              "score sampling backward"),
     "qdylora": Mode("qdylora", "symmetric", True, {}, swaps=False,
@@ -140,8 +144,21 @@ def validate_plan(model: nn.Module, plan: BitPlan, mode: str) -> dict[str, Tenso
         if info.kind not in chosen.builders:
             why = chosen.refused.get(info.kind, f"mode {mode} has no {info.kind} module")
             raise ConfigError(f"mode {mode} cannot quantize {info.name} ({info.kind}): {why}")
+        _check_fixed_bits(info.name, entry, chosen)
         specs[info.name] = _spec(info.name, entry, info, model, chosen)
     return specs
+
+
+def _check_fixed_bits(name: str, entry: Mapping[str, Any], mode: Mode) -> None:
+    if mode.fixed_bits is None:
+        return
+    asked = {"weight": entry.get("weight_bits"), "activation": entry.get("activation_bits")}
+    wrong = {tensor: bits for tensor, bits in asked.items() if bits is not None and bits != mode.fixed_bits}
+    if wrong:
+        shown = ", ".join(f"{tensor} {bits}" for tensor, bits in wrong.items())
+        raise ConfigError(f"mode {mode.name} trains weights and activations at {mode.fixed_bits} bits, but the plan "
+                          f"gives {name} {shown} bits: use --plan uniform:{mode.fixed_bits} or a "
+                          f"{mode.fixed_bits}-bit plan")
 
 
 def apply_plan(model: nn.Module, plan: BitPlan, mode: str, *, seed: int = 0,

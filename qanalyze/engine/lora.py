@@ -250,6 +250,15 @@ def set_rank(model: nn.Module | Mapping[str, DyLoRALinear], rank: int) -> None:
         module.rank = rank
 
 
+def trainable_parameters(model: nn.Module, rank: int) -> int:
+    """Parameters ``model`` trains with its adapters cut at ``rank``: rank x (in + out) per adapter, plus
+    every other trainable parameter (the task head)."""
+    found = adapters(model)
+    adapter_ids = {id(p) for module in found.values() for p in (module.lora_A, module.lora_B)}
+    others = sum(p.numel() for p in model.parameters() if p.requires_grad and id(p) not in adapter_ids)
+    return others + sum(min(rank, m.max_rank) * (m.in_features + m.out_features) for m in found.values())
+
+
 class RankSampler:
     """Draws the rank of each optimizer step, uniformly in 1..r, from an explicit ``torch.Generator``.
 

@@ -30,7 +30,7 @@ from qanalyze.data import Encoded, TaskData, encode, epoch_order, iter_batches, 
 from qanalyze.engine.apply import AppliedPlan, apply_plan, get_mode
 from qanalyze.engine.checkpoint import discard_checkpoints, load_checkpoint, save_checkpoint
 from qanalyze.engine.evaluate import EvalResult, evaluate
-from qanalyze.engine.lora import LoRAConfig, RankSampler, apply_qdylora, set_rank
+from qanalyze.engine.lora import LoRAConfig, RankSampler, apply_qdylora, set_rank, trainable_parameters
 from qanalyze.engine.lora_checkpoint import LORA_FILE
 from qanalyze.engine.quantized_checkpoint import save_quantized_run
 from qanalyze.errors import ConfigError, QAnalyzeError
@@ -332,10 +332,11 @@ def train(
     trainer.evals.append({"step": trainer.step, **final.to_dict()})
     if on_eval is not None:
         on_eval(trainer.step, final)
-    rank_metrics = {}
+    rank_metrics, rank_parameters = {}, {}
     if trainer.sampler is not None:
         for rank in sorted({r for r in eval_ranks if r <= trainer.sampler.max_rank}):
             rank_metrics[str(rank)] = trainer.evaluate(rank).metrics
+            rank_parameters[str(rank)] = trainable_parameters(model, rank)
         trainer.evaluate(trainer.sampler.max_rank)  # leave the saved model at its full rank
     _label_names(loaded, data)
     if trainer.lora is not None:
@@ -360,7 +361,7 @@ def train(
         timings={"train_seconds": round(trainer.train_seconds, 3),
                  "step_seconds_median": round(statistics.median(steps), 4) if steps else 0.0,
                  "eval_seconds": round(final.seconds, 3)},
-        eval_history=trainer.evals, rank_metrics=rank_metrics,
+        eval_history=trainer.evals, rank_metrics=rank_metrics, rank_parameters=rank_parameters,
     )
     record.save(run / METRICS_FILE)
     discard_checkpoints(run)

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
+from matplotlib.ticker import ScalarFormatter
 
 PLAN_STYLES = {
     "hessian": {"color": "#c0392b", "marker": "o", "label": "Hessian plan"},
@@ -19,6 +20,9 @@ PLAN_STYLES = {
     "reversed": {"color": "#8e44ad", "marker": "v", "label": "reversed"},
 }
 """How each plan kind is drawn in the Pareto chart."""
+
+MODE_LINESTYLES = ("-", "--", ":", "-.")
+"""Line style of each training mode in the Pareto chart, in the order the sweep lists its modes."""
 
 WIDTH = 10.5  # inches: with the page's 1100-pixel column, figures are shown at their natural size
 
@@ -134,10 +138,15 @@ def pareto_figure(results: pd.DataFrame, *, metric: str) -> Figure:
     fp32_mb = float(fp32["weight_mb"].iloc[0]) if len(fp32) and pd.notna(fp32["weight_mb"].iloc[0]) else None
     if len(fp32) and pd.notna(fp32["value"].iloc[0]):
         ax.axhline(float(fp32["value"].iloc[0]), color="#27ae60", linestyle="--", label="FP32")
-    for plan, style in PLAN_STYLES.items():
-        rows = results[(results["plan"] == plan) & results["value"].notna()].sort_values("weight_mb")
-        if len(rows):
-            ax.plot(rows["weight_mb"], rows["value"], linestyle="-", linewidth=1.2, markersize=6, **style)
+    modes = list(dict.fromkeys(results.loc[results["plan"].isin(list(PLAN_STYLES)), "mode"]))
+    for mode, linestyle in zip(modes, MODE_LINESTYLES, strict=False):
+        for plan, style in PLAN_STYLES.items():
+            rows = results[(results["plan"] == plan) & (results["mode"] == mode) & results["value"].notna()]
+            if len(rows):
+                label = style["label"] if len(modes) == 1 else f"{style['label']} ({mode})"
+                rows = rows.sort_values("weight_mb")
+                ax.plot(rows["weight_mb"], rows["value"], linestyle=linestyle, linewidth=1.2, markersize=6,
+                        **{**style, "label": label})
     others = results[~results["plan"].isin([*PLAN_STYLES, "fp32"]) & results["value"].notna()
                      & results["weight_mb"].notna()]
     for _, row in others.iterrows():  # integer references of a sweep, or single quantized runs
@@ -153,6 +162,30 @@ def pareto_figure(results: pd.DataFrame, *, metric: str) -> Figure:
         top = ax.secondary_xaxis("top", functions=(lambda mb: fp32_mb / np.maximum(mb, 1e-9),
                                                    lambda ratio: fp32_mb / np.maximum(ratio, 1e-9)))
         top.set_xlabel("compression against FP32 (x)")
+    return fig
+
+
+def rank_figure(ranks: pd.DataFrame, *, metric: str, reference: float | None) -> Figure:
+    """One qdylora run's metric at every rank it was cut to, against rank and against trainable parameters;
+    one line per run, FP32 as a dashed line."""
+    fig = Figure(figsize=(WIDTH, 3.8), layout="constrained")
+    by_rank, by_params = fig.subplots(1, 2)
+    for label, group in ranks.groupby("label", sort=False):
+        group = group.sort_values("rank")
+        by_rank.plot(group["rank"], group["value"], marker="o", label=str(label))
+        if group["trainable_parameters"].notna().all():
+            by_params.plot(group["trainable_parameters"].astype(float), group["value"], marker="o", label=str(label))
+    for ax in (by_rank, by_params):
+        if reference is not None:
+            ax.axhline(reference, color="#27ae60", linestyle="--", label="FP32 full fine-tuning")
+        ax.set_xscale("log", base=2 if ax is by_rank else 10)
+        ax.set_ylabel(f"dev {metric} (points)")
+        ax.grid(alpha=0.3)
+    by_rank.set_xticks(sorted(ranks["rank"].unique()))
+    by_rank.xaxis.set_major_formatter(ScalarFormatter())
+    by_rank.set_xlabel("adapter rank (one trained run, cut at each rank)")
+    by_params.set_xlabel("trainable parameters (adapters at that rank + task head)")
+    by_rank.legend(fontsize=8, loc="lower right")
     return fig
 
 

@@ -23,7 +23,7 @@ from qanalyze.records import atomic_path, atomic_write_text, environment, utc_no
 from qanalyze.report import figures, tables
 from qanalyze.report.inputs import ReportInputs
 
-SECTIONS = ("provenance", "sensitivity", "errors", "plan", "pareto", "predictors")
+SECTIONS = ("provenance", "sensitivity", "errors", "plan", "pareto", "ranks", "predictors")
 """The ids of the page's sections, in order."""
 
 
@@ -163,11 +163,12 @@ def _plan(page: _Page, inputs: ReportInputs) -> Section:
     return section
 
 
-def _finding(row: pd.Series) -> str:
+def _finding(row: pd.Series, several_modes: bool) -> str:
+    where = f"{row['budget']} ({row['mode']})" if several_modes else row["budget"]
     if row["hessian_ahead"]:
-        return (f"At {row['budget']} the Hessian plan reaches {row['hessian']:.2f} ({row['delta_vs_fp32_pts']:+.2f} pt "
+        return (f"At {where} the Hessian plan reaches {row['hessian']:.2f} ({row['delta_vs_fp32_pts']:+.2f} pt "
                 f"against FP32), {row['margin_pts']:.2f} pt ahead of the best baseline ({row['best_baseline']}).")
-    return (f"At {row['budget']} the Hessian plan does NOT beat the baselines: it reaches {row['hessian']:.2f} "
+    return (f"At {where} the Hessian plan does NOT beat the baselines: it reaches {row['hessian']:.2f} "
             f"({row['delta_vs_fp32_pts']:+.2f} pt against FP32), {-row['margin_pts']:.2f} pt behind "
             f"{row['best_baseline']} ({row['best_baseline_value']:.2f}).")
 
@@ -187,10 +188,36 @@ def _pareto(page: _Page, inputs: ReportInputs) -> Section:
     page.figure(section, "pareto", figures.pareto_figure(results, metric=metric),
                 "Each point is a trained plan; plans of one budget have (nearly) equal bytes.")
     verdict = tables.verdict_table(results)
-    section.findings += [_finding(row) for _, row in verdict.iterrows()]
+    several = verdict["mode"].nunique() > 1
+    section.findings += [_finding(row, several) for _, row in verdict.iterrows()]
     if len(verdict):
         page.table(section, "Hessian plan against the best baseline of equal cost", verdict)
     page.table(section, "Every run", results)
+    return section
+
+
+def _ranks(page: _Page, inputs: ReportInputs) -> Section:
+    section = Section("ranks", "QDyLoRA: one trained run at every adapter rank")
+    table = tables.rank_table(inputs.sweep, inputs.runs)
+    if table["value"].notna().sum() == 0:
+        section.missing = ("No qdylora run given: `qanalyze train MODEL --mode qdylora ...` (pass its run directory) "
+                           "or `qanalyze sweep ... --modes qat,qdylora`.")
+        return section
+    metric = table["metric"].dropna().iloc[0]
+    deltas = table["delta_pts"].dropna()
+    reference = (table["value"] - table["delta_pts"]).dropna()
+    page.figure(section, "ranks", figures.rank_figure(table, metric=metric,
+                                                      reference=float(reference.iloc[0]) if len(reference) else None),
+                "Each line is one qdylora run (a frozen quantized base with dynamic-rank adapters), evaluated with its "
+                "adapters cut to each rank without retraining.")
+    for label, group in table.groupby("label", sort=False):
+        best = group.loc[group["value"].idxmax()]
+        against = "" if pd.isna(best["delta_pts"]) else f" ({best['delta_pts']:+.2f} pt against FP32)"
+        section.findings.append(f"{label}: best at rank {int(best['rank'])} with {best['value']:.2f}{against}, "
+                                f"{len(group)} ranks from one run.")
+    if len(deltas) == 0:
+        section.findings.append("No FP32 run on the same dev data was given, so no rank is compared with FP32.")
+    page.table(section, "Metric per rank", table)
     return section
 
 
@@ -210,13 +237,14 @@ def _predictors(page: _Page, inputs: ReportInputs) -> Section:
     if inputs.sweep is not None:
         agreement = tables.damage_agreement(tables.results_table(inputs.sweep))
         if agreement["spearman"] is not None:
-            section.findings.append(f"Across {agreement['plans']} trained plans, the plan's predicted damage and "
-                                    f"its measured loss of accuracy have Spearman ρ = {agreement['spearman']:.2f}.")
+            section.findings.append(f"Across {agreement['plans']} plans trained in {agreement['mode']}, the plan's "
+                                    f"predicted damage and its measured loss of accuracy have Spearman "
+                                    f"ρ = {agreement['spearman']:.2f}.")
     return section
 
 
 BUILDERS: tuple[Callable[[_Page, ReportInputs], Section], ...] = (
-    _provenance, _sensitivity, _errors, _plan, _pareto, _predictors)
+    _provenance, _sensitivity, _errors, _plan, _pareto, _ranks, _predictors)
 
 
 def render_report(inputs: ReportInputs, out: str | Path, *, png_dir: str | Path | None = None) -> ReportResult:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -119,13 +120,64 @@ def spearman_table(predictions: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["bits", "modules", *PREDICTORS])
 
 
+REFERENCE_LABELS = {"int": "integer {bits}-bit", "int4": "int4 training ({bits}-bit)"}
+"""How a sweep's uniform reference runs (plan ``int8``, ``int4``, ...) are named, by mode."""
+
+
+def _label(plan: Any, mode: Any) -> str:
+    match = re.fullmatch(r"int(\d+)", str(plan))
+    if match and mode in REFERENCE_LABELS:
+        return REFERENCE_LABELS[mode].format(bits=match.group(1))
+    return str(plan)
+
+
 def results_table(sweep: SweepRecord) -> pd.DataFrame:
     """The sweep's rows (FP32 first) with weight megabytes, metric in points (`sweep_table`)."""
     frame = sweep_table(sweep)
     frame.insert(frame.columns.get_loc("weight_bytes") + 1, "weight_mb", frame["weight_bytes"].astype(float) / 1e6)
     frame.insert(frame.columns.get_loc("plan") + 1, "label",
-                 [f"integer {p[3:]}-bit" if str(p).startswith("int") else p for p in frame["plan"]])
+                 [_label(p, m) for p, m in zip(frame["plan"], frame["mode"], strict=True)])
     return frame
+
+
+def plan_modes(results: pd.DataFrame) -> list[str]:
+    """The modes that trained a budget's plans, in the order the rows give them (the sweep's first mode first)."""
+    return list(dict.fromkeys(results.loc[results["budget"].notna(), "mode"]))
+
+
+def rank_table(sweep: SweepRecord | None, runs: Mapping[str, RunRecord]) -> pd.DataFrame:
+    """Every qdylora run's metric at each evaluated rank, with the parameters it trains there, in points and
+    against FP32 (the sweep's reference, or the first FP32 run on the same dev data)."""
+    rows = []
+    if sweep is not None:
+        reference = sweep.fp32.get("metrics", {})
+        for row in sweep.rows:
+            label = f"{row['budget']} {row['plan']}" if row.get("budget") else str(row["plan"])
+            rows += _ranks(label, row["run"], row.get("rank_metrics") or {}, row.get("rank_parameters") or {},
+                           row.get("metric"), reference)
+    fp32 = next((r for r in runs.values() if r.mode == "fp32"), None)
+    for path, record in runs.items():
+        if not record.rank_metrics:
+            continue
+        same_data = fp32 is not None and fp32.data.get("dev_hash") == record.data.get("dev_hash")
+        metric = next(iter(record.metrics), None)
+        budget = (record.settings.get("plan") or {}).get("budget")
+        label = f"{budget} plan" if budget else f"{(record.settings.get('lora') or {}).get('base', 'plan')} base"
+        rows += _ranks(label, path, record.rank_metrics, record.rank_parameters, metric,
+                       fp32.metrics if same_data else {})
+    return pd.DataFrame(rows, columns=["label", "run", "rank", "trainable_parameters", "metric", "value",
+                                       "delta_pts"])
+
+
+def _ranks(label: str, run: str, metrics: Mapping[str, Mapping[str, float]], parameters: Mapping[str, int],
+           metric: str | None, reference: Mapping[str, float]) -> list[dict[str, Any]]:
+    rows = []
+    for rank in sorted(metrics, key=int):
+        value = metrics[rank].get(metric) if metric else None
+        delta = None if value is None or reference.get(metric) is None else 100 * (value - reference[metric])
+        rows.append({"label": label, "run": run, "rank": int(rank), "trainable_parameters": parameters.get(rank),
+                     "metric": metric, "value": None if value is None else 100 * value, "delta_pts": delta})
+    return rows
 
 
 def runs_table(runs: Mapping[str, RunRecord], metric: str | None = None) -> pd.DataFrame:
@@ -153,10 +205,11 @@ def runs_table(runs: Mapping[str, RunRecord], metric: str | None = None) -> pd.D
 
 
 def verdict_table(results: pd.DataFrame) -> pd.DataFrame:
-    """Per budget: the Hessian plan's metric against the best baseline of equal cost, and who wins."""
+    """Per budget and training mode: the Hessian plan's metric against the best baseline of equal cost, and
+    who wins."""
     rows = []
     planned = results[results["budget"].notna()]
-    for budget, group in planned.groupby("budget", sort=False):
+    for (budget, mode), group in planned.groupby(["budget", "mode"], sort=False):
         by_plan = dict(zip(group["plan"], group["value"]))
         hessian = by_plan.get("hessian")
         baselines = {p: v for p, v in by_plan.items() if p in BASELINE_PLANS and v is not None and not pd.isna(v)}
@@ -164,21 +217,24 @@ def verdict_table(results: pd.DataFrame) -> pd.DataFrame:
             continue
         best = max(baselines, key=baselines.get)
         margin = hessian - baselines[best]
-        rows.append({"budget": budget, "hessian": hessian, "best_baseline": best,
+        rows.append({"budget": budget, "mode": mode, "hessian": hessian, "best_baseline": best,
                      "best_baseline_value": baselines[best], "margin_pts": margin,
                      "delta_vs_fp32_pts": group.loc[group["plan"] == "hessian", "delta_pts"].iloc[0],
                      "hessian_ahead": bool(margin > 0)})
-    return pd.DataFrame(rows, columns=["budget", "hessian", "best_baseline", "best_baseline_value", "margin_pts",
-                                       "delta_vs_fp32_pts", "hessian_ahead"])
+    return pd.DataFrame(rows, columns=["budget", "mode", "hessian", "best_baseline", "best_baseline_value",
+                                       "margin_pts", "delta_vs_fp32_pts", "hessian_ahead"])
 
 
-def damage_agreement(results: pd.DataFrame) -> dict[str, Any]:
-    """Across every trained plan: does a larger predicted damage go with a larger measured loss of metric?"""
-    planned = results[results["predicted_damage"].notna() & results["value"].notna()]
+def damage_agreement(results: pd.DataFrame, mode: str | None = None) -> dict[str, Any]:
+    """Across every plan trained in ``mode`` (default: the first plan mode): does a larger predicted damage go
+    with a larger measured loss of metric?"""
+    modes = plan_modes(results)
+    mode = mode or (modes[0] if modes else None)
+    planned = results[results["predicted_damage"].notna() & results["value"].notna() & (results["mode"] == mode)]
     if len(planned) < 3 or planned["predicted_damage"].nunique() < 2 or planned["delta_pts"].nunique() < 2:
-        return {"plans": len(planned), "spearman": None}  # a rank correlation needs two distinct values a side
+        return {"mode": mode, "plans": len(planned), "spearman": None}  # a rank correlation needs 2 values a side
     rho = planned["predicted_damage"].astype(float).corr(-planned["delta_pts"].astype(float), method="spearman")
-    return {"plans": len(planned), "spearman": None if pd.isna(rho) else float(rho)}
+    return {"mode": mode, "plans": len(planned), "spearman": None if pd.isna(rho) else float(rho)}
 
 
 def provenance_table(records: Mapping[str, Any], sources: Mapping[str, str]) -> pd.DataFrame:

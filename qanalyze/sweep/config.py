@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from qanalyze.engine.int4 import Int4Spec
+from qanalyze.engine.lora import LoRAConfig
 from qanalyze.engine.train import TrainConfig
 from qanalyze.errors import ConfigError
 from qanalyze.plan.budget import parse_budget
@@ -15,8 +17,16 @@ from qanalyze.sensitivity.analyze import AnalyzeConfig
 PLAN_KINDS = ("hessian", *BASELINES)
 """The plans a sweep can make per budget: the Hessian-optimal one and the baselines of equal cost."""
 
-SWEEP_MODES = ("qat", "int", "ptq-dynamic")
-"""Engine modes a sweep can train its plans with (`qanalyze.engine.apply.MODES`)."""
+PLAN_MODES = ("qat", "int", "ptq-dynamic", "qdylora")
+"""Engine modes that follow each budget's plans (`qanalyze.engine.apply.MODES`); ``qdylora`` freezes a base
+at the plan's bits and trains dynamic-rank adapters on it."""
+
+REFERENCE_MODES = {"int4": 4}
+"""Engine modes with bits of their own, run once per sweep as a reference point on a uniform plan at these bits
+(``int4``: 4-bit training, Xi et al.) rather than once per budget."""
+
+SWEEP_MODES = (*PLAN_MODES, *REFERENCE_MODES)
+"""Every engine mode a sweep can run."""
 
 
 def budget_text(value: str | float) -> str:
@@ -31,15 +41,20 @@ def budget_text(value: str | float) -> str:
 
 @dataclass(frozen=True)
 class SweepConfig:
-    """One sweep: ``budgets`` x ``plans`` trained in ``mode``, plus uniform integer runs at ``integer_bits``."""
+    """One sweep: ``budgets`` x ``plans`` trained in each of ``modes`` (reference modes once), plus uniform
+    integer runs at ``integer_bits``. ``lora`` and ``eval_ranks`` configure the ``qdylora`` runs (their base is
+    always the plan's), ``int4`` the options of the ``int4`` run (`qanalyze.engine.int4.Int4Spec`)."""
 
     budgets: tuple[str, ...]
     plans: tuple[str, ...] = PLAN_KINDS
-    mode: str = "qat"
+    modes: tuple[str, ...] = ("qat",)
     integer_bits: tuple[int, ...] = (8, 16)
     plan: PlanConfig = field(default_factory=PlanConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=1))
     analysis: AnalyzeConfig = field(default_factory=AnalyzeConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    eval_ranks: tuple[int, ...] = (1, 2, 4, 8, 16)
+    int4: Int4Spec = field(default_factory=Int4Spec)
 
     def __post_init__(self) -> None:
         if not self.budgets:
@@ -52,15 +67,28 @@ class SweepConfig:
         if unknown or not self.plans:
             raise ConfigError(f"unknown plan kind(s) {', '.join(unknown) or '(none given)'}; known: "
                               f"{', '.join(PLAN_KINDS)}")
-        if self.mode not in SWEEP_MODES:
-            raise ConfigError(f"sweep mode {self.mode!r} is not one of {', '.join(SWEEP_MODES)}")
+        unknown = [m for m in self.modes if m not in SWEEP_MODES]
+        if unknown or not self.modes:
+            raise ConfigError(f"sweep mode(s) {', '.join(map(repr, unknown)) or '(none given)'} not among "
+                              f"{', '.join(SWEEP_MODES)}")
+        if len(set(self.modes)) != len(self.modes):
+            raise ConfigError(f"modes repeat: {', '.join(self.modes)}")
+        if "qdylora" in self.modes and self.lora.base != "plan":
+            raise ConfigError("a sweep's qdylora runs take their base from each plan (LoRAConfig base 'plan'); "
+                              "an NF4 base is one run: qanalyze train --mode qdylora --base nf4")
+        bad_ranks = [r for r in self.eval_ranks if isinstance(r, bool) or not isinstance(r, int) or r < 1]
+        if bad_ranks:
+            raise ConfigError(f"evaluation ranks must be positive integers, not {bad_ranks}")
         for bits in self.integer_bits:
             if not 2 <= bits <= 16:
                 raise ConfigError(f"integer reference bits must lie in 2..16, got {bits}")
 
     def recorded(self) -> dict[str, Any]:
         """The settings as written to sweep.json."""
-        return {"budgets": list(self.budgets), "plans": list(self.plans), "mode": self.mode,
+        return {"budgets": list(self.budgets), "plans": list(self.plans), "modes": list(self.modes),
                 "integer_bits": list(self.integer_bits), "plan": self.plan.recorded(),
+                **({"lora": asdict(self.lora), "eval_ranks": list(self.eval_ranks)} if "qdylora" in self.modes
+                   else {}),
+                **({"int4": asdict(self.int4)} if "int4" in self.modes else {}),
                 "train": self.train.numbers(),
                 "analysis": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self.analysis).items()}}

@@ -6,7 +6,7 @@ Layout of ``OUT``::
     fp32.json                 the FP32 model evaluated on the sweep's dev set (the reference line)
     sensitivity.json          made by `analyze` when no sensitivity file is given
     plans/plan-4bit.json      the Hessian plan; plan-4bit.uniform.json, ... its baselines
-    plans/uniform-8.int.json  the uniform integer reference plans
+    plans/uniform-8.int.json  the uniform integer reference plans (and uniform-4.int4.json for --modes int4)
     runs/4bit-hessian-qat/    one run directory per distinct (plan, mode)
     sweep.json, sweep.csv     the collected rows, rewritten after every run
 
@@ -23,7 +23,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,7 @@ from qanalyze.plan.uniform import uniform_plan
 from qanalyze.records import BitPlan, RunRecord, SensitivityReport, SweepRecord, atomic_write_json, utc_now
 from qanalyze.rundir import METRICS_FILE, checkpoint_dir, is_finished_run, prepare_run_dir
 from qanalyze.sensitivity.analyze import analyze, partial_path
-from qanalyze.sweep.config import SweepConfig
+from qanalyze.sweep.config import PLAN_MODES, REFERENCE_MODES, SweepConfig
 from qanalyze.sweep.table import write_table
 
 FP32_FILE = "fp32.json"
@@ -164,6 +164,7 @@ def _plan_runs(loaded: LoadedModel, config: SweepConfig, out: Path, report: Sens
     architecture = {info.name: list(info.shape) for info in inventory(loaded.model)}
     plans = out / "plans"
     runs = []
+    plan_modes = [mode for mode in config.modes if mode in PLAN_MODES]
     for budget in config.budgets:
         parsed = parse_budget(budget)
         for kind in config.plans:
@@ -171,13 +172,18 @@ def _plan_runs(loaded: LoadedModel, config: SweepConfig, out: Path, report: Sens
             record = make_plan(report, parsed, config.plan, sensitivity_path=source, baseline=baseline)
             check_plan(record, architecture)
             stem = f"plan-{budget}" + (f".{kind}" if baseline else "")
-            runs.append(SweepRun(f"{budget}-{kind}-{config.mode}", budget, kind, config.mode, record,
-                                 plans / f"{stem}.json"))
+            runs += [SweepRun(f"{budget}-{kind}-{mode}", budget, kind, mode, record, plans / f"{stem}.json")
+                     for mode in plan_modes]
     kinds = tuple(get_mode("int").builders)
     for bits in config.integer_bits:
         record = uniform_plan(loaded.model, bits, kinds=kinds)
         runs.append(SweepRun(f"uniform{bits}-int", None, f"int{bits}", "int", record,
                              plans / f"uniform-{bits}.int.json"))
+    for mode, bits in REFERENCE_MODES.items():
+        if mode in config.modes:
+            record = uniform_plan(loaded.model, bits, kinds=tuple(get_mode(mode).builders))
+            runs.append(SweepRun(f"uniform{bits}-{mode}", None, mode, mode, record,
+                                 plans / f"uniform-{bits}.{mode}.json"))
     for run in runs:
         run.record.save(run.path)
     return runs
@@ -187,7 +193,11 @@ def _matches(record: RunRecord, run: SweepRun, config: SweepConfig, data: TaskDa
              identity: dict[str, Any]) -> bool:
     saved = record.settings
     same_settings = all(saved.get(k) == v for k, v in config.train.numbers().items())
-    return (record.mode == run.mode and same_settings and record.data.get("hash") == data.identity.get("hash")
+    # compared as JSON holds them: a tuple setting comes back from metrics.json as a list
+    same_mode_settings = saved.get("lora") == _as_json(_lora(config, run)) and \
+        saved.get("mode_options", {}) == _as_json(_options(config, run) or {})
+    return (record.mode == run.mode and same_settings and same_mode_settings
+            and record.data.get("hash") == data.identity.get("hash")
             and saved.get("plan", {}).get("sha256") == plan_hash(run.record)
             and record.model.get("weights_hash") == identity.get("weights_hash"))
 
@@ -202,8 +212,10 @@ def _train_or_reuse(model: str, data: TaskData, config: SweepConfig, folder: Pat
     def attempt(resume: bool) -> RunRecord:
         loaded = load_model(model, num_labels=data.task.num_labels)
         prepare_run_dir(folder, overwrite=not resume, resume=resume)
+        lora = config.lora if run.mode == "qdylora" else None
         return train(loaded, data, config.train, folder, resume=resume, on_step=hooks.on_step,
-                     plan=run.record, mode=run.mode, plan_source=str(run.path))
+                     plan=run.record, mode=run.mode, plan_source=str(run.path), lora=lora,
+                     eval_ranks=config.eval_ranks, options=_options(config, run))
 
     try:
         if checkpoint_dir(folder) is not None and not is_finished_run(folder):
@@ -219,6 +231,20 @@ def _train_or_reuse(model: str, data: TaskData, config: SweepConfig, folder: Pat
         return None, f"diverged: {' '.join(str(exc).split())}"
 
 
+def _as_json(value: Any) -> Any:
+    return json.loads(json.dumps(value))
+
+
+def _lora(config: SweepConfig, run: SweepRun) -> dict[str, Any] | None:
+    """The LoRA settings a run of this mode records (`qanalyze.engine.train.train`), or None."""
+    return asdict(config.lora) if run.mode == "qdylora" else None
+
+
+def _options(config: SweepConfig, run: SweepRun) -> dict[str, Any] | None:
+    """The mode options a run of this mode is trained with, or None."""
+    return asdict(config.int4) if run.mode == "int4" else None
+
+
 def _row(run: SweepRun, result: RunRecord | None, out: Path) -> dict[str, Any]:
     totals = run.record.totals
     return {
@@ -231,6 +257,8 @@ def _row(run: SweepRun, result: RunRecord | None, out: Path) -> dict[str, Any]:
         "activation_bits_mean": totals.get("activation_bits_mean"),
         "gradient_bits_mean": totals.get("gradient_bits_mean"),
         "metrics": dict(result.metrics) if result is not None else {},
+        "rank_metrics": dict(result.rank_metrics) if result is not None and result.rank_metrics else {},
+        "rank_parameters": dict(result.rank_parameters) if result is not None and result.rank_parameters else {},
         "train_seconds": result.timings.get("train_seconds") if result is not None else None,
         "step_seconds_median": result.timings.get("step_seconds_median") if result is not None else None,
     }

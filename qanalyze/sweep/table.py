@@ -8,22 +8,34 @@ import pandas as pd
 
 from qanalyze.records import SweepRecord, atomic_write_text
 
-COLUMNS = ("budget", "plan", "mode", "metric", "value", "delta_pts", "weight_bits_mean", "weight_bytes",
-           "compression", "predicted_damage", "activation_bits_mean", "gradient_bits_mean", "train_seconds",
-           "status", "run")
+COLUMNS = ("budget", "plan", "mode", "metric", "value", "delta_pts", "best_rank", "best_rank_value",
+           "weight_bits_mean", "weight_bytes", "compression", "predicted_damage", "activation_bits_mean",
+           "gradient_bits_mean", "train_seconds", "status", "run")
 
 
 def sweep_table(record: SweepRecord) -> pd.DataFrame:
-    """Every row of ``record`` (FP32 first) with the columns of `COLUMNS`; metrics in points (x100)."""
+    """Every row of ``record`` (FP32 first) with the columns of `COLUMNS`; metrics in points (x100). A qdylora
+    row's ``value`` is its full rank's; ``best_rank`` and ``best_rank_value`` give the best evaluated rank."""
     fp32 = record.fp32
     metric = record.rows[0]["metric"] if record.rows else next(iter(fp32.get("metrics", {})), None)
     first = {"budget": None, "plan": "fp32", "mode": "fp32", "metric": metric,
              "value": fp32.get("metrics", {}).get(metric), "delta_pts": 0.0, "weight_bits_mean": 32.0,
              "weight_bytes": fp32.get("weight_bytes"), "compression": 1.0, "status": "reference",
              "run": record.model.get("source")}
-    frame = pd.DataFrame([first, *record.rows], columns=list(COLUMNS))
+    frame = pd.DataFrame([first, *(_with_best_rank(row) for row in record.rows)], columns=list(COLUMNS))
     frame["value"] = frame["value"].astype(float) * 100
+    frame["best_rank_value"] = frame["best_rank_value"].astype(float) * 100
     return frame
+
+
+def _with_best_rank(row: dict) -> dict:
+    """A qdylora row's best evaluated rank and its metric (``value`` is the metric at the full rank)."""
+    ranks = {int(r): m.get(row.get("metric")) for r, m in (row.get("rank_metrics") or {}).items()}
+    ranks = {r: v for r, v in ranks.items() if v is not None}
+    if not ranks:
+        return row
+    best = max(sorted(ranks), key=ranks.get)  # the smallest rank among equals
+    return {**row, "best_rank": best, "best_rank_value": ranks[best]}
 
 
 def write_table(record: SweepRecord, path: str | Path) -> None:

@@ -78,6 +78,16 @@ def test_qat_mode_refuses_a_planned_layer_norm_by_name():
     assert isinstance(model.bert.encoder.layer[0].intermediate.dense, QATLinear)
 
 
+def test_int4_refuses_a_plan_with_other_bits_instead_of_running_it_at_4():
+    model = _bert()
+    with pytest.raises(ConfigError, match=r"int4 trains weights and activations at 4 bits, but the plan gives "
+                                          r"bert\.embeddings\.word_embeddings weight 8, activation 8 bits"):
+        apply_plan(model, uniform_plan(model, 8), "int4")
+    assert not swapped_modules(model)  # refused before anything was swapped
+    applied = apply_plan(model, uniform_plan(model, 4), "int4")
+    assert len(applied.specs) == len(swapped_modules(model)) > 0
+
+
 def test_a_plan_for_another_architecture_is_refused_by_module_name():
     plan = uniform_plan(_bert(layers=2), 8)
     with pytest.raises(ConfigError, match=r"layer\.2"):

@@ -94,15 +94,22 @@ def write_sweep_folder(folder: Path, *, hessian_wins: bool = True) -> Path:
                              "activation_bits_mean", "gradient_bits_mean")},
                          "metrics": {"accuracy": value}, "metric": "accuracy", "value": value,
                          "delta_pts": 100 * (value - 0.85), "status": "trained", "train_seconds": 60.0})
-    for bits, value in ((8, 0.83), (16, 0.85)):
-        rows.append({"budget": None, "plan": f"int{bits}", "mode": "int", "run": f"runs/uniform{bits}-int",
-                     "plan_file": f"plans/uniform-{bits}.int.json", "weight_bits_mean": bits,
-                     "weight_bytes": int(rows[0]["weight_bytes"] * bits / 3), "compression": 32 / bits,
-                     "metrics": {"accuracy": value}, "metric": "accuracy", "value": value,
+    # qdylora on the 4-bit plans: one run each, evaluated at every rank (the curve rises to rank 4, then flattens)
+    for row in [r for r in rows if r["budget"] == "4bit" and r["plan"] in ("hessian", "uniform")]:
+        shift = 0.0 if row["plan"] == "hessian" else 0.01
+        curve = {str(r): {"accuracy": 0.80 + 0.01 * min(r, 4) - shift} for r in (1, 2, 4, 8)}
+        rows.append({**row, "mode": "qdylora", "run": f"runs/4bit-{row['plan']}-qdylora", "rank_metrics": curve,
+                     "rank_parameters": {r: 64 * int(r) + 66 for r in curve}, "metrics": curve["8"],
+                     "value": curve["8"]["accuracy"], "delta_pts": 100 * (curve["8"]["accuracy"] - 0.85)})
+    for bits, value, mode in ((8, 0.83, "int"), (16, 0.85, "int"), (4, 0.835, "int4")):
+        rows.append({"budget": None, "plan": f"int{bits}" if mode == "int" else mode, "mode": mode,
+                     "run": f"runs/uniform{bits}-{mode}", "plan_file": f"plans/uniform-{bits}.{mode}.json",
+                     "weight_bits_mean": bits, "weight_bytes": int(rows[0]["weight_bytes"] * bits / 3),
+                     "compression": 32 / bits, "metrics": {"accuracy": value}, "metric": "accuracy", "value": value,
                      "delta_pts": 100 * (value - 0.85), "status": "trained", "train_seconds": 90.0})
     fp32_bytes = int(rows[0]["weight_bytes"] * 32 / 3)
     SweepRecord(model=sensitivity.model, data={"task": "sst2", "train_examples": 2000, "hash": "cd" * 32},
-                settings={"budgets": ["3bit", "4bit", "8bit"], "mode": "qat", "train": {"lr": 2e-5, "epochs": 1}},
+                settings={"budgets": ["3bit", "4bit", "8bit"], "modes": ["qat", "qdylora", "int4"], "train": {"lr": 2e-5, "epochs": 1}},
                 sensitivity={"path": str(folder / "sensitivity.json")},
                 fp32={"metrics": {"accuracy": 0.85}, "examples": 872, "weight_bytes": fp32_bytes},
                 rows=rows, complete=True).save(folder / "sweep.json")

@@ -10,12 +10,14 @@ from qanalyze.report.tables import (
     error_table,
     plan_table,
     predictor_table,
+    rank_table,
     results_table,
     sensitivity_table,
     short_name,
     spearman_table,
     verdict_table,
 )
+from qanalyze.sweep.table import sweep_table
 
 from .conftest import write_sweep_folder
 
@@ -59,15 +61,38 @@ def test_plan_table_marks_float_modules(sweep_folder):
 
 
 def test_verdict_says_plainly_when_the_hessian_plan_loses(tmp_path, sweep_folder):
-    wins = verdict_table(results_table(SweepRecord.load(sweep_folder / "sweep.json")))
-    assert list(wins["budget"]) == ["3bit", "4bit", "8bit"] and wins["hessian_ahead"].all()
+    verdicts = verdict_table(results_table(SweepRecord.load(sweep_folder / "sweep.json")))
+    assert list(zip(verdicts["budget"], verdicts["mode"])) == [("3bit", "qat"), ("4bit", "qat"), ("8bit", "qat"),
+                                                               ("4bit", "qdylora")]
+    wins = verdicts[verdicts["mode"] == "qat"]
+    assert wins["hessian_ahead"].all()
     assert wins.set_index("budget").loc["4bit", "margin_pts"] == pytest.approx(0.8)
+    # qdylora compares its own runs: the Hessian-plan base 1 pt ahead of the uniform one (the only baseline run)
+    lora = verdicts[verdicts["mode"] == "qdylora"].iloc[0]
+    assert lora["best_baseline"] == "uniform" and lora["margin_pts"] == pytest.approx(1.0)
     losing = write_sweep_folder(tmp_path, hessian_wins=False)
     loses = verdict_table(results_table(SweepRecord.load(losing / "sweep.json")))
+    loses = loses[loses["mode"] == "qat"]
     assert not loses["hessian_ahead"].any()
     assert loses.set_index("budget").loc["4bit", "best_baseline"] == "reversed"
 
 
 def test_damage_agreement_ranks_plans(sweep_folder):
-    agreement = damage_agreement(results_table(SweepRecord.load(sweep_folder / "sweep.json")))
-    assert agreement["plans"] == 12 and -1 <= agreement["spearman"] <= 1
+    results = results_table(SweepRecord.load(sweep_folder / "sweep.json"))
+    agreement = damage_agreement(results)  # the first plan mode: qat's 12 plans, not qdylora's 2
+    assert agreement["mode"] == "qat" and agreement["plans"] == 12 and -1 <= agreement["spearman"] <= 1
+    assert damage_agreement(results, "qdylora") == {"mode": "qdylora", "plans": 2, "spearman": None}
+
+
+def test_rank_table_reads_qdylora_rows_and_runs(sweep_folder):
+    sweep = SweepRecord.load(sweep_folder / "sweep.json")
+    table = rank_table(sweep, {})
+    assert list(table["label"].unique()) == ["4bit hessian", "4bit uniform"]
+    hessian = table[table["label"] == "4bit hessian"]
+    assert list(hessian["rank"]) == [1, 2, 4, 8] and list(hessian["trainable_parameters"]) == [130, 194, 322, 578]
+    assert hessian["value"].tolist() == pytest.approx([81.0, 82.0, 84.0, 84.0])
+    assert hessian["delta_pts"].tolist() == pytest.approx([-4.0, -3.0, -1.0, -1.0])
+    table = sweep_table(sweep)
+    best = table[(table["mode"] == "qdylora") & (table["plan"] == "hessian")].iloc[0]
+    assert best["best_rank"] == 4 and best["best_rank_value"] == pytest.approx(84.0)  # the smaller of equal ranks
+    assert rank_table(None, {}).empty

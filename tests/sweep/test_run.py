@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 
 from qanalyze.data import load_task
+from qanalyze.engine.lora import LoRAConfig
 from qanalyze.engine.train import TrainConfig, TrainingInterrupted
 from qanalyze.errors import ConfigError
 from qanalyze.records import SweepRecord
@@ -22,7 +23,7 @@ def sst2(glue_dir):
 
 
 def _config(**overrides):
-    settings = dict(budgets=("2bit", "4bit"), mode="qat", integer_bits=(8,),
+    settings = dict(budgets=("2bit", "4bit"), modes=("qat",), integer_bits=(8,),
                     train=TrainConfig(epochs=1, batch_size=16, max_length=24, save_every=1),
                     analysis=AnalyzeConfig(batches=2, batch_size=8, max_length=24, trace_max_probes=4,
                                            trace_min_probes=2, eig_max_iter=10,
@@ -111,9 +112,46 @@ def test_bad_sweeps_are_refused_before_any_work(tmp_path, minilm_dir, sst2):
         _config(plans=("hessian", "best"))
     with pytest.raises(ConfigError, match="budget"):
         _config(budgets=("four",))
-    with pytest.raises(ConfigError, match="mode"):
-        _config(mode="fp32")
+    with pytest.raises(ConfigError, match="'fp32' not among qat, int, ptq-dynamic, qdylora, int4"):
+        _config(modes=("qat", "fp32"))
+    with pytest.raises(ConfigError, match="modes repeat"):
+        _config(modes=("qat", "qat"))
+    with pytest.raises(ConfigError, match="base from each plan"):
+        _config(modes=("qdylora",), lora=LoRAConfig(base="nf4"))
+    with pytest.raises(ConfigError, match="positive integers"):
+        _config(eval_ranks=(0, 2))
     with pytest.raises(ConfigError, match="no trained sst2 head"):
         sweep(str(minilm_dir), sst2, _config(), tmp_path / "out")
     assert not (tmp_path / "out" / "sweep.json").exists()
     assert budget_text("4") == "4bit" and budget_text("3.5") == "3.5bit" and budget_text("12MB") == "12MB"
+
+
+def test_qdylora_follows_every_plan_and_int4_runs_once(tmp_path, tiny_bert_dir, sst2):
+    config = _config(budgets=("4bit",), plans=("hessian", "uniform"), modes=("qat", "qdylora", "int4"),
+                     integer_bits=(), lora=LoRAConfig(rank=4), eval_ranks=(1, 2, 4))
+    record = sweep(str(tiny_bert_dir), sst2, config, tmp_path)
+    assert [(r["budget"], r["plan"], r["mode"]) for r in record.rows] == [
+        ("4bit", "hessian", "qat"), ("4bit", "hessian", "qdylora"), ("4bit", "uniform", "qat"),
+        ("4bit", "uniform", "qdylora"), (None, "int4", "int4")]
+    assert record.settings["modes"] == ["qat", "qdylora", "int4"] and record.settings["lora"]["rank"] == 4
+    for row in record.rows:
+        assert row["status"] == "trained" and 0 <= row["value"] <= 1, row
+        trained = json.loads((tmp_path / row["run"] / "metrics.json").read_text())
+        assert trained["mode"] == row["mode"]
+    for row in (r for r in record.rows if r["mode"] == "qdylora"):
+        # one run, cut at every rank: the parameters it trains grow with the rank by r x (in + out) per adapter
+        assert sorted(row["rank_metrics"], key=int) == ["1", "2", "4"]
+        params = [row["rank_parameters"][r] for r in ("1", "2", "4")]
+        assert params[1] - params[0] == (params[2] - params[1]) / 2 > 0
+    int4 = record.rows[-1]
+    assert int4["weight_bits_mean"] == 4 and (tmp_path / int4["plan_file"]).name == "uniform-4.int4.json"
+    table = sweep_table(record)
+    assert table.loc[table["mode"] == "qdylora", "best_rank"].notna().all()
+    assert table.loc[table["mode"] == "qat", "best_rank"].isna().all()
+    # the LoRA settings are part of what a finished run must match to be reused
+    again = sweep(str(tiny_bert_dir), sst2, config, tmp_path)
+    assert {r["status"] for r in again.rows} == {"reused"}
+    changed = sweep(str(tiny_bert_dir), sst2, _config(budgets=("4bit",), plans=("hessian",), modes=("qdylora",),
+                                                      integer_bits=(), lora=LoRAConfig(rank=2), eval_ranks=(1, 2)),
+                    tmp_path)
+    assert [r["status"] for r in changed.rows] == ["trained"]
