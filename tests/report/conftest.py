@@ -109,7 +109,8 @@ def write_sweep_folder(folder: Path, *, hessian_wins: bool = True) -> Path:
                      "delta_pts": 100 * (value - 0.85), "status": "trained", "train_seconds": 90.0})
     fp32_bytes = int(rows[0]["weight_bytes"] * 32 / 3)
     SweepRecord(model=sensitivity.model, data={"task": "sst2", "train_examples": 2000, "hash": "cd" * 32},
-                settings={"budgets": ["3bit", "4bit", "8bit"], "modes": ["qat", "qdylora", "int4"], "train": {"lr": 2e-5, "epochs": 1}},
+                settings={"budgets": ["3bit", "4bit", "8bit"], "modes": ["qat", "qdylora", "int4"],
+                          "train": {"lr": 2e-5, "epochs": 1}},
                 sensitivity={"path": str(folder / "sensitivity.json")},
                 fp32={"metrics": {"accuracy": 0.85}, "examples": 872, "weight_bytes": fp32_bytes},
                 rows=rows, complete=True).save(folder / "sweep.json")
