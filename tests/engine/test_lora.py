@@ -14,6 +14,7 @@ from qanalyze.engine.lora import (
     adapters,
     apply_qdylora,
     set_rank,
+    trainable_parameters,
 )
 from qanalyze.errors import ConfigError
 from qanalyze.plan.uniform import uniform_plan
@@ -275,6 +276,15 @@ def test_apply_qdylora_with_an_nf4_base_and_no_plan():
     # adapter generators are seeded from the seed and the position: the same seed builds the same adapters
     again = apply_qdylora(_bert(), None, config, seed=0)
     assert all(torch.equal(built[name].lora_A, again[name].lora_A) for name in TARGETS)
+
+
+def test_trainable_parameters_count_the_adapters_cut_at_a_rank_and_the_head():
+    model = _bert()
+    apply_qdylora(model, None, LoRAConfig(rank=4, base="nf4"), seed=0)
+    head = sum(p.numel() for name, p in model.named_parameters() if name.startswith("classifier."))
+    # four 32 x 32 adapters (query and value of two layers): rank x (32 + 32) each
+    assert [trainable_parameters(model, r) for r in (1, 2, 4)] == [head + 4 * r * 64 for r in (1, 2, 4)]
+    assert trainable_parameters(model, 8) == trainable_parameters(model, 4)  # cut at the largest rank
 
 
 def test_apply_qdylora_names_the_patterns_when_nothing_matches():
