@@ -87,6 +87,9 @@ def _train_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 _INT4_OPTIONS = [
     click.option("--lss/--no-lss", default=True, show_default=True,
                  help="int4: leverage score sampling of the output gradient's rows (off: keep every non-zero row)."),
+    click.option("--lss-input/--no-lss-input", default=True, show_default=True,
+                 help="int4 with --lss: sample the rows of the input-gradient product too (off: only the weight "
+                      "gradient's, so the gradient passed to earlier layers is not sampled)."),
     click.option("--hq-block", type=click.IntRange(min=1, max=1024), default=None,
                  help="int4: Hadamard block size (a power of two; default: chosen per layer on the first batch)."),
 ]
@@ -120,7 +123,7 @@ def _lora_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _pop_int4_options(kw: dict[str, Any]) -> dict[str, Any]:
-    return {"lss": kw.pop("lss"), "block": kw.pop("hq_block")}
+    return {"lss": kw.pop("lss"), "lss_input": kw.pop("lss_input"), "block": kw.pop("hq_block")}
 
 
 def _pop_lora_options(kw: dict[str, Any], *, base: str = "plan",

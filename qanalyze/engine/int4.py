@@ -287,27 +287,33 @@ class Int4Spec:
     ``block``: Hadamard block size (power of two up to 1024), or None to choose it with
     `qanalyze.quant.hadamard.choose_block` on the first batch (modules only; the Function needs a size).
     ``lss``: leverage-score sampling of the output-gradient rows; off keeps every non-zero row.
+    ``lss_input``: with ``lss``, sample the rows that enter the input gradient too (scores ``‖G_i‖``), not
+    only those of the weight gradient (scores ``‖G_i‖·‖X_i‖``). The input gradient flows on to every earlier
+    layer, so its sampling noise compounds with depth; False keeps that product whole.
     ``keep_fraction``: with ``lss``, the expected fraction of the non-zero rows kept, in (0, 1].
     """
 
     block: int | None = None
     lss: bool = True
     keep_fraction: float = 0.5
+    lss_input: bool = True
 
     def __post_init__(self) -> None:
         if self.block is not None:
             check_block(self.block)
-        if not isinstance(self.lss, bool):
-            raise ConfigError(f"lss must be True or False, not {self.lss!r}")
+        for name in ("lss", "lss_input"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be True or False, not {getattr(self, name)!r}")
         fraction = self.keep_fraction
         if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0 < fraction <= 1:
             raise ConfigError(f"keep_fraction must be a number in (0, 1], not {fraction!r}")
 
 
-def _sample(g: torch.Tensor, scores: torch.Tensor, spec: Int4Spec, generator: torch.Generator
-            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The rows of ``g`` that enter a backward product and their reweighted values (see `lss_sample`)."""
-    if not spec.lss:
+def _sample(g: torch.Tensor, scores: torch.Tensor, spec: Int4Spec, generator: torch.Generator, *,
+            sample: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of ``g`` that enter a backward product and their reweighted values (see `lss_sample`);
+    every non-zero row when ``spec.lss`` or ``sample`` is off."""
+    if not (spec.lss and sample):
         # rows of zero score contribute nothing: skipping them is exact (padding tokens, masked losses)
         kept = torch.nonzero(scores > 0).squeeze(1)
         return kept, g[kept]
@@ -331,7 +337,7 @@ def _input_side(g: torch.Tensor, w_codes: torch.Tensor, step_w: torch.Tensor, sp
                 generator: torch.Generator) -> torch.Tensor:
     """``∂L/∂Q(X̃) ≈ G · Q(W̃)`` (N x D, float32) from integer products of the split, sampled rows of G."""
     out = torch.zeros(g.shape[0], w_codes.shape[1], dtype=torch.float32, device=g.device)
-    kept, rows = _sample(g, g.norm(dim=1), spec, generator)
+    kept, rows = _sample(g, g.norm(dim=1), spec, generator, sample=spec.lss_input)
     if kept.numel():
         split = bit_split(rows, generator)
         product = int_mm(torch.cat((split.hi, split.lo)), w_codes, bits_a=_SPLIT_BITS, bits_b=_LSQ_BITS)
@@ -505,7 +511,8 @@ class Int4Linear(_Swapped):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._prepare(x)
-        spec = Int4Spec(block=self.block, lss=self.int4.lss, keep_fraction=self.int4.keep_fraction)
+        spec = Int4Spec(block=self.block, lss=self.int4.lss, keep_fraction=self.int4.keep_fraction,
+                        lss_input=self.int4.lss_input)
         return Int4LinearFunction.apply(x, self.matrix(), self.bias, spec, self.s_x, self.s_w, self.generator,
                                         self._weight_for_forward())
 

@@ -284,6 +284,20 @@ def test_backward_with_lss_is_unbiased():
         assert abs(float(projected.mean()) - float(exact[start:stop] @ weights)) < 3 * stderr
 
 
+def test_lss_for_the_weight_gradient_only_leaves_the_input_gradient_unsampled():
+    x, w, b = _layer(n=16, d=16, o=6, seed=11)
+    k = 4
+    s_x, s_w = lsq_init(block_hadamard(x, k)), lsq_init(block_hadamard(w, k))
+    upstream = torch.randn(16, 6, generator=_gen(12)) * torch.rand(16, 1, generator=_gen(13))
+    weight_only = Int4Spec(block=k, lss=True, keep_fraction=0.25, lss_input=False)
+    # the input side runs first and, unsampled, draws exactly what the no-lss path draws (the split's rounding)
+    unsampled = _int4_grads(x, w, b, s_x, s_w, Int4Spec(block=k, lss=False), upstream, _gen(3))[1]
+    sampled = _int4_grads(x, w, b, s_x, s_w, weight_only, upstream, _gen(3))[1]
+    assert torch.equal(sampled[0], unsampled[0]) and torch.equal(sampled[3], unsampled[3])
+    # while the weight gradient is sampled: a quarter of the rows kept, reweighted, so it differs
+    assert not torch.equal(sampled[1], unsampled[1])
+
+
 def test_function_needs_a_block_size():
     x, w, b = _layer()
     with pytest.raises(ConfigError, match="concrete Hadamard block size"):
@@ -292,7 +306,8 @@ def test_function_needs_a_block_size():
         Int4LinearFunction.apply(x, w, b, Int4Spec(block=64), torch.tensor(1.0), torch.tensor(1.0), _gen(0), None)
 
 
-@pytest.mark.parametrize("kwargs", [{"block": 3}, {"block": 2048}, {"lss": 1}, {"keep_fraction": 0},
+@pytest.mark.parametrize("kwargs", [{"block": 3}, {"block": 2048}, {"lss": 1}, {"lss_input": "no"},
+                                    {"keep_fraction": 0},
                                     {"keep_fraction": 1.5}, {"keep_fraction": True}])
 def test_int4_spec_validation(kwargs):
     with pytest.raises(ConfigError):
