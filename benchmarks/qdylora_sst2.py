@@ -32,6 +32,8 @@ def main() -> None:
     parser.add_argument("--base", default="nf4", help="nf4, or a plan file / uniform:4 for a plan base")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--lr", default="1e-3")
+    parser.add_argument("--targets", default="query,value", help="--lora-targets (DyLoRA's default: query, value)")
+    parser.add_argument("--update", default="frozen", choices=("frozen", "all"), help="--dylora-update")
     parser.add_argument("--fp32", default=str(ROOT / "runs/bench/sst2-fp32"))
     parser.add_argument("--out", default=str(ROOT / "runs/bench/qdylora"))
     args = parser.parse_args()
@@ -48,6 +50,7 @@ def main() -> None:
     base = ["--base", "nf4"] if args.base == "nf4" else ["--base", "plan", "--plan", args.base]
     out = Path(args.out)
     _run(["train", "minilm-l6", "--mode", "qdylora", *base, "--lora-rank", str(args.rank), "--lr", args.lr,
+          "--lora-targets", args.targets, "--dylora-update", args.update,
           "--eval-ranks", ",".join(str(r) for r in (1, 2, 4, 8, 16, 32) if r <= args.rank), *common,
           "--out", str(out), "--overwrite"])
     record = json.loads((out / "metrics.json").read_text())
@@ -55,7 +58,9 @@ def main() -> None:
     print(f"fp32 full fine-tuning: {reference:.2f}  ({fp32_record['timings']['train_seconds']:.0f} s training)")
     curve = {int(r): 100 * m["accuracy"] for r, m in record["rank_metrics"].items()}
     for rank, value in sorted(curve.items()):
-        print(f"qdylora {args.base} base, rank {rank:>2}: {value:.2f}  ({value - reference:+.2f} pt)")
+        params = record.get("rank_parameters", {}).get(str(rank))
+        print(f"qdylora {args.base} base, rank {rank:>2}: {value:.2f}  ({value - reference:+.2f} pt), "
+              f"{params if params is not None else '?'} trainable parameters")
     best = max(curve, key=curve.get)
     loss = reference - curve[best]
     print(f"best rank {best}: {loss:.2f} pt below FP32 = {loss / BOUND:.2f} x the {BOUND} pt bound: "
