@@ -196,6 +196,9 @@ def _matches(record: RunRecord, run: SweepRun, config: SweepConfig, data: TaskDa
     # compared as JSON holds them: a tuple setting comes back from metrics.json as a list
     same_mode_settings = saved.get("lora") == _as_json(_lora(config, run)) and \
         saved.get("mode_options", {}) == _as_json(_options(config, run) or {})
+    if run.mode == "qdylora":  # a run evaluated at other ranks lacks some points of the rank curve
+        wanted = {str(r) for r in config.eval_ranks if r <= config.lora.rank}
+        same_mode_settings = same_mode_settings and set(record.rank_metrics) == wanted
     return (record.mode == run.mode and same_settings and same_mode_settings
             and record.data.get("hash") == data.identity.get("hash")
             and saved.get("plan", {}).get("sha256") == plan_hash(run.record)

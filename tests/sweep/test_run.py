@@ -1,5 +1,6 @@
 """sweep() end to end on a tiny BERT with real SST-2 sentences: rows, baselines, reuse and resume."""
 
+import dataclasses
 import json
 
 import pandas as pd
@@ -151,6 +152,8 @@ def test_qdylora_follows_every_plan_and_int4_runs_once(tmp_path, tiny_bert_dir, 
     # the LoRA settings are part of what a finished run must match to be reused
     again = sweep(str(tiny_bert_dir), sst2, config, tmp_path)
     assert {r["status"] for r in again.rows} == {"reused"}
+    other_ranks = dataclasses.replace(config, modes=("qdylora",), plans=("hessian",), eval_ranks=(2, 4))
+    assert [r["status"] for r in sweep(str(tiny_bert_dir), sst2, other_ranks, tmp_path).rows] == ["trained"]
     changed = sweep(str(tiny_bert_dir), sst2, _config(budgets=("4bit",), plans=("hessian",), modes=("qdylora",),
                                                       integer_bits=(), lora=LoRAConfig(rank=2), eval_ranks=(1, 2)),
                     tmp_path)
