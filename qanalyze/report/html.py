@@ -165,6 +165,10 @@ def _plan(page: _Page, inputs: ReportInputs) -> Section:
 
 def _finding(row: pd.Series, several_modes: bool) -> str:
     where = f"{row['budget']} ({row['mode']})" if several_modes else row["budget"]
+    if row["identical_plans"]:
+        return (f"At {where} every baseline is the Hessian plan itself (one trained run, {row['hessian']:.2f}, "
+                f"{row['delta_vs_fp32_pts']:+.2f} pt against FP32): only one plan fits this budget, so there is "
+                "nothing to compare.")
     if row["hessian_ahead"]:
         return (f"At {where} the Hessian plan reaches {row['hessian']:.2f} ({row['delta_vs_fp32_pts']:+.2f} pt "
                 f"against FP32), {row['margin_pts']:.2f} pt ahead of the best baseline ({row['best_baseline']}).")

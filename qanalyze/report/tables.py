@@ -206,7 +206,7 @@ def runs_table(runs: Mapping[str, RunRecord], metric: str | None = None) -> pd.D
 
 def verdict_table(results: pd.DataFrame) -> pd.DataFrame:
     """Per budget and training mode: the Hessian plan's metric against the best baseline of equal cost, and
-    who wins."""
+    who wins; ``identical_plans`` when every baseline came out as the Hessian plan itself (nothing to compare)."""
     rows = []
     planned = results[results["budget"].notna()]
     for (budget, mode), group in planned.groupby(["budget", "mode"], sort=False):
@@ -217,12 +217,13 @@ def verdict_table(results: pd.DataFrame) -> pd.DataFrame:
             continue
         best = max(baselines, key=baselines.get)
         margin = hessian - baselines[best]
+        copies = group.loc[group["plan"].isin(list(baselines)), "status"].astype(str).str.startswith("same as")
         rows.append({"budget": budget, "mode": mode, "hessian": hessian, "best_baseline": best,
                      "best_baseline_value": baselines[best], "margin_pts": margin,
                      "delta_vs_fp32_pts": group.loc[group["plan"] == "hessian", "delta_pts"].iloc[0],
-                     "hessian_ahead": bool(margin > 0)})
+                     "hessian_ahead": bool(margin > 0), "identical_plans": bool(copies.all())})
     return pd.DataFrame(rows, columns=["budget", "mode", "hessian", "best_baseline", "best_baseline_value",
-                                       "margin_pts", "delta_vs_fp32_pts", "hessian_ahead"])
+                                       "margin_pts", "delta_vs_fp32_pts", "hessian_ahead", "identical_plans"])
 
 
 def damage_agreement(results: pd.DataFrame, mode: str | None = None) -> dict[str, Any]:
@@ -230,7 +231,9 @@ def damage_agreement(results: pd.DataFrame, mode: str | None = None) -> dict[str
     with a larger measured loss of metric?"""
     modes = plan_modes(results)
     mode = mode or (modes[0] if modes else None)
-    planned = results[results["predicted_damage"].notna() & results["value"].notna() & (results["mode"] == mode)]
+    copies = results["status"].astype(str).str.startswith("same as")  # one trained run counted once
+    planned = results[results["predicted_damage"].notna() & results["value"].notna() & (results["mode"] == mode)
+                      & ~copies]
     if len(planned) < 3 or planned["predicted_damage"].nunique() < 2 or planned["delta_pts"].nunique() < 2:
         return {"mode": mode, "plans": len(planned), "spearman": None}  # a rank correlation needs 2 values a side
     rho = planned["predicted_damage"].astype(float).corr(-planned["delta_pts"].astype(float), method="spearman")

@@ -96,3 +96,15 @@ def test_rank_table_reads_qdylora_rows_and_runs(sweep_folder):
     best = table[(table["mode"] == "qdylora") & (table["plan"] == "hessian")].iloc[0]
     assert best["best_rank"] == 4 and best["best_rank_value"] == pytest.approx(84.0)  # the smaller of equal ranks
     assert rank_table(None, {}).empty
+
+
+def test_a_budget_where_every_baseline_is_the_hessian_plan_is_not_a_contest(sweep_folder):
+    results = results_table(SweepRecord.load(sweep_folder / "sweep.json"))
+    three = (results["budget"] == "3bit") & (results["mode"] == "qat")
+    hessian = results.loc[three & (results["plan"] == "hessian"), "value"].item()
+    copies = three & results["plan"].isin(["uniform", "random", "reversed"])
+    results.loc[copies, "value"] = hessian
+    results.loc[copies, "status"] = "same as runs/3bit-hessian-qat"
+    verdicts = verdict_table(results).set_index(["budget", "mode"])
+    assert verdicts.loc[("3bit", "qat"), "identical_plans"] and not verdicts.loc[("4bit", "qat"), "identical_plans"]
+    assert damage_agreement(results)["plans"] == 9  # the three copies of one run count once
