@@ -204,6 +204,13 @@ def runs_table(runs: Mapping[str, RunRecord], metric: str | None = None) -> pd.D
     return pd.DataFrame(rows)
 
 
+def _copies(results: pd.DataFrame) -> pd.Series:
+    """True for a sweep row that reuses another row's run (its plan came out identical); single runs have none."""
+    if "status" not in results:
+        return pd.Series(False, index=results.index)
+    return results["status"].astype(str).str.startswith("same as")
+
+
 def verdict_table(results: pd.DataFrame) -> pd.DataFrame:
     """Per budget and training mode: the Hessian plan's metric against the best baseline of equal cost, and
     who wins; ``identical_plans`` when every baseline came out as the Hessian plan itself (nothing to compare)."""
@@ -217,7 +224,7 @@ def verdict_table(results: pd.DataFrame) -> pd.DataFrame:
             continue
         best = max(baselines, key=baselines.get)
         margin = hessian - baselines[best]
-        copies = group.loc[group["plan"].isin(list(baselines)), "status"].astype(str).str.startswith("same as")
+        copies = _copies(group)[group["plan"].isin(list(baselines))]
         rows.append({"budget": budget, "mode": mode, "hessian": hessian, "best_baseline": best,
                      "best_baseline_value": baselines[best], "margin_pts": margin,
                      "delta_vs_fp32_pts": group.loc[group["plan"] == "hessian", "delta_pts"].iloc[0],
@@ -231,7 +238,7 @@ def damage_agreement(results: pd.DataFrame, mode: str | None = None) -> dict[str
     with a larger measured loss of metric?"""
     modes = plan_modes(results)
     mode = mode or (modes[0] if modes else None)
-    copies = results["status"].astype(str).str.startswith("same as")  # one trained run counted once
+    copies = _copies(results)  # one trained run counted once
     planned = results[results["predicted_damage"].notna() & results["value"].notna() & (results["mode"] == mode)
                       & ~copies]
     if len(planned) < 3 or planned["predicted_damage"].nunique() < 2 or planned["delta_pts"].nunique() < 2:
