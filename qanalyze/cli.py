@@ -26,24 +26,29 @@ def _console(quiet: bool) -> Any:
     return Console(stderr=True, quiet=quiet)
 
 
-def _data_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Options shared by every command that reads task data."""
-    options = [
-        click.option("--task", help="Task name (sst2, mrpc, rte, stsb, cola, qnli, mnli, qqp) or a task JSON file."),
-        click.option("--data", help="GLUE root or task folder, CSV/TSV/JSON/Parquet file or folder, or a "
-                                    "`datasets` hub name."),
-        click.option("--max-train-examples", type=click.IntRange(min=1), default=None,
-                     help="Use a subset of this many training examples (chosen by --seed)."),
-        click.option("--max-eval-examples", type=click.IntRange(min=1), default=None,
-                     help="Use a subset of this many evaluation examples (chosen by --seed)."),
-        click.option("--max-length", type=click.IntRange(min=8), default=None,
-                     help="Truncate inputs to this many tokens (default 128; batches pad dynamically)."),
-        click.option("--seed", type=int, default=0, show_default=True, help="Seed for subsets, order, init."),
-        click.option("--quiet", "-q", is_flag=True, help="No progress output; results only."),
-    ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
+def _option_group(*options: Callable[[Any], Any]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """A decorator adding ``options`` to a command, in the order given (shared by several commands)."""
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+    return decorate
+
+
+_data_options = _option_group(
+    click.option("--task", help="Task name (sst2, mrpc, rte, stsb, cola, qnli, mnli, qqp) or a task JSON file."),
+    click.option("--data", help="GLUE root or task folder, CSV/TSV/JSON/Parquet file or folder, or a "
+                                "`datasets` hub name."),
+    click.option("--max-train-examples", type=click.IntRange(min=1), default=None,
+                 help="Use a subset of this many training examples (chosen by --seed)."),
+    click.option("--max-eval-examples", type=click.IntRange(min=1), default=None,
+                 help="Use a subset of this many evaluation examples (chosen by --seed)."),
+    click.option("--max-length", type=click.IntRange(min=8), default=None,
+                 help="Truncate inputs to this many tokens (default 128; batches pad dynamically)."),
+    click.option("--seed", type=int, default=0, show_default=True, help="Seed for subsets, order, init."),
+    click.option("--quiet", "-q", is_flag=True, help="No progress output; results only."),
+)
+"""Options shared by every command that reads task data."""
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -59,7 +64,7 @@ def cli() -> None:
     """
 
 
-_TRAIN_OPTIONS = (
+_train_options = _option_group(
     click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory to create."),
     click.option("--epochs", type=click.IntRange(min=1), default=3, show_default=True),
     click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Stop after this many steps "
@@ -76,15 +81,9 @@ _TRAIN_OPTIONS = (
     click.option("--resume", is_flag=True, help="Continue an interrupted run in --out from its checkpoint."),
     click.option("--overwrite", is_flag=True, help="Replace --out if it exists."),
 )
+"""Options of every training command."""
 
-
-def _train_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    for option in reversed(_TRAIN_OPTIONS):
-        fn = option(fn)
-    return fn
-
-
-_INT4_OPTIONS = [
+_int4_options = _option_group(
     click.option("--lss/--no-lss", default=True, show_default=True,
                  help="int4: leverage score sampling of the output gradient's rows (off: keep every non-zero row)."),
     click.option("--lss-input/--no-lss-input", default=True, show_default=True,
@@ -92,9 +91,10 @@ _INT4_OPTIONS = [
                       "gradient's, so the gradient passed to earlier layers is not sampled)."),
     click.option("--hq-block", type=click.IntRange(min=1, max=1024), default=None,
                  help="int4: Hadamard block size (a power of two; default: chosen per layer on the first batch)."),
-]
+)
+"""Options of the int4 mode (train and sweep)."""
 
-_LORA_OPTIONS = [
+_lora_options = _option_group(
     click.option("--lora-rank", type=click.IntRange(min=1), default=16, show_default=True,
                  help="qdylora: largest adapter rank r (one run serves ranks 1..r)."),
     click.option("--lora-alpha", type=float, default=16.0, show_default=True,
@@ -105,21 +105,8 @@ _LORA_OPTIONS = [
                  help="qdylora: update only the sampled rank's row and column (frozen) or rows 1..b (all)."),
     click.option("--eval-ranks", default="1,2,4,8,16", show_default=True,
                  help="qdylora: ranks the finished run is also evaluated at."),
-]
-
-
-def _int4_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Options of the int4 mode (train and sweep)."""
-    for option in reversed(_INT4_OPTIONS):
-        fn = option(fn)
-    return fn
-
-
-def _lora_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Options of the qdylora mode's adapters (train and sweep)."""
-    for option in reversed(_LORA_OPTIONS):
-        fn = option(fn)
-    return fn
+)
+"""Options of the qdylora mode's adapters (train and sweep)."""
 
 
 def _pop_int4_options(kw: dict[str, Any]) -> dict[str, Any]:

@@ -39,7 +39,7 @@ the sampling, ``E[split] = G'`` over the rounding, and the products are linear i
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -511,8 +511,7 @@ class Int4Linear(_Swapped):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._prepare(x)
-        spec = Int4Spec(block=self.block, lss=self.int4.lss, keep_fraction=self.int4.keep_fraction,
-                        lss_input=self.int4.lss_input)
+        spec = replace(self.int4, block=self.block)
         return Int4LinearFunction.apply(x, self.matrix(), self.bias, spec, self.s_x, self.s_w, self.generator,
                                         self._weight_for_forward())
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from qanalyze.engine.apply import MODES
 from qanalyze.engine.int4 import Int4Spec
 from qanalyze.engine.lora import LoRAConfig
 from qanalyze.engine.train import TrainConfig
@@ -21,9 +22,9 @@ PLAN_MODES = ("qat", "int", "ptq-dynamic", "qdylora")
 """Engine modes that follow each budget's plans (`qanalyze.engine.apply.MODES`); ``qdylora`` freezes a base
 at the plan's bits and trains dynamic-rank adapters on it."""
 
-REFERENCE_MODES = {"int4": 4}
-"""Engine modes with bits of their own, run once per sweep as a reference point on a uniform plan at these bits
-(``int4``: 4-bit training, Xi et al.) rather than once per budget."""
+REFERENCE_MODES = {name: mode.fixed_bits for name, mode in MODES.items() if mode.fixed_bits is not None}
+"""Engine modes with bits of their own (`qanalyze.engine.apply.Mode.fixed_bits`; ``int4``: 4-bit training, Xi et
+al.), run once per sweep as a reference point on a uniform plan at those bits rather than once per budget."""
 
 SWEEP_MODES = (*PLAN_MODES, *REFERENCE_MODES)
 """Every engine mode a sweep can run."""

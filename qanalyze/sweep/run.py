@@ -30,6 +30,7 @@ from typing import Any
 from qanalyze.data import TaskData, encode
 from qanalyze.engine.apply import get_mode
 from qanalyze.engine.evaluate import evaluate
+from qanalyze.engine.lora import LoRAConfig
 from qanalyze.engine.train import StepLog, TrainingDiverged, plan_hash, resolve_device, train
 from qanalyze.errors import ConfigError
 from qanalyze.models import LoadedModel, has_task_head, inventory, load_model
@@ -194,7 +195,8 @@ def _matches(record: RunRecord, run: SweepRun, config: SweepConfig, data: TaskDa
     saved = record.settings
     same_settings = all(saved.get(k) == v for k, v in config.train.numbers().items())
     # compared as JSON holds them: a tuple setting comes back from metrics.json as a list
-    same_mode_settings = saved.get("lora") == _as_json(_lora(config, run)) and \
+    lora = _lora(config, run)
+    same_mode_settings = saved.get("lora") == _as_json(asdict(lora) if lora is not None else None) and \
         saved.get("mode_options", {}) == _as_json(_options(config, run) or {})
     if run.mode == "qdylora":  # a run evaluated at other ranks lacks some points of the rank curve
         wanted = {str(r) for r in config.eval_ranks if r <= config.lora.rank}
@@ -215,9 +217,8 @@ def _train_or_reuse(model: str, data: TaskData, config: SweepConfig, folder: Pat
     def attempt(resume: bool) -> RunRecord:
         loaded = load_model(model, num_labels=data.task.num_labels)
         prepare_run_dir(folder, overwrite=not resume, resume=resume)
-        lora = config.lora if run.mode == "qdylora" else None
         return train(loaded, data, config.train, folder, resume=resume, on_step=hooks.on_step,
-                     plan=run.record, mode=run.mode, plan_source=str(run.path), lora=lora,
+                     plan=run.record, mode=run.mode, plan_source=str(run.path), lora=_lora(config, run),
                      eval_ranks=config.eval_ranks, options=_options(config, run))
 
     try:
@@ -238,9 +239,9 @@ def _as_json(value: Any) -> Any:
     return json.loads(json.dumps(value))
 
 
-def _lora(config: SweepConfig, run: SweepRun) -> dict[str, Any] | None:
-    """The LoRA settings a run of this mode records (`qanalyze.engine.train.train`), or None."""
-    return asdict(config.lora) if run.mode == "qdylora" else None
+def _lora(config: SweepConfig, run: SweepRun) -> LoRAConfig | None:
+    """The LoRA settings a run of this mode trains with (and records in metrics.json), or None."""
+    return config.lora if run.mode == "qdylora" else None
 
 
 def _options(config: SweepConfig, run: SweepRun) -> dict[str, Any] | None:
