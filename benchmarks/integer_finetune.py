@@ -8,6 +8,7 @@ and dynamic PTQ at 8 bits of the FP32 result (no training). Targets on SST-2 (8,
 
     .venv/bin/python benchmarks/integer_finetune.py --task sst2 --examples 8000 --epochs 1
     .venv/bin/python benchmarks/integer_finetune.py --task mrpc --epochs 3     # full training set
+    .venv/bin/python benchmarks/integer_finetune.py --rows fp32,int8c  # per-row weight, per-token input scales
 """
 
 from __future__ import annotations
@@ -24,19 +25,23 @@ from qanalyze.engine.apply import get_mode
 from qanalyze.plan.uniform import uniform_plan
 from qanalyze.rundir import prepare_run_dir
 
-ROWS = (("fp32", None, None), ("int", 16, 0.3), ("int", 8, 1.0), ("qat", 8, 0.5))
+ROWS = (("fp32", None, None, "tensor"), ("int", 16, 0.3, "tensor"), ("int", 8, 1.0, "tensor"),
+        ("int", 8, 1.0, "channel"), ("qat", 8, 0.5, "tensor"))
+"""(mode, bits, target in points, scale layout of `qanalyze.plan.uniform.LAYOUTS`); a channel row is
+labelled with a ``c`` (``int8c``: one scale per weight row and per input token)."""
 GLUE_FOLDERS = {"sst2": "SST-2", "mrpc": "MRPC", "rte": "RTE", "stsb": "STS-B"}
 
 
-def _train(args, data, mode: str, bits: int | None, out: Path, start: str = "minilm-l6"):
+def _train(args, data, mode: str, bits: int | None, out: Path, start: str = "minilm-l6", layout: str = "tensor"):
     torch.manual_seed(args.seed)
     loaded = qanalyze.load_model(start, num_labels=data.task.num_labels)
     config = qanalyze.TrainConfig(epochs=args.epochs, batch_size=32, lr=args.lr, max_length=64, seed=args.seed,
                                   save_every=10**6)
-    plan = None if bits is None else uniform_plan(loaded.model, bits, kinds=tuple(get_mode(mode).builders))
+    plan = None if bits is None else uniform_plan(loaded.model, bits, kinds=tuple(get_mode(mode).builders),
+                                                  layout=layout)
     started = time.perf_counter()
     record = qanalyze.train(loaded, data, config, prepare_run_dir(out, overwrite=True), plan=plan, mode=mode,
-                            plan_source=None if bits is None else f"uniform:{bits}")
+                            plan_source=None if bits is None else plan.budget["text"])
     return record, time.perf_counter() - started
 
 
@@ -48,7 +53,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--rows", default="fp32,int16,int8,qat8,ptq8")
+    parser.add_argument("--rows", default="fp32,int16,int8,int8c,qat8,ptq8,ptq8c")
     parser.add_argument("--out", default="runs/bench/engine")
     args = parser.parse_args()
     wanted = args.rows.split(",")
@@ -59,19 +64,21 @@ def main() -> None:
     print(f"{args.task}: {len(data.train)} train / {len(data.dev)} dev examples, {args.epochs} epoch(s), "
           f"seed {args.seed}, torch threads {torch.get_num_threads()}", flush=True)
     results: dict[str, dict] = {}
-    for mode, bits, tolerance in ROWS:
-        label = mode if bits is None else f"{mode}{bits}"
+    for mode, bits, tolerance, layout in ROWS:
+        label = mode if bits is None else f"{mode}{bits}{'c' if layout == 'channel' else ''}"
         if label not in wanted:
             continue
-        record, seconds = _train(args, data, mode, bits, out / label)
+        record, seconds = _train(args, data, mode, bits, out / label, layout=layout)
         results[label] = {"metrics": record.metrics, "seconds": seconds, "tolerance": tolerance,
                           "step": record.timings["step_seconds_median"]}
         print(f"{label:>6}: {json.dumps(record.metrics)}  train {seconds:.0f} s, median step "
               f"{record.timings['step_seconds_median']:.3f} s", flush=True)
-    if "ptq8" in wanted and "fp32" in results:
-        record, seconds = _train(args, data, "ptq-dynamic", 8, out / "ptq8", start=str(out / "fp32"))
-        results["ptq8"] = {"metrics": record.metrics, "seconds": seconds, "tolerance": None, "step": 0.0}
-        print(f"  ptq8: {json.dumps(record.metrics)}  (dynamic PTQ of the fp32 run)", flush=True)
+    for label, layout in (("ptq8", "tensor"), ("ptq8c", "channel")):
+        if label not in wanted or "fp32" not in results:
+            continue
+        record, seconds = _train(args, data, "ptq-dynamic", 8, out / label, start=str(out / "fp32"), layout=layout)
+        results[label] = {"metrics": record.metrics, "seconds": seconds, "tolerance": None, "step": 0.0}
+        print(f"{label:>6}: {json.dumps(record.metrics)}  (dynamic PTQ of the fp32 run)", flush=True)
     if "fp32" not in results:
         return
     key = next(iter(results["fp32"]["metrics"]))

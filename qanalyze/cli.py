@@ -186,8 +186,9 @@ def finetune(model: str, task: str | None, data: str | None, out: str, quiet: bo
 @cli.command("train")
 @click.argument("model")
 @click.option("--plan", "plan_spec", default=None,
-              help="plan.json from `qanalyze plan`, or uniform:N (every weight, activation and gradient at N bits). "
-                   "Required except for --mode qdylora --base nf4.")
+              help="plan.json from `qanalyze plan`, or uniform:N (every weight, activation and gradient at N bits, "
+                   "one scale per tensor), or uniform:N:channel (one scale per weight row and per input token; "
+                   "modes int and ptq-dynamic). Required except for --mode qdylora --base nf4.")
 @click.option("--mode", type=click.Choice(["int", "qat", "ptq-dynamic", "int4", "qdylora"]), default="int",
               show_default=True,
               help="int: integer forward and backward (dynamic fixed point); qat: Q8BERT fake quantization; "

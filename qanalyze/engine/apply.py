@@ -21,7 +21,7 @@ from qanalyze.engine.modules import IntEmbedding, IntLayerNorm, IntLinear, QATEm
 from qanalyze.errors import ConfigError
 from qanalyze.models import ModuleInfo, head_dim, inventory
 from qanalyze.plan.make import check_plan
-from qanalyze.quant.primitives import Quantized, rows_per_group
+from qanalyze.quant.primitives import ACTIVATION_GROUPS, Quantized, rows_per_group
 from qanalyze.records import BitPlan
 
 DEFAULT_BITS = 16
@@ -66,11 +66,15 @@ class Mode:
     fixed_bits: int | None = None
     """The weight and activation bits a mode always trains at (``int4``: 4). A plan asking for other bits is
     refused rather than silently run at these."""
+    activation_groups: tuple[str, ...] = ("tensor",)
+    """The activation scale layouts (a plan's ``activation_group``) the mode can run: ``tensor`` (one scale)
+    and, for dynamic integer quantization, ``token`` (one scale per row of the input)."""
 
 
 MODES: dict[str, Mode] = {
     "int": Mode("int", "dfp", True,
                 {"linear": _linear(IntLinear), "embedding": _plain(IntEmbedding), "layernorm": _plain(IntLayerNorm)},
+                activation_groups=ACTIVATION_GROUPS,
                 description="integer forward and backward (dynamic fixed point; integer fine-tuning)"),
     "qat": Mode("qat", "symmetric", True, {"linear": _linear(QATLinear), "embedding": _plain(QATEmbedding)},
                 {"layernorm": "Q8BERT keeps layer norms in float; mark it float in the plan (--keep-float layernorm)"},
@@ -78,6 +82,7 @@ MODES: dict[str, Mode] = {
     "ptq-dynamic": Mode("ptq-dynamic", "symmetric", False,
                         {"linear": _linear(IntLinear), "embedding": _plain(IntEmbedding)},
                         {"layernorm": "dynamic quantization covers GEMMs and embeddings only; mark it float"},
+                        activation_groups=ACTIVATION_GROUPS,
                         description="post-training dynamic quantization (integer GEMMs, no training)"),
     "int4": Mode("int4", "symmetric", True, {"linear": _int4_linear, "embedding": _int4_embedding},
                  {"layernorm": "4-bit training keeps layer norms in float (Xi et al.); mark it float"},
@@ -110,12 +115,21 @@ class AppliedPlan:
 def _spec(name: str, entry: Mapping[str, Any], info: ModuleInfo, model: nn.Module, mode: Mode) -> TensorSpec:
     group = entry.get("group", "tensor")
     rows = rows_per_group(info.shape[0], group, head_dim=head_dim(model, info)) if info.kind != "layernorm" else None
+    activation_group = entry.get("activation_group", "tensor")
+    if activation_group not in ACTIVATION_GROUPS:
+        raise ConfigError(f"plan module {name}: activation_group {activation_group!r} is not one of "
+                          f"{', '.join(ACTIVATION_GROUPS)}")
+    if activation_group not in mode.activation_groups:
+        raise ConfigError(f"mode {mode.name} cannot quantize the input of {name} per {activation_group}: it runs "
+                          f"activation_group {' or '.join(mode.activation_groups)}")
     try:
         return TensorSpec(
             weight_bits=entry["weight_bits"],
             activation_bits=entry.get("activation_bits") or DEFAULT_BITS,
             gradient_bits=entry.get("gradient_bits") or DEFAULT_BITS,
             rows_per_group=None if rows == info.shape[0] else rows,
+            # layer norms always take one scale per token (their statistics are per token)
+            per_token=activation_group == "token" and info.kind == "linear",
             quantizer=mode.quantizer,
         )
     except ConfigError as exc:

@@ -70,7 +70,8 @@ class _Swapped(nn.Module):
     def extra_repr(self) -> str:
         spec = self.spec
         groups = "tensor" if spec.rows_per_group is None else f"{spec.rows_per_group} rows"
-        return (f"W{spec.weight_bits} A{spec.activation_bits} G{spec.gradient_bits}, groups of {groups}, "
+        inputs = ", input per token" if spec.per_token else ""
+        return (f"W{spec.weight_bits} A{spec.activation_bits} G{spec.gradient_bits}, groups of {groups}{inputs}, "
                 f"{spec.quantizer}")
 
 

@@ -4,6 +4,10 @@ The seed papers' settings need no sensitivity analysis: every weight, activation
 the same bits with one scale per tensor (Q8BERT, integer fine-tuning). Which module kinds are
 quantized depends on what the engine mode can run (integer fine-tuning also puts layer norms on
 the integer path; Q8BERT keeps them in float); the task head stays float, as in the papers.
+
+``uniform:8:channel`` keeps the bits and refines the scales: one per output channel of each weight
+and one per token of each linear layer's input (what dynamic integer quantization of LLMs does,
+e.g. LLM.int8's vector-wise scales), at the cost of one scale per weight row.
 """
 
 from __future__ import annotations
@@ -21,14 +25,25 @@ from qanalyze.plan.budget import SCALE_BITS
 from qanalyze.quant.primitives import BITS_RANGE
 from qanalyze.records import BitPlan
 
-UNIFORM = re.compile(r"uniform:(\d+)")
+UNIFORM = re.compile(r"uniform:(\d+)(?::(\w+))?")
 FLOAT_BITS = 32
 
+LAYOUTS: dict[str, dict[str, str]] = {
+    "tensor": {"group": "tensor", "activation_group": "tensor"},
+    "channel": {"group": "channel", "activation_group": "token"},
+}
+"""Scale layouts of a uniform plan (``uniform:N:LAYOUT``): the weight group and the linear input's scales."""
 
-def uniform_plan(model: nn.Module, bits: int, *, kinds: Sequence[str] = ("linear", "embedding")) -> BitPlan:
-    """Every module of a kind in ``kinds`` outside the task head at ``bits`` (W, A and G), per tensor."""
+
+def uniform_plan(model: nn.Module, bits: int, *, kinds: Sequence[str] = ("linear", "embedding"),
+                 layout: str = "tensor") -> BitPlan:
+    """Every module of a kind in ``kinds`` outside the task head at ``bits`` (W, A and G), with the scales
+    of ``layout`` (a key of `LAYOUTS`: one per tensor, or one per weight row and input token)."""
     if isinstance(bits, bool) or not isinstance(bits, int) or bits not in BITS_RANGE:
         raise ConfigError(f"uniform plans take bits from {BITS_RANGE.start} to {BITS_RANGE.stop - 1}, not {bits!r}")
+    if layout not in LAYOUTS:
+        raise ConfigError(f"uniform plan layout {layout!r} is not one of {', '.join(LAYOUTS)}")
+    scales_per_row = LAYOUTS[layout]["group"] == "channel"
     infos = inventory(model)
     modules: dict[str, dict] = {}
     quantized_bits = float_bits = 0.0
@@ -40,9 +55,14 @@ def uniform_plan(model: nn.Module, bits: int, *, kinds: Sequence[str] = ("linear
             modules[info.name] = {"float": True}
             float_bits += FLOAT_BITS * weights
             continue
-        modules[info.name] = {"weight_bits": bits, "group": "tensor", "groups": 1, "activation_bits": bits,
-                              "gradient_bits": bits, "scheme": "symmetric", "rounding": "nearest"}
-        quantized_bits += bits * weights + SCALE_BITS
+        # a layer norm's weight is one row; its input always has one scale per token (the engine's choice)
+        groups = info.shape[0] if scales_per_row and info.kind != "layernorm" else 1
+        modules[info.name] = {"weight_bits": bits, "group": LAYOUTS[layout]["group"] if groups > 1 else "tensor",
+                              "groups": groups, "activation_bits": bits, "gradient_bits": bits,
+                              "scheme": "symmetric", "rounding": "nearest"}
+        if info.kind == "linear":
+            modules[info.name]["activation_group"] = LAYOUTS[layout]["activation_group"]
+        quantized_bits += bits * weights + SCALE_BITS * groups
         quantized_params += weights
     if not quantized_params:
         raise ConfigError(f"the model has no {' or '.join(kinds)} module outside its task head to quantize")
@@ -57,19 +77,24 @@ def uniform_plan(model: nn.Module, bits: int, *, kinds: Sequence[str] = ("linear
     }
     return BitPlan(
         model={"fingerprint": architecture_fingerprint(infos), "modules": {i.name: list(i.shape) for i in infos}},
-        budget={"text": f"uniform:{bits}", "kind": "uniform", "value": bits},
+        budget={"text": _text(bits, layout), "kind": "uniform", "value": bits},
         objective="uniform", totals=totals, modules=modules, baseline="uniform",
-        settings={"kinds": list(kinds)},
+        settings={"kinds": list(kinds), "layout": layout},
     )
 
 
+def _text(bits: int, layout: str) -> str:
+    return f"uniform:{bits}" if layout == "tensor" else f"uniform:{bits}:{layout}"
+
+
 def resolve_plan(spec: str, model: nn.Module, *, kinds: Sequence[str] = ("linear", "embedding")) -> BitPlan:
-    """``uniform:N`` -> `uniform_plan`; anything else is the path of a plan.json."""
+    """``uniform:N[:LAYOUT]`` -> `uniform_plan`; anything else is the path of a plan.json."""
     match = UNIFORM.fullmatch(spec.strip())
-    if match:
-        return uniform_plan(model, int(match.group(1)), kinds=kinds)
+    if match and (match.group(2) or "tensor") in LAYOUTS:
+        return uniform_plan(model, int(match.group(1)), kinds=kinds, layout=match.group(2) or "tensor")
     if spec.startswith("uniform"):
-        raise ConfigError(f"--plan {spec!r}: write uniform:N with N from 2 to 16 (uniform:8, uniform:16)")
+        raise ConfigError(f"--plan {spec!r}: write uniform:N with N from 2 to 16, optionally :LAYOUT with LAYOUT one "
+                          f"of {', '.join(LAYOUTS)} (uniform:8, uniform:16, uniform:8:channel)")
     path = Path(spec)
     if not path.is_file():
         raise ConfigError(f"plan file {spec} not found (give a plan.json from `qanalyze plan`, or uniform:8)")

@@ -37,6 +37,9 @@ BITS_RANGE = range(2, 17)
 GROUP_NAMES = ("tensor", "channel", "head")
 """Named group layouts; any positive integer (rows per group) is also a group spec."""
 
+ACTIVATION_GROUPS = ("tensor", "token")
+"""Activation scale layouts: one scale per tensor, or one per token (row of the flattened input)."""
+
 
 def qmax(bits: int) -> int:
     """Largest magnitude of a symmetric signed ``bits``-bit integer: ``2**(bits-1) - 1``.

@@ -115,3 +115,51 @@ def test_training_updates_the_float_master_weights_through_integer_gradients():
     query = model.bert.encoder.layer[0].attention.self.query
     assert query.weight.grad is not None and float(query.weight.grad.abs().sum()) > 0
     assert model.bert.embeddings.word_embeddings.weight.grad.abs().sum() > 0
+
+
+def test_channel_layout_gives_per_row_weight_scales_and_per_token_inputs():
+    model = _bert()
+    plan = resolve_plan("uniform:8:channel", model)
+    query = plan.modules["bert.encoder.layer.0.attention.self.query"]
+    assert (query["group"], query["groups"], query["activation_group"]) == ("channel", 32, "token")
+    tensor_plan = uniform_plan(model, 8)
+    # one float16 scale per weight row instead of one per tensor
+    extra_scales = sum(m["groups"] - 1 for m in plan.modules.values() if not m.get("float"))
+    assert plan.totals["weight_bytes"] - tensor_plan.totals["weight_bytes"] == extra_scales * 16 // 8
+    applied = apply_plan(model, plan, "int")
+    spec = applied.specs["bert.encoder.layer.0.attention.self.query"]
+    assert spec.per_token and spec.rows_per_group == 1
+    assert "input per token" in repr(model.bert.encoder.layer[0].attention.self.query)
+    scales = quantized_weights(model)["bert.encoder.layer.0.attention.self.query"].scale
+    assert scales.numel() == 32
+
+
+def test_per_token_inputs_follow_outlier_tokens_better_than_one_scale():
+    reference = _bert(seed=2)
+    batch = _batch()
+    with torch.no_grad():
+        # one loud token in the residual stream, as BERT has: one scale per tensor flattens the others
+        reference.bert.embeddings.word_embeddings.weight[batch["input_ids"][0, 0]] *= 50
+        expected = reference(**batch).logits
+    errors = {}
+    for layout in ("tensor", "channel"):
+        model = _bert(seed=2)
+        model.load_state_dict(reference.state_dict())
+        apply_plan(model, uniform_plan(model, 8, layout=layout), "int")
+        with torch.no_grad():
+            errors[layout] = float((model(**batch).logits - expected).abs().max())
+    assert errors["channel"] < errors["tensor"] / 2
+
+
+def test_modes_that_keep_one_activation_scale_refuse_per_token_inputs():
+    model = _bert()
+    plan = uniform_plan(model, 8, layout="channel")
+    with pytest.raises(ConfigError, match=r"mode qat cannot quantize the input of bert\.encoder\.layer\.0\.attention"
+                                          r"\.self\.query per token: it runs activation_group tensor"):
+        apply_plan(model, plan, "qat")
+    plan.modules["bert.encoder.layer.0.attention.self.query"]["activation_group"] = "head"
+    with pytest.raises(ConfigError, match="activation_group 'head' is not one of tensor, token"):
+        apply_plan(model, plan, "int")
+    with pytest.raises(ConfigError, match="uniform:8:channel"):
+        resolve_plan("uniform:8:row", model)
+    assert not swapped_modules(model)

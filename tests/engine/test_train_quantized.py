@@ -67,10 +67,11 @@ def test_uniform_16_bit_integer_training_follows_the_fp32_loss_curve(tmp_path, t
     assert max(abs(x - y) for x, y in zip(a, c)) > max(abs(x - y) for x, y in zip(a, b))
 
 
-@pytest.mark.parametrize("mode", ["int", "qat"])
-def test_quantized_run_saves_a_packed_checkpoint_that_reloads_exactly(tmp_path, tiny_bert_dir, sst2_small, mode):
+@pytest.mark.parametrize(("mode", "layout"), [("int", "tensor"), ("qat", "tensor"), ("int", "channel")])
+def test_quantized_run_saves_a_packed_checkpoint_that_reloads_exactly(tmp_path, tiny_bert_dir, sst2_small, mode,
+                                                                      layout):
     loaded = load_model(str(tiny_bert_dir), num_labels=2)
-    plan = uniform_plan(loaded.model, 8)
+    plan = uniform_plan(loaded.model, 8, layout=layout)
     assert abs(_predicted_bytes(plan) - plan.totals["weight_bytes"]) <= len(plan.modules)
     plan.modules["bert.encoder.layer.0.attention.self.query"].update(weight_bits=3, group="8", groups=4)
     run = prepare_run_dir(tmp_path / mode)
