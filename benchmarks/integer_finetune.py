@@ -23,6 +23,7 @@ import torch
 import qanalyze
 from qanalyze.engine.apply import get_mode
 from qanalyze.plan.uniform import uniform_plan
+from qanalyze.records import RunRecord
 from qanalyze.rundir import prepare_run_dir
 
 ROWS = (("fp32", None, None, "tensor"), ("int", 16, 0.3, "tensor"), ("int", 8, 1.0, "tensor"),
@@ -33,6 +34,10 @@ GLUE_FOLDERS = {"sst2": "SST-2", "mrpc": "MRPC", "rte": "RTE", "stsb": "STS-B"}
 
 
 def _train(args, data, mode: str, bits: int | None, out: Path, start: str = "minilm-l6", layout: str = "tensor"):
+    if args.reuse and (out / "metrics.json").is_file():
+        record = RunRecord.load(out / "metrics.json")
+        print(f"   (reusing {out})", flush=True)
+        return record, record.timings.get("train_seconds", 0.0)
     torch.manual_seed(args.seed)
     loaded = qanalyze.load_model(start, num_labels=data.task.num_labels)
     config = qanalyze.TrainConfig(epochs=args.epochs, batch_size=32, lr=args.lr, max_length=64, seed=args.seed,
@@ -55,6 +60,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rows", default="fp32,int16,int8,int8c,qat8,ptq8,ptq8c")
     parser.add_argument("--out", default="runs/bench/engine")
+    parser.add_argument("--reuse", action="store_true",
+                        help="reuse a row whose run directory under --out is finished (same settings assumed)")
     args = parser.parse_args()
     wanted = args.rows.split(",")
     data = qanalyze.load_task(args.task, str(Path(args.data) / GLUE_FOLDERS[args.task]),

@@ -285,8 +285,13 @@ def _gaussian(op: HVP, generator: torch.Generator) -> Tensor:
 
 
 def _rademacher(op: HVP, generator: torch.Generator) -> Tensor:
-    bits = torch.randint(0, 2, (op.numel,), generator=generator, device=generator.device, dtype=op.dtype)
-    return (2 * bits - 1).to(op.device)
+    # Eight signs from each random byte: one draw per sign took a fifth of a probe's time on
+    # minilm-l6 (22.7M weights), more than every dot product of the probe together.
+    device = generator.device
+    draws = torch.randint(0, 256, ((op.numel + 7) // 8,), generator=generator, device=device, dtype=torch.uint8)
+    bits = (torch.arange(256, device=device).unsqueeze(1) >> torch.arange(8, device=device)) & 1
+    signs = (1 - 2 * bits).to(op.dtype)
+    return torch.nn.functional.embedding(draws.int(), signs).reshape(-1)[: op.numel].to(op.device)
 
 
 def _split(op: HVP, flat: Tensor) -> list[Tensor]:
