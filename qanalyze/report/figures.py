@@ -162,7 +162,25 @@ def pareto_figure(results: pd.DataFrame, *, metric: str) -> Figure:
         top = ax.secondary_xaxis("top", functions=(lambda mb: fp32_mb / np.maximum(mb, 1e-9),
                                                    lambda ratio: fp32_mb / np.maximum(ratio, 1e-9)))
         top.set_xlabel("compression against FP32 (x)")
+        top.set_xticks(compression_ticks(fp32_mb, ax.get_xlim()))
+        top.xaxis.set_major_formatter(ScalarFormatter())
     return fig
+
+
+NICE_RATIOS = (1, 1.5, 2, 2.5, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 48, 64)
+"""Compression ratios the Pareto chart's top axis may label."""
+
+
+def compression_ticks(fp32_mb: float, xlim: tuple[float, float], *, spacing: float = 0.06) -> list[float]:
+    """The `NICE_RATIOS` inside ``xlim`` (megabytes) whose positions lie at least ``spacing`` of the axis width
+    apart: compression is 1/MB, so evenly spaced ratios crowd at the small-MB end of a linear axis."""
+    low, high = sorted(xlim)
+    chosen: list[float] = []
+    for ratio in NICE_RATIOS:  # large MB first: the wide end keeps the round ratios
+        mb = fp32_mb / ratio
+        if low <= mb <= high and all(abs(fp32_mb / c - mb) >= spacing * (high - low) for c in chosen):
+            chosen.append(ratio)
+    return chosen
 
 
 def rank_figure(ranks: pd.DataFrame, *, metric: str, reference: float | None) -> Figure:
