@@ -5,8 +5,9 @@ Same model, same batch (16 SST-2 training sentences), ratios measured in one run
 A. traces of every quantizable module's weight block: qanalyze's one pass (one global product
    per Hutchinson probe serves every module) against PyHessian run one module at a time with the
    same number of probes. Target: >= 20x less wall time, values within the standard errors.
-B. per-layer (Q-BERT block) top eigenvalue: Lanczos against PyHessian's power iteration, both at
-   relative tolerance 1e-3. Target: >= 3x less wall time.
+B. per-layer (Q-BERT block) top eigenvalue at equal accuracy: Lanczos on products restricted to each
+   layer from one gradient graph (what `qanalyze analyze` does) against PyHessian's power iteration with
+   one hessian object per layer. Target: >= 3x less wall time.
 
     .venv/bin/python benchmarks/hessian_sst2.py --model runs/bench/sst2-fp32
 """
@@ -25,6 +26,7 @@ import qanalyze
 from qanalyze.data import collate, encode
 from qanalyze.sensitivity.estimators import hutchinson_traces, lanczos
 from qanalyze.sensitivity.hvp import HVP, pyhessian_adapter
+from qanalyze.sensitivity.sources import Restricted
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -96,24 +98,31 @@ def main() -> None:
                 print(f"     outside: {name}: ours {value:.4g} ± {se:.2g}, PyHessian {ref:.4g} ± {ref_se:.2g}")
 
     if "eig" not in skip:
-        # Same accuracy, not the same stopping rule: PyHessian's test (relative change per
-        # iteration < tol) stops power iteration before the estimate is within tol of the
-        # eigenvalue, so it is run at 1e-3, 1e-4, 1e-5 until it is within 1e-3 of a Lanczos
-        # value converged to 1e-8, and timed at the first tolerance that gets there.
-        blocks: dict[int, list[str]] = {}
+        # Each tool as it is used. qanalyze analyze builds one gradient graph over every module and
+        # runs each layer's Lanczos on products restricted to that layer (`Restricted`); PyHessian
+        # builds one hessian object, so one graph, per layer. Same accuracy, not the same stopping
+        # rule: PyHessian's test (relative change per iteration < tol) stops power iteration before
+        # the estimate is within tol of the eigenvalue, so it is run at 1e-3, 1e-4, 1e-5 until it is
+        # within 1e-3 of a Lanczos value converged to 1e-8, and timed at the first tolerance that
+        # gets there.
+        blocks: dict[int, list[int]] = {}
+        names = list(weights)
         for info in infos:
             if info.block is not None:
-                blocks.setdefault(info.block, []).append(info.name)
-        ours_total = theirs_total = 0.0
-        for block, names in sorted(blocks.items()):
-            params = [weights[n] for n in names]
-            exact = lanczos(HVP(model, batch, params), generator=torch.Generator().manual_seed(99), tol=1e-8)[0].value
+                blocks.setdefault(info.block, []).append(names.index(info.name))
+        start = time.perf_counter()
+        shared = HVP(model, batch, weights)
+        graph = time.perf_counter() - start
+        print(f"B. one gradient graph over all {len(names)} modules: {graph:.2f} s", flush=True)
+        ours_total, theirs_total = graph, 0.0
+        for block, indices in sorted(blocks.items()):
+            exact = lanczos(Restricted(shared, indices), generator=torch.Generator().manual_seed(99), tol=1e-8)[0].value
             start = time.perf_counter()
-            op = HVP(model, batch, params)
-            estimate = lanczos(op, generator=torch.Generator().manual_seed(block), tol=1e-3)[0]
+            estimate = lanczos(Restricted(shared, indices), generator=torch.Generator().manual_seed(block),
+                               tol=1e-3)[0]
             ours = time.perf_counter() - start
-            del op
             ours_error = abs(estimate.value - exact) / abs(exact)
+            params = [weights[names[i]] for i in indices]
             for tol in (1e-3, 1e-4, 1e-5):
                 start = time.perf_counter()
                 reference = pyhessian_adapter(model, batch, params).eigenvalues(max_iter=100, tol=tol, seed=block)[0]
@@ -122,11 +131,12 @@ def main() -> None:
                 if theirs_error <= 1e-3:
                     break
             ours_total, theirs_total = ours_total + ours, theirs_total + theirs
-            print(f"B. layer {block}: λ = {exact:.6g}; Lanczos at tol 1e-3: error {ours_error:.1e}, "
+            print(f"   layer {block}: λ = {exact:.6g}; Lanczos at tol 1e-3: error {ours_error:.1e}, "
                   f"{estimate.iterations} products, {ours:.2f} s; PyHessian power at tol {tol:g}: error "
-                  f"{theirs_error:.1e}, {theirs:.2f} s", flush=True)
-        print(f"   PyHessian / qanalyze wall time at 1e-3 accuracy over {len(blocks)} layers: "
-              f"{theirs_total / ours_total:.1f}x (target >= 3x)")
+                  f"{theirs_error:.1e}, {theirs:.2f} s (its graph included)", flush=True)
+        print(f"   qanalyze {ours_total:.1f} s (graph included), PyHessian {theirs_total:.1f} s: "
+              f"{theirs_total / ours_total:.1f}x less wall time at 1e-3 accuracy over {len(blocks)} layers "
+              f"(target >= 3x)")
 
 
 if __name__ == "__main__":
