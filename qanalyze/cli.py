@@ -424,6 +424,8 @@ def _print_most_sensitive(report: Any, console: Any, count: int = 10) -> None:
               help="Kinds (linear, embedding, layernorm), stages (embeddings, head) or re:REGEX kept in float.")
 @click.option("--tie", multiple=True, help="Regex of modules that share bits within a layer (repeatable).")
 @click.option("--act-budget", default="8bit", show_default=True, help="Mean activation bits.")
+@click.option("--act-group", type=click.Choice(["tensor", "token"]), default="tensor", show_default=True,
+              help="Scales of each linear layer's input: one per tensor, or one per token (modes int and ptq-dynamic).")
 @click.option("--bops", default=None, help="Also cap bit operations per sequence (MACs x W bits x A bits): 2e12, 500G.")
 @click.option("--seq-len", type=click.IntRange(min=1), default=128, show_default=True,
               help="Sequence length the BOPs count assumes.")
@@ -461,7 +463,7 @@ def plan(model: str | None, budget: str | None, sensitivity: str | None, out: st
         groups=tuple(g.strip() for g in kw["group_sizes"].split(",") if g.strip()),
         keep_float=tuple(k.strip() for k in kw["keep_float"].split(",") if k.strip()), ties=tuple(kw["tie"]),
         act_budget=parse_bits(kw["act_budget"]), grad_tol=kw["grad_tol"], solver=kw["solver"], seed=kw["seed"],
-        bops=parse_bops(kw["bops"]) if kw["bops"] else None, seq_len=kw["seq_len"],
+        bops=parse_bops(kw["bops"]) if kw["bops"] else None, seq_len=kw["seq_len"], act_group=kw["act_group"],
         grad_budget=parse_bits(kw["grad_budget"]) if kw["grad_budget"] else None)
     targets = [Path(out)] + ([_baseline_path(out, name) for name in BASELINES] if kw["baselines"] else [])
     existing = [str(t) for t in targets if t.exists()]

@@ -35,6 +35,7 @@ from qanalyze.plan.costs import (
     tie_groups,
 )
 from qanalyze.plan.solvers import InfeasibleError, Item, Solution, solve
+from qanalyze.quant.primitives import ACTIVATION_GROUPS
 from qanalyze.records import BitPlan, SensitivityReport
 
 BASELINES = ("uniform", "random", "reversed")
@@ -56,6 +57,10 @@ class PlanConfig:
     seed: int = 0
     bops: float | None = None
     seq_len: int = 128
+    act_group: str = "tensor"
+    """Scales of every planned linear layer's input: ``tensor`` (one) or ``token`` (one per token; the int
+    and ptq-dynamic modes run it). The bits are chosen from per-tensor errors either way, which per-token
+    scales only lower."""
 
     def recorded(self) -> dict[str, Any]:
         """The settings as written to plan.json."""
@@ -137,6 +142,8 @@ def _unreachable(budget: Budget, exc: InfeasibleError, planned: Sequence[ModuleO
 def make_plan(report: SensitivityReport, budget: Budget, config: PlanConfig, *,
               sensitivity_path: str | Path | None = None, baseline: str | None = None) -> BitPlan:
     """The plan minimising predicted damage under ``budget`` (or, with ``baseline``, that baseline)."""
+    if config.act_group not in ACTIVATION_GROUPS:
+        raise ConfigError(f"act_group {config.act_group!r} is not one of {', '.join(ACTIVATION_GROUPS)}")
     raw = report.to_dict()
     options = module_options(raw, bits=config.bits, groups=config.groups,
                              objective=config.objective, keep_float=config.keep_float)
@@ -210,6 +217,8 @@ def _assemble(raw: Mapping[str, Any], budget: Budget, config: PlanConfig, option
                 "activation_bits": activation.get(name), "gradient_bits": gradients.get(name) or 16,
                 "scheme": "symmetric", "rounding": "nearest", "predicted_damage": member_candidate.damage,
             }
+            if config.act_group != "tensor" and "linear" in member.kind and activation.get(name):
+                modules[name]["activation_group"] = config.act_group
     planned_params = sum(o.params for o in planned)
     all_params = planned_params + sum(o.params for o in floats)
     float_bits = sum(o.float_cost_bits for o in floats)

@@ -1,6 +1,7 @@
 """make_plan end to end: a sensitivity report from a real analysis of a tiny BERT -> plan.json; the bits
 budget rule (each tensor's first scale free) on that report and on random ones."""
 
+import copy
 import itertools
 import json
 import math
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 
 from qanalyze.data import load_task
+from qanalyze.engine.apply import apply_plan
 from qanalyze.errors import ConfigError
 from qanalyze.models import inventory, load_model
 from qanalyze.plan.budget import SCALE_BITS, parse_budget
@@ -214,3 +216,20 @@ def test_gradient_budget_allocates_measured_bits(analysed):
     assert len({m["gradient_bits"] for m in linear.values()}) > 1  # allocated, not uniform
     with pytest.raises(ConfigError, match=r"gradient budget 1\.5bit cannot be reached"):
         make_plan(report, parse_budget("4bit"), PlanConfig(grad_budget=1.5))
+
+
+def test_token_activation_group_marks_linear_inputs_and_applies_in_int_mode(analysed):
+    report, path, loaded = analysed
+    tensor = make_plan(report, parse_budget("4bit"), PlanConfig(), sensitivity_path=path)
+    token = make_plan(report, parse_budget("4bit"), PlanConfig(act_group="token"), sensitivity_path=path)
+    assert not any("activation_group" in m for m in tensor.modules.values())
+    marked = {n for n, m in token.modules.items() if m.get("activation_group") == "token"}
+    linears = {i.name for i in inventory(loaded.model) if i.kind == "linear"}
+    assert marked and marked <= linears
+    # the weights are the same choice: per-token scales only change how inputs are quantized
+    strip = {n: {k: v for k, v in m.items() if k != "activation_group"} for n, m in token.modules.items()}
+    assert strip == tensor.modules and token.settings["act_group"] == "token"
+    applied = apply_plan(copy.deepcopy(loaded.model), token, "int")
+    assert {n for n, spec in applied.specs.items() if spec.per_token} == marked
+    with pytest.raises(ConfigError, match="act_group 'row'"):
+        make_plan(report, parse_budget("4bit"), PlanConfig(act_group="row"))
