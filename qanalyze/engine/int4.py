@@ -8,8 +8,8 @@ Building blocks, bottom up:
 - **Hadamard quantizer** (forward): ``Y = X Wᵀ = (XH)(WH)ᵀ ≈ Q(XH) Q(WH)ᵀ`` with ``H`` the block-diagonal
   normalized Hadamard matrix of `qanalyze.quant.hadamard`, ``Q`` the LSQ quantizer.
 - **Bit splitting** (`bit_split`): the output gradient ``G`` becomes two 4-bit matrices, ``G ≈ s_hi·hi + s_lo·lo``.
-- **Leverage-score sampling** (`lss_probabilities`, `lss_sample`): rows of ``G`` kept with probabilities
-  proportional to their scores, reweighted by ``1/p`` so the gradients stay unbiased.
+- **Leverage-score sampling** (`lss_probabilities`): rows of the split ``[14·hi; lo]`` kept with probabilities
+  proportional to their scores (water-filled), reweighted by ``1/p`` so the gradients stay unbiased.
 - `Int4LinearFunction` (the maths, no state), `Int4Linear` and `Int4Embedding` (the parameters).
 
 What is integer and what is float in `Int4LinearFunction` (N tokens, D in-features, O out-features)::
@@ -18,22 +18,26 @@ What is integer and what is float in `Int4LinearFunction` (N tokens, D in-featur
               integer  codes X_c = clamp(round(v), -8, 7), W_c likewise (int8)
               integer  A = X_c · W_cᵀ (int_mm, int32 accumulation)
               float    Y = (s_x s_w) · A + b
-    backward  float    row scores, probabilities, Bernoulli draws; G' = G[kept] / p[kept] (the 1/p folded
-                       into G before it is split, so the products below keep one scale per part)
-              float    bit split of G': hi = round(G'/s_hi), lo = stochastic_round((G' − s_hi·hi)/s_lo)
-              integer  hi, lo (int8, -7..7); P = [hi; lo] · W_c (one int_mm, int32), C = 14·P_hi + P_lo (int32)
-              float    ∂L/∂Q(X̃)[kept] = (s_lo s_w) · C;  ∇X = (mask_x ⊙ ∂L/∂Q(X̃)) Hᵀ (fast transform)
-              integer  P = [hiᵀ; loᵀ] · X_c[kept] (one int_mm, int32), C = 14·P_hi + P_lo (int32)
-              float    ∂L/∂Q(W̃) = (s_lo s_x) · C;  ∇W = (mask_w ⊙ ∂L/∂Q(W̃)) Hᵀ
+    backward  float    bit split of the whole G (one scale, from G): hi = round(G/s_hi),
+                       lo = stochastic_round((G − s_hi·hi)/s_lo), both int8 in -7..7
+              float    row scores of the 2N rows of [14·hi; lo], water-filled probabilities, Bernoulli draws
+              integer  P = [hi; lo][kept] · W_c (one int_mm, int32)
+              float    ∂L/∂Q(X̃) = (s_lo s_w) · Σ (14 or 1)/p · P, row by row (index_add);
+                       ∇X = (mask_x ⊙ ∂L/∂Q(X̃)) Hᵀ (fast transform)
+              integer  for each power of two 1/p = 2^k: P_k = part[kept_k]ᵀ · X_c[kept_k] (int_mm, int32)
+              float    ∂L/∂Q(W̃) = (s_lo s_x) · Σ_k (14 or 1) · 2^k · P_k;  ∇W = (mask_w ⊙ ∂L/∂Q(W̃)) Hᵀ
               float    LSQ step-size gradients from ∂L/∂Q(X̃), ∂L/∂Q(W̃); bias gradient Σ_rows G (not sampled)
 
-``mask`` is LSQ's straight-through mask (1 strictly inside the code range, 0 where clipped). The two
-samplings (one for ∇X with score ‖G_i‖, one for ∇W with score ‖G_i‖·‖X_i‖) and the two bit splits are
-independent draws from the explicit generator. Sampling happens on the rows of ``G`` before the split:
-sampling the stacked ``[hi; lo]`` rows after it would put a different ``1/p`` on each term of the sum
-that ``∇W`` contracts over, which no integer GEMM with one scale per operand can apply. Folding ``1/p``
-into ``G`` first keeps every product a plain integer GEMM and the estimate unbiased (``E[G'] = G`` over
-the sampling, ``E[split] = G'`` over the rounding, and the products are linear in ``G``).
+``mask`` is LSQ's straight-through mask (1 strictly inside the code range, 0 where clipped). One split
+serves both products; the two samplings (scores ‖row‖ for ∇X, ‖row‖·‖X_i‖ for ∇W) are independent draws
+from the explicit generator. Sampling the rows of the split, as the paper does, rather than the rows of
+G before it matters: a hi row carries 14 times a lo row's magnitude, so at the paper's budget (N of the
+2N rows) nearly every hi row is kept and mostly low-order residuals are dropped, where sampling tokens
+of G drops whole rows and, reweighted by 1/p before the split, inflates the split's one scale. In ∇W the
+kept rows are the terms of the contracted sum, where no per-row 1/p can be applied after an integer
+GEMM; its probabilities are therefore rounded to powers of two and each power makes its own INT4 x INT4
+product, scaled exactly. Unbiased throughout: E over the draws of each reweighted row is the row, E over
+the rounding of the split is G, and the products are linear in G.
 """
 
 from __future__ import annotations
@@ -255,27 +259,6 @@ def lss_probabilities(norms: torch.Tensor, budget: float) -> torch.Tensor:
     return probs.to(out_dtype)
 
 
-def lss_sample(rows: torch.Tensor, probs: torch.Tensor, generator: torch.Generator
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keep row ``i`` of ``rows`` with probability ``probs[i]`` (independent Bernoulli draws from ``generator``)
-    and divide each kept row by its probability.
-
-    Returns ``(kept, reweighted)``: the int64 indices of the kept rows and ``rows[kept] / probs[kept]``.
-    Unbiased: scattering ``reweighted`` back to ``kept`` (zeros elsewhere) has expectation ``rows``, so any
-    product linear in the rows (``rowsᵀ X``, ``rows · W``) is unbiased too. ``p = 1`` rows are always kept,
-    ``p = 0`` rows never.
-    """
-    if probs.dim() != 1 or rows.dim() < 1 or rows.shape[0] != probs.shape[0]:
-        raise ConfigError(f"need one probability per row: rows {tuple(rows.shape)}, probabilities {tuple(probs.shape)}")
-    if not isinstance(generator, torch.Generator) or generator.device.type != probs.device.type:
-        raise ConfigError(f"sampling needs a torch.Generator on {probs.device}")
-    # float64 draws: a float32 u cannot resolve probabilities below about 6e-8
-    draws = torch.rand(probs.shape, generator=generator, dtype=torch.float64, device=probs.device)
-    kept = torch.nonzero(draws < probs.to(torch.float64)).squeeze(1)
-    weights = probs[kept].to(rows.dtype).reshape(-1, *([1] * (rows.dim() - 1)))
-    return kept, rows[kept] / weights
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # the linear Function
 
@@ -309,57 +292,89 @@ class Int4Spec:
             raise ConfigError(f"keep_fraction must be a number in (0, 1], not {fraction!r}")
 
 
-def _sample(g: torch.Tensor, scores: torch.Tensor, spec: Int4Spec, generator: torch.Generator, *,
-            sample: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """The rows of ``g`` that enter a backward product and their reweighted values (see `lss_sample`);
-    every non-zero row when ``spec.lss`` or ``sample`` is off."""
+@dataclass(frozen=True)
+class _Rows:
+    """The rows of the stacked ``[14·hi; lo]`` that enter one backward product: positions in ``hi`` and in
+    ``lo`` (token indices) and the ``1/p`` each kept row is reweighted by."""
+
+    hi: torch.Tensor
+    lo: torch.Tensor
+    weight_hi: torch.Tensor
+    weight_lo: torch.Tensor
+
+
+def _stacked_rows(split: BitSplit, extra: torch.Tensor | None, spec: Int4Spec, generator: torch.Generator, *,
+                  sample: bool, power_of_two: bool) -> _Rows:
+    """Leverage-score sampling of the rows of ``[14·hi; lo]`` (2N rows for N tokens), after the split.
+
+    Row scores are the rows' norms (in units of ``s_lo``), times ``extra[token]`` when given (``‖X_i‖`` for the
+    weight gradient). The budget is ``keep_fraction`` of the non-zero rows: at 0.5, N of 2N, as in the paper.
+    The hi rows carry 14 times the lo rows' magnitude, so water-filling keeps nearly every hi row and samples
+    the low-order residual. With ``power_of_two`` each probability is rounded to the nearest power of two
+    (in log scale) before the draw, so every ``1/p`` is an exact power of two (see `_weight_side`). Without
+    ``sample`` (or with LSS off) every non-zero row is kept with weight 1.
+    """
+    scores = torch.cat((split.hi.float().norm(dim=1) * SPLIT_RATIO, split.lo.float().norm(dim=1)))
+    if extra is not None:
+        scores = scores * extra.repeat(2)
+    n = split.hi.shape[0]
     if not (spec.lss and sample):
-        # rows of zero score contribute nothing: skipping them is exact (padding tokens, masked losses)
-        kept = torch.nonzero(scores > 0).squeeze(1)
-        return kept, g[kept]
-    count = int((scores > 0).sum())
-    if count == 0:
-        return torch.zeros(0, dtype=torch.int64, device=g.device), g[:0]
-    return lss_sample(g, lss_probabilities(scores, spec.keep_fraction * count), generator)
+        probs = (scores > 0).to(torch.float64)
+    else:
+        count = int((scores > 0).sum())
+        if count == 0:
+            probs = torch.zeros_like(scores, dtype=torch.float64)
+        else:
+            probs = lss_probabilities(scores, spec.keep_fraction * count).to(torch.float64)
+            if power_of_two:
+                positive = probs > 0
+                rounded = torch.exp2(torch.log2(probs.clamp_min(torch.finfo(torch.float64).tiny)).round())
+                probs = torch.where(positive, rounded.clamp(max=1.0), probs)
+    if spec.lss and sample:
+        # float64 draws: a float32 u cannot resolve probabilities below about 6e-8
+        kept = torch.rand(probs.shape, generator=generator, dtype=torch.float64, device=probs.device) < probs
+    else:
+        kept = probs > 0
+    weights = torch.where(kept, 1.0 / probs.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(probs))
+    hi, lo = torch.nonzero(kept[:n]).squeeze(1), torch.nonzero(kept[n:]).squeeze(1)
+    return _Rows(hi=hi, lo=lo, weight_hi=weights[:n][hi], weight_lo=weights[n:][lo])
 
 
-def _combine(product: torch.Tensor, parts: int, depth: int) -> torch.Tensor:
-    """``14 · product[:parts] + product[parts:]``: the hi and lo halves of a stacked product as one integer.
-
-    Each half is at most ``depth · 7 · 8`` in magnitude, so the sum is at most ``840 · depth``; it is
-    formed in int64 when that could pass int32."""
-    if product.dtype == torch.int32 and (SPLIT_RATIO + 1) * SPLIT_MAX * -CODE_MIN * depth > _INT32_MAX:
-        product = product.to(torch.int64)
-    return product[:parts] * SPLIT_RATIO + product[parts:]
-
-
-def _input_side(g: torch.Tensor, w_codes: torch.Tensor, step_w: torch.Tensor, spec: Int4Spec,
+def _input_side(g: torch.Tensor, split: BitSplit, w_codes: torch.Tensor, step_w: torch.Tensor, spec: Int4Spec,
                 generator: torch.Generator) -> torch.Tensor:
-    """``∂L/∂Q(X̃) ≈ G · Q(W̃)`` (N x D, float32) from integer products of the split, sampled rows of G."""
+    """``∂L/∂Q(X̃) ≈ G · Q(W̃)`` (N x D, float32) from one integer product of the kept ``[hi; lo]`` rows.
+
+    Each kept row's product is an output row of its own, so its ``14/p`` or ``1/p`` is applied after the GEMM."""
     out = torch.zeros(g.shape[0], w_codes.shape[1], dtype=torch.float32, device=g.device)
-    kept, rows = _sample(g, g.norm(dim=1), spec, generator, sample=spec.lss_input)
-    if kept.numel():
-        split = bit_split(rows, generator)
-        product = int_mm(torch.cat((split.hi, split.lo)), w_codes, bits_a=_SPLIT_BITS, bits_b=_LSQ_BITS)
-        combined = _combine(product, kept.numel(), g.shape[1])
-        out[kept] = combined.to(torch.float32).mul_(split.scale_lo.float() * step_w)
+    rows = _stacked_rows(split, None, spec, generator, sample=spec.lss_input, power_of_two=False)
+    parts = rows.hi.numel()
+    if parts + rows.lo.numel():
+        product = int_mm(torch.cat((split.hi[rows.hi], split.lo[rows.lo])), w_codes,
+                         bits_a=_SPLIT_BITS, bits_b=_LSQ_BITS).to(torch.float32)
+        out.index_add_(0, rows.hi, product[:parts] * (SPLIT_RATIO * rows.weight_hi).float().unsqueeze(1))
+        out.index_add_(0, rows.lo, product[parts:] * rows.weight_lo.float().unsqueeze(1))
+        out.mul_(split.scale_lo.float() * step_w)
     return out
 
 
-def _weight_side(g: torch.Tensor, x_codes: torch.Tensor, step_x: torch.Tensor, spec: Int4Spec,
+def _weight_side(g: torch.Tensor, split: BitSplit, x_codes: torch.Tensor, step_x: torch.Tensor, spec: Int4Spec,
                  generator: torch.Generator) -> torch.Tensor:
-    """``∂L/∂Q(W̃) ≈ Gᵀ · Q(X̃)`` (O x D, float32) from integer products of the split, sampled rows of G."""
+    """``∂L/∂Q(W̃) ≈ Gᵀ · Q(X̃)`` (O x D, float32) from integer products of the kept ``[hi; lo]`` rows.
+
+    Here the kept rows are the terms of the sum the GEMM contracts over, so a ``1/p`` per row cannot be
+    applied after it. The probabilities are powers of two: the rows that share one ``1/p = 2^k`` make one
+    INT4 x INT4 product, scaled by ``2^k`` (exact), and hi rows carry their factor 14 the same way."""
     out_features = g.shape[1]
-    scores = g.norm(dim=1) * x_codes.to(torch.float32).norm(dim=1)  # s_x is common to all rows: not needed
-    kept, rows = _sample(g, scores, spec, generator)
-    if not kept.numel():
-        return torch.zeros(out_features, x_codes.shape[1], dtype=torch.float32, device=g.device)
-    split = bit_split(rows, generator)
-    # one GEMM for both parts: [hiᵀ; loᵀ] (2O x kept) times the kept activation codes (kept x D)
-    stacked = torch.cat((split.hi, split.lo), dim=1).t()
-    product = int_mm(stacked, x_codes[kept], bits_a=_SPLIT_BITS, bits_b=_LSQ_BITS)
-    combined = _combine(product, out_features, kept.numel())
-    return combined.to(torch.float32).mul_(split.scale_lo.float() * step_x)
+    out = torch.zeros(out_features, x_codes.shape[1], dtype=torch.float32, device=g.device)
+    x_norms = x_codes.to(torch.float32).norm(dim=1)  # s_x is common to all rows: not needed
+    rows = _stacked_rows(split, x_norms, spec, generator, sample=True, power_of_two=True)
+    for part, index, weight, factor in ((split.hi, rows.hi, rows.weight_hi, SPLIT_RATIO),
+                                        (split.lo, rows.lo, rows.weight_lo, 1)):
+        for level in weight.unique().tolist():
+            chosen = index[weight == level]
+            product = int_mm(part[chosen].t(), x_codes[chosen], bits_a=_SPLIT_BITS, bits_b=_LSQ_BITS)
+            out.add_(product.to(torch.float32), alpha=factor * level)
+    return out.mul_(split.scale_lo.float() * step_x)
 
 
 class Int4LinearFunction(torch.autograd.Function):
@@ -406,16 +421,18 @@ class Int4LinearFunction(torch.autograd.Function):
         needs = ctx.needs_input_grad
         g = grad.reshape(-1, grad.shape[-1]).float()
         grad_x = grad_w = grad_b = grad_sx = grad_sw = None
+        want_sw = needs[5] and v_w is not None
+        # one split of the whole G (its scale from G itself), shared by both products
+        split = bit_split(g, ctx.generator) if needs[0] or needs[4] or needs[1] or want_sw else None
         if needs[0] or needs[4]:
-            d_qx = _input_side(g, w_codes, step_w, spec, ctx.generator)
+            d_qx = _input_side(g, split, w_codes, step_w, spec, ctx.generator)
             if needs[0]:
                 grad_x = block_hadamard(d_qx * _inside(v_x), spec.block).reshape(ctx.x_shape).to(grad.dtype)
             if needs[4]:
                 total = (d_qx * _lsq_step_terms(v_x)).sum() * _grad_scale(v_x.numel())
                 grad_sx = total.reshape(ctx.s_x_meta[0]).to(ctx.s_x_meta[1])
-        want_sw = needs[5] and v_w is not None
         if needs[1] or want_sw:
-            d_qw = _weight_side(g, x_codes, step_x, spec, ctx.generator)
+            d_qw = _weight_side(g, split, x_codes, step_x, spec, ctx.generator)
             if needs[1]:
                 masked = d_qw if v_w is None else d_qw * _inside(v_w)
                 grad_w = block_hadamard(masked, spec.block).to(grad.dtype)

@@ -23,8 +23,8 @@ from qanalyze.engine.int4 import (
     lsq_init,
     lsq_quantize,
     lss_probabilities,
-    lss_sample,
 )
+from qanalyze.engine.int4 import _stacked_rows as stacked_rows
 from qanalyze.engine.kernels import reference_mm
 from qanalyze.engine.packing import PackedTensor, load_packed, save_packed
 from qanalyze.errors import ConfigError
@@ -157,31 +157,39 @@ def test_water_filling_refuses_bad_input():
         lss_probabilities(torch.tensor([1.0, -1.0]), 1)
     with pytest.raises(ConfigError, match="1-D"):
         lss_probabilities(torch.ones(2, 2), 1)
-    with pytest.raises(ConfigError, match="one probability per row"):
-        lss_sample(torch.ones(3, 2), torch.ones(2), _gen(0))
 
 
-def test_lss_product_is_unbiased():
+def test_sampling_the_split_keeps_the_high_parts_and_drops_low_residuals():
     g = _gen(6)
-    grad = torch.randn(40, 5, generator=g, dtype=torch.float64) * torch.rand(40, 1, generator=g, dtype=torch.float64)
-    x = torch.randn(40, 4, generator=g, dtype=torch.float64)
-    exact = grad.T @ x
-    probs = lss_probabilities(grad.norm(dim=1) * x.norm(dim=1), 10)
-    generator, draws = _gen(7), 3000
-    samples = []
-    for _ in range(draws):
-        kept, rows = lss_sample(grad, probs, generator)
-        samples.append(rows.T @ x[kept])
-    samples = torch.stack(samples)
-    mean, stderr = samples.mean(0), samples.std(0) / math.sqrt(draws)
-    # a fixed projection of the product is one scalar estimate: within 3 standard errors
-    weights = torch.randn(5, 4, generator=g, dtype=torch.float64)
-    projected = (samples * weights).sum((1, 2))
-    assert abs(float(projected.mean() - (exact * weights).sum())) < 3 * float(projected.std()) / math.sqrt(draws)
-    # and every one of the 20 elements within 4 standard errors (Bonferroni: 20 x 6e-5)
-    assert bool(((mean - exact).abs() < 4 * stderr).all())
-    # sampling did drop rows: the estimate has a real variance
-    assert float(stderr.max()) > 1e-3 and probs.sum() == pytest.approx(10)
+    grad = torch.randn(400, 24, generator=g) * torch.rand(400, 1, generator=g)
+    grad[::7] = 0.0  # padding tokens: rows of zeros are never kept
+    split = bit_split(grad, _gen(7))
+    spec = Int4Spec(block=4, lss=True, keep_fraction=0.5)
+    nonzero = int((split.hi.abs().sum(1) > 0).sum() + (split.lo.abs().sum(1) > 0).sum())
+    kept_hi, kept_lo = [], []
+    for seed in range(40):
+        rows = stacked_rows(split, None, spec, _gen(100 + seed), sample=True, power_of_two=False)
+        assert not bool(((rows.hi % 7) == 0).any() | ((rows.lo % 7) == 0).any())
+        assert bool((rows.weight_hi >= 1).all() & (rows.weight_lo >= 1).all())
+        kept_hi.append(rows.hi.numel())
+        kept_lo.append(rows.lo.numel())
+    # the budget: half of the non-zero rows of [14 hi; lo], in expectation
+    mean_kept = (sum(kept_hi) + sum(kept_lo)) / 40
+    assert mean_kept == pytest.approx(0.5 * nonzero, rel=0.05)
+    # most of it goes to the high parts, 14 times the magnitude of the low ones
+    share_hi = sum(kept_hi) / 40 / int((split.hi.abs().sum(1) > 0).sum())
+    share_lo = sum(kept_lo) / 40 / int((split.lo.abs().sum(1) > 0).sum())
+    assert share_hi > 0.75 and share_lo < share_hi / 2, (share_hi, share_lo)
+    # for the weight gradient every 1/p is a power of two, so each level is one exact integer product
+    rows = stacked_rows(split, torch.rand(400, generator=g) + 0.5, spec, _gen(8), sample=True, power_of_two=True)
+    weights = torch.cat((rows.weight_hi, rows.weight_lo))
+    assert torch.equal(torch.exp2(torch.log2(weights).round()), weights)
+    # without sampling: every non-zero row, weight 1, and no draw from the generator
+    generator = _gen(9)
+    state = generator.get_state()
+    rows = stacked_rows(split, None, Int4Spec(block=4, lss=False), generator, sample=True, power_of_two=True)
+    assert rows.hi.numel() + rows.lo.numel() == nonzero and bool((rows.weight_hi == 1).all())
+    assert torch.equal(generator.get_state(), state)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
