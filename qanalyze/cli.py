@@ -561,6 +561,9 @@ def _print_plan(plan_record: Any, console: Any) -> None:
               help="From `qanalyze analyze` (default: OUT/sensitivity.json, made if missing).")
 @click.option("--objective", type=click.Choice(["trace", "eig", "measured"]), default="trace", show_default=True)
 @click.option("--act-budget", default="8bit", show_default=True, help="Mean activation bits of every plan.")
+@click.option("--act-group", type=click.Choice(["tensor", "token"]), default="tensor", show_default=True,
+              help="Scales of each linear layer's input in every plan: one per tensor, or one per token "
+                   "(modes int and ptq-dynamic).")
 @click.option("--measure-delta-loss", is_flag=True,
               help="When the sweep analyzes: also measure each module's loss change (for the report's predictors).")
 @_data_options
@@ -598,7 +601,8 @@ def sweep(model: str, budgets: str, plans: str, modes: str, integer_bits: str, s
         modes=tuple(m.strip() for m in modes.split(",") if m.strip()),
         lora=lora, eval_ranks=eval_ranks, int4=Int4Spec(**_pop_int4_options(kw)),
         integer_bits=() if integer_bits.strip().lower() == "none" else _int_list(integer_bits),
-        plan=PlanConfig(objective=kw.pop("objective"), act_budget=parse_bits(kw.pop("act_budget")), seed=kw["seed"]),
+        plan=PlanConfig(objective=kw.pop("objective"), act_budget=parse_bits(kw.pop("act_budget")), seed=kw["seed"],
+                        act_group=kw.pop("act_group")),
         train=TrainConfig(
             epochs=kw["epochs"] if _given("epochs") else 1, max_steps=kw["max_steps"], batch_size=kw["batch_size"],
             lr=kw["lr"], warmup_ratio=kw["warmup_ratio"], weight_decay=kw["weight_decay"],

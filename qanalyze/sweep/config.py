@@ -83,6 +83,12 @@ class SweepConfig:
         for bits in self.integer_bits:
             if not 2 <= bits <= 16:
                 raise ConfigError(f"integer reference bits must lie in 2..16, got {bits}")
+        group = self.plan.act_group
+        refusing = [m for m in self.modes if m in PLAN_MODES and MODES[m].swaps
+                    and group not in MODES[m].activation_groups]
+        if refusing:
+            raise ConfigError(f"--act-group {group}: mode {refusing[0]} quantizes each input with one scale per "
+                              f"tensor; use --act-group tensor or the modes int, ptq-dynamic")
 
     def recorded(self) -> dict[str, Any]:
         """The settings as written to sweep.json."""

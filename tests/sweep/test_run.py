@@ -10,6 +10,7 @@ from qanalyze.data import load_task
 from qanalyze.engine.lora import LoRAConfig
 from qanalyze.engine.train import TrainConfig, TrainingInterrupted
 from qanalyze.errors import ConfigError
+from qanalyze.plan.make import PlanConfig
 from qanalyze.records import SweepRecord
 from qanalyze.rundir import checkpoint_dir, is_finished_run
 from qanalyze.sensitivity.analyze import AnalyzeConfig
@@ -121,6 +122,9 @@ def test_bad_sweeps_are_refused_before_any_work(tmp_path, minilm_dir, sst2):
         _config(modes=("qdylora",), lora=LoRAConfig(base="nf4"))
     with pytest.raises(ConfigError, match="positive integers"):
         _config(eval_ranks=(0, 2))
+    with pytest.raises(ConfigError, match="--act-group token: mode qat quantizes each input with one scale"):
+        _config(modes=("int", "qat"), plan=PlanConfig(act_group="token"))
+    assert _config(modes=("int", "int4"), plan=PlanConfig(act_group="token")).plan.act_group == "token"
     with pytest.raises(ConfigError, match="no trained sst2 head"):
         sweep(str(minilm_dir), sst2, _config(), tmp_path / "out")
     assert not (tmp_path / "out" / "sweep.json").exists()
