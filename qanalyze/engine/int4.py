@@ -79,7 +79,6 @@ MAX_STEP = 65504.0
 # only int_mm's int32 overflow bound is worked out on 15 instead of 7.
 _LSQ_BITS = 5
 _SPLIT_BITS = 4
-_INT32_MAX = 2**31 - 1
 
 
 # ---------------------------------------------------------------------------------------------------------------------
