@@ -4,7 +4,7 @@ sampling in the weight-gradient product only).
 
 The FP32 row is the `qanalyze finetune` run of the same data, epoch, length and seed (reused from --fp32
 when it exists with these settings). Each int4 row is `qanalyze train minilm-l6 --plan uniform:4 --mode
-int4 [--no-lss]`: every linear layer and embedding outside the task head at 4 bits.
+int4 [--lss [--no-lss-input]]`: every linear layer and embedding outside the task head at 4 bits.
 
     .venv/bin/python benchmarks/int4_sst2.py
 """

@@ -268,15 +268,17 @@ class Int4Spec:
 
     ``block``: Hadamard block size (power of two up to 1024), or None to choose it with
     `qanalyze.quant.hadamard.choose_block` on the first batch (modules only; the Function needs a size).
-    ``lss``: leverage-score sampling of the output-gradient rows; off keeps every non-zero row.
-    ``lss_input``: with ``lss``, sample the rows that enter the input gradient too (scores ``‖G_i‖``), not
-    only those of the weight gradient (scores ``‖G_i‖·‖X_i‖``). The input gradient flows on to every earlier
+    ``lss``: leverage-score sampling of the rows of the split ``[14·hi; lo]``; off (the default, as in the
+    authors' released kernels, and more accurate on SST-2 in reports/BENCHMARKS.md) keeps every non-zero row.
+    ``lss_input``: with ``lss``, sample the rows that enter the input gradient too (scores ``‖row‖``), not
+    only those of the weight gradient (scores ``‖row‖·‖X_i‖``). The input gradient flows on to every earlier
     layer, so its sampling noise compounds with depth; False keeps that product whole.
-    ``keep_fraction``: with ``lss``, the expected fraction of the non-zero rows kept, in (0, 1].
+    ``keep_fraction``: with ``lss``, the expected fraction of the non-zero rows of ``[14·hi; lo]`` kept, in
+    (0, 1]; 0.5 is the paper's N of 2N.
     """
 
     block: int | None = None
-    lss: bool = True
+    lss: bool = False
     keep_fraction: float = 0.5
     lss_input: bool = True
 
@@ -452,7 +454,7 @@ class Int4Linear(_Swapped):
 
     ``spec`` (a `TensorSpec`) is kept for the common interface; the int4 mode is 4-bit by definition, so
     its bits are not used. ``int4`` gives the mode's own settings (default ``Int4Spec()``: block chosen on
-    the first batch, LSS on). ``s_w`` is initialised at construction (with ``k = 1`` when the block is
+    the first batch, every non-zero gradient row kept). ``s_w`` is initialised at construction (with ``k = 1`` when the block is
     not known yet, then again once it is chosen, before any step can have changed it) and ``s_x`` on the
     first batch. The chosen block lives in the float buffer ``block_size`` (0 until chosen; float so that
     checkpoint code keeping the float entries of the state dict keeps it), so a loaded state dict
