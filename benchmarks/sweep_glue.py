@@ -50,7 +50,7 @@ def main() -> None:
              "--max-length", args.max_length, "--out", str(out)]
     if args.sensitivity:
         sweep += ["--sensitivity", args.sensitivity]
-    shown = " ".join(Path(a).name if a == sys.executable else a for a in sweep[1:])
+    shown = _relative(" ".join(sweep[1:]))
     print(shown, flush=True)
     start = time.perf_counter()
     subprocess.run(sweep, check=True)
@@ -66,9 +66,9 @@ def summary(table: pd.DataFrame, args: argparse.Namespace, command: str, seconds
     """The Markdown summary: the command, the table, each target as a measured figure, the figures."""
     fp32 = float(table.loc[table["plan"] == "fp32", "value"].iloc[0])
     metric = table["metric"].dropna().iloc[0]
+    invoked = _relative(" ".join(["benchmarks/sweep_glue.py", *sys.argv[1:]]))
     lines = [f"# Reference sweep: minilm-l6 on {args.task} ({datetime.date.today().isoformat()})", "",
-             f"`.venv/bin/python benchmarks/sweep_glue.py --task {args.task} --model {args.model} --examples "
-             f"{args.examples}` ran `{command}` in {seconds / 60:.1f} min; the page is "
+             f"`.venv/bin/python {invoked}` ran `{command}` in {seconds / 60:.1f} min; the page is "
              f"[{report.name}]({report.name}).", "",
              f"FP32 {metric}: {fp32:.2f}. Every quantized row re-trains the FP32 model for {args.epochs} epoch(s) on "
              f"{args.examples} training examples ({args.modes}, lr {args.lr}, max length {args.max_length}), "
@@ -93,8 +93,9 @@ def summary(table: pd.DataFrame, args: argparse.Namespace, command: str, seconds
         baselines = rows.drop(index="hessian")["value"].dropna()
         best = baselines.idxmax() if len(baselines) else None
         verdict = "met" if loss <= bound else "MISSED"
-        lines.append(f"- {budget}: Hessian plan {hessian:.2f}, {loss:.2f} pt below FP32 — "
-                     f"{loss / bound:.2f} x the {bound} pt bound: {verdict}.")
+        against = (f"{loss:.2f} pt below FP32, {loss / bound:.2f} x" if loss > 0
+                   else f"{-loss:.2f} pt above FP32, within")
+        lines.append(f"- {budget}: Hessian plan {hessian:.2f}, {against} the {bound} pt bound: {verdict}.")
         if best is not None:
             ahead = hessian > baselines.max()
             lines.append(f"  Against the best baseline of equal bytes ({best}, {baselines.max():.2f}): "
@@ -103,6 +104,11 @@ def summary(table: pd.DataFrame, args: argparse.Namespace, command: str, seconds
     figures = sorted((report.parent / f"{report.stem}-figures").glob("*.png"))
     lines += ["", "## Figures", ""] + [f"![{p.stem}]({p.parent.name}/{p.name})" for p in figures]
     return lines
+
+
+def _relative(text: str) -> str:
+    """``text`` with this checkout's absolute paths made relative to it (the Markdown is read elsewhere)."""
+    return text.replace(sys.executable, ".venv/bin/python").replace(f"{ROOT}/", "")
 
 
 if __name__ == "__main__":
