@@ -454,11 +454,11 @@ class Int4Linear(_Swapped):
 
     ``spec`` (a `TensorSpec`) is kept for the common interface; the int4 mode is 4-bit by definition, so
     its bits are not used. ``int4`` gives the mode's own settings (default ``Int4Spec()``: block chosen on
-    the first batch, every non-zero gradient row kept). ``s_w`` is initialised at construction (with ``k = 1`` when the block is
-    not known yet, then again once it is chosen, before any step can have changed it) and ``s_x`` on the
-    first batch. The chosen block lives in the float buffer ``block_size`` (0 until chosen; float so that
-    checkpoint code keeping the float entries of the state dict keeps it), so a loaded state dict
-    restores it and nothing is chosen again.
+    the first batch, every non-zero gradient row kept). ``s_w`` is initialised at construction (with
+    ``k = 1`` when the block is not known yet, then again once it is chosen, before any step can have
+    changed it) and ``s_x`` on the first batch. The chosen block lives in the float buffer
+    ``block_size`` (0 until chosen; float so that checkpoint code keeping the float entries of the state
+    dict keeps it), so a loaded state dict restores it and nothing is chosen again.
     """
 
     def __init__(self, original: nn.Module, spec: TensorSpec, generator: torch.Generator, *,
