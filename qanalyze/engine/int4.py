@@ -341,12 +341,12 @@ def _stacked_rows(split: BitSplit, extra: torch.Tensor | None, spec: Int4Spec, g
     return _Rows(hi=hi, lo=lo, weight_hi=weights[:n][hi], weight_lo=weights[n:][lo])
 
 
-def _input_side(g: torch.Tensor, split: BitSplit, w_codes: torch.Tensor, step_w: torch.Tensor, spec: Int4Spec,
+def _input_side(split: BitSplit, w_codes: torch.Tensor, step_w: torch.Tensor, spec: Int4Spec,
                 generator: torch.Generator) -> torch.Tensor:
     """``∂L/∂Q(X̃) ≈ G · Q(W̃)`` (N x D, float32) from one integer product of the kept ``[hi; lo]`` rows.
 
     Each kept row's product is an output row of its own, so its ``14/p`` or ``1/p`` is applied after the GEMM."""
-    out = torch.zeros(g.shape[0], w_codes.shape[1], dtype=torch.float32, device=g.device)
+    out = torch.zeros(split.hi.shape[0], w_codes.shape[1], dtype=torch.float32, device=w_codes.device)
     rows = _stacked_rows(split, None, spec, generator, sample=spec.lss_input, power_of_two=False)
     parts = rows.hi.numel()
     if parts + rows.lo.numel():
@@ -358,15 +358,14 @@ def _input_side(g: torch.Tensor, split: BitSplit, w_codes: torch.Tensor, step_w:
     return out
 
 
-def _weight_side(g: torch.Tensor, split: BitSplit, x_codes: torch.Tensor, step_x: torch.Tensor, spec: Int4Spec,
+def _weight_side(split: BitSplit, x_codes: torch.Tensor, step_x: torch.Tensor, spec: Int4Spec,
                  generator: torch.Generator) -> torch.Tensor:
     """``∂L/∂Q(W̃) ≈ Gᵀ · Q(X̃)`` (O x D, float32) from integer products of the kept ``[hi; lo]`` rows.
 
     Here the kept rows are the terms of the sum the GEMM contracts over, so a ``1/p`` per row cannot be
     applied after it. The probabilities are powers of two: the rows that share one ``1/p = 2^k`` make one
     INT4 x INT4 product, scaled by ``2^k`` (exact), and hi rows carry their factor 14 the same way."""
-    out_features = g.shape[1]
-    out = torch.zeros(out_features, x_codes.shape[1], dtype=torch.float32, device=g.device)
+    out = torch.zeros(split.hi.shape[1], x_codes.shape[1], dtype=torch.float32, device=x_codes.device)
     x_norms = x_codes.to(torch.float32).norm(dim=1)  # s_x is common to all rows: not needed
     rows = _stacked_rows(split, x_norms, spec, generator, sample=True, power_of_two=True)
     for part, index, weight, factor in ((split.hi, rows.hi, rows.weight_hi, SPLIT_RATIO),
@@ -426,14 +425,14 @@ class Int4LinearFunction(torch.autograd.Function):
         # one split of the whole G (its scale from G itself), shared by both products
         split = bit_split(g, ctx.generator) if needs[0] or needs[4] or needs[1] or want_sw else None
         if needs[0] or needs[4]:
-            d_qx = _input_side(g, split, w_codes, step_w, spec, ctx.generator)
+            d_qx = _input_side(split, w_codes, step_w, spec, ctx.generator)
             if needs[0]:
                 grad_x = block_hadamard(d_qx * _inside(v_x), spec.block).reshape(ctx.x_shape).to(grad.dtype)
             if needs[4]:
                 total = (d_qx * _lsq_step_terms(v_x)).sum() * _grad_scale(v_x.numel())
                 grad_sx = total.reshape(ctx.s_x_meta[0]).to(ctx.s_x_meta[1])
         if needs[1] or want_sw:
-            d_qw = _weight_side(g, split, x_codes, step_x, spec, ctx.generator)
+            d_qw = _weight_side(split, x_codes, step_x, spec, ctx.generator)
             if needs[1]:
                 masked = d_qw if v_w is None else d_qw * _inside(v_w)
                 grad_w = block_hadamard(masked, spec.block).to(grad.dtype)
