@@ -24,8 +24,8 @@ import torch
 
 import qanalyze
 from qanalyze.data import collate, encode
-from qanalyze.sensitivity.estimators import hutchinson_traces, lanczos
-from qanalyze.sensitivity.hvp import HVP, pyhessian_adapter
+from qanalyze.sensitivity.estimators import hutchinson_traces, lanczos, refined_lanczos
+from qanalyze.sensitivity.hvp import HVP, PRECISIONS, pyhessian_adapter
 from qanalyze.sensitivity.sources import Restricted
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,58 +70,74 @@ def main() -> None:
           f"{batch['input_ids'].shape[1]} tokens, torch threads {torch.get_num_threads()}", flush=True)
 
     if "traces" not in skip:
+        ours, traces = {}, {}
+        for precision in PRECISIONS:
+            start = time.perf_counter()
+            op = HVP(model, batch, weights, precision=precision)
+            traces[precision] = hutchinson_traces(op, {n: [k] for k, n in enumerate(weights)},
+                                                  generator=torch.Generator().manual_seed(0),
+                                                  max_probes=args.trace_probes, rel_tol=args.trace_tol)
+            ours[precision] = time.perf_counter() - start
+            del op
+        probes = next(iter(traces["float32"].values())).iterations
+        print(f"A. qanalyze one-pass traces: {len(weights)} modules, {probes} probes: "
+              + ", ".join(f"{p} products {t:.1f} s" for p, t in ours.items()), flush=True)
         start = time.perf_counter()
-        op = HVP(model, batch, weights)
-        traces = hutchinson_traces(op, {n: [k] for k, n in enumerate(weights)},
-                                   generator=torch.Generator().manual_seed(0), max_probes=args.trace_probes,
-                                   rel_tol=args.trace_tol)
-        ours = time.perf_counter() - start
-        probes = next(iter(traces.values())).iterations
-        del op
-        print(f"A. qanalyze one-pass traces: {len(traces)} modules, {probes} probes, {ours:.1f} s", flush=True)
-        start = time.perf_counter()
-        agree, rows = 0, []
+        reference = {}
         for name, weight in weights.items():
             samples = pyhessian_adapter(model, batch, [weight]).trace(max_iter=probes, tol=0.0, seed=1)
-            mean = statistics.fmean(samples)
-            stderr = statistics.stdev(samples) / math.sqrt(len(samples))
-            ours_e = traces[name]
-            ok = abs(mean - ours_e.value) <= 3 * math.hypot(stderr, ours_e.stderr)
-            agree += ok
-            rows.append((name, ours_e.value, ours_e.stderr, mean, stderr, ok))
+            reference[name] = (statistics.fmean(samples), statistics.stdev(samples) / math.sqrt(len(samples)))
         theirs = time.perf_counter() - start
         print(f"   PyHessian, one module at a time, {probes} probes each: {theirs:.1f} s")
-        print(f"   PyHessian / qanalyze wall time: {theirs / ours:.1f}x (target >= 20x)")
-        print(f"   values within 3 combined standard errors: {agree} of {len(rows)} modules")
-        for name, value, se, ref, ref_se, ok in rows:
-            if not ok:
-                print(f"     outside: {name}: ours {value:.4g} ± {se:.2g}, PyHessian {ref:.4g} ± {ref_se:.2g}")
+        for precision, seconds in ours.items():
+            print(f"   {precision}: PyHessian / qanalyze wall time {theirs / seconds:.1f}x (target >= 20x)")
+            agree = 0
+            for name, (mean, stderr) in reference.items():
+                estimate = traces[precision][name]
+                ok = abs(mean - estimate.value) <= 3 * math.hypot(stderr, estimate.stderr)
+                agree += ok
+                if not ok:
+                    print(f"     outside: {name}: ours {estimate.value:.4g} ± {estimate.stderr:.2g}, "
+                          f"PyHessian {mean:.4g} ± {stderr:.2g}")
+            print(f"     values within 3 combined standard errors: {agree} of {len(reference)} modules")
 
     if "eig" not in skip:
         # Each tool as it is used. qanalyze analyze builds one gradient graph over every module and
-        # runs each layer's Lanczos on products restricted to that layer (`Restricted`); PyHessian
-        # builds one hessian object, so one graph, per layer. Same accuracy, not the same stopping
-        # rule: PyHessian's test (relative change per iteration < tol) stops power iteration before
-        # the estimate is within tol of the eigenvalue, so it is run at 1e-3, 1e-4, 1e-5 until it is
-        # within 1e-3 of a Lanczos value converged to 1e-8, and timed at the first tolerance that
-        # gets there.
+        # runs each layer's Lanczos on products restricted to that layer (`Restricted`); with bfloat16
+        # products it builds a bfloat16 graph too, runs Lanczos there and finishes in float32
+        # (`refined_lanczos`). PyHessian builds one hessian object, so one graph, per layer. Same
+        # accuracy, not the same stopping rule: PyHessian's test (relative change per iteration < tol)
+        # stops power iteration before the estimate is within tol of the eigenvalue, so it is run at
+        # 1e-3, 1e-4, 1e-5 until it is within 1e-3 of a Lanczos value converged to 1e-8, and timed at
+        # the first tolerance that gets there.
         blocks: dict[int, list[int]] = {}
         names = list(weights)
         for info in infos:
             if info.block is not None:
                 blocks.setdefault(info.block, []).append(names.index(info.name))
-        start = time.perf_counter()
-        shared = HVP(model, batch, weights)
-        graph = time.perf_counter() - start
-        print(f"B. one gradient graph over all {len(names)} modules: {graph:.2f} s", flush=True)
-        ours_total, theirs_total = graph, 0.0
-        for block, indices in sorted(blocks.items()):
-            exact = lanczos(Restricted(shared, indices), generator=torch.Generator().manual_seed(99), tol=1e-8)[0].value
+        graphs, ops = {}, {}
+        for precision in PRECISIONS:
             start = time.perf_counter()
-            estimate = lanczos(Restricted(shared, indices), generator=torch.Generator().manual_seed(block),
-                               tol=1e-3)[0]
-            ours = time.perf_counter() - start
-            ours_error = abs(estimate.value - exact) / abs(exact)
+            ops[precision] = HVP(model, batch, weights, precision=precision)
+            graphs[precision] = time.perf_counter() - start
+        print(f"B. one gradient graph over all {len(names)} modules: "
+              + ", ".join(f"{p} {t:.2f} s" for p, t in graphs.items()), flush=True)
+        totals = {"float32": graphs["float32"], "mixed": graphs["float32"] + graphs["bfloat16"], "pyhessian": 0.0}
+        for block, indices in sorted(blocks.items()):
+            exact_op, fast_op = Restricted(ops["float32"], indices), Restricted(ops["bfloat16"], indices)
+            exact = lanczos(exact_op, generator=torch.Generator().manual_seed(99), tol=1e-8)[0].value
+            line = []
+            for label in ("float32", "mixed"):
+                generator = torch.Generator().manual_seed(block)
+                start = time.perf_counter()
+                if label == "float32":
+                    estimate = lanczos(exact_op, generator=generator, tol=1e-3)[0]
+                else:
+                    estimate = refined_lanczos(fast_op, exact_op, generator=generator, tol=1e-3)[0]
+                seconds = time.perf_counter() - start
+                totals[label] += seconds
+                line.append(f"{label} error {abs(estimate.value - exact) / abs(exact):.1e}, "
+                            f"{estimate.iterations} products, {seconds:.2f} s")
             params = [weights[names[i]] for i in indices]
             for tol in (1e-3, 1e-4, 1e-5):
                 start = time.perf_counter()
@@ -130,13 +146,14 @@ def main() -> None:
                 theirs_error = abs(reference - exact) / abs(exact)
                 if theirs_error <= 1e-3:
                     break
-            ours_total, theirs_total = ours_total + ours, theirs_total + theirs
-            print(f"   layer {block}: λ = {exact:.6g}; Lanczos at tol 1e-3: error {ours_error:.1e}, "
-                  f"{estimate.iterations} products, {ours:.2f} s; PyHessian power at tol {tol:g}: error "
-                  f"{theirs_error:.1e}, {theirs:.2f} s (its graph included)", flush=True)
-        print(f"   qanalyze {ours_total:.1f} s (graph included), PyHessian {theirs_total:.1f} s: "
-              f"{theirs_total / ours_total:.1f}x less wall time at 1e-3 accuracy over {len(blocks)} layers "
-              f"(target >= 3x)")
+            totals["pyhessian"] += theirs
+            print(f"   layer {block}: λ = {exact:.6g}; Lanczos at tol 1e-3: {'; '.join(line)}; PyHessian power at "
+                  f"tol {tol:g}: error {theirs_error:.1e}, {theirs:.2f} s (its graph included)", flush=True)
+        for label in ("float32", "mixed"):
+            print(f"   qanalyze {label} {totals[label]:.1f} s (graphs included), "
+                  f"PyHessian {totals['pyhessian']:.1f} s: "
+                  f"{totals['pyhessian'] / totals[label]:.1f}x less wall time at 1e-3 accuracy over {len(blocks)} "
+                  f"layers (target >= 3x)")
 
 
 if __name__ == "__main__":

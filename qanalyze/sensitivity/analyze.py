@@ -19,7 +19,7 @@ import re
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ from qanalyze.models import LoadedModel, ModuleInfo, architecture_fingerprint, h
 from qanalyze.quant.primitives import fake_quantize, parse_group, rows_per_group, weight_errors
 from qanalyze.records import SensitivityReport
 from qanalyze.sensitivity.errors import ErrorProbe
-from qanalyze.sensitivity.hvp import NonFiniteError
+from qanalyze.sensitivity.hvp import PRECISIONS, NonFiniteError, resolve_precision
 from qanalyze.sensitivity.sources import EIG_METHODS, HESSIAN_ENGINES
 from qanalyze.sensitivity.summary import summarise
 
@@ -67,6 +67,7 @@ class AnalyzeConfig:
     measure_delta_loss: bool = False
     delta_loss_bits: tuple[int, ...] = (2, 4, 8)
     hvp_method: str = "double_backward"
+    hvp_precision: str = "auto"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -75,6 +76,8 @@ class AnalyzeConfig:
             raise ConfigError(f"unknown metric(s) {', '.join(unknown) or '(none given)'}; known: {', '.join(METRICS)}")
         if self.engine not in ENGINES:
             raise ConfigError(f"unknown engine {self.engine!r}; known: {', '.join(ENGINES)}")
+        if self.hvp_precision not in ("auto", *PRECISIONS):
+            raise ConfigError(f"unknown HVP precision {self.hvp_precision!r}; known: auto, {', '.join(PRECISIONS)}")
         if self.eig_method not in EIG_METHODS:
             raise ConfigError(f"unknown eigenvalue method {self.eig_method!r}; known: {', '.join(EIG_METHODS)}")
         for name in ("batches", "batch_size", "max_length", "eig_max_iter", "trace_max_probes", "density_steps"):
@@ -236,6 +239,11 @@ def analyze(
     # on the model's device before the first forward, or a GPU model would meet CPU tensors
     batches = [{k: v.to(device) for k, v in b.items()}
                for b in calibration_batches(data, loaded.tokenizer, config)]
+    # Recorded resolved, so a resume on hardware that resolves "auto" otherwise is refused. PyHessian
+    # has no precision setting: its products are the parameters' own.
+    dtype = next(model.parameters()).dtype
+    precision = resolve_precision(config.hvp_precision, device, dtype) if config.engine == "native" else "float32"
+    config = replace(config, hvp_precision=precision)
     _check_loss(model, batches[0])
     state = _open(loaded, data, config, out, infos, all_infos, resume)
     modules = dict(model.named_modules())

@@ -2,6 +2,7 @@
 
 - `power_iteration`: the top eigenvalues (largest in magnitude) with PyHessian's semantics;
 - `lanczos`: the same eigenvalues from a Krylov space, in far fewer products;
+- `refined_lanczos`: Lanczos on cheap bfloat16 products, finished by a few exact ones;
 - `hutchinson_traces`: the traces of many diagonal blocks at once, one product per probe;
 - `slq_density`: stochastic Lanczos quadrature, the spectral density as nodes and weights.
 
@@ -119,30 +120,33 @@ def lanczos(
     _check_count("top_k", top_k, limit=op.numel)
     _check_count("max_iter", max_iter, minimum=top_k)
     _check_tol("tol", tol)
-    start = _gaussian(op, generator)
-    values = bounds = previous = torch.zeros(0, dtype=torch.float64)
-    steps, converged = 0, False
-    for tri in _lanczos_steps(op, start, max_iter):
-        steps = len(tri.alphas)
-        if steps < top_k:
-            continue
-        theta, vectors = tri.eigh()
-        order = torch.argsort(theta.abs(), descending=True)[:top_k]
-        previous, values = values, theta[order]
-        bounds = (tri.betas[-1] * vectors[-1, order]).abs()
-        settled = bounds <= tol * values.abs()
-        if previous.numel() == top_k:
-            settled |= (values - previous).abs() < tol * values.abs()
-        # An exhausted Krylov space is invariant: its Ritz values are exact eigenvalues.
-        converged = tri.exhausted or bool(settled.all())
-        if converged:
-            break
-    if values.numel() < top_k:
-        raise ConfigError(f"the block has fewer than top_k={top_k} independent directions the start vector reaches")
-    return [
-        Estimate(value=float(value), stderr=float(bound), iterations=steps, converged=converged)
-        for value, bound in zip(values.tolist(), bounds.tolist())
-    ]
+    return _lanczos(op, _gaussian(op, generator), top_k, max_iter, tol)[0]
+
+
+def refined_lanczos(
+    fast: HVP, exact: HVP, *, generator: torch.Generator, top_k: int = 1, max_iter: int = 100, tol: float = 1e-3,
+    fast_tol: float = 1e-2,
+) -> list[Estimate]:
+    """`lanczos` in two precisions: Lanczos on the cheap operator `fast` (bfloat16 products) to `fast_tol`,
+    then Lanczos on `exact` to `tol`, started from the sum of `fast`'s top-k Ritz vectors.
+
+    bfloat16 products move a top eigenvalue by 0.4 % to 3 % on minilm-l6, too much for a 1e-3
+    tolerance, but their Ritz vector is a start that `exact` refines in two or three products
+    instead of seven to nine. `fast` and `exact` must be the same block (same sizes). The estimates'
+    values and bounds are `exact`'s; `iterations` counts the products of both stages.
+    """
+    _check_count("top_k", top_k, limit=exact.numel)
+    _check_count("max_iter", max_iter, minimum=top_k)
+    _check_tol("tol", tol)
+    _check_tol("fast_tol", fast_tol)
+    if fast.sizes != exact.sizes:
+        raise ConfigError(f"the fast and exact operators cover different blocks ({fast.numel} and {exact.numel} "
+                          "elements)")
+    rough, vectors = _lanczos(fast, _gaussian(fast, generator), top_k, max_iter, fast_tol)
+    start = torch.stack(vectors).sum(dim=0).to(dtype=exact.dtype, device=exact.device)
+    refined, _ = _lanczos(exact, start, top_k, max_iter, tol)
+    used = rough[0].iterations + refined[0].iterations
+    return [Estimate(e.value, e.stderr, used, e.converged) for e in refined]
 
 
 def hutchinson_traces(
@@ -236,6 +240,8 @@ class _Tridiagonal:
     alphas: list[float]
     betas: list[float]
     exhausted: bool
+    basis: Tensor
+    """The orthonormal Lanczos vectors so far, one per row (a view of the run's buffer)."""
 
     def eigh(self) -> tuple[Tensor, Tensor]:
         """Ritz values (ascending) and eigenvectors (columns) of T, in float64."""
@@ -243,6 +249,38 @@ class _Tridiagonal:
         off = torch.tensor(self.betas[:-1], dtype=torch.float64)
         t += torch.diag(off, 1) + torch.diag(off, -1)
         return torch.linalg.eigh(t)
+
+
+def _lanczos(op: HVP, start: Tensor, top_k: int, max_iter: int, tol: float) -> tuple[list[Estimate], list[Tensor]]:
+    """`lanczos` from a given start vector; also returns the top-k Ritz vectors (unit, flat)."""
+    values = bounds = previous = torch.zeros(0, dtype=torch.float64)
+    steps, converged = 0, False
+    tri: _Tridiagonal | None = None
+    order = vectors = None
+    for tri in _lanczos_steps(op, start, max_iter):
+        steps = len(tri.alphas)
+        if steps < top_k:
+            continue
+        theta, vectors = tri.eigh()
+        order = torch.argsort(theta.abs(), descending=True)[:top_k]
+        previous, values = values, theta[order]
+        bounds = (tri.betas[-1] * vectors[-1, order]).abs()
+        settled = bounds <= tol * values.abs()
+        if previous.numel() == top_k:
+            settled |= (values - previous).abs() < tol * values.abs()
+        # An exhausted Krylov space is invariant: its Ritz values are exact eigenvalues.
+        converged = tri.exhausted or bool(settled.all())
+        if converged:
+            break
+    if values.numel() < top_k or tri is None or order is None or vectors is None:
+        raise ConfigError(f"the block has fewer than top_k={top_k} independent directions the start vector reaches")
+    coefficients = vectors[:, order].to(tri.basis.dtype)
+    ritz = [_unit(tri.basis.T @ coefficients[:, i]) for i in range(top_k)]
+    estimates = [
+        Estimate(value=float(value), stderr=float(bound), iterations=steps, converged=converged)
+        for value, bound in zip(values.tolist(), bounds.tolist())
+    ]
+    return estimates, ritz
 
 
 def _lanczos_steps(op: HVP, start: Tensor, max_steps: int) -> Iterator[_Tridiagonal]:
@@ -269,7 +307,7 @@ def _lanczos_steps(op: HVP, start: Tensor, max_steps: int) -> Iterator[_Tridiago
         betas.append(b)
         scale = max(max(abs(x) for x in alphas), max(betas))
         exhausted = j + 1 == op.numel or b <= 100 * torch.finfo(op.dtype).eps * scale
-        yield _Tridiagonal(list(alphas), list(betas), exhausted)
+        yield _Tridiagonal(list(alphas), list(betas), exhausted, basis[: j + 1])
         if exhausted:
             return
         q = w / beta

@@ -40,6 +40,34 @@ map, one name, or a sequence of parameters and names (a name is a parameter's or
 METHODS = ("double_backward", "forward_over_reverse")
 """The ways `HVP` can compute a product."""
 
+PRECISIONS: dict[str, torch.dtype | None] = {"float32": None, "bfloat16": torch.bfloat16}
+"""The precisions `HVP` can run its matrix products in: the parameters' own, or ``bfloat16`` through
+``torch.autocast`` (matrix products in bfloat16 with float32 accumulation; layer norms, softmax and the
+loss in float32; vectors and products stay in the parameters' dtype). On CPUs with AVX512-BF16 a
+bfloat16 GEMM is about five times faster than a float32 one; the price is about 2 % relative error per
+product, small against a Hutchinson sample's spread but not against a 1e-3 eigenvalue tolerance."""
+
+
+def resolve_precision(name: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The `PRECISIONS` key ``name`` stands for on parameters of `dtype` on `device`: ``auto`` is
+    ``bfloat16`` for float32 parameters where the hardware multiplies bfloat16 natively (a CPU with
+    AVX512-BF16 or AMX, a CUDA device that supports it), else ``float32``. ConfigError for an unknown name."""
+    if name != "auto":
+        if name not in PRECISIONS:
+            raise ConfigError(f"unknown HVP precision {name!r}; known: auto, {', '.join(PRECISIONS)}")
+        return name
+    return "bfloat16" if dtype == torch.float32 and _native_bfloat16(device) else "float32"
+
+
+def _native_bfloat16(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    # Without these units oneDNN emulates bfloat16 and the products get slower, not faster.
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(check is not None and check() for check in checks)
+
 
 class NonFiniteError(InputError):
     """The loss or a Hessian-vector product holds NaN or infinity (so do the weights or the batch)."""
@@ -125,7 +153,7 @@ class HVP:
 
     Attributes: `loss` (float, on the batch), `names` and `params` (the block, in order),
     `shapes`, `sizes` (elements per parameter), `numel` (block size), `dtype`, `device`,
-    `method`, and `count`, the number of products computed so far.
+    `method`, `precision` (a key of `PRECISIONS`), and `count`, the number of products computed so far.
     """
 
     def __init__(
@@ -136,12 +164,16 @@ class HVP:
         *,
         method: str = "double_backward",
         loss_fn: LossFn | None = None,
+        precision: str = "float32",
     ) -> None:
         if method not in METHODS:
             raise ConfigError(f"unknown HVP method {method!r}; known: {', '.join(METHODS)}")
+        if precision not in PRECISIONS:
+            raise ConfigError(f"unknown HVP precision {precision!r}; known: {', '.join(PRECISIONS)}")
         self.model = model
         self.batch = batch
         self.method = method
+        self.precision = precision
         self.names, self.params = resolve_params(model, params)
         self.shapes = [p.shape for p in self.params]
         self.sizes = [p.numel() for p in self.params]
@@ -154,13 +186,14 @@ class HVP:
         if method == "double_backward":
             # Freezing the other parameters for the forward keeps their branches out of the graph
             # the products reuse; the flags come back as soon as the graph exists.
-            with _eval_mode(model), _requires_grad(model, self.params, freeze_others=True), torch.enable_grad():
+            with (_eval_mode(model), _requires_grad(model, self.params, freeze_others=True), torch.enable_grad(),
+                  self._autocast()):
                 loss = self._checked_loss(self._loss_fn(model, batch))
                 self._grads = torch.autograd.grad(
                     loss, self.params, create_graph=True, allow_unused=True, materialize_grads=True
                 )
         else:
-            with _eval_mode(model), torch.no_grad():
+            with _eval_mode(model), torch.no_grad(), self._autocast():
                 loss = self._checked_loss(self._loss_fn(model, batch))
             self._wrapper = _LossModule(model, self._loss_fn)
             # Detached views: the other parameters enter functional_call as constants.
@@ -209,6 +242,12 @@ class HVP:
         self._check_finite([self.names[i] for i in indices], hv, vectors)
         return hv
 
+    def _autocast(self) -> torch.autocast:
+        # The graph built under autocast keeps its bfloat16 casts, so the double backward's products
+        # run in bfloat16 without autocast being active when they are taken.
+        dtype = PRECISIONS[self.precision]
+        return torch.autocast(self.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
     def _checked_loss(self, loss: Tensor) -> Tensor:
         if not isinstance(loss, Tensor) or loss.dim() != 0:
             raise ConfigError("the loss function must return a scalar tensor")
@@ -255,7 +294,7 @@ class HVP:
             return torch.func.functional_call(self._wrapper, {**fixed, **dict(zip(keys, values))}, (self.batch,))
 
         primals = tuple(self.params[i].detach() for i in indices)
-        with _eval_mode(self.model), warnings.catch_warnings():
+        with _eval_mode(self.model), warnings.catch_warnings(), self._autocast():
             # torch scripts its forward-AD decompositions on first use and warns that scripting
             # is deprecated: torch's own business, not the caller's.
             warnings.filterwarnings("ignore", message=".*torch.jit.script.* is deprecated", category=DeprecationWarning)
@@ -263,8 +302,10 @@ class HVP:
         return [h.detach() for h in hv]
 
     def _check_finite(self, names: list[str], hv: list[Tensor], vectors: list[Tensor]) -> None:
-        # One host sync per product for all parameters together; names only on failure.
-        if bool(torch.stack([torch.isfinite(h).all() for h in hv]).all()):
+        # A sum holds NaN or infinity whenever a term does (or it overflows, itself a failure): one
+        # read of each product instead of isfinite's three passes, a sixth of a bfloat16 probe on
+        # minilm-l6. One host sync for all parameters together; names only on failure.
+        if bool(torch.isfinite(torch.stack([h.sum(dtype=torch.float64) for h in hv]).sum())):
             return
         bad = next(name for name, h in zip(names, hv) if not torch.isfinite(h).all())
         bad_input = next((name for name, t in zip(names, vectors) if not torch.isfinite(t).all()), None)

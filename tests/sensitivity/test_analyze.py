@@ -2,6 +2,7 @@
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -68,6 +69,30 @@ def test_analyze_covers_every_module(tmp_path, tiny, sst2):
         # the top eigenvalue bounds the mean eigenvalue, up to the trace estimate's own noise
         noise = 3 * hessian["trace_stderr"] / math.prod(entry["shape"])
         assert max(abs(v) for v in hessian["eigenvalues"]) >= hessian["avg_trace"] - noise - 1e-9, name
+
+
+def test_bfloat16_products_keep_eigenvalues_and_traces(tmp_path, tiny, sst2):
+    """bfloat16 traces agree with float32 ones within their standard errors; the eigenvalues, finished
+    in float32, within the eigenvalue tolerance; the precision used is recorded."""
+    config = _config(metrics=("eig", "trace"), eig_tol=1e-4, trace_max_probes=32, trace_min_probes=32)
+    reports = {p: analyze(tiny, sst2, replace(config, hvp_precision=p), tmp_path / f"{p}.json")
+               for p in ("float32", "bfloat16")}
+    assert [r.settings["hvp_precision"] for r in reports.values()] == ["float32", "bfloat16"]
+    for name, entry in reports["float32"].modules.items():
+        ours, ref = reports["bfloat16"].modules[name]["hessian"], entry["hessian"]
+        for a, b in zip(ours["eigenvalues"], ref["eigenvalues"]):
+            assert a == pytest.approx(b, rel=3e-4, abs=1e-6), name
+        for a, b in zip(ours["trace_per_batch"], ref["trace_per_batch"]):
+            assert abs(a["value"] - b["value"]) <= 3 * math.hypot(a["stderr"], b["stderr"]) + 1e-6, name
+    for a, b in zip(reports["bfloat16"].blocks.values(), reports["float32"].blocks.values()):
+        assert a["eigenvalues"][0] == pytest.approx(b["eigenvalues"][0], rel=3e-4)
+
+
+def test_auto_precision_is_float32_for_a_float64_model(tmp_path, tiny, sst2):
+    tiny.model.double()
+    report = analyze(tiny, sst2, _config(metrics=("trace",), trace_max_probes=4, trace_min_probes=4),
+                     tmp_path / "s.json")
+    assert report.settings["hvp_precision"] == "float32"
 
 
 def test_empirical_fisher_is_the_mean_of_single_example_squared_gradients(tiny, sst2):

@@ -7,7 +7,14 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification
 
 from qanalyze.errors import ConfigError
-from qanalyze.sensitivity.estimators import Density, hutchinson_traces, lanczos, power_iteration, slq_density
+from qanalyze.sensitivity.estimators import (
+    Density,
+    hutchinson_traces,
+    lanczos,
+    power_iteration,
+    refined_lanczos,
+    slq_density,
+)
 from qanalyze.sensitivity.hvp import HVP
 
 QUERY = "bert.encoder.layer.0.attention.self.query.weight"
@@ -98,6 +105,28 @@ def test_lanczos_needs_fewer_products_than_power_iteration(setup, tol):
         counts[name], errors[name] = op.count, abs(estimate.value / expected - 1)
     assert counts["lanczos"] < counts["power"]
     assert errors["lanczos"] <= max(errors["power"], tol)
+
+
+@pytest.mark.parametrize("key", [QUERY, "query+value"])
+def test_refined_lanczos_reaches_the_exact_tolerance_from_bfloat16_products(setup, key):
+    expected = by_magnitude(setup["hessians"][key])[0].item()
+    model32 = tiny_bert().float()
+    names = setup["blocks"][key]
+    fast = HVP(model32, setup["batch"], names, precision="bfloat16")
+    exact = HVP(model32, setup["batch"], names)
+    rough = lanczos(HVP(model32, setup["batch"], names, precision="bfloat16"), generator=seeded(), tol=1e-6)[0]
+    estimate = refined_lanczos(fast, exact, generator=seeded(), tol=1e-6)[0]
+    assert estimate.converged
+    assert estimate.iterations == fast.count + exact.count
+    # bfloat16 alone settles away from the eigenvalue; the float32 finish brings it to float32's error.
+    assert abs(rough.value / expected - 1) > 1e-4
+    assert estimate.value == pytest.approx(expected, rel=1e-5)
+    assert abs(estimate.value - expected) <= estimate.stderr + 1e-5 * abs(expected)
+
+
+def test_refined_lanczos_refuses_different_blocks(setup):
+    with pytest.raises(ConfigError, match="different blocks"):
+        refined_lanczos(op_for(setup, QUERY), op_for(setup, CLASSIFIER), generator=seeded())
 
 
 def test_power_iteration_reports_non_convergence(setup):

@@ -12,7 +12,7 @@ from qanalyze.data import collate, encode, load_task
 from qanalyze.errors import ConfigError, InputError
 from qanalyze.models import load_model
 from qanalyze.sensitivity.estimators import hutchinson_traces, lanczos, power_iteration
-from qanalyze.sensitivity.hvp import HVP, METHODS, NonFiniteError, pyhessian_adapter
+from qanalyze.sensitivity.hvp import HVP, METHODS, PRECISIONS, NonFiniteError, pyhessian_adapter
 
 LAYER = "bert.encoder.layer.0"
 QUERY = f"{LAYER}.attention.self.query.weight"
@@ -93,6 +93,30 @@ def test_products_equal_dense_hessian_times_vector(model, batch, dense, method, 
     assert op.count == 3
     with torch.no_grad():
         assert op.loss == pytest.approx(float(model(**batch).loss), rel=1e-12)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_bfloat16_products_stay_near_the_dense_hessian(dense, batch, method):
+    # The float64 model's weights rounded to float32: autocast leaves float64 alone, and the
+    # comparison should see bfloat16's rounding, not the weights'.
+    _, hessian = dense[LAYER]
+    model32 = tiny_bert().float()
+    vectors = torch.randn(3, hessian.shape[0], generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    errors = {}
+    for precision in PRECISIONS:
+        op = HVP(model32, batch, LAYER, method=method, precision=precision)
+        assert op.precision == precision and op.dtype == torch.float32
+        products = [op.flat(v.float()) for v in vectors]
+        assert all(h.dtype == torch.float32 for h in products)
+        errors[precision] = max(relative_error(h.double(), hessian @ v) for h, v in zip(products, vectors))
+    assert errors["float32"] < 1e-4
+    # bfloat16 keeps 8 significant bits: a few per cent, and visibly not float32's error.
+    assert 10 * errors["float32"] < errors["bfloat16"] < 0.05
+
+
+def test_unknown_precision_is_a_config_error(model, batch):
+    with pytest.raises(ConfigError, match="precision"):
+        HVP(model, batch, QUERY, precision="float16")
 
 
 def test_methods_agree_on_all_parameters(model, batch):
