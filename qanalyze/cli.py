@@ -78,6 +78,11 @@ _train_options = _option_group(
     click.option("--save-every", type=click.IntRange(min=1), default=100, show_default=True,
                  help="Checkpoint every N steps (for --resume)."),
     click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N]."),
+    click.option("--distill", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+                 help="Share α of a distillation loss against the logits of the model the run starts from (a "
+                      "fine-tuned one): (1-α)·task + α·KD."),
+    click.option("--distill-temperature", type=click.FloatRange(min=0, min_open=True), default=1.0,
+                 show_default=True, help="Temperature T of the distillation loss (scaled by T²)."),
     click.option("--resume", is_flag=True, help="Continue an interrupted run in --out from its checkpoint."),
     click.option("--overwrite", is_flag=True, help="Replace --out if it exists."),
 )
@@ -139,7 +144,7 @@ def _run_training(model: str, task: str | None, data: str | None, out: str, quie
         epochs=kw["epochs"], max_steps=kw["max_steps"], batch_size=kw["batch_size"], lr=kw["lr"],
         warmup_ratio=kw["warmup_ratio"], weight_decay=kw["weight_decay"], max_grad_norm=kw["max_grad_norm"],
         max_length=kw["max_length"] or 128, eval_every=kw["eval_every"], save_every=kw["save_every"],
-        seed=kw["seed"], device=kw["device"])
+        seed=kw["seed"], device=kw["device"], distill=kw["distill"], distill_temperature=kw["distill_temperature"])
     task_data = load_task(task, data, max_train_examples=kw["max_train_examples"],
                           max_eval_examples=kw["max_eval_examples"], seed=kw["seed"])
     _seed_everything(kw["seed"])
@@ -612,7 +617,8 @@ def sweep(model: str, budgets: str, plans: str, modes: str, integer_bits: str, s
             epochs=kw["epochs"] if _given("epochs") else 1, max_steps=kw["max_steps"], batch_size=kw["batch_size"],
             lr=kw["lr"], warmup_ratio=kw["warmup_ratio"], weight_decay=kw["weight_decay"],
             max_grad_norm=kw["max_grad_norm"], max_length=max_length, eval_every=kw["eval_every"],
-            save_every=kw["save_every"], seed=kw["seed"], device=kw["device"]),
+            save_every=kw["save_every"], seed=kw["seed"], device=kw["device"], distill=kw["distill"],
+            distill_temperature=kw["distill_temperature"]),
         analysis=AnalyzeConfig(max_length=max_length, seed=kw["seed"],
                                measure_delta_loss=kw.pop("measure_delta_loss")))
     task_data = load_task(task, data, max_train_examples=kw["max_train_examples"],

@@ -29,6 +29,7 @@ from transformers import get_linear_schedule_with_warmup
 from qanalyze.data import Encoded, TaskData, encode, epoch_order, iter_batches, num_batches
 from qanalyze.engine.apply import AppliedPlan, apply_plan, get_mode
 from qanalyze.engine.checkpoint import discard_checkpoints, load_checkpoint, save_checkpoint
+from qanalyze.engine.distill import Teacher
 from qanalyze.engine.evaluate import EvalResult, evaluate
 from qanalyze.engine.lora import LoRAConfig, RankSampler, apply_qdylora, set_rank, trainable_parameters
 from qanalyze.engine.lora_checkpoint import LORA_FILE
@@ -69,6 +70,8 @@ class TrainConfig:
     save_every: int = 100
     seed: int = 0
     device: str = "auto"
+    distill: float = 0.0
+    distill_temperature: float = 1.0
 
     def __post_init__(self) -> None:
         positive = {"epochs": self.epochs, "batch_size": self.batch_size, "max_length": self.max_length,
@@ -86,12 +89,17 @@ class TrainConfig:
             raise ConfigError(f"warmup-ratio must lie in [0, 1), got {self.warmup_ratio}")
         if self.weight_decay < 0 or self.max_grad_norm <= 0:
             raise ConfigError("weight-decay must be >= 0 and max-grad-norm > 0")
+        if not 0 <= self.distill <= 1 or not self.distill_temperature > 0:
+            raise ConfigError(f"distill must lie in [0, 1] and distill-temperature be positive, got {self.distill} and "
+                              f"{self.distill_temperature}")
         if self.device not in ("auto", "cpu") and not self.device.startswith("cuda"):
             raise ConfigError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
 
     def numbers(self) -> dict[str, Any]:
-        """The settings that change the results (checked when a run is resumed)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("save_every", "device")}
+        """The settings that change the results (checked when a run is resumed). Without distillation its two
+        settings are left out, so runs recorded before they existed still match."""
+        skip = {"save_every", "device"} | ({"distill", "distill_temperature"} if not self.distill else set())
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
 
 
 @dataclass(frozen=True)
@@ -155,6 +163,8 @@ class _Trainer:
         self.applied: AppliedPlan | None = None
         self.lora: LoRAConfig | None = None
         self.sampler: RankSampler | None = None
+        # Copied before any module is quantized: the teacher is the model the run starts from.
+        self.teacher = Teacher(self.model, config.distill, config.distill_temperature) if config.distill else None
         if mode == "qdylora":
             self.lora = lora or LoRAConfig()
             built = apply_qdylora(self.model, plan, self.lora, seed=config.seed)
@@ -227,8 +237,9 @@ class _Trainer:
         if self.sampler is not None:
             self.sampler.step()  # one rank for every adapter this step (DyLoRA)
         try:
-            out = self.model(**{k: v.to(device) for k, v in batch.items()})
-            loss = out.loss
+            inputs = {k: v.to(device) for k, v in batch.items()}
+            out = self.model(**inputs)
+            loss = out.loss if self.teacher is None else self.teacher.mix(out.loss, out.logits, inputs)
             if not torch.isfinite(loss):
                 raise NonFiniteValuesError(f"loss {float(loss.detach())}")
             loss.backward()
