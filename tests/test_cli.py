@@ -175,11 +175,12 @@ def test_analyze_writes_sensitivity_and_refuses_bad_input(capfd, tmp_path, tiny_
     common = ["--task", "sst2", "--data", glue_dir, "--max-train-examples", "32", "--batch-size", "8",
               "--batches", "2", "--max-length", "24", "--bits", "2,4,8", "--gradient-bits", "4,8",
               "--trace-probes", "8", "--quiet"]
-    code, _, err = run_cli(capfd, "analyze", tiny_bert_dir, *common, "--out", out)
+    code, _, err = run_cli(capfd, "analyze", tiny_bert_dir, *common, "--hvp-precision", "float32", "--out", out)
     assert code == 0, err
     record = json.loads(out.read_text())
     assert record["schema"] == "qanalyze/sensitivity/v1"
     assert "bert.encoder.layer.1.output.dense" in record["modules"]
+    assert record["settings"]["hvp_precision"] == "float32"
 
     code, _, err = run_cli(capfd, "analyze", tiny_bert_dir, *common, "--out", out)
     assert_one_line_error(code, err, "exists", "--overwrite")
