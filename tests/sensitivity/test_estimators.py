@@ -127,6 +127,34 @@ def test_refined_lanczos_reaches_the_exact_tolerance_from_bfloat16_products(setu
     assert abs(estimate.value - expected) <= estimate.stderr + 1e-5 * abs(expected)
 
 
+class MatrixOp:
+    """A symmetric matrix in the operator interface the estimators use."""
+
+    def __init__(self, matrix: torch.Tensor) -> None:
+        self.matrix, self.numel = matrix, matrix.shape[0]
+        self.sizes, self.dtype, self.device, self.count = [self.numel], matrix.dtype, matrix.device, 0
+
+    def flat(self, v: torch.Tensor) -> torch.Tensor:
+        self.count += 1
+        return self.matrix @ v
+
+
+def test_refined_lanczos_picks_the_larger_of_two_magnitudes_the_fast_operator_swapped(monkeypatch):
+    import qanalyze.sensitivity.estimators as estimators
+
+    # Exact: -1.01 is the largest magnitude; the 2 % off "bfloat16" operator has +1.0 ahead of -0.99.
+    basis, _ = torch.linalg.qr(torch.randn(40, 40, generator=seeded(3), dtype=torch.float64))
+    rest = torch.linspace(0.05, 0.6, 38, dtype=torch.float64)
+    exact = basis @ torch.diag(torch.cat([torch.tensor([-1.01, 1.0], dtype=torch.float64), rest])) @ basis.T
+    fast = basis @ torch.diag(torch.cat([torch.tensor([-0.99, 1.0], dtype=torch.float64), rest])) @ basis.T
+    estimate = refined_lanczos(MatrixOp(fast), MatrixOp(exact), generator=seeded(), tol=1e-6)[0]
+    assert estimate.value == pytest.approx(-1.01, rel=1e-6)
+    # Refining only the fast top vector stays on the eigenvalue bfloat16 put first.
+    monkeypatch.setattr(estimators, "FAST_MARGIN", 0.0)
+    assert refined_lanczos(MatrixOp(fast), MatrixOp(exact), generator=seeded(), tol=1e-6)[0].value == pytest.approx(
+        1.0, rel=1e-6)
+
+
 def test_refined_lanczos_refuses_different_blocks(setup):
     with pytest.raises(ConfigError, match="different blocks"):
         refined_lanczos(op_for(setup, QUERY), op_for(setup, CLASSIFIER), generator=seeded())
