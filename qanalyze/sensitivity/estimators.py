@@ -139,19 +139,19 @@ def refined_lanczos(
     fast_tol: float | None = None,
 ) -> list[Estimate]:
     """`lanczos` in two precisions: Lanczos on the cheap operator `fast` (bfloat16 products) to `fast_tol`
-    (default `tol`), then Lanczos on `exact` to `tol`, started from the sum of `fast`'s top-k Ritz vectors.
+    (default `tol`), then Lanczos on `exact` to `tol`, started from the sum of `fast`'s top Ritz vectors.
 
     bfloat16 products move a top eigenvalue by 0.4 % to 3 % on minilm-l6, too much for a 1e-3
     tolerance, but their Ritz vector is a start that `exact` refines in one or two products
-    instead of seven to nine. Any other fast Ritz value within `FAST_MARGIN` of the k-th largest
-    magnitude joins the start: bfloat16 can swap two eigenvalues of nearly equal magnitude (often of
-    opposite sign), and from both directions the exact stage picks the larger itself. Besides
-    `lanczos`'s tests, the exact stage stops when the Kato–Temple
-    bound r²/δ is under tol · |θ|: r is the residual bound, δ the distance from θ to the nearest other
-    Ritz value of the fast stage (an estimate of the spectral gap: that stage converged on nearly
-    the same operator). From a good start r is about the bfloat16 error, so r²/δ is often
-    inside the tolerance after one product. `fast` and `exact` must be the same block (same sizes).
-    The estimates' values and bounds are `exact`'s; `iterations` counts the products of both stages.
+    instead of seven to nine. Besides the top-k, every fast Ritz value whose magnitude is within
+    `FAST_MARGIN` of the k-th largest joins the start: bfloat16 can swap two eigenvalues of nearly
+    equal magnitude (often of opposite sign), and from both directions the exact stage picks the
+    larger itself. Besides `lanczos`'s tests, the exact stage stops when the Kato–Temple bound r²/δ
+    is under tol · |θ|: r is the residual bound, δ the distance from θ to the nearest other Ritz value
+    of the fast stage (an estimate of the spectral gap: that stage converged on nearly the same
+    operator). From a good start r is about the bfloat16 error, so r²/δ is often inside the tolerance
+    after one product. `fast` and `exact` must be the same block (same sizes). The estimates' values
+    and bounds are `exact`'s; `iterations` counts the products of both stages.
     """
     _check_count("top_k", top_k, limit=exact.numel)
     _check_count("max_iter", max_iter, minimum=top_k)
