@@ -302,12 +302,14 @@ class HVP:
         return [h.detach() for h in hv]
 
     def _check_finite(self, names: list[str], hv: list[Tensor], vectors: list[Tensor]) -> None:
-        # A sum holds NaN or infinity whenever a term does (or it overflows, itself a failure): one
-        # read of each product instead of isfinite's three passes, a sixth of a bfloat16 probe on
-        # minilm-l6. One host sync for all parameters together; names only on failure.
-        if bool(torch.isfinite(torch.stack([h.sum(dtype=torch.float64) for h in hv]).sum())):
+        # A sum holds NaN or infinity whenever a term does: one read of each product in its own dtype
+        # (1 ms for the word embeddings' 11.7M, against 35 ms for isfinite and 37 ms for a float64
+        # sum, which converts first). One host sync for all parameters together; names only on failure.
+        if bool(torch.isfinite(torch.stack([h.sum() for h in hv])).all()):
             return
-        bad = next(name for name, h in zip(names, hv) if not torch.isfinite(h).all())
+        bad = next((name for name, h in zip(names, hv) if not torch.isfinite(h).all()), None)
+        if bad is None:
+            return  # finite values whose sum overflowed: the product itself is fine
         bad_input = next((name for name, t in zip(names, vectors) if not torch.isfinite(t).all()), None)
         cause = f"the vector for {bad_input} does" if bad_input else "the vector is finite"
         raise NonFiniteError(f"the Hessian-vector product for {bad} holds NaN or infinity ({cause})")
