@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -120,13 +120,7 @@ def lanczos(
     _check_count("top_k", top_k, limit=op.numel)
     _check_count("max_iter", max_iter, minimum=top_k)
     _check_tol("tol", tol)
-    return _lanczos(op, _gaussian(op, generator), top_k, max_iter, tol)[0]
-
-
-def _gap(value: float, ritz: Tensor) -> float:
-    """Distance from ``value`` to the nearest other of the Ritz values (inf when it is the only one)."""
-    distances = (ritz - value).abs().sort().values  # the first is the value's own Ritz value
-    return float(distances[1]) if distances.numel() > 1 else math.inf
+    return _lanczos(op, _gaussian(op, generator), top_k, max_iter, tol).estimates
 
 
 FAST_MARGIN = 0.05
@@ -164,12 +158,12 @@ def refined_lanczos(
     if fast.sizes != exact.sizes:
         raise ConfigError(f"the fast and exact operators cover different blocks ({fast.numel} and {exact.numel} "
                           "elements)")
-    rough, vectors, ritz = _lanczos(fast, _gaussian(fast, generator), top_k, max_iter, fast_tol, near=FAST_MARGIN)
-    start = torch.stack(vectors).sum(dim=0).to(dtype=exact.dtype, device=exact.device)
-    gaps = [_gap(estimate.value, ritz) for estimate in rough]
-    refined, _, _ = _lanczos(exact, start, top_k, max_iter, tol, gaps=torch.tensor(gaps, dtype=torch.float64))
-    used = rough[0].iterations + refined[0].iterations
-    return [Estimate(e.value, e.stderr, used, e.converged) for e in refined]
+    rough = _lanczos(fast, _gaussian(fast, generator), top_k, max_iter, fast_tol)
+    start = torch.stack(rough.ritz_vectors(FAST_MARGIN)).sum(dim=0).to(dtype=exact.dtype, device=exact.device)
+    gaps = torch.tensor([rough.gap(e.value) for e in rough.estimates], dtype=torch.float64)
+    refined = _lanczos(exact, start, top_k, max_iter, tol, gaps=gaps).estimates
+    used = rough.estimates[0].iterations + refined[0].iterations
+    return [replace(e, iterations=used) for e in refined]
 
 
 def hutchinson_traces(
@@ -274,16 +268,38 @@ class _Tridiagonal:
         return torch.linalg.eigh(t)
 
 
-def _lanczos(op: HVP, start: Tensor, top_k: int, max_iter: int, tol: float, *, gaps: Tensor | None = None,
-             near: float = 0.0) -> tuple[list[Estimate], list[Tensor], Tensor]:
-    """`lanczos` from a given start vector; also returns Ritz vectors (unit, flat) and every Ritz value of the
-    last step. The vectors are the top-k ones and every other whose |θ| is within the fraction ``near`` of
-    the k-th largest |θ|. With ``gaps`` (one per top-k value), a value whose r²/gap is under tol · |θ| is
-    settled too (see `refined_lanczos`)."""
+@dataclass(frozen=True)
+class _LanczosRun:
+    """What one Lanczos run leaves: the top-k `estimates`, every Ritz value `theta` of its last step and
+    the eigenvectors (columns) of that step's T, with the basis they combine (`refined_lanczos` needs them)."""
+
+    estimates: list[Estimate]
+    theta: Tensor
+    vectors: Tensor
+    basis: Tensor
+
+    def ritz_vectors(self, near: float) -> list[Tensor]:
+        """Unit Ritz vectors (flat), largest |θ| first, of every Ritz value whose |θ| is within the fraction
+        ``near`` of the k-th largest estimate's."""
+        floor = (1 - near) * min(abs(e.value) for e in self.estimates)
+        order = torch.argsort(self.theta.abs(), descending=True)
+        chosen = [int(i) for i in order if abs(float(self.theta[i])) >= floor]
+        coefficients = self.vectors[:, chosen].to(self.basis.dtype)
+        return [_unit(self.basis.T @ coefficients[:, i]) for i in range(len(chosen))]
+
+    def gap(self, value: float) -> float:
+        """Distance from ``value`` to the nearest other Ritz value (inf when it is the only one)."""
+        distances = (self.theta - value).abs().sort().values  # the first is the value's own Ritz value
+        return float(distances[1]) if distances.numel() > 1 else math.inf
+
+
+def _lanczos(op: HVP, start: Tensor, top_k: int, max_iter: int, tol: float, *,
+             gaps: Tensor | None = None) -> _LanczosRun:
+    """`lanczos` from a given start vector. With ``gaps`` (one per top-k value), a value whose r²/gap is
+    under tol · |θ| is settled too (see `refined_lanczos`)."""
     values = bounds = previous = torch.zeros(0, dtype=torch.float64)
     steps, converged = 0, False
-    tri: _Tridiagonal | None = None
-    order = vectors = theta = None
+    tri = theta = vectors = None
     for tri in _lanczos_steps(op, start, max_iter):
         steps = len(tri.alphas)
         if steps < top_k:
@@ -301,17 +317,13 @@ def _lanczos(op: HVP, start: Tensor, top_k: int, max_iter: int, tol: float, *, g
         converged = tri.exhausted or bool(settled.all())
         if converged:
             break
-    if values.numel() < top_k or tri is None or order is None or vectors is None or theta is None:
+    if tri is None or theta is None or vectors is None or values.numel() < top_k:
         raise ConfigError(f"the block has fewer than top_k={top_k} independent directions the start vector reaches")
-    floor = (1 - near) * float(values.abs().min())
-    chosen = [int(i) for i in torch.argsort(theta.abs(), descending=True) if abs(float(theta[i])) >= floor]
-    coefficients = vectors[:, chosen].to(tri.basis.dtype)
-    ritz = [_unit(tri.basis.T @ coefficients[:, i]) for i in range(len(chosen))]
     estimates = [
         Estimate(value=float(value), stderr=float(bound), iterations=steps, converged=converged)
         for value, bound in zip(values.tolist(), bounds.tolist())
     ]
-    return estimates, ritz, theta
+    return _LanczosRun(estimates, theta, vectors, tri.basis)
 
 
 def _lanczos_steps(op: HVP, start: Tensor, max_steps: int) -> Iterator[_Tridiagonal]:
