@@ -13,13 +13,18 @@ mode. Two ways to compute it, which agree to rounding:
 `pyhessian_adapter` runs the same computation through PyHessian 0.1, the reference the tests
 compare with; it hides what PyHessian needs (a wrapper module, frozen parameters, the global
 RNG) and undoes all of it afterwards.
+
+With ``sparse_embeddings=True`` the input embedding table enters the block as only the rows the
+batch looks up (`RowTable`): the loss does not depend on the other rows, so their Hessian rows and
+columns are zero and every trace and nonzero eigenvalue is unchanged, while a product on
+``minilm-l6`` no longer draws, fills and reads the 30,522-row table's 11.7M entries.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -151,9 +156,17 @@ class HVP:
 
     `restricted` gives the products of diagonal sub-blocks from the same graph.
 
-    Attributes: `loss` (float, on the batch), `names` and `params` (the block, in order),
-    `shapes`, `sizes` (elements per parameter), `numel` (block size), `dtype`, `device`,
-    `method`, `precision` (a key of `PRECISIONS`), and `count`, the number of products computed so far.
+    With `sparse_embeddings`, a selected input embedding table (``get_input_embeddings()``, an
+    untied ``nn.Embedding``) enters as the rows ``batch["input_ids"]`` looks up (see `RowTable`):
+    its entry in `params` is then a copy of those rows, and vectors and products have their shape.
+    The rows left out have zero Hessian rows and columns, so traces and nonzero eigenvalues are
+    the same as the full block's.
+
+    Attributes: `loss` (float, on the batch), `names` and `params` (the block, in order: the
+    model's parameters, or the row copy of a cut table), `shapes`, `sizes` (elements per
+    parameter), `numel` (block size), `omitted` (entries of the selected parameters left out by
+    `sparse_embeddings`, else 0), `table` (the `RowTable` or None), `dtype`, `device`, `method`,
+    `precision` (a key of `PRECISIONS`), and `count`, the number of products computed so far.
     """
 
     def __init__(
@@ -165,6 +178,7 @@ class HVP:
         method: str = "double_backward",
         loss_fn: LossFn | None = None,
         precision: str = "float32",
+        sparse_embeddings: bool = False,
     ) -> None:
         if method not in METHODS:
             raise ConfigError(f"unknown HVP method {method!r}; known: {', '.join(METHODS)}")
@@ -175,6 +189,13 @@ class HVP:
         self.method = method
         self.precision = precision
         self.names, self.params = resolve_params(model, params)
+        chosen = {id(p) for p in self.params}
+        self.table = RowTable.of(model, batch, self.params) if sparse_embeddings else None
+        self.omitted = 0
+        if self.table is not None:
+            full = self.params[self.table.index]
+            self.params[self.table.index] = full.detach()[self.table.rows].requires_grad_()
+            self.omitted = full.numel() - self.params[self.table.index].numel()
         self.shapes = [p.shape for p in self.params]
         self.sizes = [p.numel() for p in self.params]
         self.numel = sum(self.sizes)
@@ -182,23 +203,24 @@ class HVP:
         self.device = self.params[0].device
         self.count = 0
         self._loss_fn = loss_fn or default_loss
-        chosen = {id(p) for p in self.params}
         if method == "double_backward":
             # Freezing the other parameters for the forward keeps their branches out of the graph
             # the products reuse; the flags come back as soon as the graph exists.
             with (_eval_mode(model), _requires_grad(model, self.params, freeze_others=True), torch.enable_grad(),
-                  self._autocast()):
+                  self._autocast(), self._rows()):
                 loss = self._checked_loss(self._loss_fn(model, batch))
                 self._grads = torch.autograd.grad(
                     loss, self.params, create_graph=True, allow_unused=True, materialize_grads=True
                 )
         else:
-            with _eval_mode(model), torch.no_grad(), self._autocast():
+            with _eval_mode(model), torch.no_grad(), self._autocast(), self._rows(constant=True):
                 loss = self._checked_loss(self._loss_fn(model, batch))
             self._wrapper = _LossModule(model, self._loss_fn)
-            # Detached views: the other parameters enter functional_call as constants.
+            # Detached views: the other parameters enter functional_call as constants (a cut table's full
+            # weight too: its hook replaces the lookup).
             self._fixed = {
-                f"model.{name}": p.detach() for name, p in model.named_parameters() if id(p) not in chosen
+                f"model.{name}": p.detach() for name, p in model.named_parameters()
+                if id(p) not in chosen or (self.table is not None and name == self.names[self.table.index])
             }
             self._keys = [f"model.{name}" for name in self.names]
         self.loss = float(loss.detach())
@@ -241,6 +263,15 @@ class HVP:
         self.count += 1
         self._check_finite([self.names[i] for i in indices], hv, vectors)
         return hv
+
+    def _rows(self, table: Tensor | None = None, *, constant: bool = False) -> Any:
+        # The cut table's lookup hook, around every forward of the model; `table` is the row tensor to
+        # look up, by default this object's own copy (detached when it enters as a `constant`).
+        if self.table is None:
+            return nullcontext()
+        if table is None:
+            table = self.params[self.table.index].detach() if constant else self.params[self.table.index]
+        return self.table.active(table)
 
     def _autocast(self) -> torch.autocast:
         # The graph built under autocast keeps its bfloat16 casts, so the double backward's products
@@ -288,10 +319,14 @@ class HVP:
     def _forward_over_reverse(self, indices: list[int], vectors: list[Tensor]) -> list[Tensor]:
         # The block's parameters outside `indices` join the constants: H_SS needs no others.
         keys = [self._keys[i] for i in indices]
-        fixed = {**self._fixed, **{key: p.detach() for key, p in zip(self._keys, self.params) if key not in keys}}
+        cut = self._keys[self.table.index] if self.table is not None else None
+        fixed = {**self._fixed, **{key: p.detach() for key, p in zip(self._keys, self.params)
+                                   if key not in keys and key != cut}}
 
         def loss_of(values: tuple[Tensor, ...]) -> Tensor:
-            return torch.func.functional_call(self._wrapper, {**fixed, **dict(zip(keys, values))}, (self.batch,))
+            swapped = dict(zip(keys, values))
+            with self._rows(swapped.pop(cut, None), constant=True):
+                return torch.func.functional_call(self._wrapper, {**fixed, **swapped}, (self.batch,))
 
         primals = tuple(self.params[i].detach() for i in indices)
         with _eval_mode(self.model), warnings.catch_warnings(), self._autocast():
@@ -313,6 +348,58 @@ class HVP:
         bad_input = next((name for name, t in zip(names, vectors) if not torch.isfinite(t).all()), None)
         cause = f"the vector for {bad_input} does" if bad_input else "the vector is finite"
         raise NonFiniteError(f"the Hessian-vector product for {bad} holds NaN or infinity ({cause})")
+
+
+class RowTable:
+    """An input embedding table cut to the rows one batch looks up, for `HVP`'s ``sparse_embeddings``.
+
+    `index` is the table's position in the block, `rows` the sorted row ids of ``batch["input_ids"]``,
+    `module` the ``nn.Embedding``. While `active`, a forward hook on the module replaces its output by a
+    lookup in a tensor of those rows only, so gradients and products are taken with respect to the
+    rows, not the whole table; the model's other uses of ``input_ids`` see the ids unchanged.
+    """
+
+    def __init__(self, index: int, module: nn.Embedding, rows: Tensor) -> None:
+        self.index, self.module, self.rows = index, module, rows
+        self._position = torch.full((module.num_embeddings,), -1, dtype=torch.long, device=rows.device)
+        self._position[rows] = torch.arange(rows.numel(), device=rows.device)
+        pad = module.padding_idx
+        # The padding row gets no gradient in the full table; it must get none at its new position either.
+        self._padding = int(self._position[pad]) if pad is not None and int(self._position[pad]) >= 0 else None
+
+    @classmethod
+    def of(cls, model: nn.Module, batch: Mapping[str, Any], params: Sequence[Tensor]) -> RowTable | None:
+        """The cut table for `model`'s input embeddings when it can stand in for the full one: the
+        table is among `params`, an ``nn.Embedding`` without max_norm or sparse gradients, used by
+        no other module (not tied to an output layer), and the batch gives ``input_ids``. Else None."""
+        ids = batch.get("input_ids")
+        getter = getattr(model, "get_input_embeddings", None)
+        module = getter() if callable(getter) else None
+        if not isinstance(ids, Tensor) or batch.get("inputs_embeds") is not None:
+            return None
+        if not isinstance(module, nn.Embedding) or module.max_norm is not None or module.sparse:
+            return None
+        index = next((i for i, p in enumerate(params) if p is module.weight), None)
+        owners = sum(p is module.weight for _, p in model.named_parameters(remove_duplicate=False))
+        if index is None or owners != 1:
+            return None
+        return cls(index, module, torch.unique(ids.to(module.weight.device)))
+
+    @contextmanager
+    def active(self, table: Tensor) -> Iterator[None]:
+        """Look rows up in `table` (one row per entry of `rows`) while the context lasts."""
+        handle = self.module.register_forward_hook(lambda module, args, output: self._lookup(args[0], table))
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    def _lookup(self, ids: Tensor, table: Tensor) -> Tensor:
+        positions = self._position[ids]
+        if bool((positions < 0).any()):
+            raise ConfigError("the model looks up input embedding rows that batch['input_ids'] does not hold; "
+                              "run without sparse embeddings")
+        return nn.functional.embedding(positions, table, self._padding, None, 2.0, self.module.scale_grad_by_freq)
 
 
 class _LossModule(nn.Module):

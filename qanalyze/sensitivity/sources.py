@@ -68,13 +68,17 @@ class NativeSource:
     use a bfloat16 graph (`fast`), whose 2 % product error is small against a Hutchinson sample's
     spread; Lanczos eigenvalues start on it and are finished on the float32 graph (`exact`, built on
     first use) by `refined_lanczos`, so they keep the 1e-3 tolerance.
+
+    Both graphs take the input embedding table as the rows the batch looks up (``sparse_embeddings``):
+    traces and eigenvalues are the full table's, and a probe skips the other rows' millions of entries.
     """
 
     def __init__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], weights: dict[str, torch.nn.Parameter],
                  config: AnalyzeConfig, generator: torch.Generator) -> None:
         self.model, self.batch, self.weights = model, batch, weights
         self.config, self.generator = config, generator
-        self.fast = HVP(model, batch, weights, method=config.hvp_method, precision=config.hvp_precision)
+        self.fast = HVP(model, batch, weights, method=config.hvp_method, precision=config.hvp_precision,
+                        sparse_embeddings=True)
         self._exact = self.fast if config.hvp_precision == "float32" else None
         self.eig = EIG_METHODS[config.eig_method]
 
@@ -82,7 +86,8 @@ class NativeSource:
     def exact(self) -> HVP:
         """The products in the parameters' own precision (the bfloat16 graph's partner)."""
         if self._exact is None:
-            self._exact = HVP(self.model, self.batch, self.weights, method=self.config.hvp_method)
+            self._exact = HVP(self.model, self.batch, self.weights, method=self.config.hvp_method,
+                              sparse_embeddings=True)
         return self._exact
 
     @property
@@ -121,9 +126,18 @@ class NativeSource:
         return refined_lanczos(Restricted(self.fast, indices), exact, **settings)[0]
 
     def density(self) -> dict[str, Any]:
-        """Ritz nodes and weights of the whole weight Hessian (one SLQ probe)."""
+        """Ritz nodes and weights of the whole weight Hessian (one SLQ probe).
+
+        The embedding rows the batch does not look up span a null space of the Hessian. A Rademacher
+        start over all weights puts exactly their share of its squared norm there, so they enter as a
+        node at 0 with that weight, the Lanczos weights over the other entries scaled by the rest.
+        """
         density = slq_density(self.fast, generator=self.generator, probes=1, steps=self.config.density_steps)
-        return {"nodes": density.nodes, "weights": density.weights}
+        if not self.fast.omitted:
+            return {"nodes": density.nodes, "weights": density.weights}
+        kept = self.fast.numel / (self.fast.numel + self.fast.omitted)
+        return {"nodes": [[*nodes, 0.0] for nodes in density.nodes],
+                "weights": [[*(w * kept for w in weights), 1.0 - kept] for weights in density.weights]}
 
 
 class PyHessianSource:

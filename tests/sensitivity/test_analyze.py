@@ -62,6 +62,11 @@ def test_analyze_covers_every_module(tmp_path, tiny, sst2):
     assert set(spearman) == {"2", "8"} and all(-1 <= v <= 1 for v in spearman["2"].values())
     assert set(raw["blocks"]) == {"0", "1"} and len(raw["blocks"]["0"]["eigenvalues"]) == 2
     assert sum(raw["model_level"]["density"]["weights"][0]) == pytest.approx(1.0)
+    # The vocabulary rows batch 1 does not look up (at most 8 x 24 tokens) hold their share of the weights at 0.
+    table = tiny.model.get_input_embeddings().weight
+    counted = sum(math.prod(entry["shape"]) for entry in raw["modules"].values())
+    assert raw["model_level"]["density"]["nodes"][0][-1] == 0.0
+    assert (table.shape[0] - 8 * 24) * table.shape[1] / counted <= raw["model_level"]["density"]["weights"][0][-1] < 1
     embedding = raw["modules"]["bert.embeddings.word_embeddings"]
     assert embedding["kind"] == "embedding" and "gradient_error" not in embedding
     for name, entry in raw["modules"].items():

@@ -6,7 +6,14 @@ import math
 
 import pytest
 import torch
-from transformers import BertConfig, BertForSequenceClassification, BertModel
+from transformers import (
+    BertConfig,
+    BertForMaskedLM,
+    BertForSequenceClassification,
+    BertModel,
+    GPT2Config,
+    GPT2ForSequenceClassification,
+)
 
 from qanalyze.data import collate, encode, load_task
 from qanalyze.errors import ConfigError, InputError
@@ -286,3 +293,64 @@ def test_restricted_products_are_diagonal_sub_blocks(model, batch, dense, method
     assert op.count == 1
     with pytest.raises(ValueError, match="distinct positions"):
         op.restricted([0, 0], parts)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_sparse_embeddings_give_the_looked_up_rows_of_the_full_product(method):
+    # Padding id 7 sits inside the cut table, not at its first row: its row must stay gradient-free there.
+    config = tiny_config()
+    config.pad_token_id = 7
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = BertForSequenceClassification(config).double().eval()
+    batch = tiny_batch()
+    batch["input_ids"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, 7)
+    full = HVP(model, batch, model, method=method)
+    cut = HVP(model, batch, model, method=method, sparse_embeddings=True)
+    index, rows = cut.table.index, cut.table.rows
+    assert cut.names[index] == "bert.embeddings.word_embeddings.weight" and full.table is None
+    assert torch.equal(rows, torch.unique(batch["input_ids"])) and 7 in rows.tolist() and rows[0] != 7
+    assert cut.shapes[index] == (len(rows), 16) and cut.omitted == (50 - len(rows)) * 16 == full.numel - cut.numel
+    assert cut.loss == full.loss
+    v = [torch.randn(shape, generator=torch.Generator().manual_seed(i), dtype=torch.float64)
+         for i, shape in enumerate(full.shapes)]
+    hv_full = full(v)
+    hv_cut = cut([t[rows] if i == index else t for i, t in enumerate(v)])
+    for i, (a, b) in enumerate(zip(hv_full, hv_cut)):
+        torch.testing.assert_close(b, a[rows] if i == index else a, rtol=1e-10, atol=1e-13)
+    untouched = torch.ones(50, dtype=torch.bool)
+    untouched[rows] = False
+    assert hv_full[index][untouched].abs().max() == 0  # why the cut loses nothing
+    assert hv_cut[index][rows.tolist().index(7)].abs().max() == 0  # the padding row's gradient is held at 0
+
+
+def test_sparse_embeddings_follow_gpt2_which_reads_input_ids_itself():
+    # GPT-2's classifier finds each sequence's last token from input_ids: the ids must reach it unchanged.
+    config = GPT2Config(vocab_size=60, n_embd=16, n_layer=1, n_head=2, n_positions=32, num_labels=2,
+                        pad_token_id=59, attn_implementation="eager")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = GPT2ForSequenceClassification(config).double().eval()
+    batch = tiny_batch()
+    batch["input_ids"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, 59)
+    full, cut = HVP(model, batch, model), HVP(model, batch, model, sparse_embeddings=True)
+    index, rows = cut.table.index, cut.table.rows
+    assert cut.names[index] == "transformer.wte.weight"
+    v = [torch.randn(shape, generator=torch.Generator().manual_seed(i), dtype=torch.float64)
+         for i, shape in enumerate(full.shapes)]
+    for i, (a, b) in enumerate(zip(full(v), cut([t[rows] if i == index else t for i, t in enumerate(v)]))):
+        torch.testing.assert_close(b, a[rows] if i == index else a, rtol=1e-10, atol=1e-13)
+
+
+def test_sparse_embeddings_leave_tied_tables_and_other_blocks_whole(batch):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        tied = BertForMaskedLM(tiny_config()).double().eval()
+    masked = {**batch, "labels": batch["input_ids"]}
+    op = HVP(tied, masked, "bert.embeddings.word_embeddings", sparse_embeddings=True)
+    assert op.table is None and op.omitted == 0 and op.shapes[0] == (50, 16)  # the decoder shares the table
+    model = tiny_bert()
+    assert HVP(model, batch, LAYER, sparse_embeddings=True).table is None  # the table is not in the block
+    embeds = {key: value for key, value in batch.items() if key != "input_ids"}
+    embeds["inputs_embeds"] = model.get_input_embeddings()(batch["input_ids"]).detach()
+    assert HVP(model, embeds, model, sparse_embeddings=True).table is None  # no ids to cut by
