@@ -5,7 +5,9 @@ for every row, a full step each (forward, backward, clipping, AdamW). Rows: FP32
 with a uniform 8-bit plan (W8 A8 G8; one scale per tensor, and `uniform:8:channel`'s per-row weight
 and per-token input scales) and a uniform 16-bit plan; QAT at 8 bits. Targets: int8 at
 most 0.7x the FP32 step, int16 at most 1.5x. Rows are interleaved (round robin over the modes) so
-drifting machine load hits every mode alike; the median over steps is reported.
+drifting machine load hits every mode alike; the median over steps is reported. Every row uses the
+optimizer `qanalyze train` uses (`qanalyze.engine.train.adamw`, fused AdamW on CPU); one more FP32 row
+with PyTorch's default per-tensor AdamW loop shows what the fused kernel saves.
 
     .venv/bin/python benchmarks/train_step.py --steps 20
 """
@@ -22,19 +24,20 @@ import torch
 import qanalyze
 from qanalyze.data import collate, encode
 from qanalyze.engine.apply import apply_plan, get_mode
+from qanalyze.engine.train import adamw
 from qanalyze.plan.uniform import uniform_plan
 
 TARGETS = {"int W8A8G8": 0.7, "int W8A8G8 channel": 0.7, "int W16A16G16": 1.5}
 
 
-def _setup(label: str, mode: str | None, bits: int | None, layout: str = "tensor"):
+def _setup(label: str, mode: str | None, bits: int | None, layout: str = "tensor", *, fused: bool = True):
     torch.manual_seed(0)
     loaded = qanalyze.load_model("minilm-l6", num_labels=2)
     model = loaded.model
     if mode is not None:
         apply_plan(model, uniform_plan(model, bits, kinds=tuple(get_mode(mode).builders), layout=layout), mode)
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = adamw(model, 1e-4, 0.01) if fused else torch.optim.AdamW(model.parameters(), lr=1e-4)
     return label, model, optimizer
 
 
@@ -60,7 +63,7 @@ def main() -> None:
                for i in range(args.steps + args.warmup)]
     rows = [_setup("fp32", None, None), _setup("int W8A8G8", "int", 8),
             _setup("int W8A8G8 channel", "int", 8, "channel"), _setup("int W16A16G16", "int", 16),
-            _setup("qat W8A8", "qat", 8)]
+            _setup("qat W8A8", "qat", 8), _setup("fp32, AdamW loop", None, None, fused=False)]
     times: dict[str, list[float]] = {label: [] for label, _, _ in rows}
     for index, batch in enumerate(batches):
         for label, model, optimizer in rows:

@@ -134,6 +134,19 @@ def _parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def adamw(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW over the model's trainable parameters, biases and normalisation gains not decayed.
+
+    PyTorch's fused kernel where every parameter is floating point on a CPU or CUDA device: one pass
+    over each tensor instead of the ten elementwise passes of the per-tensor loop that is the CPU
+    default, which on minilm-l6's 22.7M parameters was a quarter of an FP32 training step.
+    """
+    groups = _parameter_groups(model, weight_decay)
+    params = [p for group in groups for p in group["params"]]
+    fused = bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.AdamW(groups, lr=lr, fused=True if fused else None)
+
+
 def _csv(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return ""
@@ -178,7 +191,7 @@ class _Trainer:
         self.total_steps = config.max_steps or config.epochs * self.batches_per_epoch
         if mode != "fp32" and not get_mode(mode).trains:
             self.total_steps = 0
-        self.optimizer = torch.optim.AdamW(_parameter_groups(self.model, config.weight_decay), lr=config.lr)
+        self.optimizer = adamw(self.model, config.lr, config.weight_decay)
         self.scheduler = get_linear_schedule_with_warmup(
             self.optimizer, round(config.warmup_ratio * self.total_steps), max(self.total_steps, 1))
         self.step = 0

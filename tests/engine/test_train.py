@@ -9,7 +9,7 @@ from transformers import AutoModelForSequenceClassification
 
 from qanalyze.data import encode, load_task
 from qanalyze.engine.evaluate import predict
-from qanalyze.engine.train import TrainConfig, TrainingDiverged, TrainingInterrupted, train
+from qanalyze.engine.train import TrainConfig, TrainingDiverged, TrainingInterrupted, adamw, train
 from qanalyze.errors import ConfigError
 from qanalyze.models import load_model
 from qanalyze.records import RUN_SCHEMA
@@ -125,3 +125,26 @@ def test_regression_task_trains_with_mse(tmp_path, glue_dir):
 def test_config_validation_names_the_setting(bad):
     with pytest.raises(ConfigError):
         _config(**bad)
+
+
+def test_adamw_is_fused_on_cpu_and_steps_like_the_per_tensor_loop():
+    def small_model(seed: int) -> torch.nn.Module:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.LayerNorm(5), torch.nn.Linear(5, 2))
+
+    fused, loop = small_model(0), small_model(0)
+    fused_opt = adamw(fused, 1e-2, 0.1)
+    groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in adamw(loop, 1e-2, 0.1).param_groups]
+    loop_opt = torch.optim.AdamW(groups, lr=1e-2, foreach=False)
+    assert fused_opt.defaults["fused"] is True and [g["weight_decay"] for g in fused_opt.param_groups] == [0.1, 0.0]
+    assert [len(g["params"]) for g in fused_opt.param_groups] == [2, 4]  # two matrices decayed; biases, gain not
+    x = torch.randn(16, 6, generator=torch.Generator().manual_seed(1))
+    for _ in range(5):
+        for model, optimizer in ((fused, fused_opt), (loop, loop_opt)):
+            optimizer.zero_grad()
+            model(x).square().mean().backward()
+            optimizer.step()
+    for a, b in zip(fused.parameters(), loop.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(next(fused.parameters()), next(small_model(0).parameters()))  # it did move
