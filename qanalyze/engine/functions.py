@@ -26,7 +26,7 @@ import torch
 
 from qanalyze.engine.kernels import int_mm
 from qanalyze.errors import ConfigError
-from qanalyze.quant.primitives import Quantized, dynamic_fixed_point, qmax, quantize_symmetric
+from qanalyze.quant.primitives import Quantized, dynamic_fixed_point, qmax, quantize_symmetric, uniform_noise
 
 Quantizer = Callable[[torch.Tensor, int, int | None, str, torch.Generator | None], Quantized]
 
@@ -106,8 +106,9 @@ def integer_codes(x: torch.Tensor, scale: torch.Tensor, bits: int, noise: torch.
 
 
 def draw_noise(shape: torch.Size, generator: torch.Generator, device: torch.device) -> torch.Tensor:
-    """Uniform [0, 1) float32 draws for stochastic rounding, from ``generator``."""
-    return torch.rand(shape, generator=generator, dtype=torch.float32, device=device)
+    """Uniform [0, 1) float32 draws for stochastic rounding, from ``generator``: the draws of
+    `qanalyze.quant.primitives.uniform_noise`, so the codes equal the reference quantizers'."""
+    return uniform_noise(shape, generator, device=device)
 
 
 class IntLinearFunction(torch.autograd.Function):

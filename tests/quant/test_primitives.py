@@ -24,6 +24,7 @@ from qanalyze.quant.primitives import (
     round_nearest,
     round_stochastic,
     rows_per_group,
+    uniform_noise,
     weight_errors,
 )
 
@@ -341,6 +342,23 @@ def test_dynamic_fixed_point_stochastic():
 def test_round_nearest_is_half_to_even():
     x = torch.tensor([-2.5, -1.5, -0.5, 0.5, 1.5, 2.5, 0.49, 0.51])
     assert round_nearest(x).tolist() == [-2.0, -2.0, -0.0, 0.0, 2.0, 2.0, 0.0, 1.0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_uniform_noise_covers_the_16_bit_midpoints_evenly(dtype):
+    u = uniform_noise((3, 87_381), gen(5), dtype=dtype)  # 262,143 draws: not a multiple of four per word
+    assert u.shape == (3, 87_381) and u.dtype == dtype
+    levels = u * 2**16 - 0.5
+    assert torch.equal(levels, levels.round()) and levels.min() >= 0 and levels.max() <= 2**16 - 1
+    # Each of the four 16-bit lanes of a word, and each lane's sign bit, is a fair draw.
+    lanes = levels.reshape(-1)[: 4 * (u.numel() // 4)].reshape(-1, 4)
+    assert torch.allclose(lanes.mean(0), torch.full((4,), (2**16 - 1) / 2, dtype=dtype), rtol=0.01)
+    assert torch.allclose((lanes >= 2**15).double().mean(0), torch.full((4,), 0.5, dtype=torch.float64), atol=0.01)
+    counts = torch.bincount(levels.reshape(-1).long() >> 8, minlength=256).double()  # 256 bins of 256 levels
+    expected = u.numel() / 256
+    assert float(((counts - expected) ** 2 / expected).sum()) < 350  # chi-square, 255 dof: p ~ 1e-4
+    assert torch.equal(u, uniform_noise((3, 87_381), gen(5), dtype=dtype))
+    assert not torch.equal(u, uniform_noise((3, 87_381), gen(6), dtype=dtype))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
