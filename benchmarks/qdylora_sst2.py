@@ -2,10 +2,10 @@
 4-bit base gives, at its best rank, dev accuracy within 1.5 points of FP32 full fine-tuning, and a rank
 curve of at least five ranks from that one run.
 
-The FP32 row is `qanalyze finetune` with the same data, epoch, length and seed (reused from --fp32 when
+The FP32 row is `qanalyze finetune` with the same data, epochs, length and seed (reused from --fp32 when
 that run exists with these settings); the qdylora row is `qanalyze train --mode qdylora`.
 
-    .venv/bin/python benchmarks/qdylora_sst2.py --base nf4 --lr 1e-3
+    .venv/bin/python benchmarks/qdylora_sst2.py --base nf4 --lr 1e-3 [--epochs 3]
 """
 
 from __future__ import annotations
@@ -34,18 +34,21 @@ def main() -> None:
     parser.add_argument("--lr", default="1e-3")
     parser.add_argument("--targets", default="query,value", help="--lora-targets (DyLoRA's default: query, value)")
     parser.add_argument("--update", default="frozen", choices=("frozen", "all"), help="--dylora-update")
-    parser.add_argument("--fp32", default=str(ROOT / "runs/bench/sst2-fp32"))
+    parser.add_argument("--epochs", type=int, default=1, help="for both rows")
+    parser.add_argument("--fp32", default=None, help="FP32 run folder (default runs/bench/sst2-fp32, "
+                        "or sst2-fp32-e<EPOCHS> for other epochs)")
     parser.add_argument("--out", default=str(ROOT / "runs/bench/qdylora"))
     args = parser.parse_args()
-    common = ["--task", "sst2", "--data", args.data, "--max-train-examples", str(args.examples), "--epochs", "1",
-              "--max-length", "64", "--seed", "0"]
-    fp32 = Path(args.fp32)
+    common = ["--task", "sst2", "--data", args.data, "--max-train-examples", str(args.examples),
+              "--epochs", str(args.epochs), "--max-length", "64", "--seed", "0"]
+    suffix = "" if args.epochs == 1 else f"-e{args.epochs}"
+    fp32 = Path(args.fp32 or ROOT / f"runs/bench/sst2-fp32{suffix}")
     if not (fp32 / "metrics.json").is_file():
         _run(["finetune", "minilm-l6", *common, "--out", str(fp32)])
     fp32_record = json.loads((fp32 / "metrics.json").read_text())
     settings = fp32_record["settings"]
     if (settings.get("epochs"), settings.get("max_length"), fp32_record["data"]["train_examples"]) != \
-            (1, 64, args.examples):
+            (args.epochs, 64, args.examples):
         sys.exit(f"{fp32} was trained with other settings; pass --fp32 to a fresh folder")
     base = ["--base", "nf4"] if args.base == "nf4" else ["--base", "plan", "--plan", args.base]
     out = Path(args.out)
