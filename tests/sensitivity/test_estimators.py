@@ -155,6 +155,35 @@ def test_refined_lanczos_picks_the_larger_of_two_magnitudes_the_fast_operator_sw
         1.0, rel=1e-6)
 
 
+@pytest.mark.parametrize("key", [QUERY, "query+value"])
+def test_a_gradient_hint_keeps_lanczos_on_the_top_eigenvalue(setup, key):
+    expected = by_magnitude(setup["hessians"][key])[0].item()
+    op = op_for(setup, key)
+    hint = torch.cat([g.reshape(-1) for g in op.gradient()])
+    assert op.count == 0  # the graph's gradient is not a product
+    estimate = lanczos(op, generator=seeded(), tol=1e-8, hint=hint)[0]
+    assert estimate.value == pytest.approx(expected, rel=1e-6)
+    # A zero hint is no hint: the same start, the same products.
+    plain, zero = (lanczos(op_for(setup, key), generator=seeded(), tol=1e-8, hint=h)[0]
+                   for h in (None, torch.zeros_like(hint)))
+    assert plain == zero
+    with pytest.raises(ValueError, match="flat vector"):
+        lanczos(op, generator=seeded(), hint=hint[:-1])
+
+
+def test_a_hint_orthogonal_to_the_top_eigenvector_still_finds_it():
+    # The Gaussian part of the start keeps every eigenvector in reach, even one the hint misses entirely.
+    basis, _ = torch.linalg.qr(torch.randn(60, 60, generator=seeded(4), dtype=torch.float64))
+    rest = torch.linspace(0.1, 1.5, 58, dtype=torch.float64)
+    values = torch.cat([torch.tensor([-3.0, 2.0], dtype=torch.float64), rest])
+    matrix = basis @ torch.diag(values) @ basis.T
+    hint = basis[:, 1] + 0.5 * basis[:, 2]  # along the second eigenvector and a small one, not the top
+    estimate = lanczos(MatrixOp(matrix), generator=seeded(), tol=1e-10, hint=hint)[0]
+    assert estimate.value == pytest.approx(-3.0, rel=1e-8)
+    refined = refined_lanczos(MatrixOp(matrix * 1.01), MatrixOp(matrix), generator=seeded(), tol=1e-10, hint=hint)[0]
+    assert refined.value == pytest.approx(-3.0, rel=1e-8)
+
+
 def test_refined_lanczos_refuses_different_blocks(setup):
     with pytest.raises(ConfigError, match="different blocks"):
         refined_lanczos(op_for(setup, QUERY), op_for(setup, CLASSIFIER), generator=seeded())

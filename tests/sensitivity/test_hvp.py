@@ -354,3 +354,18 @@ def test_sparse_embeddings_leave_tied_tables_and_other_blocks_whole(batch):
     embeds = {key: value for key, value in batch.items() if key != "input_ids"}
     embeds["inputs_embeds"] = model.get_input_embeddings()(batch["input_ids"]).detach()
     assert HVP(model, embeds, model, sparse_embeddings=True).table is None  # no ids to cut by
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_gradient_is_the_loss_gradient_of_the_block(model, batch, method):
+    op = HVP(model, batch, model, method=method, sparse_embeddings=True)
+    model.zero_grad(set_to_none=True)
+    model(**batch).loss.backward()
+    try:
+        for i, (name, g) in enumerate(zip(op.names, op.gradient())):
+            expected = dict(model.named_parameters())[name].grad
+            expected = expected[op.table.rows] if i == op.table.index else expected
+            torch.testing.assert_close(g, expected, rtol=1e-9, atol=1e-12)
+    finally:
+        model.zero_grad(set_to_none=True)
+    assert op.count == 0
