@@ -126,7 +126,7 @@ def lanczos(
     `hint` (flat, `op.numel` elements), when given, is a direction expected near the top eigenvectors:
     the start is its unit vector plus a Gaussian draw of norm `HINT_NOISE`. The block's gradient is
     one: the gradient of a trained network lies mostly in the top eigenspace of its Hessian (Gur-Ari
-    et al. 2018), and on minilm-l6 it saved a quarter of the products of the layer blocks. A zero or
+    et al. 2018); on two minilm-l6 batches it saved 7 % and 24 % of the layer blocks' products. A zero or
     non-finite hint is ignored.
     """
     _check_count("top_k", top_k, limit=op.numel)
