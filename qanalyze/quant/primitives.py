@@ -159,6 +159,17 @@ NOISE_BITS = 16
 """Resolution of the uniform draws stochastic rounding compares against: 2**16 levels."""
 
 
+def random_bytes(count: int, generator: torch.Generator, device: torch.device | str | None = None) -> torch.Tensor:
+    """`count` uniformly random bytes (uint8, flat) from `generator`, on `device` (default the generator's).
+
+    Drawn as full-range int64 words: the generator spends one call per element whatever its width, so a
+    word gives eight bytes for the price of one. ``random_()`` without bounds would leave each word's sign
+    bit 0; the explicit range ``[-2**63, 2**63)`` makes all 64 bits random.
+    """
+    words = torch.empty((count + 7) // 8, dtype=torch.int64, device=device or generator.device)
+    return words.random_(-(2**63), None, generator=generator).view(torch.uint8)[:count]
+
+
 def uniform_noise(shape: Sequence[int], generator: torch.Generator, *, dtype: torch.dtype = torch.float32,
                   device: torch.device | str | None = None) -> torch.Tensor:
     """Uniform draws on the 2**16 midpoints ``(k + 1/2) / 2**16`` of [0, 1), of `shape`, from `generator`.
@@ -170,9 +181,7 @@ def uniform_noise(shape: Sequence[int], generator: torch.Generator, *, dtype: to
     costliest step. Exact in float32 and float64; `device` defaults to the generator's.
     """
     count = math.prod(shape)
-    words = torch.empty((count + 3) // 4, dtype=torch.int64, device=device or generator.device)
-    words.random_(-(2**63), None, generator=generator)  # every one of the 64 bits random
-    levels = words.view(torch.int16)[:count].to(dtype)  # -2**15 .. 2**15 - 1
+    levels = random_bytes(2 * count, generator, device).view(torch.int16).to(dtype)  # -2**15 .. 2**15 - 1
     return levels.add_(2**15 + 0.5).mul_(2.0**-NOISE_BITS).reshape(tuple(shape))
 
 

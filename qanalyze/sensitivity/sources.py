@@ -124,12 +124,13 @@ class NativeSource:
     def top_eigenvalue(self, indices: list[int]) -> Estimate:
         """Top eigenvalue (largest magnitude) of the diagonal block of the given parameters."""
         settings = {"generator": self.generator, "max_iter": self.config.eig_max_iter, "tol": self.config.eig_tol}
-        exact, fast = Restricted(self.exact, indices), Restricted(self.fast, indices)
+        exact = Restricted(self.exact, indices)
         if self.eig is not lanczos:
             return self.eig(exact, **settings)[0]
         # The block's gradient starts Lanczos near the top eigenvectors (see `lanczos`).
         if self.fast is self.exact:
             return lanczos(exact, hint=exact.gradient(), **settings)[0]
+        fast = Restricted(self.fast, indices)
         return refined_lanczos(fast, exact, hint=fast.gradient(), **settings)[0]
 
     def density(self) -> dict[str, Any]:

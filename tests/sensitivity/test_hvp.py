@@ -295,6 +295,18 @@ def test_restricted_products_are_diagonal_sub_blocks(model, batch, dense, method
         op.restricted([0, 0], parts)
 
 
+def products_agree_on_the_looked_up_rows(full: HVP, cut: HVP) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Asserts the cut block's products equal the full block's on the looked-up rows; returns both."""
+    index, rows = cut.table.index, cut.table.rows
+    v = [torch.randn(shape, generator=torch.Generator().manual_seed(i), dtype=torch.float64)
+         for i, shape in enumerate(full.shapes)]
+    hv_full = full(v)
+    hv_cut = cut([t[rows] if i == index else t for i, t in enumerate(v)])
+    for i, (a, b) in enumerate(zip(hv_full, hv_cut)):
+        torch.testing.assert_close(b, a[rows] if i == index else a, rtol=1e-10, atol=1e-13)
+    return hv_full, hv_cut
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_sparse_embeddings_give_the_looked_up_rows_of_the_full_product(method):
     # Padding id 7 sits inside the cut table, not at its first row: its row must stay gradient-free there.
@@ -312,12 +324,7 @@ def test_sparse_embeddings_give_the_looked_up_rows_of_the_full_product(method):
     assert torch.equal(rows, torch.unique(batch["input_ids"])) and 7 in rows.tolist() and rows[0] != 7
     assert cut.shapes[index] == (len(rows), 16) and cut.omitted == (50 - len(rows)) * 16 == full.numel - cut.numel
     assert cut.loss == full.loss
-    v = [torch.randn(shape, generator=torch.Generator().manual_seed(i), dtype=torch.float64)
-         for i, shape in enumerate(full.shapes)]
-    hv_full = full(v)
-    hv_cut = cut([t[rows] if i == index else t for i, t in enumerate(v)])
-    for i, (a, b) in enumerate(zip(hv_full, hv_cut)):
-        torch.testing.assert_close(b, a[rows] if i == index else a, rtol=1e-10, atol=1e-13)
+    hv_full, hv_cut = products_agree_on_the_looked_up_rows(full, cut)
     untouched = torch.ones(50, dtype=torch.bool)
     untouched[rows] = False
     assert hv_full[index][untouched].abs().max() == 0  # why the cut loses nothing
@@ -334,12 +341,9 @@ def test_sparse_embeddings_follow_gpt2_which_reads_input_ids_itself():
     batch = tiny_batch()
     batch["input_ids"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, 59)
     full, cut = HVP(model, batch, model), HVP(model, batch, model, sparse_embeddings=True)
-    index, rows = cut.table.index, cut.table.rows
+    index = cut.table.index
     assert cut.names[index] == "transformer.wte.weight"
-    v = [torch.randn(shape, generator=torch.Generator().manual_seed(i), dtype=torch.float64)
-         for i, shape in enumerate(full.shapes)]
-    for i, (a, b) in enumerate(zip(full(v), cut([t[rows] if i == index else t for i, t in enumerate(v)]))):
-        torch.testing.assert_close(b, a[rows] if i == index else a, rtol=1e-10, atol=1e-13)
+    products_agree_on_the_looked_up_rows(full, cut)
 
 
 def test_sparse_embeddings_leave_tied_tables_and_other_blocks_whole(batch):
