@@ -351,6 +351,10 @@ def _int_list(text: str) -> tuple[int, ...]:
               help="Most Hutchinson probes per batch.")
 @click.option("--bits", default="2-16", show_default=True, help="Bit-widths for weight and activation errors.")
 @click.option("--gradient-bits", default="2,3,4,5,6,8,12,16", show_default=True)
+@click.option("--weight-range", type=click.Choice(["max", "mse"]), default="max", show_default=True,
+              help="How each weight group's range is set for its errors, and so in the plans made from this file "
+                   "and the runs that train them: max|w| (Q-BERT, Q8BERT), or the clipping that minimizes "
+                   "||Q(W) - W||^2 (far less error at 2-4 bits).")
 @click.option("--measure-delta-loss", is_flag=True,
               help="Also measure the loss change of quantizing each module alone.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
@@ -380,7 +384,7 @@ def analyze(model: str, task: str | None, data: str | None, out: str, quiet: boo
         engine=kw["engine"], eig_method=kw["eig_method"], eig_tol=kw["eig_tol"], trace_rel_tol=kw["trace_tol"],
         hvp_precision=kw["hvp_precision"],
         trace_max_probes=kw["trace_probes"], trace_min_probes=min(8, kw["trace_probes"]),
-        bits=_int_list(kw["bits"]), gradient_bits=_int_list(kw["gradient_bits"]),
+        bits=_int_list(kw["bits"]), gradient_bits=_int_list(kw["gradient_bits"]), weight_range=kw["weight_range"],
         measure_delta_loss=kw["measure_delta_loss"], seed=kw["seed"])
     task_data = load_task(task, data, max_train_examples=kw["max_train_examples"],
                           max_eval_examples=kw["max_eval_examples"], seed=kw["seed"])
@@ -576,6 +580,9 @@ def _print_plan(plan_record: Any, console: Any) -> None:
                    "(modes int and ptq-dynamic).")
 @click.option("--measure-delta-loss", is_flag=True,
               help="When the sweep analyzes: also measure each module's loss change (for the report's predictors).")
+@click.option("--weight-range", type=click.Choice(["max", "mse"]), default="max", show_default=True,
+              help="When the sweep analyzes: how weight ranges are set (see `qanalyze analyze --weight-range`); "
+                   "with --sensitivity the file's setting holds.")
 @_data_options
 @_train_options
 def sweep(model: str, budgets: str, plans: str, modes: str, integer_bits: str, sensitivity: str | None,
@@ -619,7 +626,7 @@ def sweep(model: str, budgets: str, plans: str, modes: str, integer_bits: str, s
             max_grad_norm=kw["max_grad_norm"], max_length=max_length, eval_every=kw["eval_every"],
             save_every=kw["save_every"], seed=kw["seed"], device=kw["device"], distill=kw["distill"],
             distill_temperature=kw["distill_temperature"]),
-        analysis=AnalyzeConfig(max_length=max_length, seed=kw["seed"],
+        analysis=AnalyzeConfig(max_length=max_length, seed=kw["seed"], weight_range=kw.pop("weight_range"),
                                measure_delta_loss=kw.pop("measure_delta_loss")))
     task_data = load_task(task, data, max_train_examples=kw["max_train_examples"],
                           max_eval_examples=kw["max_eval_examples"], seed=kw["seed"])

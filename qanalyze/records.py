@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Self
 
 from qanalyze.errors import RecordError
+from qanalyze.quant.primitives import WEIGHT_RANGES
 
 RUN_SCHEMA = "qanalyze/run/v1"
 CHECKPOINT_SCHEMA = "qanalyze/checkpoint/v1"
@@ -222,7 +223,8 @@ class BitPlan(JsonRecord):
     """``plan.json``: the bit-width of every module's weights, activations and gradients.
 
     ``modules`` maps a module name to ``{"weight_bits", "group", "groups", "activation_bits",
-    "gradient_bits", "scheme", "rounding", "predicted_damage"}`` or ``{"float": true}``;
+    "gradient_bits", "scheme", "rounding", "weight_range", "predicted_damage"}`` or ``{"float": true}``
+    (``weight_range``, "max" or "mse", is optional: "max" when absent);
     ``model.modules`` records the architecture (name -> weight shape) the plan was made for, and
     ``model.fingerprint`` its hash: a plan applies to any checkpoint of that architecture.
     """
@@ -254,6 +256,9 @@ class BitPlan(JsonRecord):
                     raise RecordError(f"plan: module {name} has {key} {bits!r}; bits must be integers in 2..16")
             if spec.get("weight_bits") is None or "group" not in spec:
                 raise RecordError(f"plan: module {name} has no weight_bits/group and is not float")
+            if spec.get("weight_range", "max") not in WEIGHT_RANGES:
+                raise RecordError(f"plan: module {name} has weight_range {spec['weight_range']!r}; known: "
+                                  f"{', '.join(WEIGHT_RANGES)}")
 
 
 

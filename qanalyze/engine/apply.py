@@ -66,6 +66,9 @@ class Mode:
     fixed_bits: int | None = None
     """The weight and activation bits a mode always trains at (``int4``: 4). A plan asking for other bits is
     refused rather than silently run at these."""
+    weight_ranges: bool = True
+    """Whether the mode sets weight ranges as a plan entry's ``weight_range`` says (`WEIGHT_RANGES`); ``int4``
+    learns its step sizes (LSQ) and ignores it."""
     activation_groups: tuple[str, ...] = ("tensor",)
     """The activation scale layouts (a plan's ``activation_group``) the mode can run: ``tensor`` (one scale)
     and, for dynamic integer quantization, ``token`` (one scale per row of the input)."""
@@ -86,7 +89,7 @@ MODES: dict[str, Mode] = {
                         description="post-training dynamic quantization (integer GEMMs, no training)"),
     "int4": Mode("int4", "symmetric", True, {"linear": _int4_linear, "embedding": _int4_embedding},
                  {"layernorm": "4-bit training keeps layer norms in float (Xi et al.); mark it float"},
-                 fixed_bits=4,
+                 fixed_bits=4, weight_ranges=False,
                  description="4-bit training: Hadamard quantizer with LSQ forward, bit splitting and leverage "
                              "score sampling backward"),
     "qdylora": Mode("qdylora", "symmetric", True, {}, swaps=False,
@@ -131,6 +134,9 @@ def _spec(name: str, entry: Mapping[str, Any], info: ModuleInfo, model: nn.Modul
             # layer norms always take one scale per token (their statistics are per token)
             per_token=activation_group == "token" and info.kind == "linear",
             quantizer=mode.quantizer,
+            # a layer norm's gain is a per-channel scale, not a weight matrix: its range stays the max rule
+            weight_range=entry.get("weight_range", "max") if mode.weight_ranges and info.kind != "layernorm"
+            else "max",
         )
     except ConfigError as exc:
         raise ConfigError(f"plan module {name}: {exc}") from None

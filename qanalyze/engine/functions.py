@@ -26,19 +26,36 @@ import torch
 
 from qanalyze.engine.kernels import int_mm
 from qanalyze.errors import ConfigError
-from qanalyze.quant.primitives import Quantized, dynamic_fixed_point, qmax, quantize_symmetric, uniform_noise
+from qanalyze.quant.primitives import (
+    WEIGHT_RANGES,
+    Quantized,
+    dfp_scale,
+    dynamic_fixed_point,
+    mse_clip,
+    qmax,
+    quantize_symmetric,
+    symmetric_scale,
+    uniform_noise,
+)
 
-Quantizer = Callable[[torch.Tensor, int, int | None, str, torch.Generator | None], Quantized]
+Quantizer = Callable[..., Quantized]
 
 QUANTIZERS: dict[str, Quantizer] = {
     # integer fine-tuning: power-of-two scales, so rescaling is a shift
-    "dfp": lambda x, bits, rows, rounding, generator: dynamic_fixed_point(
-        x, bits, rows_per_group=rows, rounding=rounding, generator=generator),
+    "dfp": lambda x, bits, rows, rounding, generator, clip=None: dynamic_fixed_point(
+        x, bits, rows_per_group=rows, rounding=rounding, generator=generator, clip=clip),
     # Q-BERT / Q8BERT: max-calibrated scales, rounded up to float16 so a checkpoint stores them exactly
-    "symmetric": lambda x, bits, rows, rounding, generator: quantize_symmetric(
-        x, bits, rows_per_group=rows, rounding=rounding, generator=generator, scale_format="float16"),
+    "symmetric": lambda x, bits, rows, rounding, generator, clip=None: quantize_symmetric(
+        x, bits, rows_per_group=rows, rounding=rounding, generator=generator, scale_format="float16", clip=clip),
 }
-"""Quantizer name -> function(x, bits, rows_per_group, rounding, generator) -> Quantized."""
+"""Quantizer name -> function(x, bits, rows_per_group, rounding, generator, clip=None) -> Quantized; ``clip``
+holds clipping ratios per group (see `weight_clip`)."""
+
+SCALE_RULES: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {
+    "dfp": dfp_scale,
+    "symmetric": lambda amax, bits: symmetric_scale(amax, bits, "float16"),
+}
+"""Quantizer name -> the step it takes for a (clipped) range max|x| at given bits: what `weight_clip` searches with."""
 
 
 def get_quantizer(name: str) -> Quantizer:
@@ -51,7 +68,8 @@ def get_quantizer(name: str) -> Quantizer:
 @dataclass(frozen=True)
 class TensorSpec:
     """How one op quantizes its tensors: weight, activation (input) and gradient bits, weight rows
-    per group (None: one scale per tensor), activation scale per token or per tensor, quantizer."""
+    per group (None: one scale per tensor), activation scale per token or per tensor, quantizer, and how the
+    weight's range is set (`WEIGHT_RANGES`: ``max``, or ``mse`` clipping, see `weight_clip`)."""
 
     weight_bits: int
     activation_bits: int
@@ -59,11 +77,14 @@ class TensorSpec:
     rows_per_group: int | None = None
     per_token: bool = False
     quantizer: str = "dfp"
+    weight_range: str = "max"
 
     def __post_init__(self) -> None:
         for name in ("weight_bits", "activation_bits", "gradient_bits"):
             qmax(getattr(self, name))  # raises ConfigError outside 2..16
         get_quantizer(self.quantizer)
+        if self.weight_range not in WEIGHT_RANGES:
+            raise ConfigError(f"unknown weight range {self.weight_range!r}; known: {', '.join(WEIGHT_RANGES)}")
 
 
 def row_scales(quantized: Quantized, rows: int) -> torch.Tensor:
@@ -73,9 +94,21 @@ def row_scales(quantized: Quantized, rows: int) -> torch.Tensor:
     return quantized.scale.reshape(-1).repeat_interleave(quantized.rows_per_group, output_size=rows)
 
 
-def quantize_weight(weight: torch.Tensor, spec: TensorSpec) -> Quantized:
-    """The weight's integer codes and scales as ``spec`` says (nearest rounding, rows of dim 0 grouped)."""
-    return get_quantizer(spec.quantizer)(weight.detach(), spec.weight_bits, spec.rows_per_group, "nearest", None)
+def quantize_weight(weight: torch.Tensor, spec: TensorSpec, clip: torch.Tensor | None = None) -> Quantized:
+    """The weight's integer codes and scales as ``spec`` says (nearest rounding, rows of dim 0 grouped),
+    each group clipped at its ratio in ``clip`` when given (`weight_clip`)."""
+    return get_quantizer(spec.quantizer)(weight.detach(), spec.weight_bits, spec.rows_per_group, "nearest", None,
+                                         clip=clip)
+
+
+def weight_clip(weight: torch.Tensor, spec: TensorSpec) -> torch.Tensor | None:
+    """The clipping ratios ``spec.weight_range`` sets for ``weight`` (``(out, in)``): None for ``max``, the
+    per-group `mse_clip` ratios for ``mse``, searched with the steps ``spec.quantizer`` takes (`SCALE_RULES`:
+    float16 steps, or powers of two for ``dfp``, where fewer ratios give distinct steps)."""
+    if spec.weight_range == "max":
+        return None
+    return mse_clip(weight.detach(), spec.weight_bits, rows_per_group=spec.rows_per_group,
+                    scale_rule=SCALE_RULES[spec.quantizer])
 
 
 def tensor_scale(x: torch.Tensor, bits: int, quantizer: str) -> torch.Tensor:

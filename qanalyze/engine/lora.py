@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from qanalyze.engine.functions import TensorSpec, quantize_weight
+from qanalyze.engine.functions import TensorSpec, quantize_weight, weight_clip
 from qanalyze.errors import ConfigError
 from qanalyze.models import ModuleInfo, head_dim, inventory
 from qanalyze.plan.make import check_plan
@@ -297,7 +297,8 @@ def _base_spec(name: str, entry: Mapping[str, Any], info: ModuleInfo, model: nn.
             rows = rows_per_group(info.shape[0], entry.get("group", "tensor"), head_dim=head_dim(model, info))
         return TensorSpec(weight_bits=entry["weight_bits"], activation_bits=_SPEC_BITS, gradient_bits=_SPEC_BITS,
                           rows_per_group=None if rows == info.shape[0] else rows,
-                          quantizer=entry.get("scheme") or DEFAULT_SCHEME)
+                          quantizer=entry.get("scheme") or DEFAULT_SCHEME,
+                          weight_range=entry.get("weight_range", "max") if info.kind != "layernorm" else "max")
     except ConfigError as exc:
         raise ConfigError(f"plan module {name}: {exc}") from None
 
@@ -311,7 +312,7 @@ def _fake_quantize_(module: nn.Module, info: ModuleInfo, spec: TensorSpec) -> No
     """Replace ``module.weight``'s values by their quantized-dequantized values (in place, on purpose)."""
     weight = module.weight
     matrix = weight.t() if info.transposed else weight
-    values = quantize_weight(matrix, spec).dequantize().to(weight.dtype)
+    values = quantize_weight(matrix, spec, weight_clip(matrix, spec)).dequantize().to(weight.dtype)
     with torch.no_grad():
         weight.copy_(values.t() if info.transposed else values)
 
@@ -344,7 +345,8 @@ def apply_qdylora(model: nn.Module, plan: BitPlan | None, config: LoRAConfig, se
             if config.base == "nf4":
                 packed = nf4_quantize(module.weight, config.nf4_block_size, config.double_quant)
             else:
-                packed = None if spec is None else quantize_weight(module.weight, spec)
+                packed = None if spec is None else quantize_weight(module.weight, spec,
+                                                                   weight_clip(module.weight, spec))
             generator = torch.Generator(device=module.weight.device).manual_seed(seed * 100_003 + index)
             built[name] = DyLoRALinear(module, config, generator, packed=packed)
             parent, child = _parent(model, name)

@@ -5,6 +5,10 @@ so the optimizer, the state dict keys and ``save_pretrained`` see the model unch
 weights stay FP32 and are updated in FP32. ``quantized_weight()`` gives the integer codes and scales
 a packed checkpoint stores; ``freeze(quantized)`` makes the module use given codes (a loaded
 checkpoint) instead of quantizing its float weight.
+
+With ``spec.weight_range == "mse"`` a module keeps its clipping ratios in the buffer ``clip_ratio``, found once
+from the weight it starts from (`weight_clip`): fine-tuning moves weights by little, a fresh search over every
+weight each step would cost more than the step, and a checkpoint restores the buffer with the weights.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from qanalyze.engine.functions import (
     TensorSpec,
     fake_quantize_ste,
     quantize_weight,
+    weight_clip,
 )
 from qanalyze.quant.primitives import Quantized, qmax
 
@@ -39,6 +44,8 @@ class _Swapped(nn.Module):
         self.transposed = transposed
         self._frozen: Quantized | None = None
         self._cache: tuple[int, Quantized] | None = None
+        self.clip_ratio: torch.Tensor | None
+        self.register_buffer("clip_ratio", weight_clip(self.matrix(), spec))
 
     def matrix(self) -> torch.Tensor:
         """The weight as ``(out, in)`` (GPT-2's Conv1D stores it ``(in, out)``)."""
@@ -50,7 +57,7 @@ class _Swapped(nn.Module):
             return self._frozen
         version = self.weight._version
         if self._cache is None or self._cache[0] != version:
-            self._cache = (version, quantize_weight(self.matrix(), self.spec))
+            self._cache = (version, quantize_weight(self.matrix(), self.spec, self.clip_ratio))
         return self._cache[1]
 
     def freeze(self, quantized: Quantized) -> None:
@@ -61,18 +68,20 @@ class _Swapped(nn.Module):
             self.weight.copy_(values.t() if self.transposed else values)
 
     def _weight_for_forward(self) -> Quantized | None:
-        # in training the weight changes every step, so it is quantized inside the Function; in
-        # evaluation the cached codes are reused until the weight changes
+        # in training the weight changes every step, so it is quantized inside the Function (unless it is
+        # clipped: the Functions know only the max rule); in evaluation the cached codes are reused until
+        # the weight changes
         if self._frozen is not None:
             return self._frozen
-        return None if self.training else self.quantized_weight()
+        return None if self.training and self.clip_ratio is None else self.quantized_weight()
 
     def extra_repr(self) -> str:
         spec = self.spec
         groups = "tensor" if spec.rows_per_group is None else f"{spec.rows_per_group} rows"
         inputs = ", input per token" if spec.per_token else ""
+        clipped = ", mse-clipped" if spec.weight_range == "mse" else ""
         return (f"W{spec.weight_bits} A{spec.activation_bits} G{spec.gradient_bits}, groups of {groups}{inputs}, "
-                f"{spec.quantizer}")
+                f"{spec.quantizer}{clipped}")
 
 
 class IntLinear(_Swapped):
@@ -128,7 +137,7 @@ class QATLinear(_Swapped):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.matrix()
-        fake = quantize_weight(weight, self.spec).dequantize().to(weight.dtype)
+        fake = quantize_weight(weight, self.spec, self.clip_ratio).dequantize().to(weight.dtype)
         weight = weight + (fake - weight).detach()
         return nn.functional.linear(self._input(x), weight, self.bias)
 
@@ -141,6 +150,6 @@ class QATEmbedding(_Swapped):
         self.padding_idx = original.padding_idx
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        fake = quantize_weight(self.weight, self.spec).dequantize().to(self.weight.dtype)
+        fake = quantize_weight(self.weight, self.spec, self.clip_ratio).dequantize().to(self.weight.dtype)
         weight = self.weight + (fake - self.weight).detach()
         return nn.functional.embedding(ids, weight, self.padding_idx)

@@ -199,6 +199,8 @@ def _assemble(raw: Mapping[str, Any], budget: Budget, config: PlanConfig, option
               sensitivity_path: str | Path | None, baseline: str | None, activation: Mapping[str, int],
               capacity: float) -> BitPlan:
     gradients = _gradient_bits(raw, config)
+    # the weight errors the damage was predicted from were measured with this range rule: train with it too
+    weight_range = raw.get("settings", {}).get("weight_range", "max")
     modules: dict[str, dict[str, Any]] = {o.name: {"float": True} for o in options}
     chosen_bits = 0.0
     damage = 0.0
@@ -215,7 +217,8 @@ def _assemble(raw: Mapping[str, Any], budget: Budget, config: PlanConfig, option
             modules[name] = {
                 "weight_bits": candidate.bits, "group": candidate.group, "groups": member_candidate.groups,
                 "activation_bits": activation.get(name), "gradient_bits": gradients.get(name) or 16,
-                "scheme": "symmetric", "rounding": "nearest", "predicted_damage": member_candidate.damage,
+                "scheme": "symmetric", "rounding": "nearest", "weight_range": weight_range,
+                "predicted_damage": member_candidate.damage,
             }
             if config.act_group != "tensor" and "linear" in member.kind and activation.get(name):
                 modules[name]["activation_group"] = config.act_group

@@ -28,7 +28,14 @@ import torch
 from qanalyze.data import TaskData, collate, encode
 from qanalyze.errors import ConfigError
 from qanalyze.models import LoadedModel, ModuleInfo, architecture_fingerprint, head_dim, inventory
-from qanalyze.quant.primitives import fake_quantize, parse_group, rows_per_group, weight_errors
+from qanalyze.quant.primitives import (
+    WEIGHT_RANGES,
+    mse_clip,
+    parse_group,
+    quantize_symmetric,
+    rows_per_group,
+    weight_errors,
+)
 from qanalyze.records import SensitivityReport
 from qanalyze.sensitivity.errors import ErrorProbe
 from qanalyze.sensitivity.hvp import PRECISIONS, NonFiniteError, resolve_precision
@@ -64,6 +71,7 @@ class AnalyzeConfig:
     bits: tuple[int, ...] = tuple(range(2, 17))
     gradient_bits: tuple[int, ...] = (2, 3, 4, 5, 6, 8, 12, 16)
     groups: tuple[str, ...] = ("tensor", "channel", "head", "128", "64", "32")
+    weight_range: str = "max"
     measure_delta_loss: bool = False
     delta_loss_bits: tuple[int, ...] = (2, 4, 8)
     hvp_method: str = "double_backward"
@@ -90,6 +98,8 @@ class AnalyzeConfig:
                 raise ConfigError(f"bits must lie in 2..16, got {bits}")
         for group in self.groups:
             parse_group(group)
+        if self.weight_range not in WEIGHT_RANGES:
+            raise ConfigError(f"unknown weight range {self.weight_range!r}; known: {', '.join(WEIGHT_RANGES)}")
         if self.modules is not None:
             try:
                 re.compile(self.modules)
@@ -253,7 +263,7 @@ def analyze(
         for i, info in enumerate(infos):
             report_progress("weights", i, len(infos), info.name)
             errors = weight_errors(modules[info.name].weight.detach(), config.bits, config.groups,
-                                   head_dim=state.entry(info.name)["head_dim"])
+                                   head_dim=state.entry(info.name)["head_dim"], weight_range=config.weight_range)
             state.entry(info.name)["weight_error"] = {str(b): e for b, e in errors.items()}
         report_progress("weights", len(infos), len(infos), "done")
         state.mark("weights")
@@ -407,20 +417,26 @@ def _measure_delta_loss(model: torch.nn.Module, infos: list[ModuleInfo], modules
         weight = modules[info.name].weight
         original = weight.detach().clone()
         measured = {}
+        quantized = {bits: _per_row(original, bits, config.weight_range) for bits in config.delta_loss_bits}
         try:
             for bits in config.delta_loss_bits:
                 with torch.no_grad():
-                    weight.copy_(fake_quantize(original, bits, rows_per_group=1))
+                    weight.copy_(quantized[bits])
                 measured[str(bits)] = mean_loss() - base
         finally:
             with torch.no_grad():
                 weight.copy_(original)
         delta_loss = state.entry(info.name).setdefault("delta_loss", {})
         delta_loss["measured"] = measured
-        delta_loss["fisher"] = {str(bits): float((fisher[info.name] * (fake_quantize(original, bits, rows_per_group=1)
-                                                                       - original) ** 2).sum())
+        delta_loss["fisher"] = {str(bits): float((fisher[info.name] * (quantized[bits] - original) ** 2).sum())
                                 for bits in config.delta_loss_bits}
     report_progress("delta-loss", len(infos), len(infos), "done")
+
+
+def _per_row(weight: torch.Tensor, bits: int, weight_range: str) -> torch.Tensor:
+    """``weight`` quantized with one scale per row, its range set by ``weight_range``, back in its dtype."""
+    clip = mse_clip(weight, bits, rows_per_group=1) if weight_range == "mse" else None
+    return quantize_symmetric(weight, bits, rows_per_group=1, clip=clip).dequantize().to(weight.dtype)
 
 
 def _empirical_fisher(model: torch.nn.Module, infos: list[ModuleInfo], modules: dict[str, torch.nn.Module],

@@ -163,3 +163,62 @@ def test_modes_that_keep_one_activation_scale_refuse_per_token_inputs():
     with pytest.raises(ConfigError, match="uniform:8:channel"):
         resolve_plan("uniform:8:row", model)
     assert not swapped_modules(model)
+
+
+def _clipped_plan(model, bits, layout="channel", kinds=("linear", "embedding")):
+    plan = resolve_plan(f"uniform:{bits}:{layout}", model, kinds=kinds)
+    for entry in plan.modules.values():
+        if not entry.get("float"):
+            entry["weight_range"] = "mse"
+            entry.pop("activation_group", None)  # one input scale per tensor: every mode runs it
+    return plan
+
+
+@pytest.mark.parametrize("mode", ["qat", "ptq-dynamic", "int"])
+def test_mse_weight_range_clips_every_group_and_every_path_uses_the_clipped_codes(mode):
+    from qanalyze.engine.functions import quantize_weight, weight_clip
+
+    kinds = ("linear", "embedding", "layernorm") if mode == "int" else ("linear", "embedding")
+    model = _bert()
+    applied = apply_plan(model, _clipped_plan(model, 3, kinds=kinds), mode)
+    name = "bert.encoder.layer.0.intermediate.dense"
+    module = model.get_submodule(name)
+    assert applied.specs[name].weight_range == "mse" and "mse-clipped" in repr(module)
+    if mode == "int":  # a layer norm's gain keeps the max rule
+        assert applied.specs["bert.embeddings.LayerNorm"].weight_range == "max"
+        assert model.bert.embeddings.LayerNorm.clip_ratio is None
+    # one ratio per weight row, found once from the starting weight and kept (and saved) as a buffer
+    ratio = module.clip_ratio
+    assert ratio.shape == (64, 1, 1) and bool((ratio < 1).any()) and bool((ratio <= 1).all())
+    assert torch.equal(ratio, weight_clip(module.weight, applied.specs[name]))
+    assert f"{name}.clip_ratio" in model.state_dict()
+    clipped = quantize_weight(module.weight, applied.specs[name], ratio)
+    plain = quantize_weight(module.weight, applied.specs[name])
+    error = (clipped.dequantize() - module.weight).square().sum()
+    gain = 0.9 if mode == "int" else 0.8  # power-of-two steps (int) leave the search fewer distinct ranges
+    assert float(error) < gain * float((plain.dequantize() - module.weight).square().sum())
+    assert torch.equal(quantized_weights(model)[name].q, clipped.q)  # evaluation / packed checkpoint
+    # training forward: the same codes reach the product
+    model.train()
+    seen = {}
+    if mode == "qat":
+        handle = module.register_forward_hook(lambda m, args, out: seen.update(x=args[0]))
+        out = model(**_batch())
+        handle.remove()
+        expected = torch.nn.functional.linear(module._input(seen["x"]), clipped.dequantize(), module.bias)
+        assert torch.allclose(module(seen["x"]), expected, atol=1e-6)
+    else:
+        assert module._weight_for_forward() is module.quantized_weight()
+        out = model(**_batch())
+    out.loss.backward()
+    assert float(module.weight.grad.abs().sum()) > 0
+
+
+def test_int4_ignores_the_weight_range_and_max_plans_keep_no_ratios():
+    model = _bert()
+    applied = apply_plan(model, _clipped_plan(model, 4, layout="tensor"), "int4")
+    assert all(spec.weight_range == "max" for spec in applied.specs.values())
+    model = _bert()
+    apply_plan(model, uniform_plan(model, 4), "qat")
+    assert model.bert.encoder.layer[0].attention.self.query.clip_ratio is None
+    assert not any(key.endswith("clip_ratio") for key in model.state_dict())

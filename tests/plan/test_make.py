@@ -11,7 +11,7 @@ import pytest
 
 from qanalyze.data import load_task
 from qanalyze.engine.apply import apply_plan
-from qanalyze.errors import ConfigError
+from qanalyze.errors import ConfigError, RecordError
 from qanalyze.models import inventory, load_model
 from qanalyze.plan.budget import SCALE_BITS, parse_budget
 from qanalyze.plan.make import BASELINES, PlanConfig, check_plan, make_plan
@@ -233,3 +233,18 @@ def test_token_activation_group_marks_linear_inputs_and_applies_in_int_mode(anal
     assert {n for n, spec in applied.specs.items() if spec.per_token} == marked
     with pytest.raises(ConfigError, match="act_group 'row'"):
         make_plan(report, parse_budget("4bit"), PlanConfig(act_group="row"))
+
+
+def test_plan_entries_carry_the_weight_range_their_errors_were_measured_with(analysed):
+    report, _, _ = analysed
+    plan = make_plan(report, parse_budget("4bit"), PlanConfig())
+    assert {m["weight_range"] for m in quantized(plan).values()} == {"max"}
+    clipped = copy.deepcopy(report)
+    clipped.settings["weight_range"] = "mse"
+    for baseline in (None, "random"):
+        plan = make_plan(clipped, parse_budget("4bit"), PlanConfig(), baseline=baseline)
+        assert {m["weight_range"] for m in quantized(plan).values()} == {"mse"}
+    bad = plan.to_dict()
+    next(m for m in bad["modules"].values() if not m.get("float"))["weight_range"] = "p99"
+    with pytest.raises(RecordError, match="weight_range 'p99'"):
+        BitPlan.from_dict(bad)

@@ -550,3 +550,96 @@ def test_weight_errors_of_a_parameter_returns_plain_floats():
 def test_config_errors(call):
     with pytest.raises(ConfigError):
         call(randn(ROWS, 6, seed=81))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# mse clipping
+
+
+def _group_errors(x: torch.Tensor, bits: int, rows: int | None, clip: torch.Tensor) -> np.ndarray:
+    """Per-group ||Q(x) - x||^2 in float64 for symmetric quantization clipped at ``clip``, group by group in NumPy."""
+    values = x.double().numpy()
+    ratios = clip.double().numpy().reshape(-1)
+    chunks = [values] if rows is None else np.split(values, values.shape[0] // rows)
+    limit = qmax(bits)
+    errors = []
+    for chunk, ratio in zip(chunks, ratios):
+        step = ratio * np.abs(chunk).max() / limit
+        errors.append(((np.clip(np.round(chunk / step), -limit, limit) * step - chunk) ** 2).sum())
+    return np.asarray(errors)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("layout", ["tensor", "channel", "group4"])
+def test_mse_clip_beats_every_coarse_ratio_and_the_max_rule(bits, layout):
+    from qanalyze.quant.primitives import CLIP_COARSE, mse_clip
+
+    rows = LAYOUTS[layout]
+    x = randn(ROWS, 48, seed=bits)
+    if bits == 2:  # heavier tails (Laplace, by the inverse CDF), where clipping matters most
+        u = torch.rand(ROWS, 48, generator=gen(bits), dtype=torch.float64) - 0.5
+        x = -torch.sign(u) * torch.log1p(-2 * u.abs())
+    clip = mse_clip(x, bits, rows_per_group=rows)
+    scale_shape = quantize_symmetric(x, bits, rows_per_group=rows).scale.shape
+    assert clip.shape == scale_shape and bool(((clip > 0) & (clip <= 1)).all())
+    best = _group_errors(x, bits, rows, clip)
+    for ratio in CLIP_COARSE:
+        coarse = torch.full(scale_shape, ratio, dtype=torch.float64)
+        assert (best <= _group_errors(x, bits, rows, coarse) * (1 + 1e-9)).all()
+    # quantize_symmetric with the ratios gives exactly those errors, and never more than the max rule
+    clipped = quantize_symmetric(x, bits, rows_per_group=rows, clip=clip)
+    assert quantization_error(x, bits, rows_per_group=rows, weight_range="mse") == pytest.approx(
+        float(((clipped.dequantize().double() - x.double()) ** 2).sum()), rel=1e-6)
+    assert best.sum() <= quantization_error(x, bits, rows_per_group=rows) * (1 + 1e-9)
+
+
+def test_mse_clip_cuts_an_outlier_and_keeps_ratio_one_when_clipping_cannot_help():
+    from qanalyze.quant.primitives import mse_clip
+
+    x = randn(ROWS, 48, seed=5)
+    x[3, 7] = 10.0  # one value far beyond the others (max 3.6 otherwise): per tensor, the best range cuts it
+    assert float(mse_clip(x, 4)) < 0.4
+    assert quantization_error(x, 4, weight_range="mse") < quantization_error(x, 4) / 3
+    # values on the 2-bit grid {-1, 0, 1}: the max rule is exact, and ties keep the larger ratio
+    exact = torch.tensor([[-1.0, 0.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]])
+    clip = mse_clip(exact, 2, rows_per_group=1)
+    assert clip.reshape(-1).tolist() == [1.0, 1.0]  # the all-zero row gets 1 too
+    assert torch.equal(quantize_symmetric(exact, 2, rows_per_group=1, clip=clip).dequantize(), exact)
+
+
+@pytest.mark.parametrize("quantize", [quantize_symmetric, dynamic_fixed_point])
+def test_clip_of_ones_changes_nothing_and_smaller_ratios_clip(quantize):
+    x = randn(ROWS, 6, seed=11)
+    plain = quantize(x, 5, rows_per_group=4)
+    same = quantize(x, 5, rows_per_group=4, clip=torch.ones_like(plain.scale))
+    assert torch.equal(plain.q, same.q) and torch.equal(plain.scale, same.scale)
+    half = quantize(x, 5, rows_per_group=4, clip=torch.full_like(plain.scale, 0.5))
+    assert bool((half.scale < plain.scale).all())
+    assert int(half.q.abs().max()) == qmax(5)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda x: quantize_symmetric(x, 4, rows_per_group=4, clip=torch.ones(3)),
+        lambda x: quantize_symmetric(x, 4, clip=torch.tensor(0.0)),
+        lambda x: quantize_symmetric(x, 4, clip=torch.tensor(1.5)),
+        lambda x: dynamic_fixed_point(x, 4, clip=torch.tensor(-0.5)),
+        lambda x: quantization_error(x, 4, weight_range="percentile"),
+        lambda x: quantization_error(x, 4, symmetric=False, weight_range="mse"),
+        lambda x: weight_errors(x, [4], ["tensor"], weight_range="min"),
+    ],
+)
+def test_clip_config_errors(call):
+    with pytest.raises(ConfigError):
+        call(randn(ROWS, 6, seed=82))
+
+
+def test_weight_errors_with_mse_ranges_are_never_above_the_max_rule():
+    w = randn(ROWS, 16, seed=83)
+    plain = weight_errors(w, [2, 4, 8], ["tensor", "channel", "8"])
+    clipped = weight_errors(w, [2, 4, 8], ["tensor", "channel", "8"], weight_range="mse")
+    for bits, groups in plain.items():
+        for group, error in groups.items():
+            assert clipped[bits][group] <= error * (1 + 1e-9)
+    assert clipped[2]["channel"] < plain[2]["channel"] * 0.6

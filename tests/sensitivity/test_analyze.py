@@ -191,3 +191,23 @@ def test_bad_inputs(tmp_path, tiny, sst2, tiny_bert_dir):
     assert not (tmp_path / "d.json").exists()
     for name in ("a.json", "b.json", "c.json"):
         assert not (tmp_path / name).exists()
+
+
+def test_mse_weight_range_records_lower_weight_errors_and_loss_changes(tmp_path, tiny, sst2):
+    kept = dict(metrics=("weights",), measure_delta_loss=True, delta_loss_bits=(2, 4))
+    plain = analyze(tiny, sst2, _config(**kept), tmp_path / "max.json")
+    clipped = analyze(tiny, sst2, _config(weight_range="mse", **kept), tmp_path / "mse.json")
+    assert clipped.settings["weight_range"] == "mse" and plain.settings["weight_range"] == "max"
+    lower = 0
+    for name, entry in plain.modules.items():
+        for bits, groups in entry["weight_error"].items():
+            for group, error in groups.items():
+                assert clipped.modules[name]["weight_error"][bits][group] <= error * (1 + 1e-9)
+                lower += clipped.modules[name]["weight_error"][bits][group] < 0.9 * error
+        # the loss changes are measured on the clipped weights too: they differ from the max rule's
+        assert clipped.modules[name]["delta_loss"]["measured"].keys() == {"2", "4"}
+    assert lower > len(plain.modules)  # clipping cuts the error by 10 % or more in many (module, bits, group)
+    assert any(clipped.modules[n]["delta_loss"]["measured"]["2"] != plain.modules[n]["delta_loss"]["measured"]["2"]
+               for n in plain.modules)
+    with pytest.raises(ConfigError, match="weight range"):
+        _config(weight_range="percentile")
