@@ -30,7 +30,8 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "runs/bench/int4"))
     parser.add_argument("--rows", default="lss,no-lss,lss-weight-only",
                         help="lss: sampling in both backward products (the issue's form); no-lss: every non-zero "
-                             "row (the authors' released kernels); lss-weight-only: sampling for the weight gradient")
+                             "row (the authors' released kernels); lss-weight-only: sampling for the weight gradient; "
+                             "lss-keep75: sampling in both products keeping 3/4 of the rows instead of half")
     args = parser.parse_args()
     common = ["--task", "sst2", "--data", args.data, "--max-train-examples", str(args.examples), "--epochs", "1",
               "--max-length", "64", "--seed", "0", "--quiet"]
@@ -43,7 +44,8 @@ def main() -> None:
         sys.exit(f"{fp32} was trained with other settings; pass --fp32 to a fresh folder")
     reference = 100 * reference_record["metrics"]["accuracy"]
     print(f"fp32: {reference:.2f}, median step {reference_record['timings']['step_seconds_median']:.3f} s")
-    rows = {"lss": ["--lss"], "no-lss": ["--no-lss"], "lss-weight-only": ["--lss", "--no-lss-input"]}
+    rows = {"lss": ["--lss"], "no-lss": ["--no-lss"], "lss-weight-only": ["--lss", "--no-lss-input"],
+            "lss-keep75": ["--lss", "--lss-keep", "0.75"]}
     for name, flags in rows.items():
         if name not in args.rows.split(","):
             continue

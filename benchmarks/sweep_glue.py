@@ -39,6 +39,9 @@ def main() -> None:
     parser.add_argument("--modes", default="qat,int4",
                         help="the first trains every plan (Q-BERT re-trains with qat); int4 adds a 4-bit point")
     parser.add_argument("--integer-bits", default="8,16")
+    parser.add_argument("--weight-range", default=None, choices=["max", "mse"],
+                        help="when the sweep analyzes (no --sensitivity): how weight ranges are set")
+    parser.add_argument("--distill", default=None, help="distillation weight alpha from the FP32 model's logits")
     parser.add_argument("--out", default=None, help="sweep folder (default runs/bench/sweep-TASK)")
     parser.add_argument("--report", default=None, help="HTML to write (default reports/sweep-TASK.html)")
     args = parser.parse_args()
@@ -50,6 +53,10 @@ def main() -> None:
              "--max-length", args.max_length, "--out", str(out)]
     if args.sensitivity:
         sweep += ["--sensitivity", args.sensitivity]
+    if args.weight_range:
+        sweep += ["--weight-range", args.weight_range]
+    if args.distill:
+        sweep += ["--distill", args.distill]
     shown = _relative(" ".join(sweep[1:]))
     print(shown, flush=True)
     start = time.perf_counter()
@@ -71,8 +78,8 @@ def summary(table: pd.DataFrame, args: argparse.Namespace, command: str, seconds
              f"`.venv/bin/python {invoked}` ran `{command}` in {seconds / 60:.1f} min; the page is "
              f"[{report.name}]({report.name}).", "",
              f"FP32 {metric}: {fp32:.2f}. Every quantized row re-trains the FP32 model for {args.epochs} epoch(s) on "
-             f"{args.examples} training examples ({args.modes}, lr {args.lr}, max length {args.max_length}), "
-             "dev set in full.", "",
+             f"{args.examples} training examples ({args.modes}, lr {args.lr}, max length {args.max_length}"
+             + (f", distillation {args.distill}" if args.distill else "") + "), dev set in full.", "",
              "| budget | plan | mode | " + metric + " | vs FP32 (pt) | MB | mean W bits | predicted damage | status |",
              "|---|---|---|---|---|---|---|---|---|"]
     for _, row in table.iterrows():

@@ -95,6 +95,9 @@ _int4_options = _option_group(
     click.option("--lss-input/--no-lss-input", default=True, show_default=True,
                  help="int4 with --lss: sample the rows of the input-gradient product too (off: only the weight "
                       "gradient's, so the gradient passed to earlier layers is not sampled)."),
+    click.option("--lss-keep", type=click.FloatRange(0, 1, min_open=True), default=0.5, show_default=True,
+                 help="int4 with --lss: expected fraction of the non-zero rows of the split gradient kept (0.5 is "
+                      "the paper's N of 2N; more rows, less sampling variance, less saved)."),
     click.option("--hq-block", type=click.IntRange(min=1, max=1024), default=None,
                  help="int4: Hadamard block size (a power of two; default: chosen per layer on the first batch)."),
 )
@@ -116,7 +119,8 @@ _lora_options = _option_group(
 
 
 def _pop_int4_options(kw: dict[str, Any]) -> dict[str, Any]:
-    return {"lss": kw.pop("lss"), "lss_input": kw.pop("lss_input"), "block": kw.pop("hq_block")}
+    return {"lss": kw.pop("lss"), "lss_input": kw.pop("lss_input"), "keep_fraction": kw.pop("lss_keep"),
+            "block": kw.pop("hq_block")}
 
 
 def _pop_lora_options(kw: dict[str, Any], *, base: str = "plan",
