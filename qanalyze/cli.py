@@ -552,7 +552,8 @@ def _print_plan(plan_record: Any, console: Any) -> None:
         if spec.get("float"):
             table.add_row(name, "float", "", "", "", "")
         else:
-            table.add_row(name, str(spec["weight_bits"]), spec["group"], str(spec.get("activation_bits") or "-"),
+            group = spec["group"] + (", mse range" if spec.get("weight_range") == "mse" else "")
+            table.add_row(name, str(spec["weight_bits"]), group, str(spec.get("activation_bits") or "-"),
                           str(spec.get("gradient_bits") or "-"), f"{spec['predicted_damage']:.3g}")
     console.print(table)
     totals = plan_record.totals

@@ -72,7 +72,8 @@ def error_table(report: SensitivityReport, kind: str, *, group: str = "channel")
 
 
 def plan_table(plan: BitPlan) -> pd.DataFrame:
-    """Per module: weight bits and group layout, activation and gradient bits, predicted damage; float ones too."""
+    """Per module: weight bits, group layout and range rule, activation and gradient bits, predicted damage; float
+    ones too."""
     rows = []
     for name, spec in plan.modules.items():
         if spec.get("float"):
@@ -80,17 +81,19 @@ def plan_table(plan: BitPlan) -> pd.DataFrame:
             continue
         rows.append({"module": short_name(name), "float": False, "weight_bits": spec["weight_bits"],
                      "group": spec["group"], "groups": spec.get("groups"),
+                     "weight_range": spec.get("weight_range", "max"),
                      "activation_bits": spec.get("activation_bits"), "gradient_bits": spec.get("gradient_bits"),
                      "predicted_damage": spec.get("predicted_damage")})
-    columns = ["module", "float", "weight_bits", "group", "groups", "activation_bits", "gradient_bits",
-               "predicted_damage"]
+    columns = ["module", "float", "weight_bits", "group", "groups", "weight_range", "activation_bits",
+               "gradient_bits", "predicted_damage"]
     return pd.DataFrame(rows, columns=columns)
 
 
 def plan_totals(plan: BitPlan) -> pd.DataFrame:
     """The plan's budget and achieved totals as (quantity, value) rows."""
+    ranges = sorted({spec.get("weight_range", "max") for spec in plan.modules.values() if not spec.get("float")})
     rows = [("budget", plan.budget.get("text")), ("objective", plan.objective),
-            ("plan", plan.baseline or "hessian")]
+            ("plan", plan.baseline or "hessian"), ("weight_range", ", ".join(ranges) or "-")]
     rows += [(key, value) for key, value in plan.totals.items()]
     return pd.DataFrame(rows, columns=["quantity", "value"])
 

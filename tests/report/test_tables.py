@@ -9,6 +9,7 @@ from qanalyze.report.tables import (
     damage_agreement,
     error_table,
     plan_table,
+    plan_totals,
     predictor_table,
     rank_table,
     results_table,
@@ -58,6 +59,15 @@ def test_plan_table_marks_float_modules(sweep_folder):
     assert len(table) == len(plan.modules)
     assert table.loc[table["module"] == "classifier", "float"].item()
     assert (table.loc[~table["float"], "weight_bits"] >= 2).all()
+    # plans without the field use the max rule; a clipped plan says so per module and in its totals
+    assert set(table.loc[~table["float"], "weight_range"]) == {"max"}
+    clipped = plan.to_dict()
+    for spec in clipped["modules"].values():
+        if not spec.get("float"):
+            spec["weight_range"] = "mse"
+    clipped = BitPlan.from_dict(clipped)
+    assert set(plan_table(clipped).loc[~table["float"], "weight_range"]) == {"mse"}
+    assert plan_totals(clipped).set_index("quantity").loc["weight_range", "value"] == "mse"
 
 
 def test_verdict_says_plainly_when_the_hessian_plan_loses(tmp_path, sweep_folder):
