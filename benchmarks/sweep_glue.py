@@ -115,7 +115,8 @@ def summary(table: pd.DataFrame, args: argparse.Namespace, command: str, seconds
 
 def _relative(text: str) -> str:
     """``text`` with this checkout's absolute paths made relative to it (the Markdown is read elsewhere)."""
-    return text.replace(sys.executable, ".venv/bin/python").replace(f"{ROOT}/", "")
+    return (text.replace(sys.executable, ".venv/bin/python").replace(f"{ROOT.parent}/shared/", "../shared/")
+            .replace(f"{ROOT}/", ""))
 
 
 if __name__ == "__main__":

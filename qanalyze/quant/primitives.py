@@ -544,8 +544,9 @@ CLIP_FINE = (0.92, 0.94, 0.96, 0.98, 1.02, 1.04, 1.06, 1.08)
 
 CLIP_CHUNK = 1 << 18
 """`mse_clip` works through the tensor in blocks of about this many elements, so each candidate's passes stay
-in cache: 0.2 s for a table of minilm-l6's word-embedding shape (30522 x 384) on 2 cores, 3.7 s with
-whole-tensor passes."""
+in cache: 0.2 to 1 s for a table of minilm-l6's word-embedding shape (30522 x 384, per row, 2 bits) on 2 idle
+cores; a first version with whole-tensor passes through `quantize_symmetric` took 3.7 s. Its thousands of
+small parallel ops slow down badly when another process holds a core (OpenMP threads wait on each other)."""
 
 
 def mse_clip(
