@@ -262,8 +262,10 @@ def analyze(
     if "weights" in metrics and not state.done("weights"):
         for i, info in enumerate(infos):
             report_progress("weights", i, len(infos), info.name)
+            # a layer norm's gain keeps the max rule in the engine (`apply_plan`), so its errors do too
+            weight_range = config.weight_range if info.kind != "layernorm" else "max"
             errors = weight_errors(modules[info.name].weight.detach(), config.bits, config.groups,
-                                   head_dim=state.entry(info.name)["head_dim"], weight_range=config.weight_range)
+                                   head_dim=state.entry(info.name)["head_dim"], weight_range=weight_range)
             state.entry(info.name)["weight_error"] = {str(b): e for b, e in errors.items()}
         report_progress("weights", len(infos), len(infos), "done")
         state.mark("weights")
@@ -417,7 +419,8 @@ def _measure_delta_loss(model: torch.nn.Module, infos: list[ModuleInfo], modules
         weight = modules[info.name].weight
         original = weight.detach().clone()
         measured = {}
-        quantized = {bits: _per_row(original, bits, config.weight_range) for bits in config.delta_loss_bits}
+        weight_range = config.weight_range if info.kind != "layernorm" else "max"
+        quantized = {bits: _per_row(original, bits, weight_range) for bits in config.delta_loss_bits}
         try:
             for bits in config.delta_loss_bits:
                 with torch.no_grad():
