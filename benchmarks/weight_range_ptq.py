@@ -21,7 +21,7 @@ import qanalyze
 from qanalyze.data import encode
 from qanalyze.engine.evaluate import evaluate
 from qanalyze.models import head_dim, inventory
-from qanalyze.quant.primitives import mse_clip, quantize_symmetric, rows_per_group
+from qanalyze.quant.primitives import fake_quantize, rows_per_group
 from qanalyze.records import BitPlan
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,8 +56,7 @@ def main() -> None:
                 entry, info = plan.modules[name], infos[name]
                 rows = rows_per_group(weight.shape[0], entry["group"], head_dim=head_dim(model, info))
                 rows = None if rows == weight.shape[0] else rows
-                clip = mse_clip(weight, entry["weight_bits"], rows_per_group=rows) if rule == "mse" else None
-                values = quantize_symmetric(weight, entry["weight_bits"], rows_per_group=rows, clip=clip).dequantize()
+                values = fake_quantize(weight, entry["weight_bits"], rows_per_group=rows, weight_range=rule)
                 error += float((values.double() - weight.double()).square().sum())
                 model.get_submodule(name).weight.copy_(values)
         seconds = time.perf_counter() - start

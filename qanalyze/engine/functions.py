@@ -27,8 +27,8 @@ import torch
 from qanalyze.engine.kernels import int_mm
 from qanalyze.errors import ConfigError
 from qanalyze.quant.primitives import (
-    WEIGHT_RANGES,
     Quantized,
+    check_weight_range,
     dfp_scale,
     dynamic_fixed_point,
     mse_clip,
@@ -83,8 +83,7 @@ class TensorSpec:
         for name in ("weight_bits", "activation_bits", "gradient_bits"):
             qmax(getattr(self, name))  # raises ConfigError outside 2..16
         get_quantizer(self.quantizer)
-        if self.weight_range not in WEIGHT_RANGES:
-            raise ConfigError(f"unknown weight range {self.weight_range!r}; known: {', '.join(WEIGHT_RANGES)}")
+        check_weight_range(self.weight_range)
 
 
 def row_scales(quantized: Quantized, rows: int) -> torch.Tensor:

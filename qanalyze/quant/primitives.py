@@ -45,6 +45,12 @@ WEIGHT_RANGES = ("max", "mse")
 ``mse`` clips each group at the fraction of max|w| that minimizes ||Q(W) - W||^2 (:func:`mse_clip`)."""
 
 
+def check_weight_range(weight_range: object) -> None:
+    """ConfigError unless ``weight_range`` is one of `WEIGHT_RANGES`."""
+    if weight_range not in WEIGHT_RANGES:
+        raise ConfigError(f"unknown weight range {weight_range!r}; known: {', '.join(WEIGHT_RANGES)}")
+
+
 def qmax(bits: int) -> int:
     """Largest magnitude of a symmetric signed ``bits``-bit integer: ``2**(bits-1) - 1``.
 
@@ -426,14 +432,23 @@ def fake_quantize(
     rows_per_group: int | None = None,
     rounding: str = "nearest",
     generator: torch.Generator | None = None,
+    weight_range: str = "max",
 ) -> torch.Tensor:
     """``dequantize(quantize(x))`` in ``x``'s dtype: the values a ``bits``-bit format can hold, in float.
 
-    There is no straight-through estimator here (rounding has zero gradient); autograd wrappers that
-    need one belong in the engine.
+    ``weight_range="mse"`` (symmetric only) clips each group at its :func:`mse_clip` ratio. There is no
+    straight-through estimator here (rounding has zero gradient); autograd wrappers that need one belong
+    in the engine.
     """
-    quantize = quantize_symmetric if symmetric else quantize_asymmetric
-    quantized = quantize(x, bits, rows_per_group=rows_per_group, rounding=rounding, generator=generator)
+    check_weight_range(weight_range)
+    if not symmetric:
+        if weight_range == "mse":
+            raise ConfigError("the mse weight range is implemented for symmetric quantization only")
+        quantized = quantize_asymmetric(x, bits, rows_per_group=rows_per_group, rounding=rounding, generator=generator)
+    else:
+        clip = mse_clip(x, bits, rows_per_group=rows_per_group) if weight_range == "mse" else None
+        quantized = quantize_symmetric(x, bits, rows_per_group=rows_per_group, rounding=rounding,
+                                       generator=generator, clip=clip)
     return quantized.dequantize().to(x.dtype)
 
 
@@ -484,16 +499,8 @@ def quantization_error(
 
     ``weight_range="mse"`` (symmetric only) clips each group at its :func:`mse_clip` ratio."""
     x = x.detach()  # a Parameter in, a float out: no autograd graph is wanted
-    if weight_range not in WEIGHT_RANGES:
-        raise ConfigError(f"unknown weight range {weight_range!r}; known: {', '.join(WEIGHT_RANGES)}")
-    if weight_range == "mse":
-        if not symmetric:
-            raise ConfigError("the mse weight range is implemented for symmetric quantization only")
-        clip = mse_clip(x, bits, rows_per_group=rows_per_group)
-        quantized = quantize_symmetric(x, bits, rows_per_group=rows_per_group, clip=clip)
-    else:
-        quantized = (quantize_symmetric if symmetric else quantize_asymmetric)(x, bits, rows_per_group=rows_per_group)
-    difference = quantized.dequantize().to(torch.float64) - x.to(torch.float64)
+    quantized = fake_quantize(x, bits, symmetric=symmetric, rows_per_group=rows_per_group, weight_range=weight_range)
+    difference = quantized.to(torch.float64) - x.to(torch.float64)
     return float(torch.sum(difference * difference))
 
 
@@ -564,10 +571,10 @@ def mse_clip(
     """
     limit = qmax(bits)
     values = _prepare(x.detach(), rows_per_group)
-    shape = _reduce(values.abs(), rows_per_group, torch.amax).shape
+    scale_amax = _reduce(values.abs(), rows_per_group, torch.amax)
+    _check_finite(scale_amax)
     groups = values.reshape(1, -1) if rows_per_group is None else values.reshape(values.shape[0], -1)
-    amax = groups.abs().amax(dim=1)
-    _check_finite(amax)
+    amax = scale_amax.reshape(-1)
     coarse = torch.tensor(CLIP_COARSE, dtype=values.dtype, device=values.device).expand(len(groups), -1)
 
     def steps(ratios: torch.Tensor) -> torch.Tensor:
@@ -576,7 +583,7 @@ def mse_clip(
     best = _best_ratio(groups, coarse, steps, limit)
     fine = torch.tensor((1.0, *CLIP_FINE), dtype=values.dtype, device=values.device)
     best = _best_ratio(groups, (best.unsqueeze(1) * fine).clamp(max=1.0), steps, limit)
-    return torch.where(amax > 0, best, torch.ones_like(best)).reshape(shape)
+    return torch.where(amax > 0, best, torch.ones_like(best)).reshape(scale_amax.shape)
 
 
 def _best_ratio(groups: torch.Tensor, ratios: torch.Tensor, step_of: Callable[[torch.Tensor], torch.Tensor],

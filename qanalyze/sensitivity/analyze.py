@@ -28,14 +28,7 @@ import torch
 from qanalyze.data import TaskData, collate, encode
 from qanalyze.errors import ConfigError
 from qanalyze.models import LoadedModel, ModuleInfo, architecture_fingerprint, head_dim, inventory
-from qanalyze.quant.primitives import (
-    WEIGHT_RANGES,
-    mse_clip,
-    parse_group,
-    quantize_symmetric,
-    rows_per_group,
-    weight_errors,
-)
+from qanalyze.quant.primitives import check_weight_range, fake_quantize, parse_group, rows_per_group, weight_errors
 from qanalyze.records import SensitivityReport
 from qanalyze.sensitivity.errors import ErrorProbe
 from qanalyze.sensitivity.hvp import PRECISIONS, NonFiniteError, resolve_precision
@@ -98,8 +91,7 @@ class AnalyzeConfig:
                 raise ConfigError(f"bits must lie in 2..16, got {bits}")
         for group in self.groups:
             parse_group(group)
-        if self.weight_range not in WEIGHT_RANGES:
-            raise ConfigError(f"unknown weight range {self.weight_range!r}; known: {', '.join(WEIGHT_RANGES)}")
+        check_weight_range(self.weight_range)
         if self.modules is not None:
             try:
                 re.compile(self.modules)
@@ -420,7 +412,8 @@ def _measure_delta_loss(model: torch.nn.Module, infos: list[ModuleInfo], modules
         original = weight.detach().clone()
         measured = {}
         weight_range = config.weight_range if info.kind != "layernorm" else "max"
-        quantized = {bits: _per_row(original, bits, weight_range) for bits in config.delta_loss_bits}
+        quantized = {bits: fake_quantize(original, bits, rows_per_group=1, weight_range=weight_range)
+                     for bits in config.delta_loss_bits}
         try:
             for bits in config.delta_loss_bits:
                 with torch.no_grad():
@@ -434,12 +427,6 @@ def _measure_delta_loss(model: torch.nn.Module, infos: list[ModuleInfo], modules
         delta_loss["fisher"] = {str(bits): float((fisher[info.name] * (quantized[bits] - original) ** 2).sum())
                                 for bits in config.delta_loss_bits}
     report_progress("delta-loss", len(infos), len(infos), "done")
-
-
-def _per_row(weight: torch.Tensor, bits: int, weight_range: str) -> torch.Tensor:
-    """``weight`` quantized with one scale per row, its range set by ``weight_range``, back in its dtype."""
-    clip = mse_clip(weight, bits, rows_per_group=1) if weight_range == "mse" else None
-    return quantize_symmetric(weight, bits, rows_per_group=1, clip=clip).dequantize().to(weight.dtype)
 
 
 def _empirical_fisher(model: torch.nn.Module, infos: list[ModuleInfo], modules: dict[str, torch.nn.Module],
