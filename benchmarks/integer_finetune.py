@@ -9,12 +9,14 @@ and dynamic PTQ at 8 bits of the FP32 result (no training). Targets on SST-2 (8,
     .venv/bin/python benchmarks/integer_finetune.py --task sst2 --examples 8000 --epochs 1
     .venv/bin/python benchmarks/integer_finetune.py --task mrpc --epochs 3     # full training set
     .venv/bin/python benchmarks/integer_finetune.py --rows fp32,int8c  # per-row weight, per-token input scales
+    .venv/bin/python benchmarks/integer_finetune.py --rows fp32,int8c+g16,qat8+a16  # ablations: 16-bit G or A
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from pathlib import Path
 
@@ -26,14 +28,18 @@ from qanalyze.plan.uniform import uniform_plan
 from qanalyze.records import RunRecord
 from qanalyze.rundir import prepare_run_dir
 
-ROWS = (("fp32", None, None, "tensor"), ("int", 16, 0.3, "tensor"), ("int", 8, 1.0, "tensor"),
-        ("int", 8, 1.0, "channel"), ("qat", 8, 0.5, "tensor"))
-"""(mode, bits, target in points, scale layout of `qanalyze.plan.uniform.LAYOUTS`); a channel row is
-labelled with a ``c`` (``int8c``: one scale per weight row and per input token)."""
+TARGETS = {"int16": 0.3, "int8": 1.0, "int8c": 1.0, "qat8": 0.5}
+"""The issue's bound (points below FP32) of each target row."""
+ROW = re.compile(r"(int|qat)(\d+)(c?)((?:\+[wag]\d+)*)")
+"""A training row: mode, bits, ``c`` for the channel layout (`qanalyze.plan.uniform.LAYOUTS`: one scale per
+weight row and per input token), then ablations ``+wN``, ``+aN``, ``+gN`` that set the weight, activation or
+gradient bits of every planned module (``int8c+g16``: the int8c row with 16-bit gradients)."""
+TENSORS = {"w": "weight_bits", "a": "activation_bits", "g": "gradient_bits"}
 GLUE_FOLDERS = {"sst2": "SST-2", "mrpc": "MRPC", "rte": "RTE", "stsb": "STS-B"}
 
 
-def _train(args, data, mode: str, bits: int | None, out: Path, start: str = "minilm-l6", layout: str = "tensor"):
+def _train(args, data, mode: str, bits: int | None, out: Path, start: str = "minilm-l6", layout: str = "tensor",
+           overrides: str = ""):
     if args.reuse and (out / "metrics.json").is_file():
         record = RunRecord.load(out / "metrics.json")
         print(f"   (reusing {out})", flush=True)
@@ -44,9 +50,13 @@ def _train(args, data, mode: str, bits: int | None, out: Path, start: str = "min
                                   save_every=10**6)
     plan = None if bits is None else uniform_plan(loaded.model, bits, kinds=tuple(get_mode(mode).builders),
                                                   layout=layout)
+    for tensor, value in re.findall(r"\+([wag])(\d+)", overrides):
+        for entry in plan.modules.values():
+            if not entry.get("float"):
+                entry[TENSORS[tensor]] = int(value)
     started = time.perf_counter()
     record = qanalyze.train(loaded, data, config, prepare_run_dir(out, overwrite=True), plan=plan, mode=mode,
-                            plan_source=None if bits is None else plan.budget["text"])
+                            plan_source=None if bits is None else plan.budget["text"] + overrides)
     return record, time.perf_counter() - started
 
 
@@ -71,11 +81,18 @@ def main() -> None:
     print(f"{args.task}: {len(data.train)} train / {len(data.dev)} dev examples, {args.epochs} epoch(s), "
           f"seed {args.seed}, torch threads {torch.get_num_threads()}", flush=True)
     results: dict[str, dict] = {}
-    for mode, bits, tolerance, layout in ROWS:
-        label = mode if bits is None else f"{mode}{bits}{'c' if layout == 'channel' else ''}"
-        if label not in wanted:
+    for label in wanted:
+        match = ROW.fullmatch(label)
+        if label != "fp32" and not match:
+            if not label.startswith("ptq"):
+                parser.error(f"row {label!r}: write fp32, ptq8, ptq8c or MODE BITS [c] [+wN +aN +gN], e.g. int8c+g16")
             continue
-        record, seconds = _train(args, data, mode, bits, out / label, layout=layout)
+        if match:
+            mode, bits, layout = match.group(1), int(match.group(2)), "channel" if match.group(3) else "tensor"
+            record, seconds = _train(args, data, mode, bits, out / label, layout=layout, overrides=match.group(4))
+        else:
+            record, seconds = _train(args, data, "fp32", None, out / label)
+        tolerance = TARGETS.get(label)
         results[label] = {"metrics": record.metrics, "seconds": seconds, "tolerance": tolerance,
                           "step": record.timings["step_seconds_median"]}
         print(f"{label:>6}: {json.dumps(record.metrics)}  train {seconds:.0f} s, median step "

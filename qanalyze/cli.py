@@ -96,8 +96,12 @@ _int4_options = _option_group(
                  help="int4 with --lss: sample the rows of the input-gradient product too (off: only the weight "
                       "gradient's, so the gradient passed to earlier layers is not sampled)."),
     click.option("--lss-keep", type=click.FloatRange(0, 1, min_open=True), default=0.5, show_default=True,
-                 help="int4 with --lss: expected fraction of the non-zero rows of the split gradient kept (0.5 is "
-                      "the paper's N of 2N; more rows, less sampling variance, less saved)."),
+                 help="int4 with --lss: expected fraction of the split gradient's rows kept (of the rows "
+                      "--lss-budget counts; 0.5 of all rows is the paper's N of 2N; more rows: less sampling "
+                      "variance, less saved)."),
+    click.option("--lss-budget", type=click.Choice(["rows", "nonzero"]), default="rows", show_default=True,
+                 help="int4 with --lss: --lss-keep is a fraction of all 2N rows of the padded batch (rows, the "
+                      "paper's compute budget; padding rows count) or of the non-zero rows only (stricter)."),
     click.option("--hq-block", type=click.IntRange(min=1, max=1024), default=None,
                  help="int4: Hadamard block size (a power of two; default: chosen per layer on the first batch)."),
 )
@@ -120,6 +124,7 @@ _lora_options = _option_group(
 
 def _pop_int4_options(kw: dict[str, Any]) -> dict[str, Any]:
     return {"lss": kw.pop("lss"), "lss_input": kw.pop("lss_input"), "keep_fraction": kw.pop("lss_keep"),
+            "budget": kw.pop("lss_budget"),
             "block": kw.pop("hq_block")}
 
 

@@ -268,11 +268,11 @@ def test_qdylora_train_then_evaluate_at_several_ranks(capfd, tmp_path, tiny_bert
 def test_int4_lss_keep_fraction_reaches_the_run_and_bad_values_are_refused(capfd, tmp_path, tiny_bert_dir, glue_dir):
     out = tmp_path / "int4"
     args = _train_args(tiny_bert_dir, glue_dir, out, "uniform:4", "--mode", "int4", "--lss", "--lss-keep", "0.75",
-                       "--hq-block", "8", "--max-steps", "2")
+                       "--lss-budget", "nonzero", "--hq-block", "8", "--max-steps", "2")
     code, _, err = run_cli(capfd, *args)
     assert code == 0, err
     options = json.loads((out / "metrics.json").read_text())["settings"]["mode_options"]
-    assert options["lss"] is True and options["keep_fraction"] == 0.75
+    assert options["lss"] is True and options["keep_fraction"] == 0.75 and options["budget"] == "nonzero"
     code, _, err = run_cli(capfd, *_train_args(tiny_bert_dir, glue_dir, tmp_path / "bad", "uniform:4", "--mode",
                                                "int4", "--lss-keep", "0"))
     assert code == 2 and "--lss-keep" in err and "Traceback" not in err

@@ -36,8 +36,10 @@ G before it matters: a hi row carries 14 times a lo row's magnitude, so at the p
 of G drops whole rows and, reweighted by 1/p before the split, inflates the split's one scale. In ∇W the
 kept rows are the terms of the contracted sum, where no per-row 1/p can be applied after an integer
 GEMM; its probabilities are therefore rounded to powers of two and each power makes its own INT4 x INT4
-product, scaled exactly. Unbiased throughout: E over the draws of each reweighted row is the row, E over
-the rounding of the split is G, and the products are linear in G.
+product, scaled exactly. The budget counts every row of the padded batch by default (`LSS_BUDGETS`): with
+dynamic padding many rows of G are zero and are never kept, so on short sentences the paper's budget may
+cover every non-zero row; ``budget="nonzero"`` halves those instead. Unbiased throughout: E over the draws
+of each reweighted row is the row, E over the rounding of the split is G, and the products are linear in G.
 """
 
 from __future__ import annotations
@@ -79,6 +81,15 @@ MAX_STEP = 65504.0
 # only int_mm's int32 overflow bound is worked out on 15 instead of 7.
 _LSQ_BITS = 5
 _SPLIT_BITS = 4
+
+LSS_BUDGETS: dict[str, Any] = {
+    "rows": lambda scores: scores.numel(),
+    "nonzero": lambda scores: int((scores > 0).sum()),
+}
+"""What ``Int4Spec.keep_fraction`` is a fraction of, given the 2N row scores of ``[14·hi; lo]``: ``rows``, all 2N
+rows of the padded batch, zero rows included (the paper's N of 2N: sampling makes the two split products cost
+one INT4 product, so a padding row counts as a row of compute); ``nonzero``, only the rows that carry gradient
+(stricter: with padding, ``rows`` at 0.5 may keep every non-zero row and sample nothing)."""
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -273,14 +284,15 @@ class Int4Spec:
     ``lss_input``: with ``lss``, sample the rows that enter the input gradient too (scores ``‖row‖``), not
     only those of the weight gradient (scores ``‖row‖·‖X_i‖``). The input gradient flows on to every earlier
     layer, so its sampling noise compounds with depth; False keeps that product whole.
-    ``keep_fraction``: with ``lss``, the expected fraction of the non-zero rows of ``[14·hi; lo]`` kept, in
-    (0, 1]; 0.5 is the paper's N of 2N.
+    ``keep_fraction``: with ``lss``, the expected number of rows of ``[14·hi; lo]`` kept, as a fraction in
+    (0, 1] of the rows ``budget`` counts (`LSS_BUDGETS`); 0.5 of ``rows`` is the paper's N of 2N.
     """
 
     block: int | None = None
     lss: bool = False
     keep_fraction: float = 0.5
     lss_input: bool = True
+    budget: str = "rows"
 
     def __post_init__(self) -> None:
         if self.block is not None:
@@ -291,6 +303,8 @@ class Int4Spec:
         fraction = self.keep_fraction
         if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0 < fraction <= 1:
             raise ConfigError(f"keep_fraction must be a number in (0, 1], not {fraction!r}")
+        if self.budget not in LSS_BUDGETS:
+            raise ConfigError(f"LSS budget {self.budget!r} is not one of {', '.join(LSS_BUDGETS)}")
 
 
 @dataclass(frozen=True)
@@ -309,7 +323,8 @@ def _stacked_rows(split: BitSplit, extra: torch.Tensor | None, spec: Int4Spec, g
     """Leverage-score sampling of the rows of ``[14·hi; lo]`` (2N rows for N tokens), after the split.
 
     Row scores are the rows' norms (in units of ``s_lo``), times ``extra[token]`` when given (``‖X_i‖`` for the
-    weight gradient). The budget is ``keep_fraction`` of the non-zero rows: at 0.5, N of 2N, as in the paper.
+    weight gradient). The budget is ``keep_fraction`` of the rows `LSS_BUDGETS` counts (``rows`` at 0.5: N of 2N,
+    as in the paper). Rows of score 0 are never kept; a budget at or above their count keeps every other row.
     The hi rows carry 14 times the lo rows' magnitude, so water-filling keeps nearly every hi row and samples
     the low-order residual. With ``power_of_two`` each probability is rounded to the nearest power of two
     (in log scale) before the draw, so every ``1/p`` is an exact power of two (see `_weight_side`). Without
@@ -326,7 +341,8 @@ def _stacked_rows(split: BitSplit, extra: torch.Tensor | None, spec: Int4Spec, g
         if count == 0:
             probs = torch.zeros_like(scores, dtype=torch.float64)
         else:
-            probs = lss_probabilities(scores, spec.keep_fraction * count).to(torch.float64)
+            budget = spec.keep_fraction * LSS_BUDGETS[spec.budget](scores)
+            probs = lss_probabilities(scores, budget).to(torch.float64)
             if power_of_two:
                 positive = probs > 0
                 rounded = torch.exp2(torch.log2(probs.clamp_min(torch.finfo(torch.float64).tiny)).round())
@@ -533,7 +549,7 @@ class Int4Linear(_Swapped):
                                         self._weight_for_forward())
 
     def extra_repr(self) -> str:
-        lss = f"LSS keep {self.int4.keep_fraction:g}" if self.int4.lss else "LSS off"
+        lss = f"LSS keep {self.int4.keep_fraction:g} of {self.int4.budget}" if self.int4.lss else "LSS off"
         return f"INT4 Hadamard quantizer, block {self.block or 'auto'}, bit splitting, {lss}"
 
 

@@ -10,7 +10,21 @@ symmetric codes (``|v| <= 2**(bits-1) - 1``, 2 to 16 bits), whatever their shape
   digits and every product goes through ``torch._int_mm`` (2 calls for 8 x 16 bits, 3 for 16 x 16,
   the two cross terms sharing one call); the int32 partial products are combined exactly, in int32
   as long as the bound allows and in int64 after (see :func:`_split_mm`).
+- ``float`` (2 to 16 bits): the codes as floating-point numbers through one BLAS GEMM per chunk of K.
+  Every product and every partial sum of integers is an integer, and a float holds every integer below
+  ``2**24`` (float32) or ``2**53`` (float64) exactly, so when ``K * qmax_a * qmax_b`` stays under that
+  bound no rounding happens in any order of summation (fused multiply-adds included): the result is the
+  exact integer product. float32 takes chunks of up to ``2**24 / (qmax_a * qmax_b)`` columns (1,040 at
+  8 x 8 bits), float64 the rest (16-bit codes); chunk results are summed in float64, exact too. It needs
+  full float32 precision (no bfloat16 or TF32 GEMMs, `_float32_is_exact`), else it works in float64.
 - ``reference``: int64 matmul, the oracle every other path is tested against.
+
+``auto`` takes ``int8`` / ``split`` where int8 GEMMs are fast, and ``float`` where they are not: without
+AVX-512 VNNI, AVX-VNNI or AMX, oneDNN's ``torch._int_mm`` on the CPU falls back to a kernel 40 to 80 times
+slower than a float32 GEMM of the same shape (measured on an AVX2-only AMD EPYC: 0.6 to 1.9 s against 23 ms
+for 2048 x 384 x 1536), where a VNNI CPU runs it about 3.7 times faster than float32. Which one this CPU
+is, is measured once per process (`int8_gemm_is_fast`): both paths give the same integers, so the choice
+changes only the speed.
 
 Shape and hardware rules of ``torch._int_mm`` live in :func:`safe_int_mm`, nowhere else. Values
 outside the declared code range are not checked (that would cost a pass over both operands per
@@ -19,7 +33,9 @@ call; the quantizers guarantee the range) and may give wrong results.
 
 from __future__ import annotations
 
+import functools
 import itertools
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -33,7 +49,8 @@ _Kernel = Callable[..., torch.Tensor]  # kernel(a, b, *, bits_a, bits_b) on vali
 
 KERNEL_PATHS: dict[str, _Kernel] = {}
 """Path name -> ``kernel(a, b, *, bits_a, bits_b)``, the exact product of validated operands.
-``int_mm(..., path="auto")`` picks ``int8`` when both sides have <= 8 bits, else ``split``."""
+``int_mm(..., path="auto")`` picks ``int8`` when both sides have <= 8 bits, else ``split``, on a device whose
+int8 GEMMs are fast (`int8_gemm_is_fast`), and ``float`` on one where they are not."""
 
 # signed only: the codes are signed, and uint8 would read -1 as 255
 _INTEGER_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64)
@@ -50,6 +67,10 @@ _SIGNED_SPLIT_MAX = 127 * _RADIX + 127  # 32639: the largest x = 256 * hi + lo w
 # 2-core machine, 2 threads, the six products of benchmarks/kernels_matmul.py at 16 x 16 bits: 768K
 # took 58 ms in all, 384K 61, 192K 68, unblocked 80 (2x slower on the 2048 x 1536 outputs).
 _BLOCK_ELEMENTS = 3 << 18
+_FLOAT32_EXACT = 1 << 24  # every integer up to 2**24 is a float32
+_FLOAT64_EXACT = 1 << 53
+# fewer than this many columns of K per float32 GEMM and float64 in one GEMM is cheaper than the chunks
+_FLOAT32_MIN_STEP = 256
 
 
 def _register(name: str) -> Callable[[_Kernel], _Kernel]:
@@ -67,12 +88,13 @@ def _register(name: str) -> Callable[[_Kernel], _Kernel]:
 def int_mm(a: torch.Tensor, b: torch.Tensor, *, bits_a: int, bits_b: int, path: str = "auto") -> torch.Tensor:
     """Exact ``a @ b`` for integer tensors a (M, K) and b (K, N) holding values of signed bits_a / bits_b-bit
     symmetric codes (|value| <= 2**(bits-1) - 1, bits in 2..16). Returns the exact integer product:
-    int32 when it provably fits (path int8), else int64.
+    int32 when it provably fits (paths int8 and float), else int64.
 
     "Provably" is decided from the bits and K alone, never from the values, so the dtype is a function
-    of the call's shape: the int8 path gives int32 unless K * qmax_a * qmax_b >= 2**31 (K > 133144 at
-    8 x 8 bits); the split path gives int32 when the same kind of bound fits (8 x 16 bits up to K = 512,
-    16 x 16 bits only at K = 1); the reference path always gives int64.
+    of the call's shape and path: the int8 and float paths give int32 unless K * qmax_a * qmax_b >= 2**31
+    (K > 133144 at 8 x 8 bits); the split path gives int32 when its digits' bound fits (8 x 16 bits up to
+    K = 512, 16 x 16 bits only at K = 1); the reference path always gives int64. ``auto`` picks a path by
+    device (`int8_gemm_is_fast`), so callers should not depend on which of int32 and int64 they get.
 
     ``a`` and ``b`` may have any signed integer dtype (int8, int16, int32, int64) and any strides (a
     transposed view is used as it is). ``path`` is ``"auto"`` or a name in :data:`KERNEL_PATHS`.
@@ -80,10 +102,45 @@ def int_mm(a: torch.Tensor, b: torch.Tensor, *, bits_a: int, bits_b: int, path: 
     outside 2..16, an unknown path, or the ``int8`` path asked for more than 8 bits.
     """
     _check_operands(a, b, bits_a, bits_b)
-    name = ("int8" if max(bits_a, bits_b) <= 8 else "split") if path == "auto" else path
+    name = _auto_path(bits_a, bits_b, a.device) if path == "auto" else path
     if name not in KERNEL_PATHS:
         raise ConfigError(f"unknown kernel path {path!r}; known: auto, {', '.join(KERNEL_PATHS)}")
     return KERNEL_PATHS[name](a, b, bits_a=bits_a, bits_b=bits_b)
+
+
+def int8_gemm_is_fast(device: torch.device | str = "cpu") -> bool:
+    """Whether ``torch._int_mm`` on ``device`` runs faster than a float32 GEMM of the same shape.
+
+    CUDA: yes (cuBLASLt int8 tensor-core GEMMs). CPU: measured once per process on a 256 x 1024 x 256
+    product, best of three of each (about 5 ms on a VNNI CPU, 0.3 s on one without), since neither
+    PyTorch's public API nor the ISA name alone says which kernel oneDNN will pick."""
+    return _int8_gemm_is_fast(torch.device(device).type)
+
+
+@functools.cache
+def _int8_gemm_is_fast(device_type: str) -> bool:
+    if device_type != "cpu":
+        return device_type == "cuda"
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randint(-127, 128, (256, 1024), generator=generator, dtype=torch.int32).to(torch.int8)
+    b = torch.randint(-127, 128, (1024, 256), generator=generator, dtype=torch.int32).to(torch.int8)
+
+    def best(product: Callable[[], torch.Tensor]) -> float:
+        product()  # first call: packing, dispatch and allocation
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            product()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    return best(lambda: safe_int_mm(a, b)) < best(lambda: _float_path(a, b, bits_a=8, bits_b=8))
+
+
+def _auto_path(bits_a: int, bits_b: int, device: torch.device) -> str:
+    if not int8_gemm_is_fast(device):
+        return "float"
+    return "int8" if max(bits_a, bits_b) <= 8 else "split"
 
 
 def reference_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -195,6 +252,35 @@ def _int8_path(a: torch.Tensor, b: torch.Tensor, *, bits_a: int, bits_b: int) ->
     if a8.shape[1] <= step:
         return safe_int_mm(a8, b8)
     return _sum_k_chunks(lambda x, y: safe_int_mm(x, y), a8, b8, step)
+
+
+@_register("float")
+def _float_path(a: torch.Tensor, b: torch.Tensor, *, bits_a: int, bits_b: int) -> torch.Tensor:
+    per_product = qmax(bits_a) * qmax(bits_b)
+    k = a.shape[1]
+    step = _FLOAT32_EXACT // per_product
+    dtype = torch.float32 if step >= min(k, _FLOAT32_MIN_STEP) and _float32_is_exact(a.device) else torch.float64
+    if dtype == torch.float64:
+        step = _FLOAT64_EXACT // per_product
+    fa, fb = a.to(dtype), b.to(dtype)  # keeps a transposed view's layout: BLAS reads it as it is
+    if k <= step:
+        out = fa @ fb
+    else:
+        out = torch.zeros(a.shape[0], b.shape[1], dtype=torch.float64, device=a.device)
+        for start in range(0, k, step):
+            out += (fa[:, start:start + step] @ fb[start:start + step]).to(torch.float64)
+    return out.to(torch.int32 if k * per_product <= _INT32_MAX else torch.int64)
+
+
+def _float32_is_exact(device: torch.device) -> bool:
+    """Whether float32 GEMMs on ``device`` run in full float32 (no bfloat16 or TF32 inputs, which round the
+    codes' products)."""
+    if torch.get_float32_matmul_precision() != "highest":
+        return False
+    backend = torch.backends.cuda.matmul if device.type == "cuda" else getattr(torch.backends.mkldnn, "matmul", None)
+    if device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
+        return False
+    return getattr(backend, "fp32_precision", "none") in ("none", "ieee")
 
 
 @_register("split")

@@ -164,7 +164,7 @@ def test_sampling_the_split_keeps_the_high_parts_and_drops_low_residuals():
     grad = torch.randn(400, 24, generator=g) * torch.rand(400, 1, generator=g)
     grad[::7] = 0.0  # padding tokens: rows of zeros are never kept
     split = bit_split(grad, _gen(7))
-    spec = Int4Spec(block=4, lss=True, keep_fraction=0.5)
+    spec = Int4Spec(block=4, lss=True, keep_fraction=0.5, budget="nonzero")
     nonzero = int((split.hi.abs().sum(1) > 0).sum() + (split.lo.abs().sum(1) > 0).sum())
     kept_hi, kept_lo = [], []
     for seed in range(40):
@@ -190,6 +190,30 @@ def test_sampling_the_split_keeps_the_high_parts_and_drops_low_residuals():
     rows = stacked_rows(split, None, Int4Spec(block=4, lss=False), generator, sample=True, power_of_two=True)
     assert rows.hi.numel() + rows.lo.numel() == nonzero and bool((rows.weight_hi == 1).all())
     assert torch.equal(generator.get_state(), state)
+
+
+def test_the_paper_budget_counts_padding_rows_and_the_strict_one_does_not():
+    g = _gen(16)
+    grad = torch.randn(300, 24, generator=g) * torch.rand(300, 1, generator=g)
+    grad[100:] = 0.0  # two thirds padding: 200 non-zero rows of [14 hi; lo] at most, 600 rows in all
+    split = bit_split(grad, _gen(17))
+    nonzero = int((split.hi.abs().sum(1) > 0).sum() + (split.lo.abs().sum(1) > 0).sum())
+    assert 100 < nonzero <= 200
+    # N of 2N rows (300 of 600) covers every non-zero row: nothing is sampled, every weight is 1
+    paper = stacked_rows(split, None, Int4Spec(block=4, lss=True, keep_fraction=0.5), _gen(18), sample=True,
+                         power_of_two=False)
+    assert paper.hi.numel() + paper.lo.numel() == nonzero
+    assert bool((paper.weight_hi == 1).all() & (paper.weight_lo == 1).all())
+    # a third of all rows (200) is at or above the non-zero count too; a quarter (150) is not
+    quarter = Int4Spec(block=4, lss=True, keep_fraction=0.25)
+    kept = [sum(r.numel() for r in (rows.hi, rows.lo)) for rows in
+            (stacked_rows(split, None, quarter, _gen(19 + i), sample=True, power_of_two=False) for i in range(40))]
+    assert sum(kept) / 40 == pytest.approx(150, rel=0.05)
+    # the strict budget halves the non-zero rows whatever the padding
+    strict = Int4Spec(block=4, lss=True, keep_fraction=0.5, budget="nonzero")
+    kept = [sum(r.numel() for r in (rows.hi, rows.lo)) for rows in
+            (stacked_rows(split, None, strict, _gen(60 + i), sample=True, power_of_two=False) for i in range(40))]
+    assert sum(kept) / 40 == pytest.approx(0.5 * nonzero, rel=0.05)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -315,7 +339,7 @@ def test_function_needs_a_block_size():
 
 
 @pytest.mark.parametrize("kwargs", [{"block": 3}, {"block": 2048}, {"lss": 1}, {"lss_input": "no"},
-                                    {"keep_fraction": 0},
+                                    {"keep_fraction": 0}, {"budget": "tokens"},
                                     {"keep_fraction": 1.5}, {"keep_fraction": True}])
 def test_int4_spec_validation(kwargs):
     with pytest.raises(ConfigError):

@@ -36,7 +36,7 @@ def _operands(m, k, n, bits_a, bits_b, generator, *, a_t=False, b_t=False, dtype
 
 
 def _paths(bits_a, bits_b):
-    return ("auto", "split", "reference") + (("int8",) if max(bits_a, bits_b) <= 8 else ())
+    return ("auto", "split", "float", "reference") + (("int8",) if max(bits_a, bits_b) <= 8 else ())
 
 
 def _assert_exact(a, b, bits_a, bits_b):
@@ -48,8 +48,8 @@ def _assert_exact(a, b, bits_a, bits_b):
         assert torch.equal(got.to(torch.int64), expected), f"path {path}, bits {bits_a} x {bits_b}"
 
 
-def test_registry_names_the_three_paths():
-    assert set(KERNEL_PATHS) == {"int8", "split", "reference"}
+def test_registry_names_the_four_paths():
+    assert set(KERNEL_PATHS) == {"int8", "split", "float", "reference"}
 
 
 @pytest.mark.parametrize(("bits_a", "bits_b"), list(itertools.product(BITS, BITS)))
@@ -130,16 +130,55 @@ def test_split_path_cuts_k_beyond_its_int32_levels():
 def test_result_is_int32_exactly_when_it_provably_fits():
     generator = torch.Generator().manual_seed(11)
     a, b = _operands(4, 384, 6, 8, 16, generator)
-    assert int_mm(a, b, bits_a=8, bits_b=16).dtype == torch.int32  # 384 * 127 * 32767 < 2**31
+    assert int_mm(a, b, bits_a=8, bits_b=16, path="split").dtype == torch.int32  # 384 * 127 * 32767 < 2**31
     a, b = _operands(4, 512, 6, 8, 16, generator)
-    assert int_mm(a, b, bits_a=8, bits_b=16).dtype == torch.int32  # the largest K that fits at 8 x 16
+    assert int_mm(a, b, bits_a=8, bits_b=16, path="split").dtype == torch.int32  # the largest K split keeps int32
     a, b = _operands(4, 513, 6, 8, 16, generator)
-    assert int_mm(a, b, bits_a=8, bits_b=16).dtype == torch.int64
+    assert int_mm(a, b, bits_a=8, bits_b=16, path="split").dtype == torch.int64
+    # the float path's bound is the product's own: K * qmax_a * qmax_b
+    assert int_mm(a, b, bits_a=8, bits_b=16, path="float").dtype == torch.int32  # 513 * 127 * 32767 < 2**31
+    a, b = _operands(4, 517, 6, 8, 16, generator)
+    assert int_mm(a, b, bits_a=8, bits_b=16, path="float").dtype == torch.int64
     a, b = _operands(4, 2, 6, 16, 16, generator)
-    assert int_mm(a, b, bits_a=16, bits_b=16).dtype == torch.int64
+    assert int_mm(a, b, bits_a=16, bits_b=16, path="split").dtype == torch.int64
     a, b = _operands(4, 384, 6, 8, 8, generator)
-    assert int_mm(a, b, bits_a=8, bits_b=8).dtype == torch.int32
+    for path in ("int8", "float", "auto"):
+        assert int_mm(a, b, bits_a=8, bits_b=8, path=path).dtype == torch.int32
     assert reference_mm(a, b).dtype == torch.int64
+
+
+def test_float_path_cuts_k_where_float32_would_round():
+    # 5000 * 127 * 127 = 8.1e7 > 2**24: one float32 GEMM would round; chunks of 1040 columns do not
+    k = 5000
+    a = torch.full((2, k), 127, dtype=torch.int8)
+    b = torch.full((k, 3), -127, dtype=torch.int8)
+    got = int_mm(a, b, bits_a=8, bits_b=8, path="float")
+    assert got.dtype == torch.int32 and torch.equal(got, torch.full((2, 3), -k * 127 * 127, dtype=torch.int32))
+    b = torch.randint(-127, 128, (k, 3), generator=torch.Generator().manual_seed(30)).to(torch.int8)
+    assert torch.equal(int_mm(a, b, bits_a=8, bits_b=8, path="float").to(torch.int64), reference_mm(a, b))
+
+
+def test_float_path_without_full_float32_precision_works_in_float64():
+    generator = torch.Generator().manual_seed(31)
+    a, b = _operands(40, 3000, 30, 8, 8, generator, a_t=True)
+    previous = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")  # lets BLAS round float32 inputs to bfloat16
+        assert not kernels._float32_is_exact(a.device)
+        assert torch.equal(int_mm(a, b, bits_a=8, bits_b=8, path="float").to(torch.int64), reference_mm(a, b))
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert kernels._float32_is_exact(a.device)
+
+
+def test_auto_takes_the_float_path_where_int8_gemms_are_slow(monkeypatch):
+    device = torch.device("cpu")
+    assert isinstance(kernels.int8_gemm_is_fast(device), bool)
+    assert kernels.int8_gemm_is_fast("cpu") is kernels.int8_gemm_is_fast(device)  # measured once
+    monkeypatch.setattr(kernels, "int8_gemm_is_fast", lambda device: False)
+    assert {kernels._auto_path(x, y, device) for x, y in ((8, 8), (16, 8), (4, 16))} == {"float"}
+    monkeypatch.setattr(kernels, "int8_gemm_is_fast", lambda device: True)
+    assert [kernels._auto_path(x, y, device) for x, y in ((8, 8), (16, 8), (2, 9))] == ["int8", "split", "split"]
 
 
 @pytest.mark.parametrize(("bits_a", "bits_b"), [(16, 16), (8, 16), (16, 8), (12, 16), (9, 9)])
@@ -185,7 +224,7 @@ def test_inputs_are_not_modified():
     generator = torch.Generator().manual_seed(13)
     a, b = _operands(20, 30, 10, 16, 16, generator, b_t=True)
     a0, b0 = a.clone(), b.clone()
-    for path in ("split", "reference"):
+    for path in ("split", "float", "reference"):
         int_mm(a, b, bits_a=16, bits_b=16, path=path)
     assert torch.equal(a, a0) and torch.equal(b, b0)
 
