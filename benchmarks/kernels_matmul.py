@@ -4,10 +4,12 @@ The six products of one training step of MiniLM-L6's feed-forward layers at 2048
 64 tokens): for each of the 384 -> 1536 and 1536 -> 384 linears, the forward ``X @ W.t()``, the input
 gradient ``G @ W`` and the weight gradient ``G.t() @ X``, with the operand layouts the engine passes
 (``W.t()`` and ``G.t()`` are transposed views). For each: the median time of FP32 ``torch.matmul``,
-the ``int8`` path (8 x 8 bits) and the ``split`` path at 8 x 16 and 16 x 16 bits, and their ratio to
-FP32. Each integer result is checked against ``reference_mm`` once before timing (``--no-check`` skips).
+the ``int8`` path (8 x 8 bits), the ``split`` path at 8 x 16 and 16 x 16 bits, and the ``float`` path (the
+same integers through float BLAS) at all three, and their ratio to FP32. Each integer result is checked
+against ``reference_mm`` once before timing (``--no-check`` skips). The first line says which path ``auto``
+takes on this machine (`qanalyze.engine.kernels.int8_gemm_is_fast`).
 
-    .venv/bin/python benchmarks/kernels_matmul.py [--repeats 30] [--threads N]
+    .venv/bin/python benchmarks/kernels_matmul.py [--repeats 30] [--threads N] [--variants int8,float8x8]
 """
 
 from __future__ import annotations
@@ -19,9 +21,13 @@ from collections.abc import Callable
 
 import torch
 
-from qanalyze.engine.kernels import int_mm, reference_mm
+from qanalyze.engine.kernels import int8_gemm_is_fast, int_mm, reference_mm
 
 TOKENS = 2048
+VARIANTS = {"int8": ("int8 8x8", 8, 8, "int8"), "split8x16": ("split 8x16", 8, 16, "split"),
+            "split16x16": ("split 16x16", 16, 16, "split"), "float8x8": ("float 8x8", 8, 8, "float"),
+            "float8x16": ("float 8x16", 8, 16, "float"), "float16x16": ("float 16x16", 16, 16, "float")}
+"""Option name -> (label, bits_a, bits_b, kernel path)."""
 LAYERS = ((384, 1536), (1536, 384))  # (in, out) of the feed-forward up and down projections
 
 
@@ -60,6 +66,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls before each measurement")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: PyTorch's own)")
     parser.add_argument("--no-check", action="store_true", help="skip the exactness check against reference_mm")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"among {', '.join(VARIANTS)}")
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -70,8 +77,10 @@ def main() -> None:
             return torch.randn(shape, generator=generator)
         return _codes(shape, bits, generator)
 
-    variants = (("int8 8x8", 8, 8, "int8"), ("split 8x16", 8, 16, "split"), ("split 16x16", 16, 16, "split"))
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, median (min) of {args.repeats} calls, ms")
+    variants = [VARIANTS[name] for name in args.variants.split(",")]
+    fast = int8_gemm_is_fast("cpu")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, median (min) of {args.repeats} calls, ms; "
+          f"int8 GEMMs {'fast' if fast else 'slow'} here: auto takes {'int8 / split' if fast else 'float'}")
     header = f"{'product':44} {'fp32':>15}" + "".join(f" {name:>15} {'/fp32':>6}" for name, *_ in variants)
     print(header)
     ratios: dict[str, list[float]] = {name: [] for name, *_ in variants}
