@@ -28,11 +28,12 @@ from qanalyze.plan.uniform import uniform_plan
 from qanalyze.records import RunRecord
 from qanalyze.rundir import prepare_run_dir
 
-TARGETS = {"int16": 0.3, "int8": 1.0, "int8c": 1.0, "qat8": 0.5}
+TARGETS = {"int16": 0.3, "int8": 1.0, "int8c": 1.0, "int8r": 1.0, "qat8": 0.5}
 """The issue's bound (points below FP32) of each target row."""
-ROW = re.compile(r"(int|qat)(\d+)(c?)((?:\+[wag]\d+)*)")
+ROW = re.compile(r"(int|qat)(\d+)([cr]?)((?:\+[wag]\d+)*)")
 """A training row: mode, bits, ``c`` for the channel layout (`qanalyze.plan.uniform.LAYOUTS`: one scale per
-weight row and per input token), then ablations ``+wN``, ``+aN``, ``+gN`` that set the weight, activation or
+weight row and per input token) or ``r`` for the rowwise one (also row scales for the output gradient), then
+ablations ``+wN``, ``+aN``, ``+gN`` that set the weight, activation or
 gradient bits of every planned module (``int8c+g16``: the int8c row with 16-bit gradients)."""
 TENSORS = {"w": "weight_bits", "a": "activation_bits", "g": "gradient_bits"}
 GLUE_FOLDERS = {"sst2": "SST-2", "mrpc": "MRPC", "rte": "RTE", "stsb": "STS-B"}
@@ -88,7 +89,8 @@ def main() -> None:
                 parser.error(f"row {label!r}: write fp32, ptq8, ptq8c or MODE BITS [c] [+wN +aN +gN], e.g. int8c+g16")
             continue
         if match:
-            mode, bits, layout = match.group(1), int(match.group(2)), "channel" if match.group(3) else "tensor"
+            mode, bits = match.group(1), int(match.group(2))
+            layout = {"": "tensor", "c": "channel", "r": "rowwise"}[match.group(3)]
             record, seconds = _train(args, data, mode, bits, out / label, layout=layout, overrides=match.group(4))
         else:
             record, seconds = _train(args, data, "fp32", None, out / label)

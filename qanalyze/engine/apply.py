@@ -21,7 +21,7 @@ from qanalyze.engine.modules import IntEmbedding, IntLayerNorm, IntLinear, QATEm
 from qanalyze.errors import ConfigError
 from qanalyze.models import ModuleInfo, head_dim, inventory
 from qanalyze.plan.make import check_plan
-from qanalyze.quant.primitives import ACTIVATION_GROUPS, Quantized, rows_per_group
+from qanalyze.quant.primitives import ACTIVATION_GROUPS, GRADIENT_GROUPS, Quantized, rows_per_group
 from qanalyze.records import BitPlan
 
 DEFAULT_BITS = 16
@@ -72,12 +72,14 @@ class Mode:
     activation_groups: tuple[str, ...] = ("tensor",)
     """The activation scale layouts (a plan's ``activation_group``) the mode can run: ``tensor`` (one scale)
     and, for dynamic integer quantization, ``token`` (one scale per row of the input)."""
+    gradient_groups: tuple[str, ...] = ("tensor",)
+    """The output-gradient scale layouts (a plan's ``gradient_group``, `GRADIENT_GROUPS`) the mode can run."""
 
 
 MODES: dict[str, Mode] = {
     "int": Mode("int", "dfp", True,
                 {"linear": _linear(IntLinear), "embedding": _plain(IntEmbedding), "layernorm": _plain(IntLayerNorm)},
-                activation_groups=ACTIVATION_GROUPS,
+                activation_groups=ACTIVATION_GROUPS, gradient_groups=GRADIENT_GROUPS,
                 description="integer forward and backward (dynamic fixed point; integer fine-tuning)"),
     "qat": Mode("qat", "symmetric", True, {"linear": _linear(QATLinear), "embedding": _plain(QATEmbedding)},
                 {"layernorm": "Q8BERT keeps layer norms in float; mark it float in the plan (--keep-float layernorm)"},
@@ -125,6 +127,13 @@ def _spec(name: str, entry: Mapping[str, Any], info: ModuleInfo, model: nn.Modul
     if activation_group not in mode.activation_groups:
         raise ConfigError(f"mode {mode.name} cannot quantize the input of {name} per {activation_group}: it runs "
                           f"activation_group {' or '.join(mode.activation_groups)}")
+    gradient_group = entry.get("gradient_group", "tensor")
+    if gradient_group not in GRADIENT_GROUPS:
+        raise ConfigError(f"plan module {name}: gradient_group {gradient_group!r} is not one of "
+                          f"{', '.join(GRADIENT_GROUPS)}")
+    if gradient_group not in mode.gradient_groups:
+        raise ConfigError(f"mode {mode.name} cannot quantize the output gradient of {name} per {gradient_group}: it "
+                          f"runs gradient_group {' or '.join(mode.gradient_groups)}")
     try:
         return TensorSpec(
             weight_bits=entry["weight_bits"],
@@ -133,6 +142,7 @@ def _spec(name: str, entry: Mapping[str, Any], info: ModuleInfo, model: nn.Modul
             rows_per_group=None if rows == info.shape[0] else rows,
             # layer norms always take one scale per token (their statistics are per token)
             per_token=activation_group == "token" and info.kind == "linear",
+            gradient_group=gradient_group if info.kind == "linear" else "tensor",
             quantizer=mode.quantizer,
             # a layer norm's gain is a per-channel scale, not a weight matrix: its range stays the max rule
             weight_range=entry.get("weight_range", "max") if mode.weight_ranges and info.kind != "layernorm"

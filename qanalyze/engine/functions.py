@@ -27,6 +27,7 @@ import torch
 from qanalyze.engine.kernels import int_mm
 from qanalyze.errors import ConfigError
 from qanalyze.quant.primitives import (
+    GRADIENT_GROUPS,
     Quantized,
     check_weight_range,
     dfp_scale,
@@ -78,12 +79,18 @@ class TensorSpec:
     per_token: bool = False
     quantizer: str = "dfp"
     weight_range: str = "max"
+    gradient_group: str = "tensor"
+    """`GRADIENT_GROUPS`: ``row`` gives the output gradient one scale per token for the input gradient and one
+    per output channel for the weight gradient (the scale then factors out of each product's rows); linear
+    layers only: embeddings and layer norms keep one scale per tensor."""
 
     def __post_init__(self) -> None:
         for name in ("weight_bits", "activation_bits", "gradient_bits"):
             qmax(getattr(self, name))  # raises ConfigError outside 2..16
         get_quantizer(self.quantizer)
         check_weight_range(self.weight_range)
+        if self.gradient_group not in GRADIENT_GROUPS:
+            raise ConfigError(f"gradient_group {self.gradient_group!r} is not one of {', '.join(GRADIENT_GROUPS)}")
 
 
 def row_scales(quantized: Quantized, rows: int) -> torch.Tensor:
@@ -116,6 +123,15 @@ def tensor_scale(x: torch.Tensor, bits: int, quantizer: str) -> torch.Tensor:
     low, high = torch.aminmax(x.detach())
     amax = torch.maximum(high, -low).float().reshape(1)
     return get_quantizer(quantizer)(amax, bits, None, "nearest", None).scale
+
+
+def line_scales(x: torch.Tensor, bits: int, quantizer: str, dim: int) -> torch.Tensor:
+    """One scale per row (``dim=1``: reduce along each row) or per column (``dim=0``) of the 2-D ``x``, shaped to
+    broadcast against it: what ``quantizer`` gives each line on its own (like `tensor_scale`, by quantizing
+    the lines' ``max|x|``)."""
+    amax = x.detach().abs().amax(dim=dim).float().reshape(-1, 1)
+    scale = get_quantizer(quantizer)(amax, bits, 1, "nearest", None).scale.reshape(-1)
+    return scale.unsqueeze(1) if dim == 1 else scale.unsqueeze(0)
 
 
 def integer_codes(x: torch.Tensor, scale: torch.Tensor, bits: int, noise: torch.Tensor | None = None) -> torch.Tensor:
@@ -181,21 +197,27 @@ class IntLinearFunction(torch.autograd.Function):
         g2 = grad.reshape(-1, grad.shape[-1]).float()
         want_x, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         noise = draw_noise(g2.shape, ctx.generator, g2.device) if want_x or want_w else None
-        shared = s_x.dim() == 0 and s_w.dim() == 0
+        rows = spec.gradient_group == "row"
+        shared = s_x.dim() == 0 and s_w.dim() == 0 and not rows
         grad_x = grad_w = grad_b = None
         if shared and want_x and want_w:
             scale = tensor_scale(g2, bits, spec.quantizer)
             codes_x = codes_w = integer_codes(g2, scale, bits, noise)
             scale_x, scale_w = scale * s_w, scale * s_x
         else:
+            # per row, the input gradient's scales are per token (rows of G) and the weight gradient's per output
+            # channel (columns of G): each product's scale then multiplies whole rows of its result
             if want_x:
                 folded = g2 * s_w
-                scale_x = tensor_scale(folded, bits, spec.quantizer)
+                scale_x = line_scales(folded, bits, spec.quantizer, 1) if rows else \
+                    tensor_scale(folded, bits, spec.quantizer)
                 codes_x = integer_codes(folded, scale_x, bits, noise)
             if want_w:
                 folded = g2 * s_x
-                scale_w = tensor_scale(folded, bits, spec.quantizer)
+                scale_w = line_scales(folded, bits, spec.quantizer, 0) if rows else \
+                    tensor_scale(folded, bits, spec.quantizer)
                 codes_w = integer_codes(folded, scale_w, bits, noise)
+                scale_w = scale_w.reshape(-1, 1) if rows else scale_w
         if want_x:
             product = int_mm(codes_x, w_q, bits_a=bits, bits_b=spec.weight_bits)
             grad_x = product.to(torch.float32).mul_(scale_x).reshape(ctx.x_shape).to(grad.dtype)

@@ -7,7 +7,9 @@ the integer path; Q8BERT keeps them in float); the task head stays float, as in 
 
 ``uniform:8:channel`` keeps the bits and refines the scales: one per output channel of each weight
 and one per token of each linear layer's input (what dynamic integer quantization of LLMs does,
-e.g. LLM.int8's vector-wise scales), at the cost of one scale per weight row.
+e.g. LLM.int8's vector-wise scales), at the cost of one scale per weight row. ``uniform:8:rowwise``
+also gives each linear layer's output gradient row scales (per token for the input gradient, as
+SwitchBack does, and per output channel for the weight gradient).
 """
 
 from __future__ import annotations
@@ -29,10 +31,13 @@ UNIFORM = re.compile(r"uniform:(\d+)(?::(\w+))?")
 FLOAT_BITS = 32
 
 LAYOUTS: dict[str, dict[str, str]] = {
-    "tensor": {"group": "tensor", "activation_group": "tensor"},
-    "channel": {"group": "channel", "activation_group": "token"},
+    "tensor": {"group": "tensor", "activation_group": "tensor", "gradient_group": "tensor"},
+    "channel": {"group": "channel", "activation_group": "token", "gradient_group": "tensor"},
+    "rowwise": {"group": "channel", "activation_group": "token", "gradient_group": "row"},
 }
-"""Scale layouts of a uniform plan (``uniform:N:LAYOUT``): the weight group and the linear input's scales."""
+"""Scale layouts of a uniform plan (``uniform:N:LAYOUT``): the weight group, the linear input's scales, and the
+linear output gradient's (``rowwise``: one per token for the input gradient, one per output channel for the
+weight gradient; the integer mode only)."""
 
 
 def uniform_plan(model: nn.Module, bits: int, *, kinds: Sequence[str] = ("linear", "embedding"),
@@ -62,6 +67,8 @@ def uniform_plan(model: nn.Module, bits: int, *, kinds: Sequence[str] = ("linear
                               "scheme": "symmetric", "rounding": "nearest"}
         if info.kind == "linear":
             modules[info.name]["activation_group"] = LAYOUTS[layout]["activation_group"]
+            if LAYOUTS[layout]["gradient_group"] != "tensor":
+                modules[info.name]["gradient_group"] = LAYOUTS[layout]["gradient_group"]
         quantized_bits += bits * weights + SCALE_BITS * groups
         quantized_params += weights
     if not quantized_params:

@@ -38,6 +38,9 @@ GROUP_NAMES = ("tensor", "channel", "head")
 """Named group layouts; any positive integer (rows per group) is also a group spec."""
 
 ACTIVATION_GROUPS = ("tensor", "token")
+GRADIENT_GROUPS = ("tensor", "row")
+"""Scale layouts of an output gradient in the integer engine: one per tensor, or one per row of each backward
+product's gradient operand (per token for the input gradient, per output channel for the weight gradient)."""
 """Activation scale layouts: one scale per tensor, or one per token (row of the flattened input)."""
 
 WEIGHT_RANGES = ("max", "mse")

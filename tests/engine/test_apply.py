@@ -134,6 +134,40 @@ def test_channel_layout_gives_per_row_weight_scales_and_per_token_inputs():
     assert scales.numel() == 32
 
 
+def test_rowwise_layout_gives_linear_output_gradients_row_scales_and_only_int_runs_it():
+    model = _bert()
+    plan = resolve_plan("uniform:8:rowwise", model, kinds=("linear", "embedding", "layernorm"))
+    query = plan.modules["bert.encoder.layer.0.attention.self.query"]
+    assert (query["group"], query["activation_group"], query["gradient_group"]) == ("channel", "token", "row")
+    applied = apply_plan(model, plan, "int")
+    kinds = {name: spec.gradient_group for name, spec in applied.specs.items()}
+    assert kinds["bert.encoder.layer.0.attention.self.query"] == "row"
+    assert kinds["bert.embeddings.word_embeddings"] == "tensor"  # an integer scatter-add needs one scale
+    assert kinds["bert.embeddings.LayerNorm"] == "tensor"
+    loss = model(**_batch()).loss
+    loss.backward()
+    grad = model.bert.encoder.layer[0].attention.self.query.weight.grad
+    assert torch.isfinite(loss) and grad is not None and bool(grad.abs().sum() > 0)
+    other = _bert()
+    with pytest.raises(ConfigError, match="mode qat cannot quantize the output gradient of .* per row"):
+        apply_plan(other, _rowwise_tensor_inputs(other), "qat")
+    bad = _rowwise_tensor_inputs(other)
+    bad.modules["bert.encoder.layer.0.attention.self.query"]["gradient_group"] = "token"
+    with pytest.raises(ConfigError, match="gradient_group 'token' is not one of tensor, row"):
+        apply_plan(other, bad, "int")
+    assert not swapped_modules(other)
+
+
+def _rowwise_tensor_inputs(model):
+    """A uniform 8-bit plan with row-scaled output gradients but one scale per input (what qat could run, but
+    for the gradients)."""
+    plan = uniform_plan(model, 8)
+    for entry in plan.modules.values():
+        if entry.get("activation_group"):
+            entry["gradient_group"] = "row"
+    return plan
+
+
 def test_per_token_inputs_follow_outlier_tokens_better_than_one_scale():
     reference = _bert(seed=2)
     batch = _batch()

@@ -42,18 +42,22 @@ def _reference_linear(x, w, b, grad, spec, seed):
     s_w = row_scales(wq, w.shape[0]).float()
     y = reference_mm(xq.q, wq.q.t()).to(torch.float32) * (s_x * s_w) + b
     noise = draw_noise(grad.shape, _gen(seed), grad.device)  # one draw shared by both products
-    if s_x.dim() == 0 and s_w.dim() == 0:  # one quantization of G serves both products
+    if s_x.dim() == 0 and s_w.dim() == 0 and spec.gradient_group == "tensor":  # one quantization serves both
         scale = tensor_scale(grad, spec.gradient_bits, spec.quantizer)
         codes = integer_codes(grad, scale, spec.gradient_bits, noise)
         grad_x = reference_mm(codes, wq.q).to(torch.float32) * (scale * s_w)
         grad_w = reference_mm(codes.t(), xq.q).to(torch.float32) * (scale * s_x)
         return y, grad_x, grad_w
+    rows = spec.gradient_group == "row"
     folded = grad * s_w
-    scale = tensor_scale(folded, spec.gradient_bits, spec.quantizer)
+    # per row: the quantizer's own scale of each token's row (input gradient) / each output channel (weight gradient)
+    scale = quantize(folded, spec.gradient_bits, 1, "nearest", None).scale.reshape(-1, 1) if rows else \
+        tensor_scale(folded, spec.gradient_bits, spec.quantizer)
     grad_x = reference_mm(integer_codes(folded, scale, spec.gradient_bits, noise), wq.q).to(torch.float32) * scale
     folded = grad * s_x
-    scale = tensor_scale(folded, spec.gradient_bits, spec.quantizer)
-    codes = integer_codes(folded, scale, spec.gradient_bits, noise)
+    scale = quantize(folded.t().contiguous(), spec.gradient_bits, 1, "nearest", None).scale.reshape(-1, 1) if rows \
+        else tensor_scale(folded, spec.gradient_bits, spec.quantizer)
+    codes = integer_codes(folded, scale.t() if rows else scale, spec.gradient_bits, noise)
     grad_w = reference_mm(codes.t(), xq.q).to(torch.float32) * scale
     return y, grad_x, grad_w
 
@@ -104,6 +108,26 @@ def test_per_token_activation_scales_are_exact_too():
     y, grad_x, grad_w, _ = _run_linear(x, w, b, grad, spec, seed=5)
     ref_y, ref_x, ref_w = _reference_linear(x, w, b, grad, spec, seed=5)
     assert torch.equal(y, ref_y) and torch.equal(grad_x, ref_x) and torch.equal(grad_w, ref_w)
+
+
+@pytest.mark.parametrize("quantizer", ["dfp", "symmetric"])
+@pytest.mark.parametrize(("per_token", "rows_per_group"), [(False, None), (True, 1)])
+def test_row_gradient_scales_are_exact_and_keep_quiet_rows(quantizer, per_token, rows_per_group):
+    spec = TensorSpec(8, 8, 4, rows_per_group=rows_per_group, per_token=per_token, quantizer=quantizer,
+                      gradient_group="row")
+    x, w, b, grad = _data(12, 16, 8, seed=7)
+    grad[0] *= 1000  # one loud token (the classification token's gradient, say)
+    grad[:, 3] *= 1000  # and one loud output channel
+    y, grad_x, grad_w, grad_b = _run_linear(x, w, b, grad, spec, seed=9)
+    ref_y, ref_x, ref_w = _reference_linear(x, w, b, grad, spec, seed=9)
+    assert torch.equal(y, ref_y) and torch.equal(grad_x, ref_x) and torch.equal(grad_w, ref_w)
+    # with one scale per tensor, 4-bit codes round the quiet rows of G to a handful of levels or to 0; per row,
+    # each quiet token's input gradient keeps its resolution
+    per_tensor = TensorSpec(8, 8, 4, rows_per_group=rows_per_group, per_token=per_token, quantizer=quantizer)
+    tensor_x = _run_linear(x, w, b, grad, per_tensor, seed=9)[1]
+    exact_x = grad @ w
+    quiet = slice(1, None)
+    assert (grad_x[quiet] - exact_x[quiet]).norm() < 0.5 * (tensor_x[quiet] - exact_x[quiet]).norm()
 
 
 def test_sixteen_bit_linear_matches_float64_within_quantization_tolerance():
@@ -182,6 +206,11 @@ def test_fake_quantize_ste_passes_gradients_straight_through():
     assert len(torch.unique(y.detach())) <= 7
     y.sum().backward()
     assert torch.equal(x.grad, torch.ones(11))
+
+
+def test_bad_specs_are_refused_gradient_group():
+    with pytest.raises(ConfigError, match="gradient_group"):
+        TensorSpec(8, 8, 8, gradient_group="token")
 
 
 def test_bad_specs_are_refused():
