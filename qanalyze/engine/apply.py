@@ -117,23 +117,25 @@ class AppliedPlan:
     generators: dict[str, torch.Generator]
 
 
+def _group(entry: Mapping[str, Any], name: str, mode: Mode, key: str, known: tuple[str, ...],
+           runs: tuple[str, ...], what: str) -> str:
+    """A plan entry's scale layout ``key`` (default ``tensor``), checked against the known ones and the mode's."""
+    group = entry.get(key, "tensor")
+    if group not in known:
+        raise ConfigError(f"plan module {name}: {key} {group!r} is not one of {', '.join(known)}")
+    if group not in runs:
+        raise ConfigError(f"mode {mode.name} cannot quantize {what} of {name} per {group}: it runs {key} "
+                          f"{' or '.join(runs)}")
+    return group
+
+
 def _spec(name: str, entry: Mapping[str, Any], info: ModuleInfo, model: nn.Module, mode: Mode) -> TensorSpec:
     group = entry.get("group", "tensor")
     rows = rows_per_group(info.shape[0], group, head_dim=head_dim(model, info)) if info.kind != "layernorm" else None
-    activation_group = entry.get("activation_group", "tensor")
-    if activation_group not in ACTIVATION_GROUPS:
-        raise ConfigError(f"plan module {name}: activation_group {activation_group!r} is not one of "
-                          f"{', '.join(ACTIVATION_GROUPS)}")
-    if activation_group not in mode.activation_groups:
-        raise ConfigError(f"mode {mode.name} cannot quantize the input of {name} per {activation_group}: it runs "
-                          f"activation_group {' or '.join(mode.activation_groups)}")
-    gradient_group = entry.get("gradient_group", "tensor")
-    if gradient_group not in GRADIENT_GROUPS:
-        raise ConfigError(f"plan module {name}: gradient_group {gradient_group!r} is not one of "
-                          f"{', '.join(GRADIENT_GROUPS)}")
-    if gradient_group not in mode.gradient_groups:
-        raise ConfigError(f"mode {mode.name} cannot quantize the output gradient of {name} per {gradient_group}: it "
-                          f"runs gradient_group {' or '.join(mode.gradient_groups)}")
+    activation_group = _group(entry, name, mode, "activation_group", ACTIVATION_GROUPS, mode.activation_groups,
+                              "the input")
+    gradient_group = _group(entry, name, mode, "gradient_group", GRADIENT_GROUPS, mode.gradient_groups,
+                            "the output gradient")
     try:
         return TensorSpec(
             weight_bits=entry["weight_bits"],

@@ -149,7 +149,7 @@ def test_rowwise_layout_gives_linear_output_gradients_row_scales_and_only_int_ru
     grad = model.bert.encoder.layer[0].attention.self.query.weight.grad
     assert torch.isfinite(loss) and grad is not None and bool(grad.abs().sum() > 0)
     other = _bert()
-    with pytest.raises(ConfigError, match="mode qat cannot quantize the output gradient of .* per row"):
+    with pytest.raises(ConfigError, match=r"mode qat cannot quantize the output gradient of .* per row"):
         apply_plan(other, _rowwise_tensor_inputs(other), "qat")
     bad = _rowwise_tensor_inputs(other)
     bad.modules["bert.encoder.layer.0.attention.self.query"]["gradient_group"] = "token"
