@@ -449,6 +449,9 @@ def _print_most_sensitive(report: Any, console: Any, count: int = 10) -> None:
 @click.option("--act-budget", default="8bit", show_default=True, help="Mean activation bits.")
 @click.option("--act-group", type=click.Choice(["tensor", "token"]), default="tensor", show_default=True,
               help="Scales of each linear layer's input: one per tensor, or one per token (modes int and ptq-dynamic).")
+@click.option("--grad-group", type=click.Choice(["tensor", "row"]), default="tensor", show_default=True,
+              help="Scales of each linear layer's output gradient: one per tensor, or per row (per token for the "
+                   "input gradient, per output channel for the weight gradient; mode int).")
 @click.option("--bops", default=None, help="Also cap bit operations per sequence (MACs x W bits x A bits): 2e12, 500G.")
 @click.option("--seq-len", type=click.IntRange(min=1), default=128, show_default=True,
               help="Sequence length the BOPs count assumes.")
@@ -487,6 +490,7 @@ def plan(model: str | None, budget: str | None, sensitivity: str | None, out: st
         keep_float=tuple(k.strip() for k in kw["keep_float"].split(",") if k.strip()), ties=tuple(kw["tie"]),
         act_budget=parse_bits(kw["act_budget"]), grad_tol=kw["grad_tol"], solver=kw["solver"], seed=kw["seed"],
         bops=parse_bops(kw["bops"]) if kw["bops"] else None, seq_len=kw["seq_len"], act_group=kw["act_group"],
+        grad_group=kw["grad_group"],
         grad_budget=parse_bits(kw["grad_budget"]) if kw["grad_budget"] else None)
     targets = [Path(out)] + ([_baseline_path(out, name) for name in BASELINES] if kw["baselines"] else [])
     existing = [str(t) for t in targets if t.exists()]
@@ -588,6 +592,9 @@ def _print_plan(plan_record: Any, console: Any) -> None:
 @click.option("--act-group", type=click.Choice(["tensor", "token"]), default="tensor", show_default=True,
               help="Scales of each linear layer's input in every plan: one per tensor, or one per token "
                    "(modes int and ptq-dynamic).")
+@click.option("--grad-group", type=click.Choice(["tensor", "row"]), default="tensor", show_default=True,
+              help="Scales of each linear layer's output gradient in every plan: one per tensor, or per row "
+                   "(mode int).")
 @click.option("--measure-delta-loss", is_flag=True,
               help="When the sweep analyzes: also measure each module's loss change (for the report's predictors).")
 @click.option("--weight-range", type=click.Choice(["max", "mse"]), default="max", show_default=True,
@@ -629,7 +636,7 @@ def sweep(model: str, budgets: str, plans: str, modes: str, integer_bits: str, s
         lora=lora, eval_ranks=eval_ranks, int4=Int4Spec(**_pop_int4_options(kw)),
         integer_bits=() if integer_bits.strip().lower() == "none" else _int_list(integer_bits),
         plan=PlanConfig(objective=kw.pop("objective"), act_budget=parse_bits(kw.pop("act_budget")), seed=kw["seed"],
-                        act_group=kw.pop("act_group")),
+                        act_group=kw.pop("act_group"), grad_group=kw.pop("grad_group")),
         train=TrainConfig(
             epochs=kw["epochs"] if _given("epochs") else 1, max_steps=kw["max_steps"], batch_size=kw["batch_size"],
             lr=kw["lr"], warmup_ratio=kw["warmup_ratio"], weight_decay=kw["weight_decay"],

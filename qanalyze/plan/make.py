@@ -35,7 +35,7 @@ from qanalyze.plan.costs import (
     tie_groups,
 )
 from qanalyze.plan.solvers import InfeasibleError, Item, Solution, solve
-from qanalyze.quant.primitives import ACTIVATION_GROUPS
+from qanalyze.quant.primitives import ACTIVATION_GROUPS, GRADIENT_GROUPS
 from qanalyze.records import BitPlan, SensitivityReport
 
 BASELINES = ("uniform", "random", "reversed")
@@ -61,6 +61,9 @@ class PlanConfig:
     """Scales of every planned linear layer's input: ``tensor`` (one) or ``token`` (one per token; the int
     and ptq-dynamic modes run it). The bits are chosen from per-tensor errors either way, which per-token
     scales only lower."""
+    grad_group: str = "tensor"
+    """Scales of every planned linear layer's output gradient: ``tensor`` (one) or ``row`` (one per token for the
+    input gradient, one per output channel for the weight gradient; the int mode runs it)."""
 
     def recorded(self) -> dict[str, Any]:
         """The settings as written to plan.json."""
@@ -144,6 +147,8 @@ def make_plan(report: SensitivityReport, budget: Budget, config: PlanConfig, *,
     """The plan minimising predicted damage under ``budget`` (or, with ``baseline``, that baseline)."""
     if config.act_group not in ACTIVATION_GROUPS:
         raise ConfigError(f"act_group {config.act_group!r} is not one of {', '.join(ACTIVATION_GROUPS)}")
+    if config.grad_group not in GRADIENT_GROUPS:
+        raise ConfigError(f"grad_group {config.grad_group!r} is not one of {', '.join(GRADIENT_GROUPS)}")
     raw = report.to_dict()
     options = module_options(raw, bits=config.bits, groups=config.groups,
                              objective=config.objective, keep_float=config.keep_float)
@@ -222,6 +227,8 @@ def _assemble(raw: Mapping[str, Any], budget: Budget, config: PlanConfig, option
             }
             if config.act_group != "tensor" and "linear" in member.kind and activation.get(name):
                 modules[name]["activation_group"] = config.act_group
+            if config.grad_group != "tensor" and "linear" in member.kind:
+                modules[name]["gradient_group"] = config.grad_group
     planned_params = sum(o.params for o in planned)
     all_params = planned_params + sum(o.params for o in floats)
     float_bits = sum(o.float_cost_bits for o in floats)

@@ -89,6 +89,12 @@ class SweepConfig:
         if refusing:
             raise ConfigError(f"--act-group {group}: mode {refusing[0]} quantizes each input with one scale per "
                               f"tensor; use --act-group tensor or the modes int, ptq-dynamic")
+        group = self.plan.grad_group
+        refusing = [m for m in self.modes if m in PLAN_MODES and MODES[m].swaps
+                    and group not in MODES[m].gradient_groups]
+        if refusing:
+            raise ConfigError(f"--grad-group {group}: mode {refusing[0]} quantizes each output gradient with one "
+                              f"scale per tensor (or none); use --grad-group tensor or the mode int")
 
     def recorded(self) -> dict[str, Any]:
         """The settings as written to sweep.json."""

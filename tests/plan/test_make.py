@@ -235,6 +235,21 @@ def test_token_activation_group_marks_linear_inputs_and_applies_in_int_mode(anal
         make_plan(report, parse_budget("4bit"), PlanConfig(act_group="row"))
 
 
+def test_row_gradient_group_marks_linear_gradients_and_applies_in_int_mode(analysed):
+    report, path, loaded = analysed
+    tensor = make_plan(report, parse_budget("4bit"), PlanConfig(), sensitivity_path=path)
+    rows = make_plan(report, parse_budget("4bit"), PlanConfig(grad_group="row"), sensitivity_path=path)
+    marked = {n for n, m in rows.modules.items() if m.get("gradient_group") == "row"}
+    linears = {i.name for i in inventory(loaded.model) if i.kind == "linear"}
+    assert marked and marked <= linears and rows.settings["grad_group"] == "row"
+    strip = {n: {k: v for k, v in m.items() if k != "gradient_group"} for n, m in rows.modules.items()}
+    assert strip == tensor.modules
+    applied = apply_plan(copy.deepcopy(loaded.model), rows, "int")
+    assert {n for n, spec in applied.specs.items() if spec.gradient_group == "row"} == marked
+    with pytest.raises(ConfigError, match="grad_group 'token'"):
+        make_plan(report, parse_budget("4bit"), PlanConfig(grad_group="token"))
+
+
 def test_plan_entries_carry_the_weight_range_their_errors_were_measured_with(analysed):
     report, _, _ = analysed
     plan = make_plan(report, parse_budget("4bit"), PlanConfig())
