@@ -83,18 +83,15 @@ class SweepConfig:
         for bits in self.integer_bits:
             if not 2 <= bits <= 16:
                 raise ConfigError(f"integer reference bits must lie in 2..16, got {bits}")
-        group = self.plan.act_group
-        refusing = [m for m in self.modes if m in PLAN_MODES and MODES[m].swaps
-                    and group not in MODES[m].activation_groups]
-        if refusing:
-            raise ConfigError(f"--act-group {group}: mode {refusing[0]} quantizes each input with one scale per "
-                              f"tensor; use --act-group tensor or the modes int, ptq-dynamic")
-        group = self.plan.grad_group
-        refusing = [m for m in self.modes if m in PLAN_MODES and MODES[m].swaps
-                    and group not in MODES[m].gradient_groups]
-        if refusing:
-            raise ConfigError(f"--grad-group {group}: mode {refusing[0]} quantizes each output gradient with one "
-                              f"scale per tensor (or none); use --grad-group tensor or the mode int")
+        for option, group, layouts, what in (
+                ("--act-group", self.plan.act_group, "activation_groups", "input"),
+                ("--grad-group", self.plan.grad_group, "gradient_groups", "output gradient")):
+            refusing = [m for m in self.modes if m in PLAN_MODES and MODES[m].swaps
+                        and group not in getattr(MODES[m], layouts)]
+            if refusing:
+                runs = [m for m in PLAN_MODES if MODES[m].swaps and group in getattr(MODES[m], layouts)]
+                raise ConfigError(f"{option} {group}: mode {refusing[0]} quantizes each {what} with one scale per "
+                                  f"tensor (or none); use {option} tensor or the modes {', '.join(runs)}")
 
     def recorded(self) -> dict[str, Any]:
         """The settings as written to sweep.json."""
