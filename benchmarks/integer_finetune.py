@@ -9,6 +9,7 @@ and dynamic PTQ at 8 bits of the FP32 result (no training). Targets on SST-2 (8,
     .venv/bin/python benchmarks/integer_finetune.py --task sst2 --examples 8000 --epochs 1
     .venv/bin/python benchmarks/integer_finetune.py --task mrpc --epochs 3     # full training set
     .venv/bin/python benchmarks/integer_finetune.py --rows fp32,int8c  # per-row weight, per-token input scales
+    .venv/bin/python benchmarks/integer_finetune.py --rows fp32,int8r  # ... and row-scaled output gradients
     .venv/bin/python benchmarks/integer_finetune.py --rows fp32,int8c+g16,qat8+a16  # ablations: 16-bit G or A
 """
 
@@ -69,7 +70,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--rows", default="fp32,int16,int8,int8c,qat8,ptq8,ptq8c")
+    parser.add_argument("--rows", default="fp32,int16,int8,int8c,int8r,qat8,ptq8,ptq8c")
     parser.add_argument("--out", default="runs/bench/engine")
     parser.add_argument("--reuse", action="store_true",
                         help="reuse a row whose run directory under --out is finished (same settings assumed)")
