@@ -20,7 +20,7 @@ symmetric codes (``|v| <= 2**(bits-1) - 1``, 2 to 16 bits), whatever their shape
 - ``reference``: int64 matmul, the oracle every other path is tested against.
 
 ``auto`` takes ``int8`` / ``split`` where int8 GEMMs are fast, and ``float`` where they are not: without
-AVX-512 VNNI, AVX-VNNI or AMX, oneDNN's ``torch._int_mm`` on the CPU falls back to a kernel 40 to 80 times
+AVX-512 VNNI, AVX-VNNI or AMX, oneDNN's ``torch._int_mm`` on the CPU falls back to a kernel 25 to 85 times
 slower than a float32 GEMM of the same shape (measured on an AVX2-only AMD EPYC: 0.6 to 1.9 s against 23 ms
 for 2048 x 384 x 1536), where a VNNI CPU runs it about 3.7 times faster than float32. Which one this CPU
 is, is measured once per process (`int8_gemm_is_fast`): both paths give the same integers, so the choice
