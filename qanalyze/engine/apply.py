@@ -87,7 +87,8 @@ MODES: dict[str, Mode] = {
     "ptq-dynamic": Mode("ptq-dynamic", "symmetric", False,
                         {"linear": _linear(IntLinear), "embedding": _plain(IntEmbedding)},
                         {"layernorm": "dynamic quantization covers GEMMs and embeddings only; mark it float"},
-                        activation_groups=ACTIVATION_GROUPS,
+                        # no training, so no output gradient is ever quantized: any layout is accepted
+                        activation_groups=ACTIVATION_GROUPS, gradient_groups=GRADIENT_GROUPS,
                         description="post-training dynamic quantization (integer GEMMs, no training)"),
     "int4": Mode("int4", "symmetric", True, {"linear": _int4_linear, "embedding": _int4_embedding},
                  {"layernorm": "4-bit training keeps layer norms in float (Xi et al.); mark it float"},
