@@ -15,7 +15,7 @@ symmetric codes (``|v| <= 2**(bits-1) - 1``, 2 to 16 bits), whatever their shape
   ``2**24`` (float32) or ``2**53`` (float64) exactly, so when ``K * qmax_a * qmax_b`` stays under that
   bound no rounding happens in any order of summation (fused multiply-adds included): the result is the
   exact integer product. float32 takes chunks of up to ``2**24 / (qmax_a * qmax_b)`` columns (1,040 at
-  8 x 8 bits), float64 the rest (16-bit codes); chunk results are summed in float64, exact too. It needs
+  8 x 8 bits), float64 the rest (16-bit codes); chunk results are summed in int64, like the int8 path's. It needs
   full float32 precision (no bfloat16 or TF32 GEMMs, `_float32_is_exact`), else it works in float64.
 - ``reference``: int64 matmul, the oracle every other path is tested against.
 
@@ -262,13 +262,11 @@ def _float_path(a: torch.Tensor, b: torch.Tensor, *, bits_a: int, bits_b: int) -
     dtype = torch.float32 if step >= min(k, _FLOAT32_MIN_STEP) and _float32_is_exact(a.device) else torch.float64
     if dtype == torch.float64:
         step = _FLOAT64_EXACT // per_product
-    fa, fb = a.to(dtype), b.to(dtype)  # keeps a transposed view's layout: BLAS reads it as it is
+    # .to() keeps a transposed view's layout: BLAS reads it as it is
     if k <= step:
-        out = fa @ fb
-    else:
-        out = torch.zeros(a.shape[0], b.shape[1], dtype=torch.float64, device=a.device)
-        for start in range(0, k, step):
-            out += (fa[:, start:start + step] @ fb[start:start + step]).to(torch.float64)
+        out = a.to(dtype) @ b.to(dtype)
+    else:  # each chunk's float product is an exact integer, so its int64 copy is too
+        out = _sum_k_chunks(lambda x, y: (x.to(dtype) @ y.to(dtype)).to(torch.int64), a, b, step)
     return out.to(torch.int32 if k * per_product <= _INT32_MAX else torch.int64)
 
 
