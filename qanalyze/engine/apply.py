@@ -21,7 +21,13 @@ from qanalyze.engine.modules import IntEmbedding, IntLayerNorm, IntLinear, QATEm
 from qanalyze.errors import ConfigError
 from qanalyze.models import ModuleInfo, head_dim, inventory
 from qanalyze.plan.make import check_plan
-from qanalyze.quant.primitives import ACTIVATION_GROUPS, GRADIENT_GROUPS, Quantized, rows_per_group
+from qanalyze.quant.primitives import (
+    ACTIVATION_GROUPS,
+    GRADIENT_GROUPS,
+    Quantized,
+    module_weight_range,
+    rows_per_group,
+)
 from qanalyze.records import BitPlan
 
 DEFAULT_BITS = 16
@@ -147,8 +153,7 @@ def _spec(name: str, entry: Mapping[str, Any], info: ModuleInfo, model: nn.Modul
             per_token=activation_group == "token" and info.kind == "linear",
             gradient_group=gradient_group if info.kind == "linear" else "tensor",
             quantizer=mode.quantizer,
-            # a layer norm's gain is a per-channel scale, not a weight matrix: its range stays the max rule
-            weight_range=entry.get("weight_range", "max") if mode.weight_ranges and info.kind != "layernorm"
+            weight_range=module_weight_range(info.kind, entry.get("weight_range", "max")) if mode.weight_ranges
             else "max",
         )
     except ConfigError as exc:

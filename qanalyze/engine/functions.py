@@ -39,31 +39,45 @@ from qanalyze.quant.primitives import (
     uniform_noise,
 )
 
-Quantizer = Callable[..., Quantized]
+Quantize = Callable[..., Quantized]
+"""``quantize(x, bits, rows_per_group, rounding, generator, clip=None) -> Quantized``; ``clip`` holds clipping
+ratios per group (see `weight_clip`)."""
+
+
+@dataclass(frozen=True)
+class Quantizer:
+    """A quantizer the engine runs: how it quantizes, and the step it takes for a (clipped) range ``max|x|`` at
+    given bits (what `weight_clip` searches with, so the search sees the steps the quantizer will use)."""
+
+    quantize: Quantize
+    step: Callable[[torch.Tensor, int], torch.Tensor]
+
 
 QUANTIZERS: dict[str, Quantizer] = {
     # integer fine-tuning: power-of-two scales, so rescaling is a shift
-    "dfp": lambda x, bits, rows, rounding, generator, clip=None: dynamic_fixed_point(
-        x, bits, rows_per_group=rows, rounding=rounding, generator=generator, clip=clip),
+    "dfp": Quantizer(
+        quantize=lambda x, bits, rows, rounding, generator, clip=None: dynamic_fixed_point(
+            x, bits, rows_per_group=rows, rounding=rounding, generator=generator, clip=clip),
+        step=dfp_scale),
     # Q-BERT / Q8BERT: max-calibrated scales, rounded up to float16 so a checkpoint stores them exactly
-    "symmetric": lambda x, bits, rows, rounding, generator, clip=None: quantize_symmetric(
-        x, bits, rows_per_group=rows, rounding=rounding, generator=generator, scale_format="float16", clip=clip),
+    "symmetric": Quantizer(
+        quantize=lambda x, bits, rows, rounding, generator, clip=None: quantize_symmetric(
+            x, bits, rows_per_group=rows, rounding=rounding, generator=generator, scale_format="float16",
+            clip=clip),
+        step=lambda amax, bits: symmetric_scale(amax, bits, "float16")),
 }
-"""Quantizer name -> function(x, bits, rows_per_group, rounding, generator, clip=None) -> Quantized; ``clip``
-holds clipping ratios per group (see `weight_clip`)."""
-
-SCALE_RULES: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {
-    "dfp": dfp_scale,
-    "symmetric": lambda amax, bits: symmetric_scale(amax, bits, "float16"),
-}
-"""Quantizer name -> the step it takes for a (clipped) range max|x| at given bits: what `weight_clip` searches with."""
+"""Quantizer name -> `Quantizer`."""
 
 
-def get_quantizer(name: str) -> Quantizer:
-    """The quantizer registered under ``name``; ConfigError lists the known ones."""
+def _registered(name: str) -> Quantizer:
     if name not in QUANTIZERS:
         raise ConfigError(f"unknown quantizer {name!r}; known: {', '.join(QUANTIZERS)}")
     return QUANTIZERS[name]
+
+
+def get_quantizer(name: str) -> Quantize:
+    """The quantize function of the quantizer registered under ``name``; ConfigError lists the known ones."""
+    return _registered(name).quantize
 
 
 @dataclass(frozen=True)
@@ -109,12 +123,12 @@ def quantize_weight(weight: torch.Tensor, spec: TensorSpec, clip: torch.Tensor |
 
 def weight_clip(weight: torch.Tensor, spec: TensorSpec) -> torch.Tensor | None:
     """The clipping ratios ``spec.weight_range`` sets for ``weight`` (``(out, in)``): None for ``max``, the
-    per-group `mse_clip` ratios for ``mse``, searched with the steps ``spec.quantizer`` takes (`SCALE_RULES`:
+    per-group `mse_clip` ratios for ``mse``, searched with the steps ``spec.quantizer`` takes (`Quantizer.step`:
     float16 steps, or powers of two for ``dfp``, where fewer ratios give distinct steps)."""
     if spec.weight_range == "max":
         return None
     return mse_clip(weight.detach(), spec.weight_bits, rows_per_group=spec.rows_per_group,
-                    scale_rule=SCALE_RULES[spec.quantizer])
+                    scale_rule=_registered(spec.quantizer).step)
 
 
 def tensor_scale(x: torch.Tensor, bits: int, quantizer: str) -> torch.Tensor:

@@ -33,7 +33,7 @@ from qanalyze.errors import ConfigError
 from qanalyze.models import ModuleInfo, head_dim, inventory
 from qanalyze.plan.make import check_plan
 from qanalyze.quant.nf4 import NF4Tensor, nf4_dequantize, nf4_quantize
-from qanalyze.quant.primitives import Quantized, rows_per_group
+from qanalyze.quant.primitives import Quantized, module_weight_range, rows_per_group
 from qanalyze.records import BitPlan
 
 UPDATE_MODES = ("frozen", "all")
@@ -298,7 +298,7 @@ def _base_spec(name: str, entry: Mapping[str, Any], info: ModuleInfo, model: nn.
         return TensorSpec(weight_bits=entry["weight_bits"], activation_bits=_SPEC_BITS, gradient_bits=_SPEC_BITS,
                           rows_per_group=None if rows == info.shape[0] else rows,
                           quantizer=entry.get("scheme") or DEFAULT_SCHEME,
-                          weight_range=entry.get("weight_range", "max") if info.kind != "layernorm" else "max")
+                          weight_range=module_weight_range(info.kind, entry.get("weight_range", "max")))
     except ConfigError as exc:
         raise ConfigError(f"plan module {name}: {exc}") from None
 

@@ -54,6 +54,16 @@ def check_weight_range(weight_range: object) -> None:
         raise ConfigError(f"unknown weight range {weight_range!r}; known: {', '.join(WEIGHT_RANGES)}")
 
 
+MAX_RULE_KINDS = ("layernorm",)
+"""Module kinds whose weight always takes the max rule: a layer norm's gain is a per-channel scale, not a
+weight matrix, and its few values are each their own group's maximum anyway."""
+
+
+def module_weight_range(kind: str, weight_range: str) -> str:
+    """The range rule a module of ``kind`` takes when ``weight_range`` is asked (`MAX_RULE_KINDS` keep ``max``)."""
+    return "max" if kind in MAX_RULE_KINDS else weight_range
+
+
 def qmax(bits: int) -> int:
     """Largest magnitude of a symmetric signed ``bits``-bit integer: ``2**(bits-1) - 1``.
 

@@ -28,7 +28,14 @@ import torch
 from qanalyze.data import TaskData, collate, encode
 from qanalyze.errors import ConfigError
 from qanalyze.models import LoadedModel, ModuleInfo, architecture_fingerprint, head_dim, inventory
-from qanalyze.quant.primitives import check_weight_range, fake_quantize, parse_group, rows_per_group, weight_errors
+from qanalyze.quant.primitives import (
+    check_weight_range,
+    fake_quantize,
+    module_weight_range,
+    parse_group,
+    rows_per_group,
+    weight_errors,
+)
 from qanalyze.records import SensitivityReport
 from qanalyze.sensitivity.errors import ErrorProbe
 from qanalyze.sensitivity.hvp import PRECISIONS, NonFiniteError, resolve_precision
@@ -254,8 +261,8 @@ def analyze(
     if "weights" in metrics and not state.done("weights"):
         for i, info in enumerate(infos):
             report_progress("weights", i, len(infos), info.name)
-            # a layer norm's gain keeps the max rule in the engine (`apply_plan`), so its errors do too
-            weight_range = config.weight_range if info.kind != "layernorm" else "max"
+            # the same rule the engine gives this module (`apply_plan`)
+            weight_range = module_weight_range(info.kind, config.weight_range)
             errors = weight_errors(modules[info.name].weight.detach(), config.bits, config.groups,
                                    head_dim=state.entry(info.name)["head_dim"], weight_range=weight_range)
             state.entry(info.name)["weight_error"] = {str(b): e for b, e in errors.items()}
@@ -411,7 +418,7 @@ def _measure_delta_loss(model: torch.nn.Module, infos: list[ModuleInfo], modules
         weight = modules[info.name].weight
         original = weight.detach().clone()
         measured = {}
-        weight_range = config.weight_range if info.kind != "layernorm" else "max"
+        weight_range = module_weight_range(info.kind, config.weight_range)
         quantized = {bits: fake_quantize(original, bits, rows_per_group=1, weight_range=weight_range)
                      for bits in config.delta_loss_bits}
         try:

@@ -15,6 +15,7 @@ from qanalyze.quant.primitives import (
     Quantized,
     dynamic_fixed_point,
     fake_quantize,
+    module_weight_range,
     num_groups,
     parse_group,
     qmax,
@@ -643,3 +644,10 @@ def test_weight_errors_with_mse_ranges_are_never_above_the_max_rule():
         for group, error in groups.items():
             assert clipped[bits][group] <= error * (1 + 1e-9)
     assert clipped[2]["channel"] < plain[2]["channel"] * 0.6
+
+
+@pytest.mark.parametrize("rule", ["max", "mse"])
+def test_layer_norm_gains_keep_the_max_rule_other_weights_take_the_asked_one(rule):
+    assert module_weight_range("layernorm", rule) == "max"
+    assert module_weight_range("linear", rule) == rule
+    assert module_weight_range("embedding", rule) == rule
