@@ -29,7 +29,7 @@ from qanalyze.plan.uniform import uniform_plan
 from qanalyze.records import RunRecord
 from qanalyze.rundir import prepare_run_dir
 
-TARGETS = {"int16": 0.3, "int8": 1.0, "int8c": 1.0, "int8r": 1.0, "qat8": 0.5}
+TARGETS = {"int16": 0.3, "int8": 1.0, "int8c": 1.0, "int8r": 1.0, "qat8": 0.5, "qat8c": 0.5}
 """The issue's bound (points below FP32) of each target row."""
 ROW = re.compile(r"(int|qat)(\d+)([cr]?)((?:\+[wag]\d+)*)")
 """A training row: mode, bits, ``c`` for the channel layout (`qanalyze.plan.uniform.LAYOUTS`: one scale per
@@ -79,7 +79,7 @@ def main() -> None:
     data = qanalyze.load_task(args.task, str(Path(args.data) / GLUE_FOLDERS[args.task]),
                               max_train_examples=args.examples, seed=args.seed)
     out = Path(args.out) / args.task
-    metric = data.task.metric if hasattr(data.task, "metric") else None
+    metric = data.task.metrics[0]
     print(f"{args.task}: {len(data.train)} train / {len(data.dev)} dev examples, {args.epochs} epoch(s), "
           f"seed {args.seed}, torch threads {torch.get_num_threads()}", flush=True)
     results: dict[str, dict] = {}

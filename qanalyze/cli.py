@@ -203,7 +203,7 @@ def finetune(model: str, task: str | None, data: str | None, out: str, quiet: bo
 @click.option("--plan", "plan_spec", default=None,
               help="plan.json from `qanalyze plan`, or uniform:N (every weight, activation and gradient at N bits, "
                    "one scale per tensor), or uniform:N:channel (one scale per weight row and per input token; "
-                   "modes int and ptq-dynamic). Required except for --mode qdylora --base nf4.")
+                   "modes int, qat and ptq-dynamic). Required except for --mode qdylora --base nf4.")
 @click.option("--mode", type=click.Choice(["int", "qat", "ptq-dynamic", "int4", "qdylora"]), default="int",
               show_default=True,
               help="int: integer forward and backward (dynamic fixed point); qat: Q8BERT fake quantization; "
@@ -448,7 +448,8 @@ def _print_most_sensitive(report: Any, console: Any, count: int = 10) -> None:
 @click.option("--tie", multiple=True, help="Regex of modules that share bits within a layer (repeatable).")
 @click.option("--act-budget", default="8bit", show_default=True, help="Mean activation bits.")
 @click.option("--act-group", type=click.Choice(["tensor", "token"]), default="tensor", show_default=True,
-              help="Scales of each linear layer's input: one per tensor, or one per token (modes int and ptq-dynamic).")
+              help="Scales of each linear layer's input: one per tensor, or one per token "
+                   "(modes int, qat and ptq-dynamic).")
 @click.option("--grad-group", type=click.Choice(["tensor", "row"]), default="tensor", show_default=True,
               help="Scales of each linear layer's output gradient: one per tensor, or per row (per token for the "
                    "input gradient, per output channel for the weight gradient; mode int).")
@@ -591,7 +592,7 @@ def _print_plan(plan_record: Any, console: Any) -> None:
 @click.option("--act-budget", default="8bit", show_default=True, help="Mean activation bits of every plan.")
 @click.option("--act-group", type=click.Choice(["tensor", "token"]), default="tensor", show_default=True,
               help="Scales of each linear layer's input in every plan: one per tensor, or one per token "
-                   "(modes int and ptq-dynamic).")
+                   "(modes int, qat and ptq-dynamic).")
 @click.option("--grad-group", type=click.Choice(["tensor", "row"]), default="tensor", show_default=True,
               help="Scales of each linear layer's output gradient in every plan: one per tensor, or per row "
                    "(mode int).")

@@ -89,6 +89,7 @@ MODES: dict[str, Mode] = {
                 description="integer forward and backward (dynamic fixed point; integer fine-tuning)"),
     "qat": Mode("qat", "symmetric", True, {"linear": _linear(QATLinear), "embedding": _plain(QATEmbedding)},
                 {"layernorm": "Q8BERT keeps layer norms in float; mark it float in the plan (--keep-float layernorm)"},
+                activation_groups=ACTIVATION_GROUPS,
                 description="Q8BERT fake quantization, EMA activation ranges, straight-through estimator"),
     "ptq-dynamic": Mode("ptq-dynamic", "symmetric", False,
                         {"linear": _linear(IntLinear), "embedding": _plain(IntEmbedding)},

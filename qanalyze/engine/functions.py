@@ -347,13 +347,18 @@ class IntLayerNormFunction(torch.autograd.Function):
 
 
 def fake_quantize_ste(x: torch.Tensor, bits: int, rows_per_group: int | None = None,
-                      scale: torch.Tensor | None = None) -> torch.Tensor:
+                      scale: torch.Tensor | None = None, *, quantizer: str | None = None) -> torch.Tensor:
     """Q8BERT fake quantization with a straight-through estimator: forward ``Q(x)``, backward identity.
 
     With ``scale`` (an EMA-calibrated activation scale) values beyond ``±qmax·scale`` are clipped;
-    without it the scale is ``max|x|/qmax`` per group.
+    without it the scale is ``max|x|/qmax`` per group. With ``quantizer`` (a `QUANTIZERS` name) each token
+    (row of ``x`` flattened to 2-D) takes that quantizer's scale for its own max|x|, as the integer path's
+    per-token inputs do.
     """
-    if scale is None:
+    if quantizer is not None:
+        rows = x.detach().reshape(-1, x.shape[-1]).float()
+        quantized = get_quantizer(quantizer)(rows, bits, 1, "nearest", None).dequantize().reshape(x.shape)
+    elif scale is None:
         quantized = quantize_symmetric(x.detach(), bits, rows_per_group=rows_per_group).dequantize()
     else:
         limit = qmax(bits)

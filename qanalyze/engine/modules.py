@@ -116,7 +116,12 @@ class IntLayerNorm(_Swapped):
 
 class QATLinear(_Swapped):
     """Q8BERT quantization-aware training: fake-quantized weight (per the plan's groups) and input
-    (EMA range, decay 0.9999), straight-through gradients, float GEMM."""
+    (EMA range, decay 0.9999), straight-through gradients, float GEMM.
+
+    With ``spec.per_token`` (a plan's ``activation_group: token``) the input takes one scale per token, each
+    token's own max|x| at every step (LLM-QAT's per-token activations; what the integer path and dynamic PTQ
+    use), and no EMA range: BERT's residual stream has a few outlier tokens that one range must cover.
+    """
 
     def __init__(self, original: nn.Module, spec: TensorSpec, generator: torch.Generator, *,
                  transposed: bool = False) -> None:
@@ -124,6 +129,8 @@ class QATLinear(_Swapped):
         self.register_buffer("activation_range", torch.zeros((), device=original.weight.device))
 
     def _input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.spec.per_token:
+            return fake_quantize_ste(x, self.spec.activation_bits, quantizer=self.spec.quantizer)
         if self.training:
             current = x.detach().abs().amax().float()
             with torch.no_grad():

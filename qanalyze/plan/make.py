@@ -58,8 +58,8 @@ class PlanConfig:
     bops: float | None = None
     seq_len: int = 128
     act_group: str = "tensor"
-    """Scales of every planned linear layer's input: ``tensor`` (one) or ``token`` (one per token; the int
-    and ptq-dynamic modes run it). The bits are chosen from per-tensor errors either way, which per-token
+    """Scales of every planned linear layer's input: ``tensor`` (one) or ``token`` (one per token; the int,
+    qat and ptq-dynamic modes run it). The bits are chosen from per-tensor errors either way, which per-token
     scales only lower."""
     grad_group: str = "tensor"
     """Scales of every planned linear layer's output gradient: ``tensor`` (one) or ``row`` (one per token for the

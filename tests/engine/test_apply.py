@@ -187,10 +187,10 @@ def test_per_token_inputs_follow_outlier_tokens_better_than_one_scale():
 
 def test_modes_that_keep_one_activation_scale_refuse_per_token_inputs():
     model = _bert()
+    with pytest.raises(ConfigError, match=r"mode int4 cannot quantize the input of bert\.encoder\.layer\.0\."
+                                          r"attention\.self\.query per token: it runs activation_group tensor"):
+        apply_plan(model, uniform_plan(model, 4, layout="channel"), "int4")
     plan = uniform_plan(model, 8, layout="channel")
-    with pytest.raises(ConfigError, match=r"mode qat cannot quantize the input of bert\.encoder\.layer\.0\.attention"
-                                          r"\.self\.query per token: it runs activation_group tensor"):
-        apply_plan(model, plan, "qat")
     plan.modules["bert.encoder.layer.0.attention.self.query"]["activation_group"] = "head"
     with pytest.raises(ConfigError, match="activation_group 'head' is not one of tensor, token"):
         apply_plan(model, plan, "int")
@@ -256,3 +256,28 @@ def test_int4_ignores_the_weight_range_and_max_plans_keep_no_ratios():
     apply_plan(model, uniform_plan(model, 4), "qat")
     assert model.bert.encoder.layer[0].attention.self.query.clip_ratio is None
     assert not any(key.endswith("clip_ratio") for key in model.state_dict())
+
+
+def test_qat_per_token_inputs_take_each_tokens_own_scale_and_no_ema_range():
+    from qanalyze.engine.functions import get_quantizer
+
+    model = _bert()
+    applied = apply_plan(model, uniform_plan(model, 8, layout="channel"), "qat")
+    name = "bert.encoder.layer.0.intermediate.dense"
+    module = model.get_submodule(name)
+    assert applied.specs[name].per_token and applied.specs[name].rows_per_group == 1
+    x = torch.randn(2, 5, module.weight.shape[1], generator=torch.Generator().manual_seed(3))
+    x[0, 1] *= 100  # one loud token
+    x.requires_grad_(True)
+    module.train()
+    out = module(x)
+    rows = get_quantizer("symmetric")(x.detach().reshape(-1, x.shape[-1]), 8, 1, "nearest", None)
+    weight = get_quantizer("symmetric")(module.weight.detach(), 8, 1, "nearest", None)
+    expected = torch.nn.functional.linear(rows.dequantize().reshape(x.shape), weight.dequantize(), module.bias)
+    assert torch.allclose(out, expected, atol=1e-5)
+    # a quiet token keeps its own resolution beside the loud one
+    quiet = (rows.dequantize().reshape(x.shape) - x.detach())[0, 0].abs().max()
+    assert float(quiet) <= float(x.detach()[0, 0].abs().max()) / 254 * 1.01
+    assert float(module.activation_range) == 0.0  # no EMA range is kept for per-token inputs
+    out.sum().backward()  # straight through: the input gradient is the float one of the fake-quantized product
+    assert torch.allclose(x.grad, module.weight.detach().new_ones(out.shape) @ weight.dequantize(), atol=1e-4)

@@ -67,7 +67,8 @@ def test_uniform_16_bit_integer_training_follows_the_fp32_loss_curve(tmp_path, t
     assert max(abs(x - y) for x, y in zip(a, c)) > max(abs(x - y) for x, y in zip(a, b))
 
 
-@pytest.mark.parametrize(("mode", "layout"), [("int", "tensor"), ("qat", "tensor"), ("int", "channel")])
+@pytest.mark.parametrize(("mode", "layout"),
+                         [("int", "tensor"), ("qat", "tensor"), ("int", "channel"), ("qat", "channel")])
 def test_quantized_run_saves_a_packed_checkpoint_that_reloads_exactly(tmp_path, tiny_bert_dir, sst2_small, mode,
                                                                       layout):
     loaded = load_model(str(tiny_bert_dir), num_labels=2)
