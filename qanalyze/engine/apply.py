@@ -90,7 +90,8 @@ MODES: dict[str, Mode] = {
     "qat": Mode("qat", "symmetric", True, {"linear": _linear(QATLinear), "embedding": _plain(QATEmbedding)},
                 {"layernorm": "Q8BERT keeps layer norms in float; mark it float in the plan (--keep-float layernorm)"},
                 activation_groups=ACTIVATION_GROUPS,
-                description="Q8BERT fake quantization, EMA activation ranges, straight-through estimator"),
+                description="Q8BERT fake quantization (EMA activation ranges, or per-token scales), straight-through "
+                            "estimator"),
     "ptq-dynamic": Mode("ptq-dynamic", "symmetric", False,
                         {"linear": _linear(IntLinear), "embedding": _plain(IntEmbedding)},
                         {"layernorm": "dynamic quantization covers GEMMs and embeddings only; mark it float"},
