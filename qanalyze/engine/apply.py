@@ -77,7 +77,7 @@ class Mode:
     learns its step sizes (LSQ) and ignores it."""
     activation_groups: tuple[str, ...] = ("tensor",)
     """The activation scale layouts (a plan's ``activation_group``) the mode can run: ``tensor`` (one scale)
-    and, for dynamic integer quantization, ``token`` (one scale per row of the input)."""
+    and ``token`` (one scale per row of the input, each row's own at every step)."""
     gradient_groups: tuple[str, ...] = ("tensor",)
     """The output-gradient scale layouts (a plan's ``gradient_group``, `GRADIENT_GROUPS`) the mode can run."""
 

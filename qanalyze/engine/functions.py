@@ -131,6 +131,13 @@ def weight_clip(weight: torch.Tensor, spec: TensorSpec) -> torch.Tensor | None:
                     scale_rule=_registered(spec.quantizer).step)
 
 
+def quantize_tokens(x: torch.Tensor, spec: TensorSpec) -> Quantized:
+    """``x`` flattened to ``(tokens, features)``, each token quantized with its own scale (``spec``'s activation
+    bits and quantizer, nearest rounding): the per-token input of the integer linear and of per-token QAT."""
+    return get_quantizer(spec.quantizer)(x.detach().reshape(-1, x.shape[-1]).float(), spec.activation_bits, 1,
+                                         "nearest", None)
+
+
 def tensor_scale(x: torch.Tensor, bits: int, quantizer: str) -> torch.Tensor:
     """The one scale ``quantizer`` gives the whole of ``x`` (0-d): computed by quantizing the single
     value ``max|x|``, so it is by construction the scale the full quantizer would choose."""
@@ -188,7 +195,7 @@ class IntLinearFunction(torch.autograd.Function):
                 generator: torch.Generator, frozen: Quantized | None) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
         if spec.per_token:
-            xq = get_quantizer(spec.quantizer)(x2.detach().float(), spec.activation_bits, 1, "nearest", None)
+            xq = quantize_tokens(x2, spec)
             x_codes, s_x = xq.q, row_scales(xq, x2.shape[0]).float().unsqueeze(1)
         else:
             s_x = tensor_scale(x2, spec.activation_bits, spec.quantizer).float().reshape(())
@@ -346,21 +353,21 @@ class IntLayerNormFunction(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None, None
 
 
+def straight_through(x: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``value`` in the forward pass, the identity to ``x`` in the backward (the straight-through estimator)."""
+    return x + (value.to(x.dtype) - x).detach()
+
+
 def fake_quantize_ste(x: torch.Tensor, bits: int, rows_per_group: int | None = None,
-                      scale: torch.Tensor | None = None, *, quantizer: str | None = None) -> torch.Tensor:
+                      scale: torch.Tensor | None = None) -> torch.Tensor:
     """Q8BERT fake quantization with a straight-through estimator: forward ``Q(x)``, backward identity.
 
     With ``scale`` (an EMA-calibrated activation scale) values beyond ``±qmax·scale`` are clipped;
-    without it the scale is ``max|x|/qmax`` per group. With ``quantizer`` (a `QUANTIZERS` name) each token
-    (row of ``x`` flattened to 2-D) takes that quantizer's scale for its own max|x|, as the integer path's
-    per-token inputs do.
+    without it the scale is ``max|x|/qmax`` per group.
     """
-    if quantizer is not None:
-        rows = x.detach().reshape(-1, x.shape[-1]).float()
-        quantized = get_quantizer(quantizer)(rows, bits, 1, "nearest", None).dequantize().reshape(x.shape)
-    elif scale is None:
+    if scale is None:
         quantized = quantize_symmetric(x.detach(), bits, rows_per_group=rows_per_group).dequantize()
     else:
         limit = qmax(bits)
         quantized = torch.round(x.detach() / scale).clamp(-limit, limit) * scale
-    return x + (quantized.to(x.dtype) - x).detach()
+    return straight_through(x, quantized)

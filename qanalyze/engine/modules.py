@@ -22,7 +22,9 @@ from qanalyze.engine.functions import (
     IntLinearFunction,
     TensorSpec,
     fake_quantize_ste,
+    quantize_tokens,
     quantize_weight,
+    straight_through,
     weight_clip,
 )
 from qanalyze.quant.primitives import Quantized, qmax
@@ -130,7 +132,7 @@ class QATLinear(_Swapped):
 
     def _input(self, x: torch.Tensor) -> torch.Tensor:
         if self.spec.per_token:
-            return fake_quantize_ste(x, self.spec.activation_bits, quantizer=self.spec.quantizer)
+            return straight_through(x, quantize_tokens(x, self.spec).dequantize().reshape(x.shape))
         if self.training:
             current = x.detach().abs().amax().float()
             with torch.no_grad():
@@ -144,9 +146,8 @@ class QATLinear(_Swapped):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.matrix()
-        fake = quantize_weight(weight, self.spec, self.clip_ratio).dequantize().to(weight.dtype)
-        weight = weight + (fake - weight).detach()
-        return nn.functional.linear(self._input(x), weight, self.bias)
+        fake = quantize_weight(weight, self.spec, self.clip_ratio).dequantize()
+        return nn.functional.linear(self._input(x), straight_through(weight, fake), self.bias)
 
 
 class QATEmbedding(_Swapped):
@@ -157,6 +158,5 @@ class QATEmbedding(_Swapped):
         self.padding_idx = original.padding_idx
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        fake = quantize_weight(self.weight, self.spec, self.clip_ratio).dequantize().to(self.weight.dtype)
-        weight = self.weight + (fake - self.weight).detach()
-        return nn.functional.embedding(ids, weight, self.padding_idx)
+        fake = quantize_weight(self.weight, self.spec, self.clip_ratio).dequantize()
+        return nn.functional.embedding(ids, straight_through(self.weight, fake), self.padding_idx)
