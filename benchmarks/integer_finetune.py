@@ -37,7 +37,8 @@ weight row and per input token) or ``r`` for the rowwise one (also row scales fo
 ablations ``+wN``, ``+aN``, ``+gN`` that set the weight, activation or
 gradient bits of every planned module (``int8c+g16``: the int8c row with 16-bit gradients)."""
 TENSORS = {"w": "weight_bits", "a": "activation_bits", "g": "gradient_bits"}
-GLUE_FOLDERS = {"sst2": "SST-2", "mrpc": "MRPC", "rte": "RTE", "stsb": "STS-B"}
+GLUE_TASKS = ("mrpc", "rte", "sst2", "stsb")
+"""The GLUE tasks of ../shared/data/glue (a GLUE root: `qanalyze.load_task` finds each task's folder)."""
 
 
 def _train(args, data, mode: str, bits: int | None, out: Path, start: str = "minilm-l6", layout: str = "tensor",
@@ -65,7 +66,7 @@ def _train(args, data, mode: str, bits: int | None, out: Path, start: str = "min
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(Path(__file__).resolve().parents[1].parent / "shared/data/glue"))
-    parser.add_argument("--task", default="sst2", choices=sorted(GLUE_FOLDERS))
+    parser.add_argument("--task", default="sst2", choices=GLUE_TASKS)
     parser.add_argument("--examples", type=int, default=None, help="training subset (default: all)")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--lr", type=float, default=1e-4)
@@ -76,7 +77,7 @@ def main() -> None:
                         help="reuse a row whose run directory under --out is finished (same settings assumed)")
     args = parser.parse_args()
     wanted = args.rows.split(",")
-    data = qanalyze.load_task(args.task, str(Path(args.data) / GLUE_FOLDERS[args.task]),
+    data = qanalyze.load_task(args.task, args.data,
                               max_train_examples=args.examples, seed=args.seed)
     out = Path(args.out) / args.task
     metric = data.task.metrics[0]
