@@ -6,10 +6,15 @@ A. traces of every quantizable module's weight block: qanalyze's one pass (one g
    per Hutchinson probe serves every module) against PyHessian run one module at a time with the
    same number of probes. Target: >= 20x less wall time, values within the standard errors.
    qanalyze takes the word-embedding table as the rows the batch looks up, as `qanalyze analyze`
-   does (`sparse_embeddings`): the other rows' Hessian rows and columns are zero.
+   does (`sparse_embeddings`): the other rows' Hessian rows and columns are zero; and it runs the
+   batch as length buckets without their shared padding (`unpad`, also `analyze`'s default).
 B. per-layer (Q-BERT block) top eigenvalue at equal accuracy: Lanczos on products restricted to each
    layer from one gradient graph (what `qanalyze analyze` does) against PyHessian's power iteration with
-   one hessian object per layer. Target: >= 3x less wall time.
+   one hessian object per layer. Target: >= 3x less wall time. The float32 row is also run on the
+   padded batch (`--no-unpad`), to show what the buckets and what Lanczos each contribute.
+
+bfloat16 products are measured only where the CPU multiplies bfloat16 natively (elsewhere
+`--hvp-precision auto` never picks them, and emulated they are 10x slower).
 
     .venv/bin/python benchmarks/hessian_sst2.py --model runs/bench/sst2-fp32
 """
@@ -26,8 +31,9 @@ import torch
 
 import qanalyze
 from qanalyze.data import collate, encode
+from qanalyze.sensitivity.buckets import LengthBuckets
 from qanalyze.sensitivity.estimators import hutchinson_traces, lanczos, refined_lanczos
-from qanalyze.sensitivity.hvp import HVP, PRECISIONS, pyhessian_adapter
+from qanalyze.sensitivity.hvp import HVP, pyhessian_adapter, resolve_precision
 from qanalyze.sensitivity.sources import Restricted
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,12 +76,22 @@ def main() -> None:
     weights = {i.name: modules[i.name].weight for i in infos}
     print(f"{model_dir}: {len(infos)} quantizable modules, batch {args.batch_size} x "
           f"{batch['input_ids'].shape[1]} tokens, torch threads {torch.get_num_threads()}", flush=True)
+    precisions = ["float32"]
+    if resolve_precision("auto", torch.device("cpu"), torch.float32) == "bfloat16":
+        precisions.append("bfloat16")
+    else:
+        print("no native bfloat16 on this CPU: float32 products only", flush=True)
+    buckets = LengthBuckets.of(batch)
+    if buckets is not None:
+        print(f"length buckets: {len(buckets.groups)} sub-batches of {[len(g) for g in buckets.groups]} sentences "
+              f"cut to {list(buckets.lengths)} tokens: {buckets.tokens} rows against "
+              f"{buckets.size * buckets.columns} padded", flush=True)
 
     if "traces" not in skip:
         ours, traces = {}, {}
-        for precision in PRECISIONS:
+        for precision in precisions:
             start = time.perf_counter()
-            op = HVP(model, batch, weights, precision=precision, sparse_embeddings=True)
+            op = HVP(model, batch, weights, precision=precision, sparse_embeddings=True, unpad=True)
             traces[precision] = hutchinson_traces(op, {n: [k] for k, n in enumerate(weights)},
                                                   generator=torch.Generator().manual_seed(0),
                                                   max_probes=args.trace_probes, rel_tol=args.trace_tol)
@@ -117,27 +133,36 @@ def main() -> None:
         for info in infos:
             if info.block is not None:
                 blocks.setdefault(info.block, []).append(names.index(info.name))
+        labels = ["float32", "float32 padded"] + (["mixed"] if "bfloat16" in precisions else [])
         graphs, ops = {}, {}
-        for precision in PRECISIONS:
-            start = time.perf_counter()
-            ops[precision] = HVP(model, batch, weights, precision=precision, sparse_embeddings=True)
-            graphs[precision] = time.perf_counter() - start
+        for key, precision, unpad in (("float32", "float32", True), ("float32 padded", "float32", False),
+                                      ("bfloat16", "bfloat16", True)):
+            if precision in precisions:
+                start = time.perf_counter()
+                ops[key] = HVP(model, batch, weights, precision=precision, sparse_embeddings=True, unpad=unpad)
+                graphs[key] = time.perf_counter() - start
         print(f"B. one gradient graph over all {len(names)} modules: "
               + ", ".join(f"{p} {t:.2f} s" for p, t in graphs.items()), flush=True)
-        totals = {"float32": graphs["float32"], "mixed": graphs["float32"] + graphs["bfloat16"], "pyhessian": 0.0}
+        totals = {label: graphs[label] for label in labels if label in graphs}
+        if "mixed" in labels:
+            totals["mixed"] = graphs["float32"] + graphs["bfloat16"]
+        totals["pyhessian"] = 0.0
         for block, indices in sorted(blocks.items()):
-            exact_op, fast_op = Restricted(ops["float32"], indices), Restricted(ops["bfloat16"], indices)
-            exact = lanczos(exact_op, generator=torch.Generator().manual_seed(99), tol=1e-8)[0].value
+            exact_op = Restricted(ops["float32"], indices)
+            exact = lanczos(Restricted(ops["float32 padded"], indices), generator=torch.Generator().manual_seed(99),
+                            tol=1e-8)[0].value
             line = []
-            for label in ("float32", "mixed"):
+            for label in labels:
                 generator = torch.Generator().manual_seed(block)
                 start = time.perf_counter()
                 # Started from the layer's gradient, as `qanalyze analyze` does (`lanczos`'s hint).
-                if label == "float32":
-                    estimate = lanczos(exact_op, generator=generator, tol=1e-3, hint=exact_op.gradient())[0]
-                else:
+                if label == "mixed":
+                    fast_op = Restricted(ops["bfloat16"], indices)
                     estimate = refined_lanczos(fast_op, exact_op, generator=generator, tol=1e-3,
                                                hint=fast_op.gradient())[0]
+                else:
+                    op = Restricted(ops[label], indices)
+                    estimate = lanczos(op, generator=generator, tol=1e-3, hint=op.gradient())[0]
                 seconds = time.perf_counter() - start
                 totals[label] += seconds
                 line.append(f"{label} error {abs(estimate.value - exact) / abs(exact):.1e}, "
@@ -153,7 +178,7 @@ def main() -> None:
             totals["pyhessian"] += theirs
             print(f"   layer {block}: λ = {exact:.6g}; Lanczos at tol 1e-3: {'; '.join(line)}; PyHessian power at "
                   f"tol {tol:g}: error {theirs_error:.1e}, {theirs:.2f} s (its graph included)", flush=True)
-        for label in ("float32", "mixed"):
+        for label in labels:
             print(f"   qanalyze {label} {totals[label]:.1f} s (graphs included), "
                   f"PyHessian {totals['pyhessian']:.1f} s: "
                   f"{totals['pyhessian'] / totals[label]:.1f}x less wall time at 1e-3 accuracy over {len(blocks)} "

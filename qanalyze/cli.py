@@ -354,6 +354,9 @@ def _int_list(text: str) -> tuple[int, ...]:
 @click.option("--hvp-precision", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto", show_default=True,
               help="Products for traces and density in bfloat16 (Lanczos eigenvalues finished in float32); auto: "
                    "bfloat16 where the CPU or GPU multiplies it natively.")
+@click.option("--unpad/--no-unpad", default=True, show_default=True,
+              help="Run Hessian products on length buckets of each batch without their shared padding (same loss "
+                   "and Hessian, fewer rows); --no-unpad: the padded batch, as PyHessian takes it.")
 @click.option("--eig-tol", type=float, default=1e-3, show_default=True)
 @click.option("--trace-tol", type=float, default=0.05, show_default=True, help="Relative standard error to stop at.")
 @click.option("--trace-probes", type=click.IntRange(min=2), default=32, show_default=True,
@@ -391,7 +394,7 @@ def analyze(model: str, task: str | None, data: str | None, out: str, quiet: boo
         batches=kw["batches"], batch_size=kw["batch_size"], max_length=kw["max_length"] or 128,
         metrics=tuple(m.strip() for m in kw["metrics"].split(",") if m.strip()), modules=kw["modules"],
         engine=kw["engine"], eig_method=kw["eig_method"], eig_tol=kw["eig_tol"], trace_rel_tol=kw["trace_tol"],
-        hvp_precision=kw["hvp_precision"],
+        hvp_precision=kw["hvp_precision"], unpad=kw["unpad"],
         trace_max_probes=kw["trace_probes"], trace_min_probes=min(8, kw["trace_probes"]),
         bits=_int_list(kw["bits"]), gradient_bits=_int_list(kw["gradient_bits"]), weight_range=kw["weight_range"],
         measure_delta_loss=kw["measure_delta_loss"], seed=kw["seed"])

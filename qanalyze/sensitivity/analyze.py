@@ -76,6 +76,7 @@ class AnalyzeConfig:
     delta_loss_bits: tuple[int, ...] = (2, 4, 8)
     hvp_method: str = "double_backward"
     hvp_precision: str = "auto"
+    unpad: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:

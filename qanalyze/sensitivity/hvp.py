@@ -18,6 +18,9 @@ With ``sparse_embeddings=True`` the input embedding table enters the block as on
 batch looks up (`RowTable`): the loss does not depend on the other rows, so their Hessian rows and
 columns are zero and every trace and nonzero eigenvalue is unchanged, while a product on
 ``minilm-l6`` no longer draws, fills and reads the 30,522-row table's 11.7M entries.
+
+With ``unpad=True`` a right-padded batch with one label per example is run as a few sub-batches of
+similar length without their shared padding (`LengthBuckets`): the same loss and Hessian on fewer rows.
 """
 
 from __future__ import annotations
@@ -31,9 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from qanalyze.errors import ConfigError, InputError
-
-LossFn = Callable[[nn.Module, Mapping[str, Any]], Tensor]
-"""A loss on one batch: ``loss_fn(model, batch)`` returns a scalar tensor."""
+from qanalyze.sensitivity.buckets import LengthBuckets, LossFn
 
 Criterion = Callable[[Tensor, Tensor], Tensor]
 """A loss on ``(logits, labels)``, the form PyHessian calls."""
@@ -162,10 +163,16 @@ class HVP:
     The rows left out have zero Hessian rows and columns, so traces and nonzero eigenvalues are
     the same as the full block's.
 
+    With `unpad`, the default loss is taken over the batch's `LengthBuckets` (when it has any): the
+    same loss as a weighted sum of sub-batches cut to their own longest example, so the products
+    skip most of the padding. A custom `loss_fn` need not be a mean over examples, so the two do not
+    combine (ConfigError).
+
     Attributes: `loss` (float, on the batch), `names` and `params` (the block, in order: the
     model's parameters, or the row copy of a cut table), `shapes`, `sizes` (elements per
     parameter), `numel` (block size), `omitted` (entries of the selected parameters left out by
-    `sparse_embeddings`, else 0), `table` (the `RowTable` or None), `dtype`, `device`, `method`,
+    `sparse_embeddings`, else 0), `table` (the `RowTable` or None), `buckets` (the `LengthBuckets`
+    or None), `dtype`, `device`, `method`,
     `precision` (a key of `PRECISIONS`), and `count`, the number of products computed so far.
     """
 
@@ -179,7 +186,11 @@ class HVP:
         loss_fn: LossFn | None = None,
         precision: str = "float32",
         sparse_embeddings: bool = False,
+        unpad: bool = False,
     ) -> None:
+        if unpad and loss_fn is not None:
+            raise ConfigError("unpad weights sub-batch losses by their examples, which only the default loss (a mean "
+                              "over examples) allows; pass unpad=False with a custom loss_fn")
         if method not in METHODS:
             raise ConfigError(f"unknown HVP method {method!r}; known: {', '.join(METHODS)}")
         if precision not in PRECISIONS:
@@ -203,7 +214,8 @@ class HVP:
         self.device = self.params[0].device
         self.count = 0
         self._gradient: list[Tensor] | None = None
-        self._loss_fn = loss_fn or default_loss
+        self.buckets = LengthBuckets.of(batch) if unpad else None
+        self._loss_fn = self.buckets.loss(default_loss) if self.buckets else loss_fn or default_loss
         if method == "double_backward":
             # Freezing the other parameters for the forward keeps their branches out of the graph
             # the products reuse; the flags come back as soon as the graph exists.

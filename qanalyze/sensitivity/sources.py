@@ -75,6 +75,7 @@ class NativeSource:
 
     Both graphs take the input embedding table as the rows the batch looks up (``sparse_embeddings``):
     traces and eigenvalues are the full table's, and a probe skips the other rows' millions of entries.
+    With ``config.unpad`` they run the batch as length buckets without its shared padding (`LengthBuckets`).
     """
 
     def __init__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], weights: dict[str, torch.nn.Parameter],
@@ -82,7 +83,7 @@ class NativeSource:
         self.model, self.batch, self.weights = model, batch, weights
         self.config, self.generator = config, generator
         self.fast = HVP(model, batch, weights, method=config.hvp_method, precision=config.hvp_precision,
-                        sparse_embeddings=True)
+                        sparse_embeddings=True, unpad=config.unpad)
         self._exact = self.fast if config.hvp_precision == "float32" else None
         self.eig = EIG_METHODS[config.eig_method]
 
@@ -91,7 +92,7 @@ class NativeSource:
         """The products in the parameters' own precision (the bfloat16 graph's partner)."""
         if self._exact is None:
             self._exact = HVP(self.model, self.batch, self.weights, method=self.config.hvp_method,
-                              sparse_embeddings=True)
+                              sparse_embeddings=True, unpad=self.config.unpad)
         return self._exact
 
     @property
