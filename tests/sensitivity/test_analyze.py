@@ -93,6 +93,25 @@ def test_bfloat16_products_keep_eigenvalues_and_traces(tmp_path, tiny, sst2):
         assert a["eigenvalues"][0] == pytest.approx(b["eigenvalues"][0], rel=3e-4)
 
 
+def test_unpadded_products_keep_eigenvalues_and_traces(tmp_path, tiny, sst2):
+    """Length buckets change only rounding: the same probes give the same traces, the same starts the
+    same eigenvalues; the setting is recorded."""
+    from qanalyze.sensitivity.analyze import calibration_batches
+    from qanalyze.sensitivity.buckets import LengthBuckets
+
+    config = _config(metrics=("eig", "trace"), batch_size=16, max_length=64, eig_tol=1e-4, hvp_precision="float32")
+    batches = calibration_batches(sst2, tiny.tokenizer, config)
+    assert all(LengthBuckets.of(b) is not None for b in batches)  # else this test compares nothing
+    reports = {u: analyze(tiny, sst2, replace(config, unpad=u), tmp_path / f"{u}.json") for u in (False, True)}
+    assert [r.settings["unpad"] for r in reports.values()] == [False, True]
+    for name, entry in reports[False].modules.items():
+        ours, ref = reports[True].modules[name]["hessian"], entry["hessian"]
+        for a, b in zip(ours["eigenvalues"], ref["eigenvalues"]):
+            assert a == pytest.approx(b, rel=3e-4, abs=1e-6), name
+        for a, b in zip(ours["trace_per_batch"], ref["trace_per_batch"]):
+            assert a["value"] == pytest.approx(b["value"], rel=1e-4, abs=1e-6), name
+
+
 def test_auto_precision_is_float32_for_a_float64_model(tmp_path, tiny, sst2):
     tiny.model.double()
     report = analyze(tiny, sst2, _config(metrics=("trace",), trace_max_probes=4, trace_min_probes=4),
