@@ -26,9 +26,12 @@ def main() -> None:
                         help="an SST-2 run directory (benchmarks/hessian_sst2.py makes one)")
     parser.add_argument("--data", default=str(ROOT.parent / "shared/data/glue/SST-2"))
     parser.add_argument("--out", default=str(ROOT / "runs/bench/sensitivity.json"))
+    parser.add_argument("--no-unpad", action="store_true",
+                        help="run the Hessian products on the padded batches (analyze's --no-unpad)")
     args = parser.parse_args()
     command = [sys.executable, str(ROOT / "cli.py"), "analyze", args.model, "--task", "sst2", "--data", args.data,
-               "--max-train-examples", "2000", "--out", args.out, "--overwrite", "--quiet"]
+               "--max-train-examples", "2000", "--out", args.out, "--overwrite", "--quiet",
+               "--no-unpad" if args.no_unpad else "--unpad"]
     print(" ".join(command[1:]), flush=True)
     start = time.perf_counter()
     subprocess.run(command, check=True)
