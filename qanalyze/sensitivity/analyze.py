@@ -250,10 +250,11 @@ def analyze(
     batches = [{k: v.to(device) for k, v in b.items()}
                for b in calibration_batches(data, loaded.tokenizer, config)]
     # Recorded resolved, so a resume on hardware that resolves "auto" otherwise is refused. PyHessian
-    # has no precision setting: its products are the parameters' own.
+    # has no precision setting (its products are the parameters' own) and takes the batch padded.
     dtype = next(model.parameters()).dtype
-    precision = resolve_precision(config.hvp_precision, device, dtype) if config.engine == "native" else "float32"
-    config = replace(config, hvp_precision=precision)
+    native = config.engine == "native"
+    precision = resolve_precision(config.hvp_precision, device, dtype) if native else "float32"
+    config = replace(config, hvp_precision=precision, unpad=config.unpad and native)
     _check_loss(model, batches[0])
     state = _open(loaded, data, config, out, infos, all_infos, resume)
     modules = dict(model.named_modules())

@@ -63,7 +63,9 @@ class LengthBuckets:
             return None  # not a 0/1 mask padded on the right: cutting columns would move or drop tokens
         if not labels.is_floating_point() and bool((labels == IGNORE_INDEX).any()):
             return None
-        lengths = mask.sum(dim=1).clamp(min=1).tolist()
+        lengths = mask.sum(dim=1).tolist()
+        if min(lengths) == 0:
+            return None  # an all-padding row attends to every column alike: cutting columns would change it
         order = sorted(range(size), key=lambda i: -lengths[i])
         groups = _cheapest_split([lengths[i] for i in order], overhead_tokens)
         if len(groups) == 1 and lengths[order[0]] == columns:

@@ -172,8 +172,8 @@ class HVP:
     model's parameters, or the row copy of a cut table), `shapes`, `sizes` (elements per
     parameter), `numel` (block size), `omitted` (entries of the selected parameters left out by
     `sparse_embeddings`, else 0), `table` (the `RowTable` or None), `buckets` (the `LengthBuckets`
-    or None), `dtype`, `device`, `method`,
-    `precision` (a key of `PRECISIONS`), and `count`, the number of products computed so far.
+    or None), `dtype`, `device`, `method`, `precision` (a key of `PRECISIONS`), and `count`, the
+    number of products computed so far.
     """
 
     def __init__(

@@ -112,6 +112,26 @@ def test_unpadded_products_keep_eigenvalues_and_traces(tmp_path, tiny, sst2):
             assert a["value"] == pytest.approx(b["value"], rel=1e-4, abs=1e-6), name
 
 
+def test_pyhessian_engine_agrees_with_the_native_one(tmp_path, tiny, sst2):
+    """--engine pyhessian answers the same questions through PyHessian 0.1 (padded batch, float32);
+    its top eigenvalues agree with Lanczos within 2 %, its traces within the standard errors."""
+    config = _config(metrics=("eig", "trace"), batches=1, modules=r"layer\.0\.attention\.self\.(query|value)$",
+                     eig_tol=1e-5, eig_max_iter=100, trace_max_probes=24, trace_min_probes=24)
+    reports = {e: analyze(tiny, sst2, replace(config, engine=e), tmp_path / f"{e}.json")
+               for e in ("native", "pyhessian")}
+    theirs = reports["pyhessian"]
+    assert theirs.settings["hvp_precision"] == "float32" and theirs.settings["unpad"] is False
+    assert set(theirs.modules) == {f"bert.encoder.layer.0.attention.self.{m}" for m in ("query", "value")}
+    for name, entry in reports["native"].modules.items():
+        ours, ref = entry["hessian"], theirs.modules[name]["hessian"]
+        assert ref["eigenvalues"][0] == pytest.approx(ours["eigenvalues"][0], rel=0.02), name
+        a, b = ours["trace_per_batch"][0], ref["trace_per_batch"][0]
+        assert b["method"] == "pyhessian"
+        assert abs(a["value"] - b["value"]) <= 3 * math.hypot(a["stderr"], b["stderr"]), name
+    layer = theirs.blocks["0"]["per_batch"][0]["value"]
+    assert layer == pytest.approx(reports["native"].blocks["0"]["per_batch"][0]["value"], rel=0.02)
+
+
 def test_auto_precision_is_float32_for_a_float64_model(tmp_path, tiny, sst2):
     tiny.model.double()
     report = analyze(tiny, sst2, _config(metrics=("trace",), trace_max_probes=4, trace_min_probes=4),

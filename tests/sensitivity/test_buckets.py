@@ -82,6 +82,7 @@ def test_split_is_refused_where_it_could_change_the_loss_or_save_nothing():
     assert split({**batch, "labels": ignored}) is None
     assert split({**batch, "extra": 3}) is None
     assert split(padded_batch([7] * 6)) is None  # no padding to drop
+    assert split(padded_batch([*LENGTHS[:-1], 0], columns=12)) is None  # an example with no token
 
 
 def tiny_models() -> dict[str, torch.nn.Module]:
