@@ -31,7 +31,8 @@ def main() -> None:
         products = [v for k, v in sorted(report["timings"].items()) if k.startswith("hessian_products")]
         print(f"{label}: {report['timings'].get('seconds', math.nan):.0f} s of analysis, products per batch {products}")
 
-    traces = eigs = trace_ok = eig_ok = 0
+    traces = trace_ok = 0
+    eig_pairs = []  # (where, batch, reference value, other value)
     for name, entry in ref["modules"].items():
         mine, theirs = entry["hessian"], other["modules"][name]["hessian"]
         for a, b in zip(mine.get("trace_per_batch", []), theirs.get("trace_per_batch", [])):
@@ -41,25 +42,19 @@ def main() -> None:
             if not ok:
                 print(f"  trace outside 3 SE: {name}: {a['value']:.4g} ± {a['stderr']:.2g} against "
                       f"{b['value']:.4g} ± {b['stderr']:.2g}")
-        for batch, (a, b) in enumerate(zip(mine.get("eig_per_batch", []), theirs.get("eig_per_batch", []))):
-            eigs += 1
-            ok = _close(a["value"], b["value"], tol)
-            eig_ok += ok
-            if not ok:
-                print(f"  eigenvalue: {name}, batch {batch + 1}: {a['value']:.5g} against {b['value']:.5g}")
+        eig_pairs += [(name, batch, a["value"], b["value"]) for batch, (a, b)
+                      in enumerate(zip(mine.get("eig_per_batch", []), theirs.get("eig_per_batch", [])))]
     for block, entry in ref.get("blocks", {}).items():
-        for batch, (a, b) in enumerate(zip(entry["per_batch"], other["blocks"][block]["per_batch"])):
-            eigs += 1
-            ok = _close(a["value"], b["value"], tol)
-            eig_ok += ok
-            if not ok:
-                print(f"  eigenvalue: layer {block}, batch {batch + 1}: {a['value']:.5g} against {b['value']:.5g}")
+        eig_pairs += [(f"layer {block}", batch, a["value"], b["value"]) for batch, (a, b)
+                      in enumerate(zip(entry["per_batch"], other["blocks"][block]["per_batch"]))]
+    eig_ok = 0
+    for where, batch, a, b in eig_pairs:
+        ok = abs(a - b) <= tol * max(abs(a), abs(b)) + 1e-12
+        eig_ok += ok
+        if not ok:
+            print(f"  eigenvalue: {where}, batch {batch + 1}: {a:.5g} against {b:.5g}")
     print(f"traces within 3 combined standard errors: {trace_ok} of {traces}")
-    print(f"top eigenvalues (modules and layers) within {tol:g}: {eig_ok} of {eigs}")
-
-
-def _close(a: float, b: float, tol: float) -> bool:
-    return abs(a - b) <= tol * max(abs(a), abs(b)) + 1e-12
+    print(f"top eigenvalues (modules and layers) within {tol:g}: {eig_ok} of {len(eig_pairs)}")
 
 
 if __name__ == "__main__":

@@ -83,8 +83,7 @@ class LengthBuckets:
         parts = []
         for group, length in zip(self.groups, self.lengths):
             rows = torch.tensor(group, device=batch["attention_mask"].device)
-            part = {key: _cut(value.index_select(0, rows.to(value.device)), length, self.columns)
-                    for key, value in batch.items()}
+            part = {key: _cut(value.index_select(0, rows.to(value.device)), length) for key, value in batch.items()}
             parts.append((part, len(group) / self.size))
         return parts
 
@@ -109,8 +108,9 @@ def _splittable(batch: Mapping[str, Any], size: int, columns: int) -> bool:
     return True
 
 
-def _cut(value: Tensor, length: int, columns: int) -> Tensor:
-    return value[:, :length] if value.dim() > 1 and value.shape[1] == columns else value
+def _cut(value: Tensor, length: int) -> Tensor:
+    # `_splittable` let in only (examples,) and (examples, columns, ...) values.
+    return value[:, :length] if value.dim() > 1 else value
 
 
 def _cheapest_split(lengths: list[int], overhead: int) -> list[tuple[int, int]]:
