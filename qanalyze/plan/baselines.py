@@ -19,12 +19,12 @@ from qanalyze.plan.knapsack import (
     Item,
     Options,
     Solution,
-    _fits,
-    _scales,
-    _solution,
-    _table,
-    _totals,
-    _vector,
+    check_vector,
+    cost_scales,
+    exact_totals,
+    fits_within,
+    make_solution,
+    make_table,
 )
 from qanalyze.plan.solvers import solve
 
@@ -42,8 +42,8 @@ def uniform_choice(options: Options, capacities: Sequence[float], labels: Sequen
     label in module 0's order. `labels[i][j]` names option j of module i; a label may appear
     once per module. `InfeasibleError` when no common label fits."""
     start = time.perf_counter()
-    table = _table(options)
-    caps = _vector(capacities, table.constraints, "capacities")
+    table = make_table(options)
+    caps = check_vector(capacities, table.constraints, "capacities")
     if len(labels) != table.modules:
         raise ConfigError(f"labels has {len(labels)} rows for {table.modules} modules")
     where: list[dict[Hashable, int]] = []
@@ -57,18 +57,18 @@ def uniform_choice(options: Options, capacities: Sequence[float], labels: Sequen
     common = [label for label in labels[0] if all(label in index for index in where)]
     if not common:
         raise ConfigError("no label is offered by every module, so no uniform choice exists")
-    scales = _scales(caps)
+    scales = cost_scales(caps)
     candidates = []
     for position, label in enumerate(common):
         choice = [index[label] for index in where]
-        damage, costs, share = _totals(table, choice, scales)
+        damage, costs, share = exact_totals(table, choice, scales)
         candidates.append((choice, damage, costs, share, position))
-    fitting = [c for c in candidates if _fits(c[2], caps, None)]
+    fitting = [c for c in candidates if fits_within(c[2], caps, None)]
     if not fitting:
         cheapest = tuple(min(c[2][k] for c in candidates) for k in range(table.constraints))
         raise InfeasibleError(cheapest, caps, "no uniform choice fits the budget")
     choice = min(fitting, key=lambda c: (-c[3], c[1], c[4]))[0]
-    return _solution(table, choice, scales, "uniform", False, start)
+    return make_solution(table, choice, scales, "uniform", False, start)
 
 
 def random_choice(
@@ -92,8 +92,8 @@ def random_choice(
     start = time.perf_counter()
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ConfigError(f"seed must be a non-negative integer, got {seed!r}")
-    table = _table(options)
-    caps = _vector(capacities, table.constraints, "capacities")
+    table = make_table(options)
+    caps = check_vector(capacities, table.constraints, "capacities")
     if reference is None:
         reference = solve(options, caps, solver=solver)
     rng = np.random.default_rng(seed)
@@ -101,7 +101,7 @@ def random_choice(
     noise = [[Item(item.costs, float(u)) for item, u in zip(module, row)] for module, row in zip(options, draws)]
     floors = tuple((1.0 - EQUAL_COST_RTOL) * c for c in reference.costs)
     picked = solve(noise, caps, solver=solver, floors=floors)
-    return _solution(table, picked.choice, _scales(caps), f"random:{picked.solver}", False, start)
+    return make_solution(table, picked.choice, cost_scales(caps), f"random:{picked.solver}", False, start)
 
 
 def reversed_choice(
@@ -117,8 +117,8 @@ def reversed_choice(
     `SENSITIVITY_FLOOR` of the largest positive one (zero, negative noise) are lifted to it, so
     the profile division is defined; they rank as given."""
     start = time.perf_counter()
-    table = _table(options)
-    caps = _vector(capacities, table.constraints, "capacities")
+    table = make_table(options)
+    caps = check_vector(capacities, table.constraints, "capacities")
     values = [float(s) for s in sensitivity]
     if len(values) != table.modules:
         raise ConfigError(f"{len(values)} sensitivities for {table.modules} modules")
@@ -133,4 +133,4 @@ def reversed_choice(
         for i, module in enumerate(options)
     ]
     picked = solve(swapped, caps, solver=solver)
-    return _solution(table, picked.choice, _scales(caps), f"reversed:{picked.solver}", False, start)
+    return make_solution(table, picked.choice, cost_scales(caps), f"reversed:{picked.solver}", False, start)

@@ -21,25 +21,25 @@ from qanalyze.plan.knapsack import (
     InfeasibleError,
     Options,
     Solution,
-    _fits,
-    _lows,
-    _minimum,
-    _require_reachable,
-    _scales,
-    _solution,
-    _Table,
-    _table,
-    _tolerance,
-    _totals,
-    _vector,
+    Table,
+    check_floors,
+    check_vector,
+    cost_scales,
+    exact_totals,
+    fits_within,
+    make_solution,
+    make_table,
+    require_reachable,
+    table_minimum,
+    tie_tolerance,
 )
-from qanalyze.plan.polish import _polish
+from qanalyze.plan.polish import polish_choice
 
 BRUTE_FORCE_LIMIT = 1_000_000
 """`brute_force` refuses instances with more combinations than this."""
 
 
-def _grid(table: _Table, capacity: float, resolution: int) -> tuple[np.ndarray, bool]:
+def _grid(table: Table, capacity: float, resolution: int) -> tuple[np.ndarray, bool]:
     """Costs in grid units of capacity / resolution, rounded up in exact rational arithmetic so
     that sum(grid) <= resolution implies sum(cost) <= capacity; `resolution + 1` marks an option
     that can never fit. Also returns whether no cost was rounded."""
@@ -61,7 +61,7 @@ def _grid(table: _Table, capacity: float, resolution: int) -> tuple[np.ndarray, 
     return grid, exact
 
 
-def _dp(table: _Table, capacity: float, resolution: int, floor: float | None) -> tuple[tuple[int, ...], bool]:
+def _dp(table: Table, capacity: float, resolution: int, floor: float | None) -> tuple[tuple[int, ...], bool]:
     """The DP on a validated one-constraint table: (choice, whether no cost was rounded)."""
     grid, exact = _grid(table, capacity, resolution)
     values = np.empty((table.modules + 1, resolution + 1))
@@ -85,9 +85,9 @@ def _dp(table: _Table, capacity: float, resolution: int, floor: float | None) ->
     least = float(window.min())
     if not math.isfinite(least):
         raise InfeasibleError(
-            _minimum(table), (capacity,), f"nothing fits on a grid of {resolution} units (or above the floor)"
+            table_minimum(table), (capacity,), f"nothing fits on a grid of {resolution} units (or above the floor)"
         )
-    limit = least + _tolerance(least, table)
+    limit = least + tie_tolerance(least, table)
     remaining = low + int(np.argmax(window <= limit))
     choice = []
     spent = 0.0
@@ -122,7 +122,7 @@ def solve_dp(
     True only when no cost needed rounding. Ties on the grid: least damage within the tie
     tolerance, then the least grid cost, then the lexicographically smallest choice.
 
-    `polish` (default True) then applies exact single-module moves (`_polish`) that lower the
+    `polish` (default True) then applies exact single-module moves (`polish_choice`) that lower the
     damage, or keep it and lower the true cost, checked against the true capacity: they spend
     what the rounding left (so a capacity that admits the dearest option everywhere gets it
     everywhere) and cannot break the capacity. When a capacity within M units of the cheapest
@@ -138,21 +138,21 @@ def solve_dp(
     when the cheapest choice is above the capacity or nothing fits on the grid (raise resolution).
     """
     start = time.perf_counter()
-    table = _table(options)
+    table = make_table(options)
     if table.constraints != 1:
         raise ConfigError(f"solve_dp handles one constraint; this instance has {table.constraints}: use solve_ilp")
-    (cap,) = _vector((capacity,), 1, "capacities")
+    (cap,) = check_vector((capacity,), 1, "capacities")
     if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 1:
         raise ConfigError(f"resolution must be a positive integer, got {resolution!r}")
-    lows = _lows(None if floor is None else (floor,), 1)
-    _require_reachable(table, (cap,))
-    scales = _scales((cap,))
-    choice, exact = _dp_choice(table, cap, resolution, lows, scales, polish)
-    return _solution(table, choice, scales, "dp", exact, start)
+    lows = check_floors(None if floor is None else (floor,), 1)
+    require_reachable(table, (cap,))
+    scales = cost_scales((cap,))
+    choice, exact = dp_choice(table, cap, resolution, lows, scales, polish)
+    return make_solution(table, choice, scales, "dp", exact, start)
 
 
-def _dp_choice(
-    table: _Table,
+def dp_choice(
+    table: Table,
     capacity: float,
     resolution: int,
     lows: Sequence[float] | None,
@@ -170,7 +170,7 @@ def _dp_choice(
         choice = tuple(int(np.lexsort((table.damage[i], table.costs[i, :, 0]))[0]) for i in range(table.modules))
         exact = False
     if polish:
-        choice = _polish(table, choice, (capacity,), lows, scales, _totals(table, choice, scales)[0])[0]
+        choice = polish_choice(table, choice, (capacity,), lows, scales, exact_totals(table, choice, scales)[0])[0]
     return choice, exact
 
 
@@ -178,13 +178,13 @@ def brute_force(options: Options, capacities: Sequence[float]) -> Solution:
     """Every combination (at most `BRUTE_FORCE_LIMIT`, `ConfigError` above), with the tie rule
     applied exactly: the reference for tests and tiny instances."""
     start = time.perf_counter()
-    table = _table(options)
-    caps = _vector(capacities, table.constraints, "capacities")
+    table = make_table(options)
+    caps = check_vector(capacities, table.constraints, "capacities")
     combinations = math.prod(table.counts)
     if combinations > BRUTE_FORCE_LIMIT:
         raise ConfigError(f"brute_force is for tiny instances: {combinations} combinations > {BRUTE_FORCE_LIMIT}")
-    _require_reachable(table, caps)
-    scales = _scales(caps)
+    require_reachable(table, caps)
+    scales = cost_scales(caps)
     damage = np.zeros(())
     costs = [np.zeros(()) for _ in range(table.constraints)]
     for i, n in enumerate(table.counts):
@@ -197,13 +197,13 @@ def brute_force(options: Options, capacities: Sequence[float]) -> Solution:
         # a running float sum may round across the capacity: those few are settled with exact sums
         near |= np.abs(total - caps[k]) <= 1e-12 * (abs(caps[k]) + float(np.abs(total).max()))
     for index in zip(*np.nonzero(near)):
-        fits[index] = _fits(_totals(table, index, scales)[1], caps, None)
+        fits[index] = fits_within(exact_totals(table, index, scales)[1], caps, None)
     if not fits.any():
-        raise InfeasibleError(_minimum(table), caps, "no combination meets every constraint at once")
+        raise InfeasibleError(table_minimum(table), caps, "no combination meets every constraint at once")
     least = float(damage[fits].min())
-    tied = fits & (damage <= least + _tolerance(least, table))
+    tied = fits & (damage <= least + tie_tolerance(least, table))
     share = sum(total / scale for total, scale in zip(costs, scales))
     # the first index in C order among the least shares is the lexicographically smallest choice
     flat = int(np.argmin(np.where(tied, share, np.inf)))
     choice = np.unravel_index(flat, damage.shape)
-    return _solution(table, choice, scales, "brute-force", True, start)
+    return make_solution(table, choice, scales, "brute-force", True, start)

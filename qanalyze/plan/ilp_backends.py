@@ -18,10 +18,11 @@ from typing import Any
 import numpy as np
 
 from qanalyze.errors import ConfigError
-from qanalyze.plan.knapsack import InfeasibleError, SolverError, SolverUnavailableError, _minimum, _Table
+from qanalyze.plan.knapsack import InfeasibleError, SolverError, SolverUnavailableError, Table, table_minimum
 
 
-def _import_pulp() -> Any:
+def import_pulp() -> Any:
+    """The ``pulp`` module, imported on first use (`SolverUnavailableError` when it is not installed)."""
     try:
         import pulp
     except ImportError as error:
@@ -72,20 +73,21 @@ def ilp_available(backend: str = "cbc") -> bool:
     if backend not in ILP_BACKENDS:
         return False
     try:
-        pulp = _import_pulp()
+        pulp = import_pulp()
     except SolverUnavailableError:
         return False
     return bool(ILP_BACKENDS[backend](pulp, 1.0, None)[0].available())
 
 
-def _backend(backend: str) -> Backend:
+def get_backend(backend: str) -> Backend:
+    """The factory of the named ILP backend (`ConfigError` listing the known names)."""
     if backend not in ILP_BACKENDS:
         raise ConfigError(f"unknown ILP backend {backend!r}; known: {', '.join(sorted(ILP_BACKENDS))}")
     return ILP_BACKENDS[backend]
 
 
 @dataclass(frozen=True)
-class _Model:
+class IlpModel:
     """A PuLP model over the kept options, `x[(i, j)]` binary; modules left with a single option
     are `fixed` outside it (module -> option)."""
 
@@ -94,15 +96,15 @@ class _Model:
     fixed: dict[int, int]
 
 
-def _model(
+def build_model(
     pulp: Any,
-    table: _Table,
+    table: Table,
     keep: np.ndarray,
     objective: np.ndarray,
     rhs: Sequence[float],
     lows: Sequence[float] | None,
     cap: tuple[np.ndarray, float] | None,
-) -> _Model:
+) -> IlpModel:
     """One option per module, every capacity (and floor), `sum objective x` to minimise and, with
     `cap` = (weights, bound), the extra row `sum weights x <= bound`. Modules with one kept option
     are fixed and their share moved to the right-hand sides: equality rows of one variable are
@@ -136,7 +138,7 @@ def _model(
         if not terms.any():
             # nothing left to choose on this row: it holds or the problem is infeasible
             if spent > upper or (lower is not None and spent < lower):
-                raise InfeasibleError(_minimum(table), rhs, "no choice meets every constraint at once")
+                raise InfeasibleError(table_minimum(table), rhs, "no choice meets every constraint at once")
             return
         slack = math.fsum([upper, -spent])
         scale = slack if slack_scaled and slack > 0 else 1.0
@@ -156,7 +158,7 @@ def _model(
     if cap is not None:
         add(cap[0], cap[1], None, "tie", False)
     problem.setObjective(expression(np.where(free, objective, 0.0)))
-    return _Model(problem, x, fixed)
+    return IlpModel(problem, x, fixed)
 
 
 @contextlib.contextmanager
@@ -177,12 +179,14 @@ def _native_stdout_silenced() -> Iterator[None]:
         os.close(saved)
 
 
-def _run(pulp: Any, model: _Model, engines: Sequence[Any], modules: int) -> tuple[tuple[int, ...] | None, bool, bool]:
+def run_model(
+    pulp: Any, model: IlpModel, engines: Sequence[Any], modules: int
+) -> tuple[tuple[int, ...] | None, bool, bool]:
     """Solve with the first engine that does not crash; returns (choice or None, proved optimal,
     proved infeasible)."""
     choice = [model.fixed.get(i, -1) for i in range(modules)]
     if not model.x:
-        # every module fixed, and `_model` checked each row
+        # every module fixed, and `build_model` checked each row
         return tuple(choice), True, False
     failure = None
     for engine in engines:

@@ -10,11 +10,18 @@ is within `TIE_RTOL` of the smallest, relative to max(|smallest|, sum over modul
 |damage|) (the second term only matters when signed damages cancel); that is far above the float
 error of summing M damages, so rounding never splits a true tie. Within it: the lowest cost share
 (sum over constraints of total cost / capacity; for one constraint simply the lowest cost), then
-the lexicographically smallest choice (`_rank`).
+the lexicographically smallest choice (`tie_rank`).
 
-Every total is a `math.fsum` of the chosen entries (`_totals`), so a reported cost is the
-correctly rounded sum and "cost <= capacity" is checked on it. The underscored helpers here are
-shared by the solver modules of `qanalyze.plan`; they are not part of the API.
+Every total is a `math.fsum` of the chosen entries (`exact_totals`), so a reported cost is the
+correctly rounded sum and "cost <= capacity" is checked on it.
+
+Two layers of names. `Item`, `Solution`, `Options`, the errors, `TIE_RTOL` and `minimum_costs` are
+the knapsack's API (re-exported by `qanalyze.plan.solvers`). The table helpers below them (`Table`,
+`make_table`, `check_vector`, `check_floors`, `cost_scales`, `table_minimum`, `require_reachable`,
+`exact_totals`, `fits_within`, `tie_tolerance`, `tie_rank`, `make_solution`) are the package's
+internal API: public names, so that the solver modules of `qanalyze.plan` share one definition of
+the table and the tie rule instead of reaching into each other's private helpers; code outside
+`qanalyze.plan` should go through `qanalyze.plan.solvers`.
 """
 
 from __future__ import annotations
@@ -101,7 +108,7 @@ class SolverError(QAnalyzeError):
 
 
 @dataclass(frozen=True)
-class _Table:
+class Table:
     """An instance as dense arrays: `damage` (M, J) and `costs` (M, J, K), padded with +inf past
     a module's last option so that padding is never affordable."""
 
@@ -122,12 +129,13 @@ class _Table:
     @property
     def magnitude(self) -> float:
         """Sum over modules of the smallest |damage|: for non-negative damages a lower bound of any
-        total, so `_tolerance` is purely relative; it only matters when signed damages cancel."""
+        total, so `tie_tolerance` is purely relative; it only matters when signed damages cancel."""
         finite = np.where(np.isfinite(self.damage), np.abs(self.damage), np.inf)
         return math.fsum(finite.min(axis=1).tolist())
 
 
-def _table(options: Options) -> _Table:
+def make_table(options: Options) -> Table:
+    """Validate an instance and lay it out as a `Table` (`ConfigError` naming the first bad module or option)."""
     if len(options) == 0:
         raise ConfigError("the knapsack needs at least one module; options is empty")
     width = None
@@ -147,10 +155,11 @@ def _table(options: Options) -> _Table:
     for i, module in enumerate(options):
         damage[i, : counts[i]] = [item.damage for item in module]
         costs[i, : counts[i]] = [item.costs for item in module]
-    return _Table(damage, costs, counts)
+    return Table(damage, costs, counts)
 
 
-def _vector(values: Sequence[float], width: int, what: str) -> tuple[float, ...]:
+def check_vector(values: Sequence[float], width: int, what: str) -> tuple[float, ...]:
+    """``values`` as floats, one per constraint and finite (`ConfigError` naming ``what`` otherwise)."""
     out = tuple(float(v) for v in values)
     if len(out) != width:
         raise ConfigError(f"{len(out)} {what} given for {width} constraints")
@@ -159,11 +168,13 @@ def _vector(values: Sequence[float], width: int, what: str) -> tuple[float, ...]
     return out
 
 
-def _lows(floors: Sequence[float] | None, width: int) -> tuple[float, ...] | None:
-    return None if floors is None else _vector(floors, width, "floors")
+def check_floors(floors: Sequence[float] | None, width: int) -> tuple[float, ...] | None:
+    """Lower bounds on the total costs, checked like capacities; None when there are none."""
+    return None if floors is None else check_vector(floors, width, "floors")
 
 
-def _scales(capacities: Sequence[float]) -> tuple[float, ...]:
+def cost_scales(capacities: Sequence[float]) -> tuple[float, ...]:
+    """Per constraint, what a total cost is divided by in the cost share of the tie rule."""
     # a zero capacity admits only zero-cost options, so any positive scale ranks those equally
     return tuple(c if c > 0 else 1.0 for c in capacities)
 
@@ -172,22 +183,26 @@ def minimum_costs(options: Options) -> tuple[float, ...]:
     """Per constraint, the sum over modules of the cheapest option's cost: the smallest reachable
     total for one constraint, a lower bound when there are several (each sum may use a different
     option of the same module)."""
-    table = _table(options)
-    return _minimum(table)
+    table = make_table(options)
+    return table_minimum(table)
 
 
-def _minimum(table: _Table) -> tuple[float, ...]:
+def table_minimum(table: Table) -> tuple[float, ...]:
+    """`minimum_costs` of a table already built."""
     cheapest = table.costs.min(axis=1)
     return tuple(math.fsum(cheapest[:, k].tolist()) for k in range(table.constraints))
 
 
-def _require_reachable(table: _Table, capacities: Sequence[float]) -> None:
-    minimum = _minimum(table)
+def require_reachable(table: Table, capacities: Sequence[float]) -> None:
+    """`InfeasibleError` when even the cheapest option of every module exceeds a capacity."""
+    minimum = table_minimum(table)
     if any(m > c for m, c in zip(minimum, capacities)):
         raise InfeasibleError(minimum, capacities)
 
 
-def _totals(table: _Table, choice: Sequence[int], scales: Sequence[float]) -> tuple[float, tuple[float, ...], float]:
+def exact_totals(
+    table: Table, choice: Sequence[int], scales: Sequence[float]
+) -> tuple[float, tuple[float, ...], float]:
     """Exact (damage, costs, cost share) of a choice."""
     rows = np.arange(table.modules)
     picked = np.asarray(choice)
@@ -197,25 +212,28 @@ def _totals(table: _Table, choice: Sequence[int], scales: Sequence[float]) -> tu
     return damage, costs, math.fsum(c / s for c, s in zip(costs, scales))
 
 
-def _fits(costs: Sequence[float], capacities: Sequence[float], lows: Sequence[float] | None) -> bool:
+def fits_within(costs: Sequence[float], capacities: Sequence[float], lows: Sequence[float] | None) -> bool:
+    """Whether total ``costs`` are within every capacity and, when ``lows`` is given, at or above every floor."""
     if not all(c <= cap for c, cap in zip(costs, capacities)):
         return False
     return lows is None or all(c >= low for c, low in zip(costs, lows))
 
 
-def _tolerance(best: float, table: _Table) -> float:
+def tie_tolerance(best: float, table: Table) -> float:
+    """How far above the least damage ``best`` a total damage still ties it (see the module docstring)."""
     return TIE_RTOL * max(abs(best), table.magnitude)
 
 
-def _rank(damage: float, share: float, choice: Sequence[int], best: float, tol: float) -> tuple:
+def tie_rank(damage: float, share: float, choice: Sequence[int], best: float, tol: float) -> tuple:
     """Sort key of the tie rule: inside the tie set by (share, choice), outside by damage first."""
     if damage <= best + tol:
         return (0, share, tuple(choice))
     return (1, damage, share, tuple(choice))
 
 
-def _solution(
-    table: _Table, choice: Sequence[int], scales: Sequence[float], solver: str, optimal: bool, start: float
+def make_solution(
+    table: Table, choice: Sequence[int], scales: Sequence[float], solver: str, optimal: bool, start: float
 ) -> Solution:
-    damage, costs, _ = _totals(table, choice, scales)
+    """The `Solution` of ``choice``: its exact totals, ``solver``'s name, and the time since ``start``."""
+    damage, costs, _ = exact_totals(table, choice, scales)
     return Solution(tuple(int(c) for c in choice), damage, costs, solver, optimal, time.perf_counter() - start)

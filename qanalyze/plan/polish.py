@@ -10,11 +10,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from qanalyze.plan.knapsack import _fits, _rank, _Table, _tolerance, _totals
+from qanalyze.plan.knapsack import Table, exact_totals, fits_within, tie_rank, tie_tolerance
 
 
-def _polish(
-    table: _Table,
+def polish_choice(
+    table: Table,
     choice: Sequence[int],
     capacities: Sequence[float],
     lows: Sequence[float] | None,
@@ -31,12 +31,12 @@ def _polish(
     lower = None if lows is None else np.asarray(lows)
     option_share = (table.costs / np.asarray(scales)).sum(axis=2)
     current = list(choice)
-    damage, costs, share = _totals(table, current, scales)
+    damage, costs, share = exact_totals(table, current, scales)
     best = min(best, damage)
     skipped = np.zeros(table.damage.shape, dtype=bool)
     # each accepted move strictly lowers the rank, so this bound is never reached in practice
     for _ in range(4 * table.damage.size):
-        tol = _tolerance(best, table)
+        tol = tie_tolerance(best, table)
         picked = np.asarray(current)
         new_damage = damage + (table.damage - table.damage[rows, picked][:, None])
         new_costs = np.asarray(costs) + (table.costs - table.costs[rows, picked][:, None, :])
@@ -57,11 +57,11 @@ def _polish(
             flat = int(np.argmin(np.where(tied, new_share, np.inf)))
         i, j = divmod(flat, table.damage.shape[1])
         trial = [*current[:i], j, *current[i + 1 :]]
-        trial_damage, trial_costs, trial_share = _totals(table, trial, scales)
-        improves = trial_damage < best - tol or _rank(trial_damage, trial_share, trial, best, tol) < _rank(
+        trial_damage, trial_costs, trial_share = exact_totals(table, trial, scales)
+        improves = trial_damage < best - tol or tie_rank(trial_damage, trial_share, trial, best, tol) < tie_rank(
             damage, share, current, best, tol
         )
-        if not (improves and _fits(trial_costs, capacities, lows)):
+        if not (improves and fits_within(trial_costs, capacities, lows)):
             skipped[i, j] = True
             continue
         current, damage, costs, share = trial, trial_damage, trial_costs, trial_share

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from qanalyze.plan.knapsack import _Table
+from qanalyze.plan.knapsack import Table
 
 
 def _best_multiplier(damage: np.ndarray, share: np.ndarray, limit: float) -> float:
@@ -41,7 +41,7 @@ def _best_multiplier(damage: np.ndarray, share: np.ndarray, limit: float) -> flo
     return high
 
 
-def _prune(table: _Table, rhs: Sequence[float], scales: Sequence[float], upper: float, tol: float) -> np.ndarray:
+def prune_options(table: Table, rhs: Sequence[float], scales: Sequence[float], upper: float, tol: float) -> np.ndarray:
     """Options that may belong to a choice with damage <= `upper` + `tol` (so to the tie set when
     `upper` is the damage of a feasible choice), by Lagrangian reduced costs.
 
