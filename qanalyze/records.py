@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Self
 
 from qanalyze.errors import RecordError
-from qanalyze.quant.primitives import WEIGHT_RANGES
+from qanalyze.plan.entries import FloatEntry, PlanEntry, entry_from_dict
 
 RUN_SCHEMA = "qanalyze/run/v1"
 CHECKPOINT_SCHEMA = "qanalyze/checkpoint/v1"
@@ -222,9 +222,9 @@ PLAN_SCHEMA = "qanalyze/plan/v1"
 class BitPlan(JsonRecord):
     """``plan.json``: the bit-width of every module's weights, activations and gradients.
 
-    ``modules`` maps a module name to ``{"weight_bits", "group", "groups", "activation_bits",
-    "gradient_bits", "scheme", "rounding", "weight_range", "predicted_damage"}`` or ``{"float": true}``
-    (``weight_range``, "max" or "mse", is optional: "max" when absent);
+    ``modules`` is the on-disk map from a module name to its entry (``{"weight_bits", "group", ...}`` or
+    ``{"float": true}``); read it through `entries` or `entry`, which give typed records
+    (`qanalyze.plan.entries`: `QuantizedEntry`, `FloatEntry`) with every default applied.
     ``model.modules`` records the architecture (name -> weight shape) the plan was made for, and
     ``model.fingerprint`` its hash: a plan applies to any checkpoint of that architecture.
     """
@@ -248,17 +248,21 @@ class BitPlan(JsonRecord):
         if "fingerprint" not in self.model or "modules" not in self.model:
             raise RecordError("plan lacks model.fingerprint or model.modules (the architecture it was made for)")
         for name, spec in self.modules.items():
-            if spec.get("float"):
-                continue
-            for key in ("weight_bits", "activation_bits", "gradient_bits"):
-                bits = spec.get(key)
-                if bits is not None and not (isinstance(bits, int) and 2 <= bits <= 16):
-                    raise RecordError(f"plan: module {name} has {key} {bits!r}; bits must be integers in 2..16")
-            if spec.get("weight_bits") is None or "group" not in spec:
-                raise RecordError(f"plan: module {name} has no weight_bits/group and is not float")
-            if spec.get("weight_range", "max") not in WEIGHT_RANGES:
-                raise RecordError(f"plan: module {name} has weight_range {spec['weight_range']!r}; known: "
-                                  f"{', '.join(WEIGHT_RANGES)}")
+            entry_from_dict(name, spec)  # validates; the records themselves are made on demand
+
+    @property
+    def entries(self) -> dict[str, PlanEntry]:
+        """Every listed module's entry as a typed record, in file order.
+
+        Read afresh from `modules` on each access: `modules` is a plain dict that callers (and tests) may
+        change after loading, and a cached copy would silently disagree with it.
+        """
+        return {name: entry_from_dict(name, spec) for name, spec in self.modules.items()}
+
+    def entry(self, name: str) -> PlanEntry:
+        """The typed entry of module ``name``; a `FloatEntry` for a module the plan does not list."""
+        spec = self.modules.get(name)
+        return FloatEntry(name) if spec is None else entry_from_dict(name, spec)
 
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from qanalyze.errors import ConfigError
+from qanalyze.plan.architecture import check_plan
 from qanalyze.plan.baselines import random_choice, reversed_choice, uniform_choice
 from qanalyze.plan.budget import SCALE_BITS, Budget
 from qanalyze.plan.costs import (
@@ -34,9 +35,13 @@ from qanalyze.plan.costs import (
     module_options,
     tie_groups,
 )
+from qanalyze.plan.entries import FloatEntry, PlanEntry, QuantizedEntry
 from qanalyze.plan.solvers import InfeasibleError, Item, Solution, solve
 from qanalyze.quant.primitives import ACTIVATION_GROUPS, GRADIENT_GROUPS
 from qanalyze.records import BitPlan, SensitivityReport
+
+__all__ = ["BASELINES", "PlanConfig", "check_plan", "file_sha256", "make_plan"]
+"""`check_plan` lives in `qanalyze.plan.architecture`; it is re-exported here for older imports."""
 
 BASELINES = ("uniform", "random", "reversed")
 
@@ -206,7 +211,7 @@ def _assemble(raw: Mapping[str, Any], budget: Budget, config: PlanConfig, option
     gradients = _gradient_bits(raw, config)
     # the weight errors the damage was predicted from were measured with this range rule: train with it too
     weight_range = raw.get("settings", {}).get("weight_range", "max")
-    modules: dict[str, dict[str, Any]] = {o.name: {"float": True} for o in options}
+    entries: dict[str, PlanEntry] = {o.name: FloatEntry(o.name) for o in options}
     chosen_bits = 0.0
     damage = 0.0
     bops = 0.0
@@ -219,21 +224,24 @@ def _assemble(raw: Mapping[str, Any], budget: Budget, config: PlanConfig, option
         for name in option.members:  # a tie group stands for several modules
             member = by_name[name]
             member_candidate = next(c for c in member.candidates if c.label == candidate.label)
-            modules[name] = {
-                "weight_bits": candidate.bits, "group": candidate.group, "groups": member_candidate.groups,
-                "activation_bits": activation.get(name), "gradient_bits": gradients.get(name) or 16,
-                "scheme": "symmetric", "rounding": "nearest", "weight_range": weight_range,
-                "predicted_damage": member_candidate.damage,
-            }
-            if config.act_group != "tensor" and "linear" in member.kind and activation.get(name):
-                modules[name]["activation_group"] = config.act_group
-            if config.grad_group != "tensor" and "linear" in member.kind:
-                modules[name]["gradient_group"] = config.grad_group
+            # a layout key is written only where it says something other than one scale per tensor
+            marks_input = config.act_group != "tensor" and "linear" in member.kind and bool(activation.get(name))
+            marks_gradient = config.grad_group != "tensor" and "linear" in member.kind
+            entries[name] = QuantizedEntry(
+                name=name, weight_bits=candidate.bits, group=candidate.group, groups=member_candidate.groups,
+                activation_bits=activation.get(name), gradient_bits=gradients.get(name) or 16,
+                scheme="symmetric", rounding="nearest", weight_range=weight_range,
+                predicted_damage=member_candidate.damage,
+                activation_group=config.act_group if marks_input else "tensor",
+                gradient_group=config.grad_group if marks_gradient else "tensor",
+                omitted=frozenset({*(() if marks_input else ("activation_group",)),
+                                   *(() if marks_gradient else ("gradient_group",))}),
+            )
     planned_params = sum(o.params for o in planned)
     all_params = planned_params + sum(o.params for o in floats)
     float_bits = sum(o.float_cost_bits for o in floats)
     weight_bytes = (chosen_bits + float_bits) / 8
-    quantized = [m for m in modules.values() if not m.get("float")]
+    quantized = [e for e in entries.values() if isinstance(e, QuantizedEntry)]
     totals = {
         # what a bits budget constrains (each tensor's first scale free), and the same with every scale
         "weight_bits_mean": _mean_bits(chosen_bits, planned),
@@ -241,9 +249,9 @@ def _assemble(raw: Mapping[str, Any], budget: Budget, config: PlanConfig, option
         "weight_bytes": math.ceil(weight_bytes),
         "compression": 32 * all_params / (chosen_bits + float_bits),
         "predicted_damage": damage,
-        "planned_modules": len(quantized), "float_modules": len(modules) - len(quantized),
-        "activation_bits_mean": _mean([m["activation_bits"] for m in quantized if m["activation_bits"]]),
-        "gradient_bits_mean": _mean([m["gradient_bits"] for m in quantized]),
+        "planned_modules": len(quantized), "float_modules": len(entries) - len(quantized),
+        "activation_bits_mean": _mean([e.activation_bits for e in quantized if e.activation_bits]),
+        "gradient_bits_mean": _mean([e.gradient_bits for e in quantized]),
         "bops": bops, "bops_seq_len": config.seq_len,
     }
     sensitivity = {"path": str(sensitivity_path) if sensitivity_path else None,
@@ -254,7 +262,8 @@ def _assemble(raw: Mapping[str, Any], budget: Budget, config: PlanConfig, option
                "modules": {o.name: list(o.shape) for o in options}},
         budget={**budget.to_dict(), "capacity_bits": capacity,
                 "act_budget": config.act_budget, "grad_budget": config.grad_budget, "bops": config.bops},
-        objective=config.objective, totals=totals, modules=modules, sensitivity=sensitivity,
+        objective=config.objective, totals=totals, modules={n: e.to_dict() for n, e in entries.items()},
+        sensitivity=sensitivity,
         solver={"name": solution.solver, "optimal": solution.optimal}, settings=config.recorded(),
         baseline=baseline,
     )
@@ -295,25 +304,3 @@ def _gradient_bits(raw: Mapping[str, Any], config: PlanConfig) -> Mapping[str, i
 def _mean(values: Sequence[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
-
-def check_plan(plan: BitPlan, architecture: Mapping[str, Sequence[int]]) -> None:
-    """Refuse a plan for another architecture, naming the first offending module.
-
-    ``architecture`` maps module names to weight shapes (from `qanalyze.models.inventory`).
-    """
-    for name, shape in plan.model["modules"].items():
-        if name not in architecture:
-            raise ConfigError(f"plan module {name} does not exist in this model: the plan is for another architecture")
-        if list(architecture[name]) != list(shape):
-            raise ConfigError(f"the plan is for another architecture: plan module {name} has shape {list(shape)}, "
-                              f"the model's is {list(architecture[name])}")
-    missing = [name for name in architecture if name not in plan.model["modules"]]
-    if missing:
-        raise ConfigError(f"the model has module {missing[0]} that the plan does not cover: "
-                          "the plan is for another architecture")
-    for name, spec in plan.modules.items():
-        if spec.get("float"):
-            continue
-        rows = plan.model["modules"][name][0]
-        if spec.get("groups") and rows % spec["groups"]:
-            raise ConfigError(f"plan module {name}: {spec['groups']} groups do not divide its {rows} rows")

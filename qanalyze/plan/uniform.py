@@ -24,6 +24,7 @@ from torch import nn
 from qanalyze.errors import ConfigError
 from qanalyze.models import architecture_fingerprint, inventory
 from qanalyze.plan.budget import SCALE_BITS
+from qanalyze.plan.entries import FloatEntry, PlanEntry, QuantizedEntry
 from qanalyze.quant.primitives import BITS_RANGE
 from qanalyze.records import BitPlan
 
@@ -50,25 +51,29 @@ def uniform_plan(model: nn.Module, bits: int, *, kinds: Sequence[str] = ("linear
         raise ConfigError(f"uniform plan layout {layout!r} is not one of {', '.join(LAYOUTS)}")
     scales_per_row = LAYOUTS[layout]["group"] == "channel"
     infos = inventory(model)
-    modules: dict[str, dict] = {}
+    entries: dict[str, PlanEntry] = {}
     quantized_bits = float_bits = 0.0
     quantized_params = all_params = 0
     for info in infos:
         weights = math.prod(info.shape)
         all_params += weights
         if info.kind not in kinds or info.stage == "head":
-            modules[info.name] = {"float": True}
+            entries[info.name] = FloatEntry(info.name)
             float_bits += FLOAT_BITS * weights
             continue
         # a layer norm's weight is one row; its input always has one scale per token (the engine's choice)
         groups = info.shape[0] if scales_per_row and info.kind != "layernorm" else 1
-        modules[info.name] = {"weight_bits": bits, "group": LAYOUTS[layout]["group"] if groups > 1 else "tensor",
-                              "groups": groups, "activation_bits": bits, "gradient_bits": bits,
-                              "scheme": "symmetric", "rounding": "nearest"}
-        if info.kind == "linear":
-            modules[info.name]["activation_group"] = LAYOUTS[layout]["activation_group"]
-            if LAYOUTS[layout]["gradient_group"] != "tensor":
-                modules[info.name]["gradient_group"] = LAYOUTS[layout]["gradient_group"]
+        # only linear layers write their input layout, and their gradient layout when it is not one scale
+        linear = info.kind == "linear"
+        marks_gradient = linear and LAYOUTS[layout]["gradient_group"] != "tensor"
+        entries[info.name] = QuantizedEntry(
+            name=info.name, weight_bits=bits, group=LAYOUTS[layout]["group"] if groups > 1 else "tensor",
+            groups=groups, activation_bits=bits, gradient_bits=bits, scheme="symmetric", rounding="nearest",
+            activation_group=LAYOUTS[layout]["activation_group"] if linear else "tensor",
+            gradient_group=LAYOUTS[layout]["gradient_group"] if marks_gradient else "tensor",
+            omitted=frozenset({"weight_range", "predicted_damage", *(() if linear else ("activation_group",)),
+                               *(() if marks_gradient else ("gradient_group",))}),
+        )
         quantized_bits += bits * weights + SCALE_BITS * groups
         quantized_params += weights
     if not quantized_params:
@@ -78,14 +83,14 @@ def uniform_plan(model: nn.Module, bits: int, *, kinds: Sequence[str] = ("linear
         "weight_bits_mean_all_scales": quantized_bits / quantized_params,
         "weight_bytes": math.ceil((quantized_bits + float_bits) / 8),
         "compression": FLOAT_BITS * all_params / (quantized_bits + float_bits),
-        "planned_modules": sum(not m.get("float") for m in modules.values()),
-        "float_modules": sum(bool(m.get("float")) for m in modules.values()),
+        "planned_modules": sum(e.quantized for e in entries.values()),
+        "float_modules": sum(not e.quantized for e in entries.values()),
         "activation_bits_mean": bits, "gradient_bits_mean": bits,
     }
     return BitPlan(
         model={"fingerprint": architecture_fingerprint(infos), "modules": {i.name: list(i.shape) for i in infos}},
         budget={"text": _text(bits, layout), "kind": "uniform", "value": bits},
-        objective="uniform", totals=totals, modules=modules, baseline="uniform",
+        objective="uniform", totals=totals, modules={n: e.to_dict() for n, e in entries.items()}, baseline="uniform",
         settings={"kinds": list(kinds), "layout": layout},
     )
 
