@@ -411,3 +411,15 @@ def has_task_head(model: torch.nn.Module) -> bool:
     """
     architectures = getattr(getattr(model, "config", None), "architectures", None) or []
     return any(a.endswith("ForSequenceClassification") for a in architectures)
+
+
+def parent_module(model: torch.nn.Module, name: str) -> tuple[torch.nn.Module, str]:
+    """The module holding submodule ``name`` and the attribute it sits under (to swap it with setattr)."""
+    parent_name, _, child = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), child
+
+
+def module_generator(seed: int, index: int, device: torch.device | str) -> torch.Generator:
+    """The generator of the module at position ``index`` of a model, for a run seeded with ``seed``: every
+    swapped module draws its own reproducible stream (stochastic rounding, adapter initialisation)."""
+    return torch.Generator(device=device).manual_seed(seed * 100_003 + index)

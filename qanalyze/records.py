@@ -28,8 +28,6 @@ RUN_SCHEMA = "qanalyze/run/v1"
 CHECKPOINT_SCHEMA = "qanalyze/checkpoint/v1"
 EVAL_SCHEMA = "qanalyze/eval/v1"
 
-RUN_MODES = ("fp32", "int", "qat", "ptq-dynamic", "int4", "qdylora")
-
 
 def qanalyze_version() -> str:
     """The installed qanalyze version (``0+unknown`` when run from a bare checkout)."""
@@ -172,9 +170,32 @@ class RunRecord(JsonRecord):
     KIND: ClassVar[str] = "run record"
 
     def __post_init__(self) -> None:
-        if self.mode not in RUN_MODES:
-            raise RecordError(f"run mode {self.mode!r} is not one of {', '.join(RUN_MODES)}")
+        from qanalyze.methods import method_names  # the registry: a plug-in's runs are runs too
 
+        if self.mode not in method_names():
+            raise RecordError(f"run mode {self.mode!r} is not one of {', '.join(method_names())}")
+
+
+@dataclass
+class EvalRecord(JsonRecord):
+    """``eval-<task>-<split>.json``: one evaluation of a model or run on a task's split."""
+
+    task: str
+    split: str
+    model: dict[str, Any]
+    data: dict[str, Any]
+    metrics: dict[str, float]
+    loss: float
+    settings: dict[str, Any]
+    timings: dict[str, float]
+    examples: int = 0
+    # qdylora runs: the metrics of the adapters cut at each rank ({"4": {"accuracy": ...}})
+    rank_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=environment)
+    created: str = field(default_factory=utc_now)
+    schema: str = EVAL_SCHEMA
+    SCHEMA: ClassVar[str] = EVAL_SCHEMA
+    KIND: ClassVar[str] = "eval record"
 
 
 SENSITIVITY_SCHEMA = "qanalyze/sensitivity/v1"

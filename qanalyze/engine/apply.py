@@ -19,7 +19,7 @@ from qanalyze.engine.functions import TensorSpec
 from qanalyze.engine.int4 import Int4Embedding, Int4Linear, Int4Spec
 from qanalyze.engine.modules import IntEmbedding, IntLayerNorm, IntLinear, QATEmbedding, QATLinear, _Swapped
 from qanalyze.errors import ConfigError
-from qanalyze.models import ModuleInfo, head_dim, inventory
+from qanalyze.models import ModuleInfo, head_dim, inventory, module_generator, parent_module
 from qanalyze.plan.make import check_plan
 from qanalyze.quant.primitives import (
     ACTIVATION_GROUPS,
@@ -58,17 +58,13 @@ def _int4_embedding(module: nn.Module, info: ModuleInfo, spec: TensorSpec, gener
 
 @dataclass(frozen=True)
 class Mode:
-    """An engine mode: how each module kind is swapped, which quantizer it uses, whether it trains,
-    and why a kind it cannot run is refused."""
+    """An engine mode: how each module kind is swapped, which quantizer it uses, and why a kind it cannot
+    run is refused. The methods of `qanalyze.methods` that swap modules each name one."""
 
     name: str
     quantizer: str
-    trains: bool
     builders: Mapping[str, Builder]
     refused: Mapping[str, str] = field(default_factory=dict)
-    description: str = ""
-    swaps: bool = True
-    """False for a mode that builds its own model (``qdylora``: `qanalyze.engine.lora.apply_qdylora`)."""
     fixed_bits: int | None = None
     """The weight and activation bits a mode always trains at (``int4``: 4). A plan asking for other bits is
     refused rather than silently run at these."""
@@ -83,30 +79,21 @@ class Mode:
 
 
 MODES: dict[str, Mode] = {
-    "int": Mode("int", "dfp", True,
+    "int": Mode("int", "dfp",
                 {"linear": _linear(IntLinear), "embedding": _plain(IntEmbedding), "layernorm": _plain(IntLayerNorm)},
-                activation_groups=ACTIVATION_GROUPS, gradient_groups=GRADIENT_GROUPS,
-                description="integer forward and backward (dynamic fixed point; integer fine-tuning)"),
-    "qat": Mode("qat", "symmetric", True, {"linear": _linear(QATLinear), "embedding": _plain(QATEmbedding)},
+                activation_groups=ACTIVATION_GROUPS, gradient_groups=GRADIENT_GROUPS),
+    "qat": Mode("qat", "symmetric", {"linear": _linear(QATLinear), "embedding": _plain(QATEmbedding)},
                 {"layernorm": "Q8BERT keeps layer norms in float; mark it float in the plan (--keep-float layernorm)"},
-                activation_groups=ACTIVATION_GROUPS,
-                description="Q8BERT fake quantization (EMA activation ranges, or per-token scales), straight-through "
-                            "estimator"),
-    "ptq-dynamic": Mode("ptq-dynamic", "symmetric", False,
-                        {"linear": _linear(IntLinear), "embedding": _plain(IntEmbedding)},
+                activation_groups=ACTIVATION_GROUPS),
+    "ptq-dynamic": Mode("ptq-dynamic", "symmetric", {"linear": _linear(IntLinear), "embedding": _plain(IntEmbedding)},
                         {"layernorm": "dynamic quantization covers GEMMs and embeddings only; mark it float"},
                         # no training, so no output gradient is ever quantized: any layout is accepted
-                        activation_groups=ACTIVATION_GROUPS, gradient_groups=GRADIENT_GROUPS,
-                        description="post-training dynamic quantization (integer GEMMs, no training)"),
-    "int4": Mode("int4", "symmetric", True, {"linear": _int4_linear, "embedding": _int4_embedding},
+                        activation_groups=ACTIVATION_GROUPS, gradient_groups=GRADIENT_GROUPS),
+    "int4": Mode("int4", "symmetric", {"linear": _int4_linear, "embedding": _int4_embedding},
                  {"layernorm": "4-bit training keeps layer norms in float (Xi et al.); mark it float"},
-                 fixed_bits=4, weight_ranges=False,
-                 description="4-bit training: Hadamard quantizer with LSQ forward, bit splitting and leverage "
-                             "score sampling backward"),
-    "qdylora": Mode("qdylora", "symmetric", True, {}, swaps=False,
-                    description="frozen quantized base (the plan's bits or NF4) with dynamic-rank LoRA adapters"),
+                 fixed_bits=4, weight_ranges=False),
 }
-"""Engine modes by name."""
+"""Engine modes by name: the module swaps of the methods `int`, `qat`, `ptq-dynamic` and `int4`."""
 
 
 def get_mode(name: str) -> Mode:
@@ -162,11 +149,6 @@ def _spec(name: str, entry: Mapping[str, Any], info: ModuleInfo, model: nn.Modul
         raise ConfigError(f"plan module {name}: {exc}") from None
 
 
-def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
-    parent_name, _, child = name.rpartition(".")
-    return (model.get_submodule(parent_name) if parent_name else model), child
-
-
 def validate_plan(model: nn.Module, plan: BitPlan, mode: str) -> dict[str, TensorSpec]:
     """Check, without changing the model, that ``mode`` can run ``plan`` on it; return each planned
     module's spec. Refuses a plan for another architecture and a module kind the mode cannot run,
@@ -175,8 +157,6 @@ def validate_plan(model: nn.Module, plan: BitPlan, mode: str) -> dict[str, Tenso
     infos = inventory(model)
     check_plan(plan, {info.name: list(info.shape) for info in infos})
     specs: dict[str, TensorSpec] = {}
-    if not chosen.swaps:
-        return specs  # the mode quantizes any kind its own way (fake-quantized frozen base)
     for info in infos:
         entry = plan.modules.get(info.name, {"float": True})
         if entry.get("float"):
@@ -212,8 +192,6 @@ def apply_plan(model: nn.Module, plan: BitPlan, mode: str, *, seed: int = 0,
     ``lss``, ``block``, ``keep_fraction`` of `qanalyze.engine.int4.Int4Spec`).
     """
     chosen = get_mode(mode)
-    if not chosen.swaps:
-        raise ConfigError(f"mode {mode} builds its own model: use qanalyze.engine.lora.apply_qdylora")
     planned = validate_plan(model, plan, mode)
     specs: dict[str, TensorSpec] = {}
     generators: dict[str, torch.Generator] = {}
@@ -221,9 +199,9 @@ def apply_plan(model: nn.Module, plan: BitPlan, mode: str, *, seed: int = 0,
         if info.name not in planned:
             continue
         spec = planned[info.name]
-        parent, child = _parent(model, info.name)
+        parent, child = parent_module(model, info.name)
         original = getattr(parent, child)
-        generator = torch.Generator(device=original.weight.device).manual_seed(seed * 100_003 + index)
+        generator = module_generator(seed, index, original.weight.device)
         setattr(parent, child, chosen.builders[info.kind](original, info, spec, generator, **(options or {})))
         specs[info.name], generators[info.name] = spec, generator
     return AppliedPlan(mode=mode, specs=specs, generators=generators)

@@ -30,7 +30,7 @@ from torch import nn
 
 from qanalyze.engine.functions import TensorSpec, quantize_weight, weight_clip
 from qanalyze.errors import ConfigError
-from qanalyze.models import ModuleInfo, head_dim, inventory
+from qanalyze.models import ModuleInfo, head_dim, inventory, module_generator, parent_module
 from qanalyze.plan.make import check_plan
 from qanalyze.quant.nf4 import NF4Tensor, nf4_dequantize, nf4_quantize
 from qanalyze.quant.primitives import Quantized, module_weight_range, rows_per_group
@@ -303,11 +303,6 @@ def _base_spec(name: str, entry: Mapping[str, Any], info: ModuleInfo, model: nn.
         raise ConfigError(f"plan module {name}: {exc}") from None
 
 
-def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
-    parent_name, _, child = name.rpartition(".")
-    return (model.get_submodule(parent_name) if parent_name else model), child
-
-
 def _fake_quantize_(module: nn.Module, info: ModuleInfo, spec: TensorSpec) -> None:
     """Replace ``module.weight``'s values by their quantized-dequantized values (in place, on purpose)."""
     weight = module.weight
@@ -347,9 +342,9 @@ def apply_qdylora(model: nn.Module, plan: BitPlan | None, config: LoRAConfig, se
             else:
                 packed = None if spec is None else quantize_weight(module.weight, spec,
                                                                    weight_clip(module.weight, spec))
-            generator = torch.Generator(device=module.weight.device).manual_seed(seed * 100_003 + index)
+            generator = module_generator(seed, index, module.weight.device)
             built[name] = DyLoRALinear(module, config, generator, packed=packed)
-            parent, child = _parent(model, name)
+            parent, child = parent_module(model, name)
             setattr(parent, child, built[name])
         elif spec is not None and not _matches(name, config.head):
             _fake_quantize_(module, info, spec)

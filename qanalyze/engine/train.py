@@ -1,9 +1,7 @@
-"""The fine-tuning loop. FP32 fine-tuning is this loop with no plan; quantized modes reuse it.
-
-With a plan and a mode (``int``, ``qat``, ``ptq-dynamic``) the model's planned modules are swapped
-by `qanalyze.engine.apply.apply_plan` before the optimizer is built; a mode that does not train
-(``ptq-dynamic``) runs no step and goes straight to evaluation. A quantized run is saved as a packed
-checkpoint (`qanalyze.engine.quantized_checkpoint`) instead of a float model.
+"""The fine-tuning loop. FP32 fine-tuning is this loop with no plan; every method of `qanalyze.methods`
+reuses it through the method's hooks: it prepares the model from the plan before the optimizer is
+built, may draw something before each step (DyLoRA's rank), says whether it trains at all
+(``ptq-dynamic`` runs no step and goes straight to evaluation), and saves the finished run its own way.
 
 AdamW with a linear warm-up and decay, gradient clipping, evaluation at the end (and every N
 steps when asked), a CSV log per step, and checkpoints that make a killed or interrupted run
@@ -27,15 +25,12 @@ import torch
 from transformers import get_linear_schedule_with_warmup
 
 from qanalyze.data import Encoded, TaskData, encode, epoch_order, iter_batches, num_batches
-from qanalyze.engine.apply import AppliedPlan, apply_plan, get_mode
 from qanalyze.engine.checkpoint import discard_checkpoints, load_checkpoint, save_checkpoint
 from qanalyze.engine.distill import Teacher
 from qanalyze.engine.evaluate import EvalResult, evaluate
-from qanalyze.engine.lora import LoRAConfig, RankSampler, apply_qdylora, set_rank, trainable_parameters
-from qanalyze.engine.lora_checkpoint import LORA_FILE
-from qanalyze.engine.quantized_checkpoint import save_quantized_run
 from qanalyze.errors import ConfigError, QAnalyzeError
-from qanalyze.models import LoadedModel, save_model
+from qanalyze.methods import Method, MethodConfig, Prepared, get_method
+from qanalyze.models import LoadedModel
 from qanalyze.quant.primitives import NonFiniteValuesError
 from qanalyze.records import BitPlan, RunRecord, atomic_write_text
 from qanalyze.rundir import CHECKPOINT_DIR, EVALS_FILE, LOG_FILE, METRICS_FILE
@@ -49,8 +44,13 @@ class TrainingInterrupted(QAnalyzeError):
         self.step = step
 
 
-class TrainingDiverged(ConfigError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
+class CheckpointMismatchError(ConfigError):
+    """The checkpoint in a run directory was made with another plan, method, settings or data."""
+
+
+class TrainingDiverged(QAnalyzeError):
+    """The loss became NaN or infinite: not bad input but a finding (the CLI exits 3). The last good
+    checkpoint is kept for ``--resume`` with other settings' runs to compare against."""
 
 
 @dataclass(frozen=True)
@@ -167,30 +167,20 @@ class _Trainer:
     """State of one run; `train` is its only user."""
 
     def __init__(self, loaded: LoadedModel, data: TaskData, config: TrainConfig, run: Path,
-                 plan: BitPlan | None, mode: str, lora: LoRAConfig | None = None,
-                 options: dict[str, Any] | None = None) -> None:
+                 plan: BitPlan | None, method: Method, method_config: MethodConfig) -> None:
         self.loaded, self.data, self.config, self.run = loaded, data, config, run
         self.model = loaded.model.to(resolve_device(config.device))
-        self.mode, self.plan = mode, plan
-        self.options = dict(options or {})
-        self.applied: AppliedPlan | None = None
-        self.lora: LoRAConfig | None = None
-        self.sampler: RankSampler | None = None
+        self.method, self.method_config, self.plan = method, method_config, plan
+        self.mode = method.name
         # Copied before any module is quantized: the teacher is the model the run starts from.
         self.teacher = Teacher(self.model, config.distill, config.distill_temperature) if config.distill else None
-        if mode == "qdylora":
-            self.lora = lora or LoRAConfig()
-            built = apply_qdylora(self.model, plan, self.lora, seed=config.seed)
-            self.sampler = RankSampler(built, torch.Generator().manual_seed(config.seed * 7919 + 1))
-        elif plan is not None:
-            self.applied = apply_plan(self.model, plan, mode, seed=config.seed, options=options)
+        self.prepared: Prepared = method.prepare(self.model, plan, method_config, seed=config.seed)
+        self.recorded = method.recorded(method_config)
         self.plan_hash = plan_hash(plan)
         self.train_enc: Encoded = encode(data.train, loaded.tokenizer, max_length=config.max_length)
         self.dev_enc: Encoded = encode(data.dev, loaded.tokenizer, max_length=config.max_length)
         self.batches_per_epoch = num_batches(len(self.train_enc), config.batch_size)
-        self.total_steps = config.max_steps or config.epochs * self.batches_per_epoch
-        if mode != "fp32" and not get_mode(mode).trains:
-            self.total_steps = 0
+        self.total_steps = (config.max_steps or config.epochs * self.batches_per_epoch) if method.trains else 0
         self.optimizer = adamw(self.model, config.lr, config.weight_decay)
         self.scheduler = get_linear_schedule_with_warmup(
             self.optimizer, round(config.warmup_ratio * self.total_steps), max(self.total_steps, 1))
@@ -203,8 +193,7 @@ class _Trainer:
     def progress_state(self) -> dict[str, Any]:
         return {"step": self.step, "total_steps": self.total_steps, "settings": self.config.numbers(),
                 "data_hash": self.data.identity.get("hash"), "model": self.loaded.identity,
-                "mode": self.mode, "plan_hash": self.plan_hash,
-                "lora": asdict(self.lora) if self.lora is not None else None, "mode_options": self.options,
+                "mode": self.mode, "plan_hash": self.plan_hash, "method": _as_json(self.recorded),
                 "train_seconds": self.train_seconds, "log": self.log, "evals": self.evals}
 
     def save(self) -> None:
@@ -216,39 +205,33 @@ class _Trainer:
         state = load_checkpoint(self.run, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
                                 generators=self._generators())
         if (state.get("mode", "fp32"), state.get("plan_hash")) != (self.mode, self.plan_hash):
-            raise ConfigError(f"cannot resume {self.run} with a different plan or mode (it was "
-                              f"{state.get('mode', 'fp32')}): start a new run directory")
-        if state.get("lora") != (asdict(self.lora) if self.lora is not None else None) or \
-                state.get("mode_options", {}) != self.options:
-            raise ConfigError(f"cannot resume {self.run} with different LoRA or mode settings: start a new run "
-                              "directory")
+            raise CheckpointMismatchError(f"cannot resume {self.run} with a different plan or mode (it was "
+                                          f"{state.get('mode', 'fp32')}): start a new run directory")
+        if state.get("method", {}) != _as_json(self.recorded):
+            raise CheckpointMismatchError(f"cannot resume {self.run} with different {self.mode} settings: start a "
+                                          "new run directory")
         saved = state.get("settings", {})
         changed = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in self.config.numbers().items() if saved.get(k) != v]
         if changed:
-            raise ConfigError(f"cannot resume {self.run} with different settings: {', '.join(changed)}")
+            raise CheckpointMismatchError(f"cannot resume {self.run} with different settings: {', '.join(changed)}")
         if state.get("data_hash") != self.data.identity.get("hash"):
-            raise ConfigError(f"cannot resume {self.run}: the training/evaluation data differ from the saved run")
+            raise CheckpointMismatchError(f"cannot resume {self.run}: the training/evaluation data differ from the "
+                                          "saved run")
         self.step, self.log, self.evals = state["step"], state["log"], state["evals"]
         self.train_seconds = state["train_seconds"]
         self.last_saved = self.step
 
     def _generators(self) -> dict[str, torch.Generator]:
-        if self.sampler is not None:
-            return {"rank-sampler": self.sampler.generator,
-                    **{name: module.generator for name, module in self.sampler.adapters.items()}}
-        return self.applied.generators if self.applied is not None else {}
+        return self.prepared.generators
 
-    def evaluate(self, rank: int | None = None) -> EvalResult:
-        if self.sampler is not None:
-            set_rank(self.sampler.adapters, rank or self.sampler.max_rank)  # the full adapter unless asked
+    def evaluate(self) -> EvalResult:
         return evaluate(self.model, self.loaded.tokenizer, self.dev_enc, self.data.task,
                         batch_size=self.config.eval_batch_size)
 
     def one_step(self, batch: dict[str, torch.Tensor], epoch: int) -> StepLog:
         start = time.perf_counter()
         device = next(self.model.parameters()).device
-        if self.sampler is not None:
-            self.sampler.step()  # one rank for every adapter this step (DyLoRA)
+        self.prepared.before_step()
         try:
             inputs = {k: v.to(device) for k, v in batch.items()}
             out = self.model(**inputs)
@@ -278,9 +261,14 @@ def plan_hash(plan: BitPlan | None) -> str | None:
     return hashlib.sha256(json.dumps(plan.to_dict(), sort_keys=True).encode()).hexdigest()
 
 
-def _plan_summary(plan: BitPlan, applied: AppliedPlan | None) -> dict[str, Any]:
+def _plan_summary(plan: BitPlan, prepared: Prepared) -> dict[str, Any]:
     return {"budget": plan.budget.get("text"), "totals": plan.totals, "sha256": plan_hash(plan),
-            "swapped_modules": len(applied.specs) if applied else 0}
+            "swapped_modules": prepared.swapped}
+
+
+def _as_json(value: Any) -> Any:
+    # what a value becomes once written to and read back from JSON (tuples come back as lists)
+    return json.loads(json.dumps(value))
 
 
 def train(
@@ -295,32 +283,25 @@ def train(
     plan: BitPlan | None = None,
     mode: str = "fp32",
     plan_source: str | None = None,
-    lora: LoRAConfig | None = None,
-    eval_ranks: tuple[int, ...] = (1, 2, 4, 8, 16),
-    options: dict[str, Any] | None = None,
+    method_config: MethodConfig | None = None,
 ) -> RunRecord:
     """Fine-tune ``loaded.model`` on ``data`` into the run directory ``run`` and return its record.
 
-    ``run`` must exist (see `qanalyze.rundir.prepare_run_dir`). With ``resume`` the newest
-    checkpoint in ``run`` is restored first and must have been made with the same settings and
-    data. The finished run holds the model and tokenizer (``from_pretrained``-loadable),
-    ``metrics.json``, ``log.csv`` and ``evals.csv``; the checkpoint is removed.
-
-    With ``plan`` and ``mode`` (see `qanalyze.engine.apply.MODES`) the planned modules are quantized
-    first and the run is saved as a quantized checkpoint; ``plan_source`` (a path or ``uniform:N``) is
-    recorded in ``metrics.json``.
-
-    ``mode="qdylora"`` freezes the base (quantized by ``plan``, or NF4 with ``lora.base == "nf4"``; a
-    plan is optional), trains dynamic-rank LoRA adapters (``lora``) with one rank drawn per step, and
-    evaluates the run at its full rank and truncated to each of ``eval_ranks`` (those up to r); the
-    run is saved as a float model with the adapters' weights in it and ``lora.json``.
+    ``run`` must exist (see `qanalyze.rundir.prepare_run_dir`; `qanalyze.run_training` makes it). With
+    ``resume`` the newest checkpoint in ``run`` is restored first and must have been made with the same
+    settings and data. ``mode`` names a method of `qanalyze.methods` (``fp32``: no plan, float); it
+    prepares the model from ``plan`` with ``method_config`` (its default config when None), trains it
+    (or not: ``ptq-dynamic``) and saves it its own way. ``plan_source`` (a path or ``uniform:N``) is
+    recorded in ``metrics.json``. The run holds ``metrics.json``, ``log.csv`` and ``evals.csv``; the
+    checkpoint is removed at the end.
     """
     run = Path(run)
-    if mode != "qdylora" and (plan is None) != (mode == "fp32"):
-        raise ConfigError(f"mode {mode} needs a plan" if plan is None else "a plan needs a quantized mode, not fp32")
-    if mode == "qdylora" and plan is None and (lora or LoRAConfig()).base != "nf4":
-        raise ConfigError("mode qdylora needs a plan for its base, or an NF4 base (--base nf4)")
-    trainer = _Trainer(loaded, data, config, run, plan, mode, lora, options)
+    method = get_method(mode)
+    method_config = method_config if method_config is not None else method.make_config()
+    if not isinstance(method_config, method.config_class):
+        raise ConfigError(f"mode {mode} takes a {method.config_class.__name__}, not {type(method_config).__name__}")
+    method.check(loaded.model, plan, method_config)
+    trainer = _Trainer(loaded, data, config, run, plan, method, method_config)
     model = trainer.model
     # Dropout draws from the global generator: seed it for this run only and give the caller's state back.
     devices = [torch.cuda.current_device()] if model.device.type == "cuda" else []
@@ -352,26 +333,14 @@ def train(
         except KeyboardInterrupt:
             trainer.save()
             raise TrainingInterrupted(trainer.step, run) from None
+    trainer.prepared.before_eval()
     final = trainer.evaluate()
     trainer.evals.append({"step": trainer.step, **final.to_dict()})
     if on_eval is not None:
         on_eval(trainer.step, final)
-    rank_metrics, rank_parameters = {}, {}
-    if trainer.sampler is not None:
-        for rank in sorted({r for r in eval_ranks if r <= trainer.sampler.max_rank}):
-            rank_metrics[str(rank)] = trainer.evaluate(rank).metrics
-            rank_parameters[str(rank)] = trainable_parameters(model, rank)
-        trainer.evaluate(trainer.sampler.max_rank)  # leave the saved model at its full rank
+    rank_metrics, rank_parameters = trainer.prepared.extra_evaluations(trainer.evaluate)
     _label_names(loaded, data)
-    if trainer.lora is not None:
-        save_model(model, loaded.tokenizer, run)
-        atomic_write_text(run / LORA_FILE, json.dumps(asdict(trainer.lora), indent=2))
-        if plan is not None:
-            plan.save(run / "plan.json")
-    elif plan is None:
-        save_model(model, loaded.tokenizer, run)
-    else:
-        save_quantized_run(run, model, loaded.tokenizer, plan, mode)
+    method.save(run, model, loaded.tokenizer, plan, method_config, trainer.prepared)
     atomic_write_text(run / LOG_FILE, _csv(trainer.log))
     atomic_write_text(run / EVALS_FILE, _csv(trainer.evals))
     steps = [row["seconds"] for row in trainer.log]
@@ -379,9 +348,8 @@ def train(
         task=data.task.name, mode=mode, plan=plan_source, metrics=final.metrics,
         model=loaded.identity, data=data.identity,
         settings={**config.numbers(), "total_steps": trainer.total_steps, "device": str(model.device),
-                  **({"plan": _plan_summary(plan, trainer.applied)} if plan is not None else {}),
-                  **({"lora": asdict(trainer.lora)} if trainer.lora is not None else {}),
-                  **({"mode_options": dict(options)} if options else {})},
+                  **({"plan": _plan_summary(plan, trainer.prepared)} if plan is not None else {}),
+                  **trainer.recorded},
         timings={"train_seconds": round(trainer.train_seconds, 3),
                  "step_seconds_median": round(statistics.median(steps), 4) if steps else 0.0,
                  "eval_seconds": round(final.seconds, 3)},

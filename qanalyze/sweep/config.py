@@ -3,14 +3,13 @@ stages it drives (analysis, planning, training). Validated on construction, neve
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from qanalyze.engine.apply import MODES
-from qanalyze.engine.int4 import Int4Spec
-from qanalyze.engine.lora import LoRAConfig
 from qanalyze.engine.train import TrainConfig
 from qanalyze.errors import ConfigError
+from qanalyze.methods import METHODS, MethodConfig, get_method
 from qanalyze.plan.budget import parse_budget
 from qanalyze.plan.make import BASELINES, PlanConfig
 from qanalyze.sensitivity.analyze import AnalyzeConfig
@@ -18,16 +17,22 @@ from qanalyze.sensitivity.analyze import AnalyzeConfig
 PLAN_KINDS = ("hessian", *BASELINES)
 """The plans a sweep can make per budget: the Hessian-optimal one and the baselines of equal cost."""
 
-PLAN_MODES = ("qat", "int", "ptq-dynamic", "qdylora")
-"""Engine modes that follow each budget's plans (`qanalyze.engine.apply.MODES`); ``qdylora`` freezes a base
-at the plan's bits and trains dynamic-rank adapters on it."""
 
-REFERENCE_MODES = {name: mode.fixed_bits for name, mode in MODES.items() if mode.fixed_bits is not None}
-"""Engine modes with bits of their own (`qanalyze.engine.apply.Mode.fixed_bits`; ``int4``: 4-bit training, Xi et
-al.), run once per sweep as a reference point on a uniform plan at those bits rather than once per budget."""
+def plan_modes() -> tuple[str, ...]:
+    """Methods a sweep runs once per budget and plan (`qanalyze.methods.Method.sweep_role` ``plan``)."""
+    return tuple(name for name, method in METHODS.items() if method.sweep_role == "plan")
 
-SWEEP_MODES = (*PLAN_MODES, *REFERENCE_MODES)
-"""Every engine mode a sweep can run."""
+
+def reference_modes() -> dict[str, int]:
+    """Methods with bits of their own (``int4``: 4-bit training, Xi et al.), run once per sweep as a reference
+    point on a uniform plan at those bits rather than once per budget: name -> bits."""
+    return {name: method.fixed_bits for name, method in METHODS.items()
+            if method.sweep_role == "reference" and method.fixed_bits is not None}
+
+
+def sweep_modes() -> tuple[str, ...]:
+    """Every method a sweep can run."""
+    return (*plan_modes(), *reference_modes())
 
 
 def budget_text(value: str | float) -> str:
@@ -43,8 +48,8 @@ def budget_text(value: str | float) -> str:
 @dataclass(frozen=True)
 class SweepConfig:
     """One sweep: ``budgets`` x ``plans`` trained in each of ``modes`` (reference modes once), plus uniform
-    integer runs at ``integer_bits``. ``lora`` and ``eval_ranks`` configure the ``qdylora`` runs (their base is
-    always the plan's), ``int4`` the options of the ``int4`` run (`qanalyze.engine.int4.Int4Spec`)."""
+    integer runs at ``integer_bits``. ``methods`` holds the settings of a mode's runs by mode name (its
+    default config where absent; `method_config`)."""
 
     budgets: tuple[str, ...]
     plans: tuple[str, ...] = PLAN_KINDS
@@ -53,9 +58,7 @@ class SweepConfig:
     plan: PlanConfig = field(default_factory=PlanConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=1))
     analysis: AnalyzeConfig = field(default_factory=AnalyzeConfig)
-    lora: LoRAConfig = field(default_factory=LoRAConfig)
-    eval_ranks: tuple[int, ...] = (1, 2, 4, 8, 16)
-    int4: Int4Spec = field(default_factory=Int4Spec)
+    methods: Mapping[str, MethodConfig] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.budgets:
@@ -68,37 +71,42 @@ class SweepConfig:
         if unknown or not self.plans:
             raise ConfigError(f"unknown plan kind(s) {', '.join(unknown) or '(none given)'}; known: "
                               f"{', '.join(PLAN_KINDS)}")
-        unknown = [m for m in self.modes if m not in SWEEP_MODES]
+        unknown = [m for m in self.modes if m not in sweep_modes()]
         if unknown or not self.modes:
             raise ConfigError(f"sweep mode(s) {', '.join(map(repr, unknown)) or '(none given)'} not among "
-                              f"{', '.join(SWEEP_MODES)}")
+                              f"{', '.join(sweep_modes())}")
         if len(set(self.modes)) != len(self.modes):
             raise ConfigError(f"modes repeat: {', '.join(self.modes)}")
-        if "qdylora" in self.modes and self.lora.base != "plan":
-            raise ConfigError("a sweep's qdylora runs take their base from each plan (LoRAConfig base 'plan'); "
-                              "an NF4 base is one run: qanalyze train --mode qdylora --base nf4")
-        bad_ranks = [r for r in self.eval_ranks if isinstance(r, bool) or not isinstance(r, int) or r < 1]
-        if bad_ranks:
-            raise ConfigError(f"evaluation ranks must be positive integers, not {bad_ranks}")
+        for name, config in self.methods.items():
+            method = get_method(name)
+            if not isinstance(config, method.config_class):
+                raise ConfigError(f"mode {name} takes a {method.config_class.__name__}, not {type(config).__name__}")
+        for mode in self.modes:
+            get_method(mode).check_sweep(self.method_config(mode))
         for bits in self.integer_bits:
             if not 2 <= bits <= 16:
                 raise ConfigError(f"integer reference bits must lie in 2..16, got {bits}")
         for option, group, layouts, what in (
                 ("--act-group", self.plan.act_group, "activation_groups", "input"),
                 ("--grad-group", self.plan.grad_group, "gradient_groups", "output gradient")):
-            refusing = [m for m in self.modes if m in PLAN_MODES and MODES[m].swaps
-                        and group not in getattr(MODES[m], layouts)]
+            checked = [m for m in plan_modes() if get_method(m).sweep_group_check]
+            refusing = [m for m in self.modes if m in checked and group not in getattr(get_method(m), layouts)]
             if refusing:
-                runs = [m for m in PLAN_MODES if MODES[m].swaps and group in getattr(MODES[m], layouts)]
+                runs = [m for m in checked if group in getattr(get_method(m), layouts)]
                 raise ConfigError(f"{option} {group}: mode {refusing[0]} quantizes each {what} with one scale per "
                                   f"tensor (or none); use {option} tensor or the modes {', '.join(runs)}")
 
+    def method_config(self, mode: str) -> MethodConfig:
+        """The settings of ``mode``'s runs: as given in ``methods``, else the method's defaults."""
+        config = self.methods.get(mode)
+        return config if config is not None else get_method(mode).make_config()
+
     def recorded(self) -> dict[str, Any]:
         """The settings as written to sweep.json."""
+        methods: dict[str, Any] = {}
+        for mode in self.modes:
+            methods.update(get_method(mode).sweep_recorded(self.method_config(mode)))
         return {"budgets": list(self.budgets), "plans": list(self.plans), "modes": list(self.modes),
-                "integer_bits": list(self.integer_bits), "plan": self.plan.recorded(),
-                **({"lora": asdict(self.lora), "eval_ranks": list(self.eval_ranks)} if "qdylora" in self.modes
-                   else {}),
-                **({"int4": asdict(self.int4)} if "int4" in self.modes else {}),
+                "integer_bits": list(self.integer_bits), "plan": self.plan.recorded(), **methods,
                 "train": self.train.numbers(),
                 "analysis": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self.analysis).items()}}

@@ -23,16 +23,15 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from qanalyze.data import TaskData, encode
-from qanalyze.engine.apply import get_mode
 from qanalyze.engine.evaluate import evaluate
-from qanalyze.engine.lora import LoRAConfig
-from qanalyze.engine.train import StepLog, TrainingDiverged, plan_hash, resolve_device, train
+from qanalyze.engine.train import CheckpointMismatchError, StepLog, TrainingDiverged, plan_hash, resolve_device, train
 from qanalyze.errors import ConfigError
+from qanalyze.methods import get_method
 from qanalyze.models import LoadedModel, has_task_head, inventory, load_model
 from qanalyze.plan.budget import parse_budget
 from qanalyze.plan.make import check_plan, make_plan
@@ -40,7 +39,7 @@ from qanalyze.plan.uniform import uniform_plan
 from qanalyze.records import BitPlan, RunRecord, SensitivityReport, SweepRecord, atomic_write_json, utc_now
 from qanalyze.rundir import METRICS_FILE, checkpoint_dir, is_finished_run, prepare_run_dir
 from qanalyze.sensitivity.analyze import analyze, partial_path
-from qanalyze.sweep.config import PLAN_MODES, REFERENCE_MODES, SweepConfig
+from qanalyze.sweep.config import SweepConfig, plan_modes, reference_modes
 from qanalyze.sweep.table import write_table
 
 FP32_FILE = "fp32.json"
@@ -165,7 +164,7 @@ def _plan_runs(loaded: LoadedModel, config: SweepConfig, out: Path, report: Sens
     architecture = {info.name: list(info.shape) for info in inventory(loaded.model)}
     plans = out / "plans"
     runs = []
-    plan_modes = [mode for mode in config.modes if mode in PLAN_MODES]
+    per_plan = [mode for mode in config.modes if mode in plan_modes()]
     for budget in config.budgets:
         parsed = parse_budget(budget)
         for kind in config.plans:
@@ -174,15 +173,15 @@ def _plan_runs(loaded: LoadedModel, config: SweepConfig, out: Path, report: Sens
             check_plan(record, architecture)
             stem = f"plan-{budget}" + (f".{kind}" if baseline else "")
             runs += [SweepRun(f"{budget}-{kind}-{mode}", budget, kind, mode, record, plans / f"{stem}.json")
-                     for mode in plan_modes]
-    kinds = tuple(get_mode("int").builders)
+                     for mode in per_plan]
+    kinds = get_method("int").module_kinds
     for bits in config.integer_bits:
         record = uniform_plan(loaded.model, bits, kinds=kinds)
         runs.append(SweepRun(f"uniform{bits}-int", None, f"int{bits}", "int", record,
                              plans / f"uniform-{bits}.int.json"))
-    for mode, bits in REFERENCE_MODES.items():
+    for mode, bits in reference_modes().items():
         if mode in config.modes:
-            record = uniform_plan(loaded.model, bits, kinds=tuple(get_mode(mode).builders))
+            record = uniform_plan(loaded.model, bits, kinds=get_method(mode).module_kinds)
             runs.append(SweepRun(f"uniform{bits}-{mode}", None, mode, mode, record,
                                  plans / f"uniform-{bits}.{mode}.json"))
     for run in runs:
@@ -195,11 +194,11 @@ def _matches(record: RunRecord, run: SweepRun, config: SweepConfig, data: TaskDa
     saved = record.settings
     same_settings = all(saved.get(k) == v for k, v in config.train.numbers().items())
     # compared as JSON holds them: a tuple setting comes back from metrics.json as a list
-    lora = _lora(config, run)
-    same_mode_settings = saved.get("lora") == _as_json(asdict(lora) if lora is not None else None) and \
-        saved.get("mode_options", {}) == _as_json(_options(config, run) or {})
-    if run.mode == "qdylora":  # a run evaluated at other ranks lacks some points of the rank curve
-        wanted = {str(r) for r in config.eval_ranks if r <= config.lora.rank}
+    method_config = config.method_config(run.mode)
+    recorded = _as_json(get_method(run.mode).recorded(method_config))
+    same_mode_settings = all(saved.get(k) == v for k, v in recorded.items())
+    wanted = set(get_method(run.mode).evaluated_variants(method_config))
+    if wanted:  # a run evaluated at other variants (qdylora ranks) lacks some points of their curve
         same_mode_settings = same_mode_settings and set(record.rank_metrics) == wanted
     return (record.mode == run.mode and same_settings and same_mode_settings
             and record.data.get("hash") == data.identity.get("hash")
@@ -218,16 +217,14 @@ def _train_or_reuse(model: str, data: TaskData, config: SweepConfig, folder: Pat
         loaded = load_model(model, num_labels=data.task.num_labels)
         prepare_run_dir(folder, overwrite=not resume, resume=resume)
         return train(loaded, data, config.train, folder, resume=resume, on_step=hooks.on_step,
-                     plan=run.record, mode=run.mode, plan_source=str(run.path), lora=_lora(config, run),
-                     eval_ranks=config.eval_ranks, options=_options(config, run))
+                     plan=run.record, mode=run.mode, plan_source=str(run.path),
+                     method_config=config.method_config(run.mode))
 
     try:
         if checkpoint_dir(folder) is not None and not is_finished_run(folder):
             try:
                 return attempt(resume=True), "resumed"
-            except TrainingDiverged:
-                raise
-            except ConfigError:
+            except CheckpointMismatchError:
                 pass  # the checkpoint was made with other settings or another plan: start over
         return attempt(resume=False), "trained"
     except TrainingDiverged as exc:
@@ -237,16 +234,6 @@ def _train_or_reuse(model: str, data: TaskData, config: SweepConfig, folder: Pat
 
 def _as_json(value: Any) -> Any:
     return json.loads(json.dumps(value))
-
-
-def _lora(config: SweepConfig, run: SweepRun) -> LoRAConfig | None:
-    """The LoRA settings a run of this mode trains with (and records in metrics.json), or None."""
-    return config.lora if run.mode == "qdylora" else None
-
-
-def _options(config: SweepConfig, run: SweepRun) -> dict[str, Any] | None:
-    """The mode options a run of this mode is trained with, or None."""
-    return asdict(config.int4) if run.mode == "int4" else None
 
 
 def _row(run: SweepRun, result: RunRecord | None, out: Path) -> dict[str, Any]:

@@ -8,10 +8,11 @@ import torch
 
 from qanalyze.data import encode, load_task
 from qanalyze.engine.evaluate import evaluate
-from qanalyze.engine.lora import LoRAConfig, set_rank
+from qanalyze.engine.lora import set_rank
 from qanalyze.engine.lora_checkpoint import is_qdylora_run, load_qdylora_run
 from qanalyze.engine.train import TrainConfig, train
 from qanalyze.errors import ConfigError
+from qanalyze.methods.qdylora import QDyLoRAConfig
 from qanalyze.models import load_model
 from qanalyze.plan.uniform import uniform_plan
 from qanalyze.rundir import prepare_run_dir
@@ -30,8 +31,8 @@ def test_qdylora_trains_adapters_only_and_reports_every_rank(tmp_path, tiny_bert
     original = {k: v.clone() for k, v in loaded.model.state_dict().items()}
     plan = uniform_plan(loaded.model, 4)
     run = prepare_run_dir(tmp_path / "run")
-    record = train(loaded, sst2_small, CONFIG, run, plan=plan, mode="qdylora", lora=LoRAConfig(rank=4),
-                   eval_ranks=(1, 2, 4, 8))
+    record = train(loaded, sst2_small, CONFIG, run, plan=plan, mode="qdylora",
+                   method_config=QDyLoRAConfig(rank=4, eval_ranks=(1, 2, 4, 8)))
     assert record.mode == "qdylora" and set(record.rank_metrics) == {"1", "2", "4"}
     assert record.metrics == record.rank_metrics["4"]
     assert record.settings["lora"]["rank"] == 4 and is_qdylora_run(run)
@@ -56,8 +57,8 @@ def test_qdylora_with_an_nf4_base_needs_no_plan(tmp_path, tiny_bert_dir, sst2_sm
     loaded = load_model(str(tiny_bert_dir), num_labels=2)
     config = TrainConfig(max_steps=2, batch_size=16, max_length=32, seed=0, device="cpu")
     record = train(loaded, sst2_small, config, prepare_run_dir(tmp_path / "nf4"), mode="qdylora",
-                   lora=LoRAConfig(rank=2, base="nf4"), eval_ranks=(1, 2))
+                   method_config=QDyLoRAConfig(rank=2, base="nf4", eval_ranks=(1, 2)))
     assert set(record.rank_metrics) == {"1", "2"}
     with pytest.raises(ConfigError, match="needs a plan"):
         train(load_model(str(tiny_bert_dir), num_labels=2), sst2_small, config,
-              prepare_run_dir(tmp_path / "none"), mode="qdylora", lora=LoRAConfig(rank=2))
+              prepare_run_dir(tmp_path / "none"), mode="qdylora", method_config=QDyLoRAConfig(rank=2))

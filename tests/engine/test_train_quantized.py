@@ -152,12 +152,14 @@ def test_a_plan_needs_a_quantized_mode(tmp_path, tiny_bert_dir, sst2_small):
 @pytest.mark.parametrize("lss", [True, False])
 def test_int4_mode_trains_and_reloads_its_packed_4_bit_weights(tmp_path, tiny_bert_dir, sst2_small, lss):
     from qanalyze.engine.int4 import Int4Embedding, Int4Linear
+    from qanalyze.methods.int4 import Int4Config
 
     loaded = load_model(str(tiny_bert_dir), num_labels=2)
     plan = uniform_plan(loaded.model, 4)
     run = prepare_run_dir(tmp_path / "int4")
-    record = train(loaded, sst2_small, _config(), run, plan=plan, mode="int4", options={"lss": lss})
-    assert record.mode == "int4" and record.settings["mode_options"] == {"lss": lss}
+    record = train(loaded, sst2_small, _config(), run, plan=plan, mode="int4",
+                   method_config=Int4Config(lss=lss))
+    assert record.mode == "int4" and record.settings["mode_options"]["lss"] == lss
     assert all(math.isfinite(loss) for loss in _losses(run))
     kinds = {type(m) for m in loaded.model.modules()}
     assert Int4Linear in kinds and Int4Embedding in kinds

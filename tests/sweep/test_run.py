@@ -7,9 +7,9 @@ import pandas as pd
 import pytest
 
 from qanalyze.data import load_task
-from qanalyze.engine.lora import LoRAConfig
 from qanalyze.engine.train import TrainConfig, TrainingInterrupted
 from qanalyze.errors import ConfigError
+from qanalyze.methods.qdylora import QDyLoRAConfig
 from qanalyze.plan.make import PlanConfig
 from qanalyze.records import SweepRecord
 from qanalyze.rundir import checkpoint_dir, is_finished_run
@@ -119,9 +119,9 @@ def test_bad_sweeps_are_refused_before_any_work(tmp_path, minilm_dir, sst2):
     with pytest.raises(ConfigError, match="modes repeat"):
         _config(modes=("qat", "qat"))
     with pytest.raises(ConfigError, match="base from each plan"):
-        _config(modes=("qdylora",), lora=LoRAConfig(base="nf4"))
+        _config(modes=("qdylora",), methods={"qdylora": QDyLoRAConfig(base="nf4")})
     with pytest.raises(ConfigError, match="positive integers"):
-        _config(eval_ranks=(0, 2))
+        _config(methods={"qdylora": QDyLoRAConfig(eval_ranks=(0, 2))})
     # qat takes per-token inputs too (dynamic per-token fake quantization)
     assert _config(modes=("int", "qat"), plan=PlanConfig(act_group="token")).plan.act_group == "token"
     assert _config(modes=("int", "int4"), plan=PlanConfig(act_group="token")).plan.act_group == "token"
@@ -137,7 +137,7 @@ def test_bad_sweeps_are_refused_before_any_work(tmp_path, minilm_dir, sst2):
 
 def test_qdylora_follows_every_plan_and_int4_runs_once(tmp_path, tiny_bert_dir, sst2):
     config = _config(budgets=("4bit",), plans=("hessian", "uniform"), modes=("qat", "qdylora", "int4"),
-                     integer_bits=(), lora=LoRAConfig(rank=4), eval_ranks=(1, 2, 4))
+                     integer_bits=(), methods={"qdylora": QDyLoRAConfig(rank=4, eval_ranks=(1, 2, 4))})
     record = sweep(str(tiny_bert_dir), sst2, config, tmp_path)
     assert [(r["budget"], r["plan"], r["mode"]) for r in record.rows] == [
         ("4bit", "hessian", "qat"), ("4bit", "hessian", "qdylora"), ("4bit", "uniform", "qat"),
@@ -160,9 +160,11 @@ def test_qdylora_follows_every_plan_and_int4_runs_once(tmp_path, tiny_bert_dir, 
     # the LoRA settings are part of what a finished run must match to be reused
     again = sweep(str(tiny_bert_dir), sst2, config, tmp_path)
     assert {r["status"] for r in again.rows} == {"reused"}
-    other_ranks = dataclasses.replace(config, modes=("qdylora",), plans=("hessian",), eval_ranks=(2, 4))
+    other_ranks = dataclasses.replace(config, modes=("qdylora",), plans=("hessian",),
+                                      methods={"qdylora": QDyLoRAConfig(rank=4, eval_ranks=(2, 4))})
     assert [r["status"] for r in sweep(str(tiny_bert_dir), sst2, other_ranks, tmp_path).rows] == ["trained"]
     changed = sweep(str(tiny_bert_dir), sst2, _config(budgets=("4bit",), plans=("hessian",), modes=("qdylora",),
-                                                      integer_bits=(), lora=LoRAConfig(rank=2), eval_ranks=(1, 2)),
+                                                      integer_bits=(),
+                                                      methods={"qdylora": QDyLoRAConfig(rank=2, eval_ranks=(1, 2))}),
                     tmp_path)
     assert [r["status"] for r in changed.rows] == ["trained"]

@@ -1,0 +1,56 @@
+"""What the command line prints: tables and one-line summaries of the records the verbs return."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+
+def print_metrics(task: str, split: str, metrics: dict[str, float], examples: int) -> None:
+    """One line of metrics on stdout."""
+    values = "  ".join(f"{name} {value:.4f}" for name, value in metrics.items())
+    click.echo(f"{task} {split} ({examples} examples): {values}")
+
+
+def print_most_sensitive(report: Any, console: Any, count: int = 10) -> None:
+    """The modules with the largest Ω (or average trace), as a table on the console."""
+    from rich.table import Table
+
+    rows = []
+    for name, entry in report.modules.items():
+        hessian = entry.get("hessian", {})
+        rows.append((name, hessian.get("omega"), hessian.get("avg_trace"), hessian.get("trace"),
+                     hessian.get("trace_stderr")))
+    # Ω comes from converged Lanczos runs; the trace is a stochastic estimate shown with its error.
+    rows.sort(key=lambda r: -(r[1] if r[1] is not None else (r[2] or 0.0)))
+    table = Table(title=f"the {count} most sensitive modules (by Ω = |mean λ_max| + std over batches)")
+    for column in ("module", "Ω", "average trace", "trace ± stderr"):
+        table.add_column(column)
+    for name, omega, avg, trace, stderr in rows[:count]:
+        shown = f"{trace:.4g} ± {stderr:.2g}" if trace is not None else "-"
+        table.add_row(name, *(f"{v:.4g}" if v is not None else "-" for v in (omega, avg)), shown)
+    console.print(table)
+
+
+def print_plan(plan_record: Any, console: Any) -> None:
+    """A plan as a table of modules, then its totals."""
+    from rich.table import Table
+
+    table = Table(title=f"plan: budget {plan_record.budget['text']}, objective {plan_record.objective}"
+                        + (f", baseline {plan_record.baseline}" if plan_record.baseline else ""))
+    table.add_column("module", overflow="fold")
+    for column in ("W bits", "group", "A bits", "G bits", "predicted damage"):
+        table.add_column(column)
+    for name, spec in plan_record.modules.items():
+        if spec.get("float"):
+            table.add_row(name, "float", "", "", "", "")
+        else:
+            group = spec["group"] + (", mse range" if spec.get("weight_range") == "mse" else "")
+            table.add_row(name, str(spec["weight_bits"]), group, str(spec.get("activation_bits") or "-"),
+                          str(spec.get("gradient_bits") or "-"), f"{spec['predicted_damage']:.3g}")
+    console.print(table)
+    totals = plan_record.totals
+    console.print(f"mean weight bits {totals['weight_bits_mean']:.3f}, weight bytes {totals['weight_bytes']:,}, "
+                  f"compression {totals['compression']:.2f}x, predicted damage {totals['predicted_damage']:.4g}, "
+                  f"BOPs {totals.get('bops', 0):.3g} per {totals.get('bops_seq_len', '?')}-token sequence")

@@ -1,0 +1,234 @@
+"""The library verbs the command line calls, one per command: each takes typed settings, does the whole
+stage (loading, validation before anything is written, the work, the records) and returns a record.
+
+The CLI only parses options, calls one of these and prints what comes back, so everything it can do
+a Python caller can do the same way::
+
+    import qanalyze
+    data = qanalyze.load_task("sst2", "../shared/data/glue", max_train_examples=2000)
+    run = qanalyze.train("minilm-l6", data, qanalyze.TrainConfig(epochs=1), "runs/fp32")
+    plans = qanalyze.plan_for("runs/fp32", "4bit", qanalyze.PlanConfig(), "runs/plan-4bit.json", data=data)
+    qanalyze.train("runs/fp32", data, qanalyze.TrainConfig(epochs=1), "runs/int4", mode="int", plan=plans[0])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from qanalyze.errors import ConfigError, OutputDirError, RecordError
+
+if TYPE_CHECKING:
+    from qanalyze.data import TaskData
+    from qanalyze.engine.evaluate import EvalResult
+    from qanalyze.engine.train import StepLog, TrainConfig
+    from qanalyze.methods import MethodConfig
+    from qanalyze.models import LoadedModel
+    from qanalyze.plan.make import PlanConfig
+    from qanalyze.records import BitPlan, EvalRecord, RunRecord
+    from qanalyze.report.html import ReportResult
+    from qanalyze.sensitivity.analyze import AnalyzeConfig
+
+
+def seed_everything(seed: int) -> None:
+    """Seed the global generator: a new task head is initialised from it, so ``seed`` reproduces it."""
+    import torch
+
+    torch.manual_seed(seed)
+
+
+def train(model: str | LoadedModel, data: TaskData, config: TrainConfig, out: str | Path, *, mode: str = "fp32",
+          plan: str | BitPlan | None = None, method_config: MethodConfig | None = None, resume: bool = False,
+          overwrite: bool = False, on_step: Callable[[StepLog], None] | None = None,
+          on_eval: Callable[[int, EvalResult], None] | None = None) -> RunRecord:
+    """Train ``model`` on ``data`` with method ``mode`` into the run directory ``out``, which it makes.
+
+    ``plan`` is a `BitPlan`, a plan.json path or ``uniform:N[:LAYOUT]`` (the method's module kinds).
+    Everything that can be refused (the output folder, the plan against the architecture and the
+    method, the method's settings) is refused before the folder is touched.
+    """
+    from qanalyze.engine.train import train as run_loop
+    from qanalyze.methods import get_method
+    from qanalyze.models import load_model
+    from qanalyze.plan.uniform import resolve_plan
+    from qanalyze.records import BitPlan
+    from qanalyze.rundir import check_run_dir, prepare_run_dir
+
+    method = get_method(mode)
+    method_config = method_config if method_config is not None else method.make_config()
+    check_run_dir(out, overwrite=overwrite, resume=resume)
+    seed_everything(config.seed)
+    loaded = load_model(model, num_labels=data.task.num_labels) if isinstance(model, str) else model
+    source = None if plan is None or isinstance(plan, BitPlan) else str(plan)
+    if isinstance(plan, str):
+        plan = resolve_plan(plan, loaded.model, kinds=method.module_kinds)
+    method.check(loaded.model, plan, method_config)  # before the run directory is made: bad input leaves nothing
+    run = prepare_run_dir(out, overwrite=overwrite, resume=resume)
+    return run_loop(loaded, data, config, run, resume=resume, on_step=on_step, on_eval=on_eval, plan=plan,
+                    mode=mode, plan_source=source, method_config=method_config)
+
+
+def analyze(model: str, data: TaskData, config: AnalyzeConfig, out: str | Path, *, resume: bool = False,
+            overwrite: bool = False, device: str = "auto",
+            progress: Callable[[str, int, int, str], None] | None = None) -> Any:
+    """Measure the sensitivity of ``model`` (which needs a trained task head) into ``out``; return the
+    `SensitivityReport`."""
+    from qanalyze.engine.train import resolve_device
+    from qanalyze.models import has_task_head, load_model
+    from qanalyze.sensitivity.analyze import analyze as run_analysis
+
+    if Path(out).exists() and not overwrite and not resume:
+        raise OutputDirError(f"{out} exists; pass --overwrite to replace it")
+    seed_everything(config.seed)
+    loaded = load_model(model, num_labels=data.task.num_labels, eager_attention=True)
+    if not has_task_head(loaded.model):
+        raise ConfigError(f"{model} has no trained {data.task.name} head, so its loss means nothing; fine-tune "
+                          f"one first (qanalyze finetune {model} --task {data.task.name} --data ... --out RUN) "
+                          "and analyze RUN")
+    loaded.model.to(resolve_device(device))
+    return run_analysis(loaded, data, config, out, resume=resume, progress=progress)
+
+
+def architecture(model: str, task: str | None) -> dict[str, list[int]]:
+    """The architecture (module name -> weight shape) of ``model`` with the head of ``task``, as plans
+    record it: the task head is part of what a sensitivity file, and so a plan, describes."""
+    from qanalyze.models import inventory, load_model
+    from qanalyze.tasks import get_task
+
+    loaded = load_model(model, num_labels=get_task(task).num_labels if task else None)
+    return {info.name: list(info.shape) for info in inventory(loaded.model)}
+
+
+def baseline_path(out: str | Path, name: str) -> Path:
+    """Where ``plan_for`` writes baseline ``name`` beside ``out`` (plan-4bit.uniform.json)."""
+    path = Path(out)
+    return path.with_name(f"{path.stem}.{name}{path.suffix}")
+
+
+def plan_for(model: str, budget: str, config: PlanConfig, out: str | Path, *, sensitivity: str | Path | None = None,
+             baselines: bool = False, overwrite: bool = False, data: TaskData | None = None,
+             analysis: AnalyzeConfig | None = None,
+             progress: Callable[[str, int, int, str], None] | None = None) -> list[BitPlan]:
+    """Plan ``model`` at ``budget`` into ``out`` (and, with ``baselines``, the uniform, random and reversed
+    plans of equal cost beside it); return the plans, the Hessian one first.
+
+    The sensitivity file defaults to ``sensitivity.json`` beside ``out``; when it is missing it is made
+    first by `analyze` with ``analysis`` (the analysis defaults when None) on ``data``. Each plan is
+    checked against the model's architecture before any is written.
+    """
+    from qanalyze.plan.budget import parse_budget
+    from qanalyze.plan.make import BASELINES, check_plan, make_plan
+    from qanalyze.records import SensitivityReport
+    from qanalyze.sensitivity.analyze import AnalyzeConfig
+
+    parsed = parse_budget(budget)
+    targets = [Path(out)] + ([baseline_path(out, name) for name in BASELINES] if baselines else [])
+    existing = [str(t) for t in targets if t.exists()]
+    if existing and not overwrite:
+        raise OutputDirError(f"{existing[0]} exists; pass --overwrite to replace it")
+    source = Path(sensitivity) if sensitivity else Path(out).parent / "sensitivity.json"
+    if not source.exists():
+        if sensitivity:
+            raise RecordError(f"sensitivity file not found: {sensitivity}")
+        if data is None:
+            raise ConfigError(f"no sensitivity file at {source}: pass --sensitivity FILE, or --task and --data to "
+                              "analyze the model first")
+        analyze(model, data, analysis or AnalyzeConfig(seed=config.seed), source, progress=progress)
+    report = SensitivityReport.load(source)
+    shapes = architecture(model, report.data.get("task"))
+    made = [make_plan(report, parsed, config, sensitivity_path=source)]
+    if baselines:
+        made += [make_plan(report, parsed, config, sensitivity_path=source, baseline=name) for name in BASELINES]
+    for plan in made:
+        check_plan(plan, shapes)
+    for plan, target in zip(made, targets):
+        plan.save(target)
+    return made
+
+
+@dataclass
+class Evaluation:
+    """What `evaluate_run` measured: the record written (or that would be written) and whether the
+    model was evaluated from a quantized run's own weights."""
+
+    record: EvalRecord
+    quantized: bool
+    has_head: bool = True
+    path: Path | None = None
+    variants: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+def evaluate_run(model_or_run: str, *, task: str | None = None, data: str | None = None, split: str = "dev",
+                 batch_size: int = 64, device: str = "auto", max_length: int | None = None,
+                 max_train_examples: int | None = None, max_eval_examples: int | None = None, seed: int = 0,
+                 ranks: Sequence[int] = (), out: str | Path | None = None) -> Evaluation:
+    """Evaluate a model or a finished run on a task and write an eval record.
+
+    A run directory is reloaded by the method that made it (`qanalyze.methods.Method.load_run`: a
+    quantized run from its packed integer weights, with the integer kernels); its task, data and
+    max length are the defaults. ``ranks`` evaluates a qdylora run's adapters cut at each rank too.
+    The record goes to ``out``, or to ``eval-<task>-<split>.json`` inside a run directory.
+    """
+    from qanalyze.data import encode, load_task
+    from qanalyze.engine.evaluate import evaluate
+    from qanalyze.engine.train import resolve_device
+    from qanalyze.methods import get_method
+    from qanalyze.models import has_task_head, load_model
+    from qanalyze.records import EvalRecord, RunRecord
+    from qanalyze.rundir import METRICS_FILE, is_finished_run
+
+    run = Path(model_or_run)
+    previous = RunRecord.load(run / METRICS_FILE) if is_finished_run(run) else None
+    if previous is not None:
+        task = task or previous.task
+        data = data or previous.data.get("location") or previous.data.get("source")
+        max_length = max_length or previous.settings.get("max_length")
+    if not task or not data:
+        missing = [flag for flag, value in (("--task", task), ("--data", data)) if not value]
+        raise ConfigError(f"missing option {' and '.join(missing)}")
+    if ranks and (previous is None or get_method(previous.mode).variants != "rank"):
+        raise ConfigError("--ranks applies to qdylora runs only")
+    task_data = load_task(task, data, max_train_examples=max_train_examples, max_eval_examples=max_eval_examples,
+                          seed=seed)
+    seed_everything(seed)
+    target = resolve_device(device)
+    if previous is not None:
+        loaded_run = get_method(previous.mode).load_run(run, target, task_data.task.num_labels)
+        model, tokenizer, quantized = loaded_run.model, loaded_run.tokenizer, loaded_run.quantized
+        identity = {**previous.model, "run": str(run), "mode": previous.mode}
+    else:
+        loaded_run = None
+        loaded = load_model(model_or_run, num_labels=task_data.task.num_labels)
+        model, tokenizer, quantized, identity = loaded.model, loaded.tokenizer, False, loaded.identity
+    model.to(target)
+    examples = task_data.dev if split == "dev" else task_data.train
+    encoded = encode(examples, tokenizer, max_length=max_length or 128)
+    result = evaluate(model, tokenizer, encoded, task_data.task, batch_size=batch_size)
+    variants: dict[str, dict[str, float]] = {}
+    for rank in ranks:
+        assert loaded_run is not None
+        loaded_run.at_variant(str(rank))
+        variants[str(rank)] = evaluate(model, tokenizer, encoded, task_data.task, batch_size=batch_size).metrics
+    record = EvalRecord(task=task_data.task.name, split=split, model=identity, data=task_data.identity,
+                        metrics=result.metrics, loss=result.loss, examples=result.examples, rank_metrics=variants,
+                        settings={"max_length": max_length or 128, "batch_size": batch_size, "seed": seed},
+                        timings={"eval_seconds": round(result.seconds, 3)})
+    path = Path(out) if out else (run / f"eval-{task_data.task.name}-{split}.json" if previous else None)
+    if path is not None:
+        record.save(path)
+    return Evaluation(record=record, quantized=quantized, has_head=quantized or has_task_head(model), path=path,
+                      variants=variants)
+
+
+def render_report(inputs: Sequence[str | Path], out: str | Path, *, png: bool = True) -> ReportResult:
+    """Collect the records ``inputs`` hold (sweep folders, sensitivity and plan files, run directories) and
+    write one self-contained HTML page to ``out``; with ``png`` every figure also as PNG in
+    ``<out stem>-figures/``."""
+    from qanalyze.report.html import render_report as render
+    from qanalyze.report.inputs import collect
+
+    records = collect(list(inputs))
+    target = Path(out)
+    return render(records, target, png_dir=target.with_name(f"{target.stem}-figures") if png else None)
