@@ -35,7 +35,7 @@ def run_qanalyze(data_dir: str, examples: int, out: Path, seed: int) -> tuple[fl
     torch.manual_seed(seed)
     loaded = qanalyze.load_model("minilm-l6", num_labels=2)
     config = qanalyze.TrainConfig(epochs=1, batch_size=32, lr=1e-4, max_length=64, seed=seed, save_every=10**6)
-    record = qanalyze.train(loaded, data, config, out)
+    record = qanalyze.train(loaded, data, config, out, overwrite=True)
     return record.metrics["accuracy"], time.perf_counter() - start
 
 

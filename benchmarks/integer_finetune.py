@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 
 import qanalyze
-from qanalyze.engine.apply import get_mode
+from qanalyze.engine.train import train as train_loop
+from qanalyze.methods import get_method
 from qanalyze.plan.uniform import uniform_plan
 from qanalyze.records import RunRecord
 from qanalyze.rundir import prepare_run_dir
@@ -51,14 +52,14 @@ def _train(args, data, mode: str, bits: int | None, out: Path, start: str = "min
     loaded = qanalyze.load_model(start, num_labels=data.task.num_labels)
     config = qanalyze.TrainConfig(epochs=args.epochs, batch_size=32, lr=args.lr, max_length=64, seed=args.seed,
                                   save_every=10**6)
-    plan = None if bits is None else uniform_plan(loaded.model, bits, kinds=tuple(get_mode(mode).builders),
+    plan = None if bits is None else uniform_plan(loaded.model, bits, kinds=get_method(mode).module_kinds,
                                                   layout=layout)
     for tensor, value in re.findall(r"\+([wag])(\d+)", overrides):
-        for entry in plan.modules.values():
-            if not entry.get("float"):
-                entry[TENSORS[tensor]] = int(value)
+        for name, entry in plan.entries.items():
+            if entry.quantized:
+                plan.modules[name][TENSORS[tensor]] = int(value)
     started = time.perf_counter()
-    record = qanalyze.train(loaded, data, config, prepare_run_dir(out, overwrite=True), plan=plan, mode=mode,
+    record = train_loop(loaded, data, config, prepare_run_dir(out, overwrite=True), plan=plan, mode=mode,
                             plan_source=None if bits is None else plan.budget["text"] + overrides)
     return record, time.perf_counter() - started
 

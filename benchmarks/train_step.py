@@ -23,8 +23,9 @@ import torch
 
 import qanalyze
 from qanalyze.data import collate, encode
-from qanalyze.engine.apply import apply_plan, get_mode
+from qanalyze.engine.apply import apply_plan
 from qanalyze.engine.train import adamw
+from qanalyze.methods import get_method
 from qanalyze.plan.uniform import uniform_plan
 
 TARGETS = {"int W8A8G8": 0.7, "int W8A8G8 channel": 0.7, "int W16A16G16": 1.5}
@@ -35,7 +36,7 @@ def _setup(label: str, mode: str | None, bits: int | None, layout: str = "tensor
     loaded = qanalyze.load_model("minilm-l6", num_labels=2)
     model = loaded.model
     if mode is not None:
-        apply_plan(model, uniform_plan(model, bits, kinds=tuple(get_mode(mode).builders), layout=layout), mode)
+        apply_plan(model, uniform_plan(model, bits, kinds=get_method(mode).module_kinds, layout=layout), mode)
     model.train()
     optimizer = adamw(model, 1e-4, 0.01) if fused else torch.optim.AdamW(model.parameters(), lr=1e-4)
     return label, model, optimizer

@@ -3,9 +3,16 @@
 The public verbs, one per stage, each taking a config and returning a typed record::
 
     import qanalyze
-    loaded = qanalyze.load_model("minilm-l6", num_labels=2)
     data = qanalyze.load_task("sst2", "../shared/data/glue", max_train_examples=2000)
-    record = qanalyze.train(loaded, data, qanalyze.TrainConfig(epochs=1), "runs/sst2-fp32")
+    run = qanalyze.train("minilm-l6", data, qanalyze.TrainConfig(epochs=1), "runs/sst2-fp32")
+    plans = qanalyze.plan_for("runs/sst2-fp32", "4bit", qanalyze.PlanConfig(), "runs/plan-4bit.json", data=data)
+    qanalyze.train("runs/sst2-fp32", data, qanalyze.TrainConfig(epochs=1), "runs/int-4bit", mode="int",
+                   plan=plans[0])
+    qanalyze.evaluate_run("runs/int-4bit")
+    qanalyze.render_report(["runs/sensitivity.json", "runs/plan-4bit.json", "runs/int-4bit"], "report.html")
+
+Every command of the CLI is one of these verbs (`qanalyze.verbs`); methods (``--mode``) are plug-ins
+registered in `qanalyze.methods`.
 
 Names are imported on first use, so ``import qanalyze`` (and ``qanalyze --help``) stays fast.
 """
@@ -24,9 +31,20 @@ _EXPORTS = {
     "TaskData": "qanalyze.data",
     "get_task": "qanalyze.tasks",
     "TaskSpec": "qanalyze.tasks",
-    "train": "qanalyze.engine.train",
+    "train": "qanalyze.verbs",
+    "evaluate_run": "qanalyze.verbs",
+    "plan_for": "qanalyze.verbs",
+    "render_report": "qanalyze.verbs",
+    "apply_plan": "qanalyze.engine.apply",
+    "sweep": "qanalyze.sweep.run",
+    "SweepConfig": "qanalyze.sweep.config",
     "TrainConfig": "qanalyze.engine.train",
     "evaluate": "qanalyze.engine.evaluate",
+    "Method": "qanalyze.methods",
+    "MethodConfig": "qanalyze.methods",
+    "register": "qanalyze.methods",
+    "get_method": "qanalyze.methods",
+    "EvalRecord": "qanalyze.records",
     "RunRecord": "qanalyze.records",
     "SensitivityReport": "qanalyze.records",
     "analyze": "qanalyze.sensitivity.analyze",

@@ -42,13 +42,14 @@ def print_plan(plan_record: Any, console: Any) -> None:
     table.add_column("module", overflow="fold")
     for column in ("W bits", "group", "A bits", "G bits", "predicted damage"):
         table.add_column(column)
-    for name, spec in plan_record.modules.items():
-        if spec.get("float"):
+    for name, entry in plan_record.entries.items():
+        if not entry.quantized:
             table.add_row(name, "float", "", "", "", "")
         else:
-            group = spec["group"] + (", mse range" if spec.get("weight_range") == "mse" else "")
-            table.add_row(name, str(spec["weight_bits"]), group, str(spec.get("activation_bits") or "-"),
-                          str(spec.get("gradient_bits") or "-"), f"{spec['predicted_damage']:.3g}")
+            group = entry.group + (", mse range" if entry.weight_range == "mse" else "")
+            damage = f"{entry.predicted_damage:.3g}" if entry.predicted_damage is not None else "-"
+            table.add_row(name, str(entry.weight_bits), group, str(entry.activation_bits or "-"),
+                          str(entry.gradient_bits or "-"), damage)
     console.print(table)
     totals = plan_record.totals
     console.print(f"mean weight bits {totals['weight_bits_mean']:.3f}, weight bytes {totals['weight_bytes']:,}, "

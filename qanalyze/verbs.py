@@ -118,8 +118,9 @@ def plan_for(model: str, budget: str, config: PlanConfig, out: str | Path, *, se
     first by `analyze` with ``analysis`` (the analysis defaults when None) on ``data``. Each plan is
     checked against the model's architecture before any is written.
     """
+    from qanalyze.plan.architecture import check_plan
     from qanalyze.plan.budget import parse_budget
-    from qanalyze.plan.make import BASELINES, check_plan, make_plan
+    from qanalyze.plan.make import BASELINES, make_plan
     from qanalyze.records import SensitivityReport
     from qanalyze.sensitivity.analyze import AnalyzeConfig
 

@@ -277,3 +277,54 @@ def test_int4_lss_keep_fraction_reaches_the_run_and_bad_values_are_refused(capfd
                                                "int4", "--lss-keep", "0"))
     assert code == 2 and "--lss-keep" in err and "Traceback" not in err
     assert not (tmp_path / "bad").exists()
+
+
+def test_help_shows_each_methods_options_under_its_heading_and_the_sweeps_own_epochs(capfd):
+    assert main(["train", "--help"]) == 0
+    text = capfd.readouterr().out
+    assert text.index("int4 options (--mode int4)") < text.index("--lss-keep")
+    assert text.index("qdylora options (--mode qdylora)") < text.index("--lora-rank")
+    assert main(["sweep", "--help"]) == 0
+    text = " ".join(capfd.readouterr().out.split())
+    assert "--epochs INTEGER RANGE [default: 1;" in text
+
+
+def test_cli_defaults_are_the_library_defaults():
+    import click
+
+    from qanalyze.cli import build_cli
+    from qanalyze.plan.make import PlanConfig
+    from qanalyze.sensitivity.analyze import AnalyzeConfig
+
+    commands = build_cli().commands
+    analyze = {p.name: p.default for p in commands["analyze"].params if isinstance(p, click.Option)}
+    config = AnalyzeConfig()
+    assert analyze["batches"] == config.batches and analyze["batch_size"] == config.batch_size
+    assert tuple(analyze["metrics"].split(",")) == config.metrics
+    assert analyze["trace_probes"] == config.trace_max_probes and analyze["trace_tol"] == config.trace_rel_tol
+    assert analyze["eig_tol"] == config.eig_tol
+    assert tuple(int(b) for b in analyze["gradient_bits"].split(",")) == config.gradient_bits
+    plan = {p.name: p.default for p in commands["plan"].params if isinstance(p, click.Option)}
+    defaults = PlanConfig()
+    assert tuple(int(b) for b in plan["bit_list"].split(",")) == defaults.bits
+    assert tuple(plan["group_sizes"].split(",")) == defaults.groups
+    assert tuple(plan["keep_float"].split(",")) == defaults.keep_float
+    assert (plan["objective"], plan["seq_len"], plan["grad_tol"]) == (defaults.objective, defaults.seq_len,
+                                                                    defaults.grad_tol)
+
+
+def test_diverged_training_has_its_own_exit_code(capfd, tmp_path, tiny_bert_dir, glue_dir):
+    import torch
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    broken = tmp_path / "nan-model"
+    model = BertForSequenceClassification.from_pretrained(str(tiny_bert_dir))
+    with torch.no_grad():
+        model.classifier.weight.fill_(float("nan"))
+    model.save_pretrained(broken)
+    AutoTokenizer.from_pretrained(str(tiny_bert_dir)).save_pretrained(broken)
+    capfd.readouterr()
+    code, _, err = run_cli(capfd, *_finetune_args(broken, glue_dir, tmp_path / "out"))
+    assert code == 3, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: training diverged at step 1"), err

@@ -20,7 +20,8 @@ from qanalyze.engine.int4 import Int4Embedding, Int4Linear, Int4Spec
 from qanalyze.engine.modules import IntEmbedding, IntLayerNorm, IntLinear, QATEmbedding, QATLinear, _Swapped
 from qanalyze.errors import ConfigError
 from qanalyze.models import ModuleInfo, head_dim, inventory, module_generator, parent_module
-from qanalyze.plan.make import check_plan
+from qanalyze.plan.architecture import check_plan
+from qanalyze.plan.entries import QuantizedEntry
 from qanalyze.quant.primitives import (
     ACTIVATION_GROUPS,
     GRADIENT_GROUPS,
@@ -113,10 +114,10 @@ class AppliedPlan:
     generators: dict[str, torch.Generator]
 
 
-def _group(entry: Mapping[str, Any], name: str, mode: Mode, key: str, known: tuple[str, ...],
+def _group(entry: QuantizedEntry, name: str, mode: Mode, key: str, known: tuple[str, ...],
            runs: tuple[str, ...], what: str) -> str:
-    """A plan entry's scale layout ``key`` (default ``tensor``), checked against the known ones and the mode's."""
-    group = entry.get(key, "tensor")
+    """A plan entry's scale layout ``key``, checked against the known ones and the mode's."""
+    group = getattr(entry, key)
     if group not in known:
         raise ConfigError(f"plan module {name}: {key} {group!r} is not one of {', '.join(known)}")
     if group not in runs:
@@ -125,24 +126,24 @@ def _group(entry: Mapping[str, Any], name: str, mode: Mode, key: str, known: tup
     return group
 
 
-def _spec(name: str, entry: Mapping[str, Any], info: ModuleInfo, model: nn.Module, mode: Mode) -> TensorSpec:
-    group = entry.get("group", "tensor")
-    rows = rows_per_group(info.shape[0], group, head_dim=head_dim(model, info)) if info.kind != "layernorm" else None
+def _spec(name: str, entry: QuantizedEntry, info: ModuleInfo, model: nn.Module, mode: Mode) -> TensorSpec:
+    rows = rows_per_group(info.shape[0], entry.group, head_dim=head_dim(model, info)) if info.kind != "layernorm" \
+        else None
     activation_group = _group(entry, name, mode, "activation_group", ACTIVATION_GROUPS, mode.activation_groups,
                               "the input")
     gradient_group = _group(entry, name, mode, "gradient_group", GRADIENT_GROUPS, mode.gradient_groups,
                             "the output gradient")
     try:
         return TensorSpec(
-            weight_bits=entry["weight_bits"],
-            activation_bits=entry.get("activation_bits") or DEFAULT_BITS,
-            gradient_bits=entry.get("gradient_bits") or DEFAULT_BITS,
+            weight_bits=entry.weight_bits,
+            activation_bits=entry.activation_bits or DEFAULT_BITS,
+            gradient_bits=entry.gradient_bits or DEFAULT_BITS,
             rows_per_group=None if rows == info.shape[0] else rows,
             # layer norms always take one scale per token (their statistics are per token)
             per_token=activation_group == "token" and info.kind == "linear",
             gradient_group=gradient_group if info.kind == "linear" else "tensor",
             quantizer=mode.quantizer,
-            weight_range=module_weight_range(info.kind, entry.get("weight_range", "max")) if mode.weight_ranges
+            weight_range=module_weight_range(info.kind, entry.weight_range) if mode.weight_ranges
             else "max",
         )
     except ConfigError as exc:
@@ -158,8 +159,8 @@ def validate_plan(model: nn.Module, plan: BitPlan, mode: str) -> dict[str, Tenso
     check_plan(plan, {info.name: list(info.shape) for info in infos})
     specs: dict[str, TensorSpec] = {}
     for info in infos:
-        entry = plan.modules.get(info.name, {"float": True})
-        if entry.get("float"):
+        entry = plan.entry(info.name)
+        if not isinstance(entry, QuantizedEntry):
             continue
         if info.kind not in chosen.builders:
             why = chosen.refused.get(info.kind, f"mode {mode} has no {info.kind} module")
@@ -169,10 +170,10 @@ def validate_plan(model: nn.Module, plan: BitPlan, mode: str) -> dict[str, Tenso
     return specs
 
 
-def _check_fixed_bits(name: str, entry: Mapping[str, Any], mode: Mode) -> None:
+def _check_fixed_bits(name: str, entry: QuantizedEntry, mode: Mode) -> None:
     if mode.fixed_bits is None:
         return
-    asked = {"weight": entry.get("weight_bits"), "activation": entry.get("activation_bits")}
+    asked = {"weight": entry.weight_bits, "activation": entry.activation_bits}
     wrong = {tensor: bits for tensor, bits in asked.items() if bits is not None and bits != mode.fixed_bits}
     if wrong:
         shown = ", ".join(f"{tensor} {bits}" for tensor, bits in wrong.items())

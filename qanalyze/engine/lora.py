@@ -23,7 +23,6 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
@@ -31,7 +30,8 @@ from torch import nn
 from qanalyze.engine.functions import TensorSpec, quantize_weight, weight_clip
 from qanalyze.errors import ConfigError
 from qanalyze.models import ModuleInfo, head_dim, inventory, module_generator, parent_module
-from qanalyze.plan.make import check_plan
+from qanalyze.plan.architecture import check_plan
+from qanalyze.plan.entries import QuantizedEntry
 from qanalyze.quant.nf4 import NF4Tensor, nf4_dequantize, nf4_quantize
 from qanalyze.quant.primitives import Quantized, module_weight_range, rows_per_group
 from qanalyze.records import BitPlan
@@ -289,16 +289,16 @@ class RankSampler:
         return rank
 
 
-def _base_spec(name: str, entry: Mapping[str, Any], info: ModuleInfo, model: nn.Module) -> TensorSpec:
+def _base_spec(name: str, entry: QuantizedEntry, info: ModuleInfo, model: nn.Module) -> TensorSpec:
     """The weight quantization a plan entry asks for (its bits, groups and scheme)."""
     try:
         rows = None
         if info.kind != "layernorm":
-            rows = rows_per_group(info.shape[0], entry.get("group", "tensor"), head_dim=head_dim(model, info))
-        return TensorSpec(weight_bits=entry["weight_bits"], activation_bits=_SPEC_BITS, gradient_bits=_SPEC_BITS,
+            rows = rows_per_group(info.shape[0], entry.group, head_dim=head_dim(model, info))
+        return TensorSpec(weight_bits=entry.weight_bits, activation_bits=_SPEC_BITS, gradient_bits=_SPEC_BITS,
                           rows_per_group=None if rows == info.shape[0] else rows,
-                          quantizer=entry.get("scheme") or DEFAULT_SCHEME,
-                          weight_range=module_weight_range(info.kind, entry.get("weight_range", "max")))
+                          quantizer=entry.scheme or DEFAULT_SCHEME,
+                          weight_range=module_weight_range(info.kind, entry.weight_range))
     except ConfigError as exc:
         raise ConfigError(f"plan module {name}: {exc}") from None
 
@@ -334,8 +334,8 @@ def apply_qdylora(model: nn.Module, plan: BitPlan | None, config: LoRAConfig, se
     built: dict[str, DyLoRALinear] = {}
     for index, (name, module) in enumerate(named):
         info = infos.get(name)  # None for a module with no weight of its own (a container, a tied weight)
-        entry = plan.modules.get(name, {"float": True}) if plan is not None and info is not None else {"float": True}
-        spec = None if entry.get("float") else _base_spec(name, entry, info, model)
+        entry = plan.entry(name) if plan is not None and info is not None else None
+        spec = _base_spec(name, entry, info, model) if isinstance(entry, QuantizedEntry) else None
         if name in chosen:
             if config.base == "nf4":
                 packed = nf4_quantize(module.weight, config.nf4_block_size, config.double_quant)

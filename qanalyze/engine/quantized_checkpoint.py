@@ -53,13 +53,13 @@ def save_quantized_run(run: Path, model: torch.nn.Module, tokenizer: Any, plan: 
     swapped = swapped_modules(model)
     weights: dict[str, PackedTensor | torch.Tensor] = {}
     covered: set[str] = set()
-    for name, entry in plan.modules.items():
+    for name, entry in plan.entries.items():
         module = model.get_submodule(name)
         key = f"{name}.weight"
         covered.add(key)
         if name in swapped:
             weights[key] = _packed(swapped[name].quantized_weight())
-        elif not entry.get("float"):
+        elif entry.quantized:
             raise RecordError(f"module {name} is planned but was not swapped: cannot save its integer weight")
         else:
             weights[key] = module.weight.detach().float().cpu().contiguous()

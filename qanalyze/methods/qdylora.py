@@ -112,7 +112,7 @@ class QDyLoRAMethod(Method):
 
     def check(self, model: torch.nn.Module, plan: BitPlan | None, config: MethodConfig) -> None:
         """A plan base needs a plan of this architecture."""
-        from qanalyze.plan.make import check_plan
+        from qanalyze.plan.architecture import check_plan
 
         if plan is None and self.needs_plan(config):
             raise ConfigError("mode qdylora needs a plan for its base, or an NF4 base (--base nf4)")

@@ -9,6 +9,7 @@ from typing import Any
 
 import pandas as pd
 
+from qanalyze.plan.entries import QuantizedEntry
 from qanalyze.records import BitPlan, RunRecord, SensitivityReport, SweepRecord
 from qanalyze.sensitivity.summary import PREDICTORS
 from qanalyze.sweep.table import sweep_table
@@ -75,15 +76,14 @@ def plan_table(plan: BitPlan) -> pd.DataFrame:
     """Per module: weight bits, group layout and range rule, activation and gradient bits, predicted damage; float
     ones too."""
     rows = []
-    for name, spec in plan.modules.items():
-        if spec.get("float"):
+    for name, entry in plan.entries.items():
+        if not isinstance(entry, QuantizedEntry):
             rows.append({"module": short_name(name), "float": True})
             continue
-        rows.append({"module": short_name(name), "float": False, "weight_bits": spec["weight_bits"],
-                     "group": spec["group"], "groups": spec.get("groups"),
-                     "weight_range": spec.get("weight_range", "max"),
-                     "activation_bits": spec.get("activation_bits"), "gradient_bits": spec.get("gradient_bits"),
-                     "predicted_damage": spec.get("predicted_damage")})
+        rows.append({"module": short_name(name), "float": False, "weight_bits": entry.weight_bits,
+                     "group": entry.group, "groups": entry.groups, "weight_range": entry.weight_range,
+                     "activation_bits": entry.activation_bits, "gradient_bits": entry.gradient_bits,
+                     "predicted_damage": entry.predicted_damage})
     columns = ["module", "float", "weight_bits", "group", "groups", "weight_range", "activation_bits",
                "gradient_bits", "predicted_damage"]
     return pd.DataFrame(rows, columns=columns)
@@ -91,7 +91,7 @@ def plan_table(plan: BitPlan) -> pd.DataFrame:
 
 def plan_totals(plan: BitPlan) -> pd.DataFrame:
     """The plan's budget and achieved totals as (quantity, value) rows."""
-    ranges = sorted({spec.get("weight_range", "max") for spec in plan.modules.values() if not spec.get("float")})
+    ranges = sorted({entry.weight_range for entry in plan.entries.values() if isinstance(entry, QuantizedEntry)})
     rows = [("budget", plan.budget.get("text")), ("objective", plan.objective),
             ("plan", plan.baseline or "hessian"), ("weight_range", ", ".join(ranges) or "-")]
     rows += [(key, value) for key, value in plan.totals.items()]

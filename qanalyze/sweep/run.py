@@ -33,8 +33,9 @@ from qanalyze.engine.train import CheckpointMismatchError, StepLog, TrainingDive
 from qanalyze.errors import ConfigError
 from qanalyze.methods import get_method
 from qanalyze.models import LoadedModel, has_task_head, inventory, load_model
+from qanalyze.plan.architecture import check_plan
 from qanalyze.plan.budget import parse_budget
-from qanalyze.plan.make import check_plan, make_plan
+from qanalyze.plan.make import make_plan
 from qanalyze.plan.uniform import uniform_plan
 from qanalyze.records import BitPlan, RunRecord, SensitivityReport, SweepRecord, atomic_write_json, utc_now
 from qanalyze.rundir import METRICS_FILE, checkpoint_dir, is_finished_run, prepare_run_dir
