@@ -40,5 +40,6 @@ class RecordError(InputError):
     """A qanalyze record file (metrics.json, plan.json, ...) is missing or invalid."""
 
 
-class NotAvailableError(InputError):
-    """A command or mode exists in the interface but is not implemented yet."""
+class NonFiniteError(ConfigError):
+    """A loss, a Hessian-vector product or a tensor to quantize holds NaN or infinity (bad weights or data;
+    in training the trainer turns it into `qanalyze.engine.train.TrainingDiverged`)."""

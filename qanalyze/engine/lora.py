@@ -33,7 +33,7 @@ from qanalyze.models import ModuleInfo, head_dim, inventory, module_generator, p
 from qanalyze.plan.architecture import check_plan
 from qanalyze.plan.entries import QuantizedEntry
 from qanalyze.quant.nf4 import NF4Tensor, nf4_dequantize, nf4_quantize
-from qanalyze.quant.primitives import Quantized, module_weight_range, rows_per_group
+from qanalyze.quant.primitives import Quantized, is_positive_int, module_weight_range, rows_per_group
 from qanalyze.records import BitPlan
 
 UPDATE_MODES = ("frozen", "all")
@@ -75,7 +75,7 @@ class LoRAConfig:
     head: tuple[str, ...] = DEFAULT_HEAD
 
     def __post_init__(self) -> None:
-        if not _is_positive_int(self.rank):
+        if not is_positive_int(self.rank):
             raise ConfigError(f"LoRA rank must be a positive integer, not {self.rank!r}")
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, int | float) or not self.alpha > 0 \
                 or not math.isfinite(self.alpha):
@@ -92,14 +92,10 @@ class LoRAConfig:
             raise ConfigError(f"double_quant must be True or False, not {self.double_quant!r}")
         if self.double_quant and self.base != "nf4":
             raise ConfigError("double_quant applies to the NF4 base only (base='nf4')")
-        if not _is_positive_int(self.nf4_block_size):
+        if not is_positive_int(self.nf4_block_size):
             raise ConfigError(f"nf4_block_size must be a positive integer, not {self.nf4_block_size!r}")
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, int | float) or not 0 <= self.dropout < 1:
             raise ConfigError(f"LoRA dropout must be a number in [0, 1), not {self.dropout!r}")
-
-
-def _is_positive_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def _check_patterns(field_name: str, patterns: object) -> None:
@@ -180,7 +176,7 @@ class DyLoRALinear(nn.Module):
 
     @rank.setter
     def rank(self, value: int) -> None:
-        if not _is_positive_int(value) or value > self.max_rank:
+        if not is_positive_int(value) or value > self.max_rank:
             raise ConfigError(f"adapter rank must be an integer from 1 to {self.max_rank}, not {value!r}")
         self._rank = value
 
@@ -216,7 +212,7 @@ class DyLoRALinear(nn.Module):
     def truncated(self, rank: int | None = None) -> LoRAAdapter:
         """The adapter cut at ``rank`` (the current rank by default), detached copies, for export."""
         rank = self._rank if rank is None else rank
-        if not _is_positive_int(rank) or rank > self.max_rank:
+        if not is_positive_int(rank) or rank > self.max_rank:
             raise ConfigError(f"adapter rank must be an integer from 1 to {self.max_rank}, not {rank!r}")
         return LoRAAdapter(A=self.lora_A[:rank].detach().clone(), B=self.lora_B[:, :rank].detach().clone(),
                            scaling=self.alpha / rank)

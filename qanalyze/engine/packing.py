@@ -31,6 +31,7 @@ import safetensors.torch
 import torch
 
 from qanalyze.errors import ConfigError, RecordError
+from qanalyze.quant.primitives import check_bits
 from qanalyze.records import atomic_path
 
 PACKED_SCHEMA = "qanalyze/packed/v1"
@@ -49,14 +50,9 @@ _CHUNK = 1 << 20
 _INT_DTYPES = frozenset({torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.uint16, torch.uint32})
 
 
-def _check_bits(bits: int) -> None:
-    if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
-        raise ConfigError(f"bits must be an integer in {MIN_BITS}..{MAX_BITS}, got {bits!r}")
-
-
 def code_range(bits: int, *, signed: bool = True) -> tuple[int, int]:
     """The inclusive range ``(lo, hi)`` of ``bits``-bit codes, signed or unsigned."""
-    _check_bits(bits)
+    check_bits(bits)
     if signed:
         return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
     return 0, (1 << bits) - 1
@@ -64,7 +60,7 @@ def code_range(bits: int, *, signed: bool = True) -> tuple[int, int]:
 
 def packed_nbytes(bits: int, numel: int) -> int:
     """Bytes that ``numel`` codes of ``bits`` bits occupy when packed: ``ceil(bits * numel / 8)``."""
-    _check_bits(bits)
+    check_bits(bits)
     if isinstance(numel, bool) or not isinstance(numel, int) or numel < 0:
         raise ConfigError(f"numel must be a non-negative integer, got {numel!r}")
     return (bits * numel + 7) // 8
@@ -144,7 +140,7 @@ def pack_bits(q: torch.Tensor, bits: int, *, signed: bool = True) -> torch.Tenso
     ``[-(2**(bits-1)), 2**(bits-1) - 1]`` (``signed``) or ``[0, 2**bits - 1]``, else `ConfigError`.
     The bit order is described in the module docstring.
     """
-    _check_bits(bits)
+    check_bits(bits)
     flat = _check_codes(q, bits, signed)
     n = flat.numel()
     out = torch.empty(packed_nbytes(bits, n), dtype=torch.uint8)
@@ -173,7 +169,7 @@ def unpack_bits(packed: torch.Tensor, bits: int, shape: Sequence[int], *, signed
     int16 up to 16 bits (unsigned: 15), int32 for unsigned 16 bits. A ``packed`` tensor that is not
     1-D uint8 of exactly ``ceil(bits * numel / 8)`` bytes with zero padding bits is a `RecordError`.
     """
-    _check_bits(bits)
+    check_bits(bits)
     dims = _check_shape(shape)
     n = math.prod(dims)
     if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8 or packed.dim() != 1:
@@ -225,7 +221,7 @@ class PackedTensor:
     meta: dict[str, str | int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        _check_bits(self.bits)
+        check_bits(self.bits)
         if not isinstance(self.signed, bool):
             raise ConfigError(f"signed must be a bool, got {self.signed!r}")
         _check_codes(self.q, self.bits, self.signed)

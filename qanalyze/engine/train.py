@@ -28,10 +28,9 @@ from qanalyze.data import Encoded, TaskData, encode, epoch_order, iter_batches, 
 from qanalyze.engine.checkpoint import discard_checkpoints, load_checkpoint, save_checkpoint
 from qanalyze.engine.distill import Teacher
 from qanalyze.engine.evaluate import EvalResult, evaluate
-from qanalyze.errors import ConfigError, QAnalyzeError
+from qanalyze.errors import ConfigError, NonFiniteError, QAnalyzeError
 from qanalyze.methods import Method, MethodConfig, Prepared, get_method
 from qanalyze.models import LoadedModel
-from qanalyze.quant.primitives import NonFiniteValuesError
 from qanalyze.records import BitPlan, RunRecord, atomic_write_text
 from qanalyze.rundir import CHECKPOINT_DIR, EVALS_FILE, LOG_FILE, METRICS_FILE
 
@@ -237,9 +236,9 @@ class _Trainer:
             out = self.model(**inputs)
             loss = out.loss if self.teacher is None else self.teacher.mix(out.loss, out.logits, inputs)
             if not torch.isfinite(loss):
-                raise NonFiniteValuesError(f"loss {float(loss.detach())}")
+                raise NonFiniteError(f"loss {float(loss.detach())}")
             loss.backward()
-        except NonFiniteValuesError as exc:
+        except NonFiniteError as exc:
             where = f" in {self.run / CHECKPOINT_DIR}" if self.last_saved else ""
             raise TrainingDiverged(f"training diverged at step {self.step + 1} ({exc}); the last good checkpoint "
                                    f"is step {self.last_saved}{where}") from None

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from qanalyze.errors import ConfigError
-from qanalyze.quant.primitives import NonFiniteValuesError, quantize_symmetric
+from qanalyze.errors import ConfigError, NonFiniteError
+from qanalyze.quant.primitives import quantize_symmetric
 
 NF4_CODE_BOOK: tuple[float, ...] = (
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
@@ -133,7 +133,7 @@ def nf4_quantize(w: torch.Tensor, block_size: int = 64, double_quant: bool = Fal
     entries takes the lower code); a block of zeros keeps absmax 0 and code 7 (zero). With
     ``double_quant`` the scales are quantized as the module docstring says; the codes are always
     chosen with the exact absmax, as in QLoRA. Raises ConfigError for a non-float or empty tensor,
-    a bad block size, or an element count that is not a multiple of it; NonFiniteValuesError for
+    a bad block size, or an element count that is not a multiple of it; NonFiniteError for
     inf / nan.
     """
     if not isinstance(w, torch.Tensor) or not w.is_floating_point() or w.numel() == 0:
@@ -148,7 +148,7 @@ def nf4_quantize(w: torch.Tensor, block_size: int = 64, double_quant: bool = Fal
     blocks = w.detach().to(dtype).reshape(-1, block_size)
     absmax = blocks.abs().amax(dim=1)
     if not bool(torch.isfinite(absmax).all()):
-        raise NonFiniteValuesError("cannot quantize a tensor with inf or nan values to NF4")
+        raise NonFiniteError("cannot quantize a tensor with inf or nan values to NF4")
     # an all-zero block divides by 1 instead of 0: every element is then exactly code 7 (zero)
     normalised = blocks / torch.where(absmax > 0, absmax, torch.ones_like(absmax)).unsqueeze(1)
     book = nf4_code_book(dtype, w.device)

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from qanalyze.errors import ConfigError
+from qanalyze.errors import ConfigError, NonFiniteError
 
 BITS_RANGE = range(2, 17)
 """Supported bit widths, 2 to 16 inclusive."""
@@ -70,17 +70,19 @@ def qmax(bits: int) -> int:
     The symmetric range is ``[-qmax, qmax]`` (the most negative code is left unused so that the
     range is symmetric and zero sits in the middle). Raises ConfigError outside 2..16 bits.
     """
-    _check_bits(bits)
+    check_bits(bits)
     return 2 ** (bits - 1) - 1
 
 
-def _check_bits(bits: int) -> None:
+def check_bits(bits: int) -> None:
+    """ConfigError unless ``bits`` is an integer bit-width from 2 to 16."""
     # bool is an int subclass; True would silently mean 1 bit
     if isinstance(bits, bool) or not isinstance(bits, int) or bits not in BITS_RANGE:
         raise ConfigError(f"bits must be an integer from {BITS_RANGE.start} to {BITS_RANGE.stop - 1}, not {bits!r}")
 
 
-def _is_positive_int(value: object) -> bool:
+def is_positive_int(value: object) -> bool:
+    """True for an int above 0 (bool is not an int here)."""
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
@@ -95,7 +97,7 @@ def parse_group(group: str | int) -> str:
     of decimal digits naming one, becomes that integer as a string (``64`` and ``"064"`` -> ``"64"``).
     Raises ConfigError for anything else (other names, zero, negatives, non-integers).
     """
-    if _is_positive_int(group):
+    if is_positive_int(group):
         return str(group)
     if isinstance(group, str):
         if group in GROUP_NAMES:
@@ -113,7 +115,7 @@ def rows_per_group(out_rows: int, group: str | int, *, head_dim: int | None = No
     ``h * head_dim`` to ``(h + 1) * head_dim``); ``"<n>"`` -> n.
     Raises ConfigError when the row count does not divide ``out_rows`` or ``"head"`` has no ``head_dim``.
     """
-    if not _is_positive_int(out_rows):
+    if not is_positive_int(out_rows):
         raise ConfigError(f"out_rows must be a positive integer, not {out_rows!r}")
     name = parse_group(group)
     if name == "tensor":
@@ -123,7 +125,7 @@ def rows_per_group(out_rows: int, group: str | int, *, head_dim: int | None = No
     if name == "head":
         if head_dim is None:
             raise ConfigError("group 'head' needs head_dim (the rows of one attention head)")
-        if not _is_positive_int(head_dim):
+        if not is_positive_int(head_dim):
             raise ConfigError(f"head_dim must be a positive integer, not {head_dim!r}")
         rows = head_dim
     else:
@@ -271,7 +273,7 @@ def _prepare(x: torch.Tensor, rows_per_group: int | None) -> torch.Tensor:
     if x.dim() < 1 or x.numel() == 0:
         raise ConfigError(f"can only quantize non-empty tensors of at least one dimension, not shape {tuple(x.shape)}")
     if rows_per_group is not None:
-        if not _is_positive_int(rows_per_group):
+        if not is_positive_int(rows_per_group):
             raise ConfigError(f"rows_per_group must be a positive integer or None, not {rows_per_group!r}")
         if x.shape[0] % rows_per_group:
             raise ConfigError(f"rows_per_group {rows_per_group} does not divide the {x.shape[0]} rows of the tensor")
@@ -304,14 +306,10 @@ def _clipped(amax: torch.Tensor, clip: torch.Tensor | None) -> torch.Tensor:
     return amax * clip.to(amax.dtype)
 
 
-class NonFiniteValuesError(ConfigError):
-    """A tensor to quantize holds inf or nan (in training: an overflow or a diverged step)."""
-
-
 def _check_finite(scale: torch.Tensor) -> None:
     # One check on the (small) scale tensor catches inf / nan anywhere in the input: amax / amin propagate them.
     if not bool(torch.isfinite(scale).all()):
-        raise NonFiniteValuesError("cannot quantize a tensor with inf or nan values (or a range beyond its dtype)")
+        raise NonFiniteError("cannot quantize a tensor with inf or nan values (or a range beyond its dtype)")
 
 
 SCALE_FORMATS = ("exact", "float16")
@@ -415,7 +413,7 @@ def quantize_asymmetric(
     codes and is clipped (the PyTorch / Q8BERT convention). A degenerate range (an all-zero group) gets
     scale 1 and zero point 0.
     """
-    _check_bits(bits)
+    check_bits(bits)
     levels = 2**bits - 1
     round_fn = _rounder(rounding, generator)
     values = _prepare(x, rows_per_group)
@@ -534,9 +532,9 @@ def weight_errors(
     ConfigError.
     """
     for bits in bits_list:
-        _check_bits(bits)
+        check_bits(bits)
     names = list(dict.fromkeys(parse_group(group) for group in groups))
-    if head_dim is not None and not _is_positive_int(head_dim):
+    if head_dim is not None and not is_positive_int(head_dim):
         raise ConfigError(f"head_dim must be a positive integer or None, not {head_dim!r}")
     if not isinstance(weight, torch.Tensor) or weight.dim() < 1 or weight.numel() == 0:
         raise ConfigError("a weight must be a non-empty tensor with at least one dimension")

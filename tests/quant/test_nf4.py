@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from qanalyze.errors import ConfigError
+from qanalyze.errors import ConfigError, NonFiniteError
 from qanalyze.quant.nf4 import (
     DOUBLE_QUANT_BLOCK,
     NF4_CODE_BOOK,
@@ -14,7 +14,6 @@ from qanalyze.quant.nf4 import (
     nf4_dequantize,
     nf4_quantize,
 )
-from qanalyze.quant.primitives import NonFiniteValuesError
 
 
 def _randn(*shape, seed=0, dtype=torch.float32):
@@ -134,5 +133,5 @@ def test_bad_inputs_are_refused():
         nf4_quantize(torch.ones(64), double_quant=1)
     w = torch.ones(128)
     w[70] = float("nan")
-    with pytest.raises(NonFiniteValuesError):
+    with pytest.raises(NonFiniteError):
         nf4_quantize(w)
