@@ -91,7 +91,7 @@ def main() -> None:
         ours, traces = {}, {}
         for precision in precisions:
             start = time.perf_counter()
-            op = HVP(model, batch, weights, precision=precision, sparse_embeddings=True, unpad=True)
+            op = HVP.build(model, batch, weights, precision=precision, sparse_embeddings=True, unpad=True)
             traces[precision] = hutchinson_traces(op, {n: [k] for k, n in enumerate(weights)},
                                                   generator=torch.Generator().manual_seed(0),
                                                   max_probes=args.trace_probes, rel_tol=args.trace_tol)
@@ -139,7 +139,7 @@ def main() -> None:
                                       ("bfloat16", "bfloat16", True)):
             if precision in precisions:
                 start = time.perf_counter()
-                ops[key] = HVP(model, batch, weights, precision=precision, sparse_embeddings=True, unpad=unpad)
+                ops[key] = HVP.build(model, batch, weights, precision=precision, sparse_embeddings=True, unpad=unpad)
                 graphs[key] = time.perf_counter() - start
         print(f"B. one gradient graph over all {len(names)} modules: "
               + ", ".join(f"{p} {t:.2f} s" for p, t in graphs.items()), flush=True)

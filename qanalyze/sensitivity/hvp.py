@@ -25,9 +25,11 @@ similar length without their shared padding (`LengthBuckets`): the same loss and
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager, nullcontext
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -65,12 +67,31 @@ def resolve_precision(name: str, device: torch.device, dtype: torch.dtype) -> st
     return "bfloat16" if dtype == torch.float32 and _native_bfloat16(device) else "float32"
 
 
+ONEDNN_ISA_WITHOUT_BFLOAT16 = frozenset(
+    {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"})
+"""Values of ``ONEDNN_MAX_CPU_ISA`` (or its older name ``DNNL_MAX_CPU_ISA``) that cap oneDNN below
+AVX512_CORE_BF16: under such a cap oneDNN emulates bfloat16 even on a CPU that has the units."""
+
+
+def onednn_isa_cap() -> str | None:
+    """The instruction-set cap oneDNN was given through the environment (upper case), or None."""
+    for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+        value = os.environ.get(name, "").strip().upper()
+        if value:
+            return value
+    return None
+
+
 def _native_bfloat16(device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type != "cpu":
         return False
-    # Without these units oneDNN emulates bfloat16 and the products get slower, not faster.
+    # Without these units oneDNN emulates bfloat16 and the products get slower, not faster. torch asks
+    # the CPU, not oneDNN, so a cap set through the environment (to run as an AVX2-only machine would)
+    # is checked here: under it bfloat16 is emulated too.
+    if onednn_isa_cap() in ONEDNN_ISA_WITHOUT_BFLOAT16:
+        return False
     checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
     return any(check is not None and check() for check in checks)
 
@@ -148,7 +169,8 @@ def default_loss(model: nn.Module, batch: Mapping[str, Any]) -> Tensor:
 
 class HVP:
     """Hessian-vector products of the loss of `model` on one batch w.r.t. a chosen list of
-    parameters, model in eval mode (dropout off).
+    parameters, model in eval mode (dropout off). Made by `HVP.build`, which runs the forward pass;
+    the constructor only stores what `build` computed.
 
     `params` selects the block (see `ParamSelection`); `loss_fn(model, batch)` gives the loss
     (default `default_loss`). The model's parameters, their ``requires_grad`` flags, gradients
@@ -180,6 +202,39 @@ class HVP:
         self,
         model: nn.Module,
         batch: Mapping[str, Any],
+        names: Sequence[str],
+        params: Sequence[Tensor],
+        *,
+        loss: float,
+        loss_fn: LossFn,
+        method: str = "double_backward",
+        precision: str = "float32",
+        grads: Sequence[Tensor] | None = None,
+        table: RowTable | None = None,
+        omitted: int = 0,
+        buckets: LengthBuckets | None = None,
+    ) -> None:
+        """Store a block `build` has prepared: `grads` is the ``double_backward`` gradient graph (None
+        for ``forward_over_reverse``), `loss_fn` the loss the products differentiate."""
+        self.model, self.batch = model, batch
+        self.names, self.params = list(names), list(params)
+        self.loss, self.method, self.precision = loss, method, precision
+        self.table, self.omitted, self.buckets = table, omitted, buckets
+        self.shapes = [p.shape for p in self.params]
+        self.sizes = [p.numel() for p in self.params]
+        self.numel = sum(self.sizes)
+        self.dtype = self.params[0].dtype
+        self.device = self.params[0].device
+        self.count = 0
+        self._loss_fn = loss_fn
+        self._grads = None if grads is None else list(grads)
+        self._gradient: list[Tensor] | None = None
+
+    @classmethod
+    def build(
+        cls,
+        model: nn.Module,
+        batch: Mapping[str, Any],
         params: ParamSelection,
         *,
         method: str = "double_backward",
@@ -187,7 +242,13 @@ class HVP:
         precision: str = "float32",
         sparse_embeddings: bool = False,
         unpad: bool = False,
-    ) -> None:
+    ) -> HVP:
+        """The products of the block `params` selects on `batch`: resolves the block, runs the forward
+        pass (and, for ``double_backward``, the gradient with its graph) and checks the loss is finite.
+
+        Raises ConfigError for an unknown method or precision, a bad selection, ``unpad`` with a custom
+        `loss_fn`, or a model that returns no loss; NonFiniteError when the loss is NaN or infinite.
+        """
         if unpad and loss_fn is not None:
             raise ConfigError("unpad weights sub-batch losses by their examples, which only the default loss (a mean "
                               "over examples) allows; pass unpad=False with a custom loss_fn")
@@ -195,48 +256,42 @@ class HVP:
             raise ConfigError(f"unknown HVP method {method!r}; known: {', '.join(METHODS)}")
         if precision not in PRECISIONS:
             raise ConfigError(f"unknown HVP precision {precision!r}; known: {', '.join(PRECISIONS)}")
-        self.model = model
-        self.batch = batch
-        self.method = method
-        self.precision = precision
-        self.names, self.params = resolve_params(model, params)
-        chosen = {id(p) for p in self.params}
-        self.table = RowTable.of(model, batch, self.params) if sparse_embeddings else None
-        self.omitted = 0
-        if self.table is not None:
-            full = self.params[self.table.index]
-            self.params[self.table.index] = full.detach()[self.table.rows].requires_grad_()
-            self.omitted = full.numel() - self.params[self.table.index].numel()
-        self.shapes = [p.shape for p in self.params]
-        self.sizes = [p.numel() for p in self.params]
-        self.numel = sum(self.sizes)
-        self.dtype = self.params[0].dtype
-        self.device = self.params[0].device
-        self.count = 0
-        self._gradient: list[Tensor] | None = None
-        self.buckets = LengthBuckets.of(batch) if unpad else None
-        self._loss_fn = self.buckets.loss(default_loss) if self.buckets else loss_fn or default_loss
+        names, chosen = resolve_params(model, params)
+        table = RowTable.of(model, batch, chosen) if sparse_embeddings else None
+        omitted = 0
+        if table is not None:
+            full = chosen[table.index]
+            chosen[table.index] = full.detach()[table.rows].requires_grad_()
+            omitted = full.numel() - chosen[table.index].numel()
+        buckets = LengthBuckets.of(batch) if unpad else None
+        loss_of = buckets.loss(default_loss) if buckets else loss_fn or default_loss
+        device = chosen[0].device
+        grads = None
         if method == "double_backward":
             # Freezing the other parameters for the forward keeps their branches out of the graph
             # the products reuse; the flags come back as soon as the graph exists.
-            with (_eval_mode(model), _requires_grad(model, self.params, freeze_others=True), torch.enable_grad(),
-                  self._autocast(), self._rows()):
-                loss = self._checked_loss(self._loss_fn(model, batch))
-                self._grads = torch.autograd.grad(
-                    loss, self.params, create_graph=True, allow_unused=True, materialize_grads=True
-                )
+            rows = table.active(chosen[table.index]) if table is not None else nullcontext()
+            with (_eval_mode(model), _requires_grad(model, chosen, freeze_others=True), torch.enable_grad(),
+                  _autocast(precision, device), rows):
+                loss = _checked_loss(model, loss_of(model, batch))
+                grads = torch.autograd.grad(loss, chosen, create_graph=True, allow_unused=True, materialize_grads=True)
         else:
-            with _eval_mode(model), torch.no_grad(), self._autocast(), self._rows(constant=True):
-                loss = self._checked_loss(self._loss_fn(model, batch))
-            self._wrapper = _LossModule(model, self._loss_fn)
-            # Detached views: the other parameters enter functional_call as constants (a cut table's full
-            # weight too: its hook replaces the lookup).
-            self._fixed = {
-                f"model.{name}": p.detach() for name, p in model.named_parameters()
-                if id(p) not in chosen or (self.table is not None and name == self.names[self.table.index])
-            }
-            self._keys = [f"model.{name}" for name in self.names]
-        self.loss = float(loss.detach())
+            rows = table.active(chosen[table.index].detach()) if table is not None else nullcontext()
+            with _eval_mode(model), torch.no_grad(), _autocast(precision, device), rows:
+                loss = _checked_loss(model, loss_of(model, batch))
+        return cls(model, batch, names, chosen, loss=float(loss.detach()), loss_fn=loss_of, method=method,
+                   precision=precision, grads=grads, table=table, omitted=omitted, buckets=buckets)
+
+    @cached_property
+    def _functional(self) -> tuple[_LossModule, dict[str, Tensor], list[str]]:
+        # forward_over_reverse: the loss module functional_call swaps parameters in, the model's other
+        # parameters as detached constants (a cut table's full weight too: its hook replaces the lookup),
+        # and the functional_call key of each parameter of the block.
+        chosen = {id(p) for p in self.params}
+        cut = self.names[self.table.index] if self.table is not None else None
+        fixed = {f"model.{name}": p.detach() for name, p in self.model.named_parameters()
+                 if id(p) not in chosen or name == cut}
+        return _LossModule(self.model, self._loss_fn), fixed, [f"model.{name}" for name in self.names]
 
     def __call__(self, v: Sequence[Tensor]) -> list[Tensor]:
         """H v, one tensor per parameter of the block with that parameter's shape.
@@ -292,30 +347,6 @@ class HVP:
         self._check_finite([self.names[i] for i in indices], hv, vectors)
         return hv
 
-    def _rows(self, table: Tensor | None = None, *, constant: bool = False) -> Any:
-        # The cut table's lookup hook, around every forward of the model; `table` is the row tensor to
-        # look up, by default this object's own copy (detached when it enters as a `constant`).
-        if self.table is None:
-            return nullcontext()
-        if table is None:
-            table = self.params[self.table.index].detach() if constant else self.params[self.table.index]
-        return self.table.active(table)
-
-    def _autocast(self) -> torch.autocast:
-        # The graph built under autocast keeps its bfloat16 casts, so the double backward's products
-        # run in bfloat16 without autocast being active when they are taken.
-        dtype = PRECISIONS[self.precision]
-        return torch.autocast(self.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
-
-    def _checked_loss(self, loss: Tensor) -> Tensor:
-        if not isinstance(loss, Tensor) or loss.dim() != 0:
-            raise ConfigError("the loss function must return a scalar tensor")
-        if not torch.isfinite(loss):
-            bad = next((name for name, p in self.model.named_parameters() if not torch.isfinite(p).all()), None)
-            where = f"parameter {bad} holds NaN or infinity" if bad else "no parameter does, so the batch must"
-            raise NonFiniteError(f"the loss on this batch is {float(loss.detach())}: {where}")
-        return loss
-
     def _checked_vectors(self, indices: list[int], v: Sequence[Tensor]) -> list[Tensor]:
         vectors = list(v)
         if len(vectors) != len(indices):
@@ -346,15 +377,21 @@ class HVP:
 
     def _loss_of(self, indices: list[int]) -> Callable[[tuple[Tensor, ...]], Tensor]:
         # The loss as a function of the parameters at `indices`; the block's others join the constants.
-        keys = [self._keys[i] for i in indices]
-        cut = self._keys[self.table.index] if self.table is not None else None
-        fixed = {**self._fixed, **{key: p.detach() for key, p in zip(self._keys, self.params)
-                                   if key not in keys and key != cut}}
+        wrapper, constants, all_keys = self._functional
+        keys = [all_keys[i] for i in indices]
+        cut = all_keys[self.table.index] if self.table is not None else None
+        fixed = {**constants, **{key: p.detach() for key, p in zip(all_keys, self.params)
+                                 if key not in keys and key != cut}}
 
         def loss_of(values: tuple[Tensor, ...]) -> Tensor:
             swapped = dict(zip(keys, values))
-            with self._rows(swapped.pop(cut, None), constant=True), self._autocast():
-                return torch.func.functional_call(self._wrapper, {**fixed, **swapped}, (self.batch,))
+            # The cut table's rows: the variable when it is among `indices`, else this object's constant copy.
+            table = swapped.pop(cut, None)
+            if table is None and self.table is not None:
+                table = self.params[self.table.index].detach()
+            rows = self.table.active(table) if self.table is not None else nullcontext()
+            with rows, _autocast(self.precision, self.device):
+                return torch.func.functional_call(wrapper, {**fixed, **swapped}, (self.batch,))
 
         return loss_of
 
@@ -381,6 +418,23 @@ class HVP:
         bad_input = next((name for name, t in zip(names, vectors) if not torch.isfinite(t).all()), None)
         cause = f"the vector for {bad_input} does" if bad_input else "the vector is finite"
         raise NonFiniteError(f"the Hessian-vector product for {bad} holds NaN or infinity ({cause})")
+
+
+def _autocast(precision: str, device: torch.device) -> torch.autocast:
+    # The graph built under autocast keeps its bfloat16 casts, so the double backward's products
+    # run in bfloat16 without autocast being active when they are taken.
+    dtype = PRECISIONS[precision]
+    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
+def _checked_loss(model: nn.Module, loss: Tensor) -> Tensor:
+    if not isinstance(loss, Tensor) or loss.dim() != 0:
+        raise ConfigError("the loss function must return a scalar tensor")
+    if not torch.isfinite(loss):
+        bad = next((name for name, p in model.named_parameters() if not torch.isfinite(p).all()), None)
+        where = f"parameter {bad} holds NaN or infinity" if bad else "no parameter does, so the batch must"
+        raise NonFiniteError(f"the loss on this batch is {float(loss.detach())}: {where}")
+    return loss
 
 
 class RowTable:
@@ -541,7 +595,7 @@ def pyhessian_adapter(
     *,
     criterion: Criterion | None = None,
 ) -> PyHessianOracle:
-    """PyHessian on the same model, batch (with ``labels``) and block as ``HVP(model, batch, params)``.
+    """PyHessian on the same model, batch (with ``labels``) and block as ``HVP.build(model, batch, params)``.
 
     `criterion(logits, labels)` defaults to `default_criterion`, which equals the loss of a
     Hugging Face classifier or regressor. Raises ConfigError when the batch has no labels.

@@ -82,7 +82,7 @@ class NativeSource:
                  config: AnalyzeConfig, generator: torch.Generator) -> None:
         self.model, self.batch, self.weights = model, batch, weights
         self.config, self.generator = config, generator
-        self.fast = HVP(model, batch, weights, method=config.hvp_method, precision=config.hvp_precision,
+        self.fast = HVP.build(model, batch, weights, method=config.hvp_method, precision=config.hvp_precision,
                         sparse_embeddings=True, unpad=config.unpad)
         self._exact = self.fast if config.hvp_precision == "float32" else None
         self.eig = EIG_METHODS[config.eig_method]
@@ -91,7 +91,7 @@ class NativeSource:
     def exact(self) -> HVP:
         """The products in the parameters' own precision (the bfloat16 graph's partner)."""
         if self._exact is None:
-            self._exact = HVP(self.model, self.batch, self.weights, method=self.config.hvp_method,
+            self._exact = HVP.build(self.model, self.batch, self.weights, method=self.config.hvp_method,
                               sparse_embeddings=True, unpad=self.config.unpad)
         return self._exact
 

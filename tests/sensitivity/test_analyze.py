@@ -175,8 +175,8 @@ def test_module_eigenvalue_is_the_block_of_the_full_hessian(tiny, sst2):
     name = "bert.encoder.layer.1.output.dense"
     weights = {n: m.weight for n, m in model.named_modules() if n.endswith("dense")}
     index = list(weights).index(name)
-    shared = Restricted(HVP(model, batch, weights), [index])
-    alone = HVP(model, batch, {name: weights[name]})
+    shared = Restricted(HVP.build(model, batch, weights), [index])
+    alone = HVP.build(model, batch, {name: weights[name]})
     v = torch.randn(weights[name].shape, generator=torch.Generator().manual_seed(0))
     assert torch.allclose(shared([v])[0], alone([v])[0], rtol=1e-4, atol=1e-7)
     a = lanczos(shared, generator=torch.Generator().manual_seed(1))[0].value

@@ -140,8 +140,8 @@ def test_bucketed_loss_is_the_padded_batch_loss(name):
 def test_unpadded_products_and_gradient_are_the_padded_ones(name, method):
     model, batch = MODELS[name], padded_batch(SKEWED, seed=1)
     weights = {n: p for n, p in model.named_parameters() if p.dim() == 2}
-    padded = HVP(model, batch, weights, method=method, sparse_embeddings=True)
-    unpadded = HVP(model, batch, weights, method=method, sparse_embeddings=True, unpad=True)
+    padded = HVP.build(model, batch, weights, method=method, sparse_embeddings=True)
+    unpadded = HVP.build(model, batch, weights, method=method, sparse_embeddings=True, unpad=True)
     assert unpadded.buckets is not None and padded.buckets is None
     rtol = RTOL.get(name, 1e-9)
     assert unpadded.loss == pytest.approx(padded.loss, rel=rtol)
@@ -160,7 +160,7 @@ def test_unpadded_regression_products_are_the_padded_ones():
             max_position_embeddings=32, num_labels=1, initializer_range=0.2, attn_implementation="eager",
         )).to(torch.float64).eval()
     batch = padded_batch(SKEWED, regression=True)
-    padded, unpadded = HVP(model, batch, model.bert), HVP(model, batch, model.bert, unpad=True)
+    padded, unpadded = HVP.build(model, batch, model.bert), HVP.build(model, batch, model.bert, unpad=True)
     assert unpadded.buckets is not None
     v = [torch.randn(s, generator=torch.Generator().manual_seed(3), dtype=torch.float64) for s in padded.shapes]
     assert_near(unpadded(v), padded(v), 1e-9)
@@ -169,4 +169,4 @@ def test_unpadded_regression_products_are_the_padded_ones():
 def test_unpad_with_a_custom_loss_is_a_named_error():
     model = MODELS["bert"]
     with pytest.raises(ConfigError, match="unpad"):
-        HVP(model, padded_batch(LENGTHS), model.classifier, loss_fn=default_loss, unpad=True)
+        HVP.build(model, padded_batch(LENGTHS), model.classifier, loss_fn=default_loss, unpad=True)

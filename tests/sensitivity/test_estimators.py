@@ -64,7 +64,7 @@ def setup() -> dict:
 
 
 def op_for(setup: dict, key: str) -> HVP:
-    return HVP(setup["model"], setup["batch"], setup["blocks"][key])
+    return HVP.build(setup["model"], setup["batch"], setup["blocks"][key])
 
 
 def by_magnitude(hessian: torch.Tensor) -> torch.Tensor:
@@ -112,11 +112,11 @@ def test_refined_lanczos_reaches_the_exact_tolerance_from_bfloat16_products(setu
     expected = by_magnitude(setup["hessians"][key])[0].item()
     model32 = tiny_bert().float()
     names = setup["blocks"][key]
-    fast = HVP(model32, setup["batch"], names, precision="bfloat16")
-    exact = HVP(model32, setup["batch"], names)
-    rough = lanczos(HVP(model32, setup["batch"], names, precision="bfloat16"), generator=seeded(), tol=1e-6)[0]
+    fast = HVP.build(model32, setup["batch"], names, precision="bfloat16")
+    exact = HVP.build(model32, setup["batch"], names)
+    rough = lanczos(HVP.build(model32, setup["batch"], names, precision="bfloat16"), generator=seeded(), tol=1e-6)[0]
     estimate = refined_lanczos(fast, exact, generator=seeded(), tol=1e-6)[0]
-    plain = lanczos(HVP(model32, setup["batch"], names), generator=seeded(), tol=1e-6)[0]
+    plain = lanczos(HVP.build(model32, setup["batch"], names), generator=seeded(), tol=1e-6)[0]
     assert estimate.converged
     assert estimate.iterations == fast.count + exact.count
     # The point of it: few products in float32 (the costly ones), where plain Lanczos needs many.

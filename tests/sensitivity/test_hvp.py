@@ -19,7 +19,15 @@ from qanalyze.data import collate, encode, load_task
 from qanalyze.errors import ConfigError, InputError
 from qanalyze.models import load_model
 from qanalyze.sensitivity.estimators import hutchinson_traces, lanczos, power_iteration
-from qanalyze.sensitivity.hvp import HVP, METHODS, PRECISIONS, NonFiniteError, pyhessian_adapter
+from qanalyze.sensitivity.hvp import (
+    HVP,
+    METHODS,
+    PRECISIONS,
+    NonFiniteError,
+    default_loss,
+    pyhessian_adapter,
+    resolve_precision,
+)
 
 LAYER = "bert.encoder.layer.0"
 QUERY = f"{LAYER}.attention.self.query.weight"
@@ -91,7 +99,7 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.mark.parametrize("block", [QUERY, LAYER])
 def test_products_equal_dense_hessian_times_vector(model, batch, dense, method, block):
     names, hessian = dense[block]
-    op = HVP(model, batch, block, method=method)
+    op = HVP.build(model, batch, block, method=method)
     assert op.names == names
     assert op.numel == hessian.shape[0] == sum(op.sizes)
     vectors = torch.randn(3, op.numel, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
@@ -111,7 +119,7 @@ def test_bfloat16_products_stay_near_the_dense_hessian(dense, batch, method):
     vectors = torch.randn(3, hessian.shape[0], generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     errors = {}
     for precision in PRECISIONS:
-        op = HVP(model32, batch, LAYER, method=method, precision=precision)
+        op = HVP.build(model32, batch, LAYER, method=method, precision=precision)
         assert op.precision == precision and op.dtype == torch.float32
         products = [op.flat(v.float()) for v in vectors]
         assert all(h.dtype == torch.float32 for h in products)
@@ -123,12 +131,53 @@ def test_bfloat16_products_stay_near_the_dense_hessian(dense, batch, method):
 
 def test_unknown_precision_is_a_config_error(model, batch):
     with pytest.raises(ConfigError, match="precision"):
-        HVP(model, batch, QUERY, precision="float16")
+        HVP.build(model, batch, QUERY, precision="float16")
+
+
+@pytest.mark.parametrize(("cap", "expected"), [
+    (None, "bfloat16"), ("AVX512_CORE_BF16", "bfloat16"), ("avx512_core_amx", "bfloat16"),
+    ("AVX2", "float32"), ("avx512_core_vnni", "float32"), ("SSE41", "float32"),
+])
+def test_auto_precision_honours_the_onednn_isa_cap(monkeypatch, cap, expected):
+    # On a CPU with AVX512-BF16, a oneDNN cap below it (the way an AVX2-only machine is emulated) means
+    # bfloat16 is emulated, so `auto` must take float32; torch's own check asks the CPU and misses the cap.
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    if cap is None:
+        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    else:
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    assert resolve_precision("auto", torch.device("cpu"), torch.float32) == expected
+    assert resolve_precision("auto", torch.device("cpu"), torch.float64) == "float32"
+    assert resolve_precision("bfloat16", torch.device("cpu"), torch.float32) == "bfloat16"  # asked for: kept
+
+
+def test_older_dnnl_name_of_the_cap_counts_too(monkeypatch):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.setenv("DNNL_MAX_CPU_ISA", "AVX2")
+    assert resolve_precision("auto", torch.device("cpu"), torch.float32) == "float32"
+
+
+def test_constructor_only_stores_and_build_runs_the_forward(model, batch):
+    calls = []
+    handle = model.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        op = HVP.build(model, batch, CLASSIFIER)
+        assert len(calls) == 1 and op.count == 0 and math.isfinite(op.loss)
+        # The same block from stored parts: no forward, and the same products from the same graph.
+        again = HVP(model, batch, op.names, op.params, loss=op.loss, loss_fn=default_loss, grads=op._grads)
+        assert len(calls) == 1
+    finally:
+        handle.remove()
+    v = [torch.ones_like(p) for p in op.params]
+    assert torch.equal(again(v)[0], op(v)[0])
+    assert (again.numel, again.shapes, again.count) == (op.numel, op.shapes, 1)
 
 
 def test_methods_agree_on_all_parameters(model, batch):
-    backward = HVP(model, batch, model, method="double_backward")
-    forward = HVP(model, batch, model, method="forward_over_reverse")
+    backward = HVP.build(model, batch, model, method="double_backward")
+    forward = HVP.build(model, batch, model, method="forward_over_reverse")
     v = [torch.randn(p.shape, generator=torch.Generator().manual_seed(i), dtype=p.dtype)
          for i, p in enumerate(backward.params)]
     for a, b in zip(backward(v), forward(v)):
@@ -137,7 +186,7 @@ def test_methods_agree_on_all_parameters(model, batch):
 
 
 def test_list_and_flat_forms_agree(model, batch):
-    op = HVP(model, batch, LAYER)
+    op = HVP.build(model, batch, LAYER)
     v = torch.randn(op.numel, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     parts = [chunk.view(shape) for chunk, shape in zip(v.split(op.sizes), op.shapes)]
     listed = torch.cat([h.reshape(-1) for h in op(parts)])
@@ -155,14 +204,14 @@ def test_model_state_is_left_as_it_was(batch, method):
     model.classifier.bias.requires_grad_(False)  # a frozen parameter inside the block
     model.bert.embeddings.word_embeddings.weight.requires_grad_(False)
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
-    op = HVP(model, batch, "classifier", method=method)
+    op = HVP.build(model, batch, "classifier", method=method)
     hv = op([torch.ones_like(p) for p in op.params])
     assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
     assert all(module.training for module in model.modules())
     assert all(p.grad is None for p in model.parameters())
     # The products are those of eval mode (dropout off), whatever mode the model was in.
     model.eval()
-    again = HVP(model, batch, "classifier", method=method)([torch.ones_like(p) for p in op.params])
+    again = HVP.build(model, batch, "classifier", method=method)([torch.ones_like(p) for p in op.params])
     for a, b in zip(hv, again):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
@@ -173,12 +222,12 @@ def test_nan_weight_raises_named_error(batch, method):
     with torch.no_grad():
         model.bert.encoder.layer[0].output.dense.weight[0, 0] = math.nan
     with pytest.raises(NonFiniteError, match=r"bert\.encoder\.layer\.0\.output\.dense\.weight") as caught:
-        HVP(model, batch, CLASSIFIER, method=method)
+        HVP.build(model, batch, CLASSIFIER, method=method)
     assert isinstance(caught.value, InputError)
 
 
 def test_nan_vector_raises_named_error(model, batch):
-    op = HVP(model, batch, "classifier")
+    op = HVP.build(model, batch, "classifier")
     v = [torch.ones_like(p) for p in op.params]
     v[1] = v[1].clone()
     v[1][0] = math.inf
@@ -192,30 +241,30 @@ def test_model_without_head_or_labels_is_a_config_error(batch):
         bare = BertModel(tiny_config(), add_pooling_layer=False).double().eval()
     inputs = {key: value for key, value in batch.items() if key != "labels"}
     with pytest.raises(ConfigError, match="qanalyze finetune"):
-        HVP(bare, inputs, "encoder.layer.0.output.dense")
+        HVP.build(bare, inputs, "encoder.layer.0.output.dense")
     with pytest.raises(ConfigError, match="no labels"):
-        HVP(tiny_bert(), inputs, CLASSIFIER)
+        HVP.build(tiny_bert(), inputs, CLASSIFIER)
 
 
 def test_bad_selections_are_config_errors(model, batch):
     other = tiny_bert(seed=1)
     with pytest.raises(ConfigError, match="neither a parameter nor a module"):
-        HVP(model, batch, "bert.encoder.layer.9")
+        HVP.build(model, batch, "bert.encoder.layer.9")
     with pytest.raises(ConfigError, match="more than once"):
-        HVP(model, batch, [CLASSIFIER, model.classifier.weight])
+        HVP.build(model, batch, [CLASSIFIER, model.classifier.weight])
     with pytest.raises(ConfigError, match="not a parameter of the model"):
-        HVP(model, batch, [other.classifier.weight])
+        HVP.build(model, batch, [other.classifier.weight])
     with pytest.raises(ConfigError, match="unknown HVP method"):
-        HVP(model, batch, CLASSIFIER, method="finite_differences")
+        HVP.build(model, batch, CLASSIFIER, method="finite_differences")
 
 
 def test_custom_loss_function(model, batch):
     def half_loss(m: torch.nn.Module, b: dict) -> torch.Tensor:
         return 0.5 * m(**b).loss
 
-    full = HVP(model, batch, CLASSIFIER)
+    full = HVP.build(model, batch, CLASSIFIER)
     for method in METHODS:
-        half = HVP(model, batch, CLASSIFIER, method=method, loss_fn=half_loss)
+        half = HVP.build(model, batch, CLASSIFIER, method=method, loss_fn=half_loss)
         v = torch.ones(half.numel, dtype=torch.float64)
         torch.testing.assert_close(half.flat(v), 0.5 * full.flat(v), rtol=1e-10, atol=1e-14)
 
@@ -230,7 +279,7 @@ def test_pyhessian_agrees_on_top_eigenvalue_and_trace(model, batch):
     reference = oracle.eigenvalues(max_iter=100, tol=1e-3, top_n=1)[0]
     assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
     assert all(p.grad is None for p in model.parameters())
-    op = HVP(model, batch, QUERY)
+    op = HVP.build(model, batch, QUERY)
     native = lanczos(op, generator=torch.Generator().manual_seed(0), tol=1e-6)[0]
     powered = power_iteration(op, generator=torch.Generator().manual_seed(0))[0]
     assert native.value == pytest.approx(reference, rel=0.02)
@@ -242,7 +291,7 @@ def test_pyhessian_agrees_on_top_eigenvalue_and_trace(model, batch):
     samples = torch.tensor(pyhessian_adapter(model, batch, "classifier").trace(max_iter=probes, tol=0.0))
     assert samples.numel() == probes
     mine = hutchinson_traces(
-        HVP(model, batch, "classifier"), {"all": [0, 1]}, generator=torch.Generator().manual_seed(0),
+        HVP.build(model, batch, "classifier"), {"all": [0, 1]}, generator=torch.Generator().manual_seed(0),
         max_probes=probes, min_probes=probes,
     )["all"]
     assert mine.iterations == probes
@@ -268,13 +317,14 @@ def test_real_minilm_lanczos_agrees_with_pyhessian(glue_dir):
     encoded = encode(data.train[:8], loaded.tokenizer, max_length=32)
     batch = collate(encoded, range(8), loaded.tokenizer)
     block = "bert.encoder.layer.5.attention.output.dense.weight"
-    op = HVP(loaded.model, batch, block)
+    op = HVP.build(loaded.model, batch, block)
     native = lanczos(op, generator=torch.Generator().manual_seed(0), tol=1e-4)[0]
     reference = pyhessian_adapter(loaded.model, batch, block).eigenvalues(max_iter=100, tol=1e-3)[0]
     assert native.converged
     assert native.value == pytest.approx(reference, rel=0.02)
     # Power iteration at the same tolerance needs several times the products (measured: 12 vs 61).
-    powered = power_iteration(HVP(loaded.model, batch, block), generator=torch.Generator().manual_seed(0), tol=1e-4)[0]
+    powered = power_iteration(HVP.build(loaded.model, batch, block), generator=torch.Generator().manual_seed(0),
+                              tol=1e-4)[0]
     assert native.iterations < powered.iterations
     assert powered.value == pytest.approx(native.value, rel=0.02)
 
@@ -282,7 +332,7 @@ def test_real_minilm_lanczos_agrees_with_pyhessian(glue_dir):
 @pytest.mark.parametrize("method", METHODS)
 def test_restricted_products_are_diagonal_sub_blocks(model, batch, dense, method):
     names, hessian = dense[LAYER]
-    op = HVP(model, batch, LAYER, method=method)
+    op = HVP.build(model, batch, LAYER, method=method)
     picked = [names.index(f"{LAYER}.attention.self.value.weight"), names.index(QUERY)]
     offsets = [sum(op.sizes[:i]) for i in range(len(op.sizes))]
     rows = torch.cat([torch.arange(offsets[i], offsets[i] + op.sizes[i]) for i in picked])
@@ -317,8 +367,8 @@ def test_sparse_embeddings_give_the_looked_up_rows_of_the_full_product(method):
         model = BertForSequenceClassification(config).double().eval()
     batch = tiny_batch()
     batch["input_ids"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, 7)
-    full = HVP(model, batch, model, method=method)
-    cut = HVP(model, batch, model, method=method, sparse_embeddings=True)
+    full = HVP.build(model, batch, model, method=method)
+    cut = HVP.build(model, batch, model, method=method, sparse_embeddings=True)
     index, rows = cut.table.index, cut.table.rows
     assert cut.names[index] == "bert.embeddings.word_embeddings.weight" and full.table is None
     assert torch.equal(rows, torch.unique(batch["input_ids"])) and 7 in rows.tolist() and rows[0] != 7
@@ -340,7 +390,7 @@ def test_sparse_embeddings_follow_gpt2_which_reads_input_ids_itself():
         model = GPT2ForSequenceClassification(config).double().eval()
     batch = tiny_batch()
     batch["input_ids"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, 59)
-    full, cut = HVP(model, batch, model), HVP(model, batch, model, sparse_embeddings=True)
+    full, cut = HVP.build(model, batch, model), HVP.build(model, batch, model, sparse_embeddings=True)
     index = cut.table.index
     assert cut.names[index] == "transformer.wte.weight"
     products_agree_on_the_looked_up_rows(full, cut)
@@ -351,18 +401,18 @@ def test_sparse_embeddings_leave_tied_tables_and_other_blocks_whole(batch):
         torch.manual_seed(0)
         tied = BertForMaskedLM(tiny_config()).double().eval()
     masked = {**batch, "labels": batch["input_ids"]}
-    op = HVP(tied, masked, "bert.embeddings.word_embeddings", sparse_embeddings=True)
+    op = HVP.build(tied, masked, "bert.embeddings.word_embeddings", sparse_embeddings=True)
     assert op.table is None and op.omitted == 0 and op.shapes[0] == (50, 16)  # the decoder shares the table
     model = tiny_bert()
-    assert HVP(model, batch, LAYER, sparse_embeddings=True).table is None  # the table is not in the block
+    assert HVP.build(model, batch, LAYER, sparse_embeddings=True).table is None  # the table is not in the block
     embeds = {key: value for key, value in batch.items() if key != "input_ids"}
     embeds["inputs_embeds"] = model.get_input_embeddings()(batch["input_ids"]).detach()
-    assert HVP(model, embeds, model, sparse_embeddings=True).table is None  # no ids to cut by
+    assert HVP.build(model, embeds, model, sparse_embeddings=True).table is None  # no ids to cut by
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_gradient_is_the_loss_gradient_of_the_block(model, batch, method):
-    op = HVP(model, batch, model, method=method, sparse_embeddings=True)
+    op = HVP.build(model, batch, model, method=method, sparse_embeddings=True)
     model.zero_grad(set_to_none=True)
     model(**batch).loss.backward()
     try:
