@@ -46,10 +46,11 @@ def _console(quiet: bool) -> Any:
 
 def _finetune(model: str, quiet: bool, kw: dict[str, Any]) -> None:
     """fine-tune MODEL in float (`qanalyze.verbs.train` with mode fp32)."""
-    _train(model, None, "fp32", quiet, kw, {})
+    _train(model, None, "fp32", quiet, kw, {}, "finetune")
 
 
-def _train(model: str, plan: str | None, mode: str, quiet: bool, kw: dict[str, Any], configs: dict[str, Any]) -> None:
+def _train(model: str, plan: str | None, mode: str, quiet: bool, kw: dict[str, Any], configs: dict[str, Any],
+           what: str) -> None:
     from qanalyze import verbs
     from qanalyze.progress import step_progress
 
@@ -59,7 +60,6 @@ def _train(model: str, plan: str | None, mode: str, quiet: bool, kw: dict[str, A
     check_run_dir(kw["out"], overwrite=kw["overwrite"], resume=kw["resume"])  # before the data is read
     data = load_task_data(kw)
     console = _console(quiet)
-    what = "finetune" if mode == "fp32" else f"train --mode {mode} --plan {plan}"
     console.print(f"[bold]{what}[/] {model} on {data.task.name}: {len(data.train)} train / {len(data.dev)} dev "
                   f"examples -> {kw['out']}")
     with step_progress(console) as progress:
@@ -133,7 +133,7 @@ def build_cli() -> click.Group:
 
         if plan_spec is None and get_method(mode).needs_plan(configs[mode]):
             raise click.UsageError(get_method(mode).missing_plan())
-        _train(model, plan_spec, mode, quiet, kw, configs)
+        _train(model, plan_spec, mode, quiet, kw, configs, f"train --mode {mode} --plan {plan_spec}")
 
     @cli.command()
     @click.argument("model_or_run")
@@ -337,10 +337,11 @@ def build_cli() -> click.Group:
         run directories, in any mix: the page shows what they hold (provenance, sensitivity, errors,
         plan, Pareto chart, predictors) and says what is missing.
         """
+        from qanalyze.progress import task_progress
         from qanalyze.verbs import render_report
 
-        with _console(quiet).status("rendering the report"):
-            result = render_report(inputs, out, png=png)
+        with task_progress(_console(quiet), "report") as progress:
+            result = render_report(inputs, out, png=png, progress=progress.update)
         if not quiet:
             click.echo(f"sections with content: {', '.join(result.filled)}"
                        + (f"; {len(result.pngs)} PNG figures" if png else ""), err=True)

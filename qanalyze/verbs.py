@@ -223,7 +223,8 @@ def evaluate_run(model_or_run: str, *, task: str | None = None, data: str | None
                       variants=variants)
 
 
-def render_report(inputs: Sequence[str | Path], out: str | Path, *, png: bool = True) -> ReportResult:
+def render_report(inputs: Sequence[str | Path], out: str | Path, *, png: bool = True,
+                  progress: Callable[[int, int, str], None] | None = None) -> ReportResult:
     """Collect the records ``inputs`` hold (sweep folders, sensitivity and plan files, run directories) and
     write one self-contained HTML page to ``out``; with ``png`` every figure also as PNG in
     ``<out stem>-figures/``."""
@@ -232,4 +233,5 @@ def render_report(inputs: Sequence[str | Path], out: str | Path, *, png: bool = 
 
     records = collect(list(inputs))
     target = Path(out)
-    return render(records, target, png_dir=target.with_name(f"{target.stem}-figures") if png else None)
+    return render(records, target, png_dir=target.with_name(f"{target.stem}-figures") if png else None,
+                  progress=progress)

@@ -251,13 +251,19 @@ BUILDERS: tuple[Callable[[_Page, ReportInputs], Section], ...] = (
     _provenance, _sensitivity, _errors, _plan, _pareto, _ranks, _predictors)
 
 
-def render_report(inputs: ReportInputs, out: str | Path, *, png_dir: str | Path | None = None) -> ReportResult:
-    """Write the report page for ``inputs`` to ``out``; with ``png_dir`` every figure also as PNG there."""
+def render_report(inputs: ReportInputs, out: str | Path, *, png_dir: str | Path | None = None,
+                  progress: Callable[[int, int, str], None] | None = None) -> ReportResult:
+    """Write the report page for ``inputs`` to ``out``; with ``png_dir`` every figure also as PNG there.
+    ``progress(done, total, section)`` is called as each section is built."""
     if inputs.empty():
         raise RecordError("nothing to report: give a sensitivity.json, a plan.json or a sweep folder")
     out = Path(out)
     page = _Page(Path(png_dir) if png_dir is not None else None)
-    sections = [builder(page, inputs) for builder in BUILDERS]
+    sections = []
+    for index, builder in enumerate(BUILDERS):
+        sections.append(builder(page, inputs))
+        if progress is not None:
+            progress(index + 1, len(BUILDERS), sections[-1].id)
     template = Environment(loader=PackageLoader("qanalyze", "report"),
                            autoescape=select_autoescape(["html", "j2"])).get_template("template.html.j2")
     title = _title(inputs)
