@@ -338,10 +338,12 @@ def build_cli() -> click.Group:
         plan, Pareto chart, predictors) and says what is missing.
         """
         from qanalyze.progress import task_progress
+        from qanalyze.report.inputs import collect
         from qanalyze.verbs import render_report
 
+        records = collect(list(inputs))  # bad input is refused before any progress line
         with task_progress(_console(quiet), "report") as progress:
-            result = render_report(inputs, out, png=png, progress=progress.update)
+            result = render_report(records, out, png=png, progress=progress.update)
         if not quiet:
             click.echo(f"sections with content: {', '.join(result.filled)}"
                        + (f"; {len(result.pngs)} PNG figures" if png else ""), err=True)

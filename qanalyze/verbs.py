@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from qanalyze.plan.make import PlanConfig
     from qanalyze.records import BitPlan, EvalRecord, RunRecord
     from qanalyze.report.html import ReportResult
+    from qanalyze.report.inputs import ReportInputs
     from qanalyze.sensitivity.analyze import AnalyzeConfig
 
 
@@ -223,15 +224,15 @@ def evaluate_run(model_or_run: str, *, task: str | None = None, data: str | None
                       variants=variants)
 
 
-def render_report(inputs: Sequence[str | Path], out: str | Path, *, png: bool = True,
+def render_report(inputs: Sequence[str | Path] | ReportInputs, out: str | Path, *, png: bool = True,
                   progress: Callable[[int, int, str], None] | None = None) -> ReportResult:
-    """Collect the records ``inputs`` hold (sweep folders, sensitivity and plan files, run directories) and
-    write one self-contained HTML page to ``out``; with ``png`` every figure also as PNG in
-    ``<out stem>-figures/``."""
+    """Collect the records ``inputs`` hold (sweep folders, sensitivity and plan files, run directories; or
+    records already collected by `qanalyze.report.inputs.collect`) and write one self-contained HTML page
+    to ``out``; with ``png`` every figure also as PNG in ``<out stem>-figures/``."""
     from qanalyze.report.html import render_report as render
-    from qanalyze.report.inputs import collect
+    from qanalyze.report.inputs import ReportInputs, collect
 
-    records = collect(list(inputs))
+    records = inputs if isinstance(inputs, ReportInputs) else collect(list(inputs))
     target = Path(out)
     return render(records, target, png_dir=target.with_name(f"{target.stem}-figures") if png else None,
                   progress=progress)
