@@ -37,7 +37,9 @@ else:
     import torch
     print("threads:", torch.get_num_threads(), "torch threads (default)", file=sys.stderr)
 from qanalyze.cli import main
-sys.exit(main(argv))
+# the CLI chooses threads itself (--threads, default auto): name this configuration's count
+threads = str(torch.get_num_threads()) if mode == "default" else mode
+sys.exit(main(["--threads", threads, *argv]))
 """
 CONFIGS = {"default": "default", "passive": None, "1": "1", "auto": "auto"}
 """Name -> the driver's mode (``None``: one thread per usable core with the passive wait)."""
