@@ -31,7 +31,7 @@ def _config(**overrides):
     settings = dict(batches=2, batch_size=8, max_length=24, bits=(2, 4, 8), gradient_bits=(4, 8),
                     groups=("tensor", "channel", "head", "8"), trace_max_probes=12, trace_min_probes=4,
                     metrics=("eig", "trace", "density", "weights", "activations", "gradients"),
-                    density_steps=10, eig_max_iter=40)
+                    density_steps=10, eig_max_iter=40, trace_refine_params=4096)
     settings.update(overrides)
     return AnalyzeConfig(**settings)
 
@@ -252,3 +252,21 @@ def test_mse_weight_range_records_lower_weight_errors_and_loss_changes(tmp_path,
                for n in plain.modules)
     with pytest.raises(ConfigError, match="weight range"):
         _config(weight_range="percentile")
+
+
+def test_default_analysis_is_what_the_default_plan_needs_and_counts_its_products(tmp_path, tiny, sst2):
+    from qanalyze.plan.budget import parse_budget
+    from qanalyze.plan.make import PlanConfig, make_plan
+
+    assert "eig" not in AnalyzeConfig().metrics  # eigenvalues are opt-in
+    config = replace(AnalyzeConfig(), batches=2, batch_size=8, max_length=24, trace_max_probes=6, trace_min_probes=4)
+    out = tmp_path / "sensitivity.json"
+    report = analyze(tiny, sst2, config, out)
+    timings = report.timings
+    assert timings["hessian_products"] == timings["hessian_products_batch_0"] + timings["hessian_products_batch_1"]
+    # one global product per probe and nothing else: no eigenvalues, no restricted refinement
+    assert 2 * 4 <= timings["hessian_products"] <= 2 * 6
+    assert {"weights_seconds", "errors_seconds", "hessian_seconds"} <= set(timings)
+    assert not report.blocks and all("eigenvalues" not in e["hessian"] for e in report.modules.values())
+    plan = make_plan(report, parse_budget("4bit"), PlanConfig(), sensitivity_path=out)
+    assert plan.objective == "trace" and plan.totals["weight_bits_mean"] <= 4.0 + 1e-9
