@@ -33,23 +33,11 @@ browser:
 test: lint browser
 	$(PY) -m pytest
 
-# The main job end to end at small scale on the packaged model and real GLUE data.
+# The main job end to end at small scale on the packaged model and real GLUE data: fine-tune, analyze, plan 4 bits
+# with baselines, integer training that follows the plan, evaluate, report; each stage's seconds printed at the end
+# (benchmarks/demo_time.py runs the commands and prints them; DEMO may be relative or absolute).
 demo: $(STAMP)
-	$(PY) cli.py finetune minilm-l6 --task sst2 --data $(DATA) --max-train-examples 2000 \
-		--max-eval-examples 872 --epochs 1 --max-length 64 --out $(DEMO)/sst2-fp32 --overwrite
-	$(PY) cli.py evaluate $(DEMO)/sst2-fp32
-	$(PY) cli.py analyze $(DEMO)/sst2-fp32 --task sst2 --data $(DATA) --max-train-examples 2000 \
-		--batches 2 --batch-size 16 --max-length 64 --trace-probes 16 --overwrite --out $(DEMO)/sensitivity.json
-	$(PY) cli.py plan $(DEMO)/sst2-fp32 --budget 4bit --sensitivity $(DEMO)/sensitivity.json \
-		--out $(DEMO)/plan-4bit.json --baselines --overwrite
-	$(PY) cli.py train $(DEMO)/sst2-fp32 --plan $(DEMO)/plan-4bit.json --mode int --task sst2 --data $(DATA) \
-		--max-train-examples 2000 --max-eval-examples 872 --epochs 1 --max-length 64 --lr 2e-5 \
-		--out $(DEMO)/sst2-int-4bit --overwrite
-	$(PY) cli.py evaluate $(DEMO)/sst2-int-4bit
-	$(PY) cli.py report $(DEMO)/sensitivity.json $(DEMO)/plan-4bit.json $(DEMO)/sst2-fp32 $(DEMO)/sst2-int-4bit \
-		--out $(DEMO)/report.html --quiet
-	@echo "demo: run $(DEMO)/sst2-fp32, sensitivity $(DEMO)/sensitivity.json, plan $(DEMO)/plan-4bit.json, integer run $(DEMO)/sst2-int-4bit"
-	@echo "report: $(CURDIR)/$(DEMO)/report.html"
+	$(PY) benchmarks/demo_time.py --data $(DATA) --out $(DEMO)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache *.egg-info
