@@ -70,7 +70,7 @@ def main() -> None:
     parser.add_argument("--eval-examples", type=int, default=872, help="SST-2 dev examples (872: all)")
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--batches", type=int, default=2, help="calibration batches of 16 for the analysis")
-    parser.add_argument("--trace-probes", type=int, default=16)
+    parser.add_argument("--trace-probes", type=int, default=12)
     args = parser.parse_args()
     seconds: dict[str, float] = {}
     for name, argv in stages(args):

@@ -63,8 +63,8 @@ class AnalyzeConfig:
     ``trace_rel_tol``, from products restricted to it (LayerNorm gains, the token-type table, the head):
     precise, but up to ``trace_max_probes`` products per such module and batch (on minilm-l6, 15 modules:
     about 94 % of a trace-only analysis's products, 476 of 508 per batch), and the default plan keeps
-    LayerNorms and the head in float. ``trace_max_probes`` (16) bounds the one-pass probes per batch: on a
-    fine-tuned minilm-l6 the cross terms swamp most modules' traces at 32 as at 16 (relative standard errors
+    LayerNorms and the head in float. ``trace_max_probes`` (12) bounds the one-pass probes per batch: on a
+    fine-tuned minilm-l6 the cross terms swamp most modules' traces at 32 as at 12 (relative standard errors
     of 0.2 to 50 on one batch), the rule stops none early, and the planner floors an average trace at its
     standard error. The ``hessian_products`` timing counts every product.
     """
@@ -79,7 +79,7 @@ class AnalyzeConfig:
     eig_tol: float = 1e-3
     eig_max_iter: int = 100
     trace_rel_tol: float = 0.05
-    trace_max_probes: int = 16
+    trace_max_probes: int = 12
     trace_min_probes: int = 8
     trace_refine_params: int = 0
     density_steps: int = 40
