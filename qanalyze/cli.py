@@ -193,7 +193,8 @@ def build_cli() -> click.Group:
             metrics=names(kw["metrics"]), modules=kw["modules"], engine=kw["engine"], eig_method=kw["eig_method"],
             eig_tol=kw["eig_tol"], trace_rel_tol=kw["trace_tol"], hvp_precision=kw["hvp_precision"],
             unpad=kw["unpad"], trace_max_probes=kw["trace_probes"],
-            trace_min_probes=min(8, kw["trace_probes"]), bits=int_list(kw["bits"]),
+            trace_min_probes=min(8, kw["trace_probes"]), trace_refine_params=kw["trace_refine_params"],
+            gradient_draws=kw["gradient_draws"], bits=int_list(kw["bits"]),
             gradient_bits=int_list(kw["gradient_bits"]), weight_range=kw["weight_range"],
             measure_delta_loss=kw["measure_delta_loss"], seed=kw["seed"])
         data = load_task_data(kw)

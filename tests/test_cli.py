@@ -302,7 +302,8 @@ def test_cli_defaults_are_the_library_defaults():
     assert analyze["batches"] == config.batches and analyze["batch_size"] == config.batch_size
     assert tuple(analyze["metrics"].split(",")) == config.metrics
     assert analyze["trace_probes"] == config.trace_max_probes and analyze["trace_tol"] == config.trace_rel_tol
-    assert analyze["eig_tol"] == config.eig_tol
+    assert analyze["eig_tol"] == config.eig_tol and analyze["gradient_draws"] == config.gradient_draws
+    assert analyze["trace_refine_params"] == config.trace_refine_params
     assert tuple(int(b) for b in analyze["gradient_bits"].split(",")) == config.gradient_bits
     plan = {p.name: p.default for p in commands["plan"].params if isinstance(p, click.Option)}
     defaults = PlanConfig()
