@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from qanalyze.errors import ConfigError, InputError
+from qanalyze.errors import ConfigError, NonFiniteError
 from qanalyze.sensitivity.buckets import LengthBuckets, LossFn
 
 Criterion = Callable[[Tensor, Tensor], Tensor]
@@ -94,10 +94,6 @@ def _native_bfloat16(device: torch.device) -> bool:
         return False
     checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
     return any(check is not None and check() for check in checks)
-
-
-class NonFiniteError(InputError):
-    """The loss or a Hessian-vector product holds NaN or infinity (so do the weights or the batch)."""
 
 
 def resolve_params(model: nn.Module, params: ParamSelection) -> tuple[list[str], list[nn.Parameter]]:
