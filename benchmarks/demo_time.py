@@ -1,7 +1,8 @@
 """`make demo` end to end, stage by stage, with the seconds of each: the main job at small scale on the packaged
 model (minilm-l6) and real GLUE data.
 
-Stages, each the real command line in its own process (start-up and loading included in its seconds):
+Stages, each the real command line, called in this one process (``--subprocess``: each in its own, paying
+Python, torch and transformers start-up every time); loading is included in each stage's seconds:
 fine-tune FP32 -> analyze (traces, weight / activation / gradient errors) -> plan 4 bits with baselines ->
 integer training that follows the plan -> evaluate it -> report. At the end it prints every stage's seconds,
 the total, the Hessian products of the analysis and the accuracies, and writes them to OUT/demo-timing.json.
@@ -22,6 +23,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from qanalyze.cli import main as main_cli  # imports no torch: the first stage chooses threads before it loads
 
 ROOT = Path(__file__).resolve().parents[1]
 BUDGET_SECONDS = 180
@@ -71,13 +74,20 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--batches", type=int, default=2, help="calibration batches of 16 for the analysis")
     parser.add_argument("--trace-probes", type=int, default=12)
+    parser.add_argument("--subprocess", action="store_true",
+                        help="run each stage as its own `cli.py` process (pays Python, torch and transformers "
+                             "start-up at every stage) instead of calling the CLI in this process")
     args = parser.parse_args()
     seconds: dict[str, float] = {}
     for name, argv in stages(args):
-        command = [sys.executable, str(ROOT / "cli.py"), *argv]
         print(f"== {name}: {shlex.join(['cli.py', *argv])}", flush=True)
         start = time.perf_counter()
-        subprocess.run(command, check=True)
+        if args.subprocess:
+            subprocess.run([sys.executable, str(ROOT / "cli.py"), *argv], check=True)
+        else:
+            code = main_cli(argv)
+            if code != 0:
+                sys.exit(code)
         seconds[name] = round(time.perf_counter() - start, 1)
     out = Path(args.out).resolve()
     total = round(sum(seconds.values()), 1)

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import platform
+import sys
 import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
@@ -38,13 +39,17 @@ def qanalyze_version() -> str:
 
 
 def environment() -> dict[str, str]:
-    """Versions of the parts that change the numbers, for provenance."""
+    """Versions of the parts that change the numbers, and torch's CPU thread count, for provenance."""
     versions = {"qanalyze": qanalyze_version(), "python": platform.python_version()}
     for package in ("torch", "transformers", "datasets"):
         try:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             versions[package] = "absent"
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        # float reductions split by thread: the same run on 1 and 2 threads can differ in the last bits
+        versions["torch_threads"] = str(torch.get_num_threads())
     return versions
 
 

@@ -109,6 +109,34 @@ def test_an_interrupted_sweep_resumes_its_run_and_redoes_changed_ones(tmp_path, 
     assert [r["status"] for r in sweep(str(tiny_bert_dir), sst2, changed, tmp_path).rows] == ["trained"]
 
 
+def test_an_unrelated_error_on_resume_keeps_the_checkpoint_and_the_finished_runs(tmp_path, tiny_bert_dir, sst2,
+                                                                                monkeypatch):
+    import qanalyze.sweep.run as sweep_module
+
+    config = _config(budgets=("4bit",), plans=("hessian", "uniform"), integer_bits=())
+    steps = []
+
+    def interrupt(log):
+        steps.append(log.step)
+        if len(steps) == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(TrainingInterrupted):
+        sweep(str(tiny_bert_dir), sst2, config, tmp_path, hooks=SweepHooks(on_step=interrupt))
+    real_train = sweep_module.train
+
+    def failing(*args, resume=False, **kwargs):
+        if resume:  # an error that says nothing about the checkpoint (a full disk, a bad device, ...)
+            raise ConfigError("unrelated trouble")
+        return real_train(*args, resume=resume, **kwargs)
+
+    monkeypatch.setattr(sweep_module, "train", failing)
+    with pytest.raises(ConfigError, match="unrelated trouble"):
+        sweep(str(tiny_bert_dir), sst2, config, tmp_path)
+    assert checkpoint_dir(tmp_path / "runs" / "4bit-uniform-qat") is not None
+    assert is_finished_run(tmp_path / "runs" / "4bit-hessian-qat")
+
+
 def test_bad_sweeps_are_refused_before_any_work(tmp_path, minilm_dir, sst2):
     with pytest.raises(ConfigError, match="unknown plan kind"):
         _config(plans=("hessian", "best"))
