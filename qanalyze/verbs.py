@@ -137,7 +137,8 @@ def plan_for(model: str, budget: str, config: PlanConfig, out: str | Path, *, se
         if data is None:
             raise ConfigError(f"no sensitivity file at {source}: pass --sensitivity FILE, or --task and --data to "
                               "analyze the model first")
-        analyze(model, data, analysis or AnalyzeConfig(seed=config.seed), source, progress=progress)
+        analysis = (analysis or AnalyzeConfig(seed=config.seed)).for_objective(config.objective)
+        analyze(model, data, analysis, source, progress=progress)
     report = SensitivityReport.load(source)
     shapes = architecture(model, report.data.get("task"))
     made = [make_plan(report, parsed, config, sensitivity_path=source)]

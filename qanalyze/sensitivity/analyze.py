@@ -128,6 +128,12 @@ class AnalyzeConfig:
             except re.error as exc:
                 raise ConfigError(f"--modules {self.modules!r} is not a regular expression: {exc}") from None
 
+    def for_objective(self, objective: str) -> AnalyzeConfig:
+        """These settings plus what plan objective ``objective`` reads: eigenvalues for ``eig``, measured loss
+        changes for ``measured`` (the defaults measure what ``trace`` needs)."""
+        metrics = (*self.metrics, "eig") if objective == "eig" and "eig" not in self.metrics else self.metrics
+        return replace(self, metrics=metrics, measure_delta_loss=self.measure_delta_loss or objective == "measured")
+
     def recorded(self) -> dict[str, Any]:
         """The settings as written to sensitivity.json (and compared on resume)."""
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}

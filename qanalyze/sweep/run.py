@@ -103,8 +103,9 @@ def sweep(model: str, data: TaskData, config: SweepConfig, out: str | Path, *,
         if sensitivity:
             raise ConfigError(f"sensitivity file not found: {sensitivity}")
         _call(hooks.on_stage, f"analyzing {model} into {source}")
-        analyze(load_model(model, num_labels=data.task.num_labels, eager_attention=True), data, config.analysis,
-                source, resume=partial_path(source).exists(), progress=hooks.on_analysis)
+        analyze(load_model(model, num_labels=data.task.num_labels, eager_attention=True), data,
+                config.analysis.for_objective(config.plan.objective), source, resume=partial_path(source).exists(),
+                progress=hooks.on_analysis)
     _call(hooks.on_stage, "planning")
     runs = _plan_runs(loaded, config, out, SensitivityReport.load(source), source)
     _call(hooks.on_stage, "evaluating the FP32 model")

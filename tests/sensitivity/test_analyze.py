@@ -270,3 +270,12 @@ def test_default_analysis_is_what_the_default_plan_needs_and_counts_its_products
     assert not report.blocks and all("eigenvalues" not in e["hessian"] for e in report.modules.values())
     plan = make_plan(report, parse_budget("4bit"), PlanConfig(), sensitivity_path=out)
     assert plan.objective == "trace" and plan.totals["weight_bits_mean"] <= 4.0 + 1e-9
+
+
+def test_an_objective_gets_the_measurements_it_reads():
+    from qanalyze.sensitivity.analyze import AnalyzeConfig
+
+    default = AnalyzeConfig()
+    assert "eig" not in default.metrics and default.for_objective("trace") == default
+    assert default.for_objective("eig").metrics == (*default.metrics, "eig")
+    assert default.for_objective("measured").measure_delta_loss
