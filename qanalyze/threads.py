@@ -7,24 +7,20 @@ parallel region waits for that worker's slice of the core while the others spin,
 the late worker could use. Sleeping at once (``OMP_WAIT_POLICY=PASSIVE``) is what fixes it; the
 thread count matters far less.
 
-Measured (benchmarks/under_load.py --repeats 2, 2-core VM with avx2 avx512_vnni avx512_bf16,
-torch 2.13 CPU; other agents kept 3-9 threads runnable throughout, so "idle" was never idle;
-medians, loaded = beside one ``while True: pass``):
+Measured alone on the 2-core machine, AVX2 path forced (benchmarks/under_load.py; medians; loaded =
+beside one ``while True: pass``; reports/BENCHMARKS.md, issue #20):
 
-    workload  config        idle s  loaded s  loaded/idle  idle / default idle
-    analyze   default         51.5     265.3      5.15        1.00
-    analyze   2 + passive     15.1      30.6      2.03        0.29
-    analyze   1 thread        12.6      30.3      2.40        0.25
-    analyze   auto            14.9      31.5      2.11        0.29
-    train     default        161.5     159.8      0.99 (*)    1.00
-    train     2 + passive     19.7      35.8      1.82        0.12
-    train     1 thread        15.5      31.8      2.05        0.10
-    train     auto            15.1      30.2      1.99        0.09
+    workload              config    idle s  loaded s  loaded/idle  idle / default idle
+    one-layer trace       default      8.6      12.5      1.46        1.00
+    one-layer trace       auto         8.6       8.8      1.02        1.01
+    20 int8 train steps   default     14.1      31.3      2.21        1.00
+    20 int8 train steps   passive     16.1      17.4      1.08        1.14
+    20 int8 train steps   auto        15.9      16.1      1.02        1.12
 
-(*) the spinning default was 8-12x slower than passive even "idle", from the other agents' load.
-So: the passive wait always (it keeps every workload near the fair ~2x), and for auto one thread
-per core that is not busy elsewhere, which on a quiet machine is every core (the sampling costs
-50 ms). What the passive wait costs on a quiet machine could not be measured here: it never was.
+With other jobs' load of 3 to 9 runnable threads the spinning default reached 5.2x on the trace. So: the
+passive wait always, though it costs about 12 % on an idle machine (a short spin, GOMP_SPINCOUNT=10000,
+cost nothing idle but 2.9x loaded), and for auto one thread per core that is not busy elsewhere, which on
+a quiet machine is every core (the sampling costs 50 ms).
 
 Two calls, in this order:
 
