@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from qanalyze.cpu import onednn_int8_is_exact
 from qanalyze.errors import ConfigError
 from qanalyze.quant.primitives import qmax
 
@@ -121,6 +122,8 @@ def int8_gemm_is_fast(device: torch.device | str = "cpu") -> bool:
 def _int8_gemm_is_fast(device_type: str) -> bool:
     if device_type != "cpu":
         return device_type == "cuda"
+    if not onednn_int8_is_exact():
+        return False  # what safe_int_mm runs then is a float64 GEMM: never faster than the float path
     generator = torch.Generator().manual_seed(0)
     a = torch.randint(-127, 128, (256, 1024), generator=generator, dtype=torch.int32).to(torch.int8)
     b = torch.randint(-127, 128, (1024, 256), generator=generator, dtype=torch.int32).to(torch.int8)
@@ -160,9 +163,12 @@ def safe_int_mm(a8: torch.Tensor, b8: torch.Tensor, *, out: torch.Tensor | None 
 
     The shape rules of ``torch._int_mm``, written here because nothing else in qanalyze calls it:
 
-    - CPU (oneDNN): any shape (M = 1, K and N not multiples of 8, K = 0), row- or column-major,
-      bit-exact against int64 (measured, PyTorch 2.13). Such operands are passed as they are: a
-      transposed view is no slower than a contiguous one, and ``.contiguous()`` would add a copy.
+    - CPU (oneDNN): exact with VNNI or AMX, and on a CPU without them (a slow exact kernel); where
+      ``ONEDNN_MAX_CPU_ISA`` caps a VNNI CPU below VNNI, oneDNN's kernel saturates, so a float64 GEMM runs
+      instead (`qanalyze.cpu.onednn_int8_is_exact`). Any shape (M = 1, K and N not multiples of 8,
+      K = 0), row- or column-major, bit-exact against int64 (measured, PyTorch 2.13). Such operands are
+      passed as they are: a transposed view is no slower than a contiguous one, and ``.contiguous()``
+      would add a copy.
       But an operand whose strides are neither (leading dimension >= columns, 1) nor (1, leading
       dimension >= rows) gives a silently wrong result, uninitialized memory (measured: ``x.t()`` of
       an (N, 1) matrix, strides (1, 1)); ``.contiguous()`` keeps such strides (a size-1 dimension's
@@ -181,6 +187,10 @@ def safe_int_mm(a8: torch.Tensor, b8: torch.Tensor, *, out: torch.Tensor | None 
     if a8.dim() != 2 or b8.dim() != 2 or a8.shape[1] != b8.shape[0]:
         raise ConfigError(f"safe_int_mm needs (M, K) and (K, N) operands, not {tuple(a8.shape)} and {tuple(b8.shape)}")
     if a8.device.type == "cpu":
+        if not onednn_int8_is_exact():
+            # oneDNN capped below VNNI saturates 16-bit pair sums; float64 holds every int32 result exactly
+            product = (a8.to(torch.float64) @ b8.to(torch.float64)).to(torch.int32)
+            return product if out is None else out.copy_(product)
         a8, b8 = _onednn_operand(a8), _onednn_operand(b8)
         return torch._int_mm(a8, b8) if out is None else torch._int_mm(a8, b8, out=out)
     m, n = a8.shape[0], b8.shape[1]

@@ -25,7 +25,6 @@ similar length without their shared padding (`LengthBuckets`): the same loss and
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager, nullcontext
@@ -35,6 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from qanalyze.cpu import ONEDNN_ISA_WITHOUT_BFLOAT16, onednn_isa_cap
 from qanalyze.errors import ConfigError, NonFiniteError
 from qanalyze.sensitivity.buckets import LengthBuckets, LossFn
 
@@ -65,21 +65,6 @@ def resolve_precision(name: str, device: torch.device, dtype: torch.dtype) -> st
             raise ConfigError(f"unknown HVP precision {name!r}; known: auto, {', '.join(PRECISIONS)}")
         return name
     return "bfloat16" if dtype == torch.float32 and _native_bfloat16(device) else "float32"
-
-
-ONEDNN_ISA_WITHOUT_BFLOAT16 = frozenset(
-    {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"})
-"""Values of ``ONEDNN_MAX_CPU_ISA`` (or its older name ``DNNL_MAX_CPU_ISA``) that cap oneDNN below
-AVX512_CORE_BF16: under such a cap oneDNN emulates bfloat16 even on a CPU that has the units."""
-
-
-def onednn_isa_cap() -> str | None:
-    """The instruction-set cap oneDNN was given through the environment (upper case), or None."""
-    for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
-        value = os.environ.get(name, "").strip().upper()
-        if value:
-            return value
-    return None
 
 
 def _native_bfloat16(device: torch.device) -> bool:

@@ -289,3 +289,24 @@ def test_safe_int_mm_and_reference_validate_their_operands():
         safe_int_mm(torch.zeros(2, 3, dtype=torch.int8), torch.zeros(2, 2, dtype=torch.int8))
     with pytest.raises(ConfigError, match="integer"):
         reference_mm(torch.zeros(2, 3), torch.zeros(3, 2))
+
+
+@pytest.mark.parametrize("cap", ["AVX2", "avx512_core", "DNNL:AVX"])
+def test_a_onednn_cap_below_vnni_keeps_int_mm_exact(monkeypatch, cap):
+    # oneDNN capped below VNNI (how an AVX2-only machine is emulated on a VNNI one) sums u8 x s8 pairs in
+    # saturating 16-bit lanes; safe_int_mm must then not trust torch._int_mm
+    from qanalyze.cpu import onednn_int8_is_exact
+
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    assert onednn_int8_is_exact()
+    name, _, value = cap.rpartition(":")
+    monkeypatch.setenv("DNNL_MAX_CPU_ISA" if name else "ONEDNN_MAX_CPU_ISA", value)
+    assert not onednn_int8_is_exact()
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randint(-128, 128, (64, 384), generator=generator, dtype=torch.int32).to(torch.int8)
+    b = torch.randint(-128, 128, (384, 48), generator=generator, dtype=torch.int32).to(torch.int8)
+    product = safe_int_mm(a, b)
+    assert product.dtype == torch.int32 and torch.equal(product.long(), a.long() @ b.long())
+    out = torch.empty(64, 48, dtype=torch.int32)
+    assert safe_int_mm(a, b, out=out) is out and torch.equal(out, product)
