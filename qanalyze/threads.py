@@ -11,14 +11,14 @@ Measured alone on the 2-core machine, AVX2 path forced (benchmarks/under_load.py
 beside one ``while True: pass``; reports/BENCHMARKS.md, issue #20):
 
     workload              config    idle s  loaded s  loaded/idle  idle / default idle
-    one-layer trace       default      8.6      12.5      1.46        1.00
-    one-layer trace       auto         8.6       8.8      1.02        1.01
-    20 int8 train steps   default     14.1      31.3      2.21        1.00
-    20 int8 train steps   passive     16.1      17.4      1.08        1.14
-    20 int8 train steps   auto        15.9      16.1      1.02        1.12
+    one-layer trace       default      7.5      12.2      1.63        1.00
+    one-layer trace       auto         8.1       8.8      1.08        1.08
+    20 int8 train steps   default     16.5      39.7      2.41        1.00
+    20 int8 train steps   passive     19.8      22.7      1.14        1.20
+    20 int8 train steps   auto        18.5      21.4      1.16        1.12
 
 With other jobs' load of 3 to 9 runnable threads the spinning default reached 5.2x on the trace. So: the
-passive wait always, though it costs about 12 % on an idle machine (a short spin, GOMP_SPINCOUNT=10000,
+passive wait always, though it costs 8 to 12 % on an idle machine (a short spin, GOMP_SPINCOUNT=10000,
 cost nothing idle but 2.9x loaded), and for auto one thread per core that is not busy elsewhere, which on
 a quiet machine is every core (the sampling costs 50 ms).
 
