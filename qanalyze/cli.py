@@ -45,7 +45,7 @@ def _console(quiet: bool) -> Any:
 
 
 def _finetune(model: str, quiet: bool, kw: dict[str, Any]) -> None:
-    """fine-tune MODEL in float (`qanalyze.verbs.train` with mode fp32)."""
+    """Fine-tune MODEL in float (`qanalyze.verbs.train` with mode fp32)."""
     _train(model, None, "fp32", quiet, kw, {}, "finetune")
 
 
@@ -53,10 +53,9 @@ def _train(model: str, plan: str | None, mode: str, quiet: bool, kw: dict[str, A
            what: str) -> None:
     from qanalyze import verbs
     from qanalyze.progress import step_progress
-
-    config = train_config(kw)
     from qanalyze.rundir import check_run_dir
 
+    config = train_config(kw)
     check_run_dir(kw["out"], overwrite=kw["overwrite"], resume=kw["resume"])  # before the data is read
     data = load_task_data(kw)
     console = _console(quiet)

@@ -48,8 +48,8 @@ class CheckpointMismatchError(ConfigError):
 
 
 class TrainingDiverged(QAnalyzeError):
-    """The loss became NaN or infinite: not bad input but a finding (the CLI exits 3). The last good
-    checkpoint is kept for ``--resume`` with other settings' runs to compare against."""
+    """The loss became NaN or infinite: not bad input but a finding about the plan or the settings (the
+    CLI exits 3; a sweep records it as the run's status). The last periodic checkpoint is kept."""
 
 
 @dataclass(frozen=True)
@@ -286,7 +286,7 @@ def train(
 ) -> RunRecord:
     """Fine-tune ``loaded.model`` on ``data`` into the run directory ``run`` and return its record.
 
-    ``run`` must exist (see `qanalyze.rundir.prepare_run_dir`; `qanalyze.run_training` makes it). With
+    ``run`` must exist (see `qanalyze.rundir.prepare_run_dir`; the verb `qanalyze.train` makes it). With
     ``resume`` the newest checkpoint in ``run`` is restored first and must have been made with the same
     settings and data. ``mode`` names a method of `qanalyze.methods` (``fp32``: no plan, float); it
     prepares the model from ``plan`` with ``method_config`` (its default config when None), trains it
