@@ -423,3 +423,12 @@ def module_generator(seed: int, index: int, device: torch.device | str) -> torch
     """The generator of the module at position ``index`` of a model, for a run seeded with ``seed``: every
     swapped module draws its own reproducible stream (stochastic rounding, adapter initialisation)."""
     return torch.Generator(device=device).manual_seed(seed * 100_003 + index)
+
+
+def check_max_length(model: torch.nn.Module, max_length: int) -> None:
+    """ConfigError when ``max_length`` tokens exceed the model's position limit (its
+    ``max_position_embeddings``, or ``n_positions``): such a batch would fail inside the model."""
+    config = getattr(model, "config", None)
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if isinstance(limit, int) and max_length > limit:
+        raise ConfigError(f"--max-length {max_length} exceeds the model's position limit of {limit} tokens")

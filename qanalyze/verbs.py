@@ -52,7 +52,7 @@ def train(model: str | LoadedModel, data: TaskData, config: TrainConfig, out: st
     """
     from qanalyze.engine.train import train as run_loop
     from qanalyze.methods import get_method
-    from qanalyze.models import load_model
+    from qanalyze.models import check_max_length, load_model
     from qanalyze.plan.uniform import resolve_plan
     from qanalyze.records import BitPlan
     from qanalyze.rundir import check_run_dir, prepare_run_dir
@@ -63,6 +63,7 @@ def train(model: str | LoadedModel, data: TaskData, config: TrainConfig, out: st
     seed_everything(config.seed)
     loaded = load_model(model, num_labels=data.task.num_labels) if isinstance(model, str) else model
     source = None if plan is None or isinstance(plan, BitPlan) else str(plan)
+    check_max_length(loaded.model, config.max_length)
     if isinstance(plan, str):
         plan = resolve_plan(plan, loaded.model, kinds=method.module_kinds)
     method.check(loaded.model, plan, method_config)  # before the run directory is made: bad input leaves nothing
@@ -77,13 +78,14 @@ def analyze(model: str, data: TaskData, config: AnalyzeConfig, out: str | Path, 
     """Measure the sensitivity of ``model`` (which needs a trained task head) into ``out``; return the
     `SensitivityReport`."""
     from qanalyze.engine.train import resolve_device
-    from qanalyze.models import has_task_head, load_model
+    from qanalyze.models import check_max_length, has_task_head, load_model
     from qanalyze.sensitivity.analyze import analyze as run_analysis
 
     if Path(out).exists() and not overwrite and not resume:
         raise OutputDirError(f"{out} exists; pass --overwrite to replace it")
     seed_everything(config.seed)
     loaded = load_model(model, num_labels=data.task.num_labels, eager_attention=True)
+    check_max_length(loaded.model, config.max_length)
     if not has_task_head(loaded.model):
         raise ConfigError(f"{model} has no trained {data.task.name} head, so its loss means nothing; fine-tune "
                           f"one first (qanalyze finetune {model} --task {data.task.name} --data ... --out RUN) "

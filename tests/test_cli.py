@@ -329,3 +329,23 @@ def test_diverged_training_has_its_own_exit_code(capfd, tmp_path, tiny_bert_dir,
     assert code == 3, err
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: training diverged at step 1"), err
+
+
+def test_refusals_come_before_any_work_and_leave_nothing(capfd, tmp_path, tiny_bert_dir, glue_dir):
+    # an analysis tolerance, a length beyond the model's positions, LoRA targets that match nothing, a device
+    out = tmp_path / "sens.json"
+    code, _, err = run_cli(capfd, "analyze", tiny_bert_dir, "--task", "sst2", "--data", glue_dir, "--out", out,
+                           "--eig-tol", "-1", "--quiet")
+    assert_one_line_error(code, err, "--eig-tol must be a positive finite number")
+    assert list(tmp_path.iterdir()) == []
+    args = _train_args(tiny_bert_dir, glue_dir, tmp_path / "long", "uniform:8", "--mode", "int")
+    args[args.index("--max-length") + 1] = "3000"
+    code, _, err = run_cli(capfd, *args)
+    assert_one_line_error(code, err, "--max-length 3000 exceeds the model's position limit of 128 tokens")
+    code, _, err = run_cli(capfd, *_train_args(tiny_bert_dir, glue_dir, tmp_path / "lora", "uniform:8", "--mode",
+                                               "qdylora", "--lora-targets", "nomatch"))
+    assert_one_line_error(code, err, "no nn.Linear module name matches the LoRA targets nomatch")
+    code, _, err = run_cli(capfd, "evaluate", tiny_bert_dir, "--task", "sst2", "--data", glue_dir, "--device", "tpu",
+                           "--max-eval-examples", "8", "--quiet")
+    assert_one_line_error(code, err, "device must be auto, cpu or cuda[:N], got 'tpu'")
+    assert list(tmp_path.iterdir()) == []

@@ -14,6 +14,7 @@ import csv
 import hashlib
 import io
 import json
+import re
 import statistics
 import time
 from collections.abc import Callable
@@ -115,7 +116,10 @@ class StepLog:
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` is the first CUDA device when there is one, else the CPU."""
+    """``auto`` is the first CUDA device when there is one, else the CPU; ConfigError for any name but auto,
+    cpu and cuda[:N]."""
+    if name not in ("auto", "cpu") and not re.fullmatch(r"cuda(:\d+)?", name):
+        raise ConfigError(f"device must be auto, cpu or cuda[:N], got {name!r}")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():

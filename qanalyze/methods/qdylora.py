@@ -120,6 +120,14 @@ class QDyLoRAMethod(Method):
             from qanalyze.models import inventory
 
             check_plan(plan, {info.name: list(info.shape) for info in inventory(model)})
+        import re
+
+        from torch import nn
+
+        assert isinstance(config, QDyLoRAConfig)
+        if not any(isinstance(module, nn.Linear) and any(re.search(t, name) for t in config.targets)
+                   for name, module in model.named_modules()):
+            raise ConfigError(f"no nn.Linear module name matches the LoRA targets {', '.join(config.targets)}")
 
     def prepare(self, model: torch.nn.Module, plan: BitPlan | None, config: MethodConfig, *, seed: int) -> Prepared:
         """Freeze and quantize the base, add the adapters; the rank sampler is seeded from ``seed``."""

@@ -112,6 +112,11 @@ class AnalyzeConfig:
                      "gradient_draws"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        for name in ("eig_tol", "trace_rel_tol"):
+            value = getattr(self, name)
+            if not value > 0 or value != value or value == float("inf"):
+                flag = "--eig-tol" if name == "eig_tol" else "--trace-tol"
+                raise ConfigError(f"{flag} must be a positive finite number, got {value}")
         if self.trace_refine_params < 0:
             raise ConfigError(f"trace-refine-params must be at least 0, got {self.trace_refine_params}")
         if not 2 <= self.trace_min_probes <= self.trace_max_probes:
