@@ -51,7 +51,8 @@ def stages(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
                        str(args.eval_examples), "--epochs", "1", *length, "--lr", "2e-5", "--out", run,
                        "--overwrite"]),
         ("evaluate", ["evaluate", run]),
-        ("report", ["report", sensitivity, plan, fp32, run, "--out", f"{out}/report.html", "--quiet"]),
+        ("report", ["report", sensitivity, plan, fp32, run, "--out", f"{out}/report.html", "--overwrite",
+                    "--quiet"]),
     ]
 
 

@@ -62,7 +62,8 @@ def main() -> None:
     start = time.perf_counter()
     subprocess.run(sweep, check=True)
     seconds = time.perf_counter() - start
-    subprocess.run([sys.executable, str(ROOT / "cli.py"), "report", str(out), "--out", str(report)], check=True)
+    subprocess.run([sys.executable, str(ROOT / "cli.py"), "report", str(out), "--out", str(report), "--overwrite"],
+                   check=True)
     table = pd.read_csv(out / "sweep.csv")
     lines = summary(table, args, shown, seconds, report)
     report.with_suffix(".md").write_text("\n".join(lines) + "\n", encoding="utf-8")

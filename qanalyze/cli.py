@@ -44,11 +44,6 @@ def _console(quiet: bool) -> Any:
     return Console(stderr=True, quiet=quiet)
 
 
-def _finetune(model: str, quiet: bool, kw: dict[str, Any]) -> None:
-    """Fine-tune MODEL in float (`qanalyze.verbs.train` with mode fp32)."""
-    _train(model, None, "fp32", quiet, kw, {}, "finetune")
-
-
 def _train(model: str, plan: str | None, mode: str, quiet: bool, kw: dict[str, Any], configs: dict[str, Any],
            what: str) -> None:
     from qanalyze import verbs
@@ -103,7 +98,7 @@ def build_cli() -> click.Group:
         Writes the fine-tuned model and tokenizer, metrics.json (schema qanalyze/run/v1), log.csv
         (one row per step) and evals.csv into --out.
         """
-        _finetune(model, quiet, kw)
+        _train(model, None, "fp32", quiet, kw, {}, "finetune")
 
     modes = [name for name in METHODS if name != "fp32"]
     mode_help = "; ".join(f"{name}: {METHODS[name].description}" for name in modes)
@@ -142,6 +137,7 @@ def build_cli() -> click.Group:
     @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
     @click.option("--out", type=click.Path(dir_okay=False), default=None,
                   help="Write the metrics here (default: eval-<task>-<split>.json inside a run directory).")
+    @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
     @click.option("--ranks", default=None, help="qdylora runs: also evaluate the adapters truncated to these "
                                                 "ranks (1,2,4,8,16).")
     def evaluate(model_or_run: str, quiet: bool, **kw: Any) -> None:
@@ -151,8 +147,12 @@ def build_cli() -> click.Group:
         reloaded by the method that made it (a quantized run from its packed integer weights, with the
         integer kernels).
         """
+        from qanalyze.rundir import check_output_file
         from qanalyze.verbs import evaluate_run
 
+        overwrite = kw.pop("overwrite")
+        if kw["out"]:  # never the run's own record, and an existing file only with --overwrite
+            check_output_file(kw["out"], inputs=(model_or_run,), overwrite=overwrite)
         console = _console(quiet)
         ranks_text = kw.pop("ranks")
         ranks = int_list(ranks_text) if ranks_text else ()
@@ -329,8 +329,9 @@ def build_cli() -> click.Group:
     @click.option("--out", required=True, type=click.Path(dir_okay=False), help="report.html to write.")
     @click.option("--png/--no-png", default=True, show_default=True,
                   help="Also write every figure as PNG in OUT's folder, under <name>-figures/.")
+    @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
     @click.option("--quiet", "-q", is_flag=True, help="Print only the path of the page.")
-    def report(inputs: tuple[str, ...], out: str, png: bool, quiet: bool) -> None:
+    def report(inputs: tuple[str, ...], out: str, png: bool, overwrite: bool, quiet: bool) -> None:
         """Turn records into one self-contained HTML page with figures and tables.
 
         INPUTS are sweep folders (`qanalyze sweep --out`), sensitivity.json and plan.json files, or
@@ -339,8 +340,10 @@ def build_cli() -> click.Group:
         """
         from qanalyze.progress import task_progress
         from qanalyze.report.inputs import collect
+        from qanalyze.rundir import check_output_file
         from qanalyze.verbs import render_report
 
+        check_output_file(out, inputs=inputs, overwrite=overwrite)
         records = collect(list(inputs))  # bad input is refused before any progress line
         with task_progress(_console(quiet), "report") as progress:
             result = render_report(records, out, png=png, progress=progress.update)

@@ -84,3 +84,20 @@ def prepare_run_dir(path: str | Path, *, overwrite: bool = False, resume: bool =
         shutil.rmtree(run)
     run.mkdir(parents=True, exist_ok=True)
     return run
+
+
+def check_output_file(path: str | Path, *, inputs: tuple[str | Path, ...] = (), overwrite: bool = False) -> Path:
+    """Check, before any work, that a command may write the file ``path``: it must not be one of the
+    command's ``inputs`` (the same file after resolving links) nor lie inside an input folder's
+    records, and an existing file is replaced only with ``overwrite``. Returns the path."""
+    target = Path(path)
+    resolved = target.resolve()
+    for item in inputs:
+        source = Path(item).resolve()
+        if resolved == source or (source.is_dir() and resolved.parent == source and resolved.name == METRICS_FILE):
+            raise OutputDirError(f"output {target} would replace the input {item}; choose another --out")
+    if target.is_dir():
+        raise OutputDirError(f"output path {target} is a directory")
+    if target.exists() and not overwrite:
+        raise OutputDirError(f"{target} exists; pass --overwrite to replace it")
+    return target

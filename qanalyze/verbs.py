@@ -125,14 +125,14 @@ def plan_for(model: str, budget: str, config: PlanConfig, out: str | Path, *, se
     from qanalyze.plan.budget import parse_budget
     from qanalyze.plan.make import BASELINES, make_plan
     from qanalyze.records import SensitivityReport
+    from qanalyze.rundir import check_output_file
     from qanalyze.sensitivity.analyze import AnalyzeConfig
 
     parsed = parse_budget(budget)
     targets = [Path(out)] + ([baseline_path(out, name) for name in BASELINES] if baselines else [])
-    existing = [str(t) for t in targets if t.exists()]
-    if existing and not overwrite:
-        raise OutputDirError(f"{existing[0]} exists; pass --overwrite to replace it")
     source = Path(sensitivity) if sensitivity else Path(out).parent / "sensitivity.json"
+    for target in targets:
+        check_output_file(target, inputs=(source, model), overwrite=overwrite)
     if not source.exists():
         if sensitivity:
             raise RecordError(f"sensitivity file not found: {sensitivity}")

@@ -349,3 +349,28 @@ def test_refusals_come_before_any_work_and_leave_nothing(capfd, tmp_path, tiny_b
                            "--max-eval-examples", "8", "--quiet")
     assert_one_line_error(code, err, "device must be auto, cpu or cuda[:N], got 'tpu'")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_no_output_replaces_an_input_or_an_existing_file(capfd, tmp_path, tiny_bert_dir, glue_dir):
+    run = tmp_path / "run"
+    code, _, err = run_cli(capfd, *_finetune_args(tiny_bert_dir, glue_dir, run))
+    assert code == 0, err
+    record = (run / "metrics.json").read_text()
+    code, _, err = run_cli(capfd, "evaluate", run, "--out", run / "metrics.json", "--max-eval-examples", "8", "-q")
+    assert_one_line_error(code, err, "would replace the input")
+    assert (run / "metrics.json").read_text() == record
+    kept = tmp_path / "kept.json"
+    kept.write_text("mine")
+    code, _, err = run_cli(capfd, "evaluate", run, "--out", kept, "--max-eval-examples", "8", "-q")
+    assert_one_line_error(code, err, "exists; pass --overwrite")
+    assert kept.read_text() == "mine"
+    code, _, err = run_cli(capfd, "evaluate", run, "--out", kept, "--max-eval-examples", "8", "-q", "--overwrite")
+    assert code == 0, err
+    page = tmp_path / "page.html"
+    code, _, err = run_cli(capfd, "report", run, "--out", run / "metrics.json", "--quiet")
+    assert_one_line_error(code, err, "would replace the input")
+    assert (run / "metrics.json").read_text() == record
+    page.write_text("mine")
+    code, _, err = run_cli(capfd, "report", run, "--out", page, "--quiet")
+    assert_one_line_error(code, err, "exists; pass --overwrite")
+    assert page.read_text() == "mine"
