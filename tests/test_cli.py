@@ -329,6 +329,7 @@ def test_diverged_training_has_its_own_exit_code(capfd, tmp_path, tiny_bert_dir,
     assert code == 3, err
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: training diverged at step 1"), err
+    assert "no checkpoint was saved yet (--save-every 100)" in lines[0]
 
 
 def test_refusals_come_before_any_work_and_leave_nothing(capfd, tmp_path, tiny_bert_dir, glue_dir):

@@ -243,9 +243,9 @@ class _Trainer:
                 raise NonFiniteError(f"loss {float(loss.detach())}")
             loss.backward()
         except NonFiniteError as exc:
-            where = f" in {self.run / CHECKPOINT_DIR}" if self.last_saved else ""
-            raise TrainingDiverged(f"training diverged at step {self.step + 1} ({exc}); the last good checkpoint "
-                                   f"is step {self.last_saved}{where}") from None
+            kept = (f"the last good checkpoint is step {self.last_saved} in {self.run / CHECKPOINT_DIR}"
+                    if self.last_saved else f"no checkpoint was saved yet (--save-every {self.config.save_every})")
+            raise TrainingDiverged(f"training diverged at step {self.step + 1} ({exc}); {kept}") from None
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
