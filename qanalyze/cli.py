@@ -27,13 +27,13 @@ from qanalyze.cli_options import (
     int_list,
     load_task_data,
     method_options,
-    names,
     plan_options,
     pop_method_configs,
     train_config,
     train_options,
 )
 from qanalyze.cli_output import print_metrics, print_most_sensitive, print_plan
+from qanalyze.methods.parse import name_list as names
 
 EXIT_OK, EXIT_INTERNAL, EXIT_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -181,11 +181,11 @@ def build_cli() -> click.Group:
         a `qanalyze finetune` run.
         """
         from qanalyze.progress import stage_progress
+        from qanalyze.rundir import check_output_file
         from qanalyze.sensitivity.analyze import AnalyzeConfig
         from qanalyze.verbs import analyze as run_analysis
 
-        if Path(out).exists() and not kw["overwrite"] and not kw["resume"]:
-            raise click.UsageError(f"{out} exists; pass --overwrite to replace it")
+        check_output_file(out, inputs=(model,), overwrite=kw["overwrite"] or kw["resume"])  # before the data
         console = _console(quiet)
         config = AnalyzeConfig(
             batches=kw["batches"], batch_size=kw["batch_size"], max_length=kw["max_length"] or 128,

@@ -115,11 +115,6 @@ def pop_method_configs(kw: dict[str, Any], modes: Iterable[str]) -> dict[str, Me
     return configs
 
 
-def given(name: str) -> bool:
-    """True when the user typed option ``name`` (not its default)."""
-    return click.get_current_context().get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE
-
-
 def int_list(text: str) -> tuple[int, ...]:
     """``2-16`` or ``2,3,4,8`` -> a tuple of ints (click's BadParameter for anything else)."""
     from qanalyze.errors import ConfigError
@@ -129,11 +124,6 @@ def int_list(text: str) -> tuple[int, ...]:
         return parse(text)
     except ConfigError as exc:
         raise click.BadParameter(str(exc)) from None
-
-
-def names(text: str) -> tuple[str, ...]:
-    """``a, b,c`` -> ("a", "b", "c")."""
-    return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
 data_options = option_group(

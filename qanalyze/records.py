@@ -95,6 +95,12 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+def as_json(value: Any) -> Any:
+    """What ``value`` becomes once written to JSON and read back (tuples come back as lists): the form a
+    setting must have to be compared with one read from a record."""
+    return json.loads(json.dumps(value))
+
+
 def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
     """Write ``obj`` as indented JSON to ``path`` atomically."""
     atomic_write_text(path, json.dumps(_json_safe(obj), indent=2, sort_keys=False) + "\n")

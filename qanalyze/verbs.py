@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from qanalyze.errors import ConfigError, OutputDirError, RecordError
+from qanalyze.errors import ConfigError, RecordError
 
 if TYPE_CHECKING:
     from qanalyze.data import TaskData
@@ -79,10 +79,10 @@ def analyze(model: str, data: TaskData, config: AnalyzeConfig, out: str | Path, 
     `SensitivityReport`."""
     from qanalyze.engine.train import resolve_device
     from qanalyze.models import check_max_length, has_task_head, load_model
+    from qanalyze.rundir import check_output_file
     from qanalyze.sensitivity.analyze import analyze as run_analysis
 
-    if Path(out).exists() and not overwrite and not resume:
-        raise OutputDirError(f"{out} exists; pass --overwrite to replace it")
+    check_output_file(out, inputs=(model,), overwrite=overwrite or resume)  # resume writes OUT from OUT.partial
     seed_everything(config.seed)
     loaded = load_model(model, num_labels=data.task.num_labels, eager_attention=True)
     check_max_length(loaded.model, config.max_length)

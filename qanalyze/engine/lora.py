@@ -308,6 +308,16 @@ def _fake_quantize_(module: nn.Module, info: ModuleInfo, spec: TensorSpec) -> No
         weight.copy_(values.t() if info.transposed else values)
 
 
+def adapted_modules(model: nn.Module, targets: tuple[str, ...]) -> set[str]:
+    """The names of the nn.Linear modules whose name matches a pattern of ``targets`` (they get adapters);
+    ConfigError naming the patterns when none does."""
+    chosen = {name for name, module in model.named_modules()
+              if isinstance(module, nn.Linear) and _matches(name, targets)}
+    if not chosen:
+        raise ConfigError(f"no nn.Linear module name matches the LoRA targets {', '.join(targets)}")
+    return chosen
+
+
 def apply_qdylora(model: nn.Module, plan: BitPlan | None, config: LoRAConfig, seed: int = 0) -> dict[str, DyLoRALinear]:
     """Turn ``model`` (in place) into a QDyLoRA model; return the adapters by module name.
 
@@ -323,9 +333,7 @@ def apply_qdylora(model: nn.Module, plan: BitPlan | None, config: LoRAConfig, se
     if plan is not None:
         check_plan(plan, {info.name: list(info.shape) for info in infos.values()})
     named = list(model.named_modules())
-    chosen = {name for name, module in named if isinstance(module, nn.Linear) and _matches(name, config.targets)}
-    if not chosen:
-        raise ConfigError(f"no nn.Linear module name matches the LoRA targets {', '.join(config.targets)}")
+    chosen = adapted_modules(model, config.targets)
 
     built: dict[str, DyLoRALinear] = {}
     for index, (name, module) in enumerate(named):

@@ -32,7 +32,7 @@ from qanalyze.engine.evaluate import EvalResult, evaluate
 from qanalyze.errors import ConfigError, NonFiniteError, QAnalyzeError
 from qanalyze.methods import Method, MethodConfig, Prepared, get_method
 from qanalyze.models import LoadedModel
-from qanalyze.records import BitPlan, RunRecord, atomic_write_text
+from qanalyze.records import BitPlan, RunRecord, as_json, atomic_write_text
 from qanalyze.rundir import CHECKPOINT_DIR, EVALS_FILE, LOG_FILE, METRICS_FILE
 
 
@@ -196,7 +196,7 @@ class _Trainer:
     def progress_state(self) -> dict[str, Any]:
         return {"step": self.step, "total_steps": self.total_steps, "settings": self.config.numbers(),
                 "data_hash": self.data.identity.get("hash"), "model": self.loaded.identity,
-                "mode": self.mode, "plan_hash": self.plan_hash, "method": _as_json(self.recorded),
+                "mode": self.mode, "plan_hash": self.plan_hash, "method": as_json(self.recorded),
                 "train_seconds": self.train_seconds, "log": self.log, "evals": self.evals}
 
     def save(self) -> None:
@@ -210,7 +210,7 @@ class _Trainer:
         if (state.get("mode", "fp32"), state.get("plan_hash")) != (self.mode, self.plan_hash):
             raise CheckpointMismatchError(f"cannot resume {self.run} with a different plan or mode (it was "
                                           f"{state.get('mode', 'fp32')}): start a new run directory")
-        if state.get("method", {}) != _as_json(self.recorded):
+        if state.get("method", {}) != as_json(self.recorded):
             raise CheckpointMismatchError(f"cannot resume {self.run} with different {self.mode} settings: start a "
                                           "new run directory")
         saved = state.get("settings", {})
@@ -268,10 +268,6 @@ def _plan_summary(plan: BitPlan, prepared: Prepared) -> dict[str, Any]:
     return {"budget": plan.budget.get("text"), "totals": plan.totals, "sha256": plan_hash(plan),
             "swapped_modules": prepared.swapped}
 
-
-def _as_json(value: Any) -> Any:
-    # what a value becomes once written to and read back from JSON (tuples come back as lists)
-    return json.loads(json.dumps(value))
 
 
 def train(

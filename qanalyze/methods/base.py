@@ -21,14 +21,6 @@ if TYPE_CHECKING:
 
     from qanalyze.records import BitPlan
 
-PLAN_USES = ("required", "optional", "none")
-"""Whether a method needs a plan: always, when its config says so (`Method.needs_plan`), or never."""
-
-SWEEP_ROLES = ("plan", "reference", None)
-"""How a sweep runs a method: once per budget and plan, once as a reference on a uniform plan at its
-``fixed_bits``, or not at all."""
-
-
 def option(default: Any = dataclasses.MISSING, *, help: str, flag: str | None = None, **click: Any) -> Any:
     """A config field that is also a command-line option: ``help`` is its text in ``--help``, ``flag``
     the option's name (default ``--field-name``); ``click`` passes on (``type``, ``is_flag``, ``secondary``
@@ -56,7 +48,6 @@ class Prepared:
 
     generators: dict[str, torch.Generator] = field(default_factory=dict)
     swapped: int = 0
-    specs: dict[str, Any] = field(default_factory=dict)
 
     def before_step(self) -> None:
         """Called before each optimizer step (DyLoRA draws its rank here)."""
@@ -94,7 +85,10 @@ class Method:
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
     trains: ClassVar[bool] = True
     plan_use: ClassVar[str] = "required"
+    """Whether a run needs a plan: ``required``, ``optional`` (when `needs_plan` says so) or ``none``."""
     sweep_role: ClassVar[str | None] = "plan"
+    """How a sweep runs the method: ``plan`` (once per budget and plan), ``reference`` (once, on a uniform
+    plan at ``fixed_bits``) or None (never)."""
     fixed_bits: ClassVar[int | None] = None
     """Bits the method always runs at (int4: 4): a sweep runs it once on a uniform plan at these bits."""
     module_kinds: ClassVar[tuple[str, ...]] = ("linear", "embedding")

@@ -15,3 +15,8 @@ def int_list(text: str) -> tuple[int, ...]:
     except ValueError:
         raise ConfigError(f"{text!r} is not a list of integers like 2-16 or 2,4,8") from None
     return tuple(values)
+
+
+def name_list(text: str) -> tuple[str, ...]:
+    """``a, b,c`` -> ("a", "b", "c"): comma-separated names, blanks dropped."""
+    return tuple(part.strip() for part in text.split(",") if part.strip())

@@ -12,17 +12,12 @@ from typing import TYPE_CHECKING, Any
 
 from qanalyze.errors import ConfigError
 from qanalyze.methods.base import LoadedRun, Method, MethodConfig, Prepared, option
+from qanalyze.methods.parse import int_list, name_list
 
 if TYPE_CHECKING:
     import torch
 
     from qanalyze.records import BitPlan
-
-
-def _ranks(text: str) -> tuple[int, ...]:
-    from qanalyze.methods.parse import int_list
-
-    return int_list(text)
 
 
 @dataclass(frozen=True)
@@ -34,14 +29,14 @@ class QDyLoRAConfig(MethodConfig):
                        help="largest adapter rank r (one run serves ranks 1..r).")
     alpha: float = option(16.0, flag="--lora-alpha", type=float, help="scale alpha (alpha / rank).")
     targets: tuple[str, ...] = option(("query", "value"), flag="--lora-targets",
-                                      parse=lambda text: tuple(t.strip() for t in text.split(",") if t.strip()),
+                                      parse=name_list,
                                       help="regexes of the linear modules that get adapters, comma-separated.")
     update: str = option("frozen", flag="--dylora-update", choices=("frozen", "all"),
                          help="update only the sampled rank's row and column (frozen) or rows 1..b (all).")
     base: str = option("plan", choices=("plan", "nf4"),
                        help="base weights at the plan's bits, or NF4 (QLoRA's 4-bit normal float, blocks of 64).")
     double_quant: bool = option(False, is_flag=True, help="with --base nf4: quantize the block scales too.")
-    eval_ranks: tuple[int, ...] = option((1, 2, 4, 8, 16), parse=_ranks,
+    eval_ranks: tuple[int, ...] = option((1, 2, 4, 8, 16), parse=int_list,
                                          help="ranks the finished run is also evaluated at.")
 
     def __post_init__(self) -> None:
@@ -120,14 +115,10 @@ class QDyLoRAMethod(Method):
             from qanalyze.models import inventory
 
             check_plan(plan, {info.name: list(info.shape) for info in inventory(model)})
-        import re
-
-        from torch import nn
+        from qanalyze.engine.lora import adapted_modules
 
         assert isinstance(config, QDyLoRAConfig)
-        if not any(isinstance(module, nn.Linear) and any(re.search(t, name) for t in config.targets)
-                   for name, module in model.named_modules()):
-            raise ConfigError(f"no nn.Linear module name matches the LoRA targets {', '.join(config.targets)}")
+        adapted_modules(model, config.targets)  # refused here, before a run directory is made
 
     def prepare(self, model: torch.nn.Module, plan: BitPlan | None, config: MethodConfig, *, seed: int) -> Prepared:
         """Freeze and quantize the base, add the adapters; the rank sampler is seeded from ``seed``."""
@@ -165,7 +156,9 @@ class QDyLoRAMethod(Method):
     def recorded(self, config: MethodConfig) -> dict[str, Any]:
         """metrics.json keeps the adapters' settings under ``lora``."""
         assert isinstance(config, QDyLoRAConfig)
-        return {"lora": _as_json(dataclasses.asdict(config.lora()))}
+        from qanalyze.records import as_json
+
+        return {"lora": as_json(dataclasses.asdict(config.lora()))}
 
     def sweep_recorded(self, config: MethodConfig) -> dict[str, Any]:
         """sweep.json keeps the adapters under ``lora`` and the ranks under ``eval_ranks``."""
@@ -192,10 +185,6 @@ class _LoadedAdapters(LoadedRun):
 
         assert isinstance(self.prepared, _Adapters)
         set_rank(self.prepared.adapters, int(label))
-
-
-def _as_json(value: Any) -> Any:
-    return json.loads(json.dumps(value))
 
 
 METHOD = QDyLoRAMethod()

@@ -66,7 +66,7 @@ class SwapMethod(Method):
 
         assert plan is not None  # check() refused a missing plan
         applied = apply_plan(model, plan, self.engine_mode, seed=seed, options=self.builder_options(config))
-        return Prepared(generators=applied.generators, swapped=len(applied.specs), specs=applied.specs)
+        return Prepared(generators=applied.generators, swapped=len(applied.specs))
 
     def save(self, run: Path, model: torch.nn.Module, tokenizer: Any, plan: BitPlan | None, config: MethodConfig,
              prepared: Prepared) -> None:

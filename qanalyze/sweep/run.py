@@ -37,7 +37,15 @@ from qanalyze.plan.architecture import check_plan
 from qanalyze.plan.budget import parse_budget
 from qanalyze.plan.make import make_plan
 from qanalyze.plan.uniform import uniform_plan
-from qanalyze.records import BitPlan, RunRecord, SensitivityReport, SweepRecord, atomic_write_json, utc_now
+from qanalyze.records import (
+    BitPlan,
+    RunRecord,
+    SensitivityReport,
+    SweepRecord,
+    as_json,
+    atomic_write_json,
+    utc_now,
+)
 from qanalyze.rundir import METRICS_FILE, checkpoint_dir, is_finished_run, prepare_run_dir
 from qanalyze.sensitivity.analyze import analyze, partial_path
 from qanalyze.sweep.config import SweepConfig, plan_modes, reference_modes
@@ -197,7 +205,7 @@ def _matches(record: RunRecord, run: SweepRun, config: SweepConfig, data: TaskDa
     same_settings = all(saved.get(k) == v for k, v in config.train.numbers().items())
     # compared as JSON holds them: a tuple setting comes back from metrics.json as a list
     method_config = config.method_config(run.mode)
-    recorded = _as_json(get_method(run.mode).recorded(method_config))
+    recorded = as_json(get_method(run.mode).recorded(method_config))
     same_mode_settings = all(saved.get(k) == v for k, v in recorded.items())
     wanted = set(get_method(run.mode).evaluated_variants(method_config))
     if wanted:  # a run evaluated at other variants (qdylora ranks) lacks some points of their curve
@@ -232,10 +240,6 @@ def _train_or_reuse(model: str, data: TaskData, config: SweepConfig, folder: Pat
     except TrainingDiverged as exc:
         # a plan too aggressive to train is a finding for the table, not the end of the sweep
         return None, f"diverged: {' '.join(str(exc).split())}"
-
-
-def _as_json(value: Any) -> Any:
-    return json.loads(json.dumps(value))
 
 
 def _row(run: SweepRun, result: RunRecord | None, out: Path) -> dict[str, Any]:
