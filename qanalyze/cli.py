@@ -14,6 +14,8 @@ from __future__ import annotations
 import os
 import sys
 import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +46,30 @@ def _console(quiet: bool) -> Any:
     return Console(stderr=True, quiet=quiet)
 
 
+@contextmanager
+def _interrupts(hint: Callable[[], str]) -> Iterator[None]:
+    """Turn Ctrl-C inside the block into one `Interrupted` line that says what was kept and how to go on;
+    ``hint`` is asked at that moment, since what is kept depends on how far the work got."""
+    from qanalyze.engine.train import TrainingInterrupted
+    from qanalyze.errors import Interrupted
+    from qanalyze.rundir import checkpoint_dir
+
+    try:
+        yield
+    except TrainingInterrupted as exc:
+        go_on = hint() if checkpoint_dir(exc.run) is not None else "run the command again"
+        raise Interrupted(f"{exc}; {go_on}") from None
+    except KeyboardInterrupt:
+        raise Interrupted(f"interrupted; {hint()}") from None
+
+
+def _resume_hint(out: str | Path) -> Callable[[], str]:
+    from qanalyze.rundir import checkpoint_dir
+
+    return lambda: ("continue with the same command and --resume" if checkpoint_dir(Path(out)) is not None
+                    else "nothing was kept; run the command again")
+
+
 def _train(model: str, plan: str | None, mode: str, quiet: bool, kw: dict[str, Any], configs: dict[str, Any],
            what: str) -> None:
     from qanalyze import verbs
@@ -56,7 +82,7 @@ def _train(model: str, plan: str | None, mode: str, quiet: bool, kw: dict[str, A
     console = _console(quiet)
     console.print(f"[bold]{what}[/] {model} on {data.task.name}: {len(data.train)} train / {len(data.dev)} dev "
                   f"examples -> {kw['out']}")
-    with step_progress(console) as progress:
+    with _interrupts(_resume_hint(kw["out"])), step_progress(console) as progress:
         record = verbs.train(model, data, config, kw["out"], mode=mode, plan=plan, method_config=configs.get(mode),
                              resume=kw["resume"], overwrite=kw["overwrite"], on_step=progress.on_step,
                              on_eval=progress.on_eval)
@@ -182,7 +208,7 @@ def build_cli() -> click.Group:
         """
         from qanalyze.progress import stage_progress
         from qanalyze.rundir import check_output_file
-        from qanalyze.sensitivity.analyze import AnalyzeConfig
+        from qanalyze.sensitivity.analyze import AnalyzeConfig, partial_path
         from qanalyze.verbs import analyze as run_analysis
 
         check_output_file(out, inputs=(model,), overwrite=kw["overwrite"] or kw["resume"])  # before the data
@@ -197,7 +223,12 @@ def build_cli() -> click.Group:
             gradient_bits=int_list(kw["gradient_bits"]), weight_range=kw["weight_range"],
             measure_delta_loss=kw["measure_delta_loss"], seed=kw["seed"])
         data = load_task_data(kw)
-        with stage_progress(console) as progress:
+        def kept() -> str:
+            partial = partial_path(out)
+            return (f"the finished work is kept in {partial}; continue with the same command and --resume"
+                    if partial.exists() else "nothing was written; run the command again")
+
+        with _interrupts(kept), stage_progress(console) as progress:
             report = run_analysis(model, data, config, out, resume=kw["resume"], overwrite=kw["overwrite"],
                                   device=kw["device"], progress=progress.update)
         print_most_sensitive(report, console)
@@ -238,7 +269,8 @@ def build_cli() -> click.Group:
                     act_group=kw["act_group"], grad_group=kw["grad_group"],
                     grad_budget=parse_bits(kw["grad_budget"]) if kw["grad_budget"] else None)
         data = load_task_data(kw, eval_examples=False) if kw["task"] and kw["data"] else None
-        with stage_progress(console) as progress:
+        with _interrupts(lambda: "run the same command again: an interrupted analysis continues where it stopped"), \
+                stage_progress(console) as progress:
             made = plan_for(model, budget, config, out, sensitivity=kw["sensitivity"], baselines=kw["baselines"],
                             overwrite=kw["overwrite"], data=data, progress=progress.update,
                             analysis=AnalyzeConfig(max_length=kw["max_length"] or 128, seed=kw["seed"]))
@@ -314,7 +346,8 @@ def build_cli() -> click.Group:
         console.print(f"[bold]sweep[/] {model} on {data.task.name}: budgets {', '.join(config.budgets)} x "
                       f"{', '.join(config.plans)} ({', '.join(config.modes)}), {len(data.train)} train / "
                       f"{len(data.dev)} dev examples -> {out}")
-        with sweep_progress(console) as progress:
+        with _interrupts(lambda: "run the same command again to continue: finished runs are reused and an "
+                                 "interrupted one resumes from its checkpoint"), sweep_progress(console) as progress:
             hooks = SweepHooks(on_stage=progress.on_stage, on_run_start=progress.on_run_start,
                                on_run_end=progress.on_run_end, on_step=progress.on_step,
                                on_analysis=progress.on_analysis)
@@ -372,14 +405,15 @@ def main(argv: list[str] | None = None) -> int:
         click.echo(f"error: {_one_line(exc)}", err=True)
         return EXIT_INPUT
     except KeyboardInterrupt:
-        click.echo("error: interrupted", err=True)
+        click.echo("error: interrupted; nothing was written", err=True)
         return EXIT_INTERRUPTED
     except Exception as exc:
-        from qanalyze.engine.train import TrainingDiverged, TrainingInterrupted
+        from qanalyze.engine.train import TrainingDiverged
+        from qanalyze.errors import Interrupted
 
-        if isinstance(exc, TrainingInterrupted | TrainingDiverged):
+        if isinstance(exc, Interrupted | TrainingDiverged):
             click.echo(f"error: {_one_line(exc)}", err=True)
-            return EXIT_INTERRUPTED if isinstance(exc, TrainingInterrupted) else EXIT_DIVERGED
+            return EXIT_INTERRUPTED if isinstance(exc, Interrupted) else EXIT_DIVERGED
         if os.environ.get("QANALYZE_DEBUG"):
             traceback.print_exc()
         click.echo(f"internal error: {exc.__class__.__name__}: {_one_line(exc)} "

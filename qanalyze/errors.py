@@ -43,3 +43,8 @@ class RecordError(InputError):
 class NonFiniteError(ConfigError):
     """A loss, a Hessian-vector product or a tensor to quantize holds NaN or infinity (bad weights or data;
     in training the trainer turns it into `qanalyze.engine.train.TrainingDiverged`)."""
+
+
+class Interrupted(QAnalyzeError):
+    """The user stopped a command with Ctrl-C; the message says what was kept and how to go on (the CLI
+    prints it and exits 130)."""

@@ -126,7 +126,7 @@ def plan_for(model: str, budget: str, config: PlanConfig, out: str | Path, *, se
     from qanalyze.plan.make import BASELINES, make_plan
     from qanalyze.records import SensitivityReport
     from qanalyze.rundir import check_output_file
-    from qanalyze.sensitivity.analyze import AnalyzeConfig
+    from qanalyze.sensitivity.analyze import AnalyzeConfig, partial_path
 
     parsed = parse_budget(budget)
     targets = [Path(out)] + ([baseline_path(out, name) for name in BASELINES] if baselines else [])
@@ -140,7 +140,7 @@ def plan_for(model: str, budget: str, config: PlanConfig, out: str | Path, *, se
             raise ConfigError(f"no sensitivity file at {source}: pass --sensitivity FILE, or --task and --data to "
                               "analyze the model first")
         analysis = (analysis or AnalyzeConfig(seed=config.seed)).for_objective(config.objective)
-        analyze(model, data, analysis, source, progress=progress)
+        analyze(model, data, analysis, source, resume=partial_path(source).exists(), progress=progress)
     report = SensitivityReport.load(source)
     shapes = architecture(model, report.data.get("task"))
     made = [make_plan(report, parsed, config, sensitivity_path=source)]

@@ -29,19 +29,22 @@ from qanalyze.data import Encoded, TaskData, encode, epoch_order, iter_batches, 
 from qanalyze.engine.checkpoint import discard_checkpoints, load_checkpoint, save_checkpoint
 from qanalyze.engine.distill import Teacher
 from qanalyze.engine.evaluate import EvalResult, evaluate
-from qanalyze.errors import ConfigError, NonFiniteError, QAnalyzeError
+from qanalyze.errors import ConfigError, Interrupted, NonFiniteError, QAnalyzeError
+from qanalyze.interrupts import deferred_interrupt
 from qanalyze.methods import Method, MethodConfig, Prepared, get_method
 from qanalyze.models import LoadedModel
 from qanalyze.records import BitPlan, RunRecord, as_json, atomic_write_text
 from qanalyze.rundir import CHECKPOINT_DIR, EVALS_FILE, LOG_FILE, METRICS_FILE
 
 
-class TrainingInterrupted(QAnalyzeError):
-    """Training stopped on Ctrl-C after saving a checkpoint; ``--resume`` continues it."""
+class TrainingInterrupted(Interrupted):
+    """Training stopped on Ctrl-C. ``kept`` says what the run directory holds: a checkpoint taken between
+    two steps (resuming it gives the numbers of an uninterrupted run), or the trained model saved before
+    the final evaluation; the CLI adds how to go on (``--resume``, or running a sweep again)."""
 
-    def __init__(self, step: int, run: Path) -> None:
-        super().__init__(f"interrupted at step {step}; checkpoint saved in {run}; continue with --resume")
-        self.step = step
+    def __init__(self, step: int, run: Path, kept: str) -> None:
+        super().__init__(f"interrupted at step {step}; {kept}")
+        self.step, self.run, self.kept = step, run, kept
 
 
 class CheckpointMismatchError(ConfigError):
@@ -192,6 +195,7 @@ class _Trainer:
         self.evals: list[dict[str, Any]] = []
         self.train_seconds = 0.0
         self.last_saved = 0
+        self.mid_step = False
 
     def progress_state(self) -> dict[str, Any]:
         return {"step": self.step, "total_steps": self.total_steps, "settings": self.config.numbers(),
@@ -224,6 +228,12 @@ class _Trainer:
         self.train_seconds = state["train_seconds"]
         self.last_saved = self.step
 
+    def kept(self) -> str:
+        """Where the last checkpoint is, for a message."""
+        if self.last_saved:
+            return f"the last checkpoint is step {self.last_saved} in {self.run / CHECKPOINT_DIR}"
+        return f"no checkpoint was saved yet (--save-every {self.config.save_every})"
+
     def _generators(self) -> dict[str, torch.Generator]:
         return self.prepared.generators
 
@@ -234,6 +244,7 @@ class _Trainer:
     def one_step(self, batch: dict[str, torch.Tensor], epoch: int) -> StepLog:
         start = time.perf_counter()
         device = next(self.model.parameters()).device
+        self.mid_step = True
         self.prepared.before_step()
         try:
             inputs = {k: v.to(device) for k, v in batch.items()}
@@ -243,15 +254,20 @@ class _Trainer:
                 raise NonFiniteError(f"loss {float(loss.detach())}")
             loss.backward()
         except NonFiniteError as exc:
-            kept = (f"the last good checkpoint is step {self.last_saved} in {self.run / CHECKPOINT_DIR}"
-                    if self.last_saved else f"no checkpoint was saved yet (--save-every {self.config.save_every})")
-            raise TrainingDiverged(f"training diverged at step {self.step + 1} ({exc}); {kept}") from None
+            # The log up to the bad step is what tells a too-high lr from a plan that cannot train.
+            self.log.append({"step": self.step + 1, "epoch": epoch, "loss": float("nan"),
+                             "lr": self.scheduler.get_last_lr()[0], "grad_norm": float("nan"),
+                             "seconds": round(time.perf_counter() - start, 4)})
+            atomic_write_text(self.run / LOG_FILE, _csv(self.log))
+            raise TrainingDiverged(f"training diverged at step {self.step + 1} ({exc}); the loss of every step is in "
+                                   f"{self.run / LOG_FILE}; {self.kept()}") from None
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
+        self.mid_step = False
         seconds = time.perf_counter() - start
         self.train_seconds += seconds
         return StepLog(self.step, self.total_steps, epoch, float(loss.detach()), lr, float(grad_norm), seconds)
@@ -309,8 +325,25 @@ def train(
         if resume:
             trainer.restore()
         model.train()
+        _train_steps(trainer, on_step, on_eval)
+    try:
+        record = _finish(trainer, on_eval, plan_source)
+    except KeyboardInterrupt:
+        kept = (f"the trained model is saved in {run / CHECKPOINT_DIR}; --resume evaluates it"
+                if trainer.step and trainer.last_saved == trainer.step else "nothing was trained, so nothing is kept")
+        raise TrainingInterrupted(trainer.step, run, f"during the final evaluation; {kept}") from None
+    discard_checkpoints(run)
+    return record
+
+
+def _train_steps(trainer: _Trainer, on_step: Callable[[StepLog], None] | None,
+                 on_eval: Callable[[int, EvalResult], None] | None) -> None:
+    """Run the remaining steps. A Ctrl-C is acted on between steps only, after a checkpoint of that state;
+    the finished model is checkpointed too, so an interrupted final evaluation loses no training."""
+    config, loaded = trainer.config, trainer.loaded
+    with deferred_interrupt() as interrupt:
         try:
-            while trainer.step < trainer.total_steps:
+            while trainer.step < trainer.total_steps and not interrupt.requested:
                 epoch, first = divmod(trainer.step, trainer.batches_per_epoch)
                 order = epoch_order(len(trainer.train_enc), seed=config.seed, epoch=epoch)
                 for batch in iter_batches(trainer.train_enc, loaded.tokenizer, batch_size=config.batch_size,
@@ -325,13 +358,25 @@ def train(
                         trainer.evals.append({"step": trainer.step, **result.to_dict()})
                         if on_eval is not None:
                             on_eval(trainer.step, result)
-                    if trainer.step % config.save_every == 0 and not done:
+                    if done or interrupt.requested or trainer.step % config.save_every == 0:
                         trainer.save()
-                    if done:
+                    if done or interrupt.requested:
                         break
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # a second Ctrl-C, or one raised by a callback between steps
+            if trainer.mid_step:  # weights, moments and random state of two different steps: not worth saving
+                raise TrainingInterrupted(trainer.step, trainer.run,
+                                          f"stopped inside a step without saving; {trainer.kept()}") from None
             trainer.save()
-            raise TrainingInterrupted(trainer.step, run) from None
+            raise TrainingInterrupted(trainer.step, trainer.run,
+                                      f"checkpoint saved in {trainer.run / CHECKPOINT_DIR}") from None
+        if interrupt.requested:
+            raise TrainingInterrupted(trainer.step, trainer.run, f"checkpoint saved in {trainer.run / CHECKPOINT_DIR}")
+
+
+def _finish(trainer: _Trainer, on_eval: Callable[[int, EvalResult], None] | None,
+            plan_source: str | None) -> RunRecord:
+    """The final evaluation, the method's saved model, the logs and ``metrics.json``."""
+    model, loaded, data, config, run = trainer.model, trainer.loaded, trainer.data, trainer.config, trainer.run
     trainer.prepared.before_eval()
     final = trainer.evaluate()
     trainer.evals.append({"step": trainer.step, **final.to_dict()})
@@ -339,12 +384,13 @@ def train(
         on_eval(trainer.step, final)
     rank_metrics, rank_parameters = trainer.prepared.extra_evaluations(trainer.evaluate)
     _label_names(loaded, data)
-    method.save(run, model, loaded.tokenizer, plan, method_config, trainer.prepared)
+    trainer.method.save(run, model, loaded.tokenizer, trainer.plan, trainer.method_config, trainer.prepared)
     atomic_write_text(run / LOG_FILE, _csv(trainer.log))
     atomic_write_text(run / EVALS_FILE, _csv(trainer.evals))
     steps = [row["seconds"] for row in trainer.log]
+    plan = trainer.plan
     record = RunRecord(
-        task=data.task.name, mode=mode, plan=plan_source, metrics=final.metrics,
+        task=data.task.name, mode=trainer.mode, plan=plan_source, metrics=final.metrics,
         model=loaded.identity, data=data.identity,
         settings={**config.numbers(), "total_steps": trainer.total_steps, "device": str(model.device),
                   **({"plan": _plan_summary(plan, trainer.prepared)} if plan is not None else {}),
@@ -355,5 +401,4 @@ def train(
         eval_history=trainer.evals, rank_metrics=rank_metrics, rank_parameters=rank_parameters,
     )
     record.save(run / METRICS_FILE)
-    discard_checkpoints(run)
     return record
