@@ -11,6 +11,7 @@ bad input); 130 interrupted (a training run keeps a checkpoint for ``--resume``)
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 import traceback
@@ -272,6 +273,7 @@ def build_cli() -> click.Group:
         with _interrupts(lambda: "run the same command again: an interrupted analysis continues where it stopped"), \
                 stage_progress(console) as progress:
             made = plan_for(model, budget, config, out, sensitivity=kw["sensitivity"], baselines=kw["baselines"],
+                            any_weights=kw["any_weights"],
                             overwrite=kw["overwrite"], data=data, progress=progress.update,
                             analysis=AnalyzeConfig(max_length=kw["max_length"] or 128, seed=kw["seed"]))
         print_plan(made[0], console)
@@ -407,6 +409,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         click.echo("error: interrupted; nothing was written", err=True)
         return EXIT_INTERRUPTED
+    except OSError as exc:
+        if exc.errno not in _USER_OS_ERRORS:
+            return _internal(exc)
+        where = f" {exc.filename}" if exc.filename else ""
+        click.echo(f"error: cannot write or read{where}: {exc.strerror or exc}", err=True)
+        return EXIT_INPUT
     except Exception as exc:
         from qanalyze.engine.train import TrainingDiverged
         from qanalyze.errors import Interrupted
@@ -414,12 +422,22 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, Interrupted | TrainingDiverged):
             click.echo(f"error: {_one_line(exc)}", err=True)
             return EXIT_INTERRUPTED if isinstance(exc, Interrupted) else EXIT_DIVERGED
-        if os.environ.get("QANALYZE_DEBUG"):
-            traceback.print_exc()
-        click.echo(f"internal error: {exc.__class__.__name__}: {_one_line(exc)} "
-                   "(set QANALYZE_DEBUG=1 for the traceback)", err=True)
-        return EXIT_INTERNAL
+        return _internal(exc)
     return result if isinstance(result, int) else EXIT_OK
+
+
+# Errors of the file system that the user can act on: permissions, a full or read-only disk, a file size
+# limit, a file where a folder is needed (and the reverse), a name too long.
+_USER_OS_ERRORS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.ENOTDIR,
+                   errno.EISDIR, errno.ENAMETOOLONG}
+
+
+def _internal(exc: BaseException) -> int:
+    if os.environ.get("QANALYZE_DEBUG"):
+        traceback.print_exception(exc)
+    click.echo(f"internal error: {exc.__class__.__name__}: {_one_line(exc)} "
+               "(set QANALYZE_DEBUG=1 for the traceback)", err=True)
+    return EXIT_INTERNAL
 
 
 def _one_line(exc: BaseException) -> str:

@@ -272,6 +272,8 @@ plan_options = option_group(
     click.option("--solver", type=click.Choice(["ilp", "highs", "cbc", "dp"]), default="ilp", show_default=True,
                  help="ilp: exact, HiGHS (else CBC); dp: dynamic programming on a discretised cost."),
     click.option("--baselines", is_flag=True, help="Also write uniform, random and reversed plans beside OUT."),
+    click.option("--any-weights", is_flag=True, help="Plan with a sensitivity file measured on other weights of "
+                                                      "the same architecture (refused by default)."),
     click.option("--show", "show", type=click.Path(dir_okay=False), default=None,
                  help="Pretty-print this plan and exit."),
     click.option("--overwrite", is_flag=True, help="Replace OUT if it exists."),

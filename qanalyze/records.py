@@ -113,7 +113,9 @@ def read_record(path: str | os.PathLike[str], schema: str) -> dict[str, Any]:
         raise RecordError(f"record not found: {p}")
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except json.JSONDecodeError as exc:
+        raise RecordError(f"{p} is corrupt or truncated: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    except (OSError, UnicodeDecodeError) as exc:
         raise RecordError(f"{p} is not a readable JSON record ({exc.__class__.__name__})") from None
     if not isinstance(data, dict) or data.get("schema") != schema:
         found = data.get("schema") if isinstance(data, dict) else type(data).__name__

@@ -7,6 +7,7 @@ still be resumed. A folder is a qanalyze run when it holds either record.
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -50,6 +51,34 @@ def is_run_dir(path: Path) -> bool:
     return is_finished_run(path) or checkpoint_dir(path) is not None
 
 
+def check_writable(path: str | Path) -> Path:
+    """Refuse, before any work, an output ``path`` that cannot be made: its nearest existing ancestor is a
+    file, or is not writable (permissions, a read-only file system). Returns the path."""
+    target = Path(path)
+    # Files are written beside themselves and renamed in; a folder is written into: either way, the
+    # folder that must take new entries is the first one that exists.
+    folder = target if target.is_dir() else target.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise OutputDirError(f"cannot write {target}: {folder} is a file, not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputDirError(f"cannot write {target}: {folder} is not writable (permissions or a read-only disk)")
+    return target
+
+
+def check_free_space(path: str | Path, needed: int, what: str) -> None:
+    """Refuse, before the work, an output ``path`` on a disk with less than ``needed`` bytes free (``what``
+    says what takes them)."""
+    ancestor = Path(path).resolve()
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    free = shutil.disk_usage(ancestor).free
+    if free < needed:
+        raise OutputDirError(f"{path} needs about {needed / 1e6:,.0f} MB for {what}, and its disk has "
+                             f"{free / 1e6:,.0f} MB free")
+
+
 def check_run_dir(path: str | Path, *, overwrite: bool = False, resume: bool = False) -> Path:
     """Check, without touching anything, that ``path`` can take a new (or resumed) run.
 
@@ -62,6 +91,7 @@ def check_run_dir(path: str | Path, *, overwrite: bool = False, resume: bool = F
         raise OutputDirError("--resume and --overwrite contradict each other; choose one")
     if run.exists() and not run.is_dir():
         raise OutputDirError(f"output path {run} exists and is not a directory")
+    check_writable(run)
     if resume:
         if checkpoint_dir(run) is None:
             raise OutputDirError(f"nothing to resume in {run}: no checkpoint found")
@@ -98,6 +128,7 @@ def check_output_file(path: str | Path, *, inputs: tuple[str | Path, ...] = (), 
             raise OutputDirError(f"output {target} would replace the input {item}; choose another --out")
     if target.is_dir():
         raise OutputDirError(f"output path {target} is a directory")
+    check_writable(target)
     if target.exists() and not overwrite:
         raise OutputDirError(f"{target} exists; pass --overwrite to replace it")
     return target

@@ -55,15 +55,19 @@ def train(model: str | LoadedModel, data: TaskData, config: TrainConfig, out: st
     from qanalyze.models import check_max_length, load_model
     from qanalyze.plan.uniform import resolve_plan
     from qanalyze.records import BitPlan
-    from qanalyze.rundir import check_run_dir, prepare_run_dir
+    from qanalyze.rundir import check_free_space, check_run_dir, prepare_run_dir
 
     method = get_method(mode)
     method_config = method_config if method_config is not None else method.make_config()
     check_run_dir(out, overwrite=overwrite, resume=resume)
     seed_everything(config.seed)
     loaded = load_model(model, num_labels=data.task.num_labels) if isinstance(model, str) else model
-    source = None if plan is None or isinstance(plan, BitPlan) else str(plan)
+    # recorded resolved, so that a run's record does not depend on the folder the command ran in
+    source = None if plan is None or isinstance(plan, BitPlan) else (
+        plan if plan.startswith("uniform:") else str(Path(plan).resolve()))
     check_max_length(loaded.model, config.max_length)
+    # The saved model, and during a checkpoint's swap two checkpoints of weights and two Adam moments.
+    check_free_space(out, 28 * sum(p.numel() for p in loaded.model.parameters()), "the model and its checkpoints")
     if isinstance(plan, str):
         plan = resolve_plan(plan, loaded.model, kinds=method.module_kinds)
     method.check(loaded.model, plan, method_config)  # before the run directory is made: bad input leaves nothing
@@ -94,16 +98,6 @@ def analyze(model: str, data: TaskData, config: AnalyzeConfig, out: str | Path, 
     return run_analysis(loaded, data, config, out, resume=resume, progress=progress)
 
 
-def architecture(model: str, task: str | None) -> dict[str, list[int]]:
-    """The architecture (module name -> weight shape) of ``model`` with the head of ``task``, as plans
-    record it: the task head is part of what a sensitivity file, and so a plan, describes."""
-    from qanalyze.models import inventory, load_model
-    from qanalyze.tasks import get_task
-
-    loaded = load_model(model, num_labels=get_task(task).num_labels if task else None)
-    return {info.name: list(info.shape) for info in inventory(loaded.model)}
-
-
 def baseline_path(out: str | Path, name: str) -> Path:
     """Where ``plan_for`` writes baseline ``name`` beside ``out`` (plan-4bit.uniform.json)."""
     path = Path(out)
@@ -111,7 +105,7 @@ def baseline_path(out: str | Path, name: str) -> Path:
 
 
 def plan_for(model: str, budget: str, config: PlanConfig, out: str | Path, *, sensitivity: str | Path | None = None,
-             baselines: bool = False, overwrite: bool = False, data: TaskData | None = None,
+             baselines: bool = False, overwrite: bool = False, data: TaskData | None = None, any_weights: bool = False,
              analysis: AnalyzeConfig | None = None,
              progress: Callable[[str, int, int, str], None] | None = None) -> list[BitPlan]:
     """Plan ``model`` at ``budget`` into ``out`` (and, with ``baselines``, the uniform, random and reversed
@@ -119,14 +113,18 @@ def plan_for(model: str, budget: str, config: PlanConfig, out: str | Path, *, se
 
     The sensitivity file defaults to ``sensitivity.json`` beside ``out``; when it is missing it is made
     first by `analyze` with ``analysis`` (the analysis defaults when None) on ``data``. Each plan is
-    checked against the model's architecture before any is written.
+    checked against the model's architecture before any is written; the sensitivity file is checked
+    against the model first (`qanalyze.plan.architecture.check_sensitivity`: complete, this architecture,
+    these weights unless ``any_weights``, every module, finite numbers).
     """
-    from qanalyze.plan.architecture import check_plan
+    from qanalyze.models import inventory, load_model
+    from qanalyze.plan.architecture import check_plan, check_sensitivity
     from qanalyze.plan.budget import parse_budget
     from qanalyze.plan.make import BASELINES, make_plan
     from qanalyze.records import SensitivityReport
     from qanalyze.rundir import check_output_file
     from qanalyze.sensitivity.analyze import AnalyzeConfig, partial_path
+    from qanalyze.tasks import get_task
 
     parsed = parse_budget(budget)
     targets = [Path(out)] + ([baseline_path(out, name) for name in BASELINES] if baselines else [])
@@ -142,7 +140,11 @@ def plan_for(model: str, budget: str, config: PlanConfig, out: str | Path, *, se
         analysis = (analysis or AnalyzeConfig(seed=config.seed)).for_objective(config.objective)
         analyze(model, data, analysis, source, resume=partial_path(source).exists(), progress=progress)
     report = SensitivityReport.load(source)
-    shapes = architecture(model, report.data.get("task"))
+    task = report.data.get("task")
+    loaded = load_model(model, num_labels=get_task(task).num_labels if task else None)
+    infos = inventory(loaded.model)
+    check_sensitivity(report, infos, loaded.identity, source, objective=config.objective, any_weights=any_weights)
+    shapes = {info.name: list(info.shape) for info in infos}
     made = [make_plan(report, parsed, config, sensitivity_path=source)]
     if baselines:
         made += [make_plan(report, parsed, config, sensitivity_path=source, baseline=name) for name in BASELINES]
@@ -182,11 +184,15 @@ def evaluate_run(model_or_run: str, *, task: str | None = None, data: str | None
     from qanalyze.methods import get_method
     from qanalyze.models import has_task_head, load_model
     from qanalyze.records import EvalRecord, RunRecord
-    from qanalyze.rundir import METRICS_FILE, is_finished_run
+    from qanalyze.rundir import METRICS_FILE, check_writable, is_finished_run
+    from qanalyze.tasks import get_task
 
     run = Path(model_or_run)
     previous = RunRecord.load(run / METRICS_FILE) if is_finished_run(run) else None
     if previous is not None:
+        if task and task != previous.task:
+            raise ConfigError(f"{run} was trained on {previous.task}: its head answers {previous.task}, not {task}; "
+                              f"leave out --task (or evaluate another run)")
         task = task or previous.task
         data = data or previous.data.get("location") or previous.data.get("source")
         max_length = max_length or previous.settings.get("max_length")
@@ -195,6 +201,9 @@ def evaluate_run(model_or_run: str, *, task: str | None = None, data: str | None
         raise ConfigError(f"missing option {' and '.join(missing)}")
     if ranks and (previous is None or get_method(previous.mode).variants != "rank"):
         raise ConfigError("--ranks applies to qdylora runs only")
+    path = Path(out) if out else (run / f"eval-{get_task(task).name}-{split}.json" if previous else None)
+    if path is not None:
+        check_writable(path)  # before the evaluation, not after it
     task_data = load_task(task, data, max_train_examples=max_train_examples, max_eval_examples=max_eval_examples,
                           seed=seed)
     seed_everything(seed)
@@ -202,7 +211,7 @@ def evaluate_run(model_or_run: str, *, task: str | None = None, data: str | None
     if previous is not None:
         loaded_run = get_method(previous.mode).load_run(run, target, task_data.task.num_labels)
         model, tokenizer, quantized = loaded_run.model, loaded_run.tokenizer, loaded_run.quantized
-        identity = {**previous.model, "run": str(run), "mode": previous.mode}
+        identity = {**previous.model, "run": str(run.resolve()), "mode": previous.mode}
     else:
         loaded_run = None
         loaded = load_model(model_or_run, num_labels=task_data.task.num_labels)
@@ -220,7 +229,6 @@ def evaluate_run(model_or_run: str, *, task: str | None = None, data: str | None
                         metrics=result.metrics, loss=result.loss, examples=result.examples, rank_metrics=variants,
                         settings={"max_length": max_length or 128, "batch_size": batch_size, "seed": seed},
                         timings={"eval_seconds": round(result.seconds, 3)})
-    path = Path(out) if out else (run / f"eval-{task_data.task.name}-{split}.json" if previous else None)
     if path is not None:
         record.save(path)
     return Evaluation(record=record, quantized=quantized, has_head=quantized or has_task_head(model), path=path,

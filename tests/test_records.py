@@ -34,7 +34,7 @@ def test_read_record_checks_schema(tmp_path):
     with pytest.raises(RecordError, match="expected 'qanalyze/run/v1'"):
         read_record(tmp_path / "x.json", RUN_SCHEMA)
     (tmp_path / "bad.json").write_text("{not json")
-    with pytest.raises(RecordError, match="not a readable JSON"):
+    with pytest.raises(RecordError, match="corrupt or truncated: not valid JSON"):
         read_record(tmp_path / "bad.json", RUN_SCHEMA)
     with pytest.raises(RecordError, match="not found"):
         read_record(tmp_path / "missing.json", RUN_SCHEMA)

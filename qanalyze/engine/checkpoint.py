@@ -58,6 +58,15 @@ def save_checkpoint(
     return final
 
 
+def checkpoint_state(run: Path) -> dict[str, Any]:
+    """The saved progress state of the newest checkpoint (step, settings, mode, plan hash), without loading
+    any tensor."""
+    folder = checkpoint_dir(run)
+    if folder is None:
+        raise RecordError(f"no complete checkpoint in {run}")
+    return read_record(folder / CHECKPOINT_STATE, CHECKPOINT_SCHEMA)
+
+
 def load_checkpoint(
     run: Path,
     *,

@@ -26,7 +26,7 @@ import torch
 from transformers import get_linear_schedule_with_warmup
 
 from qanalyze.data import Encoded, TaskData, encode, epoch_order, iter_batches, num_batches
-from qanalyze.engine.checkpoint import discard_checkpoints, load_checkpoint, save_checkpoint
+from qanalyze.engine.checkpoint import checkpoint_state, discard_checkpoints, load_checkpoint, save_checkpoint
 from qanalyze.engine.distill import Teacher
 from qanalyze.engine.evaluate import EvalResult, evaluate
 from qanalyze.errors import ConfigError, Interrupted, NonFiniteError, QAnalyzeError
@@ -209,8 +209,17 @@ class _Trainer:
         self.last_saved = self.step
 
     def restore(self) -> None:
+        # The run's own settings are compared before its tensors are loaded: a checkpoint of another method
+        # or plan holds other tensors, and "missing keys" would hide the reason.
+        state = checkpoint_state(self.run)
+        self._check_resumable(state)
         state = load_checkpoint(self.run, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
                                 generators=self._generators())
+        self.step, self.log, self.evals = state["step"], state["log"], state["evals"]
+        self.train_seconds = state["train_seconds"]
+        self.last_saved = self.step
+
+    def _check_resumable(self, state: dict[str, Any]) -> None:
         if (state.get("mode", "fp32"), state.get("plan_hash")) != (self.mode, self.plan_hash):
             raise CheckpointMismatchError(f"cannot resume {self.run} with a different plan or mode (it was "
                                           f"{state.get('mode', 'fp32')}): start a new run directory")
@@ -224,9 +233,6 @@ class _Trainer:
         if state.get("data_hash") != self.data.identity.get("hash"):
             raise CheckpointMismatchError(f"cannot resume {self.run}: the training/evaluation data differ from the "
                                           "saved run")
-        self.step, self.log, self.evals = state["step"], state["log"], state["evals"]
-        self.train_seconds = state["train_seconds"]
-        self.last_saved = self.step
 
     def kept(self) -> str:
         """Where the last checkpoint is, for a message."""

@@ -54,7 +54,9 @@ def _weight_error(entry: Mapping[str, Any], bits: int, group: str) -> float:
 
 def _hessian_number(entry: Mapping[str, Any], key: str, metric: str) -> float:
     value = (entry.get("hessian") or {}).get(key)
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"has hessian.{key} = {value}: the analysis overflowed; analyze again")
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise ConfigError(f"has no hessian.{key}: run `qanalyze analyze` with the {metric} metric")
     return float(value)
 

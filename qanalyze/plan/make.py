@@ -254,7 +254,7 @@ def _assemble(raw: Mapping[str, Any], budget: Budget, config: PlanConfig, option
         "gradient_bits_mean": _mean([e.gradient_bits for e in quantized]),
         "bops": bops, "bops_seq_len": config.seq_len,
     }
-    sensitivity = {"path": str(sensitivity_path) if sensitivity_path else None,
+    sensitivity = {"path": str(Path(sensitivity_path).resolve()) if sensitivity_path else None,
                    "sha256": file_sha256(sensitivity_path) if sensitivity_path else None,
                    "data": {k: raw["data"].get(k) for k in ("task", "examples", "hash")}}
     return BitPlan(

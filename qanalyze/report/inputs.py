@@ -46,10 +46,20 @@ _LOADERS = {SENSITIVITY_SCHEMA: ("sensitivity", SensitivityReport),
 
 
 def _schema(path: Path) -> str | None:
+    """The schema of a JSON file; None for a missing file or JSON of no qanalyze record. A file that is
+    not JSON at all, which a truncated write or a hand edit leaves, is a `RecordError` naming it: it is
+    not a file that "holds no records"."""
+    if not path.is_file():
+        return None
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
+    except json.JSONDecodeError as exc:
+        raise RecordError(f"{path} is corrupt or truncated: not valid JSON ({exc.msg} at line {exc.lineno}, "
+                          f"column {exc.colno})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        if path.suffix != ".json":
+            return None  # an HTML page or a binary given by mistake: the caller says it holds no record
+        raise RecordError(f"{path} cannot be read as JSON ({exc.__class__.__name__})") from None
     return data.get("schema") if isinstance(data, dict) else None
 
 

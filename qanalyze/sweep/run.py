@@ -33,7 +33,7 @@ from qanalyze.engine.train import CheckpointMismatchError, StepLog, TrainingDive
 from qanalyze.errors import ConfigError
 from qanalyze.methods import get_method
 from qanalyze.models import LoadedModel, has_task_head, inventory, load_model
-from qanalyze.plan.architecture import check_plan
+from qanalyze.plan.architecture import check_plan, check_sensitivity
 from qanalyze.plan.budget import parse_budget
 from qanalyze.plan.make import make_plan
 from qanalyze.plan.uniform import uniform_plan
@@ -115,11 +115,13 @@ def sweep(model: str, data: TaskData, config: SweepConfig, out: str | Path, *,
                 config.analysis.for_objective(config.plan.objective), source, resume=partial_path(source).exists(),
                 progress=hooks.on_analysis)
     _call(hooks.on_stage, "planning")
-    runs = _plan_runs(loaded, config, out, SensitivityReport.load(source), source)
+    report = SensitivityReport.load(source)
+    check_sensitivity(report, inventory(loaded.model), loaded.identity, source, objective=config.plan.objective)
+    runs = _plan_runs(loaded, config, out, report, source)
     _call(hooks.on_stage, "evaluating the FP32 model")
     fp32 = _fp32_reference(loaded, data, config, out)
     record = SweepRecord(model=fp32["model"], data=data.identity, settings=config.recorded(),
-                         sensitivity={"path": str(source), "sha256": _sha256(source)}, fp32=fp32, rows=[])
+                         sensitivity={"path": str(source.resolve()), "sha256": _sha256(source)}, fp32=fp32, rows=[])
     trained: dict[str, dict[str, Any]] = {}
     started = time.perf_counter()
     for index, run in enumerate(runs):
@@ -227,7 +229,7 @@ def _train_or_reuse(model: str, data: TaskData, config: SweepConfig, folder: Pat
         loaded = load_model(model, num_labels=data.task.num_labels)
         prepare_run_dir(folder, overwrite=not resume, resume=resume)
         return train(loaded, data, config.train, folder, resume=resume, on_step=hooks.on_step,
-                     plan=run.record, mode=run.mode, plan_source=str(run.path),
+                     plan=run.record, mode=run.mode, plan_source=str(run.path.resolve()),
                      method_config=config.method_config(run.mode))
 
     try:
