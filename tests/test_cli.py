@@ -1,6 +1,10 @@
 """The command line: real commands, real exit codes, one-line errors and no partial output."""
 
+import csv
 import json
+import os
+import resource
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -330,6 +334,10 @@ def test_diverged_training_has_its_own_exit_code(capfd, tmp_path, tiny_bert_dir,
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: training diverged at step 1"), err
     assert "no checkpoint was saved yet (--save-every 100)" in lines[0]
+    assert "the loss of every step is in" in lines[0]
+    with open(tmp_path / "out" / "log.csv") as handle:  # what a diverged run keeps: the loss up to the bad step
+        rows = list(csv.DictReader(handle))
+    assert [row["step"] for row in rows] == ["1"] and rows[0]["loss"] == "nan"
 
 
 def test_refusals_come_before_any_work_and_leave_nothing(capfd, tmp_path, tiny_bert_dir, glue_dir):
@@ -375,3 +383,55 @@ def test_no_output_replaces_an_input_or_an_existing_file(capfd, tmp_path, tiny_b
     code, _, err = run_cli(capfd, "report", run, "--out", page, "--quiet")
     assert_one_line_error(code, err, "exists; pass --overwrite")
     assert page.read_text() == "mine"
+
+
+def test_resume_with_another_mode_names_the_mode_not_missing_tensors(capfd, tmp_path, tiny_bert_dir, glue_dir):
+    from qanalyze import load_task, verbs
+    from qanalyze.engine.train import TrainConfig, TrainingInterrupted
+
+    out = tmp_path / "run"
+
+    def stop(log):
+        raise KeyboardInterrupt
+
+    data = load_task("sst2", glue_dir, max_train_examples=32, max_eval_examples=16)
+    with pytest.raises(TrainingInterrupted):
+        verbs.train(str(tiny_bert_dir), data, TrainConfig(max_steps=2, batch_size=16, max_length=24), out, mode="qat",
+                    plan="uniform:8", on_step=stop)
+    code, _, err = run_cli(capfd, *_train_args(tiny_bert_dir, glue_dir, out, "uniform:8", "--mode", "int",
+                                               "--resume"))
+    assert_one_line_error(code, err, "with a different plan or mode (it was qat)")
+    assert "missing" not in err
+
+
+def _with_file_size_limit(limit):
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def test_a_file_size_limit_in_the_middle_of_training_is_exit_2_and_leaves_no_half_checkpoint(tmp_path, tiny_bert_dir,
+                                                                                           glue_dir):
+    out = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-m", "qanalyze", *_finetune_args(tiny_bert_dir, glue_dir, out)],
+                            capture_output=True, text=True, preexec_fn=_with_file_size_limit(200_000),
+                            env={**os.environ, "QANALYZE_THREADS": "1"}, timeout=120)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2, result.stderr
+    assert lines == ["error: cannot write or read: File too large"], result.stderr
+    assert not any(path.name.startswith("checkpoint") for path in out.iterdir())
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders: nothing to refuse")
+def test_a_read_only_output_folder_is_refused_before_any_work(capfd, tmp_path, tiny_bert_dir, glue_dir):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        code, _, err = run_cli(capfd, *_finetune_args(tiny_bert_dir, glue_dir, locked / "run"))
+        assert_one_line_error(code, err, "is not writable")
+        code, _, err = run_cli(capfd, "report", tiny_bert_dir, "--out", locked / "r.html")
+        assert_one_line_error(code, err, "is not writable")
+    finally:
+        locked.chmod(0o755)

@@ -41,15 +41,19 @@ def save_checkpoint(
     old = run / (CHECKPOINT_DIR + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    # save_model, unlike save_file, copes with tied parameters (GPT-2, LLaMA heads).
-    safetensors.torch.save_model(model, str(tmp / _WEIGHTS))
-    rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    engine = {name: generator.get_state() for name, generator in (generators or {}).items()}
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng,
-                "generators": engine}, tmp / _TRAINER)
-    atomic_write_json(tmp / CHECKPOINT_STATE, {"schema": CHECKPOINT_SCHEMA, **state})
+    try:
+        # save_model, unlike save_file, copes with tied parameters (GPT-2, LLaMA heads).
+        safetensors.torch.save_model(model, str(tmp / _WEIGHTS))
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        engine = {name: generator.get_state() for name, generator in (generators or {}).items()}
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng,
+                    "generators": engine}, tmp / _TRAINER)
+        atomic_write_json(tmp / CHECKPOINT_STATE, {"schema": CHECKPOINT_SCHEMA, **state})
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a full disk leaves no half checkpoint behind
+        raise
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
         final.rename(old)

@@ -53,13 +53,14 @@ def _schema(path: Path) -> str | None:
         return None
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise RecordError(f"{path} is corrupt or truncated: not valid JSON ({exc.msg} at line {exc.lineno}, "
-                          f"column {exc.colno})") from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         if path.suffix != ".json":
             return None  # an HTML page or a binary given by mistake: the caller says it holds no record
-        raise RecordError(f"{path} cannot be read as JSON ({exc.__class__.__name__})") from None
+        decoding = isinstance(exc, json.JSONDecodeError)
+        where = f" ({exc.msg} at line {exc.lineno}, column {exc.colno})" if decoding else ""
+        raise RecordError(f"{path} is corrupt or truncated: not valid JSON{where}") from None
+    except OSError as exc:
+        raise RecordError(f"{path} cannot be read ({exc.strerror or exc.__class__.__name__})") from None
     return data.get("schema") if isinstance(data, dict) else None
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-DRIVER = Path(__file__).with_name("interrupt_driver.py")
+DRIVER = Path(__file__).parents[1] / "cli_driver.py"
 TIMED = {"metrics.json", "log.csv", "evals.csv"}  # the files of a run that hold timings
 METHODS = {
     "fp32": ["finetune"],
@@ -53,11 +53,15 @@ def runs(tmp_path_factory, tiny_bert_dir, glue_dir) -> dict:
     for method, point in scenarios:
         args = _args(method, tiny_bert_dir, glue_dir, root / f"{method}-{point.replace(':', '')}")
         plan += [{"point": point, "args": args}, {"point": "none", "args": [*args, "--resume"]}]
+    analysis = ["analyze", str(root / "uninterrupted" / "fp32"), "--task", "sst2", "--data", str(glue_dir),
+                "--batches", "1", "--batch-size", "4", "--max-length", "16", "--trace-probes", "2", "--quiet",
+                "--out", str(root / "s.json")]
+    plan += [{"point": "analysis-unit:2", "args": analysis}, {"point": "none", "args": [*analysis, "--resume"]}]
     results = _drive(plan, root)
     uninterrupted = dict(zip(METHODS, results))
     interrupted = {scenario: results[len(METHODS) + 2 * i: len(METHODS) + 2 * i + 2]
                    for i, scenario in enumerate(scenarios)}
-    return {"root": root, "uninterrupted": uninterrupted, "interrupted": interrupted}
+    return {"root": root, "uninterrupted": uninterrupted, "interrupted": interrupted, "analysis": results[-2:]}
 
 
 def _log(run: Path) -> list[dict[str, str]]:
@@ -116,3 +120,16 @@ def test_kill_9_inside_a_step_resumes_from_the_last_checkpoint(runs, tmp_path, t
     resumed = _drive([{"point": "none", "args": [*args, "--resume"]}], tmp_path)
     assert resumed[0]["code"] == 0, resumed[0]["stderr"]
     _assert_same_run(tmp_path / "run", runs["root"] / "uninterrupted" / "fp32")
+
+
+def test_ctrl_c_in_an_analysis_says_how_to_resume_and_the_resume_finishes_it(runs):
+    stopped, resumed = runs["analysis"]
+    assert stopped["code"] == 130, stopped["stderr"]
+    lines = stopped["stderr"].strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in stopped["stderr"], stopped["stderr"]
+    assert "the finished work is kept in" in lines[0] and "s.json.partial" in lines[0], lines[0]
+    assert "continue with the same command and --resume" in lines[0], lines[0]
+    assert resumed["code"] == 0, resumed["stderr"]
+    record = json.loads((runs["root"] / "s.json").read_text())
+    assert record["complete"] and len(record["modules"]) == 22
+    assert not (runs["root"] / "s.json.partial").exists()
