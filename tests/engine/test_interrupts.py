@@ -57,11 +57,20 @@ def runs(tmp_path_factory, tiny_bert_dir, glue_dir) -> dict:
                 "--batches", "1", "--batch-size", "4", "--max-length", "16", "--trace-probes", "2", "--quiet",
                 "--out", str(root / "s.json")]
     plan += [{"point": "analysis-unit:2", "args": analysis}, {"point": "none", "args": [*analysis, "--resume"]}]
+    for name, point in (("sweep", "none"), ("sweep-interrupted", "after-optimizer:3")):
+        sweep = ["sweep", str(root / "uninterrupted" / "fp32"), "--task", "sst2", "--data", str(glue_dir),
+                 "--sensitivity", str(root / "s.json"), "--budgets", "4", "--plans", "hessian", "--modes", "qat",
+                 "--integer-bits", "none",
+                 "--max-train-examples", "24", "--max-eval-examples", "8", "--max-length", "16", "--batch-size", "4",
+                 "--max-steps", "4", "--save-every", "2", "--quiet", "--out", str(root / name)]
+        plan.append({"point": point, "args": sweep})
+    plan.append({"point": "none", "args": sweep})
     results = _drive(plan, root)
     uninterrupted = dict(zip(METHODS, results))
     interrupted = {scenario: results[len(METHODS) + 2 * i: len(METHODS) + 2 * i + 2]
                    for i, scenario in enumerate(scenarios)}
-    return {"root": root, "uninterrupted": uninterrupted, "interrupted": interrupted, "analysis": results[-2:]}
+    return {"root": root, "uninterrupted": uninterrupted, "interrupted": interrupted, "analysis": results[-5:-3],
+            "sweep": results[-3:]}
 
 
 def _log(run: Path) -> list[dict[str, str]]:
@@ -133,3 +142,18 @@ def test_ctrl_c_in_an_analysis_says_how_to_resume_and_the_resume_finishes_it(run
     record = json.loads((runs["root"] / "s.json").read_text())
     assert record["complete"] and len(record["modules"]) == 22
     assert not (runs["root"] / "s.json.partial").exists()
+
+
+def test_a_sweep_run_again_after_ctrl_c_gives_the_uninterrupted_sweep(runs):
+    straight, stopped, again = runs["sweep"]
+    assert straight["code"] == 0, straight["stderr"]
+    assert stopped["code"] == 130, stopped["stderr"]
+    lines = stopped["stderr"].strip().splitlines()
+    assert len(lines) == 1 and "run the same command again to continue" in lines[0], stopped["stderr"]
+    assert again["code"] == 0, again["stderr"]
+    root = runs["root"]
+    rows = [json.loads((root / name / "sweep.json").read_text())["rows"] for name in ("sweep", "sweep-interrupted")]
+    assert [row["status"] for row in rows[1]] == ["resumed"]
+    assert [row["metrics"] for row in rows[0]] == [row["metrics"] for row in rows[1]]
+    run = rows[0][0]["run"]
+    _assert_same_run(root / "sweep-interrupted" / run, root / "sweep" / run)
