@@ -74,6 +74,9 @@ def _files(root: str | None) -> dict[str, tuple[int, int]]:
 
 
 if __name__ == "__main__":
+    # A shell without job control starts background jobs with SIGINT ignored, which Python keeps: give the
+    # commands the handler a terminal user has.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     for owner, name in ((train_module, "save_checkpoint"), (torch.optim.AdamW, "step"),
                         (train_module, "evaluate"), (train_module, "atomic_write_text"),
                         (analyze_module._State, "mark")):
