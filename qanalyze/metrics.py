@@ -116,7 +116,12 @@ def next_token_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tenso
     """Negative log-likelihood of tokens 1..L-1 of each window given the tokens before them, shape
     (windows, L-1): the terms ``model(input_ids=w, labels=w).loss`` averages."""
     predicted = logits[:, :-1].float()
-    return torch.nn.functional.cross_entropy(predicted.transpose(1, 2), input_ids[:, 1:], reduction="none")
+    # Classes on the last, contiguous dimension: with the vocabulary moved to dimension 1 (the
+    # layout cross_entropy also accepts) torch's CPU log-softmax sums 49k terms less accurately
+    # (1.4e-4 off in the mean NLL of SmolLM2 windows).
+    flat = torch.nn.functional.cross_entropy(predicted.reshape(-1, predicted.shape[-1]), input_ids[:, 1:].reshape(-1),
+                                             reduction="none")
+    return flat.view(predicted.shape[:-1])
 
 
 def perplexity(nll_sum: float, tokens: int) -> float:
