@@ -244,7 +244,7 @@ def test_cli_evaluate_prints_perplexity(capfd, llama_dir, text_dir, tmp_path):
     task = tmp_path / "lm32.json"
     task.write_text(json.dumps({"kind": "lm", "name": "lm", "seq_len": 32}), encoding="utf-8")
     code, out, err = run_cli(capfd, "evaluate", llama_dir, "--task", task, "--data", text_dir,
-                             "--max-eval-examples", "3", "--out", tmp_path / "eval.json")
+                             "--max-eval-windows", "3", "--out", tmp_path / "eval.json")
     assert code == 0, err
     record = json.loads((tmp_path / "eval.json").read_text())
     assert out.startswith("lm dev (3 examples): perplexity ")
@@ -279,3 +279,36 @@ def test_cli_window_longer_than_the_context(capfd, llama_dir, text_dir):
     # the default 512-token windows of task lm exceed the tiny model's 64 positions
     code, _, err = run_cli(capfd, "evaluate", llama_dir, "--task", "lm", "--data", text_dir / "test.txt")
     assert_one_line_error(code, err, "--seq-len 512 exceeds the model's position limit of 64 tokens")
+
+
+def _evaluate_has_seq_len() -> bool:
+    from qanalyze.cli import build_cli
+
+    return any("--seq-len" in param.opts for param in build_cli().commands["evaluate"].params)
+
+
+needs_seq_len = pytest.mark.skipif(not _evaluate_has_seq_len(),
+                                   reason="`qanalyze evaluate` does not take --seq-len yet (cli.py / verbs.py wiring)")
+
+
+@needs_seq_len
+def test_cli_seq_len_and_text_field(capfd, llama_dir, tmp_path):
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("\n".join(json.dumps({"body": "the quick brown fox jumps over the lazy dog"}) for _ in range(20)),
+                    encoding="utf-8")
+    code, out, err = run_cli(capfd, "evaluate", llama_dir, "--task", "lm", "--data", path, "--text-field", "body",
+                             "--seq-len", "16", "--max-eval-windows", "4", "--out", tmp_path / "eval.json")
+    assert code == 0, err
+    assert out.startswith("lm dev (4 examples): perplexity ")
+    assert json.loads((tmp_path / "eval.json").read_text())["data"]["seq_len"] == 16
+
+
+@needs_seq_len
+@pytest.mark.parametrize(("task", "seq_len", "fragment"), [
+    ("lm", "128", "--seq-len 128 exceeds the model's position limit of 64 tokens"),
+    ("sst2", "16", "seq_len applies to language-model tasks (lm) only, not sst2"),
+])
+def test_cli_bad_seq_len(capfd, llama_dir, text_dir, glue_dir, task, seq_len, fragment):
+    data = text_dir if task == "lm" else glue_dir
+    code, _, err = run_cli(capfd, "evaluate", llama_dir, "--task", task, "--data", data, "--seq-len", seq_len)
+    assert_one_line_error(code, err, fragment)
