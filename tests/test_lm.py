@@ -312,3 +312,13 @@ def test_cli_bad_seq_len(capfd, llama_dir, text_dir, glue_dir, task, seq_len, fr
     data = text_dir if task == "lm" else glue_dir
     code, _, err = run_cli(capfd, "evaluate", llama_dir, "--task", task, "--data", data, "--seq-len", seq_len)
     assert_one_line_error(code, err, fragment)
+
+
+def test_evaluation_leaves_gradients_on(llama_windows):
+    loaded, windows = llama_windows
+    loaded.model.train()
+    evaluate_lm(loaded.model, windows, batch_size=3)
+    compare_lm(loaded.model, windows, loaded.model, batch_size=3)
+    reference_logits(loaded.model, windows)
+    assert torch.is_grad_enabled() and not torch.is_inference_mode_enabled() and loaded.model.training
+    loaded.model.eval()

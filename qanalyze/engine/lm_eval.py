@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -52,16 +53,24 @@ def _batch_size(model: torch.nn.Module, windows: Windows, asked: int) -> int:
     return max(1, min(asked, _LOGIT_BYTES // (4 * windows.seq_len * vocab)))
 
 
-def _logits(model: torch.nn.Module, batches: Sequence[torch.Tensor]) -> Iterator[torch.Tensor]:
-    device = next(model.parameters()).device
+@contextmanager
+def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode():
-            for batch in batches:
-                yield model(input_ids=batch.to(device)).logits
+        yield
     finally:
         model.train(was_training)
+
+
+def _logits(model: torch.nn.Module, batches: Sequence[torch.Tensor]) -> Iterator[torch.Tensor]:
+    device = next(model.parameters()).device
+    for batch in batches:
+        # entered and left per batch: a grad mode held across the yield would stay on in the caller, and
+        # for good if the caller stops iterating early
+        with torch.inference_mode():
+            logits = model(input_ids=batch.to(device)).logits
+        yield logits
 
 
 def evaluate_lm(model: torch.nn.Module, windows: Windows, *, batch_size: int = 8) -> tuple[float, float, float]:
@@ -74,8 +83,9 @@ def evaluate_lm(model: torch.nn.Module, windows: Windows, *, batch_size: int = 8
     check_lm(model, windows)
     batches = window_batches(windows, _batch_size(model, windows, batch_size))
     total = 0.0
-    for batch, logits in zip(batches, _logits(model, batches)):
-        total += float(next_token_nll(logits, batch.to(logits.device)).double().sum())
+    with _eval_mode(model):
+        for batch, logits in zip(batches, _logits(model, batches)):
+            total += float(next_token_nll(logits, batch.to(logits.device)).double().sum())
     tokens = windows.predicted_tokens
     return perplexity(total, tokens), total / tokens, time.perf_counter() - start
 
@@ -85,7 +95,8 @@ def reference_logits(model: torch.nn.Module, windows: Windows, *, batch_size: in
     window, for `compare_lm` (4·(L-1)·vocab bytes a window: 100 MB for SmolLM2 at 512 tokens)."""
     check_lm(model, windows)
     batches = window_batches(windows, _batch_size(model, windows, batch_size))
-    return [row[:-1].float().cpu() for logits in _logits(model, batches) for row in logits]
+    with _eval_mode(model):
+        return [row[:-1].float().cpu() for logits in _logits(model, batches) for row in logits]
 
 
 def compare_lm(model: torch.nn.Module, windows: Windows, reference: torch.nn.Module | Sequence[torch.Tensor], *,
@@ -105,10 +116,12 @@ def compare_lm(model: torch.nn.Module, windows: Windows, reference: torch.nn.Mod
         sizes = [len(batch) for batch in batches]
         ref_batches = iter(torch.stack(list(part)) for part in _split(reference, sizes))
     kl_sum, agree = 0.0, 0
-    for logits, ref in zip(_logits(model, batches), ref_batches):
-        ref = ref.to(logits.device)
-        kl_sum += float(next_token_kl(ref, logits[:, :-1]).double().sum())
-        agree += int(top1_agreement(ref, logits[:, :-1]).sum())
+    reference_model = reference if isinstance(reference, torch.nn.Module) else model
+    with _eval_mode(model), _eval_mode(reference_model):
+        for logits, ref in zip(_logits(model, batches), ref_batches):
+            ref = ref.to(logits.device)
+            kl_sum += float(next_token_kl(ref, logits[:, :-1]).double().sum())
+            agree += int(top1_agreement(ref, logits[:, :-1]).sum())
     tokens = windows.predicted_tokens
     return LMComparison(kl=kl_sum / tokens, top1_agreement=agree / tokens, tokens=tokens,
                         seconds=time.perf_counter() - start)
