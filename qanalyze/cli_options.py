@@ -127,19 +127,33 @@ def int_list(text: str) -> tuple[int, ...]:
 
 
 data_options = option_group(
-    click.option("--task", help="Task name (sst2, mrpc, rte, stsb, cola, qnli, mnli, qqp) or a task JSON file."),
+    click.option("--task", help="Task name (sst2, mrpc, rte, stsb, cola, qnli, mnli, qqp; lm: language modelling "
+                                "on text) or a task JSON file."),
     click.option("--data", help="GLUE root or task folder, CSV/TSV/JSON/Parquet file or folder, or a "
-                                "`datasets` hub name."),
-    click.option("--max-train-examples", type=click.IntRange(min=1), default=None,
-                 help="Use a subset of this many training examples (chosen by --seed)."),
-    click.option("--max-eval-examples", type=click.IntRange(min=1), default=None,
-                 help="Use a subset of this many evaluation examples (chosen by --seed)."),
+                                "`datasets` hub name; for --task lm a folder with valid.txt/test.txt (or "
+                                "train.txt), a .txt, JSON/CSV/Parquet file, or a hub name[:config]."),
+    # for task lm the examples are the token windows, so the window flags are the same settings
+    click.option("--max-train-examples", "--max-train-windows", "max_train_examples", type=click.IntRange(min=1),
+                 default=None, help="Use a subset of this many training examples (lm: windows), chosen by --seed."),
+    click.option("--max-eval-examples", "--max-eval-windows", "max_eval_examples", type=click.IntRange(min=1),
+                 default=None, help="Use a subset of this many evaluation examples (lm: windows), chosen by --seed."),
     click.option("--max-length", type=click.IntRange(min=8), default=None,
                  help="Truncate inputs to this many tokens (default 128; batches pad dynamically)."),
     click.option("--seed", type=int, default=0, show_default=True, help="Seed for subsets, order, init."),
     click.option("--quiet", "-q", is_flag=True, help="No progress output; results only."),
 )
 """Options shared by every command that reads task data."""
+
+
+lm_options = option_group(
+    click.option("--seq-len", "lm_seq_len", type=click.IntRange(min=2), default=None,
+                 help="Task lm: tokens per window (default 512, the task's); the text is cut into non-overlapping "
+                      "windows, the last partial one dropped."),
+    click.option("--text-field", default=None,
+                 help="Task lm: the column holding the text in JSON/CSV/Parquet files and hub datasets "
+                      "(default: text)."),
+)
+"""Options of the language-model task (`lm`); `load_task_data` passes them on when a command has them."""
 
 
 def train_options(epochs: int) -> Decorator:
@@ -188,7 +202,8 @@ def load_task_data(kw: dict[str, Any], *, eval_examples: bool = True) -> Any:
     if missing:
         raise click.UsageError(f"missing option {' and '.join(missing)}")
     return load_task(kw["task"], kw["data"], max_train_examples=kw["max_train_examples"],
-                     max_eval_examples=kw["max_eval_examples"] if eval_examples else None, seed=kw["seed"])
+                     max_eval_examples=kw["max_eval_examples"] if eval_examples else None, seed=kw["seed"],
+                     seq_len=kw.get("lm_seq_len"), text_field=kw.get("text_field"))
 
 
 def group_options(what: str) -> Decorator:

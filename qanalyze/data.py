@@ -8,18 +8,21 @@ tokenize them once and serve padded batches in a reproducible, resumable order.
    ``train.<ext>`` and ``dev.<ext>`` or ``validation.<ext>``, a ``train.<ext>`` file with its dev
    file beside it, or ``TRAIN,DEV`` (two paths joined by a comma),
 4. a hub dataset name (``nyu-mll/glue``), the only case that may download anything.
-Files may use the task's GLUE column names or its hub column names.
+Files may use the task's GLUE column names or its hub column names. The ``lm`` task reads text
+instead (`qanalyze.lm_sources`), cut into token windows once the tokenizer is known (`encode`).
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
+import functools
 import hashlib
 import json
 import math
 import os
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +30,8 @@ from typing import Any
 import torch
 
 from qanalyze.errors import ConfigError, DataError
-from qanalyze.tasks import TaskSpec, get_task
+from qanalyze.lm_data import LMText, Windows, encode_text
+from qanalyze.tasks import AnyTask, LMTaskSpec, TaskSpec, get_task
 
 
 @dataclass(frozen=True)
@@ -45,12 +49,14 @@ class TaskData:
     ``identity`` holds task, source (as given), format ("glue" | "files" | "hub"), location (the
     absolute path(s) read, or the hub name), train_examples,
     dev_examples, and SHA-256 hashes of the selected examples: ``hash`` over both splits,
-    ``train_hash`` and ``dev_hash`` over each.
+    ``train_hash`` and ``dev_hash`` over each. For the ``lm`` task ``train`` and ``dev`` are each one
+    `LMText` (dev: the text the reported perplexity comes from) and the identity holds the text
+    hashes and window settings instead of example counts (`qanalyze.lm_sources.load_lm_splits`).
     """
 
-    task: TaskSpec
-    train: list[Example]
-    dev: list[Example]
+    task: AnyTask
+    train: list[Example] | LMText
+    dev: list[Example] | LMText
     source: str
     identity: dict[str, Any]
 
@@ -150,25 +156,29 @@ def _one_line(err: BaseException) -> str:
 
 def _read_data_file(path: Path, task: TaskSpec) -> _Columns:
     """Read a CSV / TSV / JSON / JSONL / Parquet file through `datasets`."""
+    table = read_table(path, {*task.text_columns, *task.hub_texts})
+    return _columns_of(table, task, str(path))
+
+
+def read_table(path: Path, text_columns: Iterable[str]) -> Any:
+    """A CSV / TSV / JSON / JSONL / Parquet file as a `datasets.Dataset`; DataError naming the file when it
+    cannot be read. ``text_columns`` stay strings in CSV / TSV files."""
     import datasets  # imported here: it costs a second, and GLUE folders do not need it
 
     builder, options = _FILE_FORMATS[path.suffix.lower()]
     if builder == "csv":
         # pandas would read a text such as "1.50" as the number 1.5: keep every text column a string
-        names = {*task.text_columns, *task.hub_texts}
-        options = {**options, "converters": dict.fromkeys(sorted(names), str)}
-    where = str(path)
+        options = {**options, "converters": dict.fromkeys(sorted(text_columns), str)}
     # a local file converts in well under a second: its progress bars would only clutter the CLI's output
     bars_were_on = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()
     try:
-        table = datasets.load_dataset(builder, data_files={"split": str(path)}, split="split", **options)
+        return datasets.load_dataset(builder, data_files={"split": str(path)}, split="split", **options)
     except _datasets_errors() as err:
-        raise DataError(f"cannot read {where}: {_one_line(err)}") from err
+        raise DataError(f"cannot read {path}: {_one_line(err)}") from err
     finally:
         if bars_were_on:
             datasets.enable_progress_bars()
-    return _columns_of(table, task, where)
 
 
 def _columns_of(table: Any, task: TaskSpec, where: str, *, ints_are_indices: bool = False) -> _Columns:
@@ -421,27 +431,45 @@ def _identity(task: TaskSpec, data: str, source: _Source, train: list[Example], 
 
 
 def load_task(
-    task: str | TaskSpec,
+    task: str | AnyTask,
     data: str,
     *,
     max_train_examples: int | None = None,
     max_eval_examples: int | None = None,
     seed: int = 0,
+    seq_len: int | None = None,
+    text_field: str | None = None,
 ) -> TaskData:
     """Read ``task``'s train and dev examples from ``data`` (see the module docstring for the forms).
 
     Every row is checked (columns present, label in the task's label set or range), then
     ``max_train_examples`` / ``max_eval_examples`` keep a random subset chosen by ``seed``, in file
-    order. Raises DataError (one line, naming the file) for bad data, ConfigError for bad limits and
-    UnknownTaskError for an unknown task name.
+    order. For the ``lm`` task the limits count windows, and ``seq_len`` / ``text_field`` replace the
+    task's window length and text column (they apply to that task only). Raises DataError (one line,
+    naming the file) for bad data, ConfigError for bad limits and UnknownTaskError for an unknown task name.
     """
-    spec = task if isinstance(task, TaskSpec) else get_task(task)
+    spec = task if isinstance(task, (TaskSpec, LMTaskSpec)) else get_task(task)
     _check_limit("max_train_examples", max_train_examples)
     _check_limit("max_eval_examples", max_eval_examples)
     if isinstance(data, os.PathLike):
         data = os.fspath(data)
     if not isinstance(data, str) or not data:
         raise DataError(f"data must name a folder, file or hub dataset, not {data!r}")
+    given = {k: v for k, v in (("seq_len", seq_len), ("text_field", text_field)) if v is not None}
+    if not isinstance(spec, LMTaskSpec):
+        if given:
+            raise ConfigError(f"{', '.join(given)} applies to language-model tasks (lm) only, not {spec.name}")
+        return _load_examples(spec, data, max_train_examples, max_eval_examples, seed)
+    from qanalyze.lm_sources import load_lm_splits
+
+    spec = dataclasses.replace(spec, **given)
+    splits = load_lm_splits(spec, data, max_train_windows=max_train_examples, max_eval_windows=max_eval_examples,
+                            seed=seed)
+    return TaskData(spec, splits.train, splits.dev, data, splits.identity)
+
+
+def _load_examples(spec: TaskSpec, data: str, max_train_examples: int | None, max_eval_examples: int | None,
+                   seed: int) -> TaskData:
     source = _find_source(data, spec)
     train_columns, dev_columns = source.read()
     train = _subset(_examples(train_columns, spec), max_train_examples, seed)
@@ -465,10 +493,13 @@ class Encoded:
         return len(self.features)
 
 
+@functools.singledispatch
 def encode(examples: Sequence[Example], tokenizer: Any, *, max_length: int = 128) -> Encoded:
     """Tokenize all examples in one batched call (text pairs for two-text tasks), truncated, unpadded.
 
-    Labels become a long tensor when every label is an int, else float32 (regression).
+    Labels become a long tensor when every label is an int, else float32 (regression). An `LMText` (the
+    ``lm`` task's split) becomes its `Windows` instead: tokenized as a whole and cut into windows of
+    the length its task set, so ``max_length`` does not apply to it.
     """
     if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
         raise ConfigError(f"max_length must be a whole number of at least 1, got {max_length!r}")
@@ -485,6 +516,11 @@ def encode(examples: Sequence[Example], tokenizer: Any, *, max_length: int = 128
     names = list(batch.keys())
     features = [dict(zip(names, values)) for values in zip(*(batch[name] for name in names))]
     return Encoded(features, labels)
+
+
+@encode.register
+def _encode_lm_text(examples: LMText, tokenizer: Any, *, max_length: int = 128) -> Windows:
+    return encode_text(examples, tokenizer)
 
 
 def collate(encoded: Encoded, indices: Sequence[int], tokenizer: Any) -> dict[str, torch.Tensor]:

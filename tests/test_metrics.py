@@ -109,3 +109,28 @@ def test_register_metric():
             register_metric("other", 3)
     finally:
         METRICS.pop("test_error_rate", None)
+
+
+def test_next_token_nll_is_exact_for_a_large_vocabulary():
+    import torch
+
+    from qanalyze.metrics import next_token_nll, perplexity
+
+    generator = torch.Generator().manual_seed(0)
+    logits = 8 * torch.randn(2, 40, 49152, generator=generator)
+    ids = torch.randint(0, 49152, (2, 40), generator=generator)
+    expected = -torch.log_softmax(logits[:, :-1].double(), -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    got = next_token_nll(logits, ids)
+    assert got.shape == (2, 39)
+    assert float((got.double() - expected).abs().max()) < 1e-5 * float(expected.abs().max())
+    assert perplexity(float(got.double().sum()), got.numel()) == pytest.approx(float(expected.mean().exp()), rel=1e-6)
+
+
+def test_kl_and_agreement_of_identical_logits():
+    import torch
+
+    from qanalyze.metrics import next_token_kl, top1_agreement
+
+    logits = torch.randn(3, 5, 11, generator=torch.Generator().manual_seed(1))
+    assert float(next_token_kl(logits, logits).abs().max()) < 1e-6
+    assert bool(top1_agreement(logits, logits).all())

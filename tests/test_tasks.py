@@ -80,7 +80,7 @@ def test_unknown_task_lists_known_names():
     with pytest.raises(UnknownTaskError) as info:
         get_task("imdb")
     message = str(info.value)
-    assert message.startswith("unknown task 'imdb'; known tasks: cola, mnli, mrpc, qnli, qqp, rte, sst2, stsb")
+    assert message.startswith("unknown task 'imdb'; known tasks: cola, lm, mnli, mrpc, qnli, qqp, rte, sst2, stsb")
     assert "\n" not in message
 
 

@@ -1,16 +1,21 @@
-"""Evaluation: predictions of a sequence-classification (or regression) model and the task's metrics."""
+"""Evaluation: predictions of a sequence-classification (or regression) model and the task's metrics,
+or the perplexity of a causal language model (`qanalyze.engine.lm_eval`), by the task's kind."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 
 from qanalyze.data import Encoded, collate
+from qanalyze.errors import ModelFormatError
 from qanalyze.metrics import compute_metrics
-from qanalyze.tasks import TaskSpec
+from qanalyze.models import is_causal_lm_config
+from qanalyze.tasks import AnyTask, TaskSpec
 
 
 @dataclass(frozen=True)
@@ -56,10 +61,38 @@ def predict(
 
 
 def evaluate(
-    model: torch.nn.Module, tokenizer: object, encoded: Encoded, task: TaskSpec, *, batch_size: int = 64
+    model: torch.nn.Module, tokenizer: object, encoded: Any, task: AnyTask, *, batch_size: int = 64
 ) -> EvalResult:
-    """Evaluate ``model`` on ``encoded`` with the metrics of ``task``."""
+    """Evaluate ``model`` on ``encoded`` (what `qanalyze.data.encode` made) with the metrics of ``task``,
+    by the evaluator registered for the task's kind (`EVALUATORS`)."""
+    return EVALUATORS[task.kind](model, tokenizer, encoded, task, batch_size)
+
+
+def _evaluate_classification(
+    model: torch.nn.Module, tokenizer: object, encoded: Encoded, task: TaskSpec, batch_size: int
+) -> EvalResult:
     start = time.perf_counter()
+    config = getattr(model, "config", None)
+    if is_causal_lm_config(config) and type(model).__name__.endswith("ForSequenceClassification"):
+        # the checkpoint is a causal LM: its classification head was just made at random
+        raise ModelFormatError(
+            f"task {task.name} needs a trained classification head; this model is a causal language model "
+            f"({', '.join(config.architectures)}) without one: fine-tune it first, or evaluate it with --task lm"
+        )
     predictions, loss = predict(model, tokenizer, encoded, batch_size=batch_size)
     metrics = compute_metrics(task.metrics, predictions, encoded.labels.cpu().numpy())
     return EvalResult(metrics=metrics, loss=loss, examples=len(encoded), seconds=time.perf_counter() - start)
+
+
+def _evaluate_lm(model: torch.nn.Module, tokenizer: object, windows: Any, task: AnyTask, batch_size: int) -> EvalResult:
+    from qanalyze.engine.lm_eval import evaluate_lm
+
+    value, nll, seconds = evaluate_lm(model, windows, batch_size=batch_size)
+    return EvalResult(metrics={"perplexity": value}, loss=nll, examples=len(windows), seconds=seconds)
+
+
+EVALUATORS: dict[str, Callable[[torch.nn.Module, object, Any, Any, int], EvalResult]] = {
+    "classification": _evaluate_classification,
+    "lm": _evaluate_lm,
+}
+"""Evaluator of each task kind: (model, tokenizer, encoded data, task, batch size) -> `EvalResult`."""
