@@ -83,15 +83,15 @@ def _train(model: str, plan: str | None, mode: str, quiet: bool, kw: dict[str, A
     check_run_dir(kw["out"], overwrite=kw["overwrite"], resume=kw["resume"])  # before the data is read
     data = load_task_data(kw)
     console = _console(quiet)
-    console.print(f"[bold]{what}[/] {model} on {data.task.name}: {len(data.train)} train / {len(data.dev)} dev "
-                  f"examples -> {kw['out']}")
+    console.print(f"[bold]{what}[/] {model} on {data.task.name}: {data.describe()} -> {kw['out']}")
     with _interrupts(_resume_hint(kw["out"])), step_progress(console) as progress:
         record = verbs.train(model, data, config, kw["out"], mode=mode, plan=plan, method_config=configs.get(mode),
                              resume=kw["resume"], overwrite=kw["overwrite"], on_step=progress.on_step,
                              on_eval=progress.on_eval)
-    print_metrics(data.task.name, "dev", record.metrics, len(data.dev))
+    examples = len(data.dev) if isinstance(data.dev, list) else "its windows"
+    print_metrics(data.task.name, "dev", record.metrics, examples)
     for rank, metrics in record.rank_metrics.items():
-        print_metrics(data.task.name, f"dev at rank {rank}", metrics, len(data.dev))
+        print_metrics(data.task.name, f"dev at rank {rank}", metrics, examples)
     console.print(f"train {record.timings['train_seconds']:.1f} s, median step "
                   f"{record.timings['step_seconds_median']:.3f} s; run saved in {kw['out']}")
 
@@ -120,6 +120,7 @@ def build_cli() -> click.Group:
     @cli.command()
     @click.argument("model")
     @data_options
+    @lm_options
     @train_options(epochs=3)
     def finetune(model: str, quiet: bool, **kw: Any) -> None:
         """Fine-tune MODEL in FP32 on a task: the baseline every quantized run is compared with.
@@ -140,6 +141,7 @@ def build_cli() -> click.Group:
                        "token; modes int, qat and ptq-dynamic). Required except for --mode qdylora --base nf4.")
     @click.option("--mode", type=click.Choice(modes), default="int", show_default=True, help=mode_help + ".")
     @data_options
+    @lm_options
     @train_options(epochs=3)
     @method_options([METHODS[name] for name in modes])
     def train_command(model: str, plan_spec: str | None, mode: str, quiet: bool, **kw: Any) -> None:
@@ -201,6 +203,7 @@ def build_cli() -> click.Group:
     @cli.command()
     @click.argument("model")
     @data_options
+    @lm_options
     @analyze_options
     def analyze(model: str, out: str, quiet: bool, **kw: Any) -> None:
         """Measure each quantizable module's sensitivity of MODEL on a task -> sensitivity.json.
@@ -313,6 +316,7 @@ def build_cli() -> click.Group:
                   help="When the sweep analyzes: how weight ranges are set (see `qanalyze analyze --weight-range`); "
                        "with --sensitivity the file's setting holds.")
     @data_options
+    @lm_options
     @train_options(epochs=1)
     @method_options([m for name, m in METHODS.items() if name in sweep_modes])
     def sweep(model: str, budgets: str, plans: str, modes: str, integer_bits: str, sensitivity: str | None,
@@ -349,8 +353,7 @@ def build_cli() -> click.Group:
         data = load_task_data(kw)
         console = _console(quiet)
         console.print(f"[bold]sweep[/] {model} on {data.task.name}: budgets {', '.join(config.budgets)} x "
-                      f"{', '.join(config.plans)} ({', '.join(config.modes)}), {len(data.train)} train / "
-                      f"{len(data.dev)} dev examples -> {out}")
+                      f"{', '.join(config.plans)} ({', '.join(config.modes)}), {data.describe()} -> {out}")
         with _interrupts(lambda: "run the same command again to continue: finished runs are reused and an "
                                  "interrupted one resumes from its checkpoint"), sweep_progress(console) as progress:
             hooks = SweepHooks(on_stage=progress.on_stage, on_run_start=progress.on_run_start,

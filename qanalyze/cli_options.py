@@ -271,7 +271,7 @@ plan_options = option_group(
                  help="Allowed bit-widths."),
     click.option("--group-sizes", default=PLAN_GROUPS, show_default=True,
                  help="Allowed groupings of output rows (one scale each)."),
-    click.option("--keep-float", default="layernorm,head", show_default=True,
+    click.option("--keep-float", default="layernorm,rmsnorm,head", show_default=True,
                  help="Kinds (linear, embedding, layernorm), stages (embeddings, head) or re:REGEX kept in float."),
     click.option("--tie", multiple=True, help="Regex of modules that share bits within a layer (repeatable)."),
     click.option("--act-budget", default="8bit", show_default=True, help="Mean activation bits."),

@@ -7,10 +7,11 @@ from typing import Any
 import click
 
 
-def print_metrics(task: str, split: str, metrics: dict[str, float], examples: int) -> None:
-    """One line of metrics on stdout."""
+def print_metrics(task: str, split: str, metrics: dict[str, float], examples: int | str) -> None:
+    """One line of metrics on stdout; ``examples`` is a count, or words for what was evaluated."""
     values = "  ".join(f"{name} {value:.4f}" for name, value in metrics.items())
-    click.echo(f"{task} {split} ({examples} examples): {values}")
+    count = f"{examples} examples" if isinstance(examples, int) else examples
+    click.echo(f"{task} {split} ({count}): {values}")
 
 
 def print_most_sensitive(report: Any, console: Any, count: int = 10) -> None:

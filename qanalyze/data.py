@@ -60,6 +60,13 @@ class TaskData:
     source: str
     identity: dict[str, Any]
 
+    def describe(self) -> str:
+        """What the splits hold, for a progress line: example counts, or the lm task's text and windows."""
+        if isinstance(self.train, LMText) and isinstance(self.dev, LMText):
+            return (f"{self.train.seq_len}-token windows of {self.train.where} (train) and {self.dev.where} "
+                    "(evaluation)")
+        return f"{len(self.train)} train / {len(self.dev)} dev examples"
+
 
 # ---------------------------------------------------------------------------------------------
 # Reading raw columns
@@ -523,8 +530,10 @@ def _encode_lm_text(examples: LMText, tokenizer: Any, *, max_length: int = 128) 
     return encode_text(examples, tokenizer)
 
 
+@functools.singledispatch
 def collate(encoded: Encoded, indices: Sequence[int], tokenizer: Any) -> dict[str, torch.Tensor]:
-    """The examples at ``indices`` as one batch, padded to its longest example, with ``labels``."""
+    """The examples at ``indices`` as one batch, padded to its longest example, with ``labels``; for the
+    ``lm`` task's `Windows`, the windows at ``indices`` as their own labels (next-token loss)."""
     if tokenizer.pad_token is None:
         raise ConfigError("the tokenizer has no padding token; set tokenizer.pad_token (for example to its eos_token)")
     indices = list(indices)
@@ -532,6 +541,12 @@ def collate(encoded: Encoded, indices: Sequence[int], tokenizer: Any) -> dict[st
     out = dict(batch)
     out["labels"] = encoded.labels[indices]
     return out
+
+
+@collate.register
+def _collate_windows(windows: Windows, indices: Sequence[int], tokenizer: Any) -> dict[str, torch.Tensor]:
+    ids = windows.input_ids[list(indices)]
+    return {"input_ids": ids, "labels": ids}
 
 
 def epoch_order(n: int, *, seed: int, epoch: int) -> list[int]:
@@ -554,7 +569,7 @@ def num_batches(n: int, batch_size: int) -> int:
 
 
 def iter_batches(
-    encoded: Encoded,
+    encoded: Encoded | Windows,
     tokenizer: Any,
     *,
     batch_size: int,

@@ -355,7 +355,7 @@ def _weights_hash(folder: Path) -> str:
 
 @dataclass(frozen=True)
 class ModuleInfo:
-    """One quantizable module: `kind` is "linear", "embedding" or "layernorm"; `block` the
+    """One quantizable module: `kind` is "linear", "embedding", "layernorm" or "rmsnorm"; `block` the
     layer-stack index (None outside the stack); `stage` "embeddings", "layers" or "head";
     `shape` (out, in) for linears whatever the storage, (rows, dim) for embeddings, (dim,) for
     norms; `params` weight plus bias elements; `transposed` True when the weight is stored
@@ -392,8 +392,10 @@ _KINDS: tuple[tuple[Callable[[torch.nn.Module], bool], str], ...] = (
     (lambda m: isinstance(m, (torch.nn.Linear, Conv1D)), "linear"),
     (lambda m: isinstance(m, torch.nn.Embedding), "embedding"),
     (lambda m: isinstance(m, torch.nn.LayerNorm), "layernorm"),
-    (_is_rms_norm, "layernorm"),
+    (_is_rms_norm, "rmsnorm"),
 )
+NORM_KINDS = ("layernorm", "rmsnorm")
+"""Module kinds whose weight is a per-channel gain vector, not a matrix: one scale each, no row groups."""
 
 
 def _kind_of(module: torch.nn.Module) -> str | None:

@@ -212,7 +212,7 @@ class EvalRecord(JsonRecord):
 
 
 SENSITIVITY_SCHEMA = "qanalyze/sensitivity/v1"
-MODULE_KINDS = ("linear", "embedding", "layernorm")
+MODULE_KINDS = ("linear", "embedding", "layernorm", "rmsnorm")
 
 
 @dataclass

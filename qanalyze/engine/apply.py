@@ -9,7 +9,7 @@ Parameters, so an optimizer built before or after sees the same tensors).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -19,7 +19,7 @@ from qanalyze.engine.functions import TensorSpec
 from qanalyze.engine.int4 import Int4Embedding, Int4Linear, Int4Spec
 from qanalyze.engine.modules import IntEmbedding, IntLayerNorm, IntLinear, QATEmbedding, QATLinear, _Swapped
 from qanalyze.errors import ConfigError
-from qanalyze.models import ModuleInfo, head_dim, inventory, module_generator, parent_module
+from qanalyze.models import NORM_KINDS, ModuleInfo, head_dim, inventory, module_generator, parent_module
 from qanalyze.plan.architecture import check_plan
 from qanalyze.plan.entries import QuantizedEntry
 from qanalyze.quant.primitives import (
@@ -82,16 +82,20 @@ class Mode:
 MODES: dict[str, Mode] = {
     "int": Mode("int", "dfp",
                 {"linear": _linear(IntLinear), "embedding": _plain(IntEmbedding), "layernorm": _plain(IntLayerNorm)},
+                {"rmsnorm": "the integer engine has no RMSNorm kernel (LLaMA-family norms run in float); mark it "
+                            "float (--keep-float rmsnorm)"},
                 activation_groups=ACTIVATION_GROUPS, gradient_groups=GRADIENT_GROUPS),
     "qat": Mode("qat", "symmetric", {"linear": _linear(QATLinear), "embedding": _plain(QATEmbedding)},
-                {"layernorm": "Q8BERT keeps layer norms in float; mark it float in the plan (--keep-float layernorm)"},
+                {"layernorm": "Q8BERT keeps layer norms in float; mark it float in the plan (--keep-float layernorm)",
+                 "rmsnorm": "QAT keeps norms in float; mark it float in the plan (--keep-float rmsnorm)"},
                 activation_groups=ACTIVATION_GROUPS),
     "ptq-dynamic": Mode("ptq-dynamic", "symmetric", {"linear": _linear(IntLinear), "embedding": _plain(IntEmbedding)},
-                        {"layernorm": "dynamic quantization covers GEMMs and embeddings only; mark it float"},
+                        {kind: "dynamic quantization covers GEMMs and embeddings only; mark it float"
+                         for kind in NORM_KINDS},
                         # no training, so no output gradient is ever quantized: any layout is accepted
                         activation_groups=ACTIVATION_GROUPS, gradient_groups=GRADIENT_GROUPS),
     "int4": Mode("int4", "symmetric", {"linear": _int4_linear, "embedding": _int4_embedding},
-                 {"layernorm": "4-bit training keeps layer norms in float (Xi et al.); mark it float"},
+                 {kind: "4-bit training keeps norms in float (Xi et al.); mark it float" for kind in NORM_KINDS},
                  fixed_bits=4, weight_ranges=False),
 }
 """Engine modes by name: the module swaps of the methods `int`, `qat`, `ptq-dynamic` and `int4`."""
@@ -127,7 +131,7 @@ def _group(entry: QuantizedEntry, name: str, mode: Mode, key: str, known: tuple[
 
 
 def _spec(name: str, entry: QuantizedEntry, info: ModuleInfo, model: nn.Module, mode: Mode) -> TensorSpec:
-    rows = rows_per_group(info.shape[0], entry.group, head_dim=head_dim(model, info)) if info.kind != "layernorm" \
+    rows = rows_per_group(info.shape[0], entry.group, head_dim=head_dim(model, info)) if info.kind not in NORM_KINDS \
         else None
     activation_group = _group(entry, name, mode, "activation_group", ACTIVATION_GROUPS, mode.activation_groups,
                               "the input")
@@ -194,18 +198,39 @@ def apply_plan(model: nn.Module, plan: BitPlan, mode: str, *, seed: int = 0,
     """
     chosen = get_mode(mode)
     planned = validate_plan(model, plan, mode)
+    infos = inventory(model)
+    # (position, module, spec): the position seeds the module's generator, so it is the inventory's
+    swaps = [(index, info, planned[info.name]) for index, info in enumerate(infos) if info.name in planned]
+    tied = tied_output_embedding(model, infos)
+    if tied is not None and tied[0].name in planned:
+        # One tensor serves as input embedding and output projection (LLaMA, GPT-2): planned once, it is
+        # quantized in both places, as the deployed model that stores it once computes with it.
+        swaps.append((len(infos), tied[1], planned[tied[0].name]))
     specs: dict[str, TensorSpec] = {}
     generators: dict[str, torch.Generator] = {}
-    for index, info in enumerate(inventory(model)):
-        if info.name not in planned:
-            continue
-        spec = planned[info.name]
+    for index, info, spec in swaps:
         parent, child = parent_module(model, info.name)
         original = getattr(parent, child)
         generator = module_generator(seed, index, original.weight.device)
         setattr(parent, child, chosen.builders[info.kind](original, info, spec, generator, **(options or {})))
         specs[info.name], generators[info.name] = spec, generator
     return AppliedPlan(mode=mode, specs=specs, generators=generators)
+
+
+def tied_output_embedding(model: nn.Module, infos: list[ModuleInfo]) -> tuple[ModuleInfo, ModuleInfo] | None:
+    """The input embedding and the output projection that shares its weight tensor (as a linear module's
+    info), or None when the model has no such tie."""
+    get_input, get_output = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
+    if get_input is None or get_output is None:
+        return None
+    embedding, output = get_input(), get_output()
+    if embedding is None or output is None or getattr(output, "weight", None) is not embedding.weight:
+        return None
+    names = {id(module): name for name, module in model.named_modules()}
+    info = next((i for i in infos if i.name == names.get(id(embedding))), None)
+    if info is None or id(output) not in names:
+        return None
+    return info, replace(info, name=names[id(output)], kind="linear", transposed=False)
 
 
 def swapped_modules(model: nn.Module) -> dict[str, _Swapped]:

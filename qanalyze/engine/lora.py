@@ -29,7 +29,7 @@ from torch import nn
 
 from qanalyze.engine.functions import TensorSpec, quantize_weight, weight_clip
 from qanalyze.errors import ConfigError
-from qanalyze.models import ModuleInfo, head_dim, inventory, module_generator, parent_module
+from qanalyze.models import NORM_KINDS, ModuleInfo, head_dim, inventory, module_generator, parent_module
 from qanalyze.plan.architecture import check_plan
 from qanalyze.plan.entries import QuantizedEntry
 from qanalyze.quant.nf4 import NF4Tensor, nf4_dequantize, nf4_quantize
@@ -289,7 +289,7 @@ def _base_spec(name: str, entry: QuantizedEntry, info: ModuleInfo, model: nn.Mod
     """The weight quantization a plan entry asks for (its bits, groups and scheme)."""
     try:
         rows = None
-        if info.kind != "layernorm":
+        if info.kind not in NORM_KINDS:
             rows = rows_per_group(info.shape[0], entry.group, head_dim=head_dim(model, info))
         return TensorSpec(weight_bits=entry.weight_bits, activation_bits=_SPEC_BITS, gradient_bits=_SPEC_BITS,
                           rows_per_group=None if rows == info.shape[0] else rows,

@@ -21,12 +21,12 @@ from typing import Any
 
 import safetensors.torch
 import torch
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from qanalyze.engine.apply import AppliedPlan, apply_plan, swapped_modules
 from qanalyze.engine.packing import PackedTensor, load_packed, save_packed
 from qanalyze.errors import RecordError
-from qanalyze.models import _quiet_transformers
+from qanalyze.models import _quiet_transformers, is_causal_lm_config
 from qanalyze.quant.primitives import Quantized
 from qanalyze.records import BitPlan, atomic_path
 
@@ -63,6 +63,10 @@ def save_quantized_run(run: Path, model: torch.nn.Module, tokenizer: Any, plan: 
             raise RecordError(f"module {name} is planned but was not swapped: cannot save its integer weight")
         else:
             weights[key] = module.weight.detach().float().cpu().contiguous()
+    for name, module in swapped.items():
+        if name not in plan.modules:  # the output projection tied to a planned embedding: its own codes
+            covered.add(f"{name}.weight")
+            weights[f"{name}.weight"] = _packed(module.quantized_weight())
     extra = {key: value.detach().float().cpu().contiguous() for key, value in model.state_dict().items()
              if key not in covered and value.is_floating_point()}
     plan.save(run / PLAN_FILE)
@@ -90,7 +94,9 @@ def load_quantized_run(run: str | Path, *, device: str | torch.device = "cpu") -
     plan = BitPlan.load(run / PLAN_FILE)
     with _quiet_transformers(hide_progress=True):
         config = AutoConfig.from_pretrained(str(run), local_files_only=True)
-        model = AutoModelForSequenceClassification.from_config(config)
+        # A causal LM trained on the lm task keeps its LM head; anything else was a classifier.
+        auto = AutoModelForCausalLM if is_causal_lm_config(config) else AutoModelForSequenceClassification
+        model = auto.from_config(config)
         tokenizer = AutoTokenizer.from_pretrained(str(run), local_files_only=True)
     model.to(device)
     applied = apply_plan(model, plan, mode or "int")

@@ -164,7 +164,7 @@ def _csv(rows: list[dict[str, Any]]) -> str:
 
 
 def _label_names(loaded: LoadedModel, data: TaskData) -> None:
-    if data.task.labels is not None:
+    if getattr(data.task, "labels", None) is not None:
         loaded.model.config.id2label = dict(enumerate(data.task.labels))
         loaded.model.config.label2id = {label: i for i, label in enumerate(data.task.labels)}
 

@@ -31,7 +31,7 @@ DEFAULT_BITS = (2, 3, 4, 5, 6, 8, 12, 16)
 DEFAULT_GROUPS = ("tensor", "channel", "head", "128", "64", "32")
 """Group layouts offered to every module unless ``--group-sizes`` says otherwise."""
 
-DEFAULT_KEEP_FLOAT = ("layernorm", "head")
+DEFAULT_KEEP_FLOAT = ("layernorm", "rmsnorm", "head")
 """Kept in floating point by default, as the papers do: layer norms and the task head."""
 
 STAGES = ("embeddings", "layers", "head")
@@ -270,7 +270,7 @@ def module_options(
 ) -> list[ModuleOptions]:
     """Weight candidates of every module of ``report``, in the report's module order.
 
-    ``keep_float`` items are module kinds ("linear", "embedding", "layernorm"), stages
+    ``keep_float`` items are module kinds ("linear", "embedding", "layernorm", "rmsnorm"), stages
     ("embeddings", "layers", "head"; "head" is the task head and anything after the layer stack)
     or ``"re:<regex>"`` searched in module names; matching modules stay in floating point. A group
     missing from a module's ``weight_error`` does not apply to it (it does not divide its rows, or

@@ -53,7 +53,7 @@ class PlanConfig:
     objective: str = "trace"
     bits: tuple[int, ...] = DEFAULT_BITS
     groups: tuple[str, ...] = DEFAULT_GROUPS
-    keep_float: tuple[str, ...] = ("layernorm", "head")
+    keep_float: tuple[str, ...] = ("layernorm", "rmsnorm", "head")
     ties: tuple[str, ...] = ()
     act_budget: float = 8.0
     grad_tol: float = 0.05

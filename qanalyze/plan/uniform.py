@@ -22,7 +22,7 @@ from pathlib import Path
 from torch import nn
 
 from qanalyze.errors import ConfigError
-from qanalyze.models import architecture_fingerprint, inventory
+from qanalyze.models import NORM_KINDS, architecture_fingerprint, inventory
 from qanalyze.plan.budget import SCALE_BITS
 from qanalyze.plan.entries import FloatEntry, PlanEntry, QuantizedEntry
 from qanalyze.quant.primitives import BITS_RANGE
@@ -62,7 +62,7 @@ def uniform_plan(model: nn.Module, bits: int, *, kinds: Sequence[str] = ("linear
             float_bits += FLOAT_BITS * weights
             continue
         # a layer norm's weight is one row; its input always has one scale per token (the engine's choice)
-        groups = info.shape[0] if scales_per_row and info.kind != "layernorm" else 1
+        groups = info.shape[0] if scales_per_row and info.kind not in NORM_KINDS else 1
         # only linear layers write their input layout, and their gradient layout when it is not one scale
         linear = info.kind == "linear"
         marks_gradient = linear and LAYOUTS[layout]["gradient_group"] != "tensor"

@@ -54,7 +54,7 @@ def check_weight_range(weight_range: object) -> None:
         raise ConfigError(f"unknown weight range {weight_range!r}; known: {', '.join(WEIGHT_RANGES)}")
 
 
-MAX_RULE_KINDS = ("layernorm",)
+MAX_RULE_KINDS = ("layernorm", "rmsnorm")
 """Module kinds whose weight always takes the max rule: a layer norm's gain is a per-channel scale, not a
 weight matrix, and its few values are each their own group's maximum anyway."""
 
