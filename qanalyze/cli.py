@@ -270,7 +270,8 @@ def build_cli() -> click.Group:
         if not model or not budget or not out:
             raise click.UsageError("plan needs MODEL, --budget and --out (or --show FILE)")
         config = PlanConfig(objective=kw["objective"], bits=int_list(kw["bit_list"]), groups=names(kw["group_sizes"]),
-                    keep_float=names(kw["keep_float"]), ties=tuple(kw["tie"]), act_budget=parse_bits(kw["act_budget"]),
+                    keep_float=names(kw["keep_float"]), ties=tuple(kw["tie"]),
+                    default_ties=not kw["no_default_ties"], act_budget=parse_bits(kw["act_budget"]),
                     grad_tol=kw["grad_tol"], solver=kw["solver"], seed=kw["seed"],
                     bops=parse_bops(kw["bops"]) if kw["bops"] else None, seq_len=kw["seq_len"],
                     act_group=kw["act_group"], grad_group=kw["grad_group"],

@@ -273,7 +273,11 @@ plan_options = option_group(
                  help="Allowed groupings of output rows (one scale each)."),
     click.option("--keep-float", default="layernorm,rmsnorm,head", show_default=True,
                  help="Kinds (linear, embedding, layernorm), stages (embeddings, head) or re:REGEX kept in float."),
-    click.option("--tie", multiple=True, help="Regex of modules that share bits within a layer (repeatable)."),
+    click.option("--tie", multiple=True, help="Regex of modules that share bits within a layer (repeatable), "
+                                              "besides the default ties."),
+    click.option("--no-default-ties", is_flag=True, help="Do not tie the modules inference engines fuse (q/k/v "
+                                                          "of one attention, gate/up of one MLP, the experts of "
+                                                          "one MoE layer)."),
     click.option("--act-budget", default="8bit", show_default=True, help="Mean activation bits."),
     group_options(""),
     click.option("--bops", default=None, help="Also cap bit operations per sequence (MACs x W bits x A bits): "

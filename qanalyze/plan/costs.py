@@ -323,8 +323,8 @@ def tie_groups(options: list[ModuleOptions], patterns: Sequence[str]) -> list[li
     ``attention.self.(query|key|value)``), quantized modules it matches are grouped by the rest of
     their name (the name with the matched part cut out: the same layer, say). A module joins the
     first pattern's group that takes it; groups of one module constrain nothing and are dropped.
-    Groups come in the order of their first member. A pattern that matches no quantized module is
-    a `ConfigError`.
+    Groups come in the order of their first member. A pattern that matches no quantized module (not
+    even one an earlier pattern took) is a `ConfigError`.
     """
     if isinstance(patterns, str):
         patterns = (patterns,)
@@ -340,7 +340,7 @@ def tie_groups(options: list[ModuleOptions], patterns: Sequence[str]) -> list[li
             match = None if option.float or i in taken else compiled.search(option.name)
             if match is not None:
                 by_rest.setdefault((option.name[:match.start()], option.name[match.end():]), []).append(i)
-        if not by_rest:
+        if not by_rest and not any(compiled.search(o.name) for i, o in enumerate(options) if i in taken):
             raise ConfigError(f"tie pattern {pattern!r} matches no quantized module")
         for members in by_rest.values():
             taken.update(members)

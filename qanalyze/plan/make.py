@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -37,6 +38,7 @@ from qanalyze.plan.costs import (
 )
 from qanalyze.plan.entries import FloatEntry, PlanEntry, QuantizedEntry
 from qanalyze.plan.solvers import InfeasibleError, Item, Solution, solve
+from qanalyze.plan.ties import default_ties
 from qanalyze.quant.primitives import ACTIVATION_GROUPS, GRADIENT_GROUPS
 from qanalyze.records import BitPlan, SensitivityReport
 
@@ -55,6 +57,9 @@ class PlanConfig:
     groups: tuple[str, ...] = DEFAULT_GROUPS
     keep_float: tuple[str, ...] = ("layernorm", "rmsnorm", "head")
     ties: tuple[str, ...] = ()
+    default_ties: bool = True
+    """Tie the modules inference engines fuse (q/k/v, gate/up, experts; `qanalyze.plan.ties`), besides
+    ``ties``; a default rule that matches no quantized module is skipped."""
     act_budget: float = 8.0
     grad_tol: float = 0.05
     grad_budget: float | None = None
@@ -157,7 +162,12 @@ def make_plan(report: SensitivityReport, budget: Budget, config: PlanConfig, *,
     raw = report.to_dict()
     options = module_options(raw, bits=config.bits, groups=config.groups,
                              objective=config.objective, keep_float=config.keep_float)
-    ties = tie_groups(options, config.ties) if config.ties else []
+    defaults = default_ties(raw["model"].get("architecture")) if config.default_ties else ()
+    quantized = [o for o in options if not o.float]
+    # a default rule for modules this plan keeps in float (or that this model lacks) ties nothing
+    patterns = tuple(dict.fromkeys((*[p for p in defaults if any(re.search(p, o.name) for o in quantized)],
+                                    *config.ties)))
+    ties = tie_groups(options, patterns) if patterns else []
     merged = merge_ties(options, ties)
     planned = [o for o in merged if not o.float]
     floats = [o for o in merged if o.float]

@@ -194,6 +194,28 @@ def test_tied_modules_share_bits(analysed):
     assert json.dumps(plan.to_dict())  # plain JSON
 
 
+def _qkv_bits(plan, layer):
+    return {(plan.modules[f"bert.encoder.layer.{layer}.attention.self.{p}"]["weight_bits"],
+             plan.modules[f"bert.encoder.layer.{layer}.attention.self.{p}"]["group"]) for p in ("query", "key", "value")}
+
+
+def test_modules_engines_fuse_are_tied_by_default(analysed):
+    report, _, _ = analysed
+    plan = make_plan(report, parse_budget("3bit"), PlanConfig())
+    assert all(len(_qkv_bits(plan, layer)) == 1 for layer in (0, 1))
+    assert plan.settings["default_ties"] is True
+    free = make_plan(report, parse_budget("3bit"), PlanConfig(default_ties=False))
+    assert free.totals["predicted_damage"] <= plan.totals["predicted_damage"] * (1 + 1e-9)  # ties only constrain
+
+
+def test_default_tie_rules_by_family():
+    from qanalyze.plan.ties import default_ties, model_family
+
+    assert model_family("LlamaForCausalLM") == "llama" and model_family("GPT2LMHeadModel") == "gpt2"
+    assert any("gate_proj" in rule for rule in default_ties("Qwen2ForCausalLM"))
+    assert default_ties("GPT2LMHeadModel") == () and default_ties("UnknownThing") == ()
+
+
 def test_bops_budget_is_a_second_constraint(analysed):
     report, _, _ = analysed
     free = make_plan(report, parse_budget("8bit"), PlanConfig())
