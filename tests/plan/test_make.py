@@ -195,8 +195,8 @@ def test_tied_modules_share_bits(analysed):
 
 
 def _qkv_bits(plan, layer):
-    return {(plan.modules[f"bert.encoder.layer.{layer}.attention.self.{p}"]["weight_bits"],
-             plan.modules[f"bert.encoder.layer.{layer}.attention.self.{p}"]["group"]) for p in ("query", "key", "value")}
+    entries = [plan.modules[f"bert.encoder.layer.{layer}.attention.self.{p}"] for p in ("query", "key", "value")]
+    return {(entry["weight_bits"], entry["group"]) for entry in entries}
 
 
 def test_modules_engines_fuse_are_tied_by_default(analysed):
