@@ -78,8 +78,8 @@ def linear(name, out_f, in_f, block, stage="layers", bias=True, transposed=False
     return row(name, "linear", block, stage, (out_f, in_f), out_f * in_f + (out_f if bias else 0), transposed)
 
 
-def norm(name, dim, block, stage="layers", bias=True) -> ModuleInfo:
-    return row(name, "layernorm", block, stage, (dim,), dim * (2 if bias else 1))
+def norm(name, dim, block, stage="layers", bias=True, kind="layernorm") -> ModuleInfo:
+    return row(name, kind, block, stage, (dim,), dim * (2 if bias else 1))
 
 
 def embedding(name, rows, dim) -> ModuleInfo:
@@ -213,13 +213,13 @@ def test_inventory_llama_rmsnorm_no_bias():
             linear(f"{p}.mlp.gate_proj", FFN, H, i, bias=False),
             linear(f"{p}.mlp.up_proj", FFN, H, i, bias=False),
             linear(f"{p}.mlp.down_proj", H, FFN, i, bias=False),
-            norm(f"{p}.input_layernorm", H, i, bias=False),
-            norm(f"{p}.post_attention_layernorm", H, i, bias=False),
+            norm(f"{p}.input_layernorm", H, i, bias=False, kind="rmsnorm"),
+            norm(f"{p}.post_attention_layernorm", H, i, bias=False, kind="rmsnorm"),
         ]
     expected = [
         embedding("model.embed_tokens", VOCAB, H),
         *layers,
-        norm("model.norm", H, None, stage="head", bias=False),
+        norm("model.norm", H, None, stage="head", bias=False, kind="rmsnorm"),
         linear("score", 2, H, None, stage="head", bias=False),
     ]
     found = check_inventory(model, expected)
