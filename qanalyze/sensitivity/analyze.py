@@ -28,7 +28,14 @@ import torch
 
 from qanalyze.data import TaskData
 from qanalyze.errors import ConfigError
-from qanalyze.models import LoadedModel, ModuleInfo, architecture_fingerprint, head_dim, inventory
+from qanalyze.models import (
+    LoadedModel,
+    ModuleInfo,
+    architecture_fingerprint,
+    check_max_length,
+    head_dim,
+    inventory,
+)
 from qanalyze.quant.primitives import (
     check_weight_range,
     fake_quantize,
@@ -285,6 +292,8 @@ def analyze(
     # on the model's device before the first forward, or a GPU model would meet CPU tensors
     batches = [{k: v.to(device) for k, v in b.items()}
                for b in calibration_batches(data, loaded.tokenizer, config)]
+    if getattr(data.task, "kind", None) == "lm":  # a classifier's --max-length is checked by the verb
+        check_max_length(model, batches[0]["input_ids"].shape[1], flag="--seq-len")
     # Recorded resolved, so a resume on hardware that resolves "auto" otherwise is refused. PyHessian
     # has no precision setting (its products are the parameters' own) and takes the batch padded.
     dtype = next(model.parameters()).dtype

@@ -161,3 +161,13 @@ def test_score_bits_are_checked():
         AnalyzeConfig(score_bits=(1,))
     with pytest.raises(ConfigError, match="score-bits"):
         AnalyzeConfig(score_bits=())
+
+
+def test_lm_windows_beyond_the_context_are_refused(tmp_path, llama, text):
+    from dataclasses import replace
+
+    from qanalyze.errors import ConfigError
+
+    long = replace(text, train=replace(text.train, seq_len=96))  # the tiny LLaMA's context is 64
+    with pytest.raises(ConfigError, match="--seq-len 96 exceeds the model's position limit of 64"):
+        analyze(llama, long, _config(batches=1, batch_size=1), tmp_path / "s.json")
