@@ -48,7 +48,7 @@ from qanalyze.sensitivity.calibration import calibration_batches
 from qanalyze.sensitivity.candidates import CandidateSteps
 from qanalyze.sensitivity.errors import ErrorProbe, all_weight_errors
 from qanalyze.sensitivity.hvp import PRECISIONS, NonFiniteError, resolve_precision
-from qanalyze.sensitivity.scores import SCORE_METRICS, measure_scores
+from qanalyze.sensitivity.scores import SCORE_LABELS, SCORE_METRICS, measure_scores
 from qanalyze.sensitivity.sources import EIG_METHODS, HESSIAN_ENGINES
 from qanalyze.sensitivity.summary import summarise
 
@@ -107,6 +107,9 @@ class AnalyzeConfig:
     # of multiplies per candidate), so it is measured at these bits (every group of ``groups``); a plan's
     # other bit widths scale from the nearest of them by the weight errors (`qanalyze.plan.costs`).
     score_bits: tuple[int, ...] = (2, 3, 4, 5, 6, 8)
+    # The labels the fisher and output-gradient passes differentiate (`SCORE_LABELS`): the data's (empirical
+    # Fisher) or drawn from the model's own distribution (true Fisher, the Hessian of the KL to the model).
+    score_labels: str = "data"
     groups: tuple[str, ...] = ("tensor", "channel", "head", "128", "64", "32")
     weight_range: str = "max"
     measure_delta_loss: bool = False
@@ -139,6 +142,8 @@ class AnalyzeConfig:
             raise ConfigError(f"trace-refine-params must be at least 0, got {self.trace_refine_params}")
         if not 2 <= self.trace_min_probes <= self.trace_max_probes:
             raise ConfigError("trace probes: need 2 <= min probes <= max probes")
+        if self.score_labels not in SCORE_LABELS:
+            raise ConfigError(f"unknown score labels {self.score_labels!r}; known: {', '.join(SCORE_LABELS)}")
         if not self.score_bits:
             raise ConfigError("score-bits needs at least one bit width")
         for bits in (*self.bits, *self.gradient_bits, *self.delta_loss_bits, *self.score_bits):
@@ -523,7 +528,10 @@ def _measure_scores(model: torch.nn.Module, infos: list[ModuleInfo], modules: di
     if "output-gradient" in metrics:
         output_steps = {info.name: _candidate_steps(modules[info.name].weight, info, config.score_bits, config,
                                                     state.entry(info.name)["head_dim"]) for info in infos}
+    device = next(model.parameters()).device
     scores = measure_scores(model, infos, batches, fisher="fisher" in metrics, output_steps=output_steps,
+                            labels=config.score_labels,
+                            generator=torch.Generator(device=device).manual_seed(config.seed + 2),
                             progress=report_progress)
     state.report.timings["score_passes"] = scores.passes
     for i, info in enumerate(infos):

@@ -13,6 +13,10 @@ own; from those passes, for every selected module and candidate (bits, group lay
   and ∂L/∂Y comes from a hook on the output in the same backward pass. A norm's gain enters as
   ``module(X; Q(W)) − module(X; W)`` (Gemma's ``1 + w`` is not linear in w).
 
+The labels of the passes are the data's (``score_labels="data"``: the empirical Fisher) or drawn from the
+model's own next-token (class) distribution (``"sampled"``: a one-sample estimate of the true Fisher, which is
+the Hessian of KL(p_ref ‖ p_quant) at the unquantized weights: the quantity llama.cpp and exllamav3 measure).
+
 A tied weight (SmolLM2's embedding is its LM head) gets its Fisher from the full gradient of the shared
 tensor; its output-gradient score counts the module's own output only (the embedding lookup).
 """
@@ -25,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from qanalyze.errors import NonFiniteError
+from qanalyze.errors import ConfigError, NonFiniteError
 from qanalyze.models import ModuleInfo
 from qanalyze.sensitivity.candidates import CandidateSteps
 
@@ -88,6 +92,35 @@ OUTPUT_SCORES: dict[str, Callable[..., list[float]]] = {
 }
 """Module kind -> ``score(module, info, steps, input, squared output gradient, candidates)``: one
 ``Σ (∂L/∂Y)² (Y − Y_q)²`` per candidate, for one pass."""
+
+
+Batch = Mapping[str, torch.Tensor]
+
+
+def _data_labels(model: nn.Module, batch: Batch, generator: torch.Generator) -> Batch:
+    return batch
+
+
+def _sampled_labels(model: nn.Module, batch: Batch, generator: torch.Generator) -> Batch:
+    labels = batch.get("labels")
+    if not isinstance(labels, torch.Tensor) or labels.is_floating_point():
+        raise ConfigError("sampled score labels need class or next-token labels (not a regression)")
+    with torch.no_grad():
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
+    causal = labels.dim() == 2 and labels.shape == batch["input_ids"].shape
+    # A causal LM's loss reads the logits at t against the label at t + 1 (the model shifts them itself).
+    predicted = logits[:, :-1] if causal else logits
+    probabilities = torch.softmax(predicted.reshape(-1, predicted.shape[-1]), dim=-1)
+    drawn = torch.multinomial(probabilities, 1, generator=generator).view(predicted.shape[:-1])
+    sampled = torch.cat([labels[:, :1], drawn], dim=1) if causal else drawn
+    return {**batch, "labels": sampled.to(labels.dtype)}
+
+
+SCORE_LABELS: dict[str, Callable[[nn.Module, Batch, torch.Generator], Batch]] = {
+    "data": _data_labels,
+    "sampled": _sampled_labels,
+}
+"""``score_labels`` -> ``relabel(model, example, generator)``: the labels a score pass differentiates."""
 
 
 @dataclass
@@ -167,15 +200,21 @@ class Scores:
 
 
 def measure_scores(model: nn.Module, infos: Sequence[ModuleInfo], batches: Sequence[Mapping[str, torch.Tensor]], *,
-                   fisher: bool, output_steps: Mapping[str, CandidateSteps] | None,
+                   fisher: bool, output_steps: Mapping[str, CandidateSteps] | None, labels: str = "data",
+                   generator: torch.Generator | None = None,
                    progress: Callable[[str, int, int, str], None] | None = None) -> Scores:
     """Per-example passes over ``batches``: the Fisher diagonal of every module's weight (when ``fisher``) and
-    the output-gradient scores at the candidates of ``output_steps`` (when given), from the same passes.
+    the output-gradient scores at the candidates of ``output_steps`` (when given), from the same passes, with
+    the labels ``labels`` names (`SCORE_LABELS`; ``sampled`` draws them with ``generator``).
 
     The model runs in eval mode; its parameters' ``requires_grad`` flags and gradients are as before.
     NonFiniteError when a pass's loss is NaN or infinite.
     """
     report = progress or (lambda *_: None)
+    if labels not in SCORE_LABELS:
+        raise ConfigError(f"unknown score labels {labels!r}; known: {', '.join(SCORE_LABELS)}")
+    relabel = SCORE_LABELS[labels]
+    generator = generator or torch.Generator().manual_seed(0)
     modules = dict(model.named_modules())
     chosen = {info.name: modules[info.name] for info in infos}
     weights = {name: module.weight for name, module in chosen.items()}
@@ -192,7 +231,7 @@ def measure_scores(model: nn.Module, infos: Sequence[ModuleInfo], batches: Seque
             for index, batch in enumerate(batches):
                 report("fisher/output-gradient", index, len(batches), f"batch {index + 1}")
                 for single in single_examples(batch):
-                    loss = model(**single).loss
+                    loss = model(**relabel(model, single, generator)).loss
                     if not torch.isfinite(loss):
                         raise NonFiniteError(f"the loss on an example of calibration batch {index + 1} is "
                                              f"{float(loss)}")

@@ -161,6 +161,8 @@ def test_score_bits_are_checked():
         AnalyzeConfig(score_bits=(1,))
     with pytest.raises(ConfigError, match="score-bits"):
         AnalyzeConfig(score_bits=())
+    with pytest.raises(ConfigError, match="unknown score labels 'model'; known: data, sampled"):
+        AnalyzeConfig(score_labels="model")
 
 
 def test_lm_windows_beyond_the_context_are_refused(tmp_path, llama, text):
@@ -171,3 +173,29 @@ def test_lm_windows_beyond_the_context_are_refused(tmp_path, llama, text):
     long = replace(text, train=replace(text.train, seq_len=96))  # the tiny LLaMA's context is 64
     with pytest.raises(ConfigError, match="--seq-len 96 exceeds the model's position limit of 64"):
         analyze(llama, long, _config(batches=1, batch_size=1), tmp_path / "s.json")
+
+
+def test_sampled_labels_come_from_the_model_and_repeat_by_seed(llama, text, tiny_bert_dir, glue_dir):
+    from qanalyze.sensitivity.scores import SCORE_LABELS
+
+    sample = SCORE_LABELS["sampled"]
+    (window,) = calibration_batches(text, llama.tokenizer, _config(batches=1, batch_size=1))
+    draws = [sample(llama.model, window, torch.Generator().manual_seed(3))["labels"] for _ in range(2)]
+    assert torch.equal(draws[0], draws[1]) and draws[0].shape == window["labels"].shape
+    assert draws[0][0, 0] == window["labels"][0, 0] and not torch.equal(draws[0], window["labels"])
+    # a model that puts all its mass on one token draws only that token
+    with torch.no_grad():
+        bias = torch.full((llama.model.config.vocab_size,), -1e4)
+        bias[7] = 1e4
+        llama.model.lm_head.bias = torch.nn.Parameter(bias)
+        try:
+            peaked = sample(llama.model, window, torch.Generator().manual_seed(0))["labels"]
+        finally:
+            del llama.model.lm_head.bias
+            llama.model.lm_head.register_parameter("bias", None)
+    assert bool((peaked[0, 1:] == 7).all())
+    tiny = load_model(str(tiny_bert_dir), num_labels=2, eager_attention=True)
+    sst2 = load_task("sst2", str(glue_dir), max_train_examples=8, max_eval_examples=8, seed=0)
+    batch = calibration_batches(sst2, tiny.tokenizer, _config(batches=1, batch_size=4))[0]
+    labels = sample(tiny.model, batch, torch.Generator().manual_seed(0))["labels"]
+    assert labels.shape == (4,) and set(labels.tolist()) <= {0, 1}
