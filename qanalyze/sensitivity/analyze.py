@@ -3,6 +3,9 @@
 Stages, each resumable from the ``.partial`` file written after every unit of work:
 1. weight quantization error per bits and group layout (no data needed);
 2. activation and gradient quantization error, one forward and backward per calibration batch;
+2b. with the ``fisher`` / ``output-gradient`` metrics, one forward and backward pass per calibration example
+   (for task ``lm``: per window) gives every module's empirical-Fisher weighted error and output-gradient
+   score at once (`qanalyze.sensitivity.scores`);
 3. per batch, one double-backward graph over the weights of every selected module serves
    all Hessian work on that batch: Hutchinson traces of every module from one global product
    per probe (and, with ``trace_refine_params``, restricted products for small noisy modules),

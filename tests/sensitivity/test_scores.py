@@ -37,11 +37,17 @@ def llama(tmp_path_factory, minilm_dir):
 
 
 @pytest.fixture(scope="module")
-def text(tmp_path_factory):
+def text_dir(tmp_path_factory):
+    """valid.txt and test.txt holding a few thousand characters of WikiText-2 each."""
     folder = tmp_path_factory.mktemp("text")
     (folder / "valid.txt").write_text((WIKITEXT / "valid.txt").read_text(encoding="utf-8")[:3000], encoding="utf-8")
     (folder / "test.txt").write_text((WIKITEXT / "test.txt").read_text(encoding="utf-8")[:2000], encoding="utf-8")
-    return load_task("lm", str(folder), seq_len=SEQ_LEN)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def text(text_dir):
+    return load_task("lm", str(text_dir), seq_len=SEQ_LEN)
 
 
 def _config(**overrides):
@@ -199,3 +205,24 @@ def test_sampled_labels_come_from_the_model_and_repeat_by_seed(llama, text, tiny
     batch = calibration_batches(sst2, tiny.tokenizer, _config(batches=1, batch_size=4))[0]
     labels = sample(tiny.model, batch, torch.Generator().manual_seed(0))["labels"]
     assert labels.shape == (4,) and set(labels.tolist()) <= {0, 1}
+
+
+def test_cli_analyzes_an_lm_with_the_scores(tmp_path, llama, text_dir, capfd):
+    import json
+
+    from qanalyze.cli import main
+
+    folder = tmp_path / "llama"
+    llama.model.save_pretrained(folder)
+    llama.tokenizer.save_pretrained(folder)
+    task = tmp_path / "lm24.json"
+    task.write_text(json.dumps({"kind": "lm", "name": "lm24", "seq_len": SEQ_LEN}))
+    out = tmp_path / "s.json"
+    # --max-length: the verb checks it against the context whatever the task (see the issue 22 report)
+    code = main([str(a) for a in ("analyze", folder, "--task", task, "--data", text_dir, "--max-length", SEQ_LEN,
+                                  "--batches", 2, "--batch-size", 1, "--bits", "2,4", "--metrics",
+                                  "weights,fisher,output-gradient", "--out", out, "--quiet")])
+    assert code == 0, capfd.readouterr().err
+    entry = json.loads(out.read_text())["modules"]["model.layers.0.mlp.up_proj"]
+    assert entry["fisher_error"]["2"]["channel"] > entry["fisher_error"]["4"]["channel"] > 0
+    assert set(entry["output_gradient_error"]) == {"2", "3", "4", "5", "6", "8"}
