@@ -152,7 +152,7 @@ def test_lm_analysis_scores_grow_as_bits_shrink_and_plan(tmp_path, llama, text):
 def test_classifier_analysis_has_the_scores(tmp_path, tiny_bert_dir, glue_dir):
     tiny = load_model(str(tiny_bert_dir), num_labels=2, eager_attention=True)
     sst2 = load_task("sst2", str(glue_dir), max_train_examples=32, max_eval_examples=8, seed=0)
-    report = analyze(tiny, sst2, _config(max_length=24), tmp_path / "s.json")
+    report = analyze(tiny, sst2, _config(max_length=24, modules=r"layer\.0\.attention\.self"), tmp_path / "s.json")
     query = report.modules["bert.encoder.layer.0.attention.self.query"]
     assert query["output_gradient_error"]["2"]["tensor"] >= query["output_gradient_error"]["2"]["channel"] > 0
     assert query["fisher_error"]["2"]["8"] > query["fisher_error"]["8"]["8"] > 0
