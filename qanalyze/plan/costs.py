@@ -97,10 +97,41 @@ def _measured_damage(entry: Mapping[str, Any], bits: int, group: str) -> float:
     return max(float(value), 0.0) * ratio
 
 
+def _score(entry: Mapping[str, Any], key: str, metric: str, bits: int, group: str) -> float:
+    """``entry[key][bits][group]``; a bit width the analysis did not score takes the nearest scored one's value
+    times the ratio of weight errors (the scores, like ‖ΔW‖², grow with the rounding noise)."""
+    scores = entry.get(key)
+    if not isinstance(scores, Mapping) or not scores:
+        raise ConfigError(f"has no {key}: run `qanalyze analyze` with the {metric} metric")
+    scored = sorted(int(b) for b in scores if isinstance(scores[b], Mapping) and group in scores[b])
+    if not scored:
+        raise ConfigError(f"has no {key} for group {group} (scored: {', '.join(next(iter(scores.values())))})")
+    nearest = min(scored, key=lambda b: (abs(b - bits), b))
+    value = scores[str(nearest)][group]
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+        raise ConfigError(f"{key}[{nearest}][{group}] is {value!r}, not a non-negative number")
+    if nearest == bits:
+        return float(value)
+    reference = _weight_error(entry, nearest, group)
+    return float(value) * (_weight_error(entry, bits, group) / reference if reference > 0 else 0.0)
+
+
+def _fisher_damage(entry: Mapping[str, Any], bits: int, group: str) -> float:
+    """Empirical-Fisher weighted error Σ F_ii ΔW_i² (``fisher_error``)."""
+    return _score(entry, "fisher_error", "fisher", bits, group)
+
+
+def _output_gradient_damage(entry: Mapping[str, Any], bits: int, group: str) -> float:
+    """ModelOpt AutoQuantize's E[Σ (∂L/∂Y)² (Y − Y_q)²] (``output_gradient_error``)."""
+    return _score(entry, "output_gradient_error", "output-gradient", bits, group)
+
+
 OBJECTIVES: dict[str, Callable[[Mapping[str, Any], int, str], float]] = {
     "trace": _trace_damage,
     "eig": _eig_damage,
     "measured": _measured_damage,
+    "fisher": _fisher_damage,
+    "output-gradient": _output_gradient_damage,
 }
 """Objective name -> ``damage(entry, bits, group)``: the loss change a candidate is predicted to cause."""
 

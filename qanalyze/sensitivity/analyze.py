@@ -3,6 +3,9 @@
 Stages, each resumable from the ``.partial`` file written after every unit of work:
 1. weight quantization error per bits and group layout (no data needed);
 2. activation and gradient quantization error, one forward and backward per calibration batch;
+2b. with the ``fisher`` / ``output-gradient`` metrics, one forward and backward pass per calibration example
+   (for task ``lm``: per window) gives every module's empirical-Fisher weighted error and output-gradient
+   score at once (`qanalyze.sensitivity.scores`);
 3. per batch, one double-backward graph over the weights of every selected module serves
    all Hessian work on that batch: Hutchinson traces of every module from one global product
    per probe (and, with ``trace_refine_params``, restricted products for small noisy modules),
@@ -26,9 +29,16 @@ from typing import Any
 
 import torch
 
-from qanalyze.data import TaskData, collate, encode
+from qanalyze.data import TaskData
 from qanalyze.errors import ConfigError
-from qanalyze.models import LoadedModel, ModuleInfo, architecture_fingerprint, head_dim, inventory
+from qanalyze.models import (
+    LoadedModel,
+    ModuleInfo,
+    architecture_fingerprint,
+    check_max_length,
+    head_dim,
+    inventory,
+)
 from qanalyze.quant.primitives import (
     check_weight_range,
     fake_quantize,
@@ -37,16 +47,23 @@ from qanalyze.quant.primitives import (
     rows_per_group,
 )
 from qanalyze.records import SensitivityReport
+from qanalyze.sensitivity.calibration import calibration_batches
+from qanalyze.sensitivity.candidates import CandidateSteps
 from qanalyze.sensitivity.errors import ErrorProbe, all_weight_errors
 from qanalyze.sensitivity.hvp import PRECISIONS, NonFiniteError, resolve_precision
+from qanalyze.sensitivity.scores import SCORE_LABELS, SCORE_METRICS, measure_scores
 from qanalyze.sensitivity.sources import EIG_METHODS, HESSIAN_ENGINES
 from qanalyze.sensitivity.summary import summarise
 
-METRICS = ("eig", "trace", "density", "weights", "activations", "gradients")
+METRICS = ("eig", "trace", "density", "weights", "activations", "gradients", *SCORE_METRICS)
 DEFAULT_METRICS = ("trace", "weights", "activations", "gradients")
 """What `qanalyze plan` needs with its default objective (``trace``): Hutchinson traces and the weight,
 activation and gradient errors. Per-module and per-layer eigenvalues (``eig``, Q-BERT's Ω, for
-``--objective eig``) are opt-in: on minilm-l6 they took most of an analysis's Hessian products."""
+``--objective eig``) are opt-in: on minilm-l6 they took most of an analysis's Hessian products. The one-pass
+gradient scores (``fisher``, ``output-gradient``, `qanalyze.sensitivity.scores`) are asked by name."""
+
+OBJECTIVE_METRICS = {"eig": "eig", "fisher": "fisher", "output-gradient": "output-gradient"}
+"""Plan objective -> the metric it reads beyond the defaults (`AnalyzeConfig.for_objective`)."""
 ENGINES = ("native", "pyhessian")
 
 Progress = Callable[[str, int, int, str], None]
@@ -89,6 +106,13 @@ class AnalyzeConfig:
     # product barely varies between draws (2 against 4 moved minilm-l6's errors above 0.01 by at most 4 %),
     # while each draw costs two GEMMs per module: most of the error stage. Two still show the bias.
     gradient_draws: int = 2
+    # The output-gradient score costs one GEMM of a module's input per candidate and pass (a forward's worth
+    # of multiplies per candidate), so it is measured at these bits (every group of ``groups``); a plan's
+    # other bit widths scale from the nearest of them by the weight errors (`qanalyze.plan.costs`).
+    score_bits: tuple[int, ...] = (2, 3, 4, 5, 6, 8)
+    # The labels the fisher and output-gradient passes differentiate (`SCORE_LABELS`): the data's (empirical
+    # Fisher) or drawn from the model's own distribution (true Fisher, the Hessian of the KL to the model).
+    score_labels: str = "data"
     groups: tuple[str, ...] = ("tensor", "channel", "head", "128", "64", "32")
     weight_range: str = "max"
     measure_delta_loss: bool = False
@@ -121,7 +145,11 @@ class AnalyzeConfig:
             raise ConfigError(f"trace-refine-params must be at least 0, got {self.trace_refine_params}")
         if not 2 <= self.trace_min_probes <= self.trace_max_probes:
             raise ConfigError("trace probes: need 2 <= min probes <= max probes")
-        for bits in (*self.bits, *self.gradient_bits, *self.delta_loss_bits):
+        if self.score_labels not in SCORE_LABELS:
+            raise ConfigError(f"unknown score labels {self.score_labels!r}; known: {', '.join(SCORE_LABELS)}")
+        if not self.score_bits:
+            raise ConfigError("score-bits needs at least one bit width")
+        for bits in (*self.bits, *self.gradient_bits, *self.delta_loss_bits, *self.score_bits):
             if not 2 <= bits <= 16:
                 raise ConfigError(f"bits must lie in 2..16, got {bits}")
         for group in self.groups:
@@ -134,9 +162,11 @@ class AnalyzeConfig:
                 raise ConfigError(f"--modules {self.modules!r} is not a regular expression: {exc}") from None
 
     def for_objective(self, objective: str) -> AnalyzeConfig:
-        """These settings plus what plan objective ``objective`` reads: eigenvalues for ``eig``, measured loss
-        changes for ``measured`` (the defaults measure what ``trace`` needs)."""
-        metrics = (*self.metrics, "eig") if objective == "eig" and "eig" not in self.metrics else self.metrics
+        """These settings plus what plan objective ``objective`` reads: eigenvalues for ``eig``, the one-pass
+        scores for ``fisher`` and ``output-gradient`` (`OBJECTIVE_METRICS`), measured loss changes for
+        ``measured`` (the defaults measure what ``trace`` needs)."""
+        extra = OBJECTIVE_METRICS.get(objective)
+        metrics = (*self.metrics, extra) if extra and extra not in self.metrics else self.metrics
         return replace(self, metrics=metrics, measure_delta_loss=self.measure_delta_loss or objective == "measured")
 
     def recorded(self) -> dict[str, Any]:
@@ -182,18 +212,6 @@ def select_modules(model: torch.nn.Module, pattern: str | None) -> list[ModuleIn
         raise ConfigError(f"--modules {pattern!r} matches none of the {len(modules)} quantizable modules "
                           f"(for example {modules[0].name})")
     return chosen
-
-
-def calibration_batches(data: TaskData, tokenizer: Any, config: AnalyzeConfig) -> list[dict[str, torch.Tensor]]:
-    """``config.batches`` batches of ``config.batch_size`` training examples, drawn by seed."""
-    needed = config.batches * config.batch_size
-    if len(data.train) < needed:
-        raise ConfigError(f"--batches {config.batches} x --batch-size {config.batch_size} needs {needed} training "
-                          f"examples; the data has {len(data.train)} (raise --max-train-examples or lower them)")
-    order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(config.seed))[:needed].tolist()
-    encoded = encode([data.train[i] for i in order], tokenizer, max_length=config.max_length)
-    return [collate(encoded, range(i * config.batch_size, (i + 1) * config.batch_size), tokenizer)
-            for i in range(config.batches)]
 
 
 def _new_report(loaded: LoadedModel, data: TaskData, config: AnalyzeConfig, infos: list[ModuleInfo],
@@ -282,6 +300,8 @@ def analyze(
     # on the model's device before the first forward, or a GPU model would meet CPU tensors
     batches = [{k: v.to(device) for k, v in b.items()}
                for b in calibration_batches(data, loaded.tokenizer, config)]
+    if getattr(data.task, "kind", None) == "lm":  # a classifier's --max-length is checked by the verb
+        check_max_length(model, batches[0]["input_ids"].shape[1], flag="--seq-len")
     # Recorded resolved, so a resume on hardware that resolves "auto" otherwise is refused. PyHessian
     # has no precision setting (its products are the parameters' own) and takes the batch padded.
     dtype = next(model.parameters()).dtype
@@ -311,6 +331,12 @@ def analyze(
         _measure_errors(model, infos, modules, batches, config, state, report_progress)
         state.report.timings["errors_seconds"] = time.perf_counter() - started
         state.mark("errors")
+
+    if metrics & set(SCORE_METRICS) and not state.done("scores"):
+        started = time.perf_counter()
+        _measure_scores(model, infos, modules, batches, config, state, report_progress)
+        state.report.timings["scores_seconds"] = time.perf_counter() - started
+        state.mark("scores")
 
     if metrics & {"eig", "trace", "density"}:
         _measure_hessian(model, infos, modules, batches, config, state, report_progress)
@@ -483,31 +509,40 @@ def _measure_delta_loss(model: torch.nn.Module, infos: list[ModuleInfo], modules
 
 def _empirical_fisher(model: torch.nn.Module, infos: list[ModuleInfo], modules: dict[str, torch.nn.Module],
                       batches: list[dict[str, torch.Tensor]], report_progress: Progress) -> dict[str, torch.Tensor]:
-    """The diagonal of the empirical Fisher, E[g ⊙ g] over single-example gradients, of every weight.
+    """The diagonal of the empirical Fisher, E[g ⊙ g] over single-example gradients, of every weight
+    (`qanalyze.sensitivity.scores.measure_scores` without the output-gradient scores)."""
+    return measure_scores(model, infos, batches, fisher=True, output_steps=None, progress=report_progress).fisher
 
-    One example at a time: the square of a batch gradient would be the Fisher of the mean, which
-    cross-example cancellation makes much smaller than the Fisher itself.
-    """
-    weights = {info.name: modules[info.name].weight for info in infos}
-    sums = {name: torch.zeros_like(w, dtype=torch.float64) for name, w in weights.items()}
-    saved = [(p, p.requires_grad) for p in model.parameters()]
-    examples = 0
-    try:
-        wanted = set(weights.values())
-        for p in model.parameters():
-            p.requires_grad_(p in wanted)
-        for index, batch in enumerate(batches):
-            report_progress("fisher", index, len(batches), f"batch {index + 1}")
-            rows = next(iter(batch.values())).shape[0]
-            for row in range(rows):
-                single = {k: v[row:row + 1] for k, v in batch.items()}
-                grads = torch.autograd.grad(model(**single).loss, list(weights.values()), allow_unused=True)
-                for name, grad in zip(weights, grads):
-                    if grad is not None:
-                        sums[name] += grad.double() ** 2
-                examples += 1
-        report_progress("fisher", len(batches), len(batches), "done")
-    finally:
-        for p, flag in saved:
-            p.requires_grad_(flag)
-    return {name: (total / max(examples, 1)).to(weights[name].dtype) for name, total in sums.items()}
+
+def _candidate_steps(weight: torch.Tensor, info: ModuleInfo, bits: Sequence[int], config: AnalyzeConfig,
+                     head_dim: int | None) -> CandidateSteps:
+    # the same quantizer and range rule as the module's weight_error (`all_weight_errors`)
+    return CandidateSteps(weight, bits, config.groups, head_dim=head_dim,
+                          weight_range=module_weight_range(info.kind, config.weight_range))
+
+
+def _measure_scores(model: torch.nn.Module, infos: list[ModuleInfo], modules: dict[str, torch.nn.Module],
+                    batches: list[dict[str, torch.Tensor]], config: AnalyzeConfig, state: _State,
+                    report_progress: Progress) -> None:
+    """The one-pass scores from per-example passes: ``fisher_error[bits][group]`` = Σ F ΔW² at every
+    ``bits`` x group, ``output_gradient_error[bits][group]`` at every ``score_bits`` x group."""
+    metrics = set(config.metrics)
+    output_steps = None
+    if "output-gradient" in metrics:
+        output_steps = {info.name: _candidate_steps(modules[info.name].weight, info, config.score_bits, config,
+                                                    state.entry(info.name)["head_dim"]) for info in infos}
+    device = next(model.parameters()).device
+    scores = measure_scores(model, infos, batches, fisher="fisher" in metrics, output_steps=output_steps,
+                            labels=config.score_labels,
+                            generator=torch.Generator(device=device).manual_seed(config.seed + 2),
+                            progress=report_progress)
+    state.report.timings["score_passes"] = scores.passes
+    for i, info in enumerate(infos):
+        entry = state.entry(info.name)
+        if scores.fisher is not None:
+            report_progress("fisher errors", i, len(infos), info.name)
+            steps = _candidate_steps(modules[info.name].weight, info, config.bits, config, entry["head_dim"])
+            errors = steps.weighted_errors(scores.fisher[info.name])
+            entry["fisher_error"] = {str(b): e for b, e in errors.items()}
+        if info.name in scores.output:
+            entry["output_gradient_error"] = scores.output[info.name]

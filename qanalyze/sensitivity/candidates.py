@@ -1,0 +1,89 @@
+"""The quantized weight of every candidate (bits x group layout) of one module, held as per-row steps.
+
+A candidate's Q(W) is symmetric nearest rounding with one step per group of rows (`quantize_symmetric`):
+``Q(w) = clamp(round(w / s), -qmax, qmax) * s``. The steps are all a candidate needs, and they are small
+(one number per row), so `CandidateSteps` keeps them for every candidate at once and gives ΔW = Q(W) − W of
+any candidate, or of some of its rows (the rows a batch looks up in an embedding table), on demand, without
+holding a quantized copy of the weight per candidate. `weighted_errors` sums ``Σ F ⊙ ΔW²`` over every
+candidate in cache-sized blocks of rows, as `qanalyze.sensitivity.errors.all_weight_errors` sums ``‖ΔW‖²``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from qanalyze.errors import ConfigError
+from qanalyze.quant.primitives import check_bits, mse_clip, parse_group, qmax, rows_per_group, symmetric_scale
+
+BLOCK_ELEMENTS = 1 << 18
+"""`weighted_errors` reads a weight in blocks of rows of about this many elements (see `WEIGHT_ERROR_CHUNK`)."""
+
+
+class CandidateSteps:
+    """Per-row steps of every candidate (bits, group) of one weight (rows = its dim 0).
+
+    ``steps[group][bits]`` is a ``(rows, 1)`` tensor in the weight's compute dtype. Layouts that do not fit
+    the weight (a row count that does not divide it, ``head`` without ``head_dim``) are left out, as
+    `qanalyze.quant.primitives.weight_errors` leaves them out. ``weight_range`` ``mse`` clips each group at its
+    `mse_clip` ratio, the rule the plan and the engine apply.
+    """
+
+    def __init__(self, weight: torch.Tensor, bits: Sequence[int], groups: Sequence[str | int], *,
+                 head_dim: int | None = None, weight_range: str = "max") -> None:
+        for b in bits:
+            check_bits(b)
+        if weight.dim() < 1 or weight.numel() == 0:
+            raise ConfigError("a weight must be a non-empty tensor with at least one dimension")
+        self.weight = weight.detach()
+        self.bits = tuple(bits)
+        flat = self.matrix
+        row_max = flat.abs().amax(dim=1)
+        self.steps: dict[str, dict[int, torch.Tensor]] = {}
+        for name in dict.fromkeys(parse_group(group) for group in groups):
+            try:
+                per_group = rows_per_group(flat.shape[0], name, head_dim=head_dim)
+            except ConfigError:
+                continue  # this layout does not fit this weight: not a candidate
+            group_max = row_max.amax().reshape(1) if per_group is None else row_max.view(-1, per_group).amax(dim=1)
+            self.steps[name] = {}
+            for b in self.bits:
+                amax = group_max
+                if weight_range == "mse":
+                    amax = amax * mse_clip(flat, b, rows_per_group=per_group).reshape(-1)
+                step = symmetric_scale(amax, b)
+                repeat = flat.shape[0] if per_group is None else per_group
+                self.steps[name][b] = step.repeat_interleave(repeat).unsqueeze(1)
+
+    @property
+    def matrix(self) -> torch.Tensor:
+        """The weight as (rows, columns), in float32 (float64 stays float64), the dtype the steps are in."""
+        flat = self.weight.reshape(self.weight.shape[0], -1)
+        return flat if flat.dtype in (torch.float32, torch.float64) else flat.float()
+
+    def candidates(self) -> Iterator[tuple[int, str]]:
+        """Every (bits, group) held, bits outermost."""
+        for b in self.bits:
+            for group in self.steps:
+                yield b, group
+
+    def delta(self, bits: int, group: str, rows: torch.Tensor | slice | None = None) -> torch.Tensor:
+        """ΔW = Q(W) − W of candidate (``bits``, ``group``) as (rows, columns), or of the rows ``rows`` selects."""
+        part = self.matrix if rows is None else self.matrix[rows]
+        step = self.steps[group][bits] if rows is None else self.steps[group][bits][rows]
+        limit = qmax(bits)
+        return torch.round(part / step).clamp_(-limit, limit).mul_(step).sub_(part)
+
+    def weighted_errors(self, weights: torch.Tensor) -> dict[int, dict[str, float]]:
+        """``{bits: {group: Σ weights ⊙ ΔW²}}`` summed in float64; ``weights`` has the weight's shape."""
+        flat = weights.reshape(self.matrix.shape[0], -1)
+        sums = {(b, g): torch.zeros((), dtype=torch.float64, device=flat.device) for b, g in self.candidates()}
+        block = max(1, BLOCK_ELEMENTS // flat.shape[1])
+        for start in range(0, flat.shape[0], block):
+            rows = slice(start, start + block)
+            factor = flat[rows].to(torch.float64).reshape(-1)
+            for b, g in self.candidates():
+                difference = self.delta(b, g, rows).to(torch.float64).reshape(-1)
+                sums[b, g] += torch.dot(difference * difference, factor)
+        return {b: {g: float(sums[b, g]) for g in self.steps} for b in self.bits}
