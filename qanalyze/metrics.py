@@ -145,3 +145,18 @@ def next_token_kl(reference_logits: torch.Tensor, logits: torch.Tensor) -> torch
 def top1_agreement(reference_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """Whether the most likely next token is the same under both, at each position (a bool tensor)."""
     return reference_logits.argmax(-1) == logits.argmax(-1)
+
+
+RAW_METRICS = frozenset({"perplexity", "kl", "loss"})
+"""Metrics shown as they are: a perplexity or a divergence has no "points" (rates shown x100 do)."""
+
+
+def display_scale(metric: str | None) -> float:
+    """The factor tables and figures show ``metric`` with: 100 for rates and correlations (points), 1 for
+    `RAW_METRICS`."""
+    return 1.0 if metric in RAW_METRICS else 100.0
+
+
+def display_unit(metric: str | None) -> str:
+    """The unit of ``metric`` as `display_scale` shows it: "points", or nothing."""
+    return "" if metric in RAW_METRICS else " (points)"

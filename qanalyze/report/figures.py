@@ -13,6 +13,8 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import ScalarFormatter
 
+from qanalyze.metrics import display_unit
+
 PLAN_STYLES = {
     "hessian": {"color": "#c0392b", "marker": "o", "label": "Hessian plan"},
     "uniform": {"color": "#2c3e50", "marker": "s", "label": "uniform"},
@@ -79,20 +81,24 @@ def density_figure(density: Mapping[str, Any], *, points: int = 600) -> Figure:
     return fig
 
 
-def heatmap_figure(table: pd.DataFrame, *, title: str, colorbar: str) -> Figure:
-    """Module x bits heatmap on a log colour scale (quantization errors span orders of magnitude)."""
+def heatmap_figure(table: pd.DataFrame, *, title: str, colorbar: str, xlabel: str = "bits") -> Figure:
+    """Rows x columns heatmap (module x bits, or layer x module type) on a log colour scale: quantization
+    errors and sensitivities span orders of magnitude."""
     values = table.to_numpy(dtype=float)
     positive = values[np.isfinite(values) & (values > 0)]
-    fig = Figure(figsize=(WIDTH, 1.2 + 0.16 * len(table)), layout="constrained")
+    fig = Figure(figsize=(WIDTH, 1.8 + 0.16 * len(table)), layout="constrained")
     ax = fig.subplots()
     norm = LogNorm(vmin=positive.min(), vmax=positive.max()) if positive.size else None
     image = ax.imshow(np.where(values > 0, values, np.nan), aspect="auto", cmap="viridis", norm=norm,
                       interpolation="nearest")
     ax.set_xticks(range(table.shape[1]))
-    ax.set_xticklabels([str(c) for c in table.columns], fontsize=8)
+    names = [str(c) for c in table.columns]
+    # module types are long words: slanted, they do not run into each other
+    ax.set_xticklabels(names, fontsize=8, rotation=30 if max(map(len, names), default=0) > 4 else 0, ha="right"
+                       if max(map(len, names), default=0) > 4 else "center")
     ax.set_yticks(range(len(table)))
     ax.set_yticklabels(list(table.index), fontsize=6)
-    ax.set_xlabel("bits")
+    ax.set_xlabel(xlabel)
     ax.set_title(title, fontsize=10)
     fig.colorbar(image, ax=ax, label=colorbar, shrink=0.8)
     return fig
@@ -154,7 +160,7 @@ def pareto_figure(results: pd.DataFrame, *, metric: str) -> Figure:
         ax.annotate(str(row["label"]), (row["weight_mb"], row["value"]), textcoords="offset points",
                     xytext=(6, -10), fontsize=8)
     ax.set_xlabel("weight storage (MB, scales included)")
-    ax.set_ylabel(f"dev {metric} (points)")
+    ax.set_ylabel(f"dev {metric}{display_unit(metric)}")
     ax.set_title("Accuracy against weight bytes: what the Hessian bought", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
@@ -197,7 +203,7 @@ def rank_figure(ranks: pd.DataFrame, *, metric: str, reference: float | None) ->
         if reference is not None:
             ax.axhline(reference, color="#27ae60", linestyle="--", label="FP32 full fine-tuning")
         ax.set_xscale("log", base=2 if ax is by_rank else 10)
-        ax.set_ylabel(f"dev {metric} (points)")
+        ax.set_ylabel(f"dev {metric}{display_unit(metric)}")
         ax.grid(alpha=0.3)
     by_rank.set_xticks(sorted(ranks["rank"].unique()))
     by_rank.xaxis.set_major_formatter(ScalarFormatter())

@@ -113,6 +113,11 @@ def _sensitivity(page: _Page, inputs: ReportInputs) -> Section:
                     "Ritz values of the whole weight Hessian on the first batch, Gaussian-smoothed.")
     else:
         section.findings.append("No eigenvalue density in this file (run `qanalyze analyze --metrics ...,density`).")
+    layers = tables.layer_type_table(report)
+    if layers.shape[0] > 1:
+        title = "Predicted damage at 4 bits by layer and module type (average trace x weight error)"
+        page.figure(section, "layers", figures.heatmap_figure(layers, title=title, colorbar="predicted damage",
+                                                              xlabel="module type"), title)
     page.table(section, "Hessian metrics per module", table)
     blocks = pd.DataFrame([{"layer": int(k), "omega": v.get("omega"), "eigenvalues": v.get("eigenvalues")}
                            for k, v in sorted(report.blocks.items(), key=lambda kv: int(kv[0]))])

@@ -9,6 +9,7 @@ from typing import Any
 
 import pandas as pd
 
+from qanalyze.metrics import display_scale
 from qanalyze.plan.entries import QuantizedEntry
 from qanalyze.records import BitPlan, RunRecord, SensitivityReport, SweepRecord
 from qanalyze.sensitivity.summary import PREDICTORS
@@ -48,6 +49,25 @@ def sensitivity_table(report: SensitivityReport) -> pd.DataFrame:
             "trace": hessian.get("trace"), "trace_stderr": stderr,
         })
     return pd.DataFrame(rows)
+
+
+def layer_type_table(report: SensitivityReport, *, bits: int = 4) -> pd.DataFrame:
+    """Layer x module type: each module's predicted damage at ``bits`` (average trace times its weight error
+    with one scale per output row, HAWQ-V2), the view of a decoder's sensitivity LLM users read. Modules
+    outside the repeated layers (embeddings, the head) are left out; empty when no module has both."""
+    rows = []
+    for name, entry in report.modules.items():
+        block, trace = entry.get("block"), (entry.get("hessian") or {}).get("avg_trace")
+        error = (entry.get("weight_error") or {}).get(str(bits), {})
+        error = error.get("channel", error.get("tensor")) if isinstance(error, dict) else None
+        if block is None or not isinstance(trace, int | float) or not isinstance(error, int | float):
+            continue
+        kind = re.sub(r"^.*?\.\d+\.", "", name)  # the name after the layer index: self_attn.q_proj
+        rows.append({"layer": int(block), "type": kind, "damage": max(float(trace), 0.0) * float(error)})
+    if not rows:
+        return pd.DataFrame()
+    frame = pd.DataFrame(rows).pivot_table(index="layer", columns="type", values="damage", aggfunc="sum", sort=False)
+    return frame.sort_index()
 
 
 def _bits_columns(frame: pd.DataFrame) -> pd.DataFrame:
@@ -177,9 +197,10 @@ def _ranks(label: str, run: str, metrics: Mapping[str, Mapping[str, float]], par
     rows = []
     for rank in sorted(metrics, key=int):
         value = metrics[rank].get(metric) if metric else None
-        delta = None if value is None or reference.get(metric) is None else 100 * (value - reference[metric])
+        scale = display_scale(metric)
+        delta = None if value is None or reference.get(metric) is None else scale * (value - reference[metric])
         rows.append({"label": label, "run": run, "rank": int(rank), "trainable_parameters": parameters.get(rank),
-                     "metric": metric, "value": None if value is None else 100 * value, "delta_pts": delta})
+                     "metric": metric, "value": None if value is None else scale * value, "delta_pts": delta})
     return rows
 
 
@@ -195,11 +216,12 @@ def runs_table(runs: Mapping[str, RunRecord], metric: str | None = None) -> pd.D
         totals = plan.get("totals") or {}
         value = record.metrics.get(metric)
         same_data = reference is not None and reference.data.get("dev_hash") == record.data.get("dev_hash")
-        delta = (100 * (value - reference.metrics[metric]) if same_data and value is not None
+        scale = display_scale(metric)
+        delta = (scale * (value - reference.metrics[metric]) if same_data and value is not None
                  and reference.metrics.get(metric) is not None else None)
         rows.append({"budget": plan.get("budget"), "plan": "fp32" if record.mode == "fp32" else "run",
                      "label": f"{record.mode} {plan.get('budget') or ''}".strip(), "mode": record.mode,
-                     "metric": metric, "value": None if value is None else 100 * value, "delta_pts": delta,
+                     "metric": metric, "value": None if value is None else scale * value, "delta_pts": delta,
                      "weight_bits_mean": totals.get("weight_bits_mean"), "weight_bytes": totals.get("weight_bytes"),
                      "weight_mb": totals["weight_bytes"] / 1e6 if totals.get("weight_bytes") else None,
                      "compression": totals.get("compression"), "train_seconds": record.timings.get("train_seconds"),

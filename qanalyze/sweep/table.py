@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from qanalyze.metrics import display_scale
 from qanalyze.records import SweepRecord, atomic_write_text
 
 COLUMNS = ("budget", "plan", "mode", "metric", "value", "delta_pts", "best_rank", "best_rank_value",
@@ -14,8 +15,9 @@ COLUMNS = ("budget", "plan", "mode", "metric", "value", "delta_pts", "best_rank"
 
 
 def sweep_table(record: SweepRecord) -> pd.DataFrame:
-    """Every row of ``record`` (FP32 first) with the columns of `COLUMNS`; metrics in points (x100). A qdylora
-    row's ``value`` is its full rank's; ``best_rank`` and ``best_rank_value`` give the best evaluated rank."""
+    """Every row of ``record`` (FP32 first) with the columns of `COLUMNS`; metrics in points (x100; a
+    perplexity as it is, `qanalyze.metrics.display_scale`). A qdylora row's ``value`` is its full rank's;
+    ``best_rank`` and ``best_rank_value`` give the best evaluated rank."""
     fp32 = record.fp32
     metric = record.rows[0]["metric"] if record.rows else next(iter(fp32.get("metrics", {})), None)
     first = {"budget": None, "plan": "fp32", "mode": "fp32", "metric": metric,
@@ -23,8 +25,9 @@ def sweep_table(record: SweepRecord) -> pd.DataFrame:
              "weight_bytes": fp32.get("weight_bytes"), "compression": 1.0, "status": "reference",
              "run": record.model.get("source")}
     frame = pd.DataFrame([first, *(_with_best_rank(row) for row in record.rows)], columns=list(COLUMNS))
-    frame["value"] = frame["value"].astype(float) * 100
-    frame["best_rank_value"] = frame["best_rank_value"].astype(float) * 100
+    scale = display_scale(metric)
+    frame["value"] = frame["value"].astype(float) * scale
+    frame["best_rank_value"] = frame["best_rank_value"].astype(float) * scale
     return frame
 
 

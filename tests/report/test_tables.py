@@ -118,3 +118,28 @@ def test_a_budget_where_every_baseline_is_the_hessian_plan_is_not_a_contest(swee
     verdicts = verdict_table(results).set_index(["budget", "mode"])
     assert verdicts.loc[("3bit", "qat"), "identical_plans"] and not verdicts.loc[("4bit", "qat"), "identical_plans"]
     assert damage_agreement(results)["plans"] == 9  # the three copies of one run count once
+
+
+def test_layer_by_module_type_holds_each_repeated_modules_predicted_damage():
+    from qanalyze.records import SensitivityReport
+    from qanalyze.report.tables import layer_type_table
+
+    def entry(block, trace, error):
+        return {"kind": "linear", "block": block, "shape": [4, 4], "params": 16, "hessian": {"avg_trace": trace},
+                "weight_error": {"4": {"channel": error}}}
+
+    modules = {f"model.layers.{i}.self_attn.{p}": entry(i, 2.0 + i, 0.5) for i in range(3) for p in ("q_proj", "o_proj")}
+    modules["model.embed_tokens"] = entry(None, 9.0, 1.0)  # outside the layers: left out
+    modules["model.layers.2.mlp.down_proj"] = entry(2, -1.0, 0.5)  # a negative trace is no curvature: 0
+    report = SensitivityReport(model={"fingerprint": "x"}, data={}, settings={}, modules=modules)
+    table = layer_type_table(report)
+    assert list(table.index) == [0, 1, 2]
+    assert table.loc[1, "self_attn.q_proj"] == pytest.approx(3.0 * 0.5)
+    assert table.loc[2, "mlp.down_proj"] == 0.0 and pd.isna(table.loc[0, "mlp.down_proj"])
+
+
+def test_perplexity_is_shown_as_it_is_and_rates_in_points():
+    from qanalyze.metrics import display_scale, display_unit
+
+    assert display_scale("perplexity") == 1.0 and display_unit("perplexity") == ""
+    assert display_scale("accuracy") == 100.0 and display_unit("accuracy") == " (points)"
