@@ -128,7 +128,8 @@ def test_layer_by_module_type_holds_each_repeated_modules_predicted_damage():
         return {"kind": "linear", "block": block, "shape": [4, 4], "params": 16, "hessian": {"avg_trace": trace},
                 "weight_error": {"4": {"channel": error}}}
 
-    modules = {f"model.layers.{i}.self_attn.{p}": entry(i, 2.0 + i, 0.5) for i in range(3) for p in ("q_proj", "o_proj")}
+    modules = {f"model.layers.{i}.self_attn.{p}": entry(i, 2.0 + i, 0.5)
+               for i in range(3) for p in ("q_proj", "o_proj")}
     modules["model.embed_tokens"] = entry(None, 9.0, 1.0)  # outside the layers: left out
     modules["model.layers.2.mlp.down_proj"] = entry(2, -1.0, 0.5)  # a negative trace is no curvature: 0
     report = SensitivityReport(model={"fingerprint": "x"}, data={}, settings={}, modules=modules)
