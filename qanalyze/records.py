@@ -78,6 +78,16 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
             tmp.unlink()
 
 
+def recorded_source(spec: str) -> str:
+    """How a record stores a model or data argument: local paths resolved (each part of ``TRAIN,EVAL``), so
+    that the same inputs give the same records from any working directory; names (an alias, a hub id, a
+    hub dataset) as they are."""
+    parts = spec.split(",")
+    if all(part and Path(part).exists() for part in parts):
+        return ",".join(str(Path(part).resolve()) for part in parts)
+    return spec
+
+
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     """Write ``text`` to ``path`` atomically (UTF-8)."""
     with atomic_path(path) as tmp:

@@ -436,3 +436,26 @@ def test_a_read_only_output_folder_is_refused_before_any_work(capfd, tmp_path, t
         assert_one_line_error(code, err, "is not writable")
     finally:
         locked.chmod(0o755)
+
+
+def _without_times(record: dict) -> dict:
+    return {k: v for k, v in record.items() if k not in ("created", "timings", "versions", "eval_history")}
+
+
+def test_the_same_inputs_give_the_same_records_from_any_working_directory(capfd, tmp_path, tiny_bert_dir, glue_dir,
+                                                                          monkeypatch):
+    records = []
+    for where in ("a", "b/c"):
+        cwd = tmp_path / where
+        cwd.mkdir(parents=True)
+        monkeypatch.chdir(cwd)
+        model, data = os.path.relpath(tiny_bert_dir, cwd), os.path.relpath(glue_dir, cwd)
+        out = os.path.relpath(tmp_path / f"run-{where.replace('/', '-')}", cwd)
+        code, _, err = run_cli(capfd, "finetune", model, "--task", "sst2", "--data", data, "--max-steps", "1",
+                               "--max-train-examples", "8", "--max-eval-examples", "8", "--max-length", "16",
+                               "--batch-size", "4", "--quiet", "--out", out)
+        assert code == 0, err
+        records.append(json.loads((cwd / out / "metrics.json").read_text()))
+    assert _without_times(records[0]) == _without_times(records[1])
+    assert records[0]["model"]["source"] == str(tiny_bert_dir.resolve())
+    assert records[0]["data"]["source"] == str(Path(glue_dir).resolve())
