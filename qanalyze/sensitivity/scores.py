@@ -89,6 +89,7 @@ OUTPUT_SCORES: dict[str, Callable[..., list[float]]] = {
     "linear": _linear_scores,
     "embedding": _embedding_scores,
     "layernorm": _norm_scores,
+    "rmsnorm": _norm_scores,
 }
 """Module kind -> ``score(module, info, steps, input, squared output gradient, candidates)``: one
 ``Σ (∂L/∂Y)² (Y − Y_q)²`` per candidate, for one pass."""
