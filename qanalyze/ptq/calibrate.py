@@ -1,0 +1,173 @@
+"""Layer-by-layer calibration of a decoder: each linear module's input statistics ``Σ XᵀX``, gathered from
+the model whose earlier decoder layers are already quantized (GPTQ's sequential order).
+
+The calibration windows run through the embeddings once, up to the first decoder layer, whose inputs (hidden
+states and the keyword arguments the model passes it: rotary embeddings, mask, positions) are kept. Then,
+for each decoder layer in order: forward hooks on its target linear modules add ``XᵀX`` of every batch to a
+float64 sum per module (``in x in``: the inputs themselves are not kept, so memory does not grow with the
+number of windows); the caller quantizes the layer from those sums; the layer runs again, now quantized,
+and its outputs become the next layer's inputs. Two passes per layer, one model forward in all for each.
+
+Modules that share one input tensor (q/k/v of an attention, gate/up of an MLP) share one product.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from qanalyze.errors import ConfigError, DataError
+from qanalyze.lm_data import Windows, window_batches
+
+
+@dataclass
+class InputStats:
+    """``xtx = Σ XᵀX`` (float64, ``in x in``) over the ``rows`` input rows (tokens) a module has seen."""
+
+    xtx: torch.Tensor
+    rows: int = 0
+
+    def hessian(self) -> torch.Tensor:
+        """GPTQ's layer Hessian ``H = 2 XᵀX / rows`` (float64): the mean over tokens, which only rescales H."""
+        if self.rows == 0:
+            raise DataError("no calibration rows reached this module")
+        return self.xtx * (2.0 / self.rows)
+
+    def output_error(self, delta: torch.Tensor) -> float:
+        """Mean over calibration tokens of ``‖ΔW x‖²``: the squared change of the module's output that a weight
+        change ``delta`` ``(out, in)`` causes, ``tr(ΔW XᵀX ΔWᵀ) / rows``."""
+        d = delta.to(torch.float64)
+        return float(((d @ self.xtx) * d).sum()) / max(self.rows, 1)
+
+
+@dataclass
+class _Accumulator:
+    """Forward hooks adding each target module's ``XᵀX`` to its `InputStats`; a product is reused for
+    modules whose input is the very same tensor (the cache holds the tensor, so its id is never reused)."""
+
+    stats: dict[str, InputStats] = field(default_factory=dict)
+    _last: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+
+    def hook(self, name: str) -> Callable[..., None]:
+        def add(module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            x = args[0]
+            product = next((p for seen, p in self._last if seen is x), None)
+            if product is None:
+                rows = x.detach().reshape(-1, x.shape[-1]).float()
+                # float32 products of one batch summed in float64: the sum over thousands of tokens is where
+                # float32 would lose digits, not one batch's GEMM
+                product = (rows.T @ rows).double()
+                self._last.append((x, product))
+            entry = self.stats.setdefault(name, InputStats(torch.zeros_like(product)))
+            entry.xtx += product
+            entry.rows += x.numel() // x.shape[-1]
+        return add
+
+    def end_batch(self) -> None:
+        """Forget the batch's shared products (and release its tensors)."""
+        self._last.clear()
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The model's list of decoder layers: the `ModuleList` with ``config.num_hidden_layers`` entries
+    (``model.layers`` of LLaMA-like models). ConfigError when there is none."""
+    count = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    for _, module in model.named_modules():
+        if isinstance(module, torch.nn.ModuleList) and count is not None and len(module) == count:
+            return module
+    raise ConfigError(f"{type(model).__name__}: no list of {count} decoder layers found for layer-by-layer calibration")
+
+
+def _check_uniform_layers(model: torch.nn.Module) -> None:
+    # the first layer's keyword arguments (its attention mask) are reused for every layer
+    types = set(getattr(model.config, "layer_types", None) or ())
+    if len(types) > 1:
+        raise ConfigError(f"{type(model).__name__} mixes decoder layer types {sorted(types)} (sliding-window "
+                          "attention); layer-by-layer calibration reuses one attention mask and does not support it")
+
+
+class _Stop(Exception):
+    """Raised by the first layer's pre-hook: the rest of the model is not needed."""
+
+
+def first_layer_inputs(model: torch.nn.Module, windows: Windows, *,
+                       batch_size: int = 4) -> list[tuple[torch.Tensor, dict[str, Any]]]:
+    """The hidden states and keyword arguments the model passes its first decoder layer, one pair per batch
+    of ``batch_size`` windows."""
+    layers = decoder_layers(model)
+    if len(windows) == 0:
+        raise DataError("calibration needs at least one window")
+    captured: list[tuple[torch.Tensor, dict[str, Any]]] = []
+
+    def catch(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        captured.append((hidden, dict(kwargs)))
+        raise _Stop
+
+    handle = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            for batch in window_batches(windows, batch_size):
+                with contextlib.suppress(_Stop):
+                    model(input_ids=batch.to(device), use_cache=False)
+    finally:
+        handle.remove()
+    return captured
+
+
+def _run_layer(layer: torch.nn.Module, inputs: Sequence[tuple[torch.Tensor, dict[str, Any]]],
+               on_batch: Callable[[], None] | None = None) -> list[torch.Tensor]:
+    outputs = []
+    with torch.no_grad():
+        for hidden, kwargs in inputs:
+            out = layer(hidden, **kwargs)
+            outputs.append(out[0] if isinstance(out, tuple) else out)
+            if on_batch is not None:
+                on_batch()
+    return outputs
+
+
+LayerCallback = Callable[[int, dict[str, tuple[torch.nn.Module, InputStats]]], None]
+"""Called once per decoder layer with targets: (layer index, {module name: (module, its input stats)});
+it quantizes those modules in place before the layer's outputs are computed."""
+
+
+def sequential_calibration(model: torch.nn.Module, windows: Windows, targets: Sequence[str],
+                           on_layer: LayerCallback, *, batch_size: int = 4) -> None:
+    """Run ``model`` on ``windows`` layer by layer, calling ``on_layer`` with the input statistics of the
+    ``targets`` (module names) of each decoder layer, in order, each gathered with the earlier layers as
+    ``on_layer`` left them. ConfigError for a target outside the decoder layers."""
+    _check_uniform_layers(model)
+    layers = decoder_layers(model)
+    names = {module: name for name, module in model.named_modules()}
+    prefix = {index: names[layer] + "." for index, layer in enumerate(layers)}
+    wanted = set(targets)
+    by_layer: dict[int, dict[str, torch.nn.Module]] = {}
+    for index, layer in enumerate(layers):
+        for sub, module in layer.named_modules():
+            if prefix[index] + sub in wanted:
+                by_layer.setdefault(index, {})[prefix[index] + sub] = module
+    outside = wanted - {name for found in by_layer.values() for name in found}
+    if outside:
+        raise ConfigError(f"layer-by-layer calibration reaches modules inside decoder layers only, not "
+                          f"{', '.join(sorted(outside))}")
+    inputs = first_layer_inputs(model, windows, batch_size=batch_size)
+    last = max(by_layer, default=-1)
+    for index, layer in enumerate(layers[: last + 1]):
+        modules = by_layer.get(index)
+        if modules:
+            accumulator = _Accumulator()
+            handles = [m.register_forward_hook(accumulator.hook(n)) for n, m in modules.items()]
+            try:
+                _run_layer(layer, inputs, accumulator.end_batch)
+            finally:
+                for handle in handles:
+                    handle.remove()
+            on_layer(index, {name: (module, accumulator.stats[name]) for name, module in modules.items()})
+        if index < last:
+            inputs = [(out, kwargs) for out, (_, kwargs) in zip(_run_layer(layer, inputs), inputs)]
