@@ -65,12 +65,17 @@ def runs(tmp_path_factory, tiny_bert_dir, glue_dir) -> dict:
                  "--max-steps", "4", "--save-every", "2", "--quiet", "--out", str(root / name)]
         plan.append({"point": point, "args": sweep})
     plan.append({"point": "none", "args": sweep})
+    # kill -9 ends its process, so it gets one of its own; its resume runs with the rest
+    killed_args = _args("fp32", tiny_bert_dir, glue_dir, root / "killed")
+    (root / "kill").mkdir()
+    killed = _drive([{"point": "kill:3", "args": killed_args}], root / "kill")
+    plan.append({"point": "none", "args": [*killed_args, "--resume"]})
     results = _drive(plan, root)
     uninterrupted = dict(zip(METHODS, results))
     interrupted = {scenario: results[len(METHODS) + 2 * i: len(METHODS) + 2 * i + 2]
                    for i, scenario in enumerate(scenarios)}
-    return {"root": root, "uninterrupted": uninterrupted, "interrupted": interrupted, "analysis": results[-5:-3],
-            "sweep": results[-3:]}
+    return {"root": root, "uninterrupted": uninterrupted, "interrupted": interrupted, "analysis": results[-6:-4],
+            "sweep": results[-4:-1], "killed": [killed[0], results[-1]]}
 
 
 def _log(run: Path) -> list[dict[str, str]]:
@@ -121,14 +126,11 @@ def test_ctrl_c_inside_a_step_then_resume_gives_the_uninterrupted_run_of_every_m
     assert message.startswith("error: interrupted at step 1; checkpoint saved in"), message
 
 
-def test_kill_9_inside_a_step_resumes_from_the_last_checkpoint(runs, tmp_path, tiny_bert_dir, glue_dir):
-    args = _args("fp32", tiny_bert_dir, glue_dir, tmp_path / "run")
-    killed = _drive([{"point": "kill:3", "args": args}], tmp_path)
-    assert killed[0]["code"] == -9
-    (tmp_path / "results.json").unlink(missing_ok=True)
-    resumed = _drive([{"point": "none", "args": [*args, "--resume"]}], tmp_path)
-    assert resumed[0]["code"] == 0, resumed[0]["stderr"]
-    _assert_same_run(tmp_path / "run", runs["root"] / "uninterrupted" / "fp32")
+def test_kill_9_inside_a_step_resumes_from_the_last_checkpoint(runs):
+    killed, resumed = runs["killed"]
+    assert killed["code"] == -9
+    assert resumed["code"] == 0, resumed["stderr"]
+    _assert_same_run(runs["root"] / "killed", runs["root"] / "uninterrupted" / "fp32")
 
 
 def test_ctrl_c_in_an_analysis_says_how_to_resume_and_the_resume_finishes_it(runs):
