@@ -51,6 +51,11 @@ def main() -> None:
     parser.add_argument("--layers", default=None, help="comma list of layer indices whose linear modules are "
                                                        "measured (default: all 30)")
     parser.add_argument("--analysis", default=None, help="reuse this sensitivity file instead of analyzing")
+    parser.add_argument("--score-labels", default="data", choices=("data", "sampled"),
+                        help="labels of the fisher/output-gradient passes: the text's, or drawn from the model")
+    parser.add_argument("--no-trace", action="store_true", help="skip the Hutchinson traces (the costly part)")
+    parser.add_argument("--measured", default=None,
+                        help="take the measured KL changes from this earlier --out file: only the predictors run")
     parser.add_argument("--out", default="runs/predictors_lm.json")
     args = parser.parse_args()
     out = Path(args.out)
@@ -67,7 +72,8 @@ def main() -> None:
         config = AnalyzeConfig(batches=args.calib_windows, batch_size=1, bits=(args.bits,), score_bits=(args.bits,),
                                groups=("channel",), modules=r"proj$", trace_max_probes=args.trace_probes,
                                trace_min_probes=min(2, args.trace_probes), hvp_precision="float32",
-                               metrics=("weights", "fisher", "output-gradient", "trace"))
+                               score_labels=args.score_labels,
+                               metrics=("weights", "fisher", "output-gradient") + (() if args.no_trace else ("trace",)))
         report = analyze(loaded, data, config, out.with_suffix(".sensitivity.json"),
                          progress=lambda stage, done, total, detail: print(
                              f"  {stage} {done}/{total} {detail} ({time.perf_counter() - started:.0f} s)", flush=True))
@@ -75,6 +81,16 @@ def main() -> None:
     analysis_seconds = time.perf_counter() - started
     print(f"analysis: {analysis_seconds:.0f} s", flush=True)
 
+    predictors = {p: f for p, f in PREDICTORS.items() if p != "trace" or "trace" in report.settings["metrics"]}
+    if args.measured:
+        earlier = json.loads(Path(args.measured).read_text())["modules"]
+        results = {name: {"kl": row["kl"], **{p: float(f(report.modules[name], args.bits))
+                                              for p, f in predictors.items()}} for name, row in earlier.items()}
+        out.write_text(json.dumps({"settings": vars(args), "analysis_seconds": analysis_seconds,
+                                   "spearman": _spearman(results, predictors), "modules": results,
+                                   "timings": report.timings}, indent=1))
+        _print(results, predictors, args, args.windows)
+        return
     loaded = qanalyze.load_model(args.model)  # sdpa attention: the measured forwards need no double backward
     model = loaded.model.eval()
     windows = encode_text(data.dev, loaded.tokenizer)
@@ -99,23 +115,28 @@ def main() -> None:
             with torch.no_grad():
                 weight.copy_(original)
         entry = report.modules[name]
-        results[name] = {"kl": kl, **{p: float(f(entry, args.bits)) for p, f in PREDICTORS.items()}}
+        results[name] = {"kl": kl, **{p: float(f(entry, args.bits)) for p, f in predictors.items()}}
         print(f"[{i + 1}/{len(names)}] {name}: KL {kl:.5f} ({time.perf_counter() - start:.0f} s)", flush=True)
-        rho = _spearman(results)
+        rho = _spearman(results, predictors)
         out.write_text(json.dumps({"settings": vars(args), "analysis_seconds": analysis_seconds,
                                    "reference_seconds": reference_seconds, "spearman": rho,
                                    "modules": results, "timings": report.timings}, indent=1))
+    _print(results, predictors, args, len(windows))
+
+
+def _print(results: dict[str, dict[str, float]], predictors: dict, args: argparse.Namespace, windows: int) -> None:
     print(f"\nSpearman's rho against the measured KL change, {len(results)} modules, {args.bits}-bit RTN per row, "
-          f"{len(windows)} test windows of {args.seq_len} tokens, predictors from {args.calib_windows} valid windows:")
-    for predictor, rho in sorted(_spearman(results).items(), key=lambda kv: -kv[1]):
+          f"{windows} test windows of {args.seq_len} tokens, predictors from {args.calib_windows} valid windows "
+          f"({args.score_labels} labels):")
+    for predictor, rho in sorted(_spearman(results, predictors).items(), key=lambda kv: -kv[1]):
         print(f"  {predictor:16s} {rho:+.3f}")
 
 
-def _spearman(results: dict[str, dict[str, float]]) -> dict[str, float]:
+def _spearman(results: dict[str, dict[str, float]], predictors: dict) -> dict[str, float]:
     if len(results) < 3:
         return {}
     measured = [r["kl"] for r in results.values()]
-    return {p: float(spearmanr([r[p] for r in results.values()], measured).statistic) for p in PREDICTORS}
+    return {p: float(spearmanr([r[p] for r in results.values()], measured).statistic) for p in predictors}
 
 
 if __name__ == "__main__":

@@ -126,18 +126,22 @@ def linear_modules(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
 
 
 def module_specs(model: torch.nn.Module, plan_or_bits: Any, *, group_size: int | None = 128, symmetric: bool = True,
+                 partial_last: bool = False,
                  overrides: Mapping[str, ColumnSpec | Mapping[str, Any]] | None = None) -> dict[str, ColumnSpec]:
     """The `ColumnSpec` of every linear module to quantize (the LM head excluded).
 
     ``plan_or_bits`` is a bit width for all of them (with ``group_size`` and ``symmetric``), or a
     `qanalyze.records.BitPlan`: its quantized entries give ``weight_bits`` and ``scheme``, and a
     ``column_group`` key (``"g128"``, ``"row"``) the group size, else ``group_size``; modules the plan keeps
-    float stay float. ``overrides`` maps a module name to a spec (or its fields) that replaces the result.
+    float stay float. ``partial_last`` allows a shorter last group where the group size does not divide a
+    module's input width (`ColumnSpec`); without it such a module is refused, naming the sizes that fit.
+    ``overrides`` maps a module name to a spec (or its fields) that replaces the result.
     """
     modules = linear_modules(model)
     specs: dict[str, ColumnSpec] = {}
     if isinstance(plan_or_bits, int) and not isinstance(plan_or_bits, bool):
-        specs = {name: ColumnSpec(plan_or_bits, group_size, symmetric) for name in modules}
+        specs = {name: _named_spec(name, bits=plan_or_bits, group_size=group_size, symmetric=symmetric,
+                                   partial_last=partial_last) for name in modules}
     elif hasattr(plan_or_bits, "entries") and hasattr(plan_or_bits, "modules"):
         for name, entry in plan_or_bits.entries.items():
             if name not in modules or not entry.quantized:
@@ -145,7 +149,7 @@ def module_specs(model: torch.nn.Module, plan_or_bits: Any, *, group_size: int |
             raw = plan_or_bits.modules[name]
             group = parse_column_group(raw["column_group"]) if "column_group" in raw else group_size
             specs[name] = _named_spec(name, bits=entry.weight_bits, group_size=group,
-                                      symmetric=entry.scheme == "symmetric")
+                                      symmetric=entry.scheme == "symmetric", partial_last=partial_last)
     else:
         raise ConfigError(f"expected a number of bits or a BitPlan, not {type(plan_or_bits).__name__}")
     for name, override in (overrides or {}).items():
@@ -165,7 +169,7 @@ def _named_spec(name: str, **fields: Any) -> ColumnSpec:
 
 
 def quantize_model(model: torch.nn.Module, plan_or_bits: Any, method: str = "gptq", windows: Windows | None = None,
-                   *, group_size: int | None = 128, symmetric: bool = True,
+                   *, group_size: int | None = 128, symmetric: bool = True, partial_last: bool = False,
                    overrides: Mapping[str, ColumnSpec | Mapping[str, Any]] | None = None, config: Any = None,
                    batch_size: int = 4, on_module: Callable[[str, ModuleOutcome], None] | None = None) -> PTQRecord:
     """Quantize every linear module of ``model`` (except the LM head) in place with ``method`` (`PTQ_METHODS`),
@@ -179,7 +183,8 @@ def quantize_model(model: torch.nn.Module, plan_or_bits: Any, method: str = "gpt
     config = chosen.config_cls() if config is None else config
     if not isinstance(config, chosen.config_cls):
         raise ConfigError(f"method {method} takes a {chosen.config_cls.__name__}, not {type(config).__name__}")
-    specs = module_specs(model, plan_or_bits, group_size=group_size, symmetric=symmetric, overrides=overrides)
+    specs = module_specs(model, plan_or_bits, group_size=group_size, symmetric=symmetric, partial_last=partial_last,
+                         overrides=overrides)
     if not specs:
         raise ConfigError("no linear module to quantize (the LM head is never quantized here)")
     modules = linear_modules(model)
@@ -190,7 +195,8 @@ def quantize_model(model: torch.nn.Module, plan_or_bits: Any, method: str = "gpt
         began = time.perf_counter()
         module = modules[name]
         weight = module.weight.detach()
-        hessian = stats.hessian() if stats is not None else None
+        # GPTQ runs in float32 as the authors' code does; the sums behind the Hessian are float64
+        hessian = stats.hessian().float() if stats is not None else None
         quantized, details = chosen.run(weight, specs[name], hessian, config, name)
         dequantized = quantized.dequantize().to(weight.dtype)
         delta = dequantized.to(torch.float64) - weight.to(torch.float64)

@@ -79,12 +79,15 @@ class ColumnSpec:
     """How one weight is quantized in column groups: ``bits`` (2..8), ``group_size`` consecutive input
     columns per scale (None: one per row), ``symmetric`` or asymmetric (zero points), and the
     ``scale_format`` of the stored scales (``float16``: rounded up to float16, what a checkpoint holds;
-    ``exact``: as computed)."""
+    ``exact``: as computed). ``partial_last`` lets the last group of a row be shorter when ``group_size`` does
+    not divide the input width (GPTQ's packed format and GPTQModel do this: SmolLM2's 576 columns at g128 are
+    four groups of 128 and one of 64); without it such a width is refused."""
 
     bits: int
     group_size: int | None = 128
     symmetric: bool = True
     scale_format: str = "float16"
+    partial_last: bool = False
 
     def __post_init__(self) -> None:
         check_bits(self.bits)
@@ -98,21 +101,24 @@ class ColumnSpec:
             raise ConfigError(f"symmetric must be True or False, not {self.symmetric!r}")
         if self.scale_format not in SCALE_FORMATS:
             raise ConfigError(f"unknown scale_format {self.scale_format!r}; known: {', '.join(SCALE_FORMATS)}")
+        if not isinstance(self.partial_last, bool):
+            raise ConfigError(f"partial_last must be True or False, not {self.partial_last!r}")
 
     def width(self, in_features: int, *, where: str = "the weight") -> int:
-        """Columns per group for a weight of ``in_features`` columns; ConfigError naming ``where`` and the
-        group sizes that would fit when ``group_size`` does not divide it."""
+        """Columns per group for a weight of ``in_features`` columns (the last group may be shorter with
+        ``partial_last``); ConfigError naming ``where`` and the group sizes that would fit when ``group_size``
+        does not divide it and ``partial_last`` is off."""
         if self.group_size is None:
             return in_features
-        if in_features % self.group_size:
+        if in_features % self.group_size and not self.partial_last:
             fits = [str(g) for g in COLUMN_GROUP_SIZES if in_features % g == 0] + ["row"]
             raise ConfigError(f"group size {self.group_size} does not divide the {in_features} input columns of "
-                              f"{where}; group sizes that work: {', '.join(fits)}")
+                              f"{where}; group sizes that work: {', '.join(fits)} (or a shorter last group)")
         return self.group_size
 
     def groups(self, in_features: int) -> int:
-        """Groups (scales) per row for ``in_features`` columns."""
-        return in_features // self.width(in_features)
+        """Groups (scales) per row for ``in_features`` columns, a shorter last one included."""
+        return -(-in_features // self.width(in_features))
 
     @property
     def name(self) -> str:
@@ -140,7 +146,7 @@ class ColumnQuantized:
 
     def dequantize(self) -> torch.Tensor:
         """``(q - z) * s`` per group, in the scale's dtype, shape ``(out, in)``: what a loader computes."""
-        return dequantize_codes(self.q, self.scale, self.zero_point)
+        return dequantize_codes(self.q, self.scale, self.zero_point, self.spec.width(self.q.shape[1]))
 
     @property
     def storage_bits(self) -> int:
@@ -148,19 +154,21 @@ class ColumnQuantized:
         return storage_bits(self.q.shape[0], self.q.shape[1], self.spec)
 
 
-def _expand(per_group: torch.Tensor, width: int) -> torch.Tensor:
-    """``(out, groups)`` -> ``(out, groups * width)``: each group's value repeated over its columns."""
-    return per_group.repeat_interleave(width, dim=1)
+def expand_groups(per_group: torch.Tensor, width: int, columns: int) -> torch.Tensor:
+    """``(out, groups)`` -> ``(out, columns)``: each group's value over its ``width`` columns (the last group
+    cut at ``columns``)."""
+    return per_group.repeat_interleave(width, dim=1)[:, :columns]
 
 
-def dequantize_codes(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None) -> torch.Tensor:
+def dequantize_codes(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
+                     width: int) -> torch.Tensor:
     """``(q - zero_point) * scale`` with ``scale`` / ``zero_point`` of shape ``(out, groups)`` spread over
-    ``q``'s ``(out, in)`` columns in equal consecutive groups."""
-    width = q.shape[1] // scale.shape[1]
+    ``q``'s ``(out, in)`` columns in consecutive groups of ``width`` (the last one possibly shorter)."""
+    columns = q.shape[1]
     values = q.to(scale.dtype)
     if zero_point is not None:
-        values = values - _expand(zero_point.to(scale.dtype), width)
-    return values * _expand(scale, width)
+        values = values - expand_groups(zero_point.to(scale.dtype), width, columns)
+    return values * expand_groups(scale, width, columns)
 
 
 def _check_weight(weight: torch.Tensor) -> None:
@@ -209,23 +217,33 @@ def quantize_columns(weight: torch.Tensor, spec: ColumnSpec, *, where: str = "th
     """Round-to-nearest column-group quantization of ``weight`` ``(out, in)`` as ``spec`` says.
 
     The weight is viewed as ``(out * groups, G)`` and each row of that view quantized as one group by
-    `qanalyze.quant.primitives`, so rounding, clamping and dtypes are that module's. ConfigError naming
-    ``where`` when the group size does not divide the input width.
+    `qanalyze.quant.primitives`, so rounding, clamping and dtypes are that module's (a shorter last group,
+    with ``partial_last``, is quantized the same way on its own). ConfigError naming ``where`` when the group
+    size does not divide the input width and ``partial_last`` is off.
     """
     _check_weight(weight)
-    out_features, in_features = weight.shape
+    in_features = weight.shape[1]
     width = spec.width(in_features, where=where)
+    full = in_features // width * width
+    parts = [_quantize_even(weight.detach()[:, :full], spec, width)] if full else []
+    if full < in_features:
+        parts.append(_quantize_even(weight.detach()[:, full:], spec, in_features - full))
+    codes, scales, zeros = (torch.cat([part[k] for part in parts], dim=1) if parts[0][k] is not None else None
+                            for k in range(3))
+    return ColumnQuantized(q=codes, scale=scales, zero_point=zeros, spec=spec)
+
+
+def _quantize_even(weight: torch.Tensor, spec: ColumnSpec,
+                   width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Codes, scales and zero points of ``weight`` whose columns split evenly into groups of ``width``."""
+    out_features, in_features = weight.shape
     groups = in_features // width
-    flat = weight.detach().reshape(out_features * groups, width)
+    flat = weight.reshape(out_features * groups, width)
     scale, zero = group_params(flat, spec)
     codes = column_codes(flat, scale, zero, spec.bits)
     dtype = code_dtype(spec)
-    return ColumnQuantized(
-        q=codes.to(dtype).reshape(out_features, in_features),
-        scale=scale.reshape(out_features, groups),
-        zero_point=None if zero is None else zero.to(dtype).reshape(out_features, groups),
-        spec=spec,
-    )
+    return (codes.to(dtype).reshape(out_features, in_features), scale.reshape(out_features, groups),
+            None if zero is None else zero.to(dtype).reshape(out_features, groups))
 
 
 def bits_per_weight(out_features: int, in_features: int, spec: ColumnSpec) -> float:

@@ -78,7 +78,19 @@ def test_codes_round_trip_exactly(symmetric, bits):
     # the codes lie in their range and dequantize by the formula
     low, high = (-(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1) if symmetric else (0, 2**bits - 1)
     assert int(first.q.min()) >= low and int(first.q.max()) <= high
-    torch.testing.assert_close(dequantize_codes(first.q, first.scale, first.zero_point), first.dequantize())
+    torch.testing.assert_close(dequantize_codes(first.q, first.scale, first.zero_point, 64), first.dequantize())
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_a_shorter_last_group_when_asked(symmetric):
+    w = weight(8, 160, seed=3).double()
+    spec = ColumnSpec(3, 64, symmetric, scale_format="exact", partial_last=True)
+    found = quantize_columns(w, spec)
+    assert found.scale.shape == (8, 3) and spec.groups(160) == 3
+    torch.testing.assert_close(found.dequantize(), reference(w, 3, 64, symmetric), rtol=0, atol=1e-12)
+    assert found.storage_bits == 3 * 8 * 160 + (16 + (0 if symmetric else 3)) * 8 * 3
+    with pytest.raises(ConfigError, match=r"does not divide the 160 input columns of x; group sizes that work: 32"):
+        quantize_columns(w, ColumnSpec(3, 64, symmetric), where="x")
 
 
 def test_float16_scales_are_stored_exactly_and_cover_the_range():

@@ -64,10 +64,11 @@ def output_error(w, quantized, x):
 
 @pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("symmetric", [True, False])
-@pytest.mark.parametrize("block_size", [128, 24])
-def test_blocked_gptq_gives_the_reference_codes(act_order, symmetric, block_size):
-    w, _, h = correlated_layer(3, out=6, columns=64)
-    spec = ColumnSpec(3, 16, symmetric, scale_format="exact")
+@pytest.mark.parametrize(("block_size", "columns"), [(128, 64), (24, 64), (24, 56)])
+def test_blocked_gptq_gives_the_reference_codes(act_order, symmetric, block_size, columns):
+    w, _, h = correlated_layer(3, out=6, columns=columns)
+    # 56 columns: groups of 16, 16, 16 and a last one of 8
+    spec = ColumnSpec(3, 16, symmetric, scale_format="exact", partial_last=True)
     expected = reference_gptq(w, h, spec, act_order=act_order)
     result = gptq_quantize(w, spec, h, GPTQConfig(block_size=block_size, act_order=act_order))
     assert torch.equal(result.quantized.q.double(), expected)

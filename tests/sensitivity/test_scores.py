@@ -226,3 +226,16 @@ def test_cli_analyzes_an_lm_with_the_scores(tmp_path, llama, text_dir, capfd):
     entry = json.loads(out.read_text())["modules"]["model.layers.0.mlp.up_proj"]
     assert entry["fisher_error"]["2"]["channel"] > entry["fisher_error"]["4"]["channel"] > 0
     assert set(entry["output_gradient_error"]) == {"2", "3", "4", "5", "6", "8"}
+
+
+def test_objectives_read_the_scores_and_scale_unscored_bits():
+    from qanalyze.errors import ConfigError
+    from qanalyze.plan.costs import OBJECTIVES
+
+    entry = {"shape": [4, 4], "weight_error": {"3": {"channel": 2.0}, "4": {"channel": 0.5}},
+             "fisher_error": {"3": {"channel": 0.2}, "4": {"channel": 0.06}},
+             "output_gradient_error": {"4": {"channel": 0.1}}}
+    assert OBJECTIVES["fisher"](entry, 3, "channel") == 0.2
+    assert OBJECTIVES["output-gradient"](entry, 3, "channel") == pytest.approx(0.4)  # 0.1 x 2.0 / 0.5
+    with pytest.raises(ConfigError, match="has no fisher_error: run `qanalyze analyze` with the fisher metric"):
+        OBJECTIVES["fisher"]({"weight_error": entry["weight_error"]}, 3, "channel")
