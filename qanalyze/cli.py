@@ -24,6 +24,7 @@ from typing import Any
 import click
 
 from qanalyze.cli_options import (
+    OBJECTIVE_CHOICES,
     SectionedCommand,
     analyze_options,
     data_options,
@@ -228,6 +229,7 @@ def build_cli() -> click.Group:
             trace_min_probes=min(8, kw["trace_probes"]), trace_refine_params=kw["trace_refine_params"],
             gradient_draws=kw["gradient_draws"], bits=int_list(kw["bits"]),
             gradient_bits=int_list(kw["gradient_bits"]), weight_range=kw["weight_range"],
+            score_bits=int_list(kw["score_bits"]), score_labels=kw["score_labels"],
             measure_delta_loss=kw["measure_delta_loss"], seed=kw["seed"])
         data = load_task_data(kw)
         def kept() -> str:
@@ -308,7 +310,8 @@ def build_cli() -> click.Group:
                   help="Uniform integer-training reference points (int mode, W=A=G bits); `none` for none.")
     @click.option("--sensitivity", type=click.Path(dir_okay=False), default=None,
                   help="From `qanalyze analyze` (default: OUT/sensitivity.json, made if missing).")
-    @click.option("--objective", type=click.Choice(["trace", "eig", "measured"]), default="trace", show_default=True)
+    @click.option("--objective", type=click.Choice(OBJECTIVE_CHOICES), default="auto", show_default=True,
+                  help="As for `qanalyze plan`.")
     @click.option("--act-budget", default="8bit", show_default=True, help="Mean activation bits of every plan.")
     @group_options(" in every plan")
     @click.option("--measure-delta-loss", is_flag=True, help="When the sweep analyzes: also measure each module's "

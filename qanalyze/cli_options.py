@@ -224,8 +224,14 @@ analyze_options = option_group(
     click.option("--batches", type=click.IntRange(min=1), default=4, show_default=True,
                  help="Calibration batches (Q-BERT: eigenvalues per batch, Ω = |mean| + std)."),
     click.option("--metrics", default="trace,weights,activations,gradients", show_default=True,
-                 help="Any of eig, trace, density, weights, activations, gradients (eig: Q-BERT's per-module and "
-                      "per-layer top eigenvalues, for --objective eig; the default objective needs the rest)."),
+                 help="Any of eig, trace, density, weights, activations, gradients, fisher, output-gradient (eig: "
+                      "Q-BERT's per-module and per-layer top eigenvalues, for --objective eig; fisher and "
+                      "output-gradient: one-pass scores, fisher always added for task lm)."),
+    click.option("--score-bits", default="2,3,4,5,6,8", show_default=True,
+                 help="Bits the output-gradient score is measured at."),
+    click.option("--score-labels", type=click.Choice(["sampled", "data"]), default="sampled", show_default=True,
+                 help="Labels of the fisher and output-gradient passes: drawn from the model (the true Fisher) or "
+                      "the data's."),
     click.option("--modules", default=None, help="Only modules whose name matches this regular expression."),
     click.option("--engine", type=click.Choice(["native", "pyhessian"]), default="native", show_default=True),
     click.option("--eig-method", type=click.Choice(["lanczos", "power"]), default="lanczos", show_default=True),
@@ -259,14 +265,19 @@ analyze_options = option_group(
 )
 """Options of `qanalyze analyze`; the defaults are `AnalyzeConfig`'s (a test holds them equal)."""
 
+OBJECTIVE_CHOICES = ["auto", "trace", "eig", "measured", "fisher", "output-gradient"]
+"""``--objective``: auto and the planner's objectives (`qanalyze.plan.costs.OBJECTIVES`, which a test holds
+equal; not imported here, since the planner pulls in torch and ``--help`` should answer at once)."""
+
 plan_options = option_group(
     click.option("--budget", help="Weight budget: 4bit, 3.5bit (mean bits, scales counted), 12MB, 12MiB, 0.5GB, 8x."),
     click.option("--sensitivity", type=click.Path(dir_okay=False), default=None,
                  help="From `qanalyze analyze` (default: sensitivity.json beside OUT, made if missing)."),
     click.option("--out", type=click.Path(dir_okay=False), default=None, help="plan.json to write."),
-    click.option("--objective", type=click.Choice(["trace", "eig", "measured"]), default="trace",
-                 show_default=True,
-                 help="Predicted damage: (tr H / n)·‖ΔW‖² (HAWQ-V2), Ω·‖ΔW‖² (Q-BERT) or measured Δloss."),
+    click.option("--objective", type=click.Choice(OBJECTIVE_CHOICES), default="auto", show_default=True,
+                 help="Predicted damage: (tr H / n)·‖ΔW‖² (trace, HAWQ-V2), Ω·‖ΔW‖² (eig, Q-BERT), measured Δloss, "
+                      "Σ F_ii ΔW² (fisher) or Σ (∂L/∂Y)² (Y − Y_q)² (output-gradient, ModelOpt); auto: fisher for "
+                      "task lm (it measured best there), trace otherwise."),
     click.option("--bits", "bit_list", default=PLAN_BITS, show_default=True,
                  help="Allowed bit-widths."),
     click.option("--group-sizes", default=PLAN_GROUPS, show_default=True,

@@ -83,13 +83,18 @@ def analyze(model: str, data: TaskData, config: AnalyzeConfig, out: str | Path, 
     `SensitivityReport`."""
     from qanalyze.engine.train import resolve_device
     from qanalyze.models import check_max_length, has_task_head, load_model
+    from qanalyze.plan.make import resolve_objective
     from qanalyze.rundir import check_output_file
     from qanalyze.sensitivity.analyze import analyze as run_analysis
 
     check_output_file(out, inputs=(model,), overwrite=overwrite or resume)  # resume writes OUT from OUT.partial
     seed_everything(config.seed)
     loaded = load_model(model, num_labels=data.task.num_labels, eager_attention=True)
-    check_max_length(loaded.model, config.max_length)
+    if data.task.kind == "lm":
+        # the windows are checked against the context by the analysis itself; fisher is the LM objective
+        config = config.for_objective(resolve_objective("auto", data.task.kind))
+    else:
+        check_max_length(loaded.model, config.max_length)
     if not has_task_head(loaded.model):
         raise ConfigError(f"{model} has no trained {data.task.name} head, so its loss means nothing; fine-tune "
                           f"one first (qanalyze finetune {model} --task {data.task.name} --data ... --out RUN) "
@@ -120,7 +125,7 @@ def plan_for(model: str, budget: str, config: PlanConfig, out: str | Path, *, se
     from qanalyze.models import inventory, load_model
     from qanalyze.plan.architecture import check_plan, check_sensitivity
     from qanalyze.plan.budget import parse_budget
-    from qanalyze.plan.make import BASELINES, make_plan
+    from qanalyze.plan.make import BASELINES, make_plan, resolve_objective, task_kind
     from qanalyze.records import SensitivityReport
     from qanalyze.rundir import check_output_file
     from qanalyze.sensitivity.analyze import AnalyzeConfig, partial_path
@@ -137,13 +142,16 @@ def plan_for(model: str, budget: str, config: PlanConfig, out: str | Path, *, se
         if data is None:
             raise ConfigError(f"no sensitivity file at {source}: pass --sensitivity FILE, or --task and --data to "
                               "analyze the model first")
-        analysis = (analysis or AnalyzeConfig(seed=config.seed)).for_objective(config.objective)
+        objective = resolve_objective(config.objective, data.task.kind)
+        analysis = (analysis or AnalyzeConfig(seed=config.seed)).for_objective(objective)
         analyze(model, data, analysis, source, resume=partial_path(source).exists(), progress=progress)
     report = SensitivityReport.load(source)
     task = report.data.get("task")
-    loaded = load_model(model, num_labels=get_task(task).num_labels if task else None)
+    kind = task_kind(report.data)
+    loaded = load_model(model, num_labels=get_task(task).num_labels if task and kind != "lm" else None)
     infos = inventory(loaded.model)
-    check_sensitivity(report, infos, loaded.identity, source, objective=config.objective, any_weights=any_weights)
+    check_sensitivity(report, infos, loaded.identity, source, objective=resolve_objective(config.objective, kind),
+                      any_weights=any_weights)
     shapes = {info.name: list(info.shape) for info in infos}
     made = [make_plan(report, parsed, config, sensitivity_path=source)]
     if baselines:

@@ -459,3 +459,13 @@ def test_the_same_inputs_give_the_same_records_from_any_working_directory(capfd,
     assert _without_times(records[0]) == _without_times(records[1])
     assert records[0]["model"]["source"] == str(tiny_bert_dir.resolve())
     assert records[0]["data"]["source"] == str(Path(glue_dir).resolve())
+
+
+def test_the_objective_choices_are_the_planners_and_auto_follows_the_task():
+    from qanalyze.cli_options import OBJECTIVE_CHOICES
+    from qanalyze.plan.costs import OBJECTIVES
+    from qanalyze.plan.make import resolve_objective
+
+    assert ["auto", *OBJECTIVES] == OBJECTIVE_CHOICES
+    assert resolve_objective("auto", "lm") == "fisher" and resolve_objective("auto", "classification") == "trace"
+    assert resolve_objective("eig", "lm") == "eig"

@@ -35,7 +35,7 @@ from qanalyze.methods import get_method
 from qanalyze.models import LoadedModel, has_task_head, inventory, load_model
 from qanalyze.plan.architecture import check_plan, check_sensitivity
 from qanalyze.plan.budget import parse_budget
-from qanalyze.plan.make import make_plan
+from qanalyze.plan.make import make_plan, resolve_objective
 from qanalyze.plan.uniform import uniform_plan
 from qanalyze.records import (
     BitPlan,
@@ -112,11 +112,13 @@ def sweep(model: str, data: TaskData, config: SweepConfig, out: str | Path, *,
             raise ConfigError(f"sensitivity file not found: {sensitivity}")
         _call(hooks.on_stage, f"analyzing {model} into {source}")
         analyze(load_model(model, num_labels=data.task.num_labels, eager_attention=True), data,
-                config.analysis.for_objective(config.plan.objective), source, resume=partial_path(source).exists(),
+                config.analysis.for_objective(resolve_objective(config.plan.objective, data.task.kind)),
+                source, resume=partial_path(source).exists(),
                 progress=hooks.on_analysis)
     _call(hooks.on_stage, "planning")
     report = SensitivityReport.load(source)
-    check_sensitivity(report, inventory(loaded.model), loaded.identity, source, objective=config.plan.objective)
+    check_sensitivity(report, inventory(loaded.model), loaded.identity, source,
+                      objective=resolve_objective(config.plan.objective, data.task.kind))
     runs = _plan_runs(loaded, config, out, report, source)
     _call(hooks.on_stage, "evaluating the FP32 model")
     fp32 = _fp32_reference(loaded, data, config, out)
