@@ -155,3 +155,14 @@ def test_gptq_needs_windows_and_its_own_config(llama):
         quantize_model(copy.deepcopy(llama), 4, "gptq", group_size=32)
     with pytest.raises(ConfigError, match="method rtn takes a RTNConfig, not GPTQConfig"):
         quantize_model(copy.deepcopy(llama), 4, "rtn", group_size=32, config=GPTQConfig())
+
+
+def test_gptq_act_order_keeps_groups_contiguous_in_storage(llama, windows):
+    calib, test = windows
+    model = copy.deepcopy(llama)
+    record = quantize_model(model, 4, "gptq", calib, group_size=32, config=GPTQConfig(act_order=True),
+                            batch_size=8)
+    outcome = record.modules["model.layers.1.mlp.down_proj"]
+    assert outcome.quantized.scale.shape == (32, 2)  # 64 input columns: two groups of 32, in column order
+    assert torch.equal(outcome.quantized.dequantize(), model.model.layers[1].mlp.down_proj.weight)
+    assert record.config["act_order"] is True and math.isfinite(evaluate_lm(model, test)[0])
