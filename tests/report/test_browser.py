@@ -48,7 +48,7 @@ def test_report_renders_every_section_without_broken_images_or_errors(browser, s
         assert page.locator(f"section#{section} h2").count() == 1, section
         assert page.locator(f"section#{section} .missing").count() == 0, section
     images = page.evaluate("Array.from(document.images).map(i => [i.complete, i.naturalWidth, i.naturalHeight])")
-    assert len(images) == len(result.pngs) == 9
+    assert len(images) == len(result.pngs) == 10
     assert all(complete and width > 0 and height > 0 for complete, width, height in images), images
     # readable without scrolling sideways, even with every table opened
     page.evaluate("document.querySelectorAll('details').forEach(d => d.open = true)")
@@ -66,6 +66,6 @@ def test_a_report_from_a_sensitivity_file_alone_says_what_is_missing(browser, sw
     page, problems = _open(browser, out)
     for section in ("plan", "pareto"):
         assert page.locator(f"section#{section} .missing").count() == 1, section
-    assert page.locator("section#sensitivity img").count() == 2  # bars and density
+    assert page.locator("section#sensitivity img").count() == 3  # bars, density and the layer x module type heatmap
     assert problems == []
     page.close()

@@ -19,7 +19,7 @@ def test_a_sweep_folder_fills_every_section(sweep_folder, tmp_path):
     html = (tmp_path / "r.html").read_text()
     assert {p.name for p in result.pngs} == {"sensitivity.png", "density.png", "weight-error.png",
                                              "activation-error.png", "gradient-error.png", "plan.png", "pareto.png",
-                                             "ranks.png", "predictors.png"}
+                                             "ranks.png", "predictors.png", "layers.png"}
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in result.pngs)
     # self-contained: nothing is fetched from anywhere
     assert not re.search(r"""(src|href)=["'](https?:)?//""", html)
@@ -45,7 +45,7 @@ def test_report_command_writes_page_and_figures(capfd, sweep_folder, tmp_path):
     assert main(["report", str(sweep_folder), "--out", str(out)]) == 0
     stdout, _ = capfd.readouterr()
     assert stdout.strip() == str(out) and out.is_file()
-    assert len(list((tmp_path / "site" / "report-figures").glob("*.png"))) == 9
+    assert len(list((tmp_path / "site" / "report-figures").glob("*.png"))) == 10
 
 
 def test_bad_report_inputs_get_one_line_and_no_page(capfd, tmp_path, sweep_folder):
