@@ -1,9 +1,10 @@
 """The ``qanalyze`` command line: each command parses its options, calls one library verb
 (`qanalyze.verbs`) and prints what comes back.
 
-Exit codes: 0 ok; 2 bad input (`qanalyze.errors.InputError`, click usage errors: one line on stderr,
-nothing written); 3 training diverged (NaN or overflow: a finding about the plan or the settings, not
-bad input); 130 interrupted (a training run keeps a checkpoint for ``--resume``); 1 an internal error
+Exit codes: 0 ok; 2 what the user can fix (`qanalyze.errors.InputError`, click usage errors, and
+file-system errors such as permissions or a full disk: one line on stderr, nothing written); 3 training
+diverged (NaN or overflow: a finding about the plan or the settings, not bad input); 130 interrupted
+(`qanalyze.errors.Interrupted`: one line saying what was kept and how to go on); 1 an internal error
 (traceback only with ``QANALYZE_DEBUG=1``). Heavy libraries are imported inside the commands so that
 ``--help`` answers at once; the commands are built per call so that methods registered at run time
 (`qanalyze.methods.register`) get their ``--mode`` choice and options.
