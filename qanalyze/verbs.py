@@ -14,7 +14,7 @@ a Python caller can do the same way::
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -85,13 +85,18 @@ def analyze(model: str, data: TaskData, config: AnalyzeConfig, out: str | Path, 
     from qanalyze.models import check_max_length, has_task_head, load_model
     from qanalyze.plan.make import resolve_objective
     from qanalyze.rundir import check_output_file
+    from qanalyze.sensitivity.analyze import DEFAULT_METRICS, LM_DEFAULT_METRICS
     from qanalyze.sensitivity.analyze import analyze as run_analysis
 
     check_output_file(out, inputs=(model,), overwrite=overwrite or resume)  # resume writes OUT from OUT.partial
     seed_everything(config.seed)
     loaded = load_model(model, num_labels=data.task.num_labels, eager_attention=True)
     if data.task.kind == "lm":
-        # the windows are checked against the context by the analysis itself; fisher is the LM objective
+        # The windows are checked against the context by the analysis itself. The default metrics become what
+        # the LM objective reads (weight errors and the Fisher score, one gradient pass per window): traces and
+        # the activation/gradient probes cost minutes per window on a 135M-parameter model.
+        if config.metrics == DEFAULT_METRICS:
+            config = replace(config, metrics=LM_DEFAULT_METRICS)
         config = config.for_objective(resolve_objective("auto", data.task.kind))
     else:
         check_max_length(loaded.model, config.max_length)
