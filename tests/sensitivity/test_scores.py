@@ -239,3 +239,16 @@ def test_objectives_read_the_scores_and_scale_unscored_bits():
     assert OBJECTIVES["output-gradient"](entry, 3, "channel") == pytest.approx(0.4)  # 0.1 x 2.0 / 0.5
     with pytest.raises(ConfigError, match="has no fisher_error: run `qanalyze analyze` with the fisher metric"):
         OBJECTIVES["fisher"]({"weight_error": entry["weight_error"]}, 3, "channel")
+
+
+def test_an_lm_analysis_defaults_to_what_its_objective_reads(tmp_path, llama, text_dir):
+    from qanalyze import load_task, verbs
+    from qanalyze.sensitivity.analyze import AnalyzeConfig
+
+    folder = tmp_path / "llama"
+    llama.model.save_pretrained(folder)
+    llama.tokenizer.save_pretrained(folder)
+    data = load_task("lm", str(text_dir), seq_len=SEQ_LEN)
+    report = verbs.analyze(str(folder), data, AnalyzeConfig(batches=2, batch_size=1, bits=(2, 4)), tmp_path / "s.json")
+    assert report.settings["metrics"] == ["weights", "fisher"]
+    assert all("fisher_error" in entry for entry in report.modules.values())
