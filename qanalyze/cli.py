@@ -12,9 +12,7 @@ diverged (NaN or overflow: a finding about the plan or the settings, not bad inp
 
 from __future__ import annotations
 
-import errno
 import os
-import re
 import sys
 import traceback
 from collections.abc import Callable, Iterator
@@ -422,38 +420,17 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except Exception as exc:
         from qanalyze.engine.train import TrainingDiverged
-        from qanalyze.errors import Interrupted
+        from qanalyze.errors import Interrupted, file_system_problem
 
         if isinstance(exc, Interrupted | TrainingDiverged):
             click.echo(f"error: {_one_line(exc)}", err=True)
             return EXIT_INTERRUPTED if isinstance(exc, Interrupted) else EXIT_DIVERGED
-        problem = _file_system_problem(exc)
+        problem = file_system_problem(exc)
         if problem is None:
             return _internal(exc)
         click.echo(f"error: {problem}", err=True)
         return EXIT_INPUT
     return result if isinstance(result, int) else EXIT_OK
-
-
-# Errors of the file system that the user can act on: permissions, a full or read-only disk, a file size
-# limit, a file where a folder is needed (and the reverse), a name too long.
-_USER_OS_ERRORS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.ENOTDIR,
-                   errno.EISDIR, errno.ENAMETOOLONG}
-
-
-def _file_system_problem(exc: BaseException) -> str | None:
-    """The one line for a file-system error the user can act on, else None. Writers in Rust (safetensors)
-    report the OS error only inside their message: "I/O error: File too large (os error 27)"."""
-    if isinstance(exc, OSError):
-        number, reason, where = exc.errno, exc.strerror or str(exc), f" {exc.filename}" if exc.filename else ""
-    else:
-        found = re.search(r"I/O error: (.*?) \(os error (\d+)\)", str(exc))
-        if found is None:
-            return None
-        number, reason, where = int(found.group(2)), found.group(1), ""
-    if number not in _USER_OS_ERRORS:
-        return None
-    return f"cannot write or read{where}: {reason}"
 
 
 def _internal(exc: BaseException) -> int:

@@ -1,7 +1,11 @@
 """Named errors. Every `InputError` is the user's to fix: the CLI prints its message on one
-line and exits with code 2. Anything else is a bug in qanalyze (exit 1)."""
+line and exits with code 2, as for the file-system errors `file_system_problem` recognises. Anything
+else is a bug in qanalyze (exit 1)."""
 
 from __future__ import annotations
+
+import errno
+import re
 
 
 class QAnalyzeError(Exception):
@@ -48,3 +52,24 @@ class NonFiniteError(ConfigError):
 class Interrupted(QAnalyzeError):
     """The user stopped a command with Ctrl-C; the message says what was kept and how to go on (the CLI
     prints it and exits 130)."""
+
+
+USER_OS_ERRORS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.ENOTDIR,
+                  errno.EISDIR, errno.ENAMETOOLONG}
+"""Errors of the file system the user can act on (the CLI exits 2): permissions, a full or read-only disk, a
+file size limit, a file where a folder is needed (and the reverse), a name too long."""
+
+
+def file_system_problem(exc: BaseException) -> str | None:
+    """The one line for a file-system error the user can act on, else None. Writers in Rust (safetensors)
+    report the OS error only inside their message: "I/O error: File too large (os error 27)"."""
+    if isinstance(exc, OSError):
+        number, reason, where = exc.errno, exc.strerror or str(exc), f" {exc.filename}" if exc.filename else ""
+    else:
+        found = re.search(r"I/O error: (.*?) \(os error (\d+)\)", str(exc))
+        if found is None:
+            return None
+        number, reason, where = int(found.group(2)), found.group(1), ""
+    if number not in USER_OS_ERRORS:
+        return None
+    return f"cannot write or read{where}: {reason}"
