@@ -40,6 +40,18 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _check_input_length(model: Any, data: TaskData, max_length: int) -> None:
+    """Refuse inputs longer than ``model``'s positions before any work: the ``lm`` task's windows
+    (``--seq-len``; ``max_length`` does not apply to them), else ``max_length``."""
+    from qanalyze.lm_data import LMText
+    from qanalyze.models import check_max_length
+
+    if isinstance(data.train, LMText):
+        check_max_length(model, data.train.seq_len, flag="--seq-len")
+    else:
+        check_max_length(model, max_length)
+
+
 def train(model: str | LoadedModel, data: TaskData, config: TrainConfig, out: str | Path, *, mode: str = "fp32",
           plan: str | BitPlan | None = None, method_config: MethodConfig | None = None, resume: bool = False,
           overwrite: bool = False, on_step: Callable[[StepLog], None] | None = None,
@@ -52,7 +64,7 @@ def train(model: str | LoadedModel, data: TaskData, config: TrainConfig, out: st
     """
     from qanalyze.engine.train import train as run_loop
     from qanalyze.methods import get_method
-    from qanalyze.models import check_max_length, load_model
+    from qanalyze.models import load_model
     from qanalyze.plan.uniform import resolve_plan
     from qanalyze.records import BitPlan
     from qanalyze.rundir import check_free_space, check_run_dir, prepare_run_dir
@@ -65,7 +77,7 @@ def train(model: str | LoadedModel, data: TaskData, config: TrainConfig, out: st
     # recorded resolved, so that a run's record does not depend on the folder the command ran in
     source = None if plan is None or isinstance(plan, BitPlan) else (
         plan if plan.startswith("uniform:") else str(Path(plan).resolve()))
-    check_max_length(loaded.model, config.max_length)
+    _check_input_length(loaded.model, data, config.max_length)
     # The saved model, and during a checkpoint's swap two checkpoints of weights and two Adam moments.
     check_free_space(out, 28 * sum(p.numel() for p in loaded.model.parameters()), "the model and its checkpoints")
     if isinstance(plan, str):
@@ -82,7 +94,7 @@ def analyze(model: str, data: TaskData, config: AnalyzeConfig, out: str | Path, 
     """Measure the sensitivity of ``model`` (which needs a trained task head) into ``out``; return the
     `SensitivityReport`."""
     from qanalyze.engine.train import resolve_device
-    from qanalyze.models import check_max_length, has_task_head, load_model
+    from qanalyze.models import has_task_head, load_model
     from qanalyze.plan.make import resolve_objective
     from qanalyze.rundir import check_output_file
     from qanalyze.sensitivity.analyze import DEFAULT_METRICS, LM_DEFAULT_METRICS
@@ -91,15 +103,14 @@ def analyze(model: str, data: TaskData, config: AnalyzeConfig, out: str | Path, 
     check_output_file(out, inputs=(model,), overwrite=overwrite or resume)  # resume writes OUT from OUT.partial
     seed_everything(config.seed)
     loaded = load_model(model, num_labels=data.task.num_labels, eager_attention=True)
+    _check_input_length(loaded.model, data, config.max_length)
     if data.task.kind == "lm":
-        # The windows are checked against the context by the analysis itself. The default metrics become what
-        # the LM objective reads (weight errors and the Fisher score, one gradient pass per window): traces and
-        # the activation/gradient probes cost minutes per window on a 135M-parameter model.
+        # The default metrics become what the LM objective reads (weight errors and the Fisher score, one
+        # gradient pass per window): traces and the activation/gradient probes cost minutes per window on a
+        # 135M-parameter model.
         if config.metrics == DEFAULT_METRICS:
             config = replace(config, metrics=LM_DEFAULT_METRICS)
         config = config.for_objective(resolve_objective("auto", data.task.kind))
-    else:
-        check_max_length(loaded.model, config.max_length)
     if not has_task_head(loaded.model):
         raise ConfigError(f"{model} has no trained {data.task.name} head, so its loss means nothing; fine-tune "
                           f"one first (qanalyze finetune {model} --task {data.task.name} --data ... --out RUN) "
