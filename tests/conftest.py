@@ -1,4 +1,5 @@
-"""Shared fixtures: the real GLUE data beside the checkout and a tiny BERT that uses the real tokenizer."""
+"""Shared fixtures: the real GLUE and WikiText-2 data beside the checkout, a tiny BERT and a tiny LLaMA that
+use the real MiniLM tokenizer."""
 
 from __future__ import annotations
 
@@ -7,9 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
 GLUE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "glue"
+WIKITEXT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext-2"
 
 
 @pytest.fixture(scope="session")
@@ -35,4 +37,28 @@ def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) ->
                         intermediate_size=64, max_position_embeddings=128, num_labels=2)
     BertForSequenceClassification(config).save_pretrained(folder)
     AutoTokenizer.from_pretrained(str(minilm_dir), local_files_only=True).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) -> Path:
+    """A tiny random LLaMA causal LM (hidden 32, 2 layers, grouped-query attention, tied embeddings, a
+    64-token context) saved with the real MiniLM tokenizer."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=True)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(str(minilm_dir), local_files_only=True).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def wikitext_sample_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """valid.txt and test.txt holding the first few thousand characters of the real WikiText-2 (tokenizing all
+    of it would cost most of a test's time)."""
+    folder = tmp_path_factory.mktemp("wikitext-sample")
+    for name, size in (("valid.txt", 3000), ("test.txt", 4000)):
+        (folder / name).write_text((WIKITEXT / name).read_text(encoding="utf-8")[:size], encoding="utf-8")
     return folder

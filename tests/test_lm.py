@@ -19,8 +19,7 @@ from qanalyze.errors import ConfigError, DataError, ModelFormatError
 from qanalyze.lm_data import LMText, cut_windows, encode_text
 from qanalyze.models import has_task_head, load_model
 
-WIKITEXT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext-2"
-CONTEXT = 64
+CONTEXT = 64  # the tiny models' positions (conftest's tiny_llama_dir has as many)
 
 
 def _tokenizer(minilm_dir: Path):
@@ -34,30 +33,11 @@ def _save(folder: Path, model: torch.nn.Module, minilm_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory, minilm_dir):
-    """A tiny random LLaMA causal LM (GQA, tied embeddings) with the MiniLM tokenizer."""
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=CONTEXT,
-                                      tie_word_embeddings=True)
-    return _save(tmp_path_factory.mktemp("llama"), transformers.LlamaForCausalLM(config), minilm_dir)
-
-
-@pytest.fixture(scope="module")
 def gpt2_dir(tmp_path_factory, minilm_dir):
     """A tiny random GPT-2 LM head model with the MiniLM tokenizer."""
     torch.manual_seed(1)
     config = transformers.GPT2Config(vocab_size=30522, n_embd=32, n_layer=2, n_head=2, n_positions=CONTEXT)
     return _save(tmp_path_factory.mktemp("gpt2"), transformers.GPT2LMHeadModel(config), minilm_dir)
-
-
-@pytest.fixture(scope="module")
-def text_dir(tmp_path_factory):
-    """valid.txt and test.txt holding a few thousand characters of WikiText-2 each."""
-    folder = tmp_path_factory.mktemp("text")
-    (folder / "valid.txt").write_text((WIKITEXT / "valid.txt").read_text(encoding="utf-8")[:3000], encoding="utf-8")
-    (folder / "test.txt").write_text((WIKITEXT / "test.txt").read_text(encoding="utf-8")[:4000], encoding="utf-8")
-    return folder
 
 
 def run_cli(capfd, *args):
@@ -114,23 +94,23 @@ def test_whole_text_is_tokenized_once(minilm_dir):
 # Reading the text
 
 
-def test_folder_takes_valid_for_training_and_test_for_evaluation(text_dir):
-    data = load_task("lm", str(text_dir), max_eval_examples=2, seed=1)
+def test_folder_takes_valid_for_training_and_test_for_evaluation(wikitext_sample_dir):
+    data = load_task("lm", str(wikitext_sample_dir), max_eval_examples=2, seed=1)
     assert data.train.where.endswith("valid.txt") and data.dev.where.endswith("test.txt")
     assert (data.dev.seq_len, data.dev.limit, data.dev.seed, data.train.limit) == (512, 2, 1, None)
     assert data.identity["format"] == "text" and len(data.identity["hash"]) == 64
 
 
-def test_identity_follows_text_and_window_settings(text_dir):
-    base = load_task("lm", str(text_dir)).identity
-    shorter = load_task("lm", str(text_dir), seq_len=32).identity
-    fewer_train = load_task("lm", str(text_dir), max_train_examples=3).identity
+def test_identity_follows_text_and_window_settings(wikitext_sample_dir):
+    base = load_task("lm", str(wikitext_sample_dir)).identity
+    shorter = load_task("lm", str(wikitext_sample_dir), seq_len=32).identity
+    fewer_train = load_task("lm", str(wikitext_sample_dir), max_train_examples=3).identity
     assert shorter["hash"] != base["hash"] and shorter["seq_len"] == 32
     assert fewer_train["dev_hash"] == base["dev_hash"] and fewer_train["train_hash"] != base["train_hash"]
 
 
-def test_single_text_file_serves_both_splits(text_dir):
-    data = load_task("lm", str(text_dir / "test.txt"))
+def test_single_text_file_serves_both_splits(wikitext_sample_dir):
+    data = load_task("lm", str(wikitext_sample_dir / "test.txt"))
     assert data.train.text == data.dev.text
 
 
@@ -181,12 +161,12 @@ def _plain_perplexity(model, windows) -> float:
     return math.exp(weighted / tokens)
 
 
-@pytest.mark.parametrize("fixture", ["llama_dir", "gpt2_dir"])
-def test_perplexity_equals_a_plain_transformers_loop(request, fixture, text_dir):
-    lm_task = load_task("lm", str(text_dir)).task
+@pytest.mark.parametrize("fixture", ["tiny_llama_dir", "gpt2_dir"])
+def test_perplexity_equals_a_plain_transformers_loop(request, fixture, wikitext_sample_dir):
+    lm_task = load_task("lm", str(wikitext_sample_dir)).task
     loaded = load_model(str(request.getfixturevalue(fixture)), num_labels=lm_task.num_labels)
     assert type(loaded.model).__name__.endswith(("ForCausalLM", "LMHeadModel")) and has_task_head(loaded.model)
-    data = load_task("lm", str(text_dir), seq_len=48, max_eval_examples=5)
+    data = load_task("lm", str(wikitext_sample_dir), seq_len=48, max_eval_examples=5)
     windows = encode(data.dev, loaded.tokenizer, max_length=128)
     assert len(windows) == 5
     result = evaluate(loaded.model, loaded.tokenizer, windows, data.task, batch_size=2)  # batches of 2, 2, 1
@@ -196,9 +176,9 @@ def test_perplexity_equals_a_plain_transformers_loop(request, fixture, text_dir)
 
 
 @pytest.fixture(scope="module")
-def llama_windows(llama_dir, text_dir):
-    loaded = load_model(str(llama_dir))
-    data = load_task("lm", str(text_dir), seq_len=32, max_eval_examples=4)
+def llama_windows(tiny_llama_dir, wikitext_sample_dir):
+    loaded = load_model(str(tiny_llama_dir))
+    data = load_task("lm", str(wikitext_sample_dir), seq_len=32, max_eval_examples=4)
     return loaded, encode(data.dev, loaded.tokenizer)
 
 
@@ -209,9 +189,9 @@ def test_model_against_itself_has_zero_kl_and_full_agreement(llama_windows):
     assert same.tokens == 4 * 31
 
 
-def test_kl_against_a_perturbed_model_matches_float64(llama_windows, llama_dir):
+def test_kl_against_a_perturbed_model_matches_float64(llama_windows, tiny_llama_dir):
     loaded, windows = llama_windows
-    perturbed = load_model(str(llama_dir)).model
+    perturbed = load_model(str(tiny_llama_dir)).model
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for parameter in perturbed.parameters():
@@ -229,9 +209,9 @@ def test_kl_against_a_perturbed_model_matches_float64(llama_windows, llama_dir):
     assert from_model.top1_agreement == from_logits.top1_agreement == pytest.approx(expected_agreement)
 
 
-def test_lm_evaluation_refuses_a_classifier(tiny_bert_dir, text_dir):
+def test_lm_evaluation_refuses_a_classifier(tiny_bert_dir, wikitext_sample_dir):
     loaded = load_model(str(tiny_bert_dir))
-    data = load_task("lm", str(text_dir), seq_len=32)
+    data = load_task("lm", str(wikitext_sample_dir), seq_len=32)
     with pytest.raises(ModelFormatError, match="sequence-classification head"):
         evaluate_lm(loaded.model, encode(data.dev, loaded.tokenizer))
 
@@ -240,10 +220,10 @@ def test_lm_evaluation_refuses_a_classifier(tiny_bert_dir, text_dir):
 # The command line
 
 
-def test_cli_evaluate_prints_perplexity(capfd, llama_dir, text_dir, tmp_path):
+def test_cli_evaluate_prints_perplexity(capfd, tiny_llama_dir, wikitext_sample_dir, tmp_path):
     task = tmp_path / "lm32.json"
     task.write_text(json.dumps({"kind": "lm", "name": "lm", "seq_len": 32}), encoding="utf-8")
-    code, out, err = run_cli(capfd, "evaluate", llama_dir, "--task", task, "--data", text_dir,
+    code, out, err = run_cli(capfd, "evaluate", tiny_llama_dir, "--task", task, "--data", wikitext_sample_dir,
                              "--max-eval-windows", "3", "--out", tmp_path / "eval.json")
     assert code == 0, err
     record = json.loads((tmp_path / "eval.json").read_text())
@@ -256,28 +236,29 @@ def test_cli_evaluate_prints_perplexity(capfd, llama_dir, text_dir, tmp_path):
     ("", ("test.txt holds no text (0 tokens)",)),
     ("just a few words here", ("test.txt has 5 tokens, fewer than one window of 512",)),
 ])
-def test_cli_short_text(capfd, llama_dir, tmp_path, text, fragments):
+def test_cli_short_text(capfd, tiny_llama_dir, tmp_path, text, fragments):
     (tmp_path / "test.txt").write_text(text, encoding="utf-8")
-    code, _, err = run_cli(capfd, "evaluate", llama_dir, "--task", "lm", "--data", tmp_path / "test.txt",
+    code, _, err = run_cli(capfd, "evaluate", tiny_llama_dir, "--task", "lm", "--data", tmp_path / "test.txt",
                            "--out", tmp_path / "eval.json")
     assert_one_line_error(code, err, *fragments)
     assert not (tmp_path / "eval.json").exists()
 
 
-def test_cli_lm_task_on_a_classifier(capfd, tiny_bert_dir, text_dir):
-    code, _, err = run_cli(capfd, "evaluate", tiny_bert_dir, "--task", "lm", "--data", text_dir)
+def test_cli_lm_task_on_a_classifier(capfd, tiny_bert_dir, wikitext_sample_dir):
+    code, _, err = run_cli(capfd, "evaluate", tiny_bert_dir, "--task", "lm", "--data", wikitext_sample_dir)
     assert_one_line_error(code, err, "task lm needs a causal language model", "sequence-classification head")
 
 
-def test_cli_classification_task_on_a_causal_lm(capfd, llama_dir, glue_dir):
-    code, _, err = run_cli(capfd, "evaluate", llama_dir, "--task", "sst2", "--data", glue_dir,
+def test_cli_classification_task_on_a_causal_lm(capfd, tiny_llama_dir, glue_dir):
+    code, _, err = run_cli(capfd, "evaluate", tiny_llama_dir, "--task", "sst2", "--data", glue_dir,
                            "--max-eval-examples", "4")
     assert_one_line_error(code, err, "task sst2 needs a trained classification head", "LlamaForCausalLM")
 
 
-def test_cli_window_longer_than_the_context(capfd, llama_dir, text_dir):
+def test_cli_window_longer_than_the_context(capfd, tiny_llama_dir, wikitext_sample_dir):
     # the default 512-token windows of task lm exceed the tiny model's 64 positions
-    code, _, err = run_cli(capfd, "evaluate", llama_dir, "--task", "lm", "--data", text_dir / "test.txt")
+    code, _, err = run_cli(capfd, "evaluate", tiny_llama_dir, "--task", "lm", "--data",
+                           wikitext_sample_dir / "test.txt")
     assert_one_line_error(code, err, "--seq-len 512 exceeds the model's position limit of 64 tokens")
 
 
@@ -292,11 +273,11 @@ needs_seq_len = pytest.mark.skipif(not _evaluate_has_seq_len(),
 
 
 @needs_seq_len
-def test_cli_seq_len_and_text_field(capfd, llama_dir, tmp_path):
+def test_cli_seq_len_and_text_field(capfd, tiny_llama_dir, tmp_path):
     path = tmp_path / "corpus.jsonl"
     path.write_text("\n".join(json.dumps({"body": "the quick brown fox jumps over the lazy dog"}) for _ in range(20)),
                     encoding="utf-8")
-    code, out, err = run_cli(capfd, "evaluate", llama_dir, "--task", "lm", "--data", path, "--text-field", "body",
+    code, out, err = run_cli(capfd, "evaluate", tiny_llama_dir, "--task", "lm", "--data", path, "--text-field", "body",
                              "--seq-len", "16", "--max-eval-windows", "4", "--out", tmp_path / "eval.json")
     assert code == 0, err
     assert out.startswith("lm dev (4 examples): perplexity ")
@@ -308,9 +289,9 @@ def test_cli_seq_len_and_text_field(capfd, llama_dir, tmp_path):
     ("lm", "128", "--seq-len 128 exceeds the model's position limit of 64 tokens"),
     ("sst2", "16", "seq_len applies to language-model tasks (lm) only, not sst2"),
 ])
-def test_cli_bad_seq_len(capfd, llama_dir, text_dir, glue_dir, task, seq_len, fragment):
-    data = text_dir if task == "lm" else glue_dir
-    code, _, err = run_cli(capfd, "evaluate", llama_dir, "--task", task, "--data", data, "--seq-len", seq_len)
+def test_cli_bad_seq_len(capfd, tiny_llama_dir, wikitext_sample_dir, glue_dir, task, seq_len, fragment):
+    data = wikitext_sample_dir if task == "lm" else glue_dir
+    code, _, err = run_cli(capfd, "evaluate", tiny_llama_dir, "--task", task, "--data", data, "--seq-len", seq_len)
     assert_one_line_error(code, err, fragment)
 
 

@@ -5,8 +5,6 @@ training recorded: the tied tensor is planned once and quantized wherever it is 
 from __future__ import annotations
 
 import pytest
-import torch
-import transformers
 
 from qanalyze import load_task, verbs
 from qanalyze.engine.apply import apply_plan, tied_output_embedding
@@ -16,33 +14,14 @@ from qanalyze.methods import get_method
 from qanalyze.models import inventory, load_model
 from qanalyze.plan.uniform import uniform_plan
 
-WIKITEXT = __import__("pathlib").Path(__file__).resolve().parents[2].parent / "shared" / "data" / "wikitext-2"
-
 
 @pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory, minilm_dir):
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                      tie_word_embeddings=True)
-    folder = tmp_path_factory.mktemp("llama")
-    transformers.LlamaForCausalLM(config).save_pretrained(folder)
-    transformers.AutoTokenizer.from_pretrained(str(minilm_dir)).save_pretrained(folder)
-    return folder
+def lm_data(wikitext_sample_dir):
+    return load_task("lm", str(wikitext_sample_dir), seq_len=32, max_train_examples=8, max_eval_examples=3)
 
 
-@pytest.fixture(scope="module")
-def lm_data(tmp_path_factory):
-    """The first few thousand characters of WikiText-2's valid and test text (tokenizing all of it would
-    take most of this file's time)."""
-    folder = tmp_path_factory.mktemp("text")
-    for name in ("valid.txt", "test.txt"):
-        (folder / name).write_text((WIKITEXT / name).read_text(encoding="utf-8")[:4000], encoding="utf-8")
-    return load_task("lm", str(folder), seq_len=32, max_train_examples=8, max_eval_examples=3)
-
-
-def test_the_tied_output_projection_is_found_and_norms_are_their_own_kind(llama_dir):
-    model = load_model(str(llama_dir)).model
+def test_the_tied_output_projection_is_found_and_norms_are_their_own_kind(tiny_llama_dir):
+    model = load_model(str(tiny_llama_dir)).model
     infos = inventory(model)
     embedding, output = tied_output_embedding(model, infos)
     assert (embedding.name, output.name, output.kind) == ("model.embed_tokens", "lm_head", "linear")
@@ -56,9 +35,9 @@ def test_the_tied_output_projection_is_found_and_norms_are_their_own_kind(llama_
 
 
 @pytest.mark.parametrize(("mode", "bits"), [("int", 8), ("int4", 4)])
-def test_a_decoder_trains_on_lm_and_reloads_to_its_recorded_perplexity(tmp_path, llama_dir, lm_data, mode, bits):
+def test_a_decoder_trains_on_lm_and_reloads_to_its_recorded_perplexity(tmp_path, tiny_llama_dir, lm_data, mode, bits):
     config = TrainConfig(max_steps=2, batch_size=4, eval_batch_size=4)
-    record = verbs.train(str(llama_dir), lm_data, config, tmp_path / "run", mode=mode, plan=f"uniform:{bits}")
+    record = verbs.train(str(tiny_llama_dir), lm_data, config, tmp_path / "run", mode=mode, plan=f"uniform:{bits}")
     assert record.task == "lm" and set(record.metrics) == {"perplexity"}
     reloaded = verbs.evaluate_run(str(tmp_path / "run"), max_eval_examples=3)
     assert reloaded.quantized
