@@ -15,7 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from qanalyze.errors import RecordError
+from qanalyze.errors import ConfigError, RecordError
+from qanalyze.quant.columns import parse_column_group
 from qanalyze.quant.primitives import WEIGHT_RANGES
 
 BITS_LIMITS = (2, 16)
@@ -69,13 +70,17 @@ class QuantizedEntry:
     """Scales of the input of a linear layer: ``tensor`` (one) or ``token`` (one per token)."""
     gradient_group: str = "tensor"
     """Scales of the output gradient of a linear layer: ``tensor`` (one) or ``row``."""
+    column_group: str | None = None
+    """Column groups of the weight for post-training quantization (``rtn``, ``gptq``): ``g32``, ``g64``,
+    ``g128`` (consecutive input columns per scale) or ``row`` (one scale per row); None when the plan has no
+    column layout (the row groups of ``group`` then apply)."""
     omitted: frozenset[str] = field(default=frozenset(), repr=False)
     """Optional keys the entry does not write (absent from the file it was read from)."""
 
     quantized: ClassVar[bool] = True
     OPTIONAL_KEYS: ClassVar[tuple[str, ...]] = (
         "groups", "activation_bits", "gradient_bits", "scheme", "rounding", "weight_range", "predicted_damage",
-        "activation_group", "gradient_group",
+        "activation_group", "gradient_group", "column_group",
     )
     """Keys an entry may leave out, in the order they are written (the order of the fields)."""
 
@@ -87,6 +92,11 @@ class QuantizedEntry:
         if self.weight_range not in WEIGHT_RANGES:
             raise RecordError(f"plan: module {self.name} has weight_range {self.weight_range!r}; known: "
                               f"{', '.join(WEIGHT_RANGES)}")
+        if self.column_group is not None:
+            try:
+                parse_column_group(self.column_group)
+            except ConfigError as error:
+                raise RecordError(f"plan: module {self.name}: {error}") from None
         unknown = set(self.omitted) - set(self.OPTIONAL_KEYS)
         if unknown:
             raise RecordError(f"plan: module {self.name} omits {', '.join(sorted(unknown))}, which are not optional")
@@ -108,7 +118,8 @@ class QuantizedEntry:
     def to_dict(self) -> dict[str, Any]:
         """The entry as plan.json holds it: the required keys, then every optional key not omitted."""
         keys = (*REQUIRED_KEYS, *(key for key in self.OPTIONAL_KEYS if key not in self.omitted))
-        return {key: getattr(self, key) for key in keys}
+        # column_group is new in v2: a plan without a column layout does not write it, so v1 files stay v1
+        return {key: getattr(self, key) for key in keys if key != "column_group" or self.column_group is not None}
 
 
 @dataclass(frozen=True)

@@ -25,10 +25,13 @@ from qanalyze.errors import ConfigError
 from qanalyze.models import NORM_KINDS, architecture_fingerprint, inventory
 from qanalyze.plan.budget import SCALE_BITS
 from qanalyze.plan.entries import FloatEntry, PlanEntry, QuantizedEntry
+from qanalyze.quant.columns import COLUMN_BITS, ColumnSpec, column_group_name, parse_column_group
+from qanalyze.quant.columns import storage_bits as column_storage_bits
 from qanalyze.quant.primitives import BITS_RANGE
 from qanalyze.records import BitPlan
 
 UNIFORM = re.compile(r"uniform:(\d+)(?::(\w+))?")
+COLUMN_UNIFORM = re.compile(r"uniform:(\d+):(g\d+|row)(?::(sym|asym))?")
 FLOAT_BITS = 32
 
 LAYOUTS: dict[str, dict[str, str]] = {
@@ -95,18 +98,77 @@ def uniform_plan(model: nn.Module, bits: int, *, kinds: Sequence[str] = ("linear
     )
 
 
+def column_uniform_plan(model: nn.Module, bits: int, group_size: int | None, *, symmetric: bool = False,
+                        partial_last: bool = False) -> BitPlan:
+    """Every linear module outside the task head at ``bits`` in column groups of ``group_size`` input columns
+    (None: one per row), asymmetric unless ``symmetric``: the weight-only plan of ``uniform:N:gG`` for the
+    post-training methods (``rtn``, ``gptq``). Activations and gradients are not planned (they stay float).
+    A group size that does not divide a module's input width is refused naming the module and the sizes that
+    work, unless ``partial_last`` (a shorter last group, counted in the storage)."""
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in COLUMN_BITS:
+        raise ConfigError(f"column-group plans take bits from {COLUMN_BITS.start} to {COLUMN_BITS.stop - 1}, "
+                          f"not {bits!r}")
+    spec = ColumnSpec(bits, group_size, symmetric=symmetric, partial_last=partial_last)
+    infos = inventory(model)
+    entries: dict[str, PlanEntry] = {}
+    quantized_bits = float_bits = 0.0
+    quantized_params = all_params = 0
+    omitted = frozenset({"weight_range", "predicted_damage", "activation_bits", "gradient_bits", "activation_group",
+                         "gradient_group"})
+    for info in infos:
+        weights = math.prod(info.shape)
+        all_params += weights
+        if info.kind != "linear" or info.stage == "head":
+            entries[info.name] = FloatEntry(info.name)
+            float_bits += FLOAT_BITS * weights
+            continue
+        out_features, in_features = info.shape
+        groups = out_features * spec.groups(in_features) if spec.width(in_features, where=info.name) else 0
+        entries[info.name] = QuantizedEntry(
+            name=info.name, weight_bits=bits, group="channel", groups=groups,
+            scheme="symmetric" if symmetric else "asymmetric", column_group=column_group_name(group_size),
+            omitted=omitted)
+        quantized_bits += column_storage_bits(out_features, in_features, spec)
+        quantized_params += weights
+    if not quantized_params:
+        raise ConfigError("the model has no linear module outside its task head to quantize")
+    text = f"uniform:{bits}:{column_group_name(group_size)}" + (":sym" if symmetric else "")
+    totals = {
+        "weight_bits_mean": bits,
+        "weight_bits_mean_all_scales": quantized_bits / quantized_params,
+        "weight_bytes": math.ceil((quantized_bits + float_bits) / 8),
+        "compression": FLOAT_BITS * all_params / (quantized_bits + float_bits),
+        "planned_modules": sum(e.quantized for e in entries.values()),
+        "float_modules": sum(not e.quantized for e in entries.values()),
+    }
+    return BitPlan(
+        model={"fingerprint": architecture_fingerprint(infos), "modules": {i.name: list(i.shape) for i in infos}},
+        budget={"text": text, "kind": "uniform", "value": bits},
+        objective="uniform", totals=totals, modules={n: e.to_dict() for n, e in entries.items()}, baseline="uniform",
+        settings={"kinds": ["linear"], "layout": column_group_name(group_size),
+                  "scheme": "symmetric" if symmetric else "asymmetric", "partial_last": partial_last},
+    )
+
+
 def _text(bits: int, layout: str) -> str:
     return f"uniform:{bits}" if layout == "tensor" else f"uniform:{bits}:{layout}"
 
 
-def resolve_plan(spec: str, model: nn.Module, *, kinds: Sequence[str] = ("linear", "embedding")) -> BitPlan:
-    """``uniform:N[:LAYOUT]`` -> `uniform_plan`; anything else is the path of a plan.json."""
+def resolve_plan(spec: str, model: nn.Module, *, kinds: Sequence[str] = ("linear", "embedding"),
+                 partial_last: bool = False) -> BitPlan:
+    """``uniform:N[:LAYOUT]`` -> `uniform_plan`; ``uniform:N:gG[:sym]`` or ``uniform:N:row[:sym]`` ->
+    `column_uniform_plan` (``partial_last`` passed on); anything else is the path of a plan.json."""
+    column = COLUMN_UNIFORM.fullmatch(spec.strip())
+    if column:
+        return column_uniform_plan(model, int(column.group(1)), parse_column_group(column.group(2)),
+                                   symmetric=column.group(3) == "sym", partial_last=partial_last)
     match = UNIFORM.fullmatch(spec.strip())
     if match and (match.group(2) or "tensor") in LAYOUTS:
         return uniform_plan(model, int(match.group(1)), kinds=kinds, layout=match.group(2) or "tensor")
     if spec.startswith("uniform"):
         raise ConfigError(f"--plan {spec!r}: write uniform:N with N from 2 to 16, optionally :LAYOUT with LAYOUT one "
-                          f"of {', '.join(LAYOUTS)} (uniform:8, uniform:16, uniform:8:channel)")
+                          f"of {', '.join(LAYOUTS)} (uniform:8, uniform:16, uniform:8:channel), or uniform:N:gG[:sym] "
+                          "for column groups (uniform:4:g128, uniform:3:g64:sym, uniform:4:row)")
     path = Path(spec)
     if not path.is_file():
         raise ConfigError(f"plan file {spec} not found (give a plan.json from `qanalyze plan`, or uniform:8)")

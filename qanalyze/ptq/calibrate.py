@@ -14,7 +14,7 @@ Modules that share one input tensor (q/k/v of an attention, gate/up of an MLP) s
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -94,38 +94,67 @@ class _Stop(Exception):
     """Raised by the first layer's pre-hook: the rest of the model is not needed."""
 
 
-def first_layer_inputs(model: torch.nn.Module, windows: Windows, *,
-                       batch_size: int = 4) -> list[tuple[torch.Tensor, dict[str, Any]]]:
-    """The hidden states and keyword arguments the model passes its first decoder layer, one pair per batch
-    of ``batch_size`` windows."""
+CalibrationData = Any
+"""What calibration runs on: the ``lm`` task's `Windows`, or a classification task's `qanalyze.data.Encoded`
+examples (each run as its own batch, unpadded, so that no padding token enters ``XᵀX``)."""
+
+LayerInputs = list[tuple[torch.Tensor, tuple[Any, ...], dict[str, Any]]]
+"""Per batch: the hidden states a decoder layer receives, its other positional arguments and its keyword
+arguments (rotary embeddings, mask, positions)."""
+
+
+def calibration_size(data: CalibrationData) -> int:
+    """How many windows or examples ``data`` holds."""
+    return len(data)
+
+
+def _model_inputs(data: CalibrationData, batch_size: int, device: torch.device) -> Iterator[dict[str, Any]]:
+    if isinstance(data, Windows):
+        for batch in window_batches(data, batch_size):
+            yield {"input_ids": batch.to(device), "use_cache": False}
+        return
+    from qanalyze.data import Encoded
+
+    if not isinstance(data, Encoded):
+        raise ConfigError(f"calibration runs on lm windows or encoded examples, not {type(data).__name__}")
+    for features in data.features:
+        yield {key: torch.tensor([value], device=device) for key, value in features.items()}
+
+
+def first_layer_inputs(model: torch.nn.Module, data: CalibrationData, *, batch_size: int = 4) -> LayerInputs:
+    """The hidden states and other arguments the model passes its first decoder layer, one triple per batch
+    of ``batch_size`` windows (or per example of encoded examples)."""
     layers = decoder_layers(model)
-    if len(windows) == 0:
-        raise DataError("calibration needs at least one window")
-    captured: list[tuple[torch.Tensor, dict[str, Any]]] = []
+    if calibration_size(data) == 0:
+        raise DataError("calibration needs at least one window or example")
+    captured: LayerInputs = []
 
     def catch(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.append((hidden, dict(kwargs)))
+        if args:
+            hidden, rest = args[0], tuple(args[1:])
+        else:
+            hidden, rest = kwargs.pop("hidden_states"), ()
+        captured.append((hidden, rest, dict(kwargs)))
         raise _Stop
 
     handle = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
     device = next(model.parameters()).device
     try:
         with torch.no_grad():
-            for batch in window_batches(windows, batch_size):
+            for inputs in _model_inputs(data, batch_size, device):
                 with contextlib.suppress(_Stop):
-                    model(input_ids=batch.to(device), use_cache=False)
+                    model(**inputs)
     finally:
         handle.remove()
     return captured
 
 
-def _run_layer(layer: torch.nn.Module, inputs: Sequence[tuple[torch.Tensor, dict[str, Any]]],
+def _run_layer(layer: torch.nn.Module, inputs: LayerInputs,
                on_batch: Callable[[], None] | None = None) -> list[torch.Tensor]:
     outputs = []
     with torch.no_grad():
-        for hidden, kwargs in inputs:
-            out = layer(hidden, **kwargs)
+        for hidden, rest, kwargs in inputs:
+            out = layer(hidden, *rest, **kwargs)
             outputs.append(out[0] if isinstance(out, tuple) else out)
             if on_batch is not None:
                 on_batch()
@@ -137,7 +166,7 @@ LayerCallback = Callable[[int, dict[str, tuple[torch.nn.Module, InputStats]]], N
 it quantizes those modules in place before the layer's outputs are computed."""
 
 
-def sequential_calibration(model: torch.nn.Module, windows: Windows, targets: Sequence[str],
+def sequential_calibration(model: torch.nn.Module, windows: CalibrationData, targets: Sequence[str],
                            on_layer: LayerCallback, *, batch_size: int = 4) -> None:
     """Run ``model`` on ``windows`` layer by layer, calling ``on_layer`` with the input statistics of the
     ``targets`` (module names) of each decoder layer, in order, each gathered with the earlier layers as
@@ -170,4 +199,4 @@ def sequential_calibration(model: torch.nn.Module, windows: Windows, targets: Se
                     handle.remove()
             on_layer(index, {name: (module, accumulator.stats[name]) for name, module in modules.items()})
         if index < last:
-            inputs = [(out, kwargs) for out, (_, kwargs) in zip(_run_layer(layer, inputs), inputs)]
+            inputs = [(out, rest, kwargs) for out, (_, rest, kwargs) in zip(_run_layer(layer, inputs), inputs)]

@@ -65,8 +65,14 @@ def test_an_entry_made_in_code_writes_every_key_unless_told_to_omit_it():
                            predicted_damage=1.5e-05, omitted={"activation_group", "gradient_group"})
     assert json.dumps(entry.to_dict()) == json.dumps(MADE)
     assert entry.omitted == frozenset({"activation_group", "gradient_group"})  # normalised to a frozenset
+    # column_group is written only when the entry has a column layout (plans without one stay as v1 wrote them)
     assert list(QuantizedEntry(name="m", weight_bits=8, group="tensor").to_dict()) == [
-        "weight_bits", "group", *QuantizedEntry.OPTIONAL_KEYS]
+        "weight_bits", "group", *(k for k in QuantizedEntry.OPTIONAL_KEYS if k != "column_group")]
+    column = QuantizedEntry(name="m", weight_bits=4, group="channel", scheme="asymmetric", column_group="g128")
+    assert column.to_dict()["column_group"] == "g128"
+    assert QuantizedEntry.from_dict("m", column.to_dict()) == column
+    with pytest.raises(RecordError, match="module m: column group"):
+        QuantizedEntry(name="m", weight_bits=4, group="channel", column_group="g0")
     with pytest.raises(dataclasses.FrozenInstanceError):
         entry.weight_bits = 8  # type: ignore[misc]
     assert FloatEntry("m").to_dict() == {"float": True} and not FloatEntry("m").quantized and entry.quantized
