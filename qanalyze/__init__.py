@@ -32,6 +32,7 @@ _EXPORTS = {
     "get_task": "qanalyze.tasks",
     "TaskSpec": "qanalyze.tasks",
     "train": "qanalyze.verbs",
+    "quantize": "qanalyze.verbs",
     "evaluate_run": "qanalyze.verbs",
     "plan_for": "qanalyze.verbs",
     "render_report": "qanalyze.verbs",

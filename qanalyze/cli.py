@@ -130,7 +130,7 @@ def build_cli() -> click.Group:
         """
         _train(model, None, "fp32", quiet, kw, {}, "finetune")
 
-    modes = [name for name in METHODS if name != "fp32"]
+    modes = [name for name, method in METHODS.items() if name != "fp32" and method.command == "train"]
     mode_help = "; ".join(f"{name}: {METHODS[name].description}" for name in modes)
 
     @cli.command("train", cls=SectionedCommand)
@@ -159,6 +159,52 @@ def build_cli() -> click.Group:
         if plan_spec is None and get_method(mode).needs_plan(configs[mode]):
             raise click.UsageError(get_method(mode).missing_plan())
         _train(model, plan_spec, mode, quiet, kw, configs, f"train --mode {mode} --plan {plan_spec}")
+
+    quantizers = [name for name, method in METHODS.items() if method.command == "quantize"]
+
+    @cli.command(cls=SectionedCommand)
+    @click.argument("model")
+    @click.option("--plan", "plan_spec", required=True,
+                  help="plan.json from `qanalyze plan` (column layouts), or uniform:N:gG (every linear layer at N "
+                       "bits in groups of G input columns, asymmetric; uniform:N:gG:sym symmetric; uniform:N:row one "
+                       "group per row).")
+    @click.option("--method", type=click.Choice(quantizers), default="gptq", show_default=True,
+                  help="; ".join(f"{name}: {METHODS[name].description}" for name in quantizers) + ".")
+    @data_options
+    @lm_options
+    @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory to create.")
+    @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+    @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda[:N].")
+    @click.option("--eval-batch-size", type=click.IntRange(min=1), default=8, show_default=True,
+                  help="Windows or examples per evaluation batch.")
+    @method_options([METHODS[name] for name in quantizers])
+    def quantize(model: str, plan_spec: str, method: str, quiet: bool, **kw: Any) -> None:
+        """Quantize MODEL's weights after training, at the bits and column groups of a plan (no training).
+
+        Each planned linear layer gets its plan's bits and group layout, by round-to-nearest (rtn) or GPTQ
+        calibrated layer by layer on the task's training split (gptq). The quantized model is evaluated on
+        the task (lm: perplexity, and KL divergence and top-1 agreement against MODEL) and written as a run
+        directory: plan.json, ptq.json (errors and seconds of every module), weights.safetensors (codes packed
+        to their bits, float16 scales, zero points) and extra.safetensors, which `qanalyze evaluate RUN`
+        reloads. An interrupted quantization leaves no run directory.
+        """
+        from qanalyze import verbs
+        from qanalyze.progress import step_progress
+        from qanalyze.rundir import check_run_dir
+
+        configs = pop_method_configs(kw, [method])
+        check_run_dir(kw["out"], overwrite=kw["overwrite"])  # before the data is read
+        data = load_task_data(kw)
+        console = _console(quiet)
+        console.print(f"[bold]quantize --method {method} --plan {plan_spec}[/] {model} on {data.task.name}: "
+                      f"{data.describe()} -> {kw['out']}")
+        with _interrupts(lambda: "nothing was kept; run the command again"), step_progress(console) as progress:
+            record = verbs.quantize(model, data, plan_spec, kw["out"], method=method, method_config=configs[method],
+                                    overwrite=kw["overwrite"], device=kw["device"],
+                                    eval_batch_size=kw["eval_batch_size"], seed=kw["seed"], on_eval=progress.on_eval)
+        examples = len(data.dev) if isinstance(data.dev, list) else "its windows"
+        print_metrics(data.task.name, "dev", record.metrics, examples)
+        console.print(f"quantized in {record.timings.get('prepare_seconds', 0.0):.1f} s; run saved in {kw['out']}")
 
     @cli.command()
     @click.argument("model_or_run")

@@ -47,11 +47,15 @@ def option_group(*options: Decorator) -> Decorator:
 
 
 PLAN_BITS = "2,3,4,5,6,8,12,16"
-PLAN_GROUPS = "tensor,channel,head,128,64,32"
+PLAN_GROUPS = "auto"
+"""``--group-sizes`` default: the task's layouts (`qanalyze.plan.costs.resolve_groups`)."""
 
 
-def _param_name(method: Method, field_name: str) -> str:
-    return f"{method.name.replace('-', '_')}__{field_name}"
+def _param_name(method: Method, spec: dataclasses.Field) -> str:
+    # an option shared by several methods (a field of their common base config, ``shared=True``) is one option
+    if spec.metadata.get("shared"):
+        return f"shared__{spec.name}"
+    return f"{method.name.replace('-', '_')}__{spec.name}"
 
 
 def _click_type(meta: Mapping[str, Any], value: Any) -> Any:
@@ -68,6 +72,11 @@ def _click_type(meta: Mapping[str, Any], value: Any) -> Any:
     return meta.get("type")
 
 
+def _chooser(method: Method) -> str:
+    """The option that picks ``method``: ``--method`` of ``qanalyze quantize`` or ``--mode``."""
+    return "--method" if method.command == "quantize" else "--mode"
+
+
 def _shown(value: Any) -> Any:
     return ",".join(map(str, value)) if isinstance(value, tuple) else value
 
@@ -75,13 +84,18 @@ def _shown(value: Any) -> Any:
 def method_options(methods: Iterable[Method] | None = None) -> Decorator:
     """Options for every field of every method's config, each method under its own heading."""
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        added: set[str] = set()
         for method in reversed(list(methods if methods is not None else METHODS.values())):
             for spec in reversed(dataclasses.fields(method.config_class)):
+                if _param_name(method, spec) in added:
+                    continue
+                added.add(_param_name(method, spec))
                 meta = spec.metadata
                 flag = meta.get("flag") or f"--{spec.name.replace('_', '-')}"
                 switch = f"{flag}/{meta['secondary']}" if meta.get("secondary") else flag
-                decls = [switch, _param_name(method, spec.name)]
-                fn = click.option(*decls, cls=SectionOption, section=f"{method.name} options (--mode {method.name})",
+                decls = [switch, _param_name(method, spec)]
+                section = f"{method.name} options ({_chooser(method)} {method.name})"
+                fn = click.option(*decls, cls=SectionOption, section=section,
                                   default=_shown(spec.default), show_default=not meta.get("is_flag"),
                                   is_flag=bool(meta.get("is_flag") or meta.get("secondary")),
                                   type=_click_type(meta, spec.default),
@@ -96,23 +110,38 @@ def pop_method_configs(kw: dict[str, Any], modes: Iterable[str]) -> dict[str, Me
     ctx = click.get_current_context()
     chosen = set(modes)
     configs: dict[str, MethodConfig] = {}
+    shared: set[str] = set()
     for method in METHODS.values():
         values = {}
         for spec in dataclasses.fields(method.config_class):
-            name = _param_name(method, spec.name)
+            name = _param_name(method, spec)
             if name not in kw:
+                continue
+            if spec.metadata.get("shared"):
+                shared.add(name)
+                if not any(m in chosen and spec.name in {f.name for f in dataclasses.fields(METHODS[m].config_class)}
+                           for m in chosen if m in METHODS):
+                    _refuse_typed(ctx, name, spec, method)
+                if method.name in chosen:
+                    values[spec.name] = kw[name]
                 continue
             value = kw.pop(name)
             if method.name not in chosen:
-                if ctx.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE:
-                    flag = spec.metadata.get("flag") or f"--{spec.name.replace('_', '-')}"
-                    raise click.UsageError(f"{flag} applies to --mode {method.name} only")
+                _refuse_typed(ctx, name, spec, method)
                 continue
             parse = spec.metadata.get("parse")
             values[spec.name] = parse(value) if parse is not None and isinstance(value, str) else value
         if method.name in chosen:
             configs[method.name] = method.make_config(values)
+    for name in shared:
+        kw.pop(name)
     return configs
+
+
+def _refuse_typed(ctx: click.Context, name: str, spec: dataclasses.Field, method: Method) -> None:
+    if ctx.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE:
+        flag = spec.metadata.get("flag") or f"--{spec.name.replace('_', '-')}"
+        raise click.UsageError(f"{flag} applies to {_chooser(method)} {method.name} only")
 
 
 def int_list(text: str) -> tuple[int, ...]:
@@ -281,7 +310,9 @@ plan_options = option_group(
     click.option("--bits", "bit_list", default=PLAN_BITS, show_default=True,
                  help="Allowed bit-widths."),
     click.option("--group-sizes", default=PLAN_GROUPS, show_default=True,
-                 help="Allowed groupings of output rows (one scale each)."),
+                 help="Allowed group layouts: rows per scale (tensor, channel, head, 128, 64, 32; symmetric) or "
+                      "input columns per scale and zero point (g32, g64, g128, row; asymmetric, for PTQ); auto: "
+                      "g32,g64,g128,row for task lm, tensor,channel,head,128,64,32 otherwise."),
     click.option("--keep-float", default="layernorm,rmsnorm,head", show_default=True,
                  help="Kinds (linear, embedding, layernorm), stages (embeddings, head) or re:REGEX kept in float."),
     click.option("--tie", multiple=True, help="Regex of modules that share bits within a layer (repeatable), "

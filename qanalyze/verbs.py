@@ -81,11 +81,63 @@ def train(model: str | LoadedModel, data: TaskData, config: TrainConfig, out: st
     # The saved model, and during a checkpoint's swap two checkpoints of weights and two Adam moments.
     check_free_space(out, 28 * sum(p.numel() for p in loaded.model.parameters()), "the model and its checkpoints")
     if isinstance(plan, str):
-        plan = resolve_plan(plan, loaded.model, kinds=method.module_kinds)
+        plan = resolve_plan(plan, loaded.model, kinds=method.module_kinds,
+                            partial_last=bool(getattr(method_config, "partial_groups", False)))
     method.check(loaded.model, plan, method_config)  # before the run directory is made: bad input leaves nothing
     run = prepare_run_dir(out, overwrite=overwrite, resume=resume)
     return run_loop(loaded, data, config, run, resume=resume, on_step=on_step, on_eval=on_eval, plan=plan,
                     mode=mode, plan_source=source, method_config=method_config)
+
+
+def quantize(model: str | LoadedModel, data: TaskData, plan: str | BitPlan, out: str | Path, *, method: str = "gptq",
+             method_config: MethodConfig | None = None, overwrite: bool = False, device: str = "auto",
+             eval_batch_size: int = 64, seed: int = 0,
+             on_eval: Callable[[int, EvalResult], None] | None = None) -> RunRecord:
+    """Post-training weight quantization of ``model`` by ``method`` (``rtn``, ``gptq``: a method whose command
+    is ``quantize``) at the bits and column groups of ``plan`` (a `BitPlan`, a plan.json path or
+    ``uniform:N:gG``), evaluated on ``data``'s evaluation split and written as a packed run directory ``out``
+    that `evaluate_run` reloads. GPTQ calibrates on ``data``'s training split.
+
+    Nothing is trained, so nothing can be resumed: an interrupted or failed quantization removes the run
+    directory it made (an existing one is only replaced with ``overwrite``, and only once the work is done
+    is anything left there).
+    """
+    import shutil
+
+    from qanalyze.engine.train import TrainConfig
+    from qanalyze.methods import get_method
+
+    chosen = get_method(method)
+    if chosen.command != "quantize":
+        quantizers = [name for name, m in _methods().items() if m.command == "quantize"]
+        raise ConfigError(f"{method} is not a post-training quantizer (known: {', '.join(quantizers)}); "
+                          f"`qanalyze train --mode {method}` runs it")
+    target = Path(out)
+    before = sorted(target.iterdir()) if target.is_dir() else None
+    config = TrainConfig(epochs=1, seed=seed, device=device, eval_batch_size=eval_batch_size)
+    try:
+        return train(model, data, config, out, mode=method, plan=plan, method_config=method_config,
+                     overwrite=overwrite, on_eval=on_eval)
+    except BaseException:
+        # A half-made PTQ run is worth nothing (no checkpoint to resume): once the run directory was made (or
+        # emptied by --overwrite), remove what is there; input refused before that leaves the folder as it was.
+        if target.is_dir() and not _is_finished(target) and sorted(target.iterdir()) != before:
+            shutil.rmtree(target, ignore_errors=True)
+            if before == []:
+                target.mkdir()
+        raise
+
+
+def _methods() -> dict[str, Any]:
+    from qanalyze.methods import METHODS
+
+    return METHODS
+
+
+def _is_finished(run: Path) -> bool:
+    from qanalyze.rundir import is_finished_run
+
+    return is_finished_run(run)
 
 
 def analyze(model: str, data: TaskData, config: AnalyzeConfig, out: str | Path, *, resume: bool = False,
@@ -201,7 +253,9 @@ def evaluate_run(model_or_run: str, *, task: str | None = None, data: str | None
     A run directory is reloaded by the method that made it (`qanalyze.methods.Method.load_run`: a
     quantized run from its packed integer weights, with the integer kernels); its task, data and
     max length are the defaults. ``ranks`` evaluates a qdylora run's adapters cut at each rank too.
-    The record goes to ``out``, or to ``eval-<task>-<split>.json`` inside a run directory.
+    The record goes to ``out``, or to ``eval-<task>-<split>.json`` inside a run directory. A post-training
+    run of the ``lm`` task is also compared with the model it was quantized from (KL divergence and top-1
+    agreement), when that model can still be loaded.
     """
     from qanalyze.data import encode, load_task
     from qanalyze.engine.evaluate import evaluate
@@ -246,7 +300,10 @@ def evaluate_run(model_or_run: str, *, task: str | None = None, data: str | None
     model.to(target)
     examples = task_data.dev if split == "dev" else task_data.train
     encoded = encode(examples, tokenizer, max_length=max_length or 128)
-    result = evaluate(model, tokenizer, encoded, task_data.task, batch_size=batch_size)
+    reference = loaded_run.reference if loaded_run is not None else None
+    if reference is not None:
+        reference.to(target)
+    result = evaluate(model, tokenizer, encoded, task_data.task, batch_size=batch_size, reference=reference)
     variants: dict[str, dict[str, float]] = {}
     for rank in ranks:
         assert loaded_run is not None

@@ -61,15 +61,18 @@ def predict(
 
 
 def evaluate(
-    model: torch.nn.Module, tokenizer: object, encoded: Any, task: AnyTask, *, batch_size: int = 64
+    model: torch.nn.Module, tokenizer: object, encoded: Any, task: AnyTask, *, batch_size: int = 64,
+    reference: torch.nn.Module | None = None,
 ) -> EvalResult:
     """Evaluate ``model`` on ``encoded`` (what `qanalyze.data.encode` made) with the metrics of ``task``,
-    by the evaluator registered for the task's kind (`EVALUATORS`)."""
-    return EVALUATORS[task.kind](model, tokenizer, encoded, task, batch_size)
+    by the evaluator registered for the task's kind (`EVALUATORS`). ``reference`` (the unquantized model)
+    adds the ``lm`` task's KL divergence and top-1 agreement against it; classification ignores it."""
+    return EVALUATORS[task.kind](model, tokenizer, encoded, task, batch_size, reference)
 
 
 def _evaluate_classification(
-    model: torch.nn.Module, tokenizer: object, encoded: Encoded, task: TaskSpec, batch_size: int
+    model: torch.nn.Module, tokenizer: object, encoded: Encoded, task: TaskSpec, batch_size: int,
+    reference: torch.nn.Module | None = None,
 ) -> EvalResult:
     start = time.perf_counter()
     config = getattr(model, "config", None)
@@ -84,15 +87,21 @@ def _evaluate_classification(
     return EvalResult(metrics=metrics, loss=loss, examples=len(encoded), seconds=time.perf_counter() - start)
 
 
-def _evaluate_lm(model: torch.nn.Module, tokenizer: object, windows: Any, task: AnyTask, batch_size: int) -> EvalResult:
-    from qanalyze.engine.lm_eval import evaluate_lm
+def _evaluate_lm(model: torch.nn.Module, tokenizer: object, windows: Any, task: AnyTask, batch_size: int,
+                 reference: torch.nn.Module | None = None) -> EvalResult:
+    from qanalyze.engine.lm_eval import compare_lm, evaluate_lm
 
-    value, nll, seconds = evaluate_lm(model, windows, batch_size=batch_size)
-    return EvalResult(metrics={"perplexity": value}, loss=nll, examples=len(windows), seconds=seconds)
+    if reference is None:
+        value, nll, seconds = evaluate_lm(model, windows, batch_size=batch_size)
+        return EvalResult(metrics={"perplexity": value}, loss=nll, examples=len(windows), seconds=seconds)
+    found = compare_lm(model, windows, reference, batch_size=batch_size)
+    return EvalResult(metrics={"perplexity": found.perplexity, **found.to_dict()}, loss=found.nll,
+                      examples=len(windows), seconds=found.seconds)
 
 
-EVALUATORS: dict[str, Callable[[torch.nn.Module, object, Any, Any, int], EvalResult]] = {
+EVALUATORS: dict[str, Callable[[torch.nn.Module, object, Any, Any, int, Any], EvalResult]] = {
     "classification": _evaluate_classification,
     "lm": _evaluate_lm,
 }
-"""Evaluator of each task kind: (model, tokenizer, encoded data, task, batch size) -> `EvalResult`."""
+"""Evaluator of each task kind: (model, tokenizer, encoded data, task, batch size, reference model or None)
+-> `EvalResult`."""

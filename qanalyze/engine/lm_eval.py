@@ -3,6 +3,7 @@ agreement against a reference model (the unquantized one) on the same windows.""
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -24,12 +25,19 @@ _LOGIT_BYTES = 256 << 20
 @dataclass(frozen=True)
 class LMComparison:
     """A model against a reference on the same windows: mean KL(p_ref ‖ p) in nats and the top-1
-    agreement rate over ``tokens`` predicted positions."""
+    agreement rate over ``tokens`` predicted positions, and the model's own mean NLL on them (from the
+    same logits, so perplexity and KL cost one pass of each model)."""
 
     kl: float
     top1_agreement: float
     tokens: int
     seconds: float
+    nll: float = float("nan")
+
+    @property
+    def perplexity(self) -> float:
+        """The model's perplexity on the windows: ``exp(nll)``."""
+        return math.exp(self.nll)
 
     def to_dict(self) -> dict[str, float]:
         """Flat form for records: ``kl`` and ``top1_agreement``."""
@@ -115,16 +123,17 @@ def compare_lm(model: torch.nn.Module, windows: Windows, reference: torch.nn.Mod
             raise ValueError(f"{len(reference)} reference logits for {len(windows)} windows")
         sizes = [len(batch) for batch in batches]
         ref_batches = iter(torch.stack(list(part)) for part in _split(reference, sizes))
-    kl_sum, agree = 0.0, 0
+    kl_sum, nll_sum, agree = 0.0, 0.0, 0
     reference_model = reference if isinstance(reference, torch.nn.Module) else model
     with _eval_mode(model), _eval_mode(reference_model):
-        for logits, ref in zip(_logits(model, batches), ref_batches):
+        for batch, logits, ref in zip(batches, _logits(model, batches), ref_batches):
             ref = ref.to(logits.device)
             kl_sum += float(next_token_kl(ref, logits[:, :-1]).double().sum())
+            nll_sum += float(next_token_nll(logits, batch.to(logits.device)).double().sum())
             agree += int(top1_agreement(ref, logits[:, :-1]).sum())
     tokens = windows.predicted_tokens
     return LMComparison(kl=kl_sum / tokens, top1_agreement=agree / tokens, tokens=tokens,
-                        seconds=time.perf_counter() - start)
+                        seconds=time.perf_counter() - start, nll=nll_sum / tokens)
 
 
 def _split(items: Sequence[torch.Tensor], sizes: Sequence[int]) -> Iterator[Sequence[torch.Tensor]]:

@@ -180,11 +180,14 @@ class _Trainer:
         self.mode = method.name
         # Copied before any module is quantized: the teacher is the model the run starts from.
         self.teacher = Teacher(self.model, config.distill, config.distill_temperature) if config.distill else None
-        self.prepared: Prepared = method.prepare(self.model, plan, method_config, seed=config.seed)
-        self.recorded = method.recorded(method_config)
-        self.plan_hash = plan_hash(plan)
         self.train_enc: Encoded = encode(data.train, loaded.tokenizer, max_length=config.max_length)
         self.dev_enc: Encoded = encode(data.dev, loaded.tokenizer, max_length=config.max_length)
+        began = time.perf_counter()
+        self.prepared: Prepared = method.prepare_with_data(self.model, plan, method_config, seed=config.seed,
+                                                           calibration=self.train_enc)
+        self.prepare_seconds = time.perf_counter() - began  # a post-training method's whole quantization
+        self.recorded = method.recorded(method_config)
+        self.plan_hash = plan_hash(plan)
         self.batches_per_epoch = num_batches(len(self.train_enc), config.batch_size)
         self.total_steps = (config.max_steps or config.epochs * self.batches_per_epoch) if method.trains else 0
         self.optimizer = adamw(self.model, config.lr, config.weight_decay)
@@ -245,7 +248,7 @@ class _Trainer:
 
     def evaluate(self) -> EvalResult:
         return evaluate(self.model, self.loaded.tokenizer, self.dev_enc, self.data.task,
-                        batch_size=self.config.eval_batch_size)
+                        batch_size=self.config.eval_batch_size, reference=self.prepared.reference)
 
     def one_step(self, batch: dict[str, torch.Tensor], epoch: int) -> StepLog:
         start = time.perf_counter()
@@ -403,7 +406,7 @@ def _finish(trainer: _Trainer, on_eval: Callable[[int, EvalResult], None] | None
                   **trainer.recorded},
         timings={"train_seconds": round(trainer.train_seconds, 3),
                  "step_seconds_median": round(statistics.median(steps), 4) if steps else 0.0,
-                 "eval_seconds": round(final.seconds, 3)},
+                 "eval_seconds": round(final.seconds, 3), "prepare_seconds": round(trainer.prepare_seconds, 3)},
         eval_history=trainer.evals, rank_metrics=rank_metrics, rank_parameters=rank_parameters,
     )
     record.save(run / METRICS_FILE)

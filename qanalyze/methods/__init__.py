@@ -20,6 +20,8 @@ BUILTIN = (
     "qanalyze.methods.ptq_dynamic",
     "qanalyze.methods.int4",
     "qanalyze.methods.qdylora",
+    "qanalyze.methods.rtn",
+    "qanalyze.methods.gptq",
 )
 """Modules of the methods qanalyze ships, each with a module-level ``METHOD``."""
 

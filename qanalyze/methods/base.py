@@ -24,7 +24,8 @@ if TYPE_CHECKING:
 def option(default: Any = dataclasses.MISSING, *, help: str, flag: str | None = None, **click: Any) -> Any:
     """A config field that is also a command-line option: ``help`` is its text in ``--help``, ``flag``
     the option's name (default ``--field-name``); ``click`` passes on (``type``, ``is_flag``, ``secondary``
-    for a ``--x/--no-x`` pair, ``parse`` to turn the typed text into the field's value)."""
+    for a ``--x/--no-x`` pair, ``parse`` to turn the typed text into the field's value, ``shared`` for a field
+    of a base config that several methods of one command take: one option for all of them)."""
     metadata = {"help": help, "flag": flag, **click}
     if isinstance(default, list | dict | set):
         raise TypeError("use a tuple default for a sequence option")
@@ -48,6 +49,9 @@ class Prepared:
 
     generators: dict[str, torch.Generator] = field(default_factory=dict)
     swapped: int = 0
+    reference: torch.nn.Module | None = None
+    """The unquantized model, kept by post-training methods so that the ``lm`` task's evaluation reports the
+    KL divergence to it (None: no reference)."""
 
     def before_step(self) -> None:
         """Called before each optimizer step (DyLoRA draws its rank here)."""
@@ -70,6 +74,9 @@ class LoadedRun:
     tokenizer: Any
     prepared: Prepared
     quantized: bool = True
+    reference: torch.nn.Module | None = None
+    """The model the run was quantized from, for the ``lm`` task's KL divergence (None when the run has
+    no such reference or it cannot be found any more)."""
 
     def at_variant(self, label: str) -> None:
         """Switch the model to a variant of the run (qdylora: a rank); ConfigError if it has none."""
@@ -84,6 +91,9 @@ class Method:
     description: ClassVar[str] = ""
     config_class: ClassVar[type[MethodConfig]] = MethodConfig
     trains: ClassVar[bool] = True
+    command: ClassVar[str] = "train"
+    """The command that runs the method: ``train`` (``--mode``) or ``quantize`` (``--method``: post-training
+    methods that calibrate on data and never train)."""
     plan_use: ClassVar[str] = "required"
     """Whether a run needs a plan: ``required``, ``optional`` (when `needs_plan` says so) or ``none``."""
     sweep_role: ClassVar[str | None] = "plan"
@@ -128,6 +138,13 @@ class Method:
     def prepare(self, model: torch.nn.Module, plan: BitPlan | None, config: MethodConfig, *, seed: int) -> Prepared:
         """Change ``model`` in place as the method needs before training or evaluation."""
         return Prepared()
+
+    def prepare_with_data(self, model: torch.nn.Module, plan: BitPlan | None, config: MethodConfig, *, seed: int,
+                          calibration: Any) -> Prepared:
+        """`prepare`, given the run's encoded training data too (``calibration``: the ``lm`` task's windows
+        or a classification task's encoded examples), for methods that calibrate on it (GPTQ). The
+        default ignores the data."""
+        return self.prepare(model, plan, config, seed=seed)
 
     def save(self, run: Path, model: torch.nn.Module, tokenizer: Any, plan: BitPlan | None, config: MethodConfig,
              prepared: Prepared) -> None:

@@ -121,6 +121,24 @@ def _model_inputs(data: CalibrationData, batch_size: int, device: torch.device) 
         yield {key: torch.tensor([value], device=device) for key, value in features.items()}
 
 
+def draw_calibration(data: CalibrationData, count: int, *, seed: int) -> CalibrationData:
+    """``count`` windows (or examples) of ``data`` drawn without replacement by a generator seeded with
+    ``seed``, kept in their original order; all of ``data`` when it holds no more than ``count``."""
+    total = calibration_size(data)
+    if total == 0:
+        raise DataError("calibration needs at least one window or example, and the training split has none")
+    if total <= count:
+        return data
+    generator = torch.Generator().manual_seed(seed)
+    chosen = sorted(torch.randperm(total, generator=generator)[:count].tolist())
+    if isinstance(data, Windows):
+        return Windows(input_ids=data.input_ids[chosen], text_tokens=data.text_tokens,
+                       indices=tuple(data.indices[i] for i in chosen), where=data.where)
+    from qanalyze.data import Encoded
+
+    return Encoded([data.features[i] for i in chosen], data.labels[chosen])
+
+
 def first_layer_inputs(model: torch.nn.Module, data: CalibrationData, *, batch_size: int = 4) -> LayerInputs:
     """The hidden states and other arguments the model passes its first decoder layer, one triple per batch
     of ``batch_size`` windows (or per example of encoded examples)."""

@@ -130,7 +130,8 @@ def module_specs(model: torch.nn.Module, plan_or_bits: Any, *, group_size: int |
                  overrides: Mapping[str, ColumnSpec | Mapping[str, Any]] | None = None) -> dict[str, ColumnSpec]:
     """The `ColumnSpec` of every linear module to quantize (the LM head excluded).
 
-    ``plan_or_bits`` is a bit width for all of them (with ``group_size`` and ``symmetric``), or a
+    ``plan_or_bits`` is a bit width for all of them (with ``group_size`` and ``symmetric``), a mapping of
+    module names to their `ColumnSpec` (exactly those modules; `qanalyze.methods.weight_ptq.plan_specs`), or a
     `qanalyze.records.BitPlan`: its quantized entries give ``weight_bits`` and ``scheme``, and a
     ``column_group`` key (``"g128"``, ``"row"``) the group size, else ``group_size``; modules the plan keeps
     float stay float. ``partial_last`` allows a shorter last group where the group size does not divide a
@@ -142,6 +143,11 @@ def module_specs(model: torch.nn.Module, plan_or_bits: Any, *, group_size: int |
     if isinstance(plan_or_bits, int) and not isinstance(plan_or_bits, bool):
         specs = {name: _named_spec(name, bits=plan_or_bits, group_size=group_size, symmetric=symmetric,
                                    partial_last=partial_last) for name in modules}
+    elif isinstance(plan_or_bits, Mapping):
+        specs = {name: spec for name, spec in plan_or_bits.items()}
+        outside = sorted(set(specs) - set(modules))
+        if outside:
+            raise ConfigError(f"{', '.join(outside)}: not a linear module of the model (the LM head excluded)")
     elif hasattr(plan_or_bits, "entries") and hasattr(plan_or_bits, "modules"):
         for name, entry in plan_or_bits.entries.items():
             if name not in modules or not entry.quantized:
@@ -151,7 +157,7 @@ def module_specs(model: torch.nn.Module, plan_or_bits: Any, *, group_size: int |
             specs[name] = _named_spec(name, bits=entry.weight_bits, group_size=group,
                                       symmetric=entry.scheme == "symmetric", partial_last=partial_last)
     else:
-        raise ConfigError(f"expected a number of bits or a BitPlan, not {type(plan_or_bits).__name__}")
+        raise ConfigError(f"expected a number of bits, specs by module or a BitPlan, not {type(plan_or_bits).__name__}")
     for name, override in (overrides or {}).items():
         if name not in modules:
             raise ConfigError(f"override for {name}, which is not a linear module of the model")

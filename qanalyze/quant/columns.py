@@ -113,7 +113,8 @@ class ColumnSpec:
         if in_features % self.group_size and not self.partial_last:
             fits = [str(g) for g in COLUMN_GROUP_SIZES if in_features % g == 0] + ["row"]
             raise ConfigError(f"group size {self.group_size} does not divide the {in_features} input columns of "
-                              f"{where}; group sizes that work: {', '.join(fits)} (or a shorter last group)")
+                              f"{where}; group sizes that work: {', '.join(fits)} (or allow a shorter last group: "
+                              "--partial-groups)")
         return self.group_size
 
     def groups(self, in_features: int) -> int:
