@@ -469,3 +469,30 @@ def test_the_objective_choices_are_the_planners_and_auto_follows_the_task():
     assert ["auto", *OBJECTIVES] == OBJECTIVE_CHOICES
     assert resolve_objective("auto", "lm") == "fisher" and resolve_objective("auto", "classification") == "trace"
     assert resolve_objective("eig", "lm") == "eig"
+
+
+def test_quantize_then_evaluate_prints_perplexity_and_kl(tmp_path, capfd, tiny_llama_dir, wikitext_sample_dir):
+    out = tmp_path / "gptq"
+    common = ["--task", "lm", "--data", wikitext_sample_dir, "--seq-len", 32]
+    code, stdout, err = run_cli(capfd, "quantize", tiny_llama_dir, "--plan", "uniform:4:g32", "--method", "gptq",
+                                *common, "--calib-windows", 4, "--out", out, "-q")
+    assert code == 0, err
+    assert "perplexity" in stdout and " kl " in stdout and "top1_agreement" in stdout
+    code, stdout, err = run_cli(capfd, "evaluate", out)
+    assert code == 0, err
+    assert "perplexity" in stdout and " kl " in stdout
+    # bad input: one line, exit 2, nothing written
+    cases = [
+        (["--plan", "uniform:4:g128"], "group size 128 does not divide the 32 input columns of model.layers.0"),
+        (["--plan", "uniform:4:g32", "--method", "rtn", "--damp", "0.1"], "--damp applies to --method gptq only"),
+        (["--plan", "uniform:9:g32"], "column-group plans take bits from 2 to 8"),
+        (["--plan", "uniform:4:g32", "--calib-windows", 0], "--calib-windows"),
+    ]
+    for extra, message in cases:
+        code, _, err = run_cli(capfd, "quantize", tiny_llama_dir, *common, *extra, "--out", tmp_path / "bad", "-q")
+        assert_one_line_error(code, err, message)
+        assert not (tmp_path / "bad").exists()
+    code, _, err = run_cli(capfd, "quantize", tiny_llama_dir, *common, "--plan", "uniform:4:g32", "--out", out)
+    assert_one_line_error(code, err, "exists and is a qanalyze run; pass --overwrite")
+    code, _, err = run_cli(capfd, "train", tiny_llama_dir, "--mode", "gptq", *common, "--out", tmp_path / "t")
+    assert code == 2 and "'gptq' is not one of" in err
