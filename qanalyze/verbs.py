@@ -149,7 +149,7 @@ def analyze(model: str, data: TaskData, config: AnalyzeConfig, out: str | Path, 
     from qanalyze.models import has_task_head, load_model
     from qanalyze.plan.make import resolve_objective
     from qanalyze.rundir import check_output_file
-    from qanalyze.sensitivity.analyze import DEFAULT_METRICS, LM_DEFAULT_METRICS
+    from qanalyze.sensitivity.analyze import DEFAULT_METRICS, LM_DEFAULT_GROUPS, LM_DEFAULT_METRICS, AnalyzeConfig
     from qanalyze.sensitivity.analyze import analyze as run_analysis
 
     check_output_file(out, inputs=(model,), overwrite=overwrite or resume)  # resume writes OUT from OUT.partial
@@ -162,6 +162,10 @@ def analyze(model: str, data: TaskData, config: AnalyzeConfig, out: str | Path, 
         # 135M-parameter model.
         if config.metrics == DEFAULT_METRICS:
             config = replace(config, metrics=LM_DEFAULT_METRICS)
+        # and the default layouts the column groups of LLM formats (g32, g64, g128, per row), what `plan` offers
+        # for task lm by default and the PTQ methods run
+        if config.groups == AnalyzeConfig().groups:
+            config = replace(config, groups=LM_DEFAULT_GROUPS)
         config = config.for_objective(resolve_objective("auto", data.task.kind))
     if not has_task_head(loaded.model):
         raise ConfigError(f"{model} has no trained {data.task.name} head, so its loss means nothing; fine-tune "

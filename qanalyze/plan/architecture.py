@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qanalyze.errors import ConfigError
+from qanalyze.quant.columns import parse_column_group
 
 if TYPE_CHECKING:
     from qanalyze.models import ModuleInfo
@@ -49,8 +50,23 @@ def check_plan(plan: BitPlan, architecture: Mapping[str, Sequence[int]]) -> None
         if not entry.quantized:
             continue
         rows = recorded[name][0]
-        if entry.groups and rows % entry.groups:
+        if entry.column_group is not None:
+            _check_column_groups(name, entry.column_group, entry.groups, recorded[name])
+        elif entry.groups and rows % entry.groups:
             raise ConfigError(f"plan module {name}: {entry.groups} groups do not divide its {rows} rows")
+
+
+def _check_column_groups(name: str, column_group: str, groups: int | None, shape: Sequence[int]) -> None:
+    """A column layout's ``groups`` counts scales of every row: rows x groups per row (a shorter last group,
+    which the PTQ methods allow, counted as one)."""
+    if len(shape) != 2:
+        raise ConfigError(f"plan module {name}: column layout {column_group} needs an (out, in) weight, not "
+                          f"shape {list(shape)}")
+    size = parse_column_group(column_group)
+    expected = shape[0] * (1 if size is None else -(-shape[1] // size))
+    if groups and groups != expected:
+        raise ConfigError(f"plan module {name}: column layout {column_group} on shape {list(shape)} has {expected} "
+                          f"groups, not {groups}")
 
 
 def check_sensitivity(report: SensitivityReport, infos: Sequence[ModuleInfo], identity: Mapping[str, Any],

@@ -2,12 +2,15 @@
 
 - `uniform_choice`: the same label (e.g. (bits, group)) for every module;
 - `random_choice`: random damages, seeded, held at the optimal plan's cost;
-- `reversed_choice`: most bits to the least sensitive.
+- `reversed_choice`: most bits to the least sensitive;
+- `rule_mix_choice`: llama.cpp's Q4_K_M-style rule, base bits everywhere and two more for the attention value
+  and MLP down projections of the layers `use_more_bits` picks (`rule_mix_modules`).
 """
 
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import Hashable, Sequence
 
@@ -134,3 +137,69 @@ def reversed_choice(
     ]
     picked = solve(swapped, caps, solver=solver)
     return make_solution(table, picked.choice, cost_scales(caps), f"reversed:{picked.solver}", False, start)
+
+
+RULE_MIX_EXTRA_BITS = 2
+"""Bits the rule mix adds to the modules it favours (llama.cpp Q4_K_M: q4_K base, q6_K for them)."""
+
+RULE_MIX_MODULES = ("v_proj", "down_proj")
+"""The module names (last part) the rule mix favours: llama.cpp's ``attn_v`` and ``ffn_down``."""
+
+DECODER_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+"""A decoder layer's index in a module name (``model.layers.<i>.self_attn.v_proj``)."""
+
+
+def use_more_bits(layer: int, layers: int) -> bool:
+    """llama.cpp's ``use_more_bits(i_layer, n_layers)``: the first and last eighth of the layers and every third
+    layer between them (``i < n/8 || i >= 7n/8 || (i - n/8) % 3 == 2``, integer division)."""
+    return layer < layers // 8 or layer >= 7 * layers // 8 or (layer - layers // 8) % 3 == 2
+
+
+def rule_mix_modules(names: Sequence[str]) -> set[str]:
+    """The modules of ``names`` the rule mix gives more bits: the `RULE_MIX_MODULES` of the decoder layers
+    `use_more_bits` picks, the number of layers being the highest index in ``names`` plus one. ConfigError
+    when no name is a decoder layer's (``model.layers.<i>.``) or none is a value or down projection."""
+    layers = {name: int(found.group(1)) for name in names if (found := DECODER_LAYER.search(name))}
+    if not layers:
+        example = f" (modules such as {names[0]})" if names else ""
+        raise ConfigError(f"the rule-mix baseline needs a decoder whose modules are named model.layers.<i>.…"
+                          f"{example}: it picks layers by their index, as llama.cpp does")
+    favoured = [name for name in layers if name.rsplit(".", 1)[-1] in RULE_MIX_MODULES]
+    if not favoured:
+        raise ConfigError(f"the rule-mix baseline favours the {' and '.join(RULE_MIX_MODULES)} modules of a decoder "
+                          "layer, and this plan quantizes none")
+    count = max(layers.values()) + 1
+    return {name for name in favoured if use_more_bits(layers[name], count)}
+
+
+def rule_mix_choice(options: Options, capacities: Sequence[float], labels: Sequence[Sequence[tuple[int, str]]],
+                    favoured: Sequence[bool]) -> Solution:
+    """The rule mix at a budget: every module at base bits b, the ``favoured`` ones at b +
+    `RULE_MIX_EXTRA_BITS`, all in one group layout; the largest b with a layout that fits, and at that b the
+    layout whose cost is highest (the finest). ``labels[i][j]`` is option j of module i as ``(bits, group)``.
+    A (b, layout) some module does not offer is not a configuration; `InfeasibleError` when none fits,
+    ConfigError when there is none at all."""
+    start = time.perf_counter()
+    table = make_table(options)
+    caps = check_vector(capacities, table.constraints, "capacities")
+    if len(labels) != table.modules or len(favoured) != table.modules:
+        raise ConfigError(f"labels and favoured need one row per module ({table.modules})")
+    where = [{label: j for j, label in enumerate(row)} for row in labels]
+    scales = cost_scales(caps)
+    found = []
+    for base in sorted({label[0] for row in labels for label in row}, reverse=True):
+        for group in dict.fromkeys(label[1] for row in labels for label in row):
+            wanted = [(base + RULE_MIX_EXTRA_BITS if more else base, group) for more in favoured]
+            if all(label in index for label, index in zip(wanted, where)):
+                choice = [index[label] for label, index in zip(wanted, where)]
+                _, costs, share = exact_totals(table, choice, scales)
+                found.append((base, share, choice, costs))
+    if not found:
+        raise ConfigError(f"no group layout is offered to every module at some bits b and, for the favoured ones, "
+                          f"b + {RULE_MIX_EXTRA_BITS}: widen --bits or --group-sizes")
+    fitting = [f for f in found if fits_within(f[3], caps, None)]
+    if not fitting:
+        cheapest = tuple(min(f[3][k] for f in found) for k in range(table.constraints))
+        raise InfeasibleError(cheapest, caps, "no rule-mix configuration fits the budget")
+    choice = max(fitting, key=lambda f: (f[0], f[1]))[2]
+    return make_solution(table, choice, scales, "rule-mix", False, start)

@@ -39,7 +39,9 @@ FLOAT_BITS = 32
 """Bits of one FP32 weight: the reference of a compression ratio and the ceiling of a bits budget."""
 
 SCALE_BITS = 16
-"""Storage of one group's scale (fp16); symmetric weights need no zero point."""
+"""Storage of one group's scale (fp16); symmetric weights need no zero point. Asymmetric column layouts
+(`qanalyze.quant.columns.storage_bits`) also store a ``bits``-bit zero point per group: part of a candidate's
+cost, so every budget counts them (a bits budget frees a tensor's first scale, never a zero point)."""
 
 BITS_RANGE = (2.0, 16.0)
 """Inclusive range of an activation or gradient bits budget (the quantizers' 2..16 bits)."""

@@ -1,10 +1,13 @@
 """Per module, the candidates a plan can choose from: their storage cost and predicted damage.
 
 A weight candidate is a (bits, group) pair. Its cost is the storage of the quantized weight,
-``bits * n + SCALE_BITS * groups`` bits (n weight elements, one fp16 scale per group; weights are
+``bits * n + SCALE_BITS * groups`` bits for a row layout (n weight elements, one fp16 scale per group;
 symmetric, so there is no zero point; a bits budget lets each tensor's first scale go free, see
-`qanalyze.plan.budget`). Its damage is the loss change the chosen objective predicts from
-``sensitivity.json`` (see `OBJECTIVES`). Modules the user keeps in floating point get no
+`qanalyze.plan.budget`). A column layout (``g32``, ``g64``, ``g128``, ``row``; `qanalyze.quant.layouts`) is
+asymmetric: its cost is exactly `qanalyze.quant.columns.storage_bits`, ``bits * n + 16 * groups + bits *
+groups`` (a float16 scale and a ``bits``-bit zero point per group), with ``groups = out * in / G``.
+A candidate's damage is the loss change the chosen objective predicts from ``sensitivity.json`` (see
+`OBJECTIVES`). Modules the user keeps in floating point get no
 candidates and cost ``32 * n``.
 
 Activation candidates (`activation_options`) have the same form with activation bits, and
@@ -22,14 +25,40 @@ from typing import Any
 
 from qanalyze.errors import ConfigError
 from qanalyze.plan.budget import FLOAT_BITS, SCALE_BITS
-from qanalyze.quant.primitives import BITS_RANGE, parse_group, rows_per_group
+from qanalyze.quant.columns import COLUMN_BITS, storage_bits
+from qanalyze.quant.layouts import (
+    COLUMN_LAYOUTS,
+    column_groups_per_row,
+    column_spec,
+    is_column_layout,
+    parse_layout,
+    takes_columns,
+)
+from qanalyze.quant.primitives import BITS_RANGE, rows_per_group
 from qanalyze.records import MODULE_KINDS, SensitivityReport
 
 DEFAULT_BITS = (2, 3, 4, 5, 6, 8, 12, 16)
 """Bit widths offered to every module unless ``--bits`` says otherwise."""
 
 DEFAULT_GROUPS = ("tensor", "channel", "head", "128", "64", "32")
-"""Group layouts offered to every module unless ``--group-sizes`` says otherwise."""
+"""Group layouts offered to every module of a classifier unless ``--group-sizes`` says otherwise."""
+
+LM_GROUPS = COLUMN_LAYOUTS
+"""Group layouts offered by default on task ``lm``: the column groups of LLM formats (g32, g64, g128, per
+row), what the PTQ methods run; an LM analysis measures them by default."""
+
+AUTO_GROUPS = "auto"
+"""The ``groups`` item that stands for the task's default layouts (`resolve_groups`)."""
+
+
+def resolve_groups(groups: Sequence[str], kind: str | None) -> tuple[str, ...]:
+    """``groups``, with ``("auto",)`` made the defaults of task kind ``kind``: `LM_GROUPS` for ``lm``,
+    `DEFAULT_GROUPS` otherwise."""
+    if tuple(groups) == (AUTO_GROUPS,):
+        return LM_GROUPS if kind == "lm" else DEFAULT_GROUPS
+    if AUTO_GROUPS in groups:
+        raise ConfigError("group layouts: 'auto' stands alone (the task's defaults), it does not mix with others")
+    return tuple(groups)
 
 DEFAULT_KEEP_FLOAT = ("layernorm", "rmsnorm", "head")
 """Kept in floating point by default, as the papers do: layer norms and the task head."""
@@ -90,6 +119,9 @@ def _measured_damage(entry: Mapping[str, Any], bits: int, group: str) -> float:
         raise ConfigError(f"has no measured loss change at {bits} bits (measured: {', '.join(measured)}); "
                           "choose bits among the measured ones")
     # The analysis measures with one scale per output row, so that is the reference the ratio scales from.
+    if "channel" not in (entry.get("weight_error") or {}).get(str(bits), {}):
+        raise ConfigError("has no weight error of layout channel, which the measured loss change scales from: "
+                          "analyze with the channel layout among the groups")
     reference = _weight_error(entry, bits, "channel")
     ratio = _weight_error(entry, bits, group) / reference if reference > 0 else 1.0
     # A negative change (the quantized model did better on the probe batches) is sampling noise for
@@ -144,8 +176,9 @@ OBJECTIVES: dict[str, Callable[[Mapping[str, Any], int, str], float]] = {
 class Candidate:
     """One choice for a module: ``bits`` with ``groups`` scales laid out as ``group``.
 
-    ``cost_bits`` is its storage in bits (weights: ``bits * n + SCALE_BITS * groups``; activations:
-    ``bits`` per input element of one token) and ``damage`` its predicted loss change.
+    ``cost_bits`` is its storage in bits (weights: ``bits * n + SCALE_BITS * groups``, plus ``bits * groups``
+    zero points for a column layout; activations: ``bits`` per input element of one token) and ``damage`` its
+    predicted loss change.
     """
 
     bits: int
@@ -237,7 +270,7 @@ def _check_bits(bits: Sequence[int]) -> tuple[int, ...]:
 def _check_groups(groups: Sequence[str]) -> tuple[str, ...]:
     if isinstance(groups, (str, bytes)) or not groups:
         raise ConfigError(f"groups must be a non-empty list of group names, not {groups!r}")
-    return tuple(dict.fromkeys(parse_group(g) for g in groups))
+    return tuple(dict.fromkeys(parse_layout(g) for g in groups))
 
 
 FLOAT_SELECTORS: dict[str, Callable[[str, Mapping[str, Any]], bool]] = {
@@ -277,6 +310,21 @@ def _objective(name: str) -> Callable[[Mapping[str, Any], int, str], float]:
     return OBJECTIVES[name]
 
 
+def _column_cost(name: str, entry: Mapping[str, Any], shape: tuple[int, ...], bits: int,
+                 group: str) -> tuple[int, float]:
+    """Scales and exact storage (`storage_bits`) of column candidate (``bits``, ``group``)."""
+    if len(shape) != 2:
+        raise ConfigError(f"module {name}: column layout {group} needs an (out, in) weight, not shape {list(shape)}")
+    per_row = (entry.get("column_groups") or {}).get(group)
+    if per_row is None:
+        # the analysis records it (`column_groups`); the rule is the same
+        per_row = column_groups_per_row(group, shape[1])
+    if isinstance(per_row, bool) or not isinstance(per_row, int) or per_row <= 0 or shape[1] % per_row:
+        raise ConfigError(f"module {name}: column layout {group} has {per_row!r} groups per row for {shape[1]} "
+                          "input columns")
+    return shape[0] * per_row, float(storage_bits(shape[0], shape[1], column_spec(bits, group)))
+
+
 def _groups_of(name: str, entry: Mapping[str, Any], shape: tuple[int, ...], group: str) -> int:
     rows = (entry.get("group_rows") or {}).get(group)
     if rows is None:
@@ -304,39 +352,48 @@ def module_options(
     ``keep_float`` items are module kinds ("linear", "embedding", "layernorm", "rmsnorm"), stages
     ("embeddings", "layers", "head"; "head" is the task head and anything after the layer stack)
     or ``"re:<regex>"`` searched in module names; matching modules stay in floating point. A group
-    missing from a module's ``weight_error`` does not apply to it (it does not divide its rows, or
-    the module has no heads) and is skipped; a bit width missing from it is a `ConfigError`.
+    missing from a module's ``weight_error`` does not apply to it (it does not divide its rows or, for a
+    column layout, its input columns; the module has no heads) and is skipped; a bit width missing from it
+    is a `ConfigError` (unless every group is a column layout and the bits lie outside 2..8, where column layouts
+    do not exist). When every group is a column layout, modules that take none (embeddings, norms:
+    `qanalyze.quant.layouts.takes_columns`) stay in floating point, as GPTQ/AWQ checkpoints keep them.
     """
     bits = _check_bits(bits)
     groups = _check_groups(groups)
     damage = _objective(objective)
     keeps_float = _keeps_float(keep_float)
+    columns_only = all(is_column_layout(g) for g in groups)
     options = []
     for name, entry in _modules(report).items():
         shape = _shape(name, entry)
         params = math.prod(shape)
         common = {"name": name, "kind": entry.get("kind"), "block": entry.get("block"), "params": params,
                   "shape": shape}
-        if keeps_float(name, entry):
+        if keeps_float(name, entry) or (columns_only and not takes_columns(entry.get("kind"),
+                                                                            bool(entry.get("transposed")))):
             options.append(ModuleOptions(**common, candidates=(), float=True))
             continue
         errors = entry.get("weight_error") or {}
-        missing = [b for b in bits if str(b) not in errors]
+        # column layouts exist at 2 to 8 bits only: a column plan's other bits are no candidates, measured or not
+        missing = [b for b in bits if str(b) not in errors and not (columns_only and b not in COLUMN_BITS)]
         if missing:
             raise ConfigError(f"module {name} has no weight error at {', '.join(map(str, missing))} bits "
                               f"(measured: {', '.join(errors) or 'none'}); analyze with those bits or pass --bits")
         candidates = []
         for b in bits:
             for group in groups:
-                if group not in errors[str(b)]:
+                if group not in errors.get(str(b), {}):
                     continue
-                count = _groups_of(name, entry, shape, group)
+                if is_column_layout(group):
+                    count, cost = _column_cost(name, entry, shape, b, group)
+                else:
+                    count = _groups_of(name, entry, shape, group)
+                    cost = float(b * params + SCALE_BITS * count)
                 try:
                     predicted = damage(entry, b, group)
                 except ConfigError as exc:
                     raise ConfigError(f"module {name} {exc}") from None
-                candidates.append(Candidate(bits=b, group=group, groups=count,
-                                            cost_bits=float(b * params + SCALE_BITS * count), damage=predicted))
+                candidates.append(Candidate(bits=b, group=group, groups=count, cost_bits=cost, damage=predicted))
         if not candidates:
             raise ConfigError(f"module {name}: none of the groups {', '.join(groups)} applies to it")
         options.append(ModuleOptions(**common, candidates=tuple(sorted(candidates, key=_order))))

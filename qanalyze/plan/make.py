@@ -7,8 +7,16 @@ under ``act_budget``; gradient bits are the fewest whose measured gradient error
 ``grad_tol`` (16 where none does).
 
 ``totals.weight_bits_mean`` is what a bits budget constrains (every scale beyond each planned
-tensor's first counted, see `qanalyze.plan.budget`): at most N under an ``Nbit`` budget;
-``weight_bits_mean_all_scales``, ``weight_bytes`` and ``compression`` count every scale.
+tensor's first counted, and every zero point, see `qanalyze.plan.budget`): at most N under an ``Nbit``
+budget; ``weight_bits_mean_all_scales``, ``weight_bytes`` and ``compression`` count every scale.
+
+Group layouts are row layouts (``channel``, ``128``, ...) or, for the post-training formats of LLMs, column
+layouts (``g32``, ``g64``, ``g128``, ``row``; `qanalyze.quant.layouts`); ``groups=("auto",)`` (the default)
+offers the column layouts on task ``lm`` and the row layouts otherwise. A column candidate's entry has
+``group: "channel"``, ``groups`` = its number of scales, ``scheme: "asymmetric"`` and ``column_group``.
+
+PTQ sweeps compare with every uniform (bits, layout) configuration (`uniform_layouts`, `uniform_layout_plan`)
+and with llama.cpp's Q4_K_M-style rule mix (``baseline="rule-mix"``, `qanalyze.plan.baselines.rule_mix_choice`).
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -23,29 +32,44 @@ from typing import Any
 
 from qanalyze.errors import ConfigError
 from qanalyze.plan.architecture import check_plan
-from qanalyze.plan.baselines import random_choice, reversed_choice, uniform_choice
+from qanalyze.plan.baselines import (
+    random_choice,
+    reversed_choice,
+    rule_mix_choice,
+    rule_mix_modules,
+    uniform_choice,
+)
 from qanalyze.plan.budget import SCALE_BITS, Budget
 from qanalyze.plan.costs import (
+    AUTO_GROUPS,
     DEFAULT_BITS,
-    DEFAULT_GROUPS,
     ModuleOptions,
     activation_options,
     gradient_bits,
     gradient_options,
     merge_ties,
     module_options,
+    resolve_groups,
     tie_groups,
 )
 from qanalyze.plan.entries import FloatEntry, PlanEntry, QuantizedEntry
+from qanalyze.plan.knapsack import cost_scales, make_solution, make_table
 from qanalyze.plan.solvers import InfeasibleError, Item, Solution, solve
 from qanalyze.plan.ties import default_ties
+from qanalyze.quant.layouts import is_column_layout, parse_layout
 from qanalyze.quant.primitives import ACTIVATION_GROUPS, GRADIENT_GROUPS
 from qanalyze.records import BitPlan, SensitivityReport
 
-__all__ = ["BASELINES", "PlanConfig", "check_plan", "file_sha256", "make_plan"]
+__all__ = ["BASELINES", "PlanConfig", "UniformLayout", "check_plan", "file_sha256", "make_plan", "uniform_layout_plan",
+           "uniform_layouts"]
 """`check_plan` lives in `qanalyze.plan.architecture`; it is re-exported here for older imports."""
 
 BASELINES = ("uniform", "random", "reversed")
+"""The baselines ``plan --baselines`` writes beside the plan (every model takes them)."""
+
+RULE_MIX = "rule-mix"
+"""llama.cpp's Q4_K_M-style rule mix: ``make_plan(..., baseline="rule-mix")``. Not among `BASELINES`, which
+``--baselines`` writes for every model, since it needs a decoder (`qanalyze.plan.baselines.rule_mix_modules`)."""
 
 
 @dataclass(frozen=True)
@@ -55,7 +79,9 @@ class PlanConfig:
     objective: str = "auto"
     """A key of `qanalyze.plan.costs.OBJECTIVES`, or ``auto``: `resolve_objective` by the task."""
     bits: tuple[int, ...] = DEFAULT_BITS
-    groups: tuple[str, ...] = DEFAULT_GROUPS
+    groups: tuple[str, ...] = (AUTO_GROUPS,)
+    """Group layouts on offer (row layouts and column layouts), or ``("auto",)``: the task's defaults
+    (`qanalyze.plan.costs.resolve_groups`: g32, g64, g128 and per row for ``lm``, the row layouts otherwise)."""
     keep_float: tuple[str, ...] = ("layernorm", "rmsnorm", "head")
     ties: tuple[str, ...] = ()
     default_ties: bool = True
@@ -177,8 +203,33 @@ def make_plan(report: SensitivityReport, budget: Budget, config: PlanConfig, *,
         raise ConfigError(f"act_group {config.act_group!r} is not one of {', '.join(ACTIVATION_GROUPS)}")
     if config.grad_group not in GRADIENT_GROUPS:
         raise ConfigError(f"grad_group {config.grad_group!r} is not one of {', '.join(GRADIENT_GROUPS)}")
+    raw, config, options, planned, floats = _prepare(report, config)
+    if baseline is not None and baseline not in _BASELINE_SOLVERS:
+        raise ConfigError(f"unknown baseline {baseline!r}; known: {', '.join(_BASELINE_SOLVERS)}")
+    activation = _activation_bits(raw, config)
+    capacities: tuple[float, ...] = (_capacity(budget, planned, floats),)
+    if config.bops is None:
+        items = _items(planned)
+    else:
+        # activation bits are chosen first, so BOPs are linear in the weight bits
+        items = _items_with_bops(planned, activation, config.seq_len)
+        capacities += (config.bops,)
+    try:
+        solution = _BASELINE_SOLVERS.get(baseline, _optimal)(planned, items, capacities, config)
+    except InfeasibleError as exc:
+        raise _unreachable(budget, exc, planned, floats, config) from None
+    return _assemble(raw, budget.to_dict(), config, options, planned, floats, solution, sensitivity_path, baseline,
+                     activation, capacities[0])
+
+
+def _prepare(report: SensitivityReport, config: PlanConfig) -> tuple[dict[str, Any], PlanConfig, list[ModuleOptions],
+                                                                     list[ModuleOptions], list[ModuleOptions]]:
+    """The report as a dict, the config with ``auto`` resolved for the report's task, every module's options,
+    and the planned (tied ones merged) and float ones."""
     raw = report.to_dict()
-    config = replace(config, objective=resolve_objective(config.objective, task_kind(raw["data"])))
+    kind = task_kind(raw["data"])
+    config = replace(config, objective=resolve_objective(config.objective, kind),
+                     groups=tuple(parse_layout(g) for g in resolve_groups(config.groups, kind)))
     options = module_options(raw, bits=config.bits, groups=config.groups,
                              objective=config.objective, keep_float=config.keep_float)
     defaults = default_ties(raw["model"].get("architecture")) if config.default_ties else ()
@@ -192,20 +243,7 @@ def make_plan(report: SensitivityReport, budget: Budget, config: PlanConfig, *,
     floats = [o for o in merged if o.float]
     if not planned:
         raise ConfigError("every module is kept in float (--keep-float): nothing to plan")
-    activation = _activation_bits(raw, config)
-    capacities: tuple[float, ...] = (_capacity(budget, planned, floats),)
-    if config.bops is None:
-        items = _items(planned)
-    else:
-        # activation bits are chosen first, so BOPs are linear in the weight bits
-        items = _items_with_bops(planned, activation, config.seq_len)
-        capacities += (config.bops,)
-    try:
-        solution = _BASELINE_SOLVERS.get(baseline, _optimal)(planned, items, capacities, config)
-    except InfeasibleError as exc:
-        raise _unreachable(budget, exc, planned, floats, config) from None
-    return _assemble(raw, budget, config, options, planned, floats, solution, sensitivity_path, baseline,
-                     activation, capacities[0])
+    return raw, config, options, planned, floats
 
 
 def _optimal(planned: Sequence[ModuleOptions], items: list[list[Item]], capacities: tuple[float, ...],
@@ -230,10 +268,20 @@ def _reversed(planned: Sequence[ModuleOptions], items: list[list[Item]], capacit
     return reversed_choice(items, capacities, sensitivity, solver=config.solver)
 
 
-_BASELINE_SOLVERS = {"uniform": _uniform, "random": _random, "reversed": _reversed}
+def _rule_mix(planned: Sequence[ModuleOptions], items: list[list[Item]], capacities: tuple[float, ...],
+              config: PlanConfig) -> Solution:
+    # A tie group (q/k/v, fused by engines) takes the bits of its favoured member: with the default ties, the
+    # value projection's extra bits go to q and k of its layer too; without them the rule is llama.cpp's.
+    favoured = rule_mix_modules([name for o in planned for name in o.members])
+    return rule_mix_choice(items, capacities, [[c.label for c in o.candidates] for o in planned],
+                           [any(name in favoured for name in o.members) for o in planned])
 
 
-def _assemble(raw: Mapping[str, Any], budget: Budget, config: PlanConfig, options: Sequence[ModuleOptions],
+_BASELINE_SOLVERS = {"uniform": _uniform, "random": _random, "reversed": _reversed, RULE_MIX: _rule_mix}
+"""Baseline name -> ``solve(planned, items, capacities, config)``: every baseline ``make_plan`` can make."""
+
+
+def _assemble(raw: Mapping[str, Any], budget: Mapping[str, Any], config: PlanConfig, options: Sequence[ModuleOptions],
               planned: Sequence[ModuleOptions], floats: Sequence[ModuleOptions], solution: Solution,
               sensitivity_path: str | Path | None, baseline: str | None, activation: Mapping[str, int],
               capacity: float) -> BitPlan:
@@ -256,15 +304,22 @@ def _assemble(raw: Mapping[str, Any], budget: Budget, config: PlanConfig, option
             # a layout key is written only where it says something other than one scale per tensor
             marks_input = config.act_group != "tensor" and "linear" in member.kind and bool(activation.get(name))
             marks_gradient = config.grad_group != "tensor" and "linear" in member.kind
+            # a column layout is asymmetric with min/max ranges (`qanalyze.quant.columns`), whatever the analysis'
+            # range rule for row layouts; its scales are counted in groups, one row holding several
+            column = is_column_layout(candidate.group)
             entries[name] = QuantizedEntry(
-                name=name, weight_bits=candidate.bits, group=candidate.group, groups=member_candidate.groups,
+                name=name, weight_bits=candidate.bits, group="channel" if column else candidate.group,
+                groups=member_candidate.groups,
                 activation_bits=activation.get(name), gradient_bits=gradients.get(name) or 16,
-                scheme="symmetric", rounding="nearest", weight_range=weight_range,
+                scheme="asymmetric" if column else "symmetric", rounding="nearest",
+                weight_range="max" if column else weight_range,
                 predicted_damage=member_candidate.damage,
                 activation_group=config.act_group if marks_input else "tensor",
                 gradient_group=config.grad_group if marks_gradient else "tensor",
+                column_group=candidate.group if column else None,
                 omitted=frozenset({*(() if marks_input else ("activation_group",)),
-                                   *(() if marks_gradient else ("gradient_group",))}),
+                                   *(() if marks_gradient else ("gradient_group",)),
+                                   *(() if column else ("column_group",))}),
             )
     planned_params = sum(o.params for o in planned)
     all_params = planned_params + sum(o.params for o in floats)
@@ -289,7 +344,7 @@ def _assemble(raw: Mapping[str, Any], budget: Budget, config: PlanConfig, option
     return BitPlan(
         model={"fingerprint": raw["model"]["fingerprint"], "architecture": raw["model"].get("architecture"),
                "modules": {o.name: list(o.shape) for o in options}},
-        budget={**budget.to_dict(), "capacity_bits": capacity,
+        budget={**budget, "capacity_bits": capacity,
                 "act_budget": config.act_budget, "grad_budget": config.grad_budget, "bops": config.bops},
         objective=config.objective, totals=totals, modules={n: e.to_dict() for n, e in entries.items()},
         sensitivity=sensitivity,
@@ -333,3 +388,71 @@ def _gradient_bits(raw: Mapping[str, Any], config: PlanConfig) -> Mapping[str, i
 def _mean(values: Sequence[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# uniform (bits, layout) configurations, for PTQ sweeps
+
+
+@dataclass(frozen=True)
+class UniformLayout:
+    """One uniform configuration: every planned module at ``bits`` in group layout ``group``, with the exact
+    storage of the planned weights (``cost_bits``, every scale and zero point) and the plan's ``weight_bytes``
+    (float modules included, as `make_plan`'s ``totals.weight_bytes``)."""
+
+    bits: int
+    group: str
+    cost_bits: float
+    weight_bytes: int
+
+    @property
+    def text(self) -> str:
+        """``uniform:3:g64``: the plan's ``budget.text``."""
+        return f"uniform:{self.bits}:{self.group}"
+
+
+def uniform_layouts(report: SensitivityReport, config: PlanConfig = PlanConfig()) -> list[UniformLayout]:
+    """Every uniform (bits, layout) configuration the report's model can take under ``config`` (its bits, its
+    groups with ``auto`` resolved: the column layouts on task ``lm``, its float modules), cheapest first.
+
+    A configuration is offered only when every planned module offers it: a layout whose G does not divide
+    some module's input width (g128 on SmolLM2's 576 columns) is no uniform configuration, rather than one
+    that quietly gives that module another layout. A sweep takes those whose ``weight_bytes`` are at most a
+    plan's and reports the best (`uniform_layout_plan` makes each one's plan)."""
+    _, config, options, _, _ = _prepare(report, config)
+    planned = [o for o in options if not o.float]
+    float_bits = sum(o.float_cost_bits for o in options if o.float)
+    found = []
+    for bits, group in (c.label for c in planned[0].candidates):
+        chosen = [next((c for c in o.candidates if c.label == (bits, group)), None) for o in planned]
+        if all(chosen):
+            cost = math.fsum(c.cost_bits for c in chosen)
+            found.append(UniformLayout(bits, group, cost, math.ceil((cost + float_bits) / 8)))
+    return sorted(found, key=lambda u: (u.cost_bits, u.bits, u.group))
+
+
+def uniform_layout_plan(report: SensitivityReport, bits: int, group: str, config: PlanConfig = PlanConfig(), *,
+                        sensitivity_path: str | Path | None = None) -> BitPlan:
+    """The plan of one uniform configuration: every planned module at ``bits`` in layout ``group`` (activations
+    and gradients as `make_plan` plans them), ``baseline: "uniform"``, ``budget.text`` ``uniform:3:g64``.
+    ConfigError naming a module that does not offer (``bits``, ``group``) and the layouts that module has."""
+    raw, config, options, planned, floats = _prepare(report, config)
+    group = parse_layout(group)
+    label = (bits, group)
+    choice = []
+    for option in planned:
+        index = next((j for j, c in enumerate(option.candidates) if c.label == label), None)
+        if index is None:
+            offered = ", ".join(dict.fromkeys(f"{c.bits}:{c.group}" for c in option.candidates))
+            raise ConfigError(f"uniform:{bits}:{group} does not apply to module {option.name} (it offers {offered})")
+        choice.append(index)
+    activation = _activation_bits(raw, config)
+    items = _items(planned) if config.bops is None else _items_with_bops(planned, activation, config.seq_len)
+    table = make_table(items)
+    cost = math.fsum(o.candidates[j].cost_bits for o, j in zip(planned, choice))
+    # no budget to meet: the configuration's own storage is its capacity
+    capacities = (cost,) if config.bops is None else (cost, config.bops)
+    solution = make_solution(table, choice, cost_scales(capacities), "uniform", False, time.perf_counter())
+    budget = {"text": f"uniform:{bits}:{group}", "kind": "uniform", "value": bits}
+    return _assemble(raw, budget, config, options, planned, floats, solution, sensitivity_path, "uniform",
+                     activation, cost)

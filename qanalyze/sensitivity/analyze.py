@@ -39,11 +39,18 @@ from qanalyze.models import (
     head_dim,
     inventory,
 )
+from qanalyze.quant.layouts import (
+    COLUMN_LAYOUTS,
+    column_fits,
+    column_groups_per_row,
+    is_column_layout,
+    parse_layout,
+    takes_columns,
+)
 from qanalyze.quant.primitives import (
     check_weight_range,
     fake_quantize,
     module_weight_range,
-    parse_group,
     rows_per_group,
 )
 from qanalyze.records import SensitivityReport
@@ -66,6 +73,11 @@ LM_DEFAULT_METRICS = ("weights", "fisher")
 """The default metrics of an analysis on task ``lm`` (`qanalyze.verbs.analyze`): what the LM objective, the
 Fisher score, reads. On SmolLM2-135M two windows of every default metric took 590 s, 355 s of it the
 activation and gradient probes and 62 s the traces; ask for them with ``--metrics``."""
+
+LM_DEFAULT_GROUPS = COLUMN_LAYOUTS
+"""The default group layouts of an analysis on task ``lm`` (`qanalyze.verbs.analyze`): the column groups of LLM
+formats (g32, g64, g128, per row; asymmetric, float16 scales), measured at the bits of ``bits`` from 2 to 8.
+Only linear layers take them, so an embedding gets no weight candidate (a column plan keeps it in float)."""
 
 OBJECTIVE_METRICS = {"eig": "eig", "fisher": "fisher", "output-gradient": "output-gradient"}
 """Plan objective -> the metric it reads beyond the defaults (`AnalyzeConfig.for_objective`)."""
@@ -161,7 +173,7 @@ class AnalyzeConfig:
             if not 2 <= bits <= 16:
                 raise ConfigError(f"bits must lie in 2..16, got {bits}")
         for group in self.groups:
-            parse_group(group)
+            parse_layout(group)
         check_weight_range(self.weight_range)
         if self.modules is not None:
             try:
@@ -232,6 +244,9 @@ def _new_report(loaded: LoadedModel, data: TaskData, config: AnalyzeConfig, info
         size = head_dim(model, info)
         entry["head_dim"] = size
         entry["group_rows"] = _group_rows(info, size, config.groups)
+        columns = _column_groups(info, config)
+        if columns is not None:
+            entry["column_groups"] = columns
         entry["hessian"] = {}
         modules[info.name] = entry
     return SensitivityReport(
@@ -246,11 +261,30 @@ def _new_report(loaded: LoadedModel, data: TaskData, config: AnalyzeConfig, info
 def _group_rows(info: ModuleInfo, size: int | None, groups: Sequence[str]) -> dict[str, int]:
     rows = {}
     for group in groups:
+        if is_column_layout(group):
+            continue  # column layouts are counted per row (`_column_groups`)
         try:
-            rows[parse_group(group)] = rows_per_group(info.shape[0], group, head_dim=size)
+            rows[parse_layout(group)] = rows_per_group(info.shape[0], group, head_dim=size)
         except ConfigError:
             continue  # this layout does not fit this weight: not a candidate
     return rows
+
+
+def module_groups(info: ModuleInfo, groups: Sequence[str]) -> tuple[str, ...]:
+    """The layouts of ``groups`` a module is measured at: column layouts only for the kinds that take them
+    (`qanalyze.quant.layouts.takes_columns`: linear layers stored (out, in)), every row layout."""
+    columns = takes_columns(info.kind, info.transposed)
+    return tuple(g for g in groups if columns or not is_column_layout(g))
+
+
+def _column_groups(info: ModuleInfo, config: AnalyzeConfig) -> dict[str, int] | None:
+    """``column_groups`` of sensitivity.json: per column layout measured, its scales (and zero points) per output
+    row, what the planner counts a candidate's storage from; None when the module has no column layouts."""
+    asked = [parse_layout(g) for g in module_groups(info, config.groups) if is_column_layout(g)]
+    if not asked:
+        return None
+    return {group: column_groups_per_row(group, info.shape[1]) for group in asked
+            if any(column_fits(b, group, info.shape[1]) for b in config.bits)}
 
 
 def _open(loaded: LoadedModel, data: TaskData, config: AnalyzeConfig, out: Path, infos: list[ModuleInfo],
@@ -327,7 +361,8 @@ def analyze(
             report_progress("weights", i, len(infos), info.name)
             # the same rule the engine gives this module (`apply_plan`)
             weight_range = module_weight_range(info.kind, config.weight_range)
-            errors = all_weight_errors(modules[info.name].weight.detach(), config.bits, config.groups,
+            errors = all_weight_errors(modules[info.name].weight.detach(), config.bits,
+                                       module_groups(info, config.groups),
                                        head_dim=state.entry(info.name)["head_dim"], weight_range=weight_range)
             state.entry(info.name)["weight_error"] = {str(b): e for b, e in errors.items()}
         report_progress("weights", len(infos), len(infos), "done")
@@ -525,7 +560,7 @@ def _empirical_fisher(model: torch.nn.Module, infos: list[ModuleInfo], modules: 
 def _candidate_steps(weight: torch.Tensor, info: ModuleInfo, bits: Sequence[int], config: AnalyzeConfig,
                      head_dim: int | None) -> CandidateSteps:
     # the same quantizer and range rule as the module's weight_error (`all_weight_errors`)
-    return CandidateSteps(weight, bits, config.groups, head_dim=head_dim,
+    return CandidateSteps(weight, bits, module_groups(info, config.groups), head_dim=head_dim,
                           weight_range=module_weight_range(info.kind, config.weight_range))
 
 

@@ -6,6 +6,12 @@ A candidate's Q(W) is symmetric nearest rounding with one step per group of rows
 any candidate, or of some of its rows (the rows a batch looks up in an embedding table), on demand, without
 holding a quantized copy of the weight per candidate. `weighted_errors` sums ``Σ F ⊙ ΔW²`` over every
 candidate in cache-sized blocks of rows, as `qanalyze.sensitivity.errors.all_weight_errors` sums ``‖ΔW‖²``.
+
+Column candidates (``g32``, ``g64``, ``g128``, ``row``; `qanalyze.quant.layouts`) are held the same way: their
+float16 scales and zero points, ``(rows, groups)`` each, taken from `quantize_columns` with
+``ColumnSpec(bits, G, symmetric=False)``; ΔW is recomputed from them with that module's own formulas, so it
+equals ``quantize_columns(W, spec).dequantize() − W`` bit for bit. Rows quantize independently in column
+groups, so the ΔW of some rows is those rows of the whole ΔW.
 """
 
 from __future__ import annotations
@@ -15,7 +21,9 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from qanalyze.errors import ConfigError
-from qanalyze.quant.primitives import check_bits, mse_clip, parse_group, qmax, rows_per_group, symmetric_scale
+from qanalyze.quant.columns import column_codes, quantize_columns
+from qanalyze.quant.layouts import column_fits, column_spec, is_column_layout, parse_layout
+from qanalyze.quant.primitives import check_bits, mse_clip, qmax, rows_per_group, symmetric_scale
 
 BLOCK_ELEMENTS = 1 << 18
 """`weighted_errors` reads a weight in blocks of rows of about this many elements (see `WEIGHT_ERROR_CHUNK`)."""
@@ -28,6 +36,11 @@ class CandidateSteps:
     the weight (a row count that does not divide it, ``head`` without ``head_dim``) are left out, as
     `qanalyze.quant.primitives.weight_errors` leaves them out. ``weight_range`` ``mse`` clips each group at its
     `mse_clip` ratio, the rule the plan and the engine apply.
+
+    ``columns[group][bits]`` holds a column candidate's ``(scale, zero_point)``, each ``(rows, groups)``; it
+    applies to a 2-d weight whose input width (dim 1) G divides, at 2 to 8 bits, and takes min/max ranges
+    whatever ``weight_range`` (the caller decides which module kinds get column layouts at all:
+    `qanalyze.quant.layouts.takes_columns`).
     """
 
     def __init__(self, weight: torch.Tensor, bits: Sequence[int], groups: Sequence[str | int], *,
@@ -41,7 +54,11 @@ class CandidateSteps:
         flat = self.matrix
         row_max = flat.abs().amax(dim=1)
         self.steps: dict[str, dict[int, torch.Tensor]] = {}
-        for name in dict.fromkeys(parse_group(group) for group in groups):
+        self.columns: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
+        for name in dict.fromkeys(parse_layout(group) for group in groups):
+            if is_column_layout(name):
+                self._add_columns(name)
+                continue
             try:
                 per_group = rows_per_group(flat.shape[0], name, head_dim=head_dim)
             except ConfigError:
@@ -56,6 +73,16 @@ class CandidateSteps:
                 repeat = flat.shape[0] if per_group is None else per_group
                 self.steps[name][b] = step.repeat_interleave(repeat).unsqueeze(1)
 
+    def _add_columns(self, name: str) -> None:
+        if self.weight.dim() != 2:
+            return  # a norm's gain or a convolution kernel has no input columns to group
+        fitting = [b for b in self.bits if column_fits(b, name, self.weight.shape[1])]
+        if fitting:
+            self.columns[name] = {}
+            for b in fitting:
+                found = quantize_columns(self.matrix, column_spec(b, name))
+                self.columns[name][b] = (found.scale, found.zero_point)
+
     @property
     def matrix(self) -> torch.Tensor:
         """The weight as (rows, columns), in float32 (float64 stays float64), the dtype the steps are in."""
@@ -63,17 +90,36 @@ class CandidateSteps:
         return flat if flat.dtype in (torch.float32, torch.float64) else flat.float()
 
     def candidates(self) -> Iterator[tuple[int, str]]:
-        """Every (bits, group) held, bits outermost."""
+        """Every (bits, group) held, bits outermost, row layouts before column layouts."""
         for b in self.bits:
             for group in self.steps:
                 yield b, group
+            for group, by_bits in self.columns.items():
+                if b in by_bits:
+                    yield b, group
 
     def delta(self, bits: int, group: str, rows: torch.Tensor | slice | None = None) -> torch.Tensor:
         """ΔW = Q(W) − W of candidate (``bits``, ``group``) as (rows, columns), or of the rows ``rows`` selects."""
         part = self.matrix if rows is None else self.matrix[rows]
+        if group in self.columns:
+            return self._column_delta(part, bits, group, rows)
         step = self.steps[group][bits] if rows is None else self.steps[group][bits][rows]
         limit = qmax(bits)
         return torch.round(part / step).clamp_(-limit, limit).mul_(step).sub_(part)
+
+    def _column_delta(self, part: torch.Tensor, bits: int, group: str,
+                      rows: torch.Tensor | slice | None) -> torch.Tensor:
+        scale, zero = self.columns[group][bits]
+        if rows is not None:
+            scale, zero = scale[rows], zero[rows]
+        # `quantize_columns`' codes and `ColumnQuantized.dequantize`, elementwise the same operations on a
+        # (rows, groups, G) view: (round(w / s) + z clamped to the codes, minus z) times s, then minus w
+        count, columns = part.shape
+        grouped = part.reshape(count, scale.shape[1], -1)
+        zero = zero.unsqueeze(-1).to(scale.dtype)
+        scale = scale.unsqueeze(-1)
+        codes = column_codes(grouped, scale, zero, bits)
+        return codes.sub_(zero).mul_(scale).reshape(count, columns).sub_(part)
 
     def weighted_errors(self, weights: torch.Tensor) -> dict[int, dict[str, float]]:
         """``{bits: {group: Σ weights ⊙ ΔW²}}`` summed in float64; ``weights`` has the weight's shape."""
@@ -86,4 +132,4 @@ class CandidateSteps:
             for b, g in self.candidates():
                 difference = self.delta(b, g, rows).to(torch.float64).reshape(-1)
                 sums[b, g] += torch.dot(difference * difference, factor)
-        return {b: {g: float(sums[b, g]) for g in self.steps} for b in self.bits}
+        return {b: {g: float(sums[b, g]) for b2, g in self.candidates() if b2 == b} for b in self.bits}

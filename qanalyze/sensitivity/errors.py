@@ -1,7 +1,8 @@
 """Quantization error of weights, activations and gradients, measured on real batches through hooks.
 
 For each module and bit-width:
-- weight error ``‖Q_b(W) − W‖²`` per candidate group layout (pure, from `qanalyze.quant.primitives`);
+- weight error ``‖Q_b(W) − W‖²`` per candidate group layout (pure, from `qanalyze.quant.primitives` for row
+  layouts and `qanalyze.quant.columns` for column layouts, `qanalyze.quant.layouts`);
 - activation error ``E‖Q_b(X) − X‖²`` of the module input X (per-tensor symmetric, nearest
   rounding, as dynamic activation quantization does), per example, averaged over batches; with it
   the relative error and ``E[Σ (∂L/∂X)² (Q_b(X) − X)²]``, the second-order loss change the planner
@@ -28,10 +29,11 @@ from torch import nn
 
 from qanalyze.errors import ConfigError
 from qanalyze.models import ModuleInfo
+from qanalyze.quant.columns import quantize_columns
+from qanalyze.quant.layouts import column_fits, column_spec, is_column_layout, parse_layout
 from qanalyze.quant.primitives import (
     check_bits,
     fake_quantize,
-    parse_group,
     qmax,
     rows_per_group,
     symmetric_scale,
@@ -88,7 +90,50 @@ def all_weight_errors(
     head_dim: int | None = None,
     weight_range: str = "max",
 ) -> dict[int, dict[str, float]]:
-    """`qanalyze.quant.primitives.weight_errors` for many candidates at once: ``{bits: {group: ||Q(W) - W||^2}}``.
+    """``{bits: {group: ||Q(W) - W||^2}}`` of every candidate: row layouts by `row_weight_errors`, column layouts
+    (``g32``, ``g64``, ``g128``, ``row``) by `column_weight_errors`; layouts that do not fit are left out."""
+    names = list(dict.fromkeys(parse_layout(group) for group in groups))
+    rows = [g for g in names if not is_column_layout(g)]
+    columns = [g for g in names if is_column_layout(g)]
+    found = row_weight_errors(weight, bits_list, rows, head_dim=head_dim, weight_range=weight_range) if rows else \
+        {bits: {} for bits in bits_list}
+    for bits, errors in column_weight_errors(weight, bits_list, columns).items():
+        found[bits].update(errors)
+    return found
+
+
+def column_weight_errors(weight: torch.Tensor, bits_list: Sequence[int],
+                         groups: Sequence[str]) -> dict[int, dict[str, float]]:
+    """``{bits: {layout: ||ΔW||^2}}`` of the column candidates, ΔW = ``quantize_columns(W, ColumnSpec(bits, G,
+    symmetric=False)).dequantize() - W`` (float16 scales, zero points), squared and summed in float64.
+
+    A 2-d weight only (columns = dim 1); a layout whose G does not divide the width, or bits outside 2..8, is
+    left out (`qanalyze.quant.layouts.column_fits`). Which modules take column layouts is the caller's choice."""
+    for bits in bits_list:
+        check_bits(bits)
+    found: dict[int, dict[str, float]] = {bits: {} for bits in bits_list}
+    if weight.dim() != 2 or weight.numel() == 0:
+        return found
+    x = weight.detach()
+    x = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    for group in groups:
+        for bits in bits_list:
+            if column_fits(bits, group, x.shape[1]):
+                difference = quantize_columns(x, column_spec(bits, group)).dequantize().sub_(x)
+                found[bits][group] = float(torch.sum(difference.to(torch.float64).square_()))
+    return found
+
+
+def row_weight_errors(
+    weight: torch.Tensor,
+    bits_list: Sequence[int],
+    groups: Sequence[str | int],
+    *,
+    head_dim: int | None = None,
+    weight_range: str = "max",
+) -> dict[int, dict[str, float]]:
+    """`qanalyze.quant.primitives.weight_errors` for many row-layout candidates at once: ``{bits: {group:
+    ||Q(W) - W||^2}}``.
 
     With ``weight_range="max"`` and a float32 or float64 weight, each group's max|w| is taken once from the
     rows' maxima, and the weight is read in blocks of rows (`WEIGHT_ERROR_CHUNK`) that serve every bit-width
@@ -109,7 +154,7 @@ def all_weight_errors(
     row_max = x.abs().amax(dim=1)
     # per layout and bit-width, each row's step (rows of one group share it), as `quantize_symmetric` sets it
     steps: dict[str, dict[int, torch.Tensor]] = {}
-    for name in dict.fromkeys(parse_group(group) for group in groups):
+    for name in dict.fromkeys(parse_layout(group) for group in groups):
         try:
             per_group = rows_per_group(rows, name, head_dim=head_dim)
         except ConfigError:
