@@ -351,8 +351,9 @@ def build_cli() -> click.Group:
     @click.option("--modes", "--mode", "modes", default="qat", show_default=True,
                   help=f"How the plans are trained, comma-separated, of {', '.join(sweep_modes)}; a mode with bits "
                        "of its own (int4) adds one uniform reference run.")
-    @click.option("--integer-bits", default="8,16", show_default=True,
-                  help="Uniform integer-training reference points (int mode, W=A=G bits); `none` for none.")
+    @click.option("--integer-bits", default="auto", show_default=True,
+                  help="Uniform integer-training reference points (int mode, W=A=G bits), or `none`; auto: 8,16 when "
+                       "a mode trains, none for post-training modes only (rtn, gptq).")
     @click.option("--sensitivity", type=click.Path(dir_okay=False), default=None,
                   help="From `qanalyze analyze` (default: OUT/sensitivity.json, made if missing).")
     @click.option("--objective", type=click.Choice(OBJECTIVE_CHOICES), default="auto", show_default=True,
@@ -393,7 +394,7 @@ def build_cli() -> click.Group:
         config = SweepConfig(
             budgets=tuple(budget_text(b) for b in names(budgets)), plans=names(plans), modes=chosen,
             methods=pop_method_configs(kw, chosen),
-            integer_bits=() if integer_bits.strip().lower() == "none" else int_list(integer_bits),
+            integer_bits=_integer_bits(integer_bits, chosen),
             plan=PlanConfig(objective=kw["objective"], act_budget=parse_bits(kw["act_budget"]), seed=kw["seed"],
                     act_group=kw["act_group"], grad_group=kw["grad_group"]),
             train=train_config(kw),
@@ -443,6 +444,16 @@ def build_cli() -> click.Group:
         click.echo(str(result.path))
 
     return cli
+
+
+def _integer_bits(text: str, modes: list[str]) -> tuple[int, ...]:
+    from qanalyze.methods import METHODS
+
+    value = text.strip().lower()
+    if value == "auto":
+        trains = any(name in METHODS and METHODS[name].command == "train" for name in modes)
+        return (8, 16) if trains else ()
+    return () if value == "none" else int_list(text)
 
 
 def main(argv: list[str] | None = None) -> int:

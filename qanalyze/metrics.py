@@ -147,6 +147,15 @@ def top1_agreement(reference_logits: torch.Tensor, logits: torch.Tensor) -> torc
     return reference_logits.argmax(-1) == logits.argmax(-1)
 
 
+LOWER_IS_BETTER = frozenset({"perplexity", "kl", "loss"})
+"""Metrics where a smaller value is the better model (every other metric: larger is better)."""
+
+
+def better(metric: str, a: float, b: float) -> bool:
+    """Whether value ``a`` of ``metric`` is strictly better than ``b``."""
+    return a < b if metric in LOWER_IS_BETTER else a > b
+
+
 RAW_METRICS = frozenset({"perplexity", "kl", "loss"})
 """Metrics shown as they are: a perplexity or a divergence has no "points" (rates shown x100 do)."""
 

@@ -232,8 +232,12 @@ class SweepProgress:
     def on_run_end(self, index: int, total: int, run: Any, row: dict[str, Any]) -> None:
         """Print what the run gave and what it cost, and advance the runs count."""
         value, delta = row.get("value"), row.get("delta_pts")
-        shown = (f"{row['metric']} {100 * value:.2f} ({delta:+.2f} pt vs FP32)" if value is not None
-                 else "no result")
+        from qanalyze.metrics import display_scale, display_unit
+
+        metric = row["metric"]
+        unit = "pt" if display_unit(metric) else ""  # points for rates, nothing for a perplexity
+        shown = (f"{metric} {display_scale(metric) * value:.2f} ({delta:+.2f}{' ' + unit if unit else ''} vs FP32)"
+                 if value is not None else "no result")
         self.console.print(f"{run.name}: {shown}, {row['weight_bytes'] / 1e6:.2f} MB, {row['status']}, "
                            f"{row['seconds']:.0f} s")
         if not _live(self.console):

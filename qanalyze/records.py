@@ -186,6 +186,8 @@ class RunRecord(JsonRecord):
     rank_metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     # qdylora: trainable parameters at each rank of rank_metrics (the adapters cut there, plus the task head)
     rank_parameters: dict[str, int] = field(default_factory=dict)
+    # 95 % bootstrap interval of each metric over the dev examples ({"accuracy": [low, high]}; classification)
+    intervals: dict[str, list[float]] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=environment)
     created: str = field(default_factory=utc_now)
     schema: str = RUN_SCHEMA

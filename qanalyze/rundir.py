@@ -7,9 +7,11 @@ still be resumed. A folder is a qanalyze run when it holds either record.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 from qanalyze.errors import OutputDirError
 from qanalyze.records import CHECKPOINT_SCHEMA, RUN_SCHEMA
@@ -17,6 +19,9 @@ from qanalyze.records import CHECKPOINT_SCHEMA, RUN_SCHEMA
 METRICS_FILE = "metrics.json"
 LOG_FILE = "log.csv"
 EVALS_FILE = "evals.csv"
+PREDICTIONS_FILE = "predictions.json"
+"""The final evaluation's per-example predictions and labels (classification runs): what a sweep's paired
+bootstrap compares two runs on."""
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_STATE = "state.json"
 
@@ -132,3 +137,24 @@ def check_output_file(path: str | Path, *, inputs: tuple[str | Path, ...] = (), 
     if target.exists() and not overwrite:
         raise OutputDirError(f"{target} exists; pass --overwrite to replace it")
     return target
+
+
+def save_predictions(run: Path, predictions: Any, labels: Any) -> None:
+    """Write a run's final per-example predictions and labels to ``predictions.json`` (atomically)."""
+    from qanalyze.records import atomic_write_text
+
+    payload = {"predictions": [float(v) if isinstance(v, float) else v for v in predictions.tolist()],
+               "labels": labels.tolist()}
+    atomic_write_text(Path(run) / PREDICTIONS_FILE, json.dumps(payload, separators=(",", ":")) + "\n")
+
+
+def load_predictions(run: Path) -> tuple[Any, Any] | None:
+    """A run's final predictions and labels as NumPy arrays, or None when it has none (or they are unreadable)."""
+    import numpy as np
+
+    path = Path(run) / PREDICTIONS_FILE
+    try:
+        payload = json.loads(path.read_text(encoding="utf-8"))
+        return np.asarray(payload["predictions"]), np.asarray(payload["labels"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

@@ -14,7 +14,7 @@ a Python caller can do the same way::
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -147,26 +147,15 @@ def analyze(model: str, data: TaskData, config: AnalyzeConfig, out: str | Path, 
     `SensitivityReport`."""
     from qanalyze.engine.train import resolve_device
     from qanalyze.models import has_task_head, load_model
-    from qanalyze.plan.make import resolve_objective
     from qanalyze.rundir import check_output_file
-    from qanalyze.sensitivity.analyze import DEFAULT_METRICS, LM_DEFAULT_GROUPS, LM_DEFAULT_METRICS, AnalyzeConfig
     from qanalyze.sensitivity.analyze import analyze as run_analysis
+    from qanalyze.sensitivity.analyze import task_defaults
 
     check_output_file(out, inputs=(model,), overwrite=overwrite or resume)  # resume writes OUT from OUT.partial
     seed_everything(config.seed)
     loaded = load_model(model, num_labels=data.task.num_labels, eager_attention=True)
     _check_input_length(loaded.model, data, config.max_length)
-    if data.task.kind == "lm":
-        # The default metrics become what the LM objective reads (weight errors and the Fisher score, one
-        # gradient pass per window): traces and the activation/gradient probes cost minutes per window on a
-        # 135M-parameter model.
-        if config.metrics == DEFAULT_METRICS:
-            config = replace(config, metrics=LM_DEFAULT_METRICS)
-        # and the default layouts the column groups of LLM formats (g32, g64, g128, per row), what `plan` offers
-        # for task lm by default and the PTQ methods run
-        if config.groups == AnalyzeConfig().groups:
-            config = replace(config, groups=LM_DEFAULT_GROUPS)
-        config = config.for_objective(resolve_objective("auto", data.task.kind))
+    config = task_defaults(config, data.task.kind)
     if not has_task_head(loaded.model):
         raise ConfigError(f"{model} has no trained {data.task.name} head, so its loss means nothing; fine-tune "
                           f"one first (qanalyze finetune {model} --task {data.task.name} --data ... --out RUN) "

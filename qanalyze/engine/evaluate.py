@@ -26,6 +26,10 @@ class EvalResult:
     loss: float
     examples: int
     seconds: float
+    predictions: np.ndarray | None = None
+    """Per-example predictions in input order (classification and regression; None for the ``lm`` task)."""
+    labels: np.ndarray | None = None
+    """The examples' labels, beside ``predictions``."""
 
     def to_dict(self) -> dict[str, float]:
         """Flat form used in records and logs: metrics plus ``loss``."""
@@ -83,8 +87,10 @@ def _evaluate_classification(
             f"({', '.join(config.architectures)}) without one: fine-tune it first, or evaluate it with --task lm"
         )
     predictions, loss = predict(model, tokenizer, encoded, batch_size=batch_size)
-    metrics = compute_metrics(task.metrics, predictions, encoded.labels.cpu().numpy())
-    return EvalResult(metrics=metrics, loss=loss, examples=len(encoded), seconds=time.perf_counter() - start)
+    labels = encoded.labels.cpu().numpy()
+    metrics = compute_metrics(task.metrics, predictions, labels)
+    return EvalResult(metrics=metrics, loss=loss, examples=len(encoded), seconds=time.perf_counter() - start,
+                      predictions=predictions, labels=labels)
 
 
 def _evaluate_lm(model: torch.nn.Module, tokenizer: object, windows: Any, task: AnyTask, batch_size: int,

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from transformers import get_linear_schedule_with_warmup
 
+from qanalyze.bootstrap import metric_intervals
 from qanalyze.data import Encoded, TaskData, encode, epoch_order, iter_batches, num_batches
 from qanalyze.engine.checkpoint import checkpoint_state, discard_checkpoints, load_checkpoint, save_checkpoint
 from qanalyze.engine.distill import Teacher
@@ -34,7 +35,7 @@ from qanalyze.interrupts import deferred_interrupt
 from qanalyze.methods import Method, MethodConfig, Prepared, get_method
 from qanalyze.models import LoadedModel
 from qanalyze.records import BitPlan, RunRecord, as_json, atomic_write_text
-from qanalyze.rundir import CHECKPOINT_DIR, EVALS_FILE, LOG_FILE, METRICS_FILE
+from qanalyze.rundir import CHECKPOINT_DIR, EVALS_FILE, LOG_FILE, METRICS_FILE, save_predictions
 
 
 class TrainingInterrupted(Interrupted):
@@ -396,6 +397,10 @@ def _finish(trainer: _Trainer, on_eval: Callable[[int, EvalResult], None] | None
     trainer.method.save(run, model, loaded.tokenizer, trainer.plan, trainer.method_config, trainer.prepared)
     atomic_write_text(run / LOG_FILE, _csv(trainer.log))
     atomic_write_text(run / EVALS_FILE, _csv(trainer.evals))
+    intervals = {}
+    if final.predictions is not None and final.labels is not None and len(final.labels):
+        intervals = metric_intervals(data.task.metrics, final.predictions, final.labels, seed=config.seed)
+        save_predictions(run, final.predictions, final.labels)
     steps = [row["seconds"] for row in trainer.log]
     plan = trainer.plan
     record = RunRecord(
@@ -407,7 +412,7 @@ def _finish(trainer: _Trainer, on_eval: Callable[[int, EvalResult], None] | None
         timings={"train_seconds": round(trainer.train_seconds, 3),
                  "step_seconds_median": round(statistics.median(steps), 4) if steps else 0.0,
                  "eval_seconds": round(final.seconds, 3), "prepare_seconds": round(trainer.prepare_seconds, 3)},
-        eval_history=trainer.evals, rank_metrics=rank_metrics, rank_parameters=rank_parameters,
+        eval_history=trainer.evals, rank_metrics=rank_metrics, rank_parameters=rank_parameters, intervals=intervals,
     )
     record.save(run / METRICS_FILE)
     return record

@@ -9,7 +9,7 @@ from typing import Any
 
 import pandas as pd
 
-from qanalyze.metrics import display_scale
+from qanalyze.metrics import LOWER_IS_BETTER, display_scale
 from qanalyze.plan.entries import QuantizedEntry
 from qanalyze.records import BitPlan, RunRecord, SensitivityReport, SweepRecord
 from qanalyze.sensitivity.summary import PREDICTORS
@@ -268,7 +268,9 @@ def damage_agreement(results: pd.DataFrame, mode: str | None = None) -> dict[str
                       & ~copies]
     if len(planned) < 3 or planned["predicted_damage"].nunique() < 2 or planned["delta_pts"].nunique() < 2:
         return {"mode": mode, "plans": len(planned), "spearman": None}  # a rank correlation needs 2 values a side
-    rho = planned["predicted_damage"].astype(float).corr(-planned["delta_pts"].astype(float), method="spearman")
+    # the loss of metric: a drop of a rate, a rise of a perplexity
+    sign = 1.0 if planned["metric"].iloc[0] in LOWER_IS_BETTER else -1.0
+    rho = planned["predicted_damage"].astype(float).corr(sign * planned["delta_pts"].astype(float), method="spearman")
     return {"mode": mode, "plans": len(planned), "spearman": None if pd.isna(rho) else float(rho)}
 
 

@@ -589,3 +589,20 @@ def _measure_scores(model: torch.nn.Module, infos: list[ModuleInfo], modules: di
             entry["fisher_error"] = {str(b): e for b, e in errors.items()}
         if info.name in scores.output:
             entry["output_gradient_error"] = scores.output[info.name]
+
+
+def task_defaults(config: AnalyzeConfig, kind: str) -> AnalyzeConfig:
+    """``config`` with the defaults of a task kind where it holds the generic ones: for ``lm`` the metrics the
+    LM objective reads (weight errors and the Fisher score, one gradient pass per window: traces and the
+    activation/gradient probes cost minutes per window on a 135M-parameter model), the column layouts of LLM
+    formats (g32, g64, g128, per row: what `plan` offers for ``lm`` and the PTQ methods run), and the objective
+    ``auto`` picks. Other kinds are unchanged."""
+    if kind != "lm":
+        return config
+    from qanalyze.plan.make import resolve_objective
+
+    if config.metrics == DEFAULT_METRICS:
+        config = replace(config, metrics=LM_DEFAULT_METRICS)
+    if config.groups == AnalyzeConfig().groups:
+        config = replace(config, groups=LM_DEFAULT_GROUPS)
+    return config.for_objective(resolve_objective("auto", kind))

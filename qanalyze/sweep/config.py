@@ -11,11 +11,16 @@ from qanalyze.engine.train import TrainConfig
 from qanalyze.errors import ConfigError
 from qanalyze.methods import METHODS, MethodConfig, get_method
 from qanalyze.plan.budget import parse_budget
-from qanalyze.plan.make import BASELINES, PlanConfig
+from qanalyze.plan.make import BASELINES, RULE_MIX, PlanConfig
 from qanalyze.sensitivity.analyze import AnalyzeConfig
 
-PLAN_KINDS = ("hessian", *BASELINES)
-"""The plans a sweep can make per budget: the Hessian-optimal one and the baselines of equal cost."""
+BEST_UNIFORM = "best-uniform"
+"""The plan kind that runs several uniform (bits, column layout) configurations per budget and reports the best
+(`qanalyze.sweep.run.uniform_candidates` says which)."""
+
+PLAN_KINDS = ("hessian", *BASELINES, RULE_MIX, BEST_UNIFORM)
+"""The plans a sweep can make per budget: the Hessian-optimal one, the baselines of equal cost, llama.cpp's
+rule mix (decoders) and the best uniform configuration (column layouts, for the post-training modes)."""
 
 
 def plan_modes() -> tuple[str, ...]:

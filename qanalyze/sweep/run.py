@@ -18,6 +18,7 @@ are trained once and share the run.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -27,16 +28,28 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from qanalyze.bootstrap import paired_difference
 from qanalyze.data import TaskData, encode
 from qanalyze.engine.evaluate import evaluate
 from qanalyze.engine.train import CheckpointMismatchError, StepLog, TrainingDiverged, plan_hash, resolve_device, train
 from qanalyze.errors import ConfigError
 from qanalyze.methods import get_method
+from qanalyze.metrics import LOWER_IS_BETTER, better, display_scale
 from qanalyze.models import LoadedModel, has_task_head, inventory, load_model
 from qanalyze.plan.architecture import check_plan, check_sensitivity
-from qanalyze.plan.budget import parse_budget
-from qanalyze.plan.make import make_plan, resolve_objective
+from qanalyze.plan.budget import Budget, parse_budget
+from qanalyze.plan.make import (
+    AUTO_GROUPS,
+    UniformLayout,
+    make_plan,
+    resolve_objective,
+    uniform_layout_plan,
+    uniform_layouts,
+)
 from qanalyze.plan.uniform import uniform_plan
+from qanalyze.quant.layouts import COLUMN_LAYOUTS
 from qanalyze.records import (
     BitPlan,
     RunRecord,
@@ -46,9 +59,9 @@ from qanalyze.records import (
     atomic_write_json,
     utc_now,
 )
-from qanalyze.rundir import METRICS_FILE, checkpoint_dir, is_finished_run, prepare_run_dir
-from qanalyze.sensitivity.analyze import analyze, partial_path
-from qanalyze.sweep.config import SweepConfig, plan_modes, reference_modes
+from qanalyze.rundir import METRICS_FILE, checkpoint_dir, is_finished_run, load_predictions, prepare_run_dir
+from qanalyze.sensitivity.analyze import analyze, partial_path, task_defaults
+from qanalyze.sweep.config import BEST_UNIFORM, SweepConfig, plan_modes, reference_modes
 from qanalyze.sweep.table import write_table
 
 FP32_FILE = "fp32.json"
@@ -101,6 +114,7 @@ def sweep(model: str, data: TaskData, config: SweepConfig, out: str | Path, *,
     before any training, so an unreachable budget fails fast. The record is rewritten after each run.
     """
     hooks = hooks or SweepHooks()
+    config = ptq_layouts(config)
     out = Path(out)
     loaded = load_model(model, num_labels=data.task.num_labels)
     if not has_task_head(loaded.model):
@@ -112,7 +126,8 @@ def sweep(model: str, data: TaskData, config: SweepConfig, out: str | Path, *,
             raise ConfigError(f"sensitivity file not found: {sensitivity}")
         _call(hooks.on_stage, f"analyzing {model} into {source}")
         analyze(load_model(model, num_labels=data.task.num_labels, eager_attention=True), data,
-                config.analysis.for_objective(resolve_objective(config.plan.objective, data.task.kind)),
+                task_defaults(config.analysis, data.task.kind).for_objective(
+                    resolve_objective(config.plan.objective, data.task.kind)),
                 source, resume=partial_path(source).exists(),
                 progress=hooks.on_analysis)
     _call(hooks.on_stage, "planning")
@@ -140,12 +155,23 @@ def sweep(model: str, data: TaskData, config: SweepConfig, out: str | Path, *,
                 trained[run.key] = {"record": result, "row": row}
         row.update(_against_fp32(row, fp32, data.task.main_metric))
         record.rows.append(row)
+        compare_with_uniform(record.rows, fp32, out)
         record.timings["seconds"] = round(time.perf_counter() - started, 1)
         _save(record, out)
         _call(hooks.on_run_end, index, len(runs), run, row)
     record.complete = True
     _save(record, out)
     return record
+
+
+def ptq_layouts(config: SweepConfig) -> SweepConfig:
+    """A sweep whose modes are all post-training quantizers (``rtn``, ``gptq``) plans column layouts: ``auto``
+    groups become `COLUMN_LAYOUTS` (on task ``lm`` they are already), and the analysis measures them too."""
+    if config.plan.groups != (AUTO_GROUPS,) or not all(get_method(m).command == "quantize" for m in config.modes):
+        return config
+    groups = tuple(dict.fromkeys((*config.analysis.groups, *COLUMN_LAYOUTS)))
+    return dataclasses.replace(config, plan=dataclasses.replace(config.plan, groups=COLUMN_LAYOUTS),
+                               analysis=dataclasses.replace(config.analysis, groups=groups))
 
 
 def _sha256(path: Path) -> str:
@@ -179,9 +205,20 @@ def _plan_runs(loaded: LoadedModel, config: SweepConfig, out: Path, report: Sens
     plans = out / "plans"
     runs = []
     per_plan = [mode for mode in config.modes if mode in plan_modes()]
+    layouts = uniform_layouts(report, config.plan) if BEST_UNIFORM in config.plans else []
     for budget in config.budgets:
         parsed = parse_budget(budget)
         for kind in config.plans:
+            if kind == BEST_UNIFORM:
+                capacity = make_plan(report, parsed, config.plan, sensitivity_path=source).totals["weight_bytes"]
+                for layout in uniform_candidates(layouts, capacity, parsed):
+                    record = uniform_layout_plan(report, layout.bits, layout.group, config.plan,
+                                                 sensitivity_path=source)
+                    check_plan(record, architecture)
+                    label = f"u{layout.bits}{layout.group}"
+                    runs += [SweepRun(f"{budget}-{label}-{mode}", budget, kind, mode, record,
+                                      plans / f"plan-{budget}.{label}.json") for mode in per_plan]
+                continue
             baseline = None if kind == "hessian" else kind
             record = make_plan(report, parsed, config.plan, sensitivity_path=source, baseline=baseline)
             check_plan(record, architecture)
@@ -201,6 +238,29 @@ def _plan_runs(loaded: LoadedModel, config: SweepConfig, out: Path, report: Sens
     for run in runs:
         run.record.save(run.path)
     return runs
+
+
+UNIFORM_BITS_KEPT = 2
+"""How many bit widths `uniform_candidates` runs at or under a budget (the highest ones)."""
+
+
+def uniform_candidates(layouts: list[UniformLayout], limit_bytes: float, budget: Budget) -> list[UniformLayout]:
+    """The uniform configurations a sweep runs at one budget: for each of the `UNIFORM_BITS_KEPT` highest bit
+    widths that fit, the finest layout whose bytes are at most ``limit_bytes`` (the Hessian plan's; at equal bits
+    a finer layout costs more and rounds less, and fewer bits lose more than any layout wins back), and the
+    cheapest configuration above it, the nearest uniform plan of equal or larger size. Each is one run per mode."""
+    under: dict[int, UniformLayout] = {}
+    for layout in layouts:
+        if layout.weight_bytes <= limit_bytes and (
+                layout.bits not in under or layout.weight_bytes > under[layout.bits].weight_bytes):
+            under[layout.bits] = layout
+    chosen = [under[bits] for bits in sorted(under)[-UNIFORM_BITS_KEPT:]]
+    above = [layout for layout in layouts if layout.weight_bytes > limit_bytes]
+    if above:
+        chosen.append(min(above, key=lambda layout: layout.weight_bytes))
+    if not chosen:
+        raise ConfigError(f"no uniform configuration exists at budget {budget.text}")
+    return chosen
 
 
 def _matches(record: RunRecord, run: SweepRun, config: SweepConfig, data: TaskData,
@@ -260,6 +320,8 @@ def _row(run: SweepRun, result: RunRecord | None, out: Path) -> dict[str, Any]:
         "metrics": dict(result.metrics) if result is not None else {},
         "rank_metrics": dict(result.rank_metrics) if result is not None and result.rank_metrics else {},
         "rank_parameters": dict(result.rank_parameters) if result is not None and result.rank_parameters else {},
+        "layout": run.record.budget.get("text") if run.plan == BEST_UNIFORM else None,
+        "intervals": dict(result.intervals) if result is not None and result.intervals else {},
         "train_seconds": result.timings.get("train_seconds") if result is not None else None,
         "step_seconds_median": result.timings.get("step_seconds_median") if result is not None else None,
     }
@@ -267,8 +329,49 @@ def _row(run: SweepRun, result: RunRecord | None, out: Path) -> dict[str, Any]:
 
 def _against_fp32(row: dict[str, Any], fp32: dict[str, Any], metric: str) -> dict[str, Any]:
     value, reference = row["metrics"].get(metric), fp32["metrics"].get(metric)
-    delta = None if value is None or reference is None else round(100 * (value - reference), 4)
+    # points for rates and correlations, a perplexity's own units (display_scale)
+    delta = None if value is None or reference is None else round(display_scale(metric) * (value - reference), 4)
     return {"metric": metric, "value": value, "delta_pts": delta}
+
+
+def compare_with_uniform(rows: list[dict[str, Any]], fp32: dict[str, Any], out: Path) -> None:
+    """Mark, per budget and mode, the best of the ``best-uniform`` rows whose bytes are at most the Hessian plan's
+    (``best: true``), and give the Hessian row ``vs_best_uniform``: that row's run and value, and for the
+    ``lm`` task the ratio of the two plans' gaps to FP32 (``gap_ratio`` < 1: the Hessian plan is closer), for a
+    classification task the paired bootstrap difference of the metric over the dev examples (`paired_difference`)
+    with its 95 % interval and whether it excludes zero. Also ``vs_uniform_at_or_above``: the same against the
+    best uniform row of equal or larger size than the Hessian plan's."""
+    for row in rows:
+        row.pop("best", None)
+    for hessian in (r for r in rows if r["plan"] == "hessian"):
+        peers = [r for r in rows if r["plan"] == BEST_UNIFORM and r["budget"] == hessian["budget"]
+                 and r["mode"] == hessian["mode"] and r.get("value") is not None]
+        metric = hessian["metric"]
+        smaller = [r for r in peers if r["weight_bytes"] <= hessian["weight_bytes"]]
+        larger = [r for r in peers if r["weight_bytes"] >= hessian["weight_bytes"]]
+        for key, group in (("vs_best_uniform", smaller), ("vs_uniform_at_or_above", larger)):
+            best = None
+            for peer in group:
+                if best is None or better(metric, peer["value"], best["value"]):
+                    best = peer
+            if key == "vs_best_uniform" and best is not None:
+                best["best"] = True
+            hessian[key] = None if best is None or hessian.get("value") is None else _versus(
+                hessian, best, fp32, out)
+
+
+def _versus(row: dict[str, Any], other: dict[str, Any], fp32: dict[str, Any], out: Path) -> dict[str, Any]:
+    metric = row["metric"]
+    found: dict[str, Any] = {"run": other["run"], "layout": other.get("layout"), "value": other["value"],
+                             "weight_bytes": other["weight_bytes"]}
+    reference = fp32.get("metrics", {}).get(metric)
+    if metric in LOWER_IS_BETTER and reference is not None:
+        gap, other_gap = row["value"] - reference, other["value"] - reference
+        found["gap_ratio"] = gap / other_gap if other_gap > 0 else None
+    mine, theirs = load_predictions(out / row["run"]), load_predictions(out / other["run"])
+    if mine is not None and theirs is not None and np.array_equal(mine[1], theirs[1]):
+        found["paired"] = paired_difference(metric, mine[0], theirs[0], mine[1]).to_dict()
+    return found
 
 
 def _save(record: SweepRecord, out: Path) -> None:

@@ -9,7 +9,7 @@ import pandas as pd
 from qanalyze.metrics import display_scale
 from qanalyze.records import SweepRecord, atomic_write_text
 
-COLUMNS = ("budget", "plan", "mode", "metric", "value", "delta_pts", "best_rank", "best_rank_value",
+COLUMNS = ("budget", "plan", "layout", "best", "mode", "metric", "value", "delta_pts", "best_rank", "best_rank_value",
            "weight_bits_mean", "weight_bytes", "compression", "predicted_damage", "activation_bits_mean",
            "gradient_bits_mean", "train_seconds", "status", "run")
 
