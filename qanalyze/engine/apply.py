@@ -169,6 +169,10 @@ def validate_plan(model: nn.Module, plan: BitPlan, mode: str) -> dict[str, Tenso
         if info.kind not in chosen.builders:
             why = chosen.refused.get(info.kind, f"mode {mode} has no {info.kind} module")
             raise ConfigError(f"mode {mode} cannot quantize {info.name} ({info.kind}): {why}")
+        if entry.column_group is not None:
+            # the engine's weights have row scales; running a column plan would quietly be another plan
+            raise ConfigError(f"mode {mode} cannot run {info.name} in column groups ({entry.column_group}): column "
+                              "layouts are for post-training quantization (qanalyze quantize --method rtn|gptq)")
         _check_fixed_bits(info.name, entry, chosen)
         specs[info.name] = _spec(info.name, entry, info, model, chosen)
     return specs
