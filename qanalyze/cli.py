@@ -89,7 +89,7 @@ def _train(model: str, plan: str | None, mode: str, quiet: bool, kw: dict[str, A
                              resume=kw["resume"], overwrite=kw["overwrite"], on_step=progress.on_step,
                              on_eval=progress.on_eval)
     examples = len(data.dev) if isinstance(data.dev, list) else "its windows"
-    print_metrics(data.task.name, "dev", record.metrics, examples)
+    print_metrics(data.task.name, "dev", record.metrics, examples, record.intervals)
     for rank, metrics in record.rank_metrics.items():
         print_metrics(data.task.name, f"dev at rank {rank}", metrics, examples)
     console.print(f"train {record.timings['train_seconds']:.1f} s, median step "
@@ -203,7 +203,7 @@ def build_cli() -> click.Group:
                                     overwrite=kw["overwrite"], device=kw["device"],
                                     eval_batch_size=kw["eval_batch_size"], seed=kw["seed"], on_eval=progress.on_eval)
         examples = len(data.dev) if isinstance(data.dev, list) else "its windows"
-        print_metrics(data.task.name, "dev", record.metrics, examples)
+        print_metrics(data.task.name, "dev", record.metrics, examples, record.intervals)
         console.print(f"quantized in {record.timings.get('prepare_seconds', 0.0):.1f} s; run saved in {kw['out']}")
 
     @cli.command()

@@ -7,9 +7,14 @@ from typing import Any
 import click
 
 
-def print_metrics(task: str, split: str, metrics: dict[str, float], examples: int | str) -> None:
-    """One line of metrics on stdout; ``examples`` is a count, or words for what was evaluated."""
-    values = "  ".join(f"{name} {value:.4f}" for name, value in metrics.items())
+def print_metrics(task: str, split: str, metrics: dict[str, float], examples: int | str,
+                  intervals: dict[str, list[float]] | None = None) -> None:
+    """One line of metrics on stdout; ``examples`` is a count, or words for what was evaluated; ``intervals``
+    (95 % bootstrap intervals by metric) are shown beside their metrics."""
+    intervals = intervals or {}
+    values = "  ".join(f"{name} {value:.4f}" + (f" [{intervals[name][0]:.4f}, {intervals[name][1]:.4f}]"
+                                                 if name in intervals else "")
+                       for name, value in metrics.items())
     count = f"{examples} examples" if isinstance(examples, int) else examples
     click.echo(f"{task} {split} ({count}): {values}")
 

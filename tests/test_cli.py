@@ -109,6 +109,9 @@ def test_finetune_then_evaluate_end_to_end(capfd, tmp_path, tiny_bert_dir, glue_
     assert code == 0, err
     assert "sst2 dev (16 examples): accuracy" in stdout
     record = json.loads((out / "metrics.json").read_text())
+    low, high = record["intervals"]["accuracy"]  # the 95 % bootstrap interval, printed beside the metric
+    assert low <= record["metrics"]["accuracy"] <= high and f"[{low:.4f}, {high:.4f}]" in stdout
+    assert (out / "predictions.json").is_file()
     assert record["schema"] == "qanalyze/run/v1" and record["settings"]["max_length"] == 24
 
     # A finished run is refused without --overwrite, and evaluate reuses its task, data and length.
