@@ -20,6 +20,8 @@ PLAN_STYLES = {
     "uniform": {"color": "#2c3e50", "marker": "s", "label": "uniform"},
     "random": {"color": "#7f8c8d", "marker": "^", "label": "random (equal cost)"},
     "reversed": {"color": "#8e44ad", "marker": "v", "label": "reversed"},
+    "rule-mix": {"color": "#16a085", "marker": "D", "label": "rule mix (llama.cpp Q4_K_M-style)"},
+    "best-uniform": {"color": "#34495e", "marker": "P", "label": "uniform (bits x column layout)"},
 }
 """How each plan kind is drawn in the Pareto chart."""
 
@@ -161,7 +163,7 @@ def pareto_figure(results: pd.DataFrame, *, metric: str) -> Figure:
                     xytext=(6, -10), fontsize=8)
     ax.set_xlabel("weight storage (MB, scales included)")
     ax.set_ylabel(f"dev {metric}{display_unit(metric)}")
-    ax.set_title("Accuracy against weight bytes: what the Hessian bought", fontsize=10)
+    ax.set_title(f"{metric.capitalize()} against weight bytes: what the Hessian bought", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     if fp32_mb:
@@ -170,6 +172,29 @@ def pareto_figure(results: pd.DataFrame, *, metric: str) -> Figure:
         top.set_xlabel("compression against FP32 (x)")
         top.set_xticks(compression_ticks(fp32_mb, ax.get_xlim()))
         top.xaxis.set_major_formatter(ScalarFormatter())
+    return fig
+
+
+def kl_figure(results: pd.DataFrame) -> Figure:
+    """KL divergence to the unquantized model against mean weight bits (scales and zero points counted) for
+    every plan kind and mode of a language-model sweep, on a log scale."""
+    fig = Figure(figsize=(WIDTH, 4.2), layout="constrained")
+    ax = fig.subplots()
+    modes = list(dict.fromkeys(results.loc[results["plan"].isin(list(PLAN_STYLES)), "mode"]))
+    for mode, linestyle in zip(modes, MODE_LINESTYLES, strict=False):
+        for plan, style in PLAN_STYLES.items():
+            rows = results[(results["plan"] == plan) & (results["mode"] == mode) & results["kl"].notna()]
+            if len(rows):
+                label = style["label"] if len(modes) == 1 else f"{style['label']} ({mode})"
+                rows = rows.sort_values("weight_bits_mean_all_scales").drop_duplicates("weight_bits_mean_all_scales")
+                ax.plot(rows["weight_bits_mean_all_scales"], rows["kl"], linestyle=linestyle, linewidth=1.2,
+                        markersize=6, **{**style, "label": label})
+    ax.set_yscale("log")
+    ax.set_xlabel("mean weight bits (scales and zero points counted)")
+    ax.set_ylabel("KL(FP32 || quantized), nats per token")
+    ax.set_title("KL divergence to the unquantized model against bits", fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8, loc="upper right")
     return fig
 
 

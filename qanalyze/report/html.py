@@ -19,6 +19,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from matplotlib.figure import Figure
 
 from qanalyze.errors import RecordError
+from qanalyze.metrics import display_unit
 from qanalyze.records import atomic_path, atomic_write_text, environment, utc_now
 from qanalyze.report import figures, tables
 from qanalyze.report.inputs import ReportInputs
@@ -170,15 +171,16 @@ def _plan(page: _Page, inputs: ReportInputs) -> Section:
 
 def _finding(row: pd.Series, several_modes: bool) -> str:
     where = f"{row['budget']} ({row['mode']})" if several_modes else row["budget"]
+    pt = " pt" if display_unit(row.get("metric")) else ""  # points for rates; a perplexity in its own units
     if row["identical_plans"]:
         return (f"At {where} every baseline is the Hessian plan itself (one trained run, {row['hessian']:.2f}, "
-                f"{row['delta_vs_fp32_pts']:+.2f} pt against FP32): only one plan fits this budget, so there is "
+                f"{row['delta_vs_fp32_pts']:+.2f}{pt} against FP32): only one plan fits this budget, so there is "
                 "nothing to compare.")
     if row["hessian_ahead"]:
-        return (f"At {where} the Hessian plan reaches {row['hessian']:.2f} ({row['delta_vs_fp32_pts']:+.2f} pt "
-                f"against FP32), {row['margin_pts']:.2f} pt ahead of the best baseline ({row['best_baseline']}).")
+        return (f"At {where} the Hessian plan reaches {row['hessian']:.2f} ({row['delta_vs_fp32_pts']:+.2f}{pt} "
+                f"against FP32), {abs(row['margin_pts']):.2f}{pt} ahead of the best baseline ({row['best_baseline']}).")
     return (f"At {where} the Hessian plan does NOT beat the baselines: it reaches {row['hessian']:.2f} "
-            f"({row['delta_vs_fp32_pts']:+.2f} pt against FP32), {-row['margin_pts']:.2f} pt behind "
+            f"({row['delta_vs_fp32_pts']:+.2f}{pt} against FP32), {abs(row['margin_pts']):.2f}{pt} behind "
             f"{row['best_baseline']} ({row['best_baseline_value']:.2f}).")
 
 
@@ -196,6 +198,10 @@ def _pareto(page: _Page, inputs: ReportInputs) -> Section:
     metric = results["metric"].dropna().iloc[0] if results["metric"].notna().any() else "metric"
     page.figure(section, "pareto", figures.pareto_figure(results, metric=metric),
                 "Each point is a trained plan; plans of one budget have (nearly) equal bytes.")
+    if "kl" in results and results["kl"].notna().any():
+        page.figure(section, "kl", figures.kl_figure(results),
+                    "KL divergence of each quantized model's next-token distributions to the unquantized model's, "
+                    "on the evaluation windows: the figure llama.cpp and exllamav3 compare quantizations by.")
     verdict = tables.verdict_table(results)
     several = verdict["mode"].nunique() > 1
     section.findings += [_finding(row, several) for _, row in verdict.iterrows()]

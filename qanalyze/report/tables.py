@@ -9,7 +9,7 @@ from typing import Any
 
 import pandas as pd
 
-from qanalyze.metrics import LOWER_IS_BETTER, display_scale
+from qanalyze.metrics import LOWER_IS_BETTER, better, display_scale
 from qanalyze.plan.entries import QuantizedEntry
 from qanalyze.records import BitPlan, RunRecord, SensitivityReport, SweepRecord
 from qanalyze.sensitivity.summary import PREDICTORS
@@ -19,7 +19,8 @@ PREFIXES = ("bert.encoder.", "bert.", "distilbert.transformer.", "distilbert.", 
             "transformer.", "model.")
 """Leading parts of module names that every module of a model shares and a reader does not need."""
 
-BASELINE_PLANS = ("uniform", "random", "reversed")
+BASELINE_PLANS = ("uniform", "random", "reversed", "rule-mix", "best-uniform")
+"""Plan kinds a Hessian plan is compared with (of ``best-uniform``'s rows, the one the sweep marked best)."""
 
 
 def short_name(name: str) -> str:
@@ -237,24 +238,32 @@ def _copies(results: pd.DataFrame) -> pd.Series:
 
 
 def verdict_table(results: pd.DataFrame) -> pd.DataFrame:
-    """Per budget and training mode: the Hessian plan's metric against the best baseline of equal cost, and
-    who wins; ``identical_plans`` when every baseline came out as the Hessian plan itself (nothing to compare)."""
+    """Per budget and training mode: the Hessian plan's metric against the best baseline of equal cost (lower is
+    better for a perplexity, `qanalyze.metrics.better`), and who wins; ``identical_plans`` when every baseline
+    came out as the Hessian plan itself (nothing to compare)."""
     rows = []
     planned = results[results["budget"].notna()]
     for (budget, mode), group in planned.groupby(["budget", "mode"], sort=False):
-        by_plan = dict(zip(group["plan"], group["value"]))
+        # of the best-uniform rows only the one the sweep marked best (bytes at most the Hessian plan's)
+        marked = group["best"].fillna(False).astype(bool) if "best" in group else False
+        kept = group[(group["plan"] != "best-uniform") | marked]
+        by_plan = dict(zip(kept["plan"], kept["value"]))
         hessian = by_plan.get("hessian")
         baselines = {p: v for p, v in by_plan.items() if p in BASELINE_PLANS and v is not None and not pd.isna(v)}
         if hessian is None or pd.isna(hessian) or not baselines:
             continue
-        best = max(baselines, key=baselines.get)
+        metric = group["metric"].iloc[0] if "metric" in group else None
+        best = next(iter(baselines))
+        for plan, value in baselines.items():
+            if better(metric, value, baselines[best]):
+                best = plan
         margin = hessian - baselines[best]
         copies = _copies(group)[group["plan"].isin(list(baselines))]
-        rows.append({"budget": budget, "mode": mode, "hessian": hessian, "best_baseline": best,
+        rows.append({"budget": budget, "mode": mode, "metric": metric, "hessian": hessian, "best_baseline": best,
                      "best_baseline_value": baselines[best], "margin_pts": margin,
                      "delta_vs_fp32_pts": group.loc[group["plan"] == "hessian", "delta_pts"].iloc[0],
-                     "hessian_ahead": bool(margin > 0), "identical_plans": bool(copies.all())})
-    return pd.DataFrame(rows, columns=["budget", "mode", "hessian", "best_baseline", "best_baseline_value",
+                     "hessian_ahead": better(metric, hessian, baselines[best]), "identical_plans": bool(copies.all())})
+    return pd.DataFrame(rows, columns=["budget", "mode", "metric", "hessian", "best_baseline", "best_baseline_value",
                                        "margin_pts", "delta_vs_fp32_pts", "hessian_ahead", "identical_plans"])
 
 

@@ -57,7 +57,7 @@ class SweepConfig:
     default config where absent; `method_config`)."""
 
     budgets: tuple[str, ...]
-    plans: tuple[str, ...] = PLAN_KINDS
+    plans: tuple[str, ...] = ("hessian", *BASELINES)
     modes: tuple[str, ...] = ("qat",)
     integer_bits: tuple[int, ...] = (8, 16)
     plan: PlanConfig = field(default_factory=PlanConfig)

@@ -10,7 +10,8 @@ from qanalyze.metrics import display_scale
 from qanalyze.records import SweepRecord, atomic_write_text
 
 COLUMNS = ("budget", "plan", "layout", "best", "mode", "metric", "value", "delta_pts", "best_rank", "best_rank_value",
-           "weight_bits_mean", "weight_bytes", "compression", "predicted_damage", "activation_bits_mean",
+           "kl", "weight_bits_mean", "weight_bits_mean_all_scales", "weight_bytes", "compression", "predicted_damage",
+           "activation_bits_mean",
            "gradient_bits_mean", "train_seconds", "status", "run")
 
 
@@ -24,7 +25,8 @@ def sweep_table(record: SweepRecord) -> pd.DataFrame:
              "value": fp32.get("metrics", {}).get(metric), "delta_pts": 0.0, "weight_bits_mean": 32.0,
              "weight_bytes": fp32.get("weight_bytes"), "compression": 1.0, "status": "reference",
              "run": record.model.get("source")}
-    frame = pd.DataFrame([first, *(_with_best_rank(row) for row in record.rows)], columns=list(COLUMNS))
+    rows = [{**_with_best_rank(row), "kl": (row.get("metrics") or {}).get("kl")} for row in record.rows]
+    frame = pd.DataFrame([first, *rows], columns=list(COLUMNS))
     scale = display_scale(metric)
     frame["value"] = frame["value"].astype(float) * scale
     frame["best_rank_value"] = frame["best_rank_value"].astype(float) * scale

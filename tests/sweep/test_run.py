@@ -142,7 +142,7 @@ def test_bad_sweeps_are_refused_before_any_work(tmp_path, minilm_dir, sst2):
         _config(plans=("hessian", "best"))
     with pytest.raises(ConfigError, match="budget"):
         _config(budgets=("four",))
-    with pytest.raises(ConfigError, match="'fp32' not among qat, int, ptq-dynamic, qdylora, int4"):
+    with pytest.raises(ConfigError, match="'fp32' not among qat, int, ptq-dynamic, qdylora, rtn, gptq, int4"):
         _config(modes=("qat", "fp32"))
     with pytest.raises(ConfigError, match="modes repeat"):
         _config(modes=("qat", "qat"))
