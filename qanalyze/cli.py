@@ -322,7 +322,7 @@ def build_cli() -> click.Group:
                     grad_tol=kw["grad_tol"], solver=kw["solver"], seed=kw["seed"],
                     bops=parse_bops(kw["bops"]) if kw["bops"] else None, seq_len=kw["seq_len"],
                     act_group=kw["act_group"], grad_group=kw["grad_group"],
-                    grad_budget=parse_bits(kw["grad_budget"]) if kw["grad_budget"] else None)
+                    grad_budget=parse_bits(kw["grad_budget"]) if kw["grad_budget"] else None, target=kw["target"])
         data = load_task_data(kw, eval_examples=False) if kw["task"] and kw["data"] else None
         with _interrupts(lambda: "run the same command again: an interrupted analysis continues where it stopped"), \
                 stage_progress(console) as progress:

@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from qanalyze.methods import METHODS, Method, MethodConfig
+from qanalyze.quant.targets import TARGETS
 
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
 
@@ -47,6 +48,7 @@ def option_group(*options: Decorator) -> Decorator:
 
 
 PLAN_BITS = "2,3,4,5,6,8,12,16"
+TARGET_NAMES = tuple(TARGETS)
 PLAN_GROUPS = "auto"
 """``--group-sizes`` default: the task's layouts (`qanalyze.plan.costs.resolve_groups`)."""
 
@@ -320,6 +322,10 @@ plan_options = option_group(
     click.option("--no-default-ties", is_flag=True, help="Do not tie the modules inference engines fuse (q/k/v "
                                                           "of one attention, gate/up of one MLP, the experts of "
                                                           "one MoE layer)."),
+    click.option("--target", type=click.Choice(list(TARGET_NAMES)), default="any", show_default=True,
+                 help="Offer only the bits and column layouts this inference engine loads (gptq: 2/3/4/8 bits; "
+                      "torchao: int4 g32-g128, int8 per row; gguf: Q4_1, Q5_1, Q8_0 in blocks of 32; "
+                      "compressed-tensors: 4/8 bits)."),
     click.option("--act-budget", default="8bit", show_default=True, help="Mean activation bits."),
     group_options(""),
     click.option("--bops", default=None, help="Also cap bit operations per sequence (MACs x W bits x A bits): "

@@ -58,6 +58,7 @@ from qanalyze.plan.solvers import InfeasibleError, Item, Solution, solve
 from qanalyze.plan.ties import default_ties
 from qanalyze.quant.layouts import is_column_layout, parse_layout
 from qanalyze.quant.primitives import ACTIVATION_GROUPS, GRADIENT_GROUPS
+from qanalyze.quant.targets import Target, get_target
 from qanalyze.records import BitPlan, SensitivityReport
 
 __all__ = ["BASELINES", "PlanConfig", "UniformLayout", "check_plan", "file_sha256", "make_plan", "uniform_layout_plan",
@@ -101,6 +102,12 @@ class PlanConfig:
     grad_group: str = "tensor"
     """Scales of every planned linear layer's output gradient: ``tensor`` (one) or ``row`` (one per token for the
     input gradient, one per output channel for the weight gradient; the int mode runs it)."""
+    target: str = "any"
+    """The inference engine the plan is for (`qanalyze.quant.targets.TARGETS`): only the (bits, column layout)
+    candidates it loads are offered; ``any`` offers every candidate."""
+
+    def __post_init__(self) -> None:
+        get_target(self.target)  # names the known targets
 
     def recorded(self) -> dict[str, Any]:
         """The settings as written to plan.json."""
@@ -230,8 +237,9 @@ def _prepare(report: SensitivityReport, config: PlanConfig) -> tuple[dict[str, A
     kind = task_kind(raw["data"])
     config = replace(config, objective=resolve_objective(config.objective, kind),
                      groups=tuple(parse_layout(g) for g in resolve_groups(config.groups, kind)))
-    options = module_options(raw, bits=config.bits, groups=config.groups,
-                             objective=config.objective, keep_float=config.keep_float)
+    options = restrict_to_target(module_options(raw, bits=config.bits, groups=config.groups,
+                                                objective=config.objective, keep_float=config.keep_float),
+                                 get_target(config.target))
     defaults = default_ties(raw["model"].get("architecture")) if config.default_ties else ()
     quantized = [o for o in options if not o.float]
     # a default rule for modules this plan keeps in float (or that this model lacks) ties nothing
@@ -244,6 +252,25 @@ def _prepare(report: SensitivityReport, config: PlanConfig) -> tuple[dict[str, A
     if not planned:
         raise ConfigError("every module is kept in float (--keep-float): nothing to plan")
     return raw, config, options, planned, floats
+
+
+def restrict_to_target(options: list[ModuleOptions], target: Target) -> list[ModuleOptions]:
+    """Every module's candidates that ``target`` runs; ConfigError naming a planned module left with none."""
+    if target.formats is None:
+        return options
+    kept = []
+    for option in options:
+        if option.float:
+            kept.append(option)
+            continue
+        candidates = tuple(c for c in option.candidates if target.allows(c.bits, c.group))
+        if not candidates:
+            offered = ", ".join(dict.fromkeys(f"{c.bits}:{c.group}" for c in option.candidates))
+            raise ConfigError(f"target {target.name} runs none of the candidates of {option.name} ({offered}); "
+                              f"it loads {', '.join(f'{b}:{g}' for b, g in target.formats)} (plan column layouts: "
+                              "--group-sizes g32,g64,g128,row, or keep the module float)")
+        kept.append(replace(option, candidates=candidates))
+    return kept
 
 
 def _optimal(planned: Sequence[ModuleOptions], items: list[list[Item]], capacities: tuple[float, ...],

@@ -139,3 +139,23 @@ def test_rule_mix_plan_of_a_tiny_llama(analysed):
     assert bits["model.layers.1.self_attn.v_proj"] == bits["model.layers.1.self_attn.q_proj"] + 2
     with pytest.raises(ConfigError, match="cannot be reached"):
         make_plan(report, parse_budget("2bit"), PlanConfig(), baseline=RULE_MIX)
+
+
+def test_a_target_offers_only_what_its_engine_loads(analysed):
+    from qanalyze.cli_options import TARGET_NAMES
+    from qanalyze.quant.targets import TARGETS, get_target
+
+    assert TARGET_NAMES == tuple(TARGETS)
+    report, shapes = analysed
+    plan = make_plan(report, parse_budget("6bit"), PlanConfig(target="gguf"))
+    check_plan(plan, shapes)
+    chosen = {(m["weight_bits"], m["column_group"]) for m in plan.modules.values() if not m.get("float")}
+    assert chosen and all(get_target("gguf").allows(*pair) for pair in chosen)
+    assert plan.settings["target"] == "gguf"
+    torchao = make_plan(report, parse_budget("6bit"), PlanConfig(target="torchao"))
+    assert all(get_target("torchao").allows(m["weight_bits"], m["column_group"])
+               for m in torchao.modules.values() if not m.get("float"))
+    with pytest.raises(ConfigError, match="target gguf runs none of the candidates of"):
+        make_plan(report, parse_budget("6bit"), PlanConfig(target="gguf", groups=("row",)))
+    with pytest.raises(ConfigError, match="unknown target 'vllm'"):
+        PlanConfig(target="vllm")
