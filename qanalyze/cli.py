@@ -189,7 +189,7 @@ def build_cli() -> click.Group:
         reloads. An interrupted quantization leaves no run directory.
         """
         from qanalyze import verbs
-        from qanalyze.progress import step_progress
+        from qanalyze.progress import stage_progress
         from qanalyze.rundir import check_run_dir
 
         configs = pop_method_configs(kw, [method])
@@ -198,10 +198,10 @@ def build_cli() -> click.Group:
         console = _console(quiet)
         console.print(f"[bold]quantize --method {method} --plan {plan_spec}[/] {model} on {data.task.name}: "
                       f"{data.describe()} -> {kw['out']}")
-        with _interrupts(lambda: "nothing was kept; run the command again"), step_progress(console) as progress:
+        with _interrupts(lambda: "nothing was kept; run the command again"), stage_progress(console) as progress:
             record = verbs.quantize(model, data, plan_spec, kw["out"], method=method, method_config=configs[method],
                                     overwrite=kw["overwrite"], device=kw["device"],
-                                    eval_batch_size=kw["eval_batch_size"], seed=kw["seed"], on_eval=progress.on_eval)
+                                    eval_batch_size=kw["eval_batch_size"], seed=kw["seed"], progress=progress.update)
         examples = len(data.dev) if isinstance(data.dev, list) else "its windows"
         print_metrics(data.task.name, "dev", record.metrics, examples, record.intervals)
         console.print(f"quantized in {record.timings.get('prepare_seconds', 0.0):.1f} s; run saved in {kw['out']}")

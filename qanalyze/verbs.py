@@ -55,7 +55,8 @@ def _check_input_length(model: Any, data: TaskData, max_length: int) -> None:
 def train(model: str | LoadedModel, data: TaskData, config: TrainConfig, out: str | Path, *, mode: str = "fp32",
           plan: str | BitPlan | None = None, method_config: MethodConfig | None = None, resume: bool = False,
           overwrite: bool = False, on_step: Callable[[StepLog], None] | None = None,
-          on_eval: Callable[[int, EvalResult], None] | None = None) -> RunRecord:
+          on_eval: Callable[[int, EvalResult], None] | None = None,
+          on_prepare: Callable[[str, int, int, str], None] | None = None) -> RunRecord:
     """Train ``model`` on ``data`` with method ``mode`` into the run directory ``out``, which it makes.
 
     ``plan`` is a `BitPlan`, a plan.json path or ``uniform:N[:LAYOUT]`` (the method's module kinds).
@@ -86,13 +87,14 @@ def train(model: str | LoadedModel, data: TaskData, config: TrainConfig, out: st
     method.check(loaded.model, plan, method_config)  # before the run directory is made: bad input leaves nothing
     run = prepare_run_dir(out, overwrite=overwrite, resume=resume)
     return run_loop(loaded, data, config, run, resume=resume, on_step=on_step, on_eval=on_eval, plan=plan,
-                    mode=mode, plan_source=source, method_config=method_config)
+                    mode=mode, plan_source=source, method_config=method_config, on_prepare=on_prepare)
 
 
 def quantize(model: str | LoadedModel, data: TaskData, plan: str | BitPlan, out: str | Path, *, method: str = "gptq",
              method_config: MethodConfig | None = None, overwrite: bool = False, device: str = "auto",
              eval_batch_size: int = 64, seed: int = 0,
-             on_eval: Callable[[int, EvalResult], None] | None = None) -> RunRecord:
+             on_eval: Callable[[int, EvalResult], None] | None = None,
+             progress: Callable[[str, int, int, str], None] | None = None) -> RunRecord:
     """Post-training weight quantization of ``model`` by ``method`` (``rtn``, ``gptq``: a method whose command
     is ``quantize``) at the bits and column groups of ``plan`` (a `BitPlan`, a plan.json path or
     ``uniform:N:gG``), evaluated on ``data``'s evaluation split and written as a packed run directory ``out``
@@ -117,7 +119,7 @@ def quantize(model: str | LoadedModel, data: TaskData, plan: str | BitPlan, out:
     config = TrainConfig(epochs=1, seed=seed, device=device, eval_batch_size=eval_batch_size)
     try:
         return train(model, data, config, out, mode=method, plan=plan, method_config=method_config,
-                     overwrite=overwrite, on_eval=on_eval)
+                     overwrite=overwrite, on_eval=on_eval, on_prepare=progress)
     except BaseException:
         # A half-made PTQ run is worth nothing (no checkpoint to resume): once the run directory was made (or
         # emptied by --overwrite), remove what is there; input refused before that leaves the folder as it was.

@@ -174,7 +174,8 @@ class _Trainer:
     """State of one run; `train` is its only user."""
 
     def __init__(self, loaded: LoadedModel, data: TaskData, config: TrainConfig, run: Path,
-                 plan: BitPlan | None, method: Method, method_config: MethodConfig) -> None:
+                 plan: BitPlan | None, method: Method, method_config: MethodConfig,
+                 on_prepare: Callable[[str, int, int, str], None] | None = None) -> None:
         self.loaded, self.data, self.config, self.run = loaded, data, config, run
         self.model = loaded.model.to(resolve_device(config.device))
         self.method, self.method_config, self.plan = method, method_config, plan
@@ -185,7 +186,7 @@ class _Trainer:
         self.dev_enc: Encoded = encode(data.dev, loaded.tokenizer, max_length=config.max_length)
         began = time.perf_counter()
         self.prepared: Prepared = method.prepare_with_data(self.model, plan, method_config, seed=config.seed,
-                                                           calibration=self.train_enc)
+                                                           calibration=self.train_enc, progress=on_prepare)
         self.prepare_seconds = time.perf_counter() - began  # a post-training method's whole quantization
         self.recorded = method.recorded(method_config)
         self.plan_hash = plan_hash(plan)
@@ -309,6 +310,7 @@ def train(
     mode: str = "fp32",
     plan_source: str | None = None,
     method_config: MethodConfig | None = None,
+    on_prepare: Callable[[str, int, int, str], None] | None = None,
 ) -> RunRecord:
     """Fine-tune ``loaded.model`` on ``data`` into the run directory ``run`` and return its record.
 
@@ -317,7 +319,8 @@ def train(
     settings and data. ``mode`` names a method of `qanalyze.methods` (``fp32``: no plan, float); it
     prepares the model from ``plan`` with ``method_config`` (its default config when None), trains it
     (or not: ``ptq-dynamic``) and saves it its own way. ``plan_source`` (a path or ``uniform:N``) is
-    recorded in ``metrics.json``. The run holds ``metrics.json``, ``log.csv`` and ``evals.csv``; the
+    recorded in ``metrics.json``; ``on_prepare(stage, done, total, detail)`` hears a long preparation (GPTQ's
+    modules). The run holds ``metrics.json``, ``log.csv`` and ``evals.csv``; the
     checkpoint is removed at the end.
     """
     run = Path(run)
@@ -326,7 +329,7 @@ def train(
     if not isinstance(method_config, method.config_class):
         raise ConfigError(f"mode {mode} takes a {method.config_class.__name__}, not {type(method_config).__name__}")
     method.check(loaded.model, plan, method_config)
-    trainer = _Trainer(loaded, data, config, run, plan, method, method_config)
+    trainer = _Trainer(loaded, data, config, run, plan, method, method_config, on_prepare)
     model = trainer.model
     # Dropout draws from the global generator: seed it for this run only and give the caller's state back.
     devices = [torch.cuda.current_device()] if model.device.type == "cuda" else []

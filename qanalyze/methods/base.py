@@ -140,10 +140,10 @@ class Method:
         return Prepared()
 
     def prepare_with_data(self, model: torch.nn.Module, plan: BitPlan | None, config: MethodConfig, *, seed: int,
-                          calibration: Any) -> Prepared:
+                          calibration: Any, progress: Callable[[str, int, int, str], None] | None = None) -> Prepared:
         """`prepare`, given the run's encoded training data too (``calibration``: the ``lm`` task's windows
-        or a classification task's encoded examples), for methods that calibrate on it (GPTQ). The
-        default ignores the data."""
+        or a classification task's encoded examples), for methods that calibrate on it (GPTQ), and a
+        ``progress(stage, done, total, detail)`` callback for long preparations. The default ignores both."""
         return self.prepare(model, plan, config, seed=seed)
 
     def save(self, run: Path, model: torch.nn.Module, tokenizer: Any, plan: BitPlan | None, config: MethodConfig,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -113,17 +114,25 @@ class WeightPTQMethod(Method):
         plan_specs(model, plan, partial_last=config.partial_groups)
 
     def prepare_with_data(self, model: torch.nn.Module, plan: BitPlan | None, config: MethodConfig, *, seed: int,
-                          calibration: Any) -> Prepared:
-        """Quantize the planned modules in place (GPTQ: calibrated layer by layer on ``calibration``); keep the
-        unquantized model of a causal LM as the reference of its KL divergence."""
+                          calibration: Any, progress: Callable[[str, int, int, str], None] | None = None) -> Prepared:
+        """Quantize the planned modules in place (GPTQ: calibrated layer by layer on ``calibration``), reporting
+        each finished module to ``progress``; keep the unquantized model of a causal LM as the reference of its
+        KL divergence."""
         from qanalyze.models import is_causal_lm
         from qanalyze.ptq.quantize import quantize_model
 
         assert plan is not None
         specs = plan_specs(model, plan, partial_last=config.partial_groups)
         reference = copy.deepcopy(model).eval() if is_causal_lm(model) else None
+        done: list[str] = []
+
+        def on_module(name: str, outcome: Any) -> None:
+            done.append(name)
+            if progress is not None:
+                progress(self.name, len(done), len(specs), name)
+
         record = quantize_model(model, specs, self.ptq_name, self.calibration(calibration, config, seed),
-                                config=self.ptq_config(config), **self.quantize_options(config))
+                                config=self.ptq_config(config), on_module=on_module, **self.quantize_options(config))
         return PTQPrepared(reference=reference, record=record)
 
     def quantize_options(self, config: MethodConfig) -> dict[str, Any]:
