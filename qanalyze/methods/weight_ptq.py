@@ -12,7 +12,6 @@ model's own copy from before quantization is kept as the ``lm`` task's reference
 from __future__ import annotations
 
 import copy
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,10 +161,6 @@ class WeightPTQMethod(Method):
         model, tokenizer, _, _ = load_column_run(run, device=device)
         reference = _reference(run, device) if is_causal_lm(model) else None
         return LoadedRun(model, tokenizer, Prepared(), quantized=True, reference=reference)
-
-    def recorded(self, config: MethodConfig) -> dict[str, Any]:
-        """metrics.json keeps the method's settings under ``mode_options``."""
-        return {"mode_options": dataclasses.asdict(config)}
 
 
 def _reference(run: Path, device: torch.device) -> torch.nn.Module | None:
