@@ -4,6 +4,7 @@ use the real MiniLM tokenizer."""
 from __future__ import annotations
 
 import importlib.resources
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,9 @@ from transformers import AutoTokenizer, BertConfig, BertForSequenceClassificatio
 
 GLUE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "glue"
 WIKITEXT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wikitext-2"
+
+# the CLI tests share `cli_helpers` (tests are not a package under --import-mode=importlib)
+sys.path.insert(0, str(Path(__file__).parent))
 
 
 @pytest.fixture(scope="session")

@@ -10,9 +10,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from cli_helpers import run_cli
 
 from qanalyze import gguf_source
-from qanalyze.cli import main
 from qanalyze.errors import ModelNotFoundError
 from qanalyze.models import SMOLLM2_ALIAS, load_model, resolve_model
 
@@ -78,11 +78,6 @@ def cache(tmp_path, monkeypatch):
     monkeypatch.setenv(gguf_source.CACHE_ENV, str(tmp_path / "cache"))
     return tmp_path / "cache"
 
-
-def run_cli(capfd, *args):
-    code = main([str(a) for a in args])
-    out, err = capfd.readouterr()
-    return code, out, err
 
 
 def test_gguf_is_dequantized_into_the_cache_once(tiny_gguf, cache, monkeypatch):

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from cli_helpers import assert_one_line_error, run_cli
 
-from qanalyze.cli import main
 from qanalyze.data import encode, load_task
 from qanalyze.engine.evaluate import evaluate
 from qanalyze.engine.lm_eval import compare_lm, evaluate_lm, reference_logits
@@ -40,19 +40,6 @@ def gpt2_dir(tmp_path_factory, minilm_dir):
     return _save(tmp_path_factory.mktemp("gpt2"), transformers.GPT2LMHeadModel(config), minilm_dir)
 
 
-def run_cli(capfd, *args):
-    code = main([str(a) for a in args])
-    out, err = capfd.readouterr()
-    return code, out, err
-
-
-def assert_one_line_error(code, err, *fragments):
-    assert code == 2, err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 # ---------------------------------------------------------------------------------------------
