@@ -87,27 +87,33 @@ def _describe(row: dict[str, Any] | None, metric: str) -> str:
     return f"{layout}: {row['value']:.4f} at {_bpw(row):.3f} bpw{extra}"
 
 
+def _paired(paired: dict[str, Any] | None) -> str:
+    if not paired:
+        return "-"
+    return (f"{paired['difference'] * 100:+.2f} pt [{paired['low'] * 100:+.2f}, {paired['high'] * 100:+.2f}]"
+            + (" significant" if paired["significant"] else " not significant"))
+
+
 def render(rows: list[dict[str, Any]]) -> str:
     """The comparisons as a Markdown table."""
     lines = ["| budget | mode | FP32 | mixed plan | best uniform, bytes <= mixed | best uniform, bytes >= mixed | "
-             "rule mix | gap ratio vs uniform >= (target <= 0.8) | verdict |",
+             "rule mix | gap ratio (lm; target <= 0.8) or paired difference (GLUE) vs uniform >= | verdict |",
              "|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         metric = row["metric"]
         ratio = row.get("gap_ratio_above")
+        shown = "-" if ratio is None else f"{ratio:.3f}"
         if "met" in row:
             verdict = "**met**" if row["met"] else "**missed**"
         elif ratio is not None:
             verdict = "Hessian ahead" if ratio < 1 else "uniform ahead"
-        elif row.get("vs_best_uniform"):
-            paired = row["vs_best_uniform"]
-            verdict = (f"{paired['difference'] * 100:+.2f} pt [{paired['low'] * 100:+.2f}, {paired['high'] * 100:+.2f}]"
-                       + (" significant" if paired["significant"] else " not significant"))
         else:
-            verdict = "-"
+            # GLUE: the paired bootstrap against the uniform plan at or above the mixed plan's bytes, then under
+            shown = _paired(row.get("vs_uniform_at_or_above"))
+            verdict = f"vs bytes <= mixed: {_paired(row.get('vs_best_uniform'))}"
         lines.append(f"| {row['budget']} | {row['mode']} | {row['fp32']:.4f} | {_describe(row['hessian'], metric)} | "
                      f"{_describe(row['under'], metric)} | {_describe(row['above'], metric)} | "
-                     f"{_describe(row['rule'], metric)} | {'-' if ratio is None else f'{ratio:.3f}'} | {verdict} |")
+                     f"{_describe(row['rule'], metric)} | {shown} | {verdict} |")
     return "\n".join(lines)
 
 
