@@ -275,6 +275,7 @@ def build_cli() -> click.Group:
             gradient_draws=kw["gradient_draws"], bits=int_list(kw["bits"]),
             gradient_bits=int_list(kw["gradient_bits"]), weight_range=kw["weight_range"],
             score_bits=int_list(kw["score_bits"]), score_labels=kw["score_labels"],
+            **({} if kw["analysis_groups"] == "auto" else {"groups": _layouts(kw["analysis_groups"])}),
             measure_delta_loss=kw["measure_delta_loss"], seed=kw["seed"])
         data = load_task_data(kw)
         def kept() -> str:
@@ -444,6 +445,16 @@ def build_cli() -> click.Group:
         click.echo(str(result.path))
 
     return cli
+
+
+def _layouts(text: str) -> tuple[str, ...]:
+    from qanalyze.errors import ConfigError
+    from qanalyze.quant.layouts import parse_layout
+
+    try:
+        return tuple(dict.fromkeys(parse_layout(name) for name in names(text)))
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc), param_hint="--group-sizes") from None
 
 
 def _integer_bits(text: str, modes: list[str]) -> tuple[int, ...]:

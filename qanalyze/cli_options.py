@@ -284,6 +284,10 @@ analyze_options = option_group(
                  help="Stochastic-rounding draws per batch for the gradient errors."),
     click.option("--bits", default="2-16", show_default=True, help="Bit-widths for weight and activation errors."),
     click.option("--gradient-bits", default="2,3,4,5,6,8,12,16", show_default=True),
+    click.option("--group-sizes", "analysis_groups", default="auto", show_default=True,
+                 help="Weight group layouts to measure: row layouts (tensor, channel, head, 128, 64, 32) and column "
+                      "layouts (g32, g64, g128, row; g128p lets the last group of a row be shorter); auto: "
+                      "g32,g64,g128,row for task lm, the row layouts otherwise."),
     click.option("--weight-range", type=click.Choice(["max", "mse"]), default="max", show_default=True,
                  help="How each weight group's range is set for its errors, and so in the plans made from this "
                    "file and the runs that train them: max|w| (Q-BERT, Q8BERT), or the clipping that minimizes "

@@ -50,7 +50,7 @@ def plan_specs(model: torch.nn.Module, plan: BitPlan, *, partial_last: bool) -> 
     """The `ColumnSpec` of every module ``plan`` quantizes, each checked against the module's input width;
     ConfigError naming the module for anything a weight-only column quantizer cannot run."""
     from qanalyze.ptq.quantize import linear_modules
-    from qanalyze.quant.columns import ColumnSpec, parse_column_group
+    from qanalyze.quant.columns import ColumnSpec, parse_column_layout
 
     linears = linear_modules(model)
     specs: dict[str, ColumnSpec] = {}
@@ -61,8 +61,10 @@ def plan_specs(model: torch.nn.Module, plan: BitPlan, *, partial_last: bool) -> 
             raise ConfigError(f"the plan quantizes {name}, which is not a linear layer; rtn and gptq quantize the "
                               "weights of linear layers only (plan with --keep-float embedding, or use a uniform "
                               "column plan such as uniform:4:g64)")
+        partial = partial_last
         if entry.column_group is not None:
-            group = parse_column_group(entry.column_group)
+            group, layout_partial = parse_column_layout(entry.column_group)
+            partial = partial or layout_partial  # g128p: planned with a shorter last group
         elif entry.group == "channel":
             group = None
         else:
@@ -70,7 +72,7 @@ def plan_specs(model: torch.nn.Module, plan: BitPlan, *, partial_last: bool) -> 
                               "need column groups (plan with --group-sizes g32,g64,g128,row, or uniform:N:gG)")
         try:
             spec = ColumnSpec(entry.weight_bits, group, symmetric=entry.scheme == "symmetric",
-                              partial_last=partial_last)
+                              partial_last=partial)
             spec.width(linears[name].in_features, where=name)
         except ConfigError as error:
             raise ConfigError(str(error) if name in str(error) else f"{name}: {error}") from None

@@ -319,7 +319,7 @@ def _column_cost(name: str, entry: Mapping[str, Any], shape: tuple[int, ...], bi
     if per_row is None:
         # the analysis records it (`column_groups`); the rule is the same
         per_row = column_groups_per_row(group, shape[1])
-    if isinstance(per_row, bool) or not isinstance(per_row, int) or per_row <= 0 or shape[1] % per_row:
+    if isinstance(per_row, bool) or not isinstance(per_row, int) or per_row != column_groups_per_row(group, shape[1]):
         raise ConfigError(f"module {name}: column layout {group} has {per_row!r} groups per row for {shape[1]} "
                           "input columns")
     return shape[0] * per_row, float(storage_bits(shape[0], shape[1], column_spec(bits, group)))

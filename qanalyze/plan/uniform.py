@@ -25,13 +25,13 @@ from qanalyze.errors import ConfigError
 from qanalyze.models import NORM_KINDS, architecture_fingerprint, inventory
 from qanalyze.plan.budget import SCALE_BITS
 from qanalyze.plan.entries import FloatEntry, PlanEntry, QuantizedEntry
-from qanalyze.quant.columns import COLUMN_BITS, ColumnSpec, column_group_name, parse_column_group
+from qanalyze.quant.columns import COLUMN_BITS, ColumnSpec, column_group_name, parse_column_layout
 from qanalyze.quant.columns import storage_bits as column_storage_bits
 from qanalyze.quant.primitives import BITS_RANGE
 from qanalyze.records import BitPlan
 
 UNIFORM = re.compile(r"uniform:(\d+)(?::(\w+))?")
-COLUMN_UNIFORM = re.compile(r"uniform:(\d+):(g\d+|row)(?::(sym|asym))?")
+COLUMN_UNIFORM = re.compile(r"uniform:(\d+):(g\d+p?|row)(?::(sym|asym))?")
 FLOAT_BITS = 32
 
 LAYOUTS: dict[str, dict[str, str]] = {
@@ -109,6 +109,7 @@ def column_uniform_plan(model: nn.Module, bits: int, group_size: int | None, *, 
         raise ConfigError(f"column-group plans take bits from {COLUMN_BITS.start} to {COLUMN_BITS.stop - 1}, "
                           f"not {bits!r}")
     spec = ColumnSpec(bits, group_size, symmetric=symmetric, partial_last=partial_last)
+    layout = column_group_name(group_size, partial_last and group_size is not None)  # g128p: shorter last groups
     infos = inventory(model)
     entries: dict[str, PlanEntry] = {}
     quantized_bits = float_bits = 0.0
@@ -126,13 +127,14 @@ def column_uniform_plan(model: nn.Module, bits: int, group_size: int | None, *, 
         groups = out_features * spec.groups(in_features) if spec.width(in_features, where=info.name) else 0
         entries[info.name] = QuantizedEntry(
             name=info.name, weight_bits=bits, group="channel", groups=groups,
-            scheme="symmetric" if symmetric else "asymmetric", column_group=column_group_name(group_size),
+            scheme="symmetric" if symmetric else "asymmetric",
+            column_group=layout,
             omitted=omitted)
         quantized_bits += column_storage_bits(out_features, in_features, spec)
         quantized_params += weights
     if not quantized_params:
         raise ConfigError("the model has no linear module outside its task head to quantize")
-    text = f"uniform:{bits}:{column_group_name(group_size)}" + (":sym" if symmetric else "")
+    text = f"uniform:{bits}:{layout}" + (":sym" if symmetric else "")
     totals = {
         "weight_bits_mean": bits,
         "weight_bits_mean_all_scales": quantized_bits / quantized_params,
@@ -145,7 +147,7 @@ def column_uniform_plan(model: nn.Module, bits: int, group_size: int | None, *, 
         model={"fingerprint": architecture_fingerprint(infos), "modules": {i.name: list(i.shape) for i in infos}},
         budget={"text": text, "kind": "uniform", "value": bits},
         objective="uniform", totals=totals, modules={n: e.to_dict() for n, e in entries.items()}, baseline="uniform",
-        settings={"kinds": ["linear"], "layout": column_group_name(group_size),
+        settings={"kinds": ["linear"], "layout": layout,
                   "scheme": "symmetric" if symmetric else "asymmetric", "partial_last": partial_last},
     )
 
@@ -160,8 +162,9 @@ def resolve_plan(spec: str, model: nn.Module, *, kinds: Sequence[str] = ("linear
     `column_uniform_plan` (``partial_last`` passed on); anything else is the path of a plan.json."""
     column = COLUMN_UNIFORM.fullmatch(spec.strip())
     if column:
-        return column_uniform_plan(model, int(column.group(1)), parse_column_group(column.group(2)),
-                                   symmetric=column.group(3) == "sym", partial_last=partial_last)
+        size, partial = parse_column_layout(column.group(2))
+        return column_uniform_plan(model, int(column.group(1)), size, symmetric=column.group(3) == "sym",
+                                   partial_last=partial_last or partial)
     match = UNIFORM.fullmatch(spec.strip())
     if match and (match.group(2) or "tensor") in LAYOUTS:
         return uniform_plan(model, int(match.group(1)), kinds=kinds, layout=match.group(2) or "tensor")

@@ -57,21 +57,36 @@ SCALE_BITS = 16
 
 
 def parse_column_group(value: str | int | None) -> int | None:
-    """A column-group spec as a size: ``128``, ``"128"`` or ``"g128"`` -> 128; ``None``, ``"row"`` -> None
-    (one group per row). ConfigError for anything else."""
+    """A column-group spec as a size: ``128``, ``"128"``, ``"g128"`` or ``"g128p"`` -> 128; ``None``, ``"row"`` ->
+    None (one group per row). ConfigError for anything else (`parse_column_layout` also says whether the
+    layout lets the last group be shorter)."""
+    return parse_column_layout(value)[0]
+
+
+def parse_column_layout(value: str | int | None) -> tuple[int | None, bool]:
+    """A column layout as (group size, shorter last group allowed): ``"g128"`` -> (128, False); ``"g128p"`` ->
+    (128, True), groups of 128 where the last one of a row may be shorter (SmolLM2's 576 columns: four of 128 and
+    one of 64, as GPTQ's packed format stores them); ``"row"`` / None -> (None, False)."""
     if value is None or value == "row":
-        return None
-    text = value[1:] if isinstance(value, str) and value.startswith("g") else value
+        return None, False
+    if isinstance(value, str) and value.startswith("g") and value.endswith("p") and len(value) > 2:
+        return _column_size(value[1:-1], value), True
+    return _column_size(value[1:] if isinstance(value, str) and value.startswith("g") else value, value), False
+
+
+def _column_size(text: str | int, value: str | int) -> int:
     if isinstance(text, str) and text.isascii() and text.isdigit() and int(text) > 0:
         return int(text)
     if is_positive_int(text):
         return int(text)
-    raise ConfigError(f"column group must be 'row' or a positive number of columns (g32, g64, g128), not {value!r}")
+    raise ConfigError(f"column group must be 'row' or a positive number of columns (g32, g64, g128; g128p with a "
+                      f"shorter last group), not {value!r}")
 
 
-def column_group_name(group_size: int | None) -> str:
-    """The canonical name of a column layout: ``"g128"``, or ``"row"`` for one group per row."""
-    return "row" if group_size is None else f"g{group_size}"
+def column_group_name(group_size: int | None, partial_last: bool = False) -> str:
+    """The canonical name of a column layout: ``"g128"`` (``"g128p"`` with a shorter last group allowed), or
+    ``"row"`` for one group per row."""
+    return "row" if group_size is None else f"g{group_size}" + ("p" if partial_last else "")
 
 
 @dataclass(frozen=True)

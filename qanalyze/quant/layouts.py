@@ -16,7 +16,7 @@ an embedding table is looked up by row, and the post-training methods (`qanalyze
 from __future__ import annotations
 
 from qanalyze.errors import ConfigError
-from qanalyze.quant.columns import COLUMN_BITS, ColumnSpec, column_group_name, parse_column_group
+from qanalyze.quant.columns import COLUMN_BITS, ColumnSpec, column_group_name, parse_column_layout
 from qanalyze.quant.primitives import GROUP_NAMES, parse_group
 
 COLUMN_LAYOUTS = ("g32", "g64", "g128", "row")
@@ -36,7 +36,7 @@ def parse_layout(group: str | int) -> str:
     anything else as `parse_group` does. ConfigError naming both families for anything else."""
     if is_column_layout(group):
         try:
-            return column_group_name(parse_column_group(group))
+            return column_group_name(*parse_column_layout(group))
         except ConfigError:
             pass
     else:
@@ -50,7 +50,8 @@ def parse_layout(group: str | int) -> str:
 
 def column_spec(bits: int, group: str) -> ColumnSpec:
     """The quantizer of column candidate (``bits``, ``group``): asymmetric, float16 scales, full groups only."""
-    return ColumnSpec(bits, parse_column_group(group), symmetric=False)
+    size, partial = parse_column_layout(group)
+    return ColumnSpec(bits, size, symmetric=False, partial_last=partial)
 
 
 def takes_columns(kind: str | None, transposed: bool = False) -> bool:
@@ -61,11 +62,11 @@ def takes_columns(kind: str | None, transposed: bool = False) -> bool:
 def column_fits(bits: int, group: str, in_features: int) -> bool:
     """Whether column candidate (``bits``, ``group``) applies to a weight of ``in_features`` input columns: bits
     in `COLUMN_BITS` and G dividing the width (``row`` always does)."""
-    size = parse_column_group(group)
-    return bits in COLUMN_BITS and (size is None or in_features % size == 0)
+    size, partial = parse_column_layout(group)
+    return bits in COLUMN_BITS and (size is None or partial or in_features % size == 0)
 
 
 def column_groups_per_row(group: str, in_features: int) -> int:
     """Scales (and zero points) per output row of column layout ``group`` on ``in_features`` columns."""
-    size = parse_column_group(group)
-    return 1 if size is None else in_features // size
+    size, _ = parse_column_layout(group)
+    return 1 if size is None else -(-in_features // size)

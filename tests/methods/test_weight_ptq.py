@@ -49,7 +49,7 @@ def test_uniform_column_plan_costs_exactly_the_stored_codes(tiny_llama_dir):
     with pytest.raises(ConfigError, match=r"group size 128 does not divide the 32 input columns of model\.layers\.0"):
         column_uniform_plan(model, 4, 128)
     assert column_uniform_plan(model, 4, 128, partial_last=True).entries[
-        "model.layers.0.mlp.down_proj"].column_group == "g128"
+        "model.layers.0.mlp.down_proj"].column_group == "g128p"
 
 
 def test_rtn_run_reloads_the_weights_it_evaluated_and_reports_kl(tmp_path, tiny_llama_dir, lm_data):
