@@ -124,3 +124,21 @@ def test_bad_specs_are_refused_in_one_line():
     assert [parse_column_group(v) for v in ("g128", "64", 32, "row", None)] == [128, 64, 32, None, None]
     with pytest.raises(ConfigError):
         parse_column_group("g0")
+
+
+def test_partial_layout_names_parse_and_quantize_with_a_shorter_last_group():
+    from qanalyze.quant.columns import column_group_name, parse_column_layout
+    from qanalyze.quant.layouts import column_fits, column_groups_per_row, column_spec, parse_layout
+
+    assert parse_column_layout("g128p") == (128, True) and parse_column_layout("g128") == (128, False)
+    assert parse_column_layout("row") == (None, False) and column_group_name(128, True) == "g128p"
+    assert parse_layout("g0128p") == "g128p"
+    assert column_fits(3, "g128p", 576) and not column_fits(3, "g128", 576) and not column_fits(9, "g128p", 576)
+    assert column_groups_per_row("g128p", 576) == 5 and column_groups_per_row("g128p", 512) == 4
+    weight = torch.randn(4, 576, generator=torch.Generator().manual_seed(0))
+    spec = column_spec(3, "g128p")
+    found = quantize_columns(weight, spec)
+    assert spec.partial_last and found.scale.shape == (4, 5)
+    assert storage_bits(4, 576, spec) == 3 * 4 * 576 + (16 + 3) * 4 * 5
+    with pytest.raises(ConfigError, match="g128p with a shorter last group"):
+        parse_column_layout("gp")
