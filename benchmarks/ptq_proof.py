@@ -46,16 +46,21 @@ def _bpw(row: dict[str, Any]) -> float:
     return float(row.get("weight_bits_mean_all_scales") or float("nan"))
 
 
-def compare(sweep: dict[str, Any], targets: set[str]) -> list[dict[str, Any]]:
-    """One comparison per (budget, mode) of the sweep."""
+def compare(sweep: dict[str, Any], targets: set[str], pool: list[dict[str, Any]] = ()) -> list[dict[str, Any]]:
+    """One comparison per (budget, mode) of the sweep; ``pool`` adds uniform rows (run on the same model, data
+    and windows) to every budget's. "Under" is the best uniform row whose bytes are at most the mixed plan's;
+    "above" the nearest one at or above them (the smallest uniform configuration of equal or larger size)."""
     fp32 = sweep["fp32"]["metrics"]
     out = []
     for hessian in (r for r in sweep["rows"] if r["plan"] == "hessian"):
         metric = hessian["metric"]
         peers = [r for r in sweep["rows"] if r["budget"] == hessian["budget"] and r["mode"] == hessian["mode"]]
-        uniform = [r for r in peers if r["plan"] == "best-uniform"]
+        uniform = list({r.get("layout") or r["run"]: r for r in [
+            *(r for r in peers if r["plan"] == "best-uniform"),
+            *(r for r in pool if r["mode"] == hessian["mode"])] if r.get("value") is not None}.values())
         under = _best([r for r in uniform if r["weight_bytes"] <= hessian["weight_bytes"]], metric)
-        above = _best([r for r in uniform if r["weight_bytes"] >= hessian["weight_bytes"]], metric)
+        larger = [r for r in uniform if r["weight_bytes"] >= hessian["weight_bytes"]]
+        above = min(larger, key=lambda r: r["weight_bytes"]) if larger else None
         rule = next((r for r in peers if r["plan"] == "rule-mix"), None)
         row: dict[str, Any] = {"budget": hessian["budget"], "mode": hessian["mode"], "metric": metric,
                                "fp32": fp32.get(metric), "hessian": hessian, "under": under, "above": above,
@@ -117,17 +122,40 @@ def render(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _uniform_rows(folder: Path, sweep: dict[str, Any]) -> list[dict[str, Any]]:
+    """The uniform rows of another sweep, or one quantize run as a row; refused unless the FP32 reference and
+    data are the sweep's own."""
+    if (folder / "sweep.json").is_file():
+        other = json.loads((folder / "sweep.json").read_text())
+        if other["fp32"]["metrics"] != sweep["fp32"]["metrics"] or other["data"] != sweep["data"]:
+            raise SystemExit(f"{folder}: another FP32 reference or data than the sweep's")
+        return [{**row, "run": f"{folder.name}/{row['run']}"} for row in other["rows"] if row["plan"] == "best-uniform"]
+    record = json.loads((folder / "metrics.json").read_text())
+    plan = json.loads((folder / "plan.json").read_text())
+    if record["data"] != sweep["data"]:
+        raise SystemExit(f"{folder}: other data than the sweep's")
+    metric = next(iter(sweep["fp32"]["metrics"]))
+    return [{"plan": "best-uniform", "layout": plan["budget"]["text"], "mode": record["mode"], "run": folder.name,
+             "metric": metric, "value": record["metrics"][metric], "metrics": record["metrics"],
+             "weight_bytes": plan["totals"]["weight_bytes"],
+             "weight_bits_mean_all_scales": plan["totals"]["weight_bits_mean_all_scales"]}]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("sweeps", nargs="+", help="sweep folders (their sweep.json)")
     parser.add_argument("--targets", default="3bit,3.5bit", help="budgets the 20 %% target applies to")
     parser.add_argument("--markdown", default=None, help="also write the tables to this file")
+    parser.add_argument("--uniform-from", action="append", default=[],
+                        help="a sweep or run folder whose uniform rows (or run) join every budget's pool; it must "
+                             "share the FP32 reference (same model, data and windows)")
     args = parser.parse_args()
     targets = set(args.targets.split(","))
     parts = []
     for folder in args.sweeps:
         sweep = json.loads((Path(folder) / "sweep.json").read_text())
-        rows = compare(sweep, targets)
+        pool = [row for extra in args.uniform_from for row in _uniform_rows(Path(extra), sweep)]
+        rows = compare(sweep, targets, pool)
         parts.append(f"### {folder}\n\n{render(rows)}\n")
         for row in rows:
             ratio = row.get("gap_ratio_above")
