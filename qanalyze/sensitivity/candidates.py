@@ -21,7 +21,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from qanalyze.errors import ConfigError
-from qanalyze.quant.columns import column_codes, quantize_columns
+from qanalyze.quant.columns import column_codes, expand_groups, parse_column_layout, quantize_columns
 from qanalyze.quant.layouts import column_fits, column_spec, is_column_layout, parse_layout
 from qanalyze.quant.primitives import check_bits, mse_clip, qmax, rows_per_group, symmetric_scale
 
@@ -115,6 +115,13 @@ class CandidateSteps:
         # `quantize_columns`' codes and `ColumnQuantized.dequantize`, elementwise the same operations on a
         # (rows, groups, G) view: (round(w / s) + z clamped to the codes, minus z) times s, then minus w
         count, columns = part.shape
+        if columns % scale.shape[1]:
+            # a shorter last group (g128p): each group's scale and zero point spread over its own columns
+            width = parse_column_layout(group)[0]
+            zero = expand_groups(zero.to(scale.dtype), width, columns)
+            scale = expand_groups(scale, width, columns)
+            codes = column_codes(part, scale, zero, bits)
+            return codes.sub_(zero).mul_(scale).sub_(part)
         grouped = part.reshape(count, scale.shape[1], -1)
         zero = zero.unsqueeze(-1).to(scale.dtype)
         scale = scale.unsqueeze(-1)

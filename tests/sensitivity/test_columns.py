@@ -98,3 +98,16 @@ def test_an_lm_analysis_defaults_to_column_layouts(tmp_path, tiny_llama_dir, wik
                            tmp_path / "s.json")
     assert report.settings["groups"] == ["g32", "g64", "g128", "row"]
     assert set(report.modules["model.layers.0.self_attn.q_proj"]["fisher_error"]["2"]) == {"g32", "row"}
+
+
+def test_partial_column_deltas_equal_quantize_columns():
+    from qanalyze.quant.columns import ColumnSpec, quantize_columns
+    from qanalyze.sensitivity.candidates import CandidateSteps
+
+    weight = torch.randn(6, 80, generator=torch.Generator().manual_seed(1))
+    steps = CandidateSteps(weight, (3, 4), ("g32p", "g32"))
+    assert (3, "g32p") in set(steps.candidates()) and (3, "g32") not in set(steps.candidates())
+    for bits in (3, 4):
+        expected = quantize_columns(weight, ColumnSpec(bits, 32, symmetric=False, partial_last=True))
+        assert torch.equal(steps.delta(bits, "g32p"), expected.dequantize() - weight)
+        assert torch.equal(steps.delta(bits, "g32p", slice(1, 4)), (expected.dequantize() - weight)[1:4])
