@@ -300,7 +300,7 @@ def _train_or_reuse(model: str, data: TaskData, config: SweepConfig, folder: Pat
                 return attempt(resume=True), "resumed"
             except CheckpointMismatchError:
                 pass  # the checkpoint was made with other settings or another plan: start over
-        return attempt(resume=False), "trained"
+        return attempt(resume=False), "trained" if get_method(run.mode).trains else "quantized"
     except TrainingDiverged as exc:
         # a plan too aggressive to train is a finding for the table, not the end of the sweep
         return None, f"diverged: {' '.join(str(exc).split())}"

@@ -35,7 +35,7 @@ def test_lm_sweep_runs_the_best_uniform_configurations_and_the_rule_mix(tmp_path
     assert versus["run"] == best[0]["run"]
     assert versus["gap_ratio"] == pytest.approx((hessian["value"] - fp32) / (best[0]["value"] - fp32))
     assert hessian["vs_uniform_at_or_above"]["weight_bytes"] >= hessian["weight_bytes"]
-    assert {"kl", "top1_agreement"} <= set(hessian["metrics"])
+    assert {"kl", "top1_agreement"} <= set(hessian["metrics"]) and hessian["status"] == "quantized"
 
 
 def test_classifier_sweep_gives_bootstrap_intervals_and_the_paired_test(tmp_path, tiny_bert_dir, glue_dir):
