@@ -360,6 +360,9 @@ def build_cli() -> click.Group:
     @click.option("--objective", type=click.Choice(OBJECTIVE_CHOICES), default="auto", show_default=True,
                   help="As for `qanalyze plan`.")
     @click.option("--act-budget", default="8bit", show_default=True, help="Mean activation bits of every plan.")
+    @click.option("--group-sizes", "plan_groups", default="auto", show_default=True,
+                  help="Weight group layouts every plan may use, as for `qanalyze plan` (g128p: groups of 128 with a "
+                       "shorter last one); the analysis the sweep makes measures them too.")
     @group_options(" in every plan")
     @click.option("--measure-delta-loss", is_flag=True, help="When the sweep analyzes: also measure each module's "
                                                               "loss change (for the report's predictors).")
@@ -392,15 +395,18 @@ def build_cli() -> click.Group:
             raise click.UsageError("sweep continues by itself: run it again with the same --out (no --resume or "
                                    "--overwrite); delete a run folder under OUT/runs to redo that run")
         chosen = names(modes)
+        plan_groups = ("auto",) if kw["plan_groups"] == "auto" else _layouts(kw.pop("plan_groups"))
+        kw.pop("plan_groups", None)
         config = SweepConfig(
             budgets=tuple(budget_text(b) for b in names(budgets)), plans=names(plans), modes=chosen,
             methods=pop_method_configs(kw, chosen),
             integer_bits=_integer_bits(integer_bits, chosen),
             plan=PlanConfig(objective=kw["objective"], act_budget=parse_bits(kw["act_budget"]), seed=kw["seed"],
-                    act_group=kw["act_group"], grad_group=kw["grad_group"]),
+                    act_group=kw["act_group"], grad_group=kw["grad_group"], groups=plan_groups),
             train=train_config(kw),
             analysis=AnalyzeConfig(max_length=kw["max_length"] or 128, seed=kw["seed"],
-                                   weight_range=kw["weight_range"], measure_delta_loss=kw["measure_delta_loss"]))
+                                   weight_range=kw["weight_range"], measure_delta_loss=kw["measure_delta_loss"],
+                                   **({} if plan_groups == ("auto",) else {"groups": plan_groups})))
         data = load_task_data(kw)
         console = _console(quiet)
         console.print(f"[bold]sweep[/] {model} on {data.task.name}: budgets {', '.join(config.budgets)} x "
