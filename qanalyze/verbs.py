@@ -101,17 +101,18 @@ def quantize(model: str | LoadedModel, data: TaskData, plan: str | BitPlan, out:
     that `evaluate_run` reloads. GPTQ calibrates on ``data``'s training split.
 
     Nothing is trained, so nothing can be resumed: an interrupted or failed quantization removes the run
-    directory it made (an existing one is only replaced with ``overwrite``, and only once the work is done
-    is anything left there).
+    directory it made or emptied (an existing run is replaced only with ``overwrite``); input refused before
+    that leaves ``out`` as it was.
     """
     import shutil
 
     from qanalyze.engine.train import TrainConfig
-    from qanalyze.methods import get_method
+    from qanalyze.methods import METHODS, get_method
+    from qanalyze.rundir import is_finished_run
 
     chosen = get_method(method)
     if chosen.command != "quantize":
-        quantizers = [name for name, m in _methods().items() if m.command == "quantize"]
+        quantizers = [name for name, m in METHODS.items() if m.command == "quantize"]
         raise ConfigError(f"{method} is not a post-training quantizer (known: {', '.join(quantizers)}); "
                           f"`qanalyze train --mode {method}` runs it")
     target = Path(out)
@@ -123,23 +124,11 @@ def quantize(model: str | LoadedModel, data: TaskData, plan: str | BitPlan, out:
     except BaseException:
         # A half-made PTQ run is worth nothing (no checkpoint to resume): once the run directory was made (or
         # emptied by --overwrite), remove what is there; input refused before that leaves the folder as it was.
-        if target.is_dir() and not _is_finished(target) and sorted(target.iterdir()) != before:
+        if target.is_dir() and not is_finished_run(target) and sorted(target.iterdir()) != before:
             shutil.rmtree(target, ignore_errors=True)
             if before == []:
                 target.mkdir()
         raise
-
-
-def _methods() -> dict[str, Any]:
-    from qanalyze.methods import METHODS
-
-    return METHODS
-
-
-def _is_finished(run: Path) -> bool:
-    from qanalyze.rundir import is_finished_run
-
-    return is_finished_run(run)
 
 
 def analyze(model: str, data: TaskData, config: AnalyzeConfig, out: str | Path, *, resume: bool = False,
