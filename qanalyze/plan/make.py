@@ -240,7 +240,9 @@ def _prepare(report: SensitivityReport, config: PlanConfig) -> tuple[dict[str, A
     options = restrict_to_target(module_options(raw, bits=config.bits, groups=config.groups,
                                                 objective=config.objective, keep_float=config.keep_float),
                                  get_target(config.target))
-    defaults = default_ties(raw["model"].get("architecture")) if config.default_ties else ()
+    # engines that keep q/k/v apart (llama.cpp) need no ties: its mixes give v_proj more bits than q_proj
+    tied = config.default_ties and get_target(config.target).fuses
+    defaults = default_ties(raw["model"].get("architecture")) if tied else ()
     quantized = [o for o in options if not o.float]
     # a default rule for modules this plan keeps in float (or that this model lacks) ties nothing
     patterns = tuple(dict.fromkeys((*[p for p in defaults if any(re.search(p, o.name) for o in quantized)],

@@ -16,6 +16,10 @@ own format differs in detail, the table says so in the format name rather than h
   with 6-bit sub-block scales) are not modelled, so a ``gguf`` plan never picks 2, 3 or 6 bits.
 - ``compressed-tensors`` (``pack-quantized``, as vLLM loads it): 4 and 8 bits, groups of 32, 64, 128 or per row.
 - ``any``: every candidate.
+
+A target also says whether its engine fuses q/k/v and gate/up into one tensor (`Target.fuses`): vLLM-style
+kernels do, so plans for ``gptq``, ``torchao`` and ``compressed-tensors`` (and ``any``, to be safe) tie them by
+default; llama.cpp does not, so ``gguf`` plans do not.
 """
 
 from __future__ import annotations
@@ -34,6 +38,10 @@ class Target:
     name: str
     description: str
     formats: Mapping[tuple[int, str], str] | None
+    fuses: bool = True
+    """Whether the engine runs the projections it fuses (q/k/v, gate/up) as one tensor, so that they need one
+    format: the planner's default ties (`qanalyze.plan.ties`) apply. llama.cpp stores them apart (its own mixes
+    give ``attn_v`` more bits than ``attn_q``), so ``gguf`` plans are not tied by default."""
 
     def allows(self, bits: int, layout: str) -> bool:
         """Whether the engine runs ``bits`` in column ``layout``."""
@@ -56,7 +64,7 @@ TARGETS: dict[str, Target] = {
                       {**_grid((4,), ("g32", "g64", "g128"), "Int4WeightOnlyConfig(group_size={layout})"),
                        (8, "row"): "Int8WeightOnlyConfig"}),
     "gguf": Target("gguf", "llama.cpp legacy block formats (blocks of 32)",
-                   {(4, "g32"): "Q4_1", (5, "g32"): "Q5_1", (8, "g32"): "Q8_0"}),
+                   {(4, "g32"): "Q4_1", (5, "g32"): "Q5_1", (8, "g32"): "Q8_0"}, fuses=False),
     "compressed-tensors": Target("compressed-tensors", "compressed-tensors pack-quantized (vLLM)",
                                  _grid((4, 8), ("g32", "g64", "g128", "row"), "pack-quantized {bits}-bit {layout}")),
 }

@@ -157,3 +157,14 @@ def test_a_target_offers_only_what_its_engine_loads(analysed):
         make_plan(report, parse_budget("6bit"), PlanConfig(target="gguf", groups=("row",)))
     with pytest.raises(ConfigError, match="unknown target 'vllm'"):
         PlanConfig(target="vllm")
+
+
+def test_gguf_plans_are_not_tied_by_default_and_fused_targets_are(analysed):
+    from qanalyze.plan.make import _prepare
+
+    report, _ = analysed
+    for target, tied in (("gptq", True), ("any", True), ("gguf", False)):
+        planned = _prepare(report, PlanConfig(target=target))[3]
+        merged = [option.name for option in planned if "+" in option.name]
+        assert bool(merged) == tied, target
+        assert not tied or any("q_proj" in name and "v_proj" in name for name in merged)
