@@ -13,7 +13,7 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import ScalarFormatter
 
-from qanalyze.metrics import display_unit
+from qanalyze.metrics import LOWER_IS_BETTER, display_unit
 
 PLAN_STYLES = {
     "hessian": {"color": "#c0392b", "marker": "o", "label": "Hessian plan"},
@@ -165,7 +165,9 @@ def pareto_figure(results: pd.DataFrame, *, metric: str) -> Figure:
     ax.set_ylabel(f"dev {metric}{display_unit(metric)}")
     ax.set_title(f"{metric.capitalize()} against weight bytes: what the Hessian bought", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    if metric in LOWER_IS_BETTER:  # a perplexity spans orders of magnitude at 2 to 3 bits; lower is better
+        ax.set_yscale("log")
+    ax.legend(fontsize=8, loc="upper right" if metric in LOWER_IS_BETTER else "lower right")
     if fp32_mb:
         top = ax.secondary_xaxis("top", functions=(lambda mb: fp32_mb / np.maximum(mb, 1e-9),
                                                    lambda ratio: fp32_mb / np.maximum(ratio, 1e-9)))
