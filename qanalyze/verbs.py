@@ -260,6 +260,7 @@ def evaluate_run(model_or_run: str, *, task: str | None = None, data: str | None
         data = data or previous.data.get("location") or previous.data.get("source")
         max_length = max_length or previous.settings.get("max_length")
         lm_seq_len = lm_seq_len or previous.data.get("seq_len")  # task lm: the run's own windows
+        max_eval_examples = max_eval_examples or previous.data.get("max_eval_windows")
         text_field = text_field or previous.data.get("text_field")
     if not task or not data:
         missing = [flag for flag, value in (("--task", task), ("--data", data)) if not value]

@@ -52,8 +52,9 @@ def test_uniform_column_plan_costs_exactly_the_stored_codes(tiny_llama_dir):
         "model.layers.0.mlp.down_proj"].column_group == "g128p"
 
 
-def test_rtn_run_reloads_the_weights_it_evaluated_and_reports_kl(tmp_path, tiny_llama_dir, lm_data):
-    record = quantize(str(tiny_llama_dir), lm_data, "uniform:4:g32", tmp_path / "rtn", method="rtn")
+def test_rtn_run_reloads_the_weights_it_evaluated_and_reports_kl(tmp_path, tiny_llama_dir, wikitext_sample_dir):
+    three = load_task("lm", str(wikitext_sample_dir), seq_len=32, max_eval_examples=3)  # evaluate keeps these
+    record = quantize(str(tiny_llama_dir), three, "uniform:4:g32", tmp_path / "rtn", method="rtn")
     assert record.mode == "rtn" and {"perplexity", "kl", "top1_agreement"} <= set(record.metrics)
     assert record.metrics["kl"] > 0 and 0 < record.metrics["top1_agreement"] <= 1
     original = load_model(str(tiny_llama_dir)).model
@@ -68,7 +69,8 @@ def test_rtn_run_reloads_the_weights_it_evaluated_and_reports_kl(tmp_path, tiny_
     assert torch.equal(model.model.embed_tokens.weight, original.model.embed_tokens.weight)
     assert ptq["method"] == "rtn" and ptq["modules"][name]["group_size"] == 32
     again = evaluate_run(str(tmp_path / "rtn"))
-    assert again.quantized and again.record.metrics == pytest.approx(record.metrics, rel=1e-6)
+    assert again.quantized and again.record.examples == 3
+    assert again.record.metrics == pytest.approx(record.metrics, rel=1e-6)
 
 
 def test_gptq_calibrates_on_drawn_training_windows_and_records_its_settings(tmp_path, tiny_llama_dir,
