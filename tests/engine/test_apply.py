@@ -195,7 +195,9 @@ def test_modes_that_keep_one_activation_scale_refuse_per_token_inputs():
     with pytest.raises(ConfigError, match="activation_group 'head' is not one of tensor, token"):
         apply_plan(model, plan, "int")
     with pytest.raises(ConfigError, match="uniform:8:channel"):
-        resolve_plan("uniform:8:row", model)
+        resolve_plan("uniform:8:rows", model)
+    # uniform:N:row is the weight-only plan of the post-training methods (one column group per row)
+    assert resolve_plan("uniform:8:row", model).settings["layout"] == "row"
     assert not swapped_modules(model)
 
 
