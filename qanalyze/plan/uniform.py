@@ -18,6 +18,7 @@ import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
@@ -55,14 +56,11 @@ def uniform_plan(model: nn.Module, bits: int, *, kinds: Sequence[str] = ("linear
     scales_per_row = LAYOUTS[layout]["group"] == "channel"
     infos = inventory(model)
     entries: dict[str, PlanEntry] = {}
-    quantized_bits = float_bits = 0.0
-    quantized_params = all_params = 0
+    quantized_bits = 0.0
     for info in infos:
         weights = math.prod(info.shape)
-        all_params += weights
         if info.kind not in kinds or info.stage == "head":
             entries[info.name] = FloatEntry(info.name)
-            float_bits += FLOAT_BITS * weights
             continue
         # a layer norm's weight is one row; its input always has one scale per token (the engine's choice)
         groups = info.shape[0] if scales_per_row and info.kind not in NORM_KINDS else 1
@@ -78,23 +76,36 @@ def uniform_plan(model: nn.Module, bits: int, *, kinds: Sequence[str] = ("linear
                                *(() if marks_gradient else ("gradient_group",))}),
         )
         quantized_bits += bits * weights + SCALE_BITS * groups
-        quantized_params += weights
+    return _uniform_record(infos, entries, bits, quantized_bits, text=_text(bits, layout),
+                           settings={"kinds": list(kinds), "layout": layout},
+                           nothing=f"the model has no {' or '.join(kinds)} module outside its task head to quantize",
+                           totals={"activation_bits_mean": bits, "gradient_bits_mean": bits})
+
+
+def _uniform_record(infos: Sequence[Any], entries: dict[str, PlanEntry], bits: int, quantized_bits: float, *,
+                    text: str, settings: dict[str, Any], nothing: str, totals: dict[str, Any] | None = None) -> BitPlan:
+    """The `BitPlan` of a uniform plan: its ``entries``, with the quantized weights' storage ``quantized_bits``
+    (every scale and zero point) and the float modules at 32 bits; ConfigError ``nothing`` when no module is
+    quantized."""
+    sizes = {info.name: math.prod(info.shape) for info in infos}
+    quantized_params = sum(sizes[name] for name, entry in entries.items() if entry.quantized)
     if not quantized_params:
-        raise ConfigError(f"the model has no {' or '.join(kinds)} module outside its task head to quantize")
+        raise ConfigError(nothing)
+    float_bits = FLOAT_BITS * sum(sizes[name] for name, entry in entries.items() if not entry.quantized)
     totals = {
         "weight_bits_mean": bits,
         "weight_bits_mean_all_scales": quantized_bits / quantized_params,
         "weight_bytes": math.ceil((quantized_bits + float_bits) / 8),
-        "compression": FLOAT_BITS * all_params / (quantized_bits + float_bits),
+        "compression": FLOAT_BITS * sum(sizes.values()) / (quantized_bits + float_bits),
         "planned_modules": sum(e.quantized for e in entries.values()),
         "float_modules": sum(not e.quantized for e in entries.values()),
-        "activation_bits_mean": bits, "gradient_bits_mean": bits,
+        **(totals or {}),
     }
     return BitPlan(
         model={"fingerprint": architecture_fingerprint(infos), "modules": {i.name: list(i.shape) for i in infos}},
-        budget={"text": _text(bits, layout), "kind": "uniform", "value": bits},
+        budget={"text": text, "kind": "uniform", "value": bits},
         objective="uniform", totals=totals, modules={n: e.to_dict() for n, e in entries.items()}, baseline="uniform",
-        settings={"kinds": list(kinds), "layout": layout},
+        settings=settings,
     )
 
 
@@ -112,16 +123,12 @@ def column_uniform_plan(model: nn.Module, bits: int, group_size: int | None, *, 
     layout = column_group_name(group_size, partial_last and group_size is not None)  # g128p: shorter last groups
     infos = inventory(model)
     entries: dict[str, PlanEntry] = {}
-    quantized_bits = float_bits = 0.0
-    quantized_params = all_params = 0
+    quantized_bits = 0.0
     omitted = frozenset({"weight_range", "predicted_damage", "activation_bits", "gradient_bits", "activation_group",
                          "gradient_group"})
     for info in infos:
-        weights = math.prod(info.shape)
-        all_params += weights
         if info.kind != "linear" or info.stage == "head":
             entries[info.name] = FloatEntry(info.name)
-            float_bits += FLOAT_BITS * weights
             continue
         out_features, in_features = info.shape
         groups = out_features * spec.groups(in_features) if spec.width(in_features, where=info.name) else 0
@@ -131,25 +138,12 @@ def column_uniform_plan(model: nn.Module, bits: int, group_size: int | None, *, 
             column_group=layout,
             omitted=omitted)
         quantized_bits += column_storage_bits(out_features, in_features, spec)
-        quantized_params += weights
-    if not quantized_params:
-        raise ConfigError("the model has no linear module outside its task head to quantize")
-    text = f"uniform:{bits}:{layout}" + (":sym" if symmetric else "")
-    totals = {
-        "weight_bits_mean": bits,
-        "weight_bits_mean_all_scales": quantized_bits / quantized_params,
-        "weight_bytes": math.ceil((quantized_bits + float_bits) / 8),
-        "compression": FLOAT_BITS * all_params / (quantized_bits + float_bits),
-        "planned_modules": sum(e.quantized for e in entries.values()),
-        "float_modules": sum(not e.quantized for e in entries.values()),
-    }
-    return BitPlan(
-        model={"fingerprint": architecture_fingerprint(infos), "modules": {i.name: list(i.shape) for i in infos}},
-        budget={"text": text, "kind": "uniform", "value": bits},
-        objective="uniform", totals=totals, modules={n: e.to_dict() for n, e in entries.items()}, baseline="uniform",
-        settings={"kinds": ["linear"], "layout": layout,
-                  "scheme": "symmetric" if symmetric else "asymmetric", "partial_last": partial_last},
-    )
+    return _uniform_record(infos, entries, bits, quantized_bits,
+                           text=f"uniform:{bits}:{layout}" + (":sym" if symmetric else ""),
+                           settings={"kinds": ["linear"], "layout": layout,
+                                     "scheme": "symmetric" if symmetric else "asymmetric",
+                                     "partial_last": partial_last},
+                           nothing="the model has no linear module outside its task head to quantize")
 
 
 def _text(bits: int, layout: str) -> str:
