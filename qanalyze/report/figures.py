@@ -137,6 +137,22 @@ def plan_figure(table: pd.DataFrame) -> Figure:
     return fig
 
 
+def _plan_lines(ax: Any, results: pd.DataFrame, x: str, y: str, *, distinct_x: bool = False) -> None:
+    """One line per plan kind and mode (`PLAN_STYLES`, `MODE_LINESTYLES`) of column ``y`` against ``x``;
+    ``distinct_x`` keeps one point per x (a row several budgets share, such as one uniform plan)."""
+    modes = list(dict.fromkeys(results.loc[results["plan"].isin(list(PLAN_STYLES)), "mode"]))
+    for mode, linestyle in zip(modes, MODE_LINESTYLES, strict=False):
+        for plan, style in PLAN_STYLES.items():
+            rows = results[(results["plan"] == plan) & (results["mode"] == mode) & results[y].notna()]
+            if len(rows):
+                label = style["label"] if len(modes) == 1 else f"{style['label']} ({mode})"
+                rows = rows.sort_values(x)
+                if distinct_x:
+                    rows = rows.drop_duplicates(x)
+                ax.plot(rows[x], rows[y], linestyle=linestyle, linewidth=1.2, markersize=6,
+                        **{**style, "label": label})
+
+
 def pareto_figure(results: pd.DataFrame, *, metric: str) -> Figure:
     """Metric against weight megabytes for every plan kind, FP32 as a line, integer references as stars;
     the top axis reads the same positions as compression against FP32."""
@@ -146,15 +162,7 @@ def pareto_figure(results: pd.DataFrame, *, metric: str) -> Figure:
     fp32_mb = float(fp32["weight_mb"].iloc[0]) if len(fp32) and pd.notna(fp32["weight_mb"].iloc[0]) else None
     if len(fp32) and pd.notna(fp32["value"].iloc[0]):
         ax.axhline(float(fp32["value"].iloc[0]), color="#27ae60", linestyle="--", label="FP32")
-    modes = list(dict.fromkeys(results.loc[results["plan"].isin(list(PLAN_STYLES)), "mode"]))
-    for mode, linestyle in zip(modes, MODE_LINESTYLES, strict=False):
-        for plan, style in PLAN_STYLES.items():
-            rows = results[(results["plan"] == plan) & (results["mode"] == mode) & results["value"].notna()]
-            if len(rows):
-                label = style["label"] if len(modes) == 1 else f"{style['label']} ({mode})"
-                rows = rows.sort_values("weight_mb")
-                ax.plot(rows["weight_mb"], rows["value"], linestyle=linestyle, linewidth=1.2, markersize=6,
-                        **{**style, "label": label})
+    _plan_lines(ax, results, "weight_mb", "value")
     others = results[~results["plan"].isin([*PLAN_STYLES, "fp32"]) & results["value"].notna()
                      & results["weight_mb"].notna()]
     for _, row in others.iterrows():  # integer references of a sweep, or single quantized runs
@@ -182,15 +190,7 @@ def kl_figure(results: pd.DataFrame) -> Figure:
     every plan kind and mode of a language-model sweep, on a log scale."""
     fig = Figure(figsize=(WIDTH, 4.2), layout="constrained")
     ax = fig.subplots()
-    modes = list(dict.fromkeys(results.loc[results["plan"].isin(list(PLAN_STYLES)), "mode"]))
-    for mode, linestyle in zip(modes, MODE_LINESTYLES, strict=False):
-        for plan, style in PLAN_STYLES.items():
-            rows = results[(results["plan"] == plan) & (results["mode"] == mode) & results["kl"].notna()]
-            if len(rows):
-                label = style["label"] if len(modes) == 1 else f"{style['label']} ({mode})"
-                rows = rows.sort_values("weight_bits_mean_all_scales").drop_duplicates("weight_bits_mean_all_scales")
-                ax.plot(rows["weight_bits_mean_all_scales"], rows["kl"], linestyle=linestyle, linewidth=1.2,
-                        markersize=6, **{**style, "label": label})
+    _plan_lines(ax, results, "weight_bits_mean_all_scales", "kl", distinct_x=True)
     ax.set_yscale("log")
     ax.set_xlabel("mean weight bits (scales and zero points counted)")
     ax.set_ylabel("KL(FP32 || quantized), nats per token")
