@@ -29,6 +29,8 @@ from qanalyze.cli_options import (
     data_options,
     group_options,
     int_list,
+    integer_reference_bits,
+    layout_list,
     lm_options,
     load_task_data,
     method_options,
@@ -275,7 +277,7 @@ def build_cli() -> click.Group:
             gradient_draws=kw["gradient_draws"], bits=int_list(kw["bits"]),
             gradient_bits=int_list(kw["gradient_bits"]), weight_range=kw["weight_range"],
             score_bits=int_list(kw["score_bits"]), score_labels=kw["score_labels"],
-            **({} if kw["analysis_groups"] == "auto" else {"groups": _layouts(kw["analysis_groups"])}),
+            **({} if kw["analysis_groups"] == "auto" else {"groups": layout_list(kw["analysis_groups"])}),
             measure_delta_loss=kw["measure_delta_loss"], seed=kw["seed"])
         data = load_task_data(kw)
         def kept() -> str:
@@ -395,12 +397,12 @@ def build_cli() -> click.Group:
             raise click.UsageError("sweep continues by itself: run it again with the same --out (no --resume or "
                                    "--overwrite); delete a run folder under OUT/runs to redo that run")
         chosen = names(modes)
-        plan_groups = ("auto",) if kw["plan_groups"] == "auto" else _layouts(kw.pop("plan_groups"))
-        kw.pop("plan_groups", None)
+        groups_text = kw.pop("plan_groups")
+        plan_groups = ("auto",) if groups_text == "auto" else layout_list(groups_text)
         config = SweepConfig(
             budgets=tuple(budget_text(b) for b in names(budgets)), plans=names(plans), modes=chosen,
             methods=pop_method_configs(kw, chosen),
-            integer_bits=_integer_bits(integer_bits, chosen),
+            integer_bits=integer_reference_bits(integer_bits, chosen),
             plan=PlanConfig(objective=kw["objective"], act_budget=parse_bits(kw["act_budget"]), seed=kw["seed"],
                     act_group=kw["act_group"], grad_group=kw["grad_group"], groups=plan_groups),
             train=train_config(kw),
@@ -451,26 +453,6 @@ def build_cli() -> click.Group:
         click.echo(str(result.path))
 
     return cli
-
-
-def _layouts(text: str) -> tuple[str, ...]:
-    from qanalyze.errors import ConfigError
-    from qanalyze.quant.layouts import parse_layout
-
-    try:
-        return tuple(dict.fromkeys(parse_layout(name) for name in names(text)))
-    except ConfigError as exc:
-        raise click.BadParameter(str(exc), param_hint="--group-sizes") from None
-
-
-def _integer_bits(text: str, modes: list[str]) -> tuple[int, ...]:
-    from qanalyze.methods import METHODS
-
-    value = text.strip().lower()
-    if value == "auto":
-        trains = any(name in METHODS and METHODS[name].command == "train" for name in modes)
-        return (8, 16) if trains else ()
-    return () if value == "none" else int_list(text)
 
 
 def main(argv: list[str] | None = None) -> int:

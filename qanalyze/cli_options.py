@@ -119,17 +119,14 @@ def pop_method_configs(kw: dict[str, Any], modes: Iterable[str]) -> dict[str, Me
             name = _param_name(method, spec)
             if name not in kw:
                 continue
-            if spec.metadata.get("shared"):
+            is_shared = bool(spec.metadata.get("shared"))
+            value = kw[name] if is_shared else kw.pop(name)  # a shared option is popped once all methods read it
+            if is_shared:
                 shared.add(name)
-                if not any(m in chosen and spec.name in {f.name for f in dataclasses.fields(METHODS[m].config_class)}
-                           for m in chosen if m in METHODS):
-                    _refuse_typed(ctx, name, spec, method)
-                if method.name in chosen:
-                    values[spec.name] = kw[name]
-                continue
-            value = kw.pop(name)
             if method.name not in chosen:
-                _refuse_typed(ctx, name, spec, method)
+                # a shared option belongs to the chosen methods too when any of them takes it
+                if not (is_shared and any(_takes(m, spec.name) for m in chosen)):
+                    _refuse_typed(ctx, name, spec, method)
                 continue
             parse = spec.metadata.get("parse")
             values[spec.name] = parse(value) if parse is not None and isinstance(value, str) else value
@@ -138,6 +135,10 @@ def pop_method_configs(kw: dict[str, Any], modes: Iterable[str]) -> dict[str, Me
     for name in shared:
         kw.pop(name)
     return configs
+
+
+def _takes(mode: str, field_name: str) -> bool:
+    return mode in METHODS and field_name in {f.name for f in dataclasses.fields(METHODS[mode].config_class)}
 
 
 def _refuse_typed(ctx: click.Context, name: str, spec: dataclasses.Field, method: Method) -> None:
@@ -155,6 +156,28 @@ def int_list(text: str) -> tuple[int, ...]:
         return parse(text)
     except ConfigError as exc:
         raise click.BadParameter(str(exc)) from None
+
+
+def layout_list(text: str) -> tuple[str, ...]:
+    """``g32,g128p,channel`` -> the canonical layout names, once each (click's BadParameter for anything else)."""
+    from qanalyze.errors import ConfigError
+    from qanalyze.methods.parse import name_list
+    from qanalyze.quant.layouts import parse_layout
+
+    try:
+        return tuple(dict.fromkeys(parse_layout(name) for name in name_list(text)))
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc), param_hint="--group-sizes") from None
+
+
+def integer_reference_bits(text: str, modes: Iterable[str]) -> tuple[int, ...]:
+    """A sweep's ``--integer-bits``: ``none``, bits (``8,16``), or ``auto``: 8 and 16 when a mode trains, none for
+    post-training modes only."""
+    value = text.strip().lower()
+    if value == "auto":
+        trains = any(name in METHODS and METHODS[name].command == "train" for name in modes)
+        return (8, 16) if trains else ()
+    return () if value == "none" else int_list(text)
 
 
 data_options = option_group(
