@@ -24,7 +24,7 @@ from qanalyze.lm_data import Windows
 from qanalyze.ptq.calibrate import InputStats, sequential_calibration
 from qanalyze.ptq.gptq import GPTQConfig, gptq_quantize
 from qanalyze.ptq.rtn import RTNConfig, rtn_quantize
-from qanalyze.quant.columns import ColumnQuantized, ColumnSpec, parse_column_group
+from qanalyze.quant.columns import ColumnQuantized, ColumnSpec, parse_column_layout
 
 MethodRun = Callable[[torch.Tensor, ColumnSpec, "torch.Tensor | None", Any, str], tuple[ColumnQuantized, dict]]
 
@@ -153,9 +153,10 @@ def module_specs(model: torch.nn.Module, plan_or_bits: Any, *, group_size: int |
             if name not in modules or not entry.quantized:
                 continue
             raw = plan_or_bits.modules[name]
-            group = parse_column_group(raw["column_group"]) if "column_group" in raw else group_size
+            # a g128p entry was planned with a shorter last group (as `qanalyze.methods.weight_ptq.plan_specs` reads it)
+            group, partial = parse_column_layout(raw["column_group"]) if "column_group" in raw else (group_size, False)
             specs[name] = _named_spec(name, bits=entry.weight_bits, group_size=group,
-                                      symmetric=entry.scheme == "symmetric", partial_last=partial_last)
+                                      symmetric=entry.scheme == "symmetric", partial_last=partial_last or partial)
     else:
         raise ConfigError(f"expected a number of bits, specs by module or a BitPlan, not {type(plan_or_bits).__name__}")
     for name, override in (overrides or {}).items():

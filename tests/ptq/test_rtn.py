@@ -69,7 +69,9 @@ def test_specs_cover_every_linear_but_the_head(llama):
     assert specs["model.layers.0.mlp.down_proj"] == ColumnSpec(8, None, True)
     plan = uniform_plan(llama, 3)
     plan.modules["model.layers.1.mlp.up_proj"]["column_group"] = "row"
+    plan.modules["model.layers.1.mlp.gate_proj"]["column_group"] = "g16p"
     from_plan = module_specs(llama, plan, group_size=32)
+    assert from_plan["model.layers.1.mlp.gate_proj"] == ColumnSpec(3, 16, True, partial_last=True)
     assert set(from_plan) == names
     assert from_plan["model.layers.1.mlp.up_proj"] == ColumnSpec(3, None, True)
     assert from_plan["model.layers.0.self_attn.v_proj"] == ColumnSpec(3, 32, True)
