@@ -155,7 +155,7 @@ def sweep(model: str, data: TaskData, config: SweepConfig, out: str | Path, *,
                 trained[run.key] = {"record": result, "row": row}
         row.update(_against_fp32(row, fp32, data.task.main_metric))
         record.rows.append(row)
-        compare_with_uniform(record.rows, fp32, out)
+        compare_with_uniform(record.rows, fp32, out, budget=row["budget"], mode=row["mode"])
         record.timings["seconds"] = round(time.perf_counter() - started, 1)
         _save(record, out)
         _call(hooks.on_run_end, index, len(runs), run, row)
@@ -334,18 +334,22 @@ def _against_fp32(row: dict[str, Any], fp32: dict[str, Any], metric: str) -> dic
     return {"metric": metric, "value": value, "delta_pts": delta}
 
 
-def compare_with_uniform(rows: list[dict[str, Any]], fp32: dict[str, Any], out: Path) -> None:
+def compare_with_uniform(rows: list[dict[str, Any]], fp32: dict[str, Any], out: Path, *, budget: str | None,
+                         mode: str) -> None:
     """Mark, per budget and mode, the best of the ``best-uniform`` rows whose bytes are at most the Hessian plan's
     (``best: true``), and give the Hessian row ``vs_best_uniform``: that row's run and value, and for the
     ``lm`` task the ratio of the two plans' gaps to FP32 (``gap_ratio`` < 1: the Hessian plan is closer), for a
     classification task the paired bootstrap difference of the metric over the dev examples (`paired_difference`)
     with its 95 % interval and whether it excludes zero. Also ``vs_uniform_at_or_above``: the same against the
-    best uniform row of equal or larger size than the Hessian plan's."""
-    for row in rows:
+    best uniform row of equal or larger size than the Hessian plan's.
+
+    Only the rows of ``budget`` and ``mode`` (those of the run just added) are compared again: the paired test
+    reads two prediction files per comparison."""
+    group = [r for r in rows if r["budget"] == budget and r["mode"] == mode]
+    for row in group:
         row.pop("best", None)
-    for hessian in (r for r in rows if r["plan"] == "hessian"):
-        peers = [r for r in rows if r["plan"] == BEST_UNIFORM and r["budget"] == hessian["budget"]
-                 and r["mode"] == hessian["mode"] and r.get("value") is not None]
+    for hessian in (r for r in group if r["plan"] == "hessian"):
+        peers = [r for r in group if r["plan"] == BEST_UNIFORM and r.get("value") is not None]
         metric = hessian["metric"]
         smaller = [r for r in peers if r["weight_bytes"] <= hessian["weight_bytes"]]
         larger = [r for r in peers if r["weight_bytes"] >= hessian["weight_bytes"]]
