@@ -452,6 +452,36 @@ def build_cli() -> click.Group:
                        + (f"; {len(result.pngs)} PNG figures" if png else ""), err=True)
         click.echo(str(result.path))
 
+    @cli.command()
+    @click.argument("plan_or_run")
+    @click.option("--format", "format_name", required=True,
+                  help="Engine format: compressed-tensors, gptq, torchao (every registered exporter).")
+    @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to write.")
+    @click.option("--snap", type=click.Choice(["none", "up"]), default="none", show_default=True,
+                  help="up: store an entry the format cannot hold at the nearest layout at least as precise "
+                       "(more bits, smaller groups), recorded in export.json; none: refuse it (plans only: a "
+                       "run's codes are never moved).")
+    @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+    @click.option("--quiet", "-q", is_flag=True, help="Print only the folder written.")
+    def export(plan_or_run: str, format_name: str, out: str, snap: str, overwrite: bool, quiet: bool) -> None:
+        """Write a plan as an inference engine's recipe, or a quantized run as a checkpoint it loads.
+
+        PLAN_OR_RUN is a plan.json (-> compressed-tensors quantization_config, GPTQ quantize_config.json
+        with dynamic overrides, torchao FqnToConfig JSON and snippet) or an rtn/gptq run directory (-> the
+        run's exact integer codes in the format's packed layout, which the engine loads to the weights
+        qanalyze evaluated). Entries the format cannot store are refused by name unless --snap up.
+        """
+        from qanalyze.verbs import export as export_verb
+
+        with _console(quiet).status(f"exporting to {format_name}"):
+            record = export_verb(plan_or_run, format_name, out, snap=snap, overwrite=overwrite)
+        if not quiet:
+            for moved in record.snapped:
+                click.echo(f"snapped {moved['module']}: {moved['planned']} -> {moved['stored']}", err=True)
+            click.echo(f"{record.format} {record.kind} of {record.modules} modules ({record.exact} exact, "
+                       f"{len(record.snapped)} snapped), {record.total_bytes / 1e6:,.1f} MB", err=True)
+        click.echo(out)
+
     return cli
 
 

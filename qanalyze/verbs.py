@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from qanalyze.data import TaskData
     from qanalyze.engine.evaluate import EvalResult
     from qanalyze.engine.train import StepLog, TrainConfig
+    from qanalyze.export.base import ExportRecord
     from qanalyze.methods import MethodConfig
     from qanalyze.models import LoadedModel
     from qanalyze.plan.make import PlanConfig
@@ -316,3 +317,14 @@ def render_report(inputs: Sequence[str | Path] | ReportInputs, out: str | Path, 
     target = Path(out)
     return render(records, target, png_dir=target.with_name(f"{target.stem}-figures") if png else None,
                   progress=progress)
+
+
+def export(plan_or_run: str | Path, format: str, out: str | Path, *, snap: str = "none",
+           overwrite: bool = False) -> ExportRecord:
+    """Export a plan file (the engine's recipe) or an rtn/gptq run directory (a checkpoint of its exact codes)
+    to engine ``format`` (`qanalyze.export.registry`: compressed-tensors, gptq, torchao, ...) in folder ``out``,
+    with export.json saying which entries were stored exactly and which ``snap="up"`` moved. Everything that
+    can be refused is refused before ``out`` is touched; see `qanalyze.export.run.export`."""
+    from qanalyze.export.run import export as run_export
+
+    return run_export(plan_or_run, format, out, snap=snap, overwrite=overwrite)

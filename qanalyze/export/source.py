@@ -1,0 +1,100 @@
+"""What ``qanalyze export`` reads: a plan file (an exporter writes the engine's recipe) or a post-training run
+directory (an exporter writes a checkpoint holding the run's exact codes).
+
+Only the packed column checkpoints of ``rtn`` and ``gptq`` runs (`qanalyze.engine.column_checkpoint`) are
+exported: their integer codes, float16 scales and zero points are what every format stores. Runs of the
+training modes (int, QAT, int4 learned step sizes, QDyLoRA) have no column layout and are refused by mode.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from qanalyze.errors import ConfigError, InputError, RecordError
+from qanalyze.export.layouts import ModuleLayout, layout_from_entry
+
+if TYPE_CHECKING:
+    import torch
+
+    from qanalyze.quant.columns import ColumnQuantized
+
+EXPORTABLE_MODES = ("rtn", "gptq")
+"""Run modes whose checkpoints hold column codes an exporter can store."""
+
+
+@dataclass
+class ExportSource:
+    """A plan or a run, as the exporters read it.
+
+    ``layouts``: every quantized linear module's layout (from the plan's entries, or from the run's codes);
+    ``floats``: modules kept in float that hold a 2-d weight (what a format's ignore list names); for a run,
+    also the rebuilt ``model`` (each quantized weight ``(q − z) · s``), its ``tokenizer`` and ``codes``.
+    """
+
+    path: Path
+    kind: str
+    layouts: dict[str, ModuleLayout]
+    floats: tuple[str, ...]
+    mode: str | None = None
+    model: torch.nn.Module | None = None
+    tokenizer: Any = None
+    codes: dict[str, ColumnQuantized] = field(default_factory=dict)
+
+    @property
+    def is_run(self) -> bool:
+        """True for a run directory (a checkpoint is written), False for a plan (a recipe is written)."""
+        return self.kind == "run"
+
+
+def read_source(path: str | Path) -> ExportSource:
+    """Read ``path``: a plan.json file or an rtn/gptq run directory; InputError naming what it is otherwise."""
+    source = Path(path)
+    if source.is_file():
+        return _read_plan(source)
+    if source.is_dir():
+        return _read_run(source)
+    raise InputError(f"{source} does not exist; export takes a plan.json or a run directory of quantize")
+
+
+def _read_plan(path: Path) -> ExportSource:
+    from qanalyze.records import BitPlan
+
+    plan = BitPlan.load(path)
+    shapes = plan.model["modules"]
+    layouts: dict[str, ModuleLayout] = {}
+    floats: list[str] = []
+    for name, entry in plan.entries.items():
+        shape = tuple(shapes.get(name, ()))
+        if not entry.quantized:
+            if len(shape) == 2:
+                floats.append(name)
+            continue
+        if len(shape) != 2:
+            raise ConfigError(f"the plan quantizes {name}, whose weight is not 2-d {list(shape)}; the export "
+                              "formats store linear layers")
+        layouts[name] = layout_from_entry(name, entry.weight_bits, entry.column_group, entry.group, entry.scheme,
+                                          (int(shape[0]), int(shape[1])))
+    return ExportSource(path, "plan", layouts, tuple(floats))
+
+
+def _read_run(run: Path) -> ExportSource:
+    from qanalyze.engine.column_checkpoint import is_column_run, load_column_run
+    from qanalyze.ptq.quantize import linear_modules
+    from qanalyze.records import RunRecord
+    from qanalyze.rundir import METRICS_FILE
+
+    mode = RunRecord.load(run / METRICS_FILE).mode if (run / METRICS_FILE).is_file() else None
+    if mode not in EXPORTABLE_MODES or not is_column_run(run):
+        what = f"a {mode} run" if mode else "not a finished run directory"
+        raise ConfigError(f"{run} is {what}; export takes plan files and the packed column checkpoints of "
+                          f"{' and '.join(EXPORTABLE_MODES)} runs (qanalyze quantize)")
+    try:
+        model, tokenizer, _, codes = load_column_run(run)
+    except (OSError, ValueError) as error:
+        raise RecordError(f"{run}: cannot read its checkpoint ({error})") from None
+    layouts = {name: ModuleLayout(name, q.spec.bits, q.spec.group_size, q.spec.symmetric, tuple(q.q.shape))
+               for name, q in codes.items()}
+    floats = tuple(name for name in linear_modules(model) if name not in codes)
+    return ExportSource(run, "run", layouts, floats, mode=mode, model=model, tokenizer=tokenizer, codes=codes)
