@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -22,7 +23,7 @@ def export_llama_dir(tmp_path_factory, tiny_llama_dir) -> Path:
     """The shared tiny LLaMA made twice as wide, with its tokenizer."""
     folder = tmp_path_factory.mktemp("export-llama")
     config = AutoConfig.from_pretrained(str(tiny_llama_dir))
-    config.hidden_size, config.intermediate_size = 64, 128
+    config.hidden_size, config.intermediate_size, config.head_dim = 64, 128, 16
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(folder)
     for name in ("tokenizer.json", "tokenizer_config.json"):
@@ -75,3 +76,23 @@ def perplexity(export_lm_data):
         windows = encode(export_lm_data.dev, tokenizer, max_length=128)
         return evaluate(model, tokenizer, windows, export_lm_data.task).metrics["perplexity"]
     return measure
+
+
+@pytest.fixture
+def plan_variant(mixed_plan, tmp_path):
+    """`mixed_plan` with one module's entry changed, written to a new file."""
+    def change(module: str, **entry) -> Path:
+        plan = json.loads(mixed_plan.read_text())
+        plan["modules"][module].update(entry)
+        path = tmp_path / f"plan-{len(list(tmp_path.glob('plan-*')))}.json"
+        path.write_text(json.dumps(plan))
+        return path
+    return change
+
+
+@pytest.fixture(scope="session")
+def asym_run(export_llama_dir, export_lm_data, tmp_path_factory) -> Path:
+    """An rtn run of uniform:4:g64 (asymmetric codes with zero points)."""
+    out = tmp_path_factory.mktemp("runs") / "asym"
+    quantize(str(export_llama_dir), export_lm_data, "uniform:4:g64", out, method="rtn")
+    return out

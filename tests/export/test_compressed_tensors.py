@@ -24,11 +24,9 @@ def _same_weights(model, run):
     return reference
 
 
-def test_recipe_targets_each_planned_module_with_its_layout(tmp_path, mixed_plan, export_llama_dir):
-    plan = json.loads(mixed_plan.read_text())
-    plan["modules"]["model.layers.1.mlp.down_proj"]["weight_bits"] = 3  # no 3-bit pack-quantized in vLLM
-    (tmp_path / "plan.json").write_text(json.dumps(plan))
-    record = export(tmp_path / "plan.json", "compressed-tensors", tmp_path / "ct", snap="up")
+def test_recipe_targets_each_planned_module_with_its_layout(tmp_path, plan_variant, export_llama_dir):
+    plan = plan_variant("model.layers.1.mlp.down_proj", weight_bits=3)  # vLLM runs no 3-bit pack-quantized
+    record = export(plan, "compressed-tensors", tmp_path / "ct", snap="up")
     assert record.snapped == [{"module": "model.layers.1.mlp.down_proj", "planned": "3-bit g64 asym",
                                "stored": "4-bit g64 asym"}]
     config = json.loads((tmp_path / "ct" / "quantization_config.json").read_text())
