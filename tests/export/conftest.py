@@ -53,20 +53,22 @@ def mixed_plan(export_llama_dir, tmp_path_factory) -> Path:
     return path
 
 
+def _rtn_run(model_dir, data, plan, factory) -> Path:
+    out = factory.mktemp("runs") / "rtn"
+    quantize(str(model_dir), data, str(plan), out, method="rtn")
+    return out
+
+
 @pytest.fixture(scope="session")
 def mixed_run(export_llama_dir, export_lm_data, mixed_plan, tmp_path_factory) -> Path:
     """An rtn run of `mixed_plan`."""
-    out = tmp_path_factory.mktemp("runs") / "mixed"
-    quantize(str(export_llama_dir), export_lm_data, str(mixed_plan), out, method="rtn")
-    return out
+    return _rtn_run(export_llama_dir, export_lm_data, mixed_plan, tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
 def sym_run(export_llama_dir, export_lm_data, tmp_path_factory) -> Path:
     """An rtn run of uniform:4:g32:sym (symmetric codes, no zero points)."""
-    out = tmp_path_factory.mktemp("runs") / "sym"
-    quantize(str(export_llama_dir), export_lm_data, "uniform:4:g32:sym", out, method="rtn")
-    return out
+    return _rtn_run(export_llama_dir, export_lm_data, "uniform:4:g32:sym", tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
@@ -93,6 +95,4 @@ def plan_variant(mixed_plan, tmp_path):
 @pytest.fixture(scope="session")
 def asym_run(export_llama_dir, export_lm_data, tmp_path_factory) -> Path:
     """An rtn run of uniform:4:g64 (asymmetric codes with zero points)."""
-    out = tmp_path_factory.mktemp("runs") / "asym"
-    quantize(str(export_llama_dir), export_lm_data, "uniform:4:g64", out, method="rtn")
-    return out
+    return _rtn_run(export_llama_dir, export_lm_data, "uniform:4:g64", tmp_path_factory)
