@@ -463,7 +463,9 @@ def build_cli() -> click.Group:
                        "run's codes are never moved).")
     @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
     @click.option("--quiet", "-q", is_flag=True, help="Print only the folder written.")
-    def export(plan_or_run: str, format_name: str, out: str, snap: str, overwrite: bool, quiet: bool) -> None:
+    @_exporter_options
+    def export(plan_or_run: str, format_name: str, out: str, snap: str, overwrite: bool, quiet: bool,
+               **settings: Any) -> None:
         """Write a plan as an inference engine's recipe, or a quantized run as a checkpoint it loads.
 
         PLAN_OR_RUN is a plan.json (-> compressed-tensors quantization_config, GPTQ quantize_config.json
@@ -471,10 +473,18 @@ def build_cli() -> click.Group:
         run's exact integer codes in the format's packed layout, which the engine loads to the weights
         qanalyze evaluated). Entries the format cannot store are refused by name unless --snap up.
         """
+        from qanalyze.errors import ConfigError
         from qanalyze.verbs import export as export_verb
 
+        given = {key: value for key, value in settings.items() if value is not None}
+        prefix = format_name.replace("-", "_") + "__"
+        stray = [key for key in given if not key.startswith(prefix)]
+        if stray:
+            raise ConfigError(f"--{stray[0].replace('__', '-').replace('_', '-')} is not a setting of --format "
+                              f"{format_name}")
+        options = {key.removeprefix(prefix): value for key, value in given.items()}
         with _console(quiet).status(f"exporting to {format_name}"):
-            record = export_verb(plan_or_run, format_name, out, snap=snap, overwrite=overwrite)
+            record = export_verb(plan_or_run, format_name, out, snap=snap, overwrite=overwrite, options=options)
         if not quiet:
             for moved in record.snapped:
                 click.echo(f"snapped {moved['module']}: {moved['planned']} -> {moved['stored']}", err=True)
@@ -483,6 +493,23 @@ def build_cli() -> click.Group:
         click.echo(out)
 
     return cli
+
+
+def _exporter_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """``--<format>-<setting>`` for every field of every registered exporter's config (its choices and help);
+    the keyword is ``<format>__<setting>``."""
+    import dataclasses
+
+    from qanalyze.export.registry import EXPORTERS
+
+    for exporter in reversed(list(EXPORTERS.values())):
+        for item in reversed(dataclasses.fields(exporter.config_class)):
+            flag = f"--{exporter.name}-{item.name}".replace("_", "-")
+            keyword = f"{exporter.name.replace('-', '_')}__{item.name}"
+            command = click.option(flag, keyword, type=click.Choice(item.metadata["choices"]), default=None,
+                                   help=f"--format {exporter.name}: {item.metadata['help']} [default: "
+                                        f"{item.default}]")(command)
+    return command
 
 
 def main(argv: list[str] | None = None) -> int:

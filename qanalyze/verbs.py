@@ -319,12 +319,13 @@ def render_report(inputs: Sequence[str | Path] | ReportInputs, out: str | Path, 
                   progress=progress)
 
 
-def export(plan_or_run: str | Path, format: str, out: str | Path, *, snap: str = "none",
-           overwrite: bool = False) -> ExportRecord:
+def export(plan_or_run: str | Path, format: str, out: str | Path, *, snap: str = "none", overwrite: bool = False,
+           options: dict[str, Any] | None = None) -> ExportRecord:
     """Export a plan file (the engine's recipe) or an rtn/gptq run directory (a checkpoint of its exact codes)
     to engine ``format`` (`qanalyze.export.registry`: compressed-tensors, gptq, torchao, ...) in folder ``out``,
-    with export.json saying which entries were stored exactly and which ``snap="up"`` moved. Everything that
-    can be refused is refused before ``out`` is touched; see `qanalyze.export.run.export`."""
+    with export.json saying which entries were stored exactly and which ``snap="up"`` moved; ``options`` are
+    the format's settings (``{"checkpoint_format": "gptq_v2"}``). Everything that can be refused is refused
+    before ``out`` is touched; see `qanalyze.export.run.export`."""
     from qanalyze.export.run import export as run_export
 
-    return run_export(plan_or_run, format, out, snap=snap, overwrite=overwrite)
+    return run_export(plan_or_run, format, out, snap=snap, overwrite=overwrite, options=options)

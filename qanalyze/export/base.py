@@ -9,12 +9,18 @@ and column layouts its engine loads (``target``), and implements three hooks:
 - `Exporter.load`: the engine's own loader for such a checkpoint, giving a float-computing ``torch`` model
   the tests and ``benchmarks/export_check.py`` evaluate (never qanalyze's own loader).
 
+An exporter with settings names an `ExporterConfig` subclass (``config_class``) whose fields are made with
+`export_option`: the command line offers each as ``--<format>-<field>`` (``--gptq-checkpoint-format``), read
+from the field's choices and help, as the methods' options are.
+
 The driver (`qanalyze.export.run.export`) reads the source, checks and snaps its layouts (`express`), stages
 the output in a folder beside ``--out`` and renames it in, so a failure leaves nothing behind.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -33,6 +39,23 @@ EXPORT_FILE = "export.json"
 EXPORT_SCHEMA = "qanalyze/export/v1"
 
 
+def export_option(default: str, *, choices: tuple[str, ...], help: str) -> Any:
+    """A field of an `ExporterConfig`: its default, the values it takes and its ``--help`` line."""
+    return field(default=default, metadata={"choices": choices, "help": help})
+
+
+@dataclass(frozen=True)
+class ExporterConfig:
+    """An exporter's settings (none unless a subclass adds fields with `export_option`)."""
+
+    def __post_init__(self) -> None:
+        for item in dataclasses.fields(self):
+            choices = item.metadata.get("choices")
+            if choices and getattr(self, item.name) not in choices:
+                raise ConfigError(f"{item.name.replace('_', '-')} must be one of {', '.join(choices)}, not "
+                                  f"{getattr(self, item.name)!r}")
+
+
 class Exporter:
     """One engine format. Subclasses set the class attributes and implement the hooks."""
 
@@ -44,6 +67,17 @@ class Exporter:
     """One line for ``--help`` and error messages."""
     requires: ClassVar[tuple[str, ...]] = ()
     """Python packages the hooks import (the ``export`` extra); checked before anything is read."""
+    config_class: ClassVar[type[ExporterConfig]] = ExporterConfig
+    """The exporter's settings."""
+
+    def make_config(self, values: Mapping[str, Any] | None = None) -> ExporterConfig:
+        """The config from ``values`` (field name -> value); ConfigError naming an unknown setting."""
+        known = {item.name for item in dataclasses.fields(self.config_class)}
+        unknown = sorted(set(values or {}) - known)
+        if unknown:
+            raise ConfigError(f"--format {self.name} has no setting {', '.join(unknown)}"
+                              + (f"; it takes {', '.join(sorted(known))}" if known else ""))
+        return self.config_class(**dict(values or {}))
 
     def check_environment(self) -> None:
         """ConfigError naming the missing packages of `requires`."""
@@ -53,11 +87,12 @@ class Exporter:
         if missing:
             raise ConfigError(f"--format {self.name} needs {', '.join(missing)}: pip install -e '.[export]'")
 
-    def recipe(self, source: ExportSource, expressed: Expressed) -> dict[str, str]:
+    def recipe(self, source: ExportSource, expressed: Expressed, config: ExporterConfig) -> dict[str, str]:
         """The engine's recipe for the plan: file name -> text."""
         raise NotImplementedError
 
-    def checkpoint(self, source: ExportSource, expressed: Expressed, staging: Path) -> dict[str, Any]:
+    def checkpoint(self, source: ExportSource, expressed: Expressed, staging: Path,
+                   config: ExporterConfig) -> dict[str, Any]:
         """Write the run's codes into ``staging`` as the engine's checkpoint; returns facts for export.json
         (the format's variant, say)."""
         raise NotImplementedError

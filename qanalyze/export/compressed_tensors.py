@@ -22,7 +22,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from qanalyze.export.base import Exporter
+from qanalyze.export.base import Exporter, ExporterConfig
 from qanalyze.export.hf_files import WEIGHTS_NAME, float_model, float_tensors, write_model_folder
 from qanalyze.export.layouts import Expressed, ModuleLayout, group_by_layout
 
@@ -84,11 +84,12 @@ class CompressedTensorsExporter(Exporter):
     description = "compressed-tensors pack-quantized (llm-compressor, vLLM)"
     requires = ("compressed_tensors",)
 
-    def recipe(self, source: ExportSource, expressed: Expressed) -> dict[str, str]:
+    def recipe(self, source: ExportSource, expressed: Expressed, config: ExporterConfig) -> dict[str, str]:
         """``quantization_config.json``: the ``quantization_config`` a config.json holds."""
         return {RECIPE_FILE: json.dumps(quantization_config(source, expressed), indent=2) + "\n"}
 
-    def checkpoint(self, source: ExportSource, expressed: Expressed, staging: Path) -> dict[str, Any]:
+    def checkpoint(self, source: ExportSource, expressed: Expressed, staging: Path,
+                   config: ExporterConfig) -> dict[str, Any]:
         """model.safetensors (packed codes, scales, zero points and the float tensors), config.json with the
         quantization config, the tokenizer."""
         tensors = float_tensors(source)

@@ -7,11 +7,14 @@ run's codes in the GPTQ packed layout (`qanalyze.export.gptq_pack`) with ``desc_
 order), the same quantize_config.json beside config.json's ``quantization_config``. Symmetric codes are stored
 as ``q + 2**(bits-1)`` with that zero point, as GPTQ's ``sym`` layout does.
 
-``checkpoint_format`` is ``gptq`` (v1, zero points stored minus one: what vLLM and transformers load) unless a
-zero point is 0, which v1 cannot store: then ``gptq_v2`` (GPTQModel loads it; vLLM does not), recorded in
-export.json. GPTQModel needs a CUDA torch (its wheel replaces torch 2.13.0+cpu with a CUDA build), so
-`GPTQExporter.load` rebuilds the weights as GPTQModel's ``TorchQuantLinear.dequantize_weight`` does and the
-tests unpack the files independently with numpy.
+``checkpoint_format`` (``--gptq-checkpoint-format``): ``gptq`` (v1, zero points stored minus one) is what vLLM,
+SGLang and transformers load; GPTQModel loads v1 with zero points (``sym: false``) only from its own
+quantizer (older AutoGPTQ files could overflow there), so for GPTQModel choose ``gptq_v2`` (zero points as
+they are; vLLM does not load it). ``auto`` writes v1 unless a zero point is 0, which v1 cannot store, and then
+v2; export.json records which. GPTQModel needs a CUDA build of torch 2.14 (its wheel replaces torch
+2.13.0+cpu), so `GPTQExporter.load` rebuilds the weights as GPTQModel's ``TorchQuantLinear.dequantize_weight``
+does, the tests unpack the files independently with numpy, and ``benchmarks/export_check.py`` loads them with
+GPTQModel where a separate environment has it.
 """
 
 from __future__ import annotations
@@ -19,11 +22,12 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qanalyze.errors import ConfigError
-from qanalyze.export.base import Exporter
+from qanalyze.export.base import Exporter, ExporterConfig, export_option
 from qanalyze.export.gptq_pack import WORD_BITS, group_index, pack_rows, unpack_rows
 from qanalyze.export.hf_files import WEIGHTS_NAME, float_model, float_tensors, write_model_folder
 from qanalyze.export.layouts import Expressed, ModuleLayout, group_by_layout
@@ -35,6 +39,17 @@ if TYPE_CHECKING:
 
 RECIPE_FILE = "quantize_config.json"
 V1, V2 = "gptq", "gptq_v2"
+
+
+@dataclass(frozen=True)
+class GPTQExportConfig(ExporterConfig):
+    """Settings of the gptq exporter."""
+
+    checkpoint_format: str = export_option(
+        "auto", choices=("auto", V1, V2),
+        help="gptq: v1, zero points minus one (vLLM, SGLang, transformers); gptq_v2: zero points as they are "
+             "(GPTQModel, which loads v1 with zero points only from its own quantizer); auto: v1 unless a zero "
+             "point is 0, which v1 cannot store.")
 
 
 def _regex(names: Sequence[str]) -> str:
@@ -110,23 +125,32 @@ class GPTQExporter(Exporter):
     target = "gptq"
     description = "GPTQ checkpoints (GPTQModel, vLLM, transformers)"
 
-    def recipe(self, source: ExportSource, expressed: Expressed) -> dict[str, str]:
-        """``quantize_config.json``."""
-        return {RECIPE_FILE: json.dumps(quantize_config(source, expressed), indent=2) + "\n"}
+    config_class = GPTQExportConfig
 
-    def checkpoint(self, source: ExportSource, expressed: Expressed, staging: Path) -> dict[str, Any]:
+    def recipe(self, source: ExportSource, expressed: Expressed, config: ExporterConfig) -> dict[str, str]:
+        """``quantize_config.json``."""
+        assert isinstance(config, GPTQExportConfig)
+        checkpoint_format = V2 if config.checkpoint_format == V2 else V1
+        return {RECIPE_FILE: json.dumps(quantize_config(source, expressed, checkpoint_format), indent=2) + "\n"}
+
+    def checkpoint(self, source: ExportSource, expressed: Expressed, staging: Path,
+                   config: ExporterConfig) -> dict[str, Any]:
         """model.safetensors (packed modules and float tensors), quantize_config.json, config.json, tokenizer."""
+        assert isinstance(config, GPTQExportConfig)
         for layout in expressed.layouts.values():
             _check_shape(layout)
         zero = [name for name, codes in source.codes.items()
                 if codes.zero_point is not None and bool((codes.zero_point == 0).any())]
-        checkpoint_format = V2 if zero else V1
+        if zero and config.checkpoint_format == V1:
+            raise ConfigError(f"gptq v1 cannot store {zero[0]}: it has a zero point of 0, and v1 stores zero "
+                              "points minus one; use --gptq-checkpoint-format gptq_v2 or auto")
+        checkpoint_format = V2 if zero or config.checkpoint_format == V2 else V1
         tensors = float_tensors(source)
         for name, layout in expressed.layouts.items():
             tensors.update(module_tensors(name, layout, source, checkpoint_format))
-        config = quantize_config(source, expressed, checkpoint_format)
-        write_model_folder(source, staging, tensors, config)
-        (staging / RECIPE_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        written = quantize_config(source, expressed, checkpoint_format)
+        write_model_folder(source, staging, tensors, written)
+        (staging / RECIPE_FILE).write_text(json.dumps(written, indent=2) + "\n", encoding="utf-8")
         details: dict[str, Any] = {"checkpoint_format": checkpoint_format}
         if zero:
             details["why_v2"] = (f"{len(zero)} modules have a zero point of 0, which v1 (zero minus one) cannot "

@@ -9,11 +9,13 @@ is either complete or untouched.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 from qanalyze.errors import OutputDirError
 from qanalyze.export.base import EXPORT_FILE, ExportRecord
@@ -52,11 +54,13 @@ def staged_dir(out: Path) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def export(source: str | Path, format: str, out: str | Path, *, snap: str = "none",
-           overwrite: bool = False) -> ExportRecord:
+def export(source: str | Path, format: str, out: str | Path, *, snap: str = "none", overwrite: bool = False,
+           options: Mapping[str, Any] | None = None) -> ExportRecord:
     """Export plan file or run directory ``source`` to engine ``format`` in folder ``out``.
 
-    A plan gives the format's recipe, a run a checkpoint of its exact codes (`qanalyze.export.base`). Returns
+    A plan gives the format's recipe, a run a checkpoint of its exact codes (`qanalyze.export.base`);
+    ``options`` are the format's settings (its `ExporterConfig` fields, e.g. ``{"checkpoint_format": "v2"}``
+    for gptq). Returns
     the `ExportRecord` also written to ``out/export.json``. ConfigError (exit 2) for an unknown format, a
     missing package of the ``export`` extra, an entry the format cannot store without ``snap="up"`` (or at
     all: a run's codes are never moved), a run of another mode, or an ``out`` that exists without
@@ -66,22 +70,23 @@ def export(source: str | Path, format: str, out: str | Path, *, snap: str = "non
     from qanalyze.export.source import read_source
 
     exporter = get_exporter(format)
+    config = exporter.make_config(options)
     exporter.check_environment()
     target = check_out(out, source, overwrite=overwrite)
     read = read_source(source)
     expressed = express(read.layouts.values(), exporter.target, exporter.name, snap=snap, can_snap=not read.is_run)
     with staged_dir(target) as staging:
         if read.is_run:
-            details = exporter.checkpoint(read, expressed, staging)
+            details = exporter.checkpoint(read, expressed, staging, config)
         else:
             details = {}
-            for name, text in exporter.recipe(read, expressed).items():
+            for name, text in exporter.recipe(read, expressed, config).items():
                 (staging / name).write_text(text, encoding="utf-8")
         files = {str(path.relative_to(staging)): path.stat().st_size
                  for path in sorted(staging.rglob("*")) if path.is_file()}
         record = ExportRecord(format=exporter.name, kind="checkpoint" if read.is_run else "recipe",
                               source=str(Path(source).resolve()), modules=len(expressed.layouts),
                               exact=expressed.exact, snapped=[s.to_dict() for s in expressed.snapped],
-                              files=files, details=details)
+                              files=files, details={"settings": dataclasses.asdict(config), **details})
         (staging / EXPORT_FILE).write_text(json.dumps(record.to_dict(), indent=1) + "\n", encoding="utf-8")
     return record

@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from qanalyze.export.base import Exporter
+from qanalyze.export.base import Exporter, ExporterConfig
 from qanalyze.export.layouts import Expressed, ModuleLayout, group_by_layout
 
 if TYPE_CHECKING:
@@ -118,14 +118,15 @@ class TorchAOExporter(Exporter):
     description = "torchao weight-only configs (quantize_, TorchAoConfig)"
     requires = ("torchao",)
 
-    def recipe(self, source: ExportSource, expressed: Expressed) -> dict[str, str]:
+    def recipe(self, source: ExportSource, expressed: Expressed, config: ExporterConfig) -> dict[str, str]:
         """``fqn_to_config.json`` (torchao's config JSON) and ``fqn_to_config.py`` (the snippet)."""
         from torchao.core.config import config_to_dict
 
         config = config_to_dict(fqn_config(expressed.layouts))
         return {RECIPE_FILE: json.dumps(config, indent=1) + "\n", SNIPPET_FILE: snippet(expressed.layouts)}
 
-    def checkpoint(self, source: ExportSource, expressed: Expressed, staging: Path) -> dict[str, Any]:
+    def checkpoint(self, source: ExportSource, expressed: Expressed, staging: Path,
+                   config: ExporterConfig) -> dict[str, Any]:
         """The torchao-quantized model with the run's codes, saved by ``save_pretrained``, with the recipe."""
         import torch
         from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, TorchAoConfig
@@ -146,7 +147,7 @@ class TorchAOExporter(Exporter):
             model.save_pretrained(staging)
         if source.tokenizer is not None:
             source.tokenizer.save_pretrained(staging)
-        for file, text in self.recipe(source, expressed).items():
+        for file, text in self.recipe(source, expressed, config).items():
             (staging / file).write_text(text, encoding="utf-8")
         return {"tensor": "IntxUnpackedToInt8Tensor (codes one per int8), Int8Tensor for 8-bit symmetric rows"}
 

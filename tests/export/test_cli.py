@@ -39,6 +39,9 @@ def test_refusals_exit_2_with_one_line(capfd, tmp_path, mixed_run):
                            "--snap", "up")
     assert_one_line_error(code, err, "torchao cannot store model.layers.1.mlp.down_proj at 8-bit g64",
                           "its codes are fixed")
+    code, _, err = run_cli(capfd, "export", mixed_run, "--format", "torchao", "--out", tmp_path / "x",
+                           "--gptq-checkpoint-format", "gptq_v2")
+    assert_one_line_error(code, err, "--gptq-checkpoint-format is not a setting of --format torchao")
     code, _, err = run_cli(capfd, "export", tmp_path / "missing", "--format", "gptq", "--out", tmp_path / "x")
     assert_one_line_error(code, err, "does not exist")
     assert not (tmp_path / "x").exists() and not _nothing_left(tmp_path)

@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM
 
 from qanalyze import quantize
 from qanalyze.engine.column_checkpoint import load_column_run
+from qanalyze.errors import ConfigError
 from qanalyze.export.registry import get_exporter
 from qanalyze.export.run import export
 
@@ -105,8 +106,23 @@ def test_a_zero_point_of_zero_is_written_as_gptq_v2(tmp_path, export_llama_dir, 
     quantize(str(folder), export_lm_data, "uniform:4:g32", tmp_path / "rtn", method="rtn")
     record = export(tmp_path / "rtn", "gptq", tmp_path / "gptq")
     assert record.details["checkpoint_format"] == "gptq_v2"
+    assert record.details["settings"] == {"checkpoint_format": "auto"}
     assert "model.layers.0.self_attn.q_proj" in record.details["why_v2"]
     check_weights(tmp_path / "gptq", tmp_path / "rtn")
+    with pytest.raises(ConfigError, match=r"gptq v1 cannot store model\.layers\.0\.self_attn\.q_proj"):
+        export(tmp_path / "rtn", "gptq", tmp_path / "v1", options={"checkpoint_format": "gptq"})
+    assert not (tmp_path / "v1").exists()
+
+
+def test_gptq_v2_is_chosen_for_gptqmodel(tmp_path, asym_run):
+    record = export(asym_run, "gptq", tmp_path / "v2", options={"checkpoint_format": "gptq_v2"})
+    assert record.details["checkpoint_format"] == "gptq_v2"
+    assert json.loads((tmp_path / "v2" / "quantize_config.json").read_text())["checkpoint_format"] == "gptq_v2"
+    check_weights(tmp_path / "v2", asym_run)
+    with pytest.raises(ConfigError, match="must be one of auto, gptq, gptq_v2"):
+        export(asym_run, "gptq", tmp_path / "bad", options={"checkpoint_format": "v3"})
+    with pytest.raises(ConfigError, match="--format torchao has no setting checkpoint_format"):
+        export(asym_run, "torchao", tmp_path / "bad", options={"checkpoint_format": "gptq"})
 
 
 def test_recipe_excludes_float_layers_and_overrides_the_others(tmp_path, mixed_plan):
