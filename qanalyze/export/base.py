@@ -69,6 +69,9 @@ class Exporter:
     """Python packages the hooks import (the ``export`` extra); checked before anything is read."""
     config_class: ClassVar[type[ExporterConfig]] = ExporterConfig
     """The exporter's settings."""
+    ggml_types: ClassVar[bool] = False
+    """Whether the format also stores modules in llama.cpp (GGML) types (`ExportSource.other`); the driver
+    refuses such modules, by name, for a format that does not."""
 
     def make_config(self, values: Mapping[str, Any] | None = None) -> ExporterConfig:
         """The config from ``values`` (field name -> value); ConfigError naming an unknown setting."""

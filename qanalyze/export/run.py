@@ -17,7 +17,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from qanalyze.errors import OutputDirError
+from qanalyze.errors import ConfigError, OutputDirError
 from qanalyze.export.base import EXPORT_FILE, ExportRecord
 from qanalyze.export.layouts import express
 
@@ -74,7 +74,13 @@ def export(source: str | Path, format: str, out: str | Path, *, snap: str = "non
     exporter.check_environment()
     target = check_out(out, source, overwrite=overwrite)
     read = read_source(source)
+    if read.other and not exporter.ggml_types:
+        name, layout = next(iter(read.other.items()))
+        raise ConfigError(f"{exporter.name} cannot store {name} in llama.cpp type {layout}; it stores column "
+                          f"groups ({len(read.other)} modules of {source} are in llama.cpp types)")
     expressed = express(read.layouts.values(), exporter.target, exporter.name, snap=snap, can_snap=not read.is_run)
+    if not expressed.layouts and not read.other:
+        raise ConfigError(f"nothing to export: {source} quantizes no linear layer")
     with staged_dir(target) as staging:
         if read.is_run:
             details = exporter.checkpoint(read, expressed, staging, config)

@@ -1,9 +1,11 @@
 """What ``qanalyze export`` reads: a plan file (an exporter writes the engine's recipe) or a post-training run
 directory (an exporter writes a checkpoint holding the run's exact codes).
 
-Only the packed column checkpoints of ``rtn`` and ``gptq`` runs (`qanalyze.engine.column_checkpoint`) are
-exported: their integer codes, float16 scales and zero points are what every format stores. Runs of the
-training modes (int, QAT, int4 learned step sizes, QDyLoRA) have no column layout and are refused by mode.
+Only runs holding a packed column checkpoint (`qanalyze.engine.column_checkpoint`: ``rtn``, ``gptq``, and
+training runs of column plans that save one) are exported: their integer codes, float16 scales and zero points
+are what every format stores. Other runs (int, int4 learned step sizes, QDyLoRA) have no column layout and are
+refused by mode. Modules planned or quantized in a llama.cpp (GGML) type rather than column groups are kept
+apart (``other``): only an exporter that declares `Exporter.ggml_types` stores them.
 """
 
 from __future__ import annotations
@@ -18,29 +20,26 @@ from qanalyze.export.layouts import ModuleLayout, layout_from_entry
 if TYPE_CHECKING:
     import torch
 
-    from qanalyze.quant.columns import ColumnQuantized
-
-EXPORTABLE_MODES = ("rtn", "gptq")
-"""Run modes whose checkpoints hold column codes an exporter can store."""
-
-
 @dataclass
 class ExportSource:
     """A plan or a run, as the exporters read it.
 
     ``layouts``: every quantized linear module's layout (from the plan's entries, or from the run's codes);
-    ``floats``: modules kept in float that hold a 2-d weight (what a format's ignore list names); for a run,
-    also the rebuilt ``model`` (each quantized weight ``(q − z) · s``), its ``tokenizer`` and ``codes``.
+    ``floats``: modules kept in float that hold a 2-d weight (what a format's ignore list names); ``other``:
+    modules in a layout that is not a column group (a llama.cpp type such as ``Q4_K``), name -> layout; for a
+    run, also the rebuilt ``model`` (each quantized weight as the run evaluated it), its ``tokenizer`` and
+    ``codes`` (`ColumnQuantized`, or the engine's record of a llama.cpp type for the ``other`` modules).
     """
 
     path: Path
     kind: str
     layouts: dict[str, ModuleLayout]
     floats: tuple[str, ...]
+    other: dict[str, str] = field(default_factory=dict)
     mode: str | None = None
     model: torch.nn.Module | None = None
     tokenizer: Any = None
-    codes: dict[str, ColumnQuantized] = field(default_factory=dict)
+    codes: dict[str, Any] = field(default_factory=dict)
 
     @property
     def is_run(self) -> bool:
@@ -58,6 +57,16 @@ def read_source(path: str | Path) -> ExportSource:
     raise InputError(f"{source} does not exist; export takes a plan.json or a run directory of quantize")
 
 
+def _is_column_layout(column_group: str | None) -> bool:
+    from qanalyze.quant.columns import parse_column_layout
+
+    try:
+        parse_column_layout(column_group)
+    except ConfigError:
+        return False
+    return True
+
+
 def _read_plan(path: Path) -> ExportSource:
     from qanalyze.records import BitPlan
 
@@ -65,36 +74,44 @@ def _read_plan(path: Path) -> ExportSource:
     shapes = plan.model["modules"]
     layouts: dict[str, ModuleLayout] = {}
     floats: list[str] = []
+    other: dict[str, str] = {}
     for name, entry in plan.entries.items():
         shape = tuple(shapes.get(name, ()))
         if not entry.quantized:
             if len(shape) == 2:
                 floats.append(name)
             continue
+        if entry.column_group is not None and not _is_column_layout(entry.column_group):
+            other[name] = entry.column_group
+            continue
         if len(shape) != 2:
             raise ConfigError(f"the plan quantizes {name}, whose weight is not 2-d {list(shape)}; the export "
                               "formats store linear layers")
         layouts[name] = layout_from_entry(name, entry.weight_bits, entry.column_group, entry.group, entry.scheme,
                                           (int(shape[0]), int(shape[1])))
-    return ExportSource(path, "plan", layouts, tuple(floats))
+    return ExportSource(path, "plan", layouts, tuple(floats), other)
 
 
 def _read_run(run: Path) -> ExportSource:
     from qanalyze.engine.column_checkpoint import is_column_run, load_column_run
     from qanalyze.ptq.quantize import linear_modules
+    from qanalyze.quant.columns import ColumnQuantized
     from qanalyze.records import RunRecord
     from qanalyze.rundir import METRICS_FILE
 
     mode = RunRecord.load(run / METRICS_FILE).mode if (run / METRICS_FILE).is_file() else None
-    if mode not in EXPORTABLE_MODES or not is_column_run(run):
-        what = f"a {mode} run" if mode else "not a finished run directory"
-        raise ConfigError(f"{run} is {what}; export takes plan files and the packed column checkpoints of "
-                          f"{' and '.join(EXPORTABLE_MODES)} runs (qanalyze quantize)")
+    if mode is None or not is_column_run(run):
+        what = f"a {mode} run without a packed column checkpoint" if mode else "not a finished run directory"
+        raise ConfigError(f"{run} is {what}; export takes plan files and the column checkpoints of rtn and gptq "
+                          "runs (qanalyze quantize)")
     try:
         model, tokenizer, _, codes = load_column_run(run)
     except (OSError, ValueError) as error:
         raise RecordError(f"{run}: cannot read its checkpoint ({error})") from None
     layouts = {name: ModuleLayout(name, q.spec.bits, q.spec.group_size, q.spec.symmetric, tuple(q.q.shape))
-               for name, q in codes.items()}
+               for name, q in codes.items() if isinstance(q, ColumnQuantized)}
+    other = {name: str(getattr(getattr(q, "type", None), "name", type(q).__name__))
+             for name, q in codes.items() if not isinstance(q, ColumnQuantized)}
     floats = tuple(name for name in linear_modules(model) if name not in codes)
-    return ExportSource(run, "run", layouts, floats, mode=mode, model=model, tokenizer=tokenizer, codes=codes)
+    return ExportSource(run, "run", layouts, floats, other, mode=mode, model=model, tokenizer=tokenizer,
+                        codes=codes)
