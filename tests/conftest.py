@@ -44,18 +44,31 @@ def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) ->
     return folder
 
 
+def _save_llama(folder: Path, minilm_dir: Path, *, hidden: int, intermediate: int, layers: int) -> Path:
+    """A random LLaMA causal LM (4 heads, 2 key/value heads, tied embeddings, a 64-token context) saved in
+    ``folder`` with the real MiniLM tokenizer."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=30522, hidden_size=hidden, intermediate_size=intermediate,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=64, tie_word_embeddings=True)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(str(minilm_dir), local_files_only=True).save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) -> Path:
     """A tiny random LLaMA causal LM (hidden 32, 2 layers, grouped-query attention, tied embeddings, a
     64-token context) saved with the real MiniLM tokenizer."""
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=30522, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         tie_word_embeddings=True)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(str(minilm_dir), local_files_only=True).save_pretrained(folder)
-    return folder
+    return _save_llama(tmp_path_factory.mktemp("tiny-llama"), minilm_dir, hidden=32, intermediate=64, layers=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_wide_llama_dir(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) -> Path:
+    """A tiny random LLaMA causal LM wide enough for llama.cpp's k-quants (hidden 256: rows of whole 256-column
+    super-blocks), with an MLP width of 320 that only the 32-column legacy types take (one layer)."""
+    return _save_llama(tmp_path_factory.mktemp("tiny-wide-llama"), minilm_dir, hidden=256, intermediate=320,
+                       layers=1)
 
 
 @pytest.fixture(scope="session")

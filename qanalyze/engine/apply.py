@@ -17,11 +17,20 @@ from torch import nn
 
 from qanalyze.engine.functions import TensorSpec
 from qanalyze.engine.int4 import Int4Embedding, Int4Linear, Int4Spec
-from qanalyze.engine.modules import IntEmbedding, IntLayerNorm, IntLinear, QATEmbedding, QATLinear, _Swapped
+from qanalyze.engine.modules import (
+    IntEmbedding,
+    IntLayerNorm,
+    IntLinear,
+    QATColumnLinear,
+    QATEmbedding,
+    QATLinear,
+    _Swapped,
+)
 from qanalyze.errors import ConfigError
 from qanalyze.models import NORM_KINDS, ModuleInfo, head_dim, inventory, module_generator, parent_module
 from qanalyze.plan.architecture import check_plan
 from qanalyze.plan.entries import QuantizedEntry
+from qanalyze.quant.layouts import column_fits, parse_layout, takes_columns
 from qanalyze.quant.primitives import (
     ACTIVATION_GROUPS,
     GRADIENT_GROUPS,
@@ -41,6 +50,12 @@ own settings (`apply_plan`'s ``options``, e.g. ``lss`` and ``block`` for int4)."
 
 def _linear(cls: type[_Swapped]) -> Builder:
     return lambda module, info, spec, generator, **_: cls(module, spec, generator, transposed=info.transposed)
+
+
+def _qat_linear(module: nn.Module, info: ModuleInfo, spec: TensorSpec, generator: torch.Generator,
+                **_: Any) -> nn.Module:
+    cls = QATLinear if spec.column_group is None else QATColumnLinear
+    return cls(module, spec, generator, transposed=info.transposed)
 
 
 def _plain(cls: type[_Swapped]) -> Builder:
@@ -77,6 +92,9 @@ class Mode:
     and ``token`` (one scale per row of the input, each row's own at every step)."""
     gradient_groups: tuple[str, ...] = ("tensor",)
     """The output-gradient scale layouts (a plan's ``gradient_group``, `GRADIENT_GROUPS`) the mode can run."""
+    column_layouts: bool = False
+    """Whether the mode runs weight-only column layouts (a PTQ plan's ``column_group``: ``g128``, ``Q4_K``...) on
+    linear layers: ``qat`` fake-quantizes them as the PTQ methods round them."""
 
 
 MODES: dict[str, Mode] = {
@@ -85,10 +103,10 @@ MODES: dict[str, Mode] = {
                 {"rmsnorm": "the integer engine has no RMSNorm kernel (LLaMA-family norms run in float); mark it "
                             "float (--keep-float rmsnorm)"},
                 activation_groups=ACTIVATION_GROUPS, gradient_groups=GRADIENT_GROUPS),
-    "qat": Mode("qat", "symmetric", {"linear": _linear(QATLinear), "embedding": _plain(QATEmbedding)},
+    "qat": Mode("qat", "symmetric", {"linear": _qat_linear, "embedding": _plain(QATEmbedding)},
                 {"layernorm": "Q8BERT keeps layer norms in float; mark it float in the plan (--keep-float layernorm)",
                  "rmsnorm": "QAT keeps norms in float; mark it float in the plan (--keep-float rmsnorm)"},
-                activation_groups=ACTIVATION_GROUPS),
+                activation_groups=ACTIVATION_GROUPS, column_layouts=True),
     "ptq-dynamic": Mode("ptq-dynamic", "symmetric", {"linear": _linear(IntLinear), "embedding": _plain(IntEmbedding)},
                         {kind: "dynamic quantization covers GEMMs and embeddings only; mark it float"
                          for kind in NORM_KINDS},
@@ -131,8 +149,9 @@ def _group(entry: QuantizedEntry, name: str, mode: Mode, key: str, known: tuple[
 
 
 def _spec(name: str, entry: QuantizedEntry, info: ModuleInfo, model: nn.Module, mode: Mode) -> TensorSpec:
-    rows = rows_per_group(info.shape[0], entry.group, head_dim=head_dim(model, info)) if info.kind not in NORM_KINDS \
-        else None
+    column = entry.column_group is not None
+    rows = rows_per_group(info.shape[0], entry.group, head_dim=head_dim(model, info)) \
+        if info.kind not in NORM_KINDS and not column else None
     activation_group = _group(entry, name, mode, "activation_group", ACTIVATION_GROUPS, mode.activation_groups,
                               "the input")
     gradient_group = _group(entry, name, mode, "gradient_group", GRADIENT_GROUPS, mode.gradient_groups,
@@ -147,8 +166,10 @@ def _spec(name: str, entry: QuantizedEntry, info: ModuleInfo, model: nn.Module, 
             per_token=activation_group == "token" and info.kind == "linear",
             gradient_group=gradient_group if info.kind == "linear" else "tensor",
             quantizer=mode.quantizer,
-            weight_range=module_weight_range(info.kind, entry.weight_range) if mode.weight_ranges
+            weight_range=module_weight_range(info.kind, entry.weight_range) if mode.weight_ranges and not column
             else "max",
+            column_group=entry.column_group,
+            column_symmetric=entry.scheme == "symmetric",
         )
     except ConfigError as exc:
         raise ConfigError(f"plan module {name}: {exc}") from None
@@ -162,6 +183,7 @@ def validate_plan(model: nn.Module, plan: BitPlan, mode: str) -> dict[str, Tenso
     infos = inventory(model)
     check_plan(plan, {info.name: list(info.shape) for info in infos})
     specs: dict[str, TensorSpec] = {}
+    columns = any(isinstance(e, QuantizedEntry) and e.column_group is not None for e in plan.entries.values())
     for info in infos:
         entry = plan.entry(info.name)
         if not isinstance(entry, QuantizedEntry):
@@ -170,12 +192,29 @@ def validate_plan(model: nn.Module, plan: BitPlan, mode: str) -> dict[str, Tenso
             why = chosen.refused.get(info.kind, f"mode {mode} has no {info.kind} module")
             raise ConfigError(f"mode {mode} cannot quantize {info.name} ({info.kind}): {why}")
         if entry.column_group is not None:
-            # the engine's weights have row scales; running a column plan would quietly be another plan
-            raise ConfigError(f"mode {mode} cannot run {info.name} in column groups ({entry.column_group}): column "
-                              "layouts are for post-training quantization (qanalyze quantize --method rtn|gptq)")
+            _check_column_entry(info, entry, chosen)
+        elif columns:
+            raise ConfigError(f"the plan gives {info.name} a row layout ({entry.group}) beside column layouts: a "
+                              "column plan quantizes linear weights only (keep it float, --keep-float embedding)")
         _check_fixed_bits(info.name, entry, chosen)
         specs[info.name] = _spec(info.name, entry, info, model, chosen)
     return specs
+
+
+def _check_column_entry(info: ModuleInfo, entry: QuantizedEntry, mode: Mode) -> None:
+    """A column-layout entry must be a linear layer stored (out, in) whose width the layout takes, in a mode
+    that runs column layouts."""
+    if not mode.column_layouts:
+        # the engine's weights have row scales; running a column plan would quietly be another plan
+        raise ConfigError(f"mode {mode.name} cannot run {info.name} in column groups ({entry.column_group}): column "
+                          "layouts run in qanalyze quantize --method rtn|gptq, or train --mode qat")
+    if not takes_columns(info.kind, info.transposed):
+        raise ConfigError(f"{info.name} ({info.kind}) takes no column layout ({entry.column_group}): only linear "
+                          "layers stored (out, in) do")
+    if not column_fits(entry.weight_bits, entry.column_group, info.shape[1]):
+        size = parse_layout(entry.column_group)
+        raise ConfigError(f"{info.name}: {entry.weight_bits}-bit {size} does not fit its {info.shape[1]} input "
+                          "columns")
 
 
 def _check_fixed_bits(name: str, entry: QuantizedEntry, mode: Mode) -> None:

@@ -97,6 +97,12 @@ class TensorSpec:
     """`GRADIENT_GROUPS`: ``row`` gives the output gradient one scale per token for the input gradient and one
     per output channel for the weight gradient (the scale then factors out of each product's rows); linear
     layers only: embeddings and layer norms keep one scale per tensor."""
+    column_group: str | None = None
+    """A weight-only column layout (``g128``, ``row``, a GGML type such as ``Q4_K``; `qanalyze.quant.layouts`) in
+    place of ``rows_per_group``: quantization-aware training of a PTQ plan
+    (`qanalyze.engine.modules.QATColumnLinear`)."""
+    column_symmetric: bool = False
+    """Whether the column layout is symmetric (no zero points); a GGML type's own rule decides for it."""
 
     def __post_init__(self) -> None:
         for name in ("weight_bits", "activation_bits", "gradient_bits"):

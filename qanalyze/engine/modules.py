@@ -27,6 +27,9 @@ from qanalyze.engine.functions import (
     straight_through,
     weight_clip,
 )
+from qanalyze.quant.columns import ColumnQuantized
+from qanalyze.quant.ggml import GGMLQuantized
+from qanalyze.quant.layouts import quantize_layout
 from qanalyze.quant.primitives import Quantized, qmax
 
 EMA_DECAY = 0.9999
@@ -148,6 +151,30 @@ class QATLinear(_Swapped):
         weight = self.matrix()
         fake = quantize_weight(weight, self.spec, self.clip_ratio).dequantize()
         return nn.functional.linear(self._input(x), straight_through(weight, fake), self.bias)
+
+
+class QATColumnLinear(QATLinear):
+    """Quantization-aware training of a weight-only PTQ plan: the weight fake-quantized in its column layout
+    (``spec.column_group``: column groups with float16 scales and zero points, or a GGML type's blocks, exactly as
+    ``qanalyze quantize --method rtn`` rounds it), straight-through gradients, float GEMM. The input stays float
+    unless the plan gives it fewer than 16 bits."""
+
+    def column_quantized(self) -> ColumnQuantized | GGMLQuantized:
+        """The weight's codes in its column layout now (what the run's packed checkpoint stores)."""
+        spec = self.spec
+        assert spec.column_group is not None
+        return quantize_layout(self.matrix().detach(), spec.weight_bits, spec.column_group,
+                               symmetric=spec.column_symmetric)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.matrix()
+        fake = self.column_quantized().dequantize().to(weight.dtype)
+        inputs = self._input(x) if self.spec.activation_bits < 16 else x
+        return nn.functional.linear(inputs, straight_through(weight, fake), self.bias)
+
+    def extra_repr(self) -> str:
+        scheme = "sym" if self.spec.column_symmetric else "asym"
+        return f"W{self.spec.weight_bits} {self.spec.column_group} ({scheme}), straight-through"
 
 
 class QATEmbedding(_Swapped):

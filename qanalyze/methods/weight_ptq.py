@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
     from qanalyze.ptq.quantize import PTQRecord
     from qanalyze.quant.columns import ColumnSpec
+    from qanalyze.quant.ggml import GGMLType
     from qanalyze.records import BitPlan
 
 
@@ -46,14 +47,16 @@ class PTQPrepared(Prepared):
     record: PTQRecord | None = None
 
 
-def plan_specs(model: torch.nn.Module, plan: BitPlan, *, partial_last: bool) -> dict[str, ColumnSpec]:
-    """The `ColumnSpec` of every module ``plan`` quantizes, each checked against the module's input width;
-    ConfigError naming the module for anything a weight-only column quantizer cannot run."""
-    from qanalyze.ptq.quantize import linear_modules
+def plan_specs(model: torch.nn.Module, plan: BitPlan, *, partial_last: bool) -> dict[str, ColumnSpec | GGMLType]:
+    """The `ColumnSpec` (or `GGMLType`, for a llama.cpp type) of every module ``plan`` quantizes, each checked
+    against the module's input width; ConfigError naming the module for anything a weight-only column quantizer
+    cannot run."""
+    from qanalyze.ptq.quantize import check_layout, linear_modules
     from qanalyze.quant.columns import ColumnSpec, parse_column_layout
+    from qanalyze.quant.ggml import get_ggml_type, is_ggml_layout
 
     linears = linear_modules(model)
-    specs: dict[str, ColumnSpec] = {}
+    specs: dict[str, ColumnSpec | GGMLType] = {}
     for name, entry in plan.entries.items():
         if not entry.quantized:
             continue
@@ -62,6 +65,11 @@ def plan_specs(model: torch.nn.Module, plan: BitPlan, *, partial_last: bool) -> 
                               "weights of linear layers only (plan with --keep-float embedding, or use a uniform "
                               "column plan such as uniform:4:g64)")
         partial = partial_last
+        if is_ggml_layout(entry.column_group):
+            kind = get_ggml_type(entry.column_group)
+            check_layout(kind, linears[name].in_features, name)
+            specs[name] = kind
+            continue
         if entry.column_group is not None:
             group, layout_partial = parse_column_layout(entry.column_group)
             partial = partial or layout_partial  # g128p: planned with a shorter last group
@@ -155,14 +163,20 @@ class WeightPTQMethod(Method):
                         record.to_dict())
 
     def load_run(self, run: Path, device: torch.device, num_labels: int | None = None) -> LoadedRun:
-        """The model rebuilt from its packed codes; a causal LM gets the model it was quantized from as its
-        reference, when that can still be loaded (the run's recorded source)."""
-        from qanalyze.engine.column_checkpoint import load_column_run
-        from qanalyze.models import is_causal_lm
+        """The model rebuilt from its packed codes (`load_column_plan_run`)."""
+        return load_column_plan_run(run, device)
 
-        model, tokenizer, _, _ = load_column_run(run, device=device)
-        reference = _reference(run, device) if is_causal_lm(model) else None
-        return LoadedRun(model, tokenizer, Prepared(), quantized=True, reference=reference)
+
+def load_column_plan_run(run: Path, device: torch.device) -> LoadedRun:
+    """A run of a column plan (``rtn``, ``gptq``, or ``qat`` of such a plan) rebuilt from its packed codes; a
+    causal LM gets the model it was quantized from as its reference, when that can still be loaded (the run's
+    recorded source)."""
+    from qanalyze.engine.column_checkpoint import load_column_run
+    from qanalyze.models import is_causal_lm
+
+    model, tokenizer, _, _ = load_column_run(run, device=device)
+    reference = _reference(run, device) if is_causal_lm(model) else None
+    return LoadedRun(model, tokenizer, Prepared(), quantized=True, reference=reference)
 
 
 def _reference(run: Path, device: torch.device) -> torch.nn.Module | None:

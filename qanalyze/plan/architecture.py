@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qanalyze.errors import ConfigError
-from qanalyze.quant.columns import parse_column_group
+from qanalyze.quant.layouts import column_groups_per_row, parse_layout
 
 if TYPE_CHECKING:
     from qanalyze.models import ModuleInfo
@@ -58,12 +58,11 @@ def check_plan(plan: BitPlan, architecture: Mapping[str, Sequence[int]]) -> None
 
 def _check_column_groups(name: str, column_group: str, groups: int | None, shape: Sequence[int]) -> None:
     """A column layout's ``groups`` counts scales of every row: rows x groups per row (a shorter last group,
-    which the PTQ methods allow, counted as one)."""
+    which the PTQ methods allow, counted as one; a GGML type's blocks)."""
     if len(shape) != 2:
         raise ConfigError(f"plan module {name}: column layout {column_group} needs an (out, in) weight, not "
                           f"shape {list(shape)}")
-    size = parse_column_group(column_group)
-    expected = shape[0] * (1 if size is None else -(-shape[1] // size))
+    expected = shape[0] * column_groups_per_row(parse_layout(column_group), shape[1])
     if groups and groups != expected:
         raise ConfigError(f"plan module {name}: column layout {column_group} on shape {list(shape)} has {expected} "
                           f"groups, not {groups}")

@@ -5,7 +5,8 @@ A weight candidate is a (bits, group) pair. Its cost is the storage of the quant
 symmetric, so there is no zero point; a bits budget lets each tensor's first scale go free, see
 `qanalyze.plan.budget`). A column layout (``g32``, ``g64``, ``g128``, ``row``; `qanalyze.quant.layouts`) is
 asymmetric: its cost is exactly `qanalyze.quant.columns.storage_bits`, ``bits * n + 16 * groups + bits *
-groups`` (a float16 scale and a ``bits``-bit zero point per group), with ``groups = out * in / G``.
+groups`` (a float16 scale and a ``bits``-bit zero point per group), with ``groups = out * in / G``; a GGML type
+(``Q4_K``...) costs its exact bytes per block (`qanalyze.quant.layouts.column_storage_bits`).
 A candidate's damage is the loss change the chosen objective predicts from ``sensitivity.json`` (see
 `OBJECTIVES`). Modules the user keeps in floating point get no
 candidates and cost ``32 * n``.
@@ -25,11 +26,11 @@ from typing import Any
 
 from qanalyze.errors import ConfigError
 from qanalyze.plan.budget import FLOAT_BITS, SCALE_BITS
-from qanalyze.quant.columns import COLUMN_BITS, storage_bits
+from qanalyze.quant.columns import COLUMN_BITS
 from qanalyze.quant.layouts import (
     COLUMN_LAYOUTS,
     column_groups_per_row,
-    column_spec,
+    column_storage_bits,
     is_column_layout,
     parse_layout,
     takes_columns,
@@ -51,10 +52,14 @@ AUTO_GROUPS = "auto"
 """The ``groups`` item that stands for the task's default layouts (`resolve_groups`)."""
 
 
-def resolve_groups(groups: Sequence[str], kind: str | None) -> tuple[str, ...]:
-    """``groups``, with ``("auto",)`` made the defaults of task kind ``kind``: `LM_GROUPS` for ``lm``,
-    `DEFAULT_GROUPS` otherwise."""
+def resolve_groups(groups: Sequence[str], kind: str | None,
+                   target_layouts: Sequence[str] | None = None) -> tuple[str, ...]:
+    """``groups``, with ``("auto",)`` made the defaults: the layouts of the engine target (``target_layouts``,
+    `qanalyze.quant.targets.Target.layouts`) when one is named, else those of task kind ``kind``: `LM_GROUPS`
+    for ``lm``, `DEFAULT_GROUPS` otherwise."""
     if tuple(groups) == (AUTO_GROUPS,):
+        if target_layouts:
+            return tuple(target_layouts)
         return LM_GROUPS if kind == "lm" else DEFAULT_GROUPS
     if AUTO_GROUPS in groups:
         raise ConfigError("group layouts: 'auto' stands alone (the task's defaults), it does not mix with others")
@@ -312,7 +317,7 @@ def _objective(name: str) -> Callable[[Mapping[str, Any], int, str], float]:
 
 def _column_cost(name: str, entry: Mapping[str, Any], shape: tuple[int, ...], bits: int,
                  group: str) -> tuple[int, float]:
-    """Scales and exact storage (`storage_bits`) of column candidate (``bits``, ``group``)."""
+    """Scales and exact storage (`column_storage_bits`) of column candidate (``bits``, ``group``)."""
     if len(shape) != 2:
         raise ConfigError(f"module {name}: column layout {group} needs an (out, in) weight, not shape {list(shape)}")
     per_row = (entry.get("column_groups") or {}).get(group)
@@ -322,7 +327,7 @@ def _column_cost(name: str, entry: Mapping[str, Any], shape: tuple[int, ...], bi
     if isinstance(per_row, bool) or not isinstance(per_row, int) or per_row != column_groups_per_row(group, shape[1]):
         raise ConfigError(f"module {name}: column layout {group} has {per_row!r} groups per row for {shape[1]} "
                           "input columns")
-    return shape[0] * per_row, float(storage_bits(shape[0], shape[1], column_spec(bits, group)))
+    return shape[0] * per_row, float(column_storage_bits(bits, group, shape[0], shape[1]))
 
 
 def _groups_of(name: str, entry: Mapping[str, Any], shape: tuple[int, ...], group: str) -> int:

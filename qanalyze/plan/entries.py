@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 
 from qanalyze.errors import ConfigError, RecordError
 from qanalyze.quant.columns import parse_column_group
+from qanalyze.quant.ggml import get_ggml_type, is_ggml_layout
 from qanalyze.quant.primitives import WEIGHT_RANGES
 
 BITS_LIMITS = (2, 16)
@@ -94,7 +95,11 @@ class QuantizedEntry:
                               f"{', '.join(WEIGHT_RANGES)}")
         if self.column_group is not None:
             try:
-                parse_column_group(self.column_group)
+                if not is_ggml_layout(self.column_group):
+                    parse_column_group(self.column_group)
+                elif get_ggml_type(self.column_group).bits != self.weight_bits:
+                    raise ConfigError(f"{self.column_group} stores {get_ggml_type(self.column_group).bits}-bit codes, "
+                                      f"not weight_bits {self.weight_bits}")
             except ConfigError as error:
                 raise RecordError(f"plan: module {self.name}: {error}") from None
         unknown = set(self.omitted) - set(self.OPTIONAL_KEYS)

@@ -56,7 +56,7 @@ from qanalyze.plan.entries import FloatEntry, PlanEntry, QuantizedEntry
 from qanalyze.plan.knapsack import cost_scales, make_solution, make_table
 from qanalyze.plan.solvers import InfeasibleError, Item, Solution, solve
 from qanalyze.plan.ties import default_ties
-from qanalyze.quant.layouts import is_column_layout, parse_layout
+from qanalyze.quant.layouts import is_column_layout, layout_symmetric, parse_layout
 from qanalyze.quant.primitives import ACTIVATION_GROUPS, GRADIENT_GROUPS
 from qanalyze.quant.targets import Target, get_target
 from qanalyze.records import BitPlan, SensitivityReport
@@ -182,8 +182,23 @@ def _unreachable(budget: Budget, exc: InfeasibleError, planned: Sequence[ModuleO
         "bytes": f"{math.ceil((minimum + float_bits) / 8 / 1e4) / 100:g}MB",
         "ratio": f"{math.floor(100 * 32 * all_params / (minimum + float_bits)) / 100:g}x",
     }[budget.kind]
-    return ConfigError(f"budget {budget.text} cannot be reached with these bit-widths and groups; "
-                       f"the smallest reachable is {smallest}")
+    return ConfigError(f"budget {budget.text} cannot be reached with these bit-widths and groups"
+                       f"{'' if config.target == 'any' else f' (target {config.target})'}; the smallest reachable is "
+                       f"{smallest}{_stuck_modules(budget, planned)}")
+
+
+def _stuck_modules(budget: Budget, planned: Sequence[ModuleOptions]) -> str:
+    """For a bits budget: how many planned modules have no candidate within it, with the first as an example
+    (SmolLM2's 576-column projections under ``--target gguf`` take no type below 4.5 bits)."""
+    if budget.kind != "bits":
+        return ""
+    stuck = [o for o in planned if o.candidates and min(c.cost_bits for c in o.candidates) / o.params > budget.value]
+    if not stuck:
+        return ""
+    first = stuck[0]
+    least = min(first.candidates, key=lambda c: c.cost_bits)
+    return (f": {len(stuck)} of {len(planned)} planned modules take nothing smaller, e.g. {first.name} "
+            f"(shape {list(first.shape)}), whose least is {least.group} at {least.cost_bits / first.params:g} bits")
 
 
 AUTO_OBJECTIVES = {"lm": "fisher"}
@@ -235,8 +250,9 @@ def _prepare(report: SensitivityReport, config: PlanConfig) -> tuple[dict[str, A
     and the planned (tied ones merged) and float ones."""
     raw = report.to_dict()
     kind = task_kind(raw["data"])
+    layouts = get_target(config.target).layouts
     config = replace(config, objective=resolve_objective(config.objective, kind),
-                     groups=tuple(parse_layout(g) for g in resolve_groups(config.groups, kind)))
+                     groups=tuple(parse_layout(g) for g in resolve_groups(config.groups, kind, layouts)))
     options = restrict_to_target(module_options(raw, bits=config.bits, groups=config.groups,
                                                 objective=config.objective, keep_float=config.keep_float),
                                  get_target(config.target))
@@ -333,14 +349,16 @@ def _assemble(raw: Mapping[str, Any], budget: Mapping[str, Any], config: PlanCon
             # a layout key is written only where it says something other than one scale per tensor
             marks_input = config.act_group != "tensor" and "linear" in member.kind and bool(activation.get(name))
             marks_gradient = config.grad_group != "tensor" and "linear" in member.kind
-            # a column layout is asymmetric with min/max ranges (`qanalyze.quant.columns`), whatever the analysis'
-            # range rule for row layouts; its scales are counted in groups, one row holding several
+            # a column layout is asymmetric with min/max ranges (`qanalyze.quant.columns`; a GGML type as its type
+            # says), whatever the analysis' range rule for row layouts; its scales are counted in groups, one row
+            # holding several
             column = is_column_layout(candidate.group)
             entries[name] = QuantizedEntry(
                 name=name, weight_bits=candidate.bits, group="channel" if column else candidate.group,
                 groups=member_candidate.groups,
                 activation_bits=activation.get(name), gradient_bits=gradients.get(name) or 16,
-                scheme="asymmetric" if column else "symmetric", rounding="nearest",
+                scheme="asymmetric" if column and not layout_symmetric(candidate.group) else "symmetric",
+                rounding="nearest",
                 weight_range="max" if column else weight_range,
                 predicted_damage=member_candidate.damage,
                 activation_group=config.act_group if marks_input else "tensor",

@@ -28,10 +28,12 @@ from qanalyze.plan.budget import SCALE_BITS
 from qanalyze.plan.entries import FloatEntry, PlanEntry, QuantizedEntry
 from qanalyze.quant.columns import COLUMN_BITS, ColumnSpec, column_group_name, parse_column_layout
 from qanalyze.quant.columns import storage_bits as column_storage_bits
+from qanalyze.quant.ggml import GGML_TYPES, get_ggml_type, ggml_fallback, is_ggml_layout
 from qanalyze.quant.primitives import BITS_RANGE
 from qanalyze.records import BitPlan
 
 UNIFORM = re.compile(r"uniform:(\d+)(?::(\w+))?")
+GGML_UNIFORM = re.compile(r"uniform:([A-Za-z0-9_]+)")
 COLUMN_UNIFORM = re.compile(r"uniform:(\d+):(g\d+p?|row)(?::(sym|asym))?")
 FLOAT_BITS = 32
 
@@ -146,6 +148,38 @@ def column_uniform_plan(model: nn.Module, bits: int, group_size: int | None, *, 
                            nothing="the model has no linear module outside its task head to quantize")
 
 
+def ggml_uniform_plan(model: nn.Module, name: str) -> BitPlan:
+    """Every linear module outside the task head in GGML type ``name`` (``uniform:Q4_K``), the weight-only plan
+    ``llama-quantize`` makes of one type: where a module's rows are not whole blocks of it (a k-quant needs a
+    multiple of 256 columns), the type llama.cpp falls back to (`qanalyze.quant.ggml.FALLBACK`), as it does."""
+    chosen = get_ggml_type(name)
+    infos = inventory(model)
+    entries: dict[str, PlanEntry] = {}
+    quantized_bits = 0.0
+    fallbacks: dict[str, str] = {}
+    for info in infos:
+        if info.kind != "linear" or info.stage == "head":
+            entries[info.name] = FloatEntry(info.name)
+            continue
+        out_features, in_features = info.shape
+        kind = ggml_fallback(chosen, in_features)
+        if kind is None:
+            raise ConfigError(f"{info.name}: its {in_features} columns are no whole number of blocks of {chosen.name} "
+                              "or of any type llama.cpp falls back to")
+        if kind is not chosen:
+            fallbacks[info.name] = kind.name
+        entries[info.name] = QuantizedEntry(
+            name=info.name, weight_bits=kind.bits, group="channel",
+            groups=out_features * kind.groups_per_row(in_features),
+            scheme="asymmetric" if kind.minimum else "symmetric", column_group=kind.name,
+            omitted=frozenset({"weight_range", "predicted_damage", "activation_bits", "gradient_bits",
+                               "activation_group", "gradient_group"}))
+        quantized_bits += kind.storage_bits(out_features, in_features)
+    return _uniform_record(infos, entries, chosen.bits, quantized_bits, text=f"uniform:{chosen.name}",
+                           settings={"kinds": ["linear"], "layout": chosen.name, "fallbacks": fallbacks},
+                           nothing="the model has no linear module outside its task head to quantize")
+
+
 def _text(bits: int, layout: str) -> str:
     return f"uniform:{bits}" if layout == "tensor" else f"uniform:{bits}:{layout}"
 
@@ -154,6 +188,9 @@ def resolve_plan(spec: str, model: nn.Module, *, kinds: Sequence[str] = ("linear
                  partial_last: bool = False) -> BitPlan:
     """``uniform:N[:LAYOUT]`` -> `uniform_plan`; ``uniform:N:gG[:sym]`` or ``uniform:N:row[:sym]`` ->
     `column_uniform_plan` (``partial_last`` passed on); anything else is the path of a plan.json."""
+    ggml = GGML_UNIFORM.fullmatch(spec.strip())
+    if ggml and is_ggml_layout(ggml.group(1)):
+        return ggml_uniform_plan(model, ggml.group(1))
     column = COLUMN_UNIFORM.fullmatch(spec.strip())
     if column:
         size, partial = parse_column_layout(column.group(2))
@@ -165,7 +202,8 @@ def resolve_plan(spec: str, model: nn.Module, *, kinds: Sequence[str] = ("linear
     if spec.startswith("uniform"):
         raise ConfigError(f"--plan {spec!r}: write uniform:N with N from 2 to 16, optionally :LAYOUT with LAYOUT one "
                           f"of {', '.join(LAYOUTS)} (uniform:8, uniform:16, uniform:8:channel), or uniform:N:gG[:sym] "
-                          "for column groups (uniform:4:g128, uniform:3:g64:sym, uniform:4:row)")
+                          "for column groups (uniform:4:g128, uniform:3:g64:sym, uniform:4:row), or uniform:TYPE for a "
+                          f"llama.cpp type ({', '.join(GGML_TYPES)})")
     path = Path(spec)
     if not path.is_file():
         raise ConfigError(f"plan file {spec} not found (give a plan.json from `qanalyze plan`, or uniform:8)")

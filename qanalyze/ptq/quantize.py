@@ -25,8 +25,15 @@ from qanalyze.ptq.calibrate import InputStats, sequential_calibration
 from qanalyze.ptq.gptq import GPTQConfig, gptq_quantize
 from qanalyze.ptq.rtn import RTNConfig, rtn_quantize
 from qanalyze.quant.columns import ColumnQuantized, ColumnSpec, parse_column_layout
+from qanalyze.quant.ggml import GGMLQuantized, GGMLType, get_ggml_type, is_ggml_layout
 
-MethodRun = Callable[[torch.Tensor, ColumnSpec, "torch.Tensor | None", Any, str], tuple[ColumnQuantized, dict]]
+WeightLayout = ColumnSpec | GGMLType
+"""How one module's weight is stored: column groups (`ColumnSpec`) or a llama.cpp type (`GGMLType`)."""
+
+Quantized = ColumnQuantized | GGMLQuantized
+"""A quantized weight of either layout: ``dequantize()`` and ``storage_bits``."""
+
+MethodRun = Callable[[torch.Tensor, WeightLayout, "torch.Tensor | None", Any, str], tuple[Quantized, dict]]
 
 
 @dataclass(frozen=True)
@@ -40,13 +47,16 @@ class PTQMethod:
     run: MethodRun
 
 
-def _run_rtn(weight: torch.Tensor, spec: ColumnSpec, hessian: torch.Tensor | None, config: Any,
-             where: str) -> tuple[ColumnQuantized, dict]:
+def _run_rtn(weight: torch.Tensor, spec: WeightLayout, hessian: torch.Tensor | None, config: Any,
+             where: str) -> tuple[Quantized, dict]:
     return rtn_quantize(weight, spec, hessian, config, where=where), {}
 
 
-def _run_gptq(weight: torch.Tensor, spec: ColumnSpec, hessian: torch.Tensor | None, config: Any,
-              where: str) -> tuple[ColumnQuantized, dict]:
+def _run_gptq(weight: torch.Tensor, spec: WeightLayout, hessian: torch.Tensor | None, config: Any,
+              where: str) -> tuple[Quantized, dict]:
+    if isinstance(spec, GGMLType):
+        raise ConfigError(f"{where}: gptq runs column groups of scales and zero points, not GGML type {spec.name} "
+                          "(quantize GGML plans with --method rtn, or train them with --mode qat)")
     result = gptq_quantize(weight, spec, hessian, config, where=where)
     return result.quantized, {"gptq_loss": result.loss, "damp": result.damp, "dead_columns": result.dead_columns,
                               "damp_raised": result.damp_raised}
@@ -71,7 +81,7 @@ class ModuleOutcome:
     """One module's PTQ result: its codes, ``weight_error`` ``‖ΔW‖²``, ``output_error`` (mean over calibration
     tokens of ``‖ΔW x‖²``; None without calibration), seconds, and the method's details."""
 
-    quantized: ColumnQuantized
+    quantized: Quantized
     weight_error: float
     output_error: float | None
     seconds: float
@@ -79,9 +89,13 @@ class ModuleOutcome:
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready form without tensors."""
-        spec = self.quantized.spec
-        return {"bits": spec.bits, "group_size": spec.group_size, "symmetric": spec.symmetric,
-                "storage_bits": self.quantized.storage_bits, "weight_error": self.weight_error,
+        if isinstance(self.quantized, GGMLQuantized):
+            kind = self.quantized.type
+            layout: dict[str, Any] = {"bits": kind.bits, "ggml_type": kind.name, "symmetric": not kind.minimum}
+        else:
+            spec = self.quantized.spec
+            layout = {"bits": spec.bits, "group_size": spec.group_size, "symmetric": spec.symmetric}
+        return {**layout, "storage_bits": self.quantized.storage_bits, "weight_error": self.weight_error,
                 "output_error": self.output_error, "seconds": self.seconds, **self.details}
 
 
@@ -108,13 +122,16 @@ class PTQRecord:
         return sum(outcome.quantized.storage_bits for outcome in self.modules.values())
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Codes, scales and zero points as flat tensors: ``NAME.qweight``, ``NAME.scales``, ``NAME.qzeros``."""
+        """Codes, scales and zero points as flat tensors: ``NAME.qweight``, ``NAME.scales``, ``NAME.qzeros`` (a
+        GGML type's minima as ``NAME.biases``)."""
         tensors: dict[str, torch.Tensor] = {}
         for name, outcome in self.modules.items():
-            tensors[f"{name}.qweight"] = outcome.quantized.q
-            tensors[f"{name}.scales"] = outcome.quantized.scale
-            if outcome.quantized.zero_point is not None:
-                tensors[f"{name}.qzeros"] = outcome.quantized.zero_point
+            found = outcome.quantized
+            if isinstance(found, GGMLQuantized):
+                parts = {"qweight": found.codes, "scales": found.scale, "biases": found.bias}
+            else:
+                parts = {"qweight": found.q, "scales": found.scale, "qzeros": found.zero_point}
+            tensors.update({f"{name}.{key}": value for key, value in parts.items() if value is not None})
         return tensors
 
 
@@ -127,19 +144,20 @@ def linear_modules(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
 
 def module_specs(model: torch.nn.Module, plan_or_bits: Any, *, group_size: int | None = 128, symmetric: bool = True,
                  partial_last: bool = False,
-                 overrides: Mapping[str, ColumnSpec | Mapping[str, Any]] | None = None) -> dict[str, ColumnSpec]:
+                 overrides: Mapping[str, ColumnSpec | Mapping[str, Any]] | None = None) -> dict[str, WeightLayout]:
     """The `ColumnSpec` of every linear module to quantize (the LM head excluded).
 
     ``plan_or_bits`` is a bit width for all of them (with ``group_size`` and ``symmetric``), a mapping of
     module names to their `ColumnSpec` (exactly those modules; `qanalyze.methods.weight_ptq.plan_specs`), or a
     `qanalyze.records.BitPlan`: its quantized entries give ``weight_bits`` and ``scheme``, and a
-    ``column_group`` key (``"g128"``, ``"row"``) the group size, else ``group_size``; modules the plan keeps
+    ``column_group`` key (``"g128"``, ``"row"``) the group size (a GGML type such as ``"Q4_K"``: that type), else
+    ``group_size``; modules the plan keeps
     float stay float. ``partial_last`` allows a shorter last group where the group size does not divide a
     module's input width (`ColumnSpec`); without it such a module is refused, naming the sizes that fit.
     ``overrides`` maps a module name to a spec (or its fields) that replaces the result.
     """
     modules = linear_modules(model)
-    specs: dict[str, ColumnSpec] = {}
+    specs: dict[str, WeightLayout] = {}
     if isinstance(plan_or_bits, int) and not isinstance(plan_or_bits, bool):
         specs = {name: _named_spec(name, bits=plan_or_bits, group_size=group_size, symmetric=symmetric,
                                    partial_last=partial_last) for name in modules}
@@ -153,6 +171,9 @@ def module_specs(model: torch.nn.Module, plan_or_bits: Any, *, group_size: int |
             if name not in modules or not entry.quantized:
                 continue
             raw = plan_or_bits.modules[name]
+            if is_ggml_layout(raw.get("column_group")):
+                specs[name] = get_ggml_type(raw["column_group"])
+                continue
             # a g128p entry was planned with a shorter last group (as `qanalyze.methods.weight_ptq.plan_specs` reads it)
             group, partial = parse_column_layout(raw["column_group"]) if "column_group" in raw else (group_size, False)
             specs[name] = _named_spec(name, bits=entry.weight_bits, group_size=group,
@@ -164,8 +185,18 @@ def module_specs(model: torch.nn.Module, plan_or_bits: Any, *, group_size: int |
             raise ConfigError(f"override for {name}, which is not a linear module of the model")
         specs[name] = override if isinstance(override, ColumnSpec) else _named_spec(name, **override)
     for name, spec in specs.items():
-        spec.width(modules[name].in_features, where=name)
+        check_layout(spec, modules[name].in_features, name)
     return specs
+
+
+def check_layout(spec: WeightLayout, in_features: int, where: str) -> None:
+    """ConfigError naming ``where`` when ``spec`` cannot store rows of ``in_features`` columns."""
+    if isinstance(spec, GGMLType):
+        if not spec.fits(in_features):
+            raise ConfigError(f"{where}: {spec.name} stores rows in blocks of {spec.row_multiple} columns, and it has "
+                              f"{in_features} (llama.cpp would store another type there)")
+        return
+    spec.width(in_features, where=where)
 
 
 def _named_spec(name: str, **fields: Any) -> ColumnSpec:

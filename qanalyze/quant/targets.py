@@ -11,9 +11,10 @@ own format differs in detail, the table says so in the format name rather than h
 - ``torchao``: ``Int4WeightOnlyConfig`` (4 bits, groups of 32, 64 or 128, scales and zero points) and
   ``Int8WeightOnlyConfig`` (8 bits, one symmetric scale per row: the planner's 8-bit per-row candidate is
   asymmetric, a slightly smaller error than the engine's).
-- ``gguf`` (llama.cpp): the legacy block formats, blocks of 32 columns: Q4_1 and Q5_1 (scale and minimum, the
-  planner's asymmetric layout) and Q8_0 (8 bits, symmetric). The k-quants (Q2_K to Q6_K: super-blocks of 256
-  with 6-bit sub-block scales) are not modelled, so a ``gguf`` plan never picks 2, 3 or 6 bits.
+- ``gguf`` (llama.cpp): its weight types by name (`qanalyze.quant.ggml`): the legacy blocks of 32 (Q4_0, Q4_1,
+  Q5_0, Q5_1, Q8_0) and the k-quants (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K: super-blocks of 256, so only for rows of a
+  multiple of 256 columns, where llama.cpp itself would fall back to a legacy type), each costed at its exact
+  bytes and quantized by its own rules.
 - ``compressed-tensors`` (``pack-quantized``, as vLLM loads it): 4 and 8 bits, groups of 32, 64, 128 or per row.
 - ``any``: every candidate.
 
@@ -28,6 +29,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from qanalyze.errors import ConfigError
+from qanalyze.quant.ggml import GGML_TYPES
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,11 @@ class Target:
         """Whether the engine runs ``bits`` in column ``layout``."""
         return self.formats is None or (bits, layout) in self.formats
 
+    @property
+    def layouts(self) -> tuple[str, ...]:
+        """The column layouts the engine loads, in the table's order (empty for ``any``: no restriction)."""
+        return () if self.formats is None else tuple(dict.fromkeys(layout for _, layout in self.formats))
+
     def format_name(self, bits: int, layout: str) -> str | None:
         """The engine's name for that format (None for ``any``, or when it has none)."""
         return None if self.formats is None else self.formats.get((bits, layout))
@@ -63,8 +70,8 @@ TARGETS: dict[str, Target] = {
     "torchao": Target("torchao", "torchao weight-only configs",
                       {**_grid((4,), ("g32", "g64", "g128"), "Int4WeightOnlyConfig(group_size={layout})"),
                        (8, "row"): "Int8WeightOnlyConfig"}),
-    "gguf": Target("gguf", "llama.cpp legacy block formats (blocks of 32)",
-                   {(4, "g32"): "Q4_1", (5, "g32"): "Q5_1", (8, "g32"): "Q8_0"}, fuses=False),
+    "gguf": Target("gguf", "llama.cpp weight types (legacy blocks of 32, k-quants in super-blocks of 256)",
+                   {(kind.bits, name): name for name, kind in GGML_TYPES.items()}, fuses=False),
     "compressed-tensors": Target("compressed-tensors", "compressed-tensors pack-quantized (vLLM)",
                                  _grid((4, 8), ("g32", "g64", "g128", "row"), "pack-quantized {bits}-bit {layout}")),
 }

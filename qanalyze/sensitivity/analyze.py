@@ -39,6 +39,7 @@ from qanalyze.models import (
     head_dim,
     inventory,
 )
+from qanalyze.quant.ggml import GGML_TYPES
 from qanalyze.quant.layouts import (
     COLUMN_LAYOUTS,
     column_fits,
@@ -74,9 +75,11 @@ LM_DEFAULT_METRICS = ("weights", "fisher")
 Fisher score, reads. On SmolLM2-135M two windows of every default metric took 590 s, 355 s of it the
 activation and gradient probes and 62 s the traces; ask for them with ``--metrics``."""
 
-LM_DEFAULT_GROUPS = COLUMN_LAYOUTS
+LM_DEFAULT_GROUPS = (*COLUMN_LAYOUTS, *GGML_TYPES)
 """The default group layouts of an analysis on task ``lm`` (`qanalyze.verbs.analyze`): the column groups of LLM
-formats (g32, g64, g128, per row; asymmetric, float16 scales), measured at the bits of ``bits`` from 2 to 8.
+formats (g32, g64, g128, per row; asymmetric, float16 scales), measured at the bits of ``bits`` from 2 to 8, and
+llama.cpp's GGML types (Q2_K ... Q8_0, each at its own bits, where its block divides the width), which
+``plan --target gguf`` picks from.
 Only linear layers take them, so an embedding gets no weight candidate (a column plan keeps it in float)."""
 
 OBJECTIVE_METRICS = {"eig": "eig", "fisher": "fisher", "output-gradient": "output-gradient"}

@@ -12,6 +12,9 @@ float16 scales and zero points, ``(rows, groups)`` each, taken from `quantize_co
 ``ColumnSpec(bits, G, symmetric=False)``; ΔW is recomputed from them with that module's own formulas, so it
 equals ``quantize_columns(W, spec).dequantize() − W`` bit for bit. Rows quantize independently in column
 groups, so the ΔW of some rows is those rows of the whole ΔW.
+
+GGML types (``Q4_K``, ``Q3_K``...; `qanalyze.quant.ggml`) are held as their int8 codes, scales and minima
+(`GGMLQuantized`, a byte per weight), ΔW the dequantized rows minus the weight's.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import torch
 
 from qanalyze.errors import ConfigError
 from qanalyze.quant.columns import column_codes, expand_groups, parse_column_layout, quantize_columns
+from qanalyze.quant.ggml import GGMLQuantized, get_ggml_type, is_ggml_layout, quantize_ggml
 from qanalyze.quant.layouts import column_fits, column_spec, is_column_layout, parse_layout
 from qanalyze.quant.primitives import check_bits, mse_clip, qmax, rows_per_group, symmetric_scale
 
@@ -55,6 +59,7 @@ class CandidateSteps:
         row_max = flat.abs().amax(dim=1)
         self.steps: dict[str, dict[int, torch.Tensor]] = {}
         self.columns: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.ggml: dict[str, dict[int, GGMLQuantized]] = {}
         for name in dict.fromkeys(parse_layout(group) for group in groups):
             if is_column_layout(name):
                 self._add_columns(name)
@@ -77,7 +82,9 @@ class CandidateSteps:
         if self.weight.dim() != 2:
             return  # a norm's gain or a convolution kernel has no input columns to group
         fitting = [b for b in self.bits if column_fits(b, name, self.weight.shape[1])]
-        if fitting:
+        if fitting and is_ggml_layout(name):
+            self.ggml[name] = {b: quantize_ggml(self.matrix, get_ggml_type(name)) for b in fitting}
+        elif fitting:
             self.columns[name] = {}
             for b in fitting:
                 found = quantize_columns(self.matrix, column_spec(b, name))
@@ -94,15 +101,22 @@ class CandidateSteps:
         for b in self.bits:
             for group in self.steps:
                 yield b, group
-            for group, by_bits in self.columns.items():
-                if b in by_bits:
-                    yield b, group
+            for held in (self.columns, self.ggml):
+                for group, by_bits in held.items():
+                    if b in by_bits:
+                        yield b, group
 
     def delta(self, bits: int, group: str, rows: torch.Tensor | slice | None = None) -> torch.Tensor:
         """ΔW = Q(W) − W of candidate (``bits``, ``group``) as (rows, columns), or of the rows ``rows`` selects."""
         part = self.matrix if rows is None else self.matrix[rows]
         if group in self.columns:
             return self._column_delta(part, bits, group, rows)
+        if group in self.ggml:
+            found = self.ggml[group][bits]
+            if rows is not None:
+                found = GGMLQuantized(found.codes[rows], found.scale[rows],
+                                      None if found.bias is None else found.bias[rows], found.type)
+            return found.dequantize().to(part.dtype).sub_(part)
         step = self.steps[group][bits] if rows is None else self.steps[group][bits][rows]
         limit = qmax(bits)
         return torch.round(part / step).clamp_(-limit, limit).mul_(step).sub_(part)

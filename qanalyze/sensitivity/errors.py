@@ -29,8 +29,7 @@ from torch import nn
 
 from qanalyze.errors import ConfigError
 from qanalyze.models import ModuleInfo
-from qanalyze.quant.columns import quantize_columns
-from qanalyze.quant.layouts import column_fits, column_spec, is_column_layout, parse_layout
+from qanalyze.quant.layouts import column_fits, is_column_layout, parse_layout, quantize_layout
 from qanalyze.quant.primitives import (
     check_bits,
     fake_quantize,
@@ -105,7 +104,8 @@ def all_weight_errors(
 def column_weight_errors(weight: torch.Tensor, bits_list: Sequence[int],
                          groups: Sequence[str]) -> dict[int, dict[str, float]]:
     """``{bits: {layout: ||ΔW||^2}}`` of the column candidates, ΔW = ``quantize_columns(W, ColumnSpec(bits, G,
-    symmetric=False)).dequantize() - W`` (float16 scales, zero points), squared and summed in float64.
+    symmetric=False)).dequantize() - W`` (float16 scales, zero points), or a GGML type's own (`quantize_layout`),
+    squared and summed in float64.
 
     A 2-d weight only (columns = dim 1); a layout whose G does not divide the width, or bits outside 2..8, is
     left out (`qanalyze.quant.layouts.column_fits`). Which modules take column layouts is the caller's choice."""
@@ -119,7 +119,7 @@ def column_weight_errors(weight: torch.Tensor, bits_list: Sequence[int],
     for group in groups:
         for bits in bits_list:
             if column_fits(bits, group, x.shape[1]):
-                difference = quantize_columns(x, column_spec(bits, group)).dequantize().sub_(x)
+                difference = quantize_layout(x, bits, group).dequantize().to(x.dtype).sub_(x)
                 found[bits][group] = float(torch.sum(difference.to(torch.float64).square_()))
     return found
 

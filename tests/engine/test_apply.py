@@ -285,12 +285,14 @@ def test_qat_per_token_inputs_take_each_tokens_own_scale_and_no_ema_range():
     assert torch.allclose(x.grad, module.weight.detach().new_ones(out.shape) @ weight.dequantize(), atol=1e-4)
 
 
-def test_training_modes_refuse_column_group_plans(tiny_llama_dir):
+def test_integer_modes_refuse_column_group_plans_that_qat_runs(tiny_llama_dir):
     from qanalyze.engine.apply import validate_plan
     from qanalyze.models import load_model
     from qanalyze.plan.uniform import column_uniform_plan
 
     model = load_model(str(tiny_llama_dir)).model
     plan = column_uniform_plan(model, 4, 32)
-    with pytest.raises(ConfigError, match=r"cannot run model\.layers\.0\.self_attn\.q_proj in column groups \(g32\)"):
-        validate_plan(model, plan, "qat")
+    for mode in ("int", "ptq-dynamic", "int4"):
+        with pytest.raises(ConfigError, match=r"cannot run model\.layers\.0\.self_attn\.q_proj in column groups \(g32\)"):
+            validate_plan(model, plan, mode)
+    assert validate_plan(model, plan, "qat")["model.layers.0.self_attn.q_proj"].column_group == "g32"

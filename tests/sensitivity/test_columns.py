@@ -10,6 +10,7 @@ from qanalyze.data import load_task
 from qanalyze.errors import ConfigError
 from qanalyze.models import load_model
 from qanalyze.quant.columns import ColumnSpec, quantize_columns
+from qanalyze.quant.ggml import GGML_TYPES
 from qanalyze.quant.layouts import parse_layout
 from qanalyze.sensitivity.analyze import LM_DEFAULT_GROUPS, AnalyzeConfig, analyze
 from qanalyze.sensitivity.candidates import CandidateSteps
@@ -80,10 +81,14 @@ def test_lm_analysis_measures_column_layouts_of_linear_layers_only(llama_report)
     embedding = modules["model.embed_tokens"]
     assert "column_groups" not in embedding and all(not e for e in embedding["weight_error"].values())
     up, down = modules["model.layers.0.mlp.up_proj"], modules["model.layers.1.mlp.down_proj"]
-    # 32 input columns take g32 and row, 64 take g64 too; g128 fits neither
-    assert up["column_groups"] == {"g32": 1, "row": 1} and down["column_groups"] == {"g32": 2, "g64": 1, "row": 1}
+    # 32 input columns take g32 and row, 64 take g64 too; g128 fits neither; llama.cpp's legacy types (blocks of
+    # 32) fit both, its k-quants (super-blocks of 256) neither
+    legacy = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
+    assert up["column_groups"] == {"g32": 1, "row": 1, **dict.fromkeys(legacy, 1)}
+    assert down["column_groups"] == {"g32": 2, "g64": 1, "row": 1, **dict.fromkeys(legacy, 2)}
     assert up["group_rows"] == {}
-    assert set(down["weight_error"]["4"]) == {"g32", "g64", "row"} and down["weight_error"]["12"] == {}
+    assert set(down["weight_error"]["4"]) == {"g32", "g64", "row", "Q4_0", "Q4_1"} and down["weight_error"]["12"] == {}
+    assert set(down["weight_error"]["8"]) == {"g32", "g64", "row", "Q8_0"}
     assert set(down["fisher_error"]["3"]) == {"g32", "g64", "row"}
     assert set(down["output_gradient_error"]["2"]) == {"g32", "g64", "row"}
     assert down["fisher_error"]["2"]["g32"] > down["fisher_error"]["4"]["g32"] > 0
@@ -96,7 +101,7 @@ def test_an_lm_analysis_defaults_to_column_layouts(tmp_path, tiny_llama_dir, wik
     data = load_task("lm", str(wikitext_sample_dir), seq_len=24)
     report = verbs.analyze(str(tiny_llama_dir), data, AnalyzeConfig(batches=1, batch_size=1, bits=(2, 4)),
                            tmp_path / "s.json")
-    assert report.settings["groups"] == ["g32", "g64", "g128", "row"]
+    assert report.settings["groups"] == ["g32", "g64", "g128", "row", *GGML_TYPES]
     assert set(report.modules["model.layers.0.self_attn.q_proj"]["fisher_error"]["2"]) == {"g32", "row"}
 
 
