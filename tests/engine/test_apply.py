@@ -293,6 +293,7 @@ def test_integer_modes_refuse_column_group_plans_that_qat_runs(tiny_llama_dir):
     model = load_model(str(tiny_llama_dir)).model
     plan = column_uniform_plan(model, 4, 32)
     for mode in ("int", "ptq-dynamic", "int4"):
-        with pytest.raises(ConfigError, match=r"cannot run model\.layers\.0\.self_attn\.q_proj in column groups \(g32\)"):
+        with pytest.raises(ConfigError, match=r"cannot run model\.layers\.0\.self_attn\.q_proj in column groups "
+                                              r"\(g32\)"):
             validate_plan(model, plan, mode)
     assert validate_plan(model, plan, "qat")["model.layers.0.self_attn.q_proj"].column_group == "g32"
