@@ -80,6 +80,11 @@ def weight_file_bytes(folder: Path) -> int:
     return sum(path.stat().st_size for path in folder.glob("*.safetensors"))
 
 
+def window_count(data) -> int:
+    """How many windows the evaluation scores."""
+    return data.identity.get("max_eval_windows") or 0
+
+
 def perplexity(model: torch.nn.Module, tokenizer, data) -> float:
     windows = encode(data.dev, tokenizer, max_length=128)
     return evaluate(model, tokenizer, windows, data.task).metrics["perplexity"]
@@ -102,7 +107,7 @@ def check_run(run: Path, formats: list[str], data, out: Path, gptqmodel_python: 
     own = perplexity(reference, tokenizer, data)
     plan = BitPlan.load(run / "plan.json")
     source = read_source(run)
-    print(f"\n{run.name}: qanalyze perplexity {own:.4f} ({len(data.dev)} windows), plan weight_bytes "
+    print(f"\n{run.name}: qanalyze perplexity {own:.4f} ({window_count(data)} windows), plan weight_bytes "
           f"{plan.totals['weight_bytes']:,}", flush=True)
     rows = []
     for name in formats:

@@ -516,6 +516,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI and turn every outcome into an exit code (0, 1, 2, 3 or 130)."""
     from qanalyze.errors import InputError
 
+    _quiet_engine_loggers()
     try:
         # Without standalone mode click returns the code of --help / --version instead of exiting.
         result = build_cli().main(args=argv, prog_name="qanalyze", standalone_mode=False)
@@ -544,6 +545,18 @@ def main(argv: list[str] | None = None) -> int:
         click.echo(f"error: {problem}", err=True)
         return EXIT_INPUT
     return result if isinstance(result, int) else EXIT_OK
+
+
+QUIET_LOGGERS = ("torchao", "torch.utils._pytree")
+"""Loggers of packages that transformers imports when installed (the ``export`` extra's torchao), whose
+import-time warnings concern GPU kernels and torch.compile, never a qanalyze command: shown only as errors."""
+
+
+def _quiet_engine_loggers() -> None:
+    import logging
+
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def _internal(exc: BaseException) -> int:
