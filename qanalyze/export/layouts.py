@@ -9,7 +9,8 @@ module of 1536 columns is plain ``g128``: every group is full).
 `express` checks every module against a target. An entry the target lists is kept as it is; otherwise,
 with ``snap="up"``, it moves to the cheapest (fewest stored bits) layout the target lists that is at least
 as precise: no fewer bits and groups no wider (``row`` is the widest), that fits the module's width;
-otherwise the first such module is refused by name with the format's limit.
+otherwise the first such module is refused by name with the format's limit. For a target of llama.cpp types
+(``gguf``) a column entry is stored in a GGML type instead (`qanalyze.export.ggml_layouts`: `ModuleLayout.ggml`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 
 from qanalyze.errors import ConfigError
+from qanalyze.export.ggml_layouts import exact_ggml, is_ggml_target, snap_ggml
 from qanalyze.quant.columns import ColumnSpec, column_group_name, parse_column_layout, storage_bits
+from qanalyze.quant.ggml import get_ggml_type
 from qanalyze.quant.targets import Target, get_target
 
 SNAP_CHOICES = ("none", "up")
@@ -28,13 +31,15 @@ SNAP_CHOICES = ("none", "up")
 @dataclass(frozen=True)
 class ModuleLayout:
     """One quantized linear module as a format stores it: ``bits``, ``group_size`` input columns per scale
-    (None: per row), ``symmetric`` (no zero points) and the weight's ``(out, in)`` ``shape``."""
+    (None: per row), ``symmetric`` (no zero points) and the weight's ``(out, in)`` ``shape``; ``ggml``: the
+    llama.cpp type storing it (its bits, block and scheme), None for a column group."""
 
     name: str
     bits: int
     group_size: int | None
     symmetric: bool
     shape: tuple[int, int]
+    ggml: str | None = None
 
     @property
     def partial(self) -> bool:
@@ -43,7 +48,10 @@ class ModuleLayout:
 
     @property
     def layout(self) -> str:
-        """The column layout's name in `TARGETS`: ``g64``, ``row``, ``g128p`` (only when really partial)."""
+        """The column layout's name in `TARGETS`: ``g64``, ``row``, ``g128p`` (only when really partial), or the
+        GGML type's name (``Q4_K``)."""
+        if self.ggml is not None:
+            return self.ggml
         return column_group_name(self.group_size, self.partial)
 
     @property
@@ -53,11 +61,16 @@ class ModuleLayout:
 
     @property
     def storage_bits(self) -> int:
-        """Bits of codes, float16 scales and zero points (`qanalyze.quant.columns.storage_bits`)."""
+        """Bits of codes, float16 scales and zero points (`qanalyze.quant.columns.storage_bits`), or the GGML
+        type's exact bytes."""
+        if self.ggml is not None:
+            return get_ggml_type(self.ggml).storage_bits(*self.shape)
         return storage_bits(*self.shape, self.spec)
 
     def describe(self) -> str:
-        """``3-bit g128p asym``: what the layout is, for messages and records."""
+        """``3-bit g128p asym`` (``Q4_K``): what the layout is, for messages and records."""
+        if self.ggml is not None:
+            return self.ggml
         return f"{self.bits}-bit {self.layout} {'sym' if self.symmetric else 'asym'}"
 
 
@@ -141,13 +154,16 @@ def express(layouts: Iterable[ModuleLayout], target_name: str, format_name: str,
     if snap not in SNAP_CHOICES:
         raise ConfigError(f"unknown --snap {snap!r}; known: {', '.join(SNAP_CHOICES)}")
     target = get_target(target_name)
+    ggml = is_ggml_target(target)
     kept: dict[str, ModuleLayout] = {}
     snapped: list[Snapped] = []
     for layout in layouts:
-        if target.allows(layout.bits, layout.layout):
-            kept[layout.name] = layout
+        exact = exact_ggml(layout, target, fixed_codes=not can_snap) if ggml else \
+            layout if target.allows(layout.bits, layout.layout) else None
+        if exact is not None:
+            kept[layout.name] = exact
             continue
-        moved = snap_up(layout, target) if snap == "up" and can_snap else None
+        moved = (snap_ggml if ggml else snap_up)(layout, target) if snap == "up" and can_snap else None
         if moved is None:
             why = ("its codes are fixed, so --snap cannot move it; quantize with a plan made with --target "
                    f"{target_name}" if not can_snap else
