@@ -91,8 +91,8 @@ def export(source: str | Path, format: str, out: str | Path, *, snap: str = "non
         files = {str(path.relative_to(staging)): path.stat().st_size
                  for path in sorted(staging.rglob("*")) if path.is_file()}
         record = ExportRecord(format=exporter.name, kind="checkpoint" if read.is_run else "recipe",
-                              source=str(Path(source).resolve()), modules=len(expressed.layouts),
-                              exact=expressed.exact, snapped=[s.to_dict() for s in expressed.snapped],
+                              source=str(Path(source).resolve()), modules=len(expressed.layouts) + len(read.other),
+                              exact=expressed.exact + len(read.other), snapped=[s.to_dict() for s in expressed.snapped],
                               files=files, details={"settings": dataclasses.asdict(config), **details})
         (staging / EXPORT_FILE).write_text(json.dumps(record.to_dict(), indent=1) + "\n", encoding="utf-8")
     return record
