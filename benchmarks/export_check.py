@@ -76,8 +76,8 @@ print(json.dumps({"modules": count, "exact": exact, "max_abs_diff": worst, "perp
 
 
 def weight_file_bytes(folder: Path) -> int:
-    """Bytes of the export's weight files (every .safetensors)."""
-    return sum(path.stat().st_size for path in folder.glob("*.safetensors"))
+    """Bytes of the export's weight files (every .safetensors and .gguf)."""
+    return sum(path.stat().st_size for pattern in ("*.safetensors", "*.gguf") for path in folder.glob(pattern))
 
 
 def window_count(data) -> int:
@@ -115,19 +115,21 @@ def check_run(run: Path, formats: list[str], data, out: Path, gptqmodel_python: 
         folder = out / f"{run.name}-{name}"
         start = time.perf_counter()
         try:
-            export(run, name, folder, overwrite=True)
+            record = export(run, name, folder, overwrite=True)
         except ConfigError as error:
             print(f"  {name}: refused: {error}", flush=True)
             rows.append({"run": run.name, "format": name, "refused": str(error)})
             continue
         seconds = time.perf_counter() - start
         expressed = express(source.layouts.values(), exporter.target, name, can_snap=False)
-        expected = plan.totals["weight_bytes"] + exporter.overhead_bytes(expressed)
+        # a GGUF file also holds its header, metadata and tokenizer: export.json's metadata_bytes
+        overhead = exporter.overhead_bytes(expressed) + record.details.get("metadata_bytes", 0)
+        expected = plan.totals["weight_bytes"] + overhead
         size = weight_file_bytes(folder)
         engine = perplexity(exporter.load(folder), tokenizer, data)
         row = {"run": run.name, "format": name, "export_seconds": round(seconds, 1), "perplexity": engine,
                "qanalyze_perplexity": own, "ratio": engine / own, "file_bytes": size, "expected_bytes": expected,
-               "overhead_bytes": exporter.overhead_bytes(expressed), "size_ratio": size / expected}
+               "overhead_bytes": overhead, "size_ratio": size / expected}
         print(f"  {name}: engine/qanalyze perplexity {engine:.4f}/{own:.4f} = {engine / own:.6f}; weight files "
               f"{size:,} B vs weight_bytes + overhead {expected:,} B = {size / expected:.4f}; export "
               f"{seconds:.1f} s", flush=True)
@@ -147,7 +149,7 @@ def check_run(run: Path, formats: list[str], data, out: Path, gptqmodel_python: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", nargs="+", type=Path, default=[ROOT / "runs/export/q-u4g64"])
-    parser.add_argument("--formats", nargs="+", default=["compressed-tensors", "gptq", "torchao"])
+    parser.add_argument("--formats", nargs="+", default=["compressed-tensors", "gptq", "llama-cpp", "torchao"])
     parser.add_argument("--plan", type=Path, default=None, help="a plan to export as each format's recipe")
     parser.add_argument("--data", default=str(ROOT.parent / "shared/data/wikitext-2"))
     parser.add_argument("--windows", type=int, default=8, help="512-token test windows to score")
