@@ -454,8 +454,8 @@ def build_cli() -> click.Group:
 
     @cli.command()
     @click.argument("plan_or_run")
-    @click.option("--format", "format_name", required=True,
-                  help="Engine format: compressed-tensors, gptq, torchao (every registered exporter).")
+    @click.option("--format", "format_name", required=True, type=click.Choice(_export_formats()),
+                  help="Engine format (every registered exporter).")
     @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to write.")
     @click.option("--snap", type=click.Choice(["none", "up"]), default="none", show_default=True,
                   help="up: store an entry the format cannot hold at the nearest layout at least as precise "
@@ -469,9 +469,10 @@ def build_cli() -> click.Group:
         """Write a plan as an inference engine's recipe, or a quantized run as a checkpoint it loads.
 
         PLAN_OR_RUN is a plan.json (-> compressed-tensors quantization_config, GPTQ quantize_config.json
-        with dynamic overrides, torchao FqnToConfig JSON and snippet) or an rtn/gptq run directory (-> the
-        run's exact integer codes in the format's packed layout, which the engine loads to the weights
-        qanalyze evaluated). Entries the format cannot store are refused by name unless --snap up.
+        with dynamic overrides, torchao FqnToConfig JSON and snippet, llama-quantize --tensor-type-file) or an
+        rtn/gptq run directory (-> the run's exact integer codes in the format's packed layout, or a GGUF file,
+        which the engine loads to the weights qanalyze evaluated). Entries the format cannot store are refused
+        by name unless --snap up.
         """
         from qanalyze.errors import ConfigError
         from qanalyze.verbs import export as export_verb
@@ -510,6 +511,12 @@ def _exporter_options(command: Callable[..., Any]) -> Callable[..., Any]:
                                    help=f"--format {exporter.name}: {item.metadata['help']} [default: "
                                         f"{item.default}]")(command)
     return command
+
+
+def _export_formats() -> list[str]:
+    from qanalyze.export.registry import EXPORTERS
+
+    return sorted(EXPORTERS)
 
 
 def main(argv: list[str] | None = None) -> int:

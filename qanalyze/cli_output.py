@@ -52,7 +52,8 @@ def print_plan(plan_record: Any, console: Any) -> None:
         if not entry.quantized:
             table.add_row(name, "float", "", "", "", "")
         else:
-            group = entry.group + (", mse range" if entry.weight_range == "mse" else "")
+            # a column layout (g64, or a llama.cpp type such as Q4_K) says more than its row group "channel"
+            group = (entry.column_group or entry.group) + (", mse range" if entry.weight_range == "mse" else "")
             damage = f"{entry.predicted_damage:.3g}" if entry.predicted_damage is not None else "-"
             table.add_row(name, str(entry.weight_bits), group, str(entry.activation_bits or "-"),
                           str(entry.gradient_bits or "-"), damage)

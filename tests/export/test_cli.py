@@ -35,7 +35,7 @@ def test_snap_up_is_printed_and_recorded(capfd, tmp_path, plan_variant):
 def test_refusals_exit_2_with_one_line(capfd, tmp_path, mixed_run):
     code, _, err = run_cli(capfd, "export", mixed_run, "--format", "onnx", "--out", tmp_path / "x")
     assert_one_line_error(code, err,
-                          "unknown export format 'onnx'; known: compressed-tensors, gptq, llama-cpp, torchao")
+                          "'onnx' is not one of 'compressed-tensors', 'gptq', 'llama-cpp', 'torchao'")
     code, _, err = run_cli(capfd, "export", mixed_run, "--format", "torchao", "--out", tmp_path / "x",
                            "--snap", "up")
     assert_one_line_error(code, err, "torchao cannot store model.layers.1.mlp.down_proj at 8-bit g64",
