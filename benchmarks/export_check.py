@@ -8,7 +8,9 @@ and the size of the weight files over the plan's ``weight_bytes`` plus the forma
 (`Exporter.overhead_bytes`; issue: within 2 %). With ``--gptqmodel-python`` (a separate environment holding
 GPTQModel 7.7.0, which needs torch 2.14.1) the GPTQ export is also loaded by ``GPTQModel.load`` itself: every
 module's ``dequantize_weight()`` is compared with qanalyze's weight and the model scored with those weights.
-It then exports ``--plan`` as each format's recipe with ``--snap up`` and counts the snapped entries.
+With ``--llama-cpp-python`` (an environment where ``pip install llama-cpp-python`` compiled llama.cpp) the GGUF
+export is also scored by llama.cpp's own kernels on the same token windows. It then exports ``--plan`` as each
+format's recipe with ``--snap up`` and counts the snapped entries.
 
     .venv/bin/python benchmarks/export_check.py --runs runs/export/q-u4g64 runs/export/q-3.5bit-gptq \\
         --plan runs/export/plan-3.5bit-gptq.json --gptqmodel-python /tmp/gptqvenv/bin/python
@@ -75,6 +77,40 @@ print(json.dumps({"modules": count, "exact": exact, "max_abs_diff": worst, "perp
 """
 
 
+# Runs in an environment holding llama-cpp-python (llama.cpp compiled here): llama.cpp's own CPU kernels score the
+# GGUF export on the same token windows (its quantized matmuls round the activations to 8 bits as well, so a
+# small difference from the float computation is expected and is what this measures).
+LLAMA_CPP_CHECK = r"""
+import json, math, sys
+import numpy as np
+from llama_cpp import Llama
+path, windows_file = sys.argv[1:3]
+windows = json.load(open(windows_file))
+model = Llama(model_path=path, n_ctx=len(windows[0]), logits_all=True, n_threads=2, n_batch=len(windows[0]),
+              verbose=False)
+total, tokens = 0.0, 0
+for window in windows:
+    model.reset()
+    model.eval(window)
+    logits = np.asarray(model.scores[: len(window) - 1], dtype=np.float64)
+    top = logits.max(axis=1, keepdims=True)
+    logz = (top[:, 0] + np.log(np.exp(logits - top).sum(axis=1)))
+    total += float((logz - logits[np.arange(len(window) - 1), window[1:]]).sum())
+    tokens += len(window) - 1
+print(json.dumps({"perplexity": math.exp(total / tokens), "windows": len(windows)}))
+"""
+
+
+def llama_cpp_check(python: str, folder: Path, tokenizer, data) -> dict:
+    """Perplexity of ``folder/model.gguf`` computed by llama.cpp (llama-cpp-python in ``python``'s environment)."""
+    windows = encode(data.dev, tokenizer, max_length=128)
+    with tempfile.TemporaryDirectory() as scratch:
+        Path(f"{scratch}/windows.json").write_text(json.dumps([list(map(int, w["input_ids"])) for w in windows]))
+        done = subprocess.run([python, "-c", LLAMA_CPP_CHECK, str(folder / "model.gguf"), f"{scratch}/windows.json"],
+                              capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def weight_file_bytes(folder: Path) -> int:
     """Bytes of the export's weight files (every .safetensors and .gguf)."""
     return sum(path.stat().st_size for pattern in ("*.safetensors", "*.gguf") for path in folder.glob(pattern))
@@ -102,7 +138,8 @@ def gptqmodel_check(python: str, folder: Path, reference: torch.nn.Module, token
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def check_run(run: Path, formats: list[str], data, out: Path, gptqmodel_python: str | None) -> list[dict]:
+def check_run(run: Path, formats: list[str], data, out: Path, gptqmodel_python: str | None,
+              llama_cpp_python: str | None = None) -> list[dict]:
     reference, tokenizer, _, _ = load_column_run(run)
     own = perplexity(reference, tokenizer, data)
     plan = BitPlan.load(run / "plan.json")
@@ -134,6 +171,12 @@ def check_run(run: Path, formats: list[str], data, out: Path, gptqmodel_python: 
               f"{size:,} B vs weight_bytes + overhead {expected:,} B = {size / expected:.4f}; export "
               f"{seconds:.1f} s", flush=True)
         rows.append(row)
+        if name == "llama-cpp" and llama_cpp_python:
+            found = llama_cpp_check(llama_cpp_python, folder, tokenizer, data)
+            print(f"  llama-cpp in llama.cpp (llama-cpp-python): perplexity {found['perplexity']:.4f}/{own:.4f} = "
+                  f"{found['perplexity'] / own:.6f}", flush=True)
+            rows.append({"run": run.name, "format": "llama-cpp (llama.cpp)", **found, "qanalyze_perplexity": own,
+                         "ratio": found["perplexity"] / own})
         if name == "gptq" and gptqmodel_python:
             v2 = out / f"{run.name}-gptq-v2"
             export(run, name, v2, overwrite=True, options={"checkpoint_format": "gptq_v2"})
@@ -155,12 +198,14 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=8, help="512-token test windows to score")
     parser.add_argument("--out", type=Path, default=ROOT / "runs/export/bench")
     parser.add_argument("--gptqmodel-python", default=None, help="python of an environment holding gptqmodel")
+    parser.add_argument("--llama-cpp-python", default=None,
+                        help="python of an environment holding llama-cpp-python: llama.cpp scores the GGUF too")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = parser.parse_args()
     data = load_task("lm", args.data, seq_len=512, max_eval_examples=args.windows)
     rows = []
     for run in args.runs:
-        rows += check_run(run, args.formats, data, args.out, args.gptqmodel_python)
+        rows += check_run(run, args.formats, data, args.out, args.gptqmodel_python, args.llama_cpp_python)
     if args.plan is not None:
         print(f"\nrecipes of {args.plan.name} (--snap up):")
         for name in args.formats:

@@ -19,10 +19,18 @@ def print_metrics(task: str, split: str, metrics: dict[str, float], examples: in
     click.echo(f"{task} {split} ({count}): {values}")
 
 
+FISHER_SHOWN = ("3", "g32")
+"""The bits and layout of the Fisher score ranked when an analysis measured no Hessian (task lm's default)."""
+
+
 def print_most_sensitive(report: Any, console: Any, count: int = 10) -> None:
-    """The modules with the largest Ω (or average trace), as a table on the console."""
+    """The modules with the largest Ω (or average trace), as a table on the console; by the Fisher score when
+    the analysis measured no Hessian figure."""
     from rich.table import Table
 
+    if not any(entry.get("hessian") for entry in report.modules.values()):
+        _print_most_fisher(report, console, count)
+        return
     rows = []
     for name, entry in report.modules.items():
         hessian = entry.get("hessian", {})
@@ -36,6 +44,27 @@ def print_most_sensitive(report: Any, console: Any, count: int = 10) -> None:
     for name, omega, avg, trace, stderr in rows[:count]:
         shown = f"{trace:.4g} ± {stderr:.2g}" if trace is not None else "-"
         table.add_row(name, *(f"{v:.4g}" if v is not None else "-" for v in (omega, avg)), shown)
+    console.print(table)
+
+
+def _print_most_fisher(report: Any, console: Any, count: int) -> None:
+    from rich.table import Table
+
+    bits, layout = FISHER_SHOWN
+    rows = []
+    for name, entry in report.modules.items():
+        scores = entry.get("fisher_error", {}).get(bits, {})
+        score = scores.get(layout, scores.get("row")) if isinstance(scores, dict) else scores
+        if score is not None:
+            rows.append((name, score, entry.get("params")))
+    if not rows:
+        return
+    rows.sort(key=lambda row: -row[1])
+    table = Table(title=f"the {count} most sensitive modules (by the Fisher score Σ F·ΔW² at {bits} bits, {layout})")
+    for column in ("module", "Fisher score", "parameters"):
+        table.add_column(column)
+    for name, score, params in rows[:count]:
+        table.add_row(name, f"{score:.4g}", f"{params:,}" if params else "-")
     console.print(table)
 
 
