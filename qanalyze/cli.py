@@ -520,13 +520,22 @@ def _export_formats() -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the CLI and turn every outcome into an exit code (0, 1, 2, 3 or 130)."""
+    """Run the CLI and turn every outcome into an exit code (0, 1, 2, 3 or 130); launched by torchrun as one
+    rank of several, joined to the process group and quiet unless rank 0 (`qanalyze.launch`)."""
+    from qanalyze.launch import ranked
+
+    return ranked(lambda: _run(argv))
+
+
+def _run(argv: list[str] | None) -> int:
     from qanalyze.errors import InputError
+    from qanalyze.launch import shared_failures
 
     _quiet_engine_loggers()
     try:
         # Without standalone mode click returns the code of --help / --version instead of exiting.
-        result = build_cli().main(args=argv, prog_name="qanalyze", standalone_mode=False)
+        with shared_failures():  # a rank that fails because another did reports that rank's error
+            result = build_cli().main(args=argv, prog_name="qanalyze", standalone_mode=False)
     except click.Abort:
         click.echo("error: aborted", err=True)
         return EXIT_INTERRUPTED
