@@ -19,6 +19,7 @@ Weights only: biases and norm shifts are not quantized, so their Hessian blocks 
 
 from __future__ import annotations
 
+import copy
 import re
 import statistics
 import time
@@ -30,6 +31,14 @@ from typing import Any
 import torch
 
 from qanalyze.data import TaskData
+from qanalyze.distributed import (
+    all_reduce_floats,
+    broadcast_object,
+    gather_objects,
+    keyed_generator,
+    shard,
+    world,
+)
 from qanalyze.errors import ConfigError
 from qanalyze.models import (
     LoadedModel,
@@ -57,7 +66,7 @@ from qanalyze.quant.primitives import (
 from qanalyze.records import SensitivityReport
 from qanalyze.sensitivity.calibration import calibration_batches
 from qanalyze.sensitivity.candidates import CandidateSteps
-from qanalyze.sensitivity.errors import ErrorProbe, all_weight_errors
+from qanalyze.sensitivity.errors import ErrorProbe, all_weight_errors, reduce_error_sums
 from qanalyze.sensitivity.hvp import PRECISIONS, NonFiniteError, resolve_precision
 from qanalyze.sensitivity.scores import SCORE_LABELS, SCORE_METRICS, measure_scores
 from qanalyze.sensitivity.sources import EIG_METHODS, HESSIAN_ENGINES
@@ -204,6 +213,7 @@ class _State:
     report: SensitivityReport
     partial: Path
     started: float = field(default_factory=time.perf_counter)
+    writes: bool = True  # rank 0 (or the only process) keeps the partial file; other ranks keep the state only
 
     def entry(self, name: str) -> dict[str, Any]:
         return self.report.modules[name]
@@ -215,7 +225,8 @@ class _State:
         self.report.progress[key] = value
         self.report.timings["seconds"] = self.report.timings.get("seconds", 0.0) + time.perf_counter() - self.started
         self.started = time.perf_counter()
-        self.report.save(self.partial)
+        if self.writes:
+            self.report.save(self.partial)
 
 
 def partial_path(out: str | Path) -> Path:
@@ -347,6 +358,9 @@ def analyze(
                for b in calibration_batches(data, loaded.tokenizer, config)]
     if getattr(data.task, "kind", None) == "lm":  # a classifier's --max-length is checked by the verb
         check_max_length(model, batches[0]["input_ids"].shape[1], flag="--seq-len")
+    # Under torchrun each rank measures its share of the batches; every stage sums over all ranks' shares.
+    mine = shard(len(batches), "calibration batches (--batches, times --batch-size for task lm, whose windows "
+                               "are batches of one)")
     # Recorded resolved, so a resume on hardware that resolves "auto" otherwise is refused. PyHessian
     # has no precision setting (its products are the parameters' own) and takes the batch padded.
     dtype = next(model.parameters()).dtype
@@ -355,57 +369,71 @@ def analyze(
     config = replace(config, hvp_precision=precision, unpad=config.unpad and native)
     _check_loss(model, batches[0])
     state = _open(loaded, data, config, out, infos, all_infos, resume)
+    if world().distributed:  # every rank continues from rank 0's partial file, which only rank 0 writes
+        state = _State(broadcast_object(state.report), state.partial, writes=world().is_main)
     modules = dict(model.named_modules())
     metrics = set(config.metrics)
 
     if "weights" in metrics and not state.done("weights"):
         started = time.perf_counter()
+        measured = {}
+        here = world()
         for i, info in enumerate(infos):
+            if i % here.size != here.rank:  # each rank its share of the modules (no data in this stage)
+                continue
             report_progress("weights", i, len(infos), info.name)
             # the same rule the engine gives this module (`apply_plan`)
             weight_range = module_weight_range(info.kind, config.weight_range)
             errors = all_weight_errors(modules[info.name].weight.detach(), config.bits,
                                        module_groups(info, config.groups),
                                        head_dim=state.entry(info.name)["head_dim"], weight_range=weight_range)
-            state.entry(info.name)["weight_error"] = {str(b): e for b, e in errors.items()}
+            measured[info.name] = {str(b): e for b, e in errors.items()}
+        for part in gather_objects(measured):
+            for name, errors in part.items():
+                state.entry(name)["weight_error"] = errors
         report_progress("weights", len(infos), len(infos), "done")
         state.report.timings["weights_seconds"] = time.perf_counter() - started
         state.mark("weights")
 
     if metrics & {"activations", "gradients"} and not state.done("errors"):
         started = time.perf_counter()
-        _measure_errors(model, infos, modules, batches, config, state, report_progress)
+        _measure_errors(model, infos, modules, {i: batches[i] for i in mine}, config, state, report_progress)
         state.report.timings["errors_seconds"] = time.perf_counter() - started
         state.mark("errors")
 
     if metrics & set(SCORE_METRICS) and not state.done("scores"):
         started = time.perf_counter()
-        _measure_scores(model, infos, modules, batches, config, state, report_progress)
+        _measure_scores(model, infos, modules, {i: batches[i] for i in mine}, config, state, report_progress)
         state.report.timings["scores_seconds"] = time.perf_counter() - started
         state.mark("scores")
 
     if metrics & {"eig", "trace", "density"}:
-        _measure_hessian(model, infos, modules, batches, config, state, report_progress)
+        measure = _measure_hessian_ranks if world().distributed else _measure_hessian
+        measure(model, infos, modules, batches, config, state, report_progress)
         products = [v for k, v in state.report.timings.items() if k.startswith("hessian_products_batch_")]
         state.report.timings["hessian_products"] = sum(products)
 
     if config.measure_delta_loss and not state.done("delta_loss"):
-        _measure_delta_loss(model, infos, modules, batches, config, state, report_progress)
+        _measure_delta_loss(model, infos, modules, {i: batches[i] for i in mine}, config, state, report_progress)
         state.mark("delta_loss")
 
     summarise(state.report)
     state.report.complete = True
     state.report.progress = {}
-    state.report.save(out)
-    state.partial.unlink(missing_ok=True)
+    if state.writes:
+        state.report.save(out)
+        state.partial.unlink(missing_ok=True)
     return state.report
 
 
 def _measure_errors(model: torch.nn.Module, infos: list[ModuleInfo], modules: dict[str, torch.nn.Module],
-                    batches: list[dict[str, torch.Tensor]], config: AnalyzeConfig, state: _State,
+                    batches: dict[int, dict[str, torch.Tensor]], config: AnalyzeConfig, state: _State,
                     report_progress: Progress) -> None:
+    """Activation and gradient errors from one forward and backward pass per batch of ``batches`` (this rank's,
+    by global index), summed over every rank."""
     metrics = set(config.metrics)
-    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(config.seed + 1)
+    device = next(model.parameters()).device
+    generator = keyed_generator(config.seed, "gradient-rounding", device=device)
     probe = ErrorProbe({i.name: modules[i.name] for i in infos}, {i.name: i for i in infos},
                        bits=config.bits if "activations" in metrics else (),
                        gradient_bits=config.gradient_bits if "gradients" in metrics else (),
@@ -415,8 +443,10 @@ def _measure_errors(model: torch.nn.Module, infos: list[ModuleInfo], modules: di
         for p in model.parameters():
             p.requires_grad_(True)
         with probe:
-            for index, batch in enumerate(batches):
-                report_progress("activations/gradients", index, len(batches), f"batch {index + 1}")
+            for done, (index, batch) in enumerate(batches.items()):
+                report_progress("activations/gradients", done, len(batches), f"batch {index + 1}")
+                # the stochastic roundings of batch i are the same whichever rank measures it
+                probe.generator = keyed_generator(config.seed, "gradient-rounding", index, device=device)
                 model.zero_grad(set_to_none=True)
                 loss = model(**batch).loss
                 if not torch.isfinite(loss):
@@ -428,6 +458,7 @@ def _measure_errors(model: torch.nn.Module, infos: list[ModuleInfo], modules: di
         model.zero_grad(set_to_none=True)
         for p, flag in saved:
             p.requires_grad_(flag)
+    reduce_error_sums(probe.sums, config.bits, config.gradient_bits)
     for name, sums in probe.sums.items():
         summary = sums.summary()
         if "activations" in metrics:
@@ -464,6 +495,70 @@ def _measure_hessian(model: torch.nn.Module, infos: list[ModuleInfo], modules: d
     for stage in ("trace", "eig"):
         if stage in config.metrics:
             report_progress(stage, len(batches), len(batches), "done")
+
+
+def _measure_hessian_ranks(model: torch.nn.Module, infos: list[ModuleInfo], modules: dict[str, torch.nn.Module],
+                           batches: list[dict[str, torch.Tensor]], config: AnalyzeConfig, state: _State,
+                           report_progress: Progress) -> None:
+    """`_measure_hessian` under torchrun, in rounds of one batch per rank: each rank measures its batch of the
+    round into a scratch record (the same probes as one process: batch b's generator is keyed by b), the records
+    are gathered and merged in batch order on every rank, and the round's batches are marked done (rank 0
+    writes the partial file), so the records equal one process's and a resume continues from the last round."""
+    here = world()
+    targets = _Targets([info.name for info in infos], {info.name: modules[info.name].weight for info in infos}, {})
+    for index, info in enumerate(infos):
+        if info.block is not None:
+            targets.blocks.setdefault(info.block, []).append(index)
+    todo = [b for b in range(len(batches)) if not state.done(f"hessian_batch_{b}")]
+    for start in range(0, len(todo), here.size):
+        batch_round = todo[start:start + here.size]
+        started = time.perf_counter()
+        record = None
+        if here.rank < len(batch_round):
+            b = batch_round[here.rank]
+            record = _scratch_batch(model, batches[b], (b, len(batches)), targets, config, state, report_progress)
+        for b, part in zip(batch_round, gather_objects(record)):  # rank order is the round's batch order
+            _merge_batch(state, b, part)
+        timings = state.report.timings
+        timings["hessian_seconds"] = timings.get("hessian_seconds", 0.0) + time.perf_counter() - started
+        for b in batch_round:
+            state.mark(f"hessian_batch_{b}")
+    for stage in ("trace", "eig"):
+        if stage in config.metrics:
+            report_progress(stage, len(batches), len(batches), "done")
+
+
+def _scratch_batch(model: torch.nn.Module, batch: dict[str, torch.Tensor], position: tuple[int, int],
+                   targets: _Targets, config: AnalyzeConfig, state: _State,
+                   report_progress: Progress) -> dict[str, Any]:
+    """One batch's Hessian work as `_hessian_batch` does it, recorded apart from ``state``: what it adds."""
+    b = position[0]
+    key = f"hessian_batch_{b}"
+    report = copy.copy(state.report)  # its settings and identity; what the batch adds goes to fresh containers
+    report.modules = {name: {"hessian": {}} for name in targets.names}
+    report.blocks, report.model_level, report.timings = {}, {}, {}
+    report.progress = {key + "_units": list(state.report.progress.get(key + "_units", []))}
+    scratch = _State(report, state.partial, writes=False)
+    generator = torch.Generator().manual_seed(config.seed * 7919 + b)
+    try:
+        _hessian_batch(model, batch, position, targets, config, scratch, generator, report_progress)
+    except NonFiniteError as exc:
+        raise NonFiniteError(f"calibration batch {b + 1}: {exc}") from None
+    return {"modules": {name: entry["hessian"] for name, entry in report.modules.items() if entry["hessian"]},
+            "blocks": report.blocks, "model_level": report.model_level, "units": report.progress[key + "_units"],
+            "timings": {k: v for k, v in report.timings.items() if k.startswith("hessian_products_batch_")}}
+
+
+def _merge_batch(state: _State, b: int, part: dict[str, Any]) -> None:
+    for name, hessian in part["modules"].items():
+        for key, values in hessian.items():  # per-batch lists: trace_per_batch, eig_per_batch
+            state.entry(name)["hessian"].setdefault(key, []).extend(values)
+    for block, record in part["blocks"].items():
+        state.report.blocks.setdefault(block, {"modules": record["modules"], "per_batch": []})["per_batch"].extend(
+            record["per_batch"])
+    state.report.model_level.update(part["model_level"])
+    state.report.timings.update(part["timings"])
+    state.report.progress[f"hessian_batch_{b}_units"] = part["units"]
 
 
 @dataclass(frozen=True)
@@ -521,11 +616,15 @@ def _unit_done(state: _State, key: str, unit: str) -> None:
 
 
 def _measure_delta_loss(model: torch.nn.Module, infos: list[ModuleInfo], modules: dict[str, torch.nn.Module],
-                        batches: list[dict[str, torch.Tensor]], config: AnalyzeConfig, state: _State,
+                        batches: dict[int, dict[str, torch.Tensor]], config: AnalyzeConfig, state: _State,
                         report_progress: Progress) -> None:
     def mean_loss() -> float:
         with torch.no_grad():
-            return statistics.fmean(float(model(**batch).loss) for batch in batches)
+            losses = [float(model(**batch).loss) for batch in batches.values()]
+        if not world().distributed:
+            return statistics.fmean(losses)
+        total, count = all_reduce_floats([sum(losses), len(losses)])
+        return total / count
 
     base = mean_loss()
     state.report.model_level["loss"] = base
@@ -554,10 +653,15 @@ def _measure_delta_loss(model: torch.nn.Module, infos: list[ModuleInfo], modules
 
 
 def _empirical_fisher(model: torch.nn.Module, infos: list[ModuleInfo], modules: dict[str, torch.nn.Module],
-                      batches: list[dict[str, torch.Tensor]], report_progress: Progress) -> dict[str, torch.Tensor]:
+                      batches: dict[int, dict[str, torch.Tensor]] | list[dict[str, torch.Tensor]],
+                      report_progress: Progress) -> dict[str, torch.Tensor]:
     """The diagonal of the empirical Fisher, E[g ⊙ g] over single-example gradients, of every weight
-    (`qanalyze.sensitivity.scores.measure_scores` without the output-gradient scores)."""
-    return measure_scores(model, infos, batches, fisher=True, output_steps=None, progress=report_progress).fisher
+    (`qanalyze.sensitivity.scores.measure_scores` without the output-gradient scores), over every rank.
+    ``batches``: this rank's, by global index (a list: all of them)."""
+    if not isinstance(batches, dict):
+        batches = dict(enumerate(batches))
+    return measure_scores(model, infos, list(batches.values()), fisher=True, output_steps=None,
+                          progress=report_progress, indices=list(batches)).fisher
 
 
 def _candidate_steps(weight: torch.Tensor, info: ModuleInfo, bits: Sequence[int], config: AnalyzeConfig,
@@ -568,7 +672,7 @@ def _candidate_steps(weight: torch.Tensor, info: ModuleInfo, bits: Sequence[int]
 
 
 def _measure_scores(model: torch.nn.Module, infos: list[ModuleInfo], modules: dict[str, torch.nn.Module],
-                    batches: list[dict[str, torch.Tensor]], config: AnalyzeConfig, state: _State,
+                    batches: dict[int, dict[str, torch.Tensor]], config: AnalyzeConfig, state: _State,
                     report_progress: Progress) -> None:
     """The one-pass scores from per-example passes: ``fisher_error[bits][group]`` = Σ F ΔW² at every
     ``bits`` x group, ``output_gradient_error[bits][group]`` at every ``score_bits`` x group."""
@@ -578,10 +682,11 @@ def _measure_scores(model: torch.nn.Module, infos: list[ModuleInfo], modules: di
         output_steps = {info.name: _candidate_steps(modules[info.name].weight, info, config.score_bits, config,
                                                     state.entry(info.name)["head_dim"]) for info in infos}
     device = next(model.parameters()).device
-    scores = measure_scores(model, infos, batches, fisher="fisher" in metrics, output_steps=output_steps,
-                            labels=config.score_labels,
-                            generator=torch.Generator(device=device).manual_seed(config.seed + 2),
-                            progress=report_progress)
+    # The labels of batch i are drawn from a generator keyed by i: the same whichever rank runs it.
+    scores = measure_scores(model, infos, list(batches.values()), fisher="fisher" in metrics,
+                            output_steps=output_steps, labels=config.score_labels, progress=report_progress,
+                            indices=list(batches),
+                            generator_for=lambda i: keyed_generator(config.seed, "score-labels", i, device=device))
     state.report.timings["score_passes"] = scores.passes
     for i, info in enumerate(infos):
         entry = state.entry(info.name)

@@ -81,6 +81,32 @@ class ErrorSums:
         return result
 
 
+ACTIVATION_FIELDS = ("activation", "activation_relative", "activation_weighted")
+GRADIENT_FIELDS = ("weight_grad", "input_grad", "weight_grad_bias", "input_grad_bias")
+
+
+def reduce_error_sums(sums: dict[str, ErrorSums], bits: Sequence[int], gradient_bits: Sequence[int]) -> None:
+    """Replace every module's sums by their totals over all ranks (`qanalyze.distributed`; nothing when not
+    distributed). A field no rank measured stays empty, as it would in one process."""
+    from qanalyze.distributed import all_reduce_floats, world
+
+    if not world().distributed:
+        return
+    layout = [(name, fld, tuple(bits) if fld in ACTIVATION_FIELDS else tuple(gradient_bits))
+              for name in sorted(sums) for fld in (*ACTIVATION_FIELDS, *GRADIENT_FIELDS)]
+    flat: list[float] = [float(sums[name].batches) for name in sorted(sums)]
+    for name, fld, keys in layout:
+        values = getattr(sums[name], fld)
+        flat += [1.0 if values else 0.0, *(values.get(b, 0.0) for b in keys)]
+    total = iter(all_reduce_floats(flat))
+    for name in sorted(sums):
+        sums[name].batches = round(next(total))
+    for name, fld, keys in layout:
+        present = next(total) > 0
+        values = [next(total) for _ in keys]
+        setattr(sums[name], fld, defaultdict(float, zip(keys, values)) if present else defaultdict(float))
+
+
 def all_weight_errors(
     weight: torch.Tensor,
     bits_list: Sequence[int],

@@ -203,10 +203,16 @@ class Scores:
 def measure_scores(model: nn.Module, infos: Sequence[ModuleInfo], batches: Sequence[Mapping[str, torch.Tensor]], *,
                    fisher: bool, output_steps: Mapping[str, CandidateSteps] | None, labels: str = "data",
                    generator: torch.Generator | None = None,
-                   progress: Callable[[str, int, int, str], None] | None = None) -> Scores:
+                   progress: Callable[[str, int, int, str], None] | None = None,
+                   indices: Sequence[int] | None = None,
+                   generator_for: Callable[[int], torch.Generator] | None = None) -> Scores:
     """Per-example passes over ``batches``: the Fisher diagonal of every module's weight (when ``fisher``) and
     the output-gradient scores at the candidates of ``output_steps`` (when given), from the same passes, with
-    the labels ``labels`` names (`SCORE_LABELS`; ``sampled`` draws them with ``generator``).
+    the labels ``labels`` names (`SCORE_LABELS`; ``sampled`` draws them with ``generator``, or, when
+    ``generator_for`` is given, those of batch ``indices[k]`` with ``generator_for(indices[k])``).
+
+    Under torchrun ``batches`` are this rank's share (``indices``: their global indices, default 0, 1, ...):
+    the sums are reduced over every rank before the means are taken (`qanalyze.distributed`).
 
     The model runs in eval mode; its parameters' ``requires_grad`` flags and gradients are as before.
     NonFiniteError when a pass's loss is NaN or infinite.
@@ -229,8 +235,10 @@ def measure_scores(model: nn.Module, infos: Sequence[ModuleInfo], batches: Seque
         for p in model.parameters():
             p.requires_grad_(id(p) in wanted)
         with probe:
-            for index, batch in enumerate(batches):
-                report("fisher/output-gradient", index, len(batches), f"batch {index + 1}")
+            for done, (index, batch) in enumerate(zip(indices or range(len(batches)), batches)):
+                report("fisher/output-gradient", done, len(batches), f"batch {index + 1}")
+                if generator_for is not None:  # the same draws whichever rank runs this batch
+                    generator = generator_for(index)
                 for single in single_examples(batch):
                     loss = model(**relabel(model, single, generator)).loss
                     if not torch.isfinite(loss):
@@ -247,6 +255,7 @@ def measure_scores(model: nn.Module, infos: Sequence[ModuleInfo], batches: Seque
         model.train(was_training)
         for p, flag in saved:
             p.requires_grad_(flag)
+    passes = _reduce_sums(probe, weights, output_steps, passes, fisher)
     count = max(passes, 1)
     fisher_diagonals = None
     if fisher:
@@ -259,6 +268,34 @@ def measure_scores(model: nn.Module, infos: Sequence[ModuleInfo], batches: Seque
         for (b, g), value in sums.output.items():
             output.setdefault(name, {}).setdefault(str(b), {})[g] = value / count
     return Scores(fisher_diagonals, output, passes)
+
+
+def _reduce_sums(probe: ScoreProbe, weights: Mapping[str, torch.Tensor],
+                output_steps: Mapping[str, CandidateSteps] | None, passes: int, fisher: bool) -> int:
+    """Sum the probe's squared gradients and output scores, and the passes (returned), over every rank; nothing
+    when not distributed. A module no rank scored keeps no output scores, as in one process."""
+    from qanalyze.distributed import all_reduce_floats, all_reduce_sum, world
+
+    if not world().distributed:
+        return passes
+    if fisher:
+        for name, weight in sorted(weights.items()):
+            sums = probe.sums[name]
+            if sums.squared_gradient is None:
+                sums.squared_gradient = torch.zeros_like(weight.detach())
+            all_reduce_sum(sums.squared_gradient)
+    layout = [(name, list(steps.candidates())) for name, steps in sorted((output_steps or {}).items())]
+    flat = [float(passes)]
+    for name, candidates in layout:
+        totals = probe.sums[name].output
+        flat += [1.0 if totals else 0.0, *(totals.get(c, 0.0) for c in candidates)]
+    reduced = iter(all_reduce_floats(flat))
+    passes = round(next(reduced))
+    for name, candidates in layout:
+        present = next(reduced) > 0
+        values = [next(reduced) for _ in candidates]
+        probe.sums[name].output = dict(zip(candidates, values)) if present else {}
+    return passes
 
 
 def _add_square(sums: ScoreSums, grad: torch.Tensor) -> None:
