@@ -107,6 +107,7 @@ def quantize(model: str | LoadedModel, data: TaskData, plan: str | BitPlan, out:
     """
     import shutil
 
+    from qanalyze.distributed import barrier, private_output
     from qanalyze.engine.train import TrainConfig
     from qanalyze.methods import METHODS, get_method
     from qanalyze.rundir import is_finished_run
@@ -116,20 +117,24 @@ def quantize(model: str | LoadedModel, data: TaskData, plan: str | BitPlan, out:
         quantizers = [name for name, m in METHODS.items() if m.command == "quantize"]
         raise ConfigError(f"{method} is not a post-training quantizer (known: {', '.join(quantizers)}); "
                           f"`qanalyze train --mode {method}` runs it")
-    target = Path(out)
-    before = sorted(target.iterdir()) if target.is_dir() else None
-    config = TrainConfig(epochs=1, seed=seed, device=device, eval_batch_size=eval_batch_size)
-    try:
-        return train(model, data, config, out, mode=method, plan=plan, method_config=method_config,
-                     overwrite=overwrite, on_eval=on_eval, on_prepare=progress)
-    except BaseException:
-        # A half-made PTQ run is worth nothing (no checkpoint to resume): once the run directory was made (or
-        # emptied by --overwrite), remove what is there; input refused before that leaves the folder as it was.
-        if target.is_dir() and not is_finished_run(target) and sorted(target.iterdir()) != before:
-            shutil.rmtree(target, ignore_errors=True)
-            if before == []:
-                target.mkdir()
-        raise
+    # Under torchrun: every rank has checked --out before rank 0 makes it, and the other ranks, which calibrate
+    # their share of the windows, write their (identical) run into a scratch folder that is then removed.
+    barrier()
+    with private_output(out) as out:
+        target = Path(out)
+        before = sorted(target.iterdir()) if target.is_dir() else None
+        config = TrainConfig(epochs=1, seed=seed, device=device, eval_batch_size=eval_batch_size)
+        try:
+            return train(model, data, config, out, mode=method, plan=plan, method_config=method_config,
+                         overwrite=overwrite, on_eval=on_eval, on_prepare=progress)
+        except BaseException:
+            # A half-made PTQ run is worth nothing (no checkpoint to resume): once the run directory was made (or
+            # emptied by --overwrite), remove what is there; input refused before that leaves the folder as it was.
+            if target.is_dir() and not is_finished_run(target) and sorted(target.iterdir()) != before:
+                shutil.rmtree(target, ignore_errors=True)
+                if before == []:
+                    target.mkdir()
+            raise
 
 
 def analyze(model: str, data: TaskData, config: AnalyzeConfig, out: str | Path, *, resume: bool = False,

@@ -9,6 +9,10 @@ number of windows); the caller quantizes the layer from those sums; the layer ru
 and its outputs become the next layer's inputs. Two passes per layer, one model forward in all for each.
 
 Modules that share one input tensor (q/k/v of an attention, gate/up of an MLP) share one product.
+
+Under torchrun each rank runs its share of the batches (`qanalyze.distributed.shard`: batch i on rank i mod N),
+and every module's ``Σ XᵀX`` and row count are summed over the ranks before the layer is quantized, so every rank
+quantizes it from the same H as one process and the next layer's inputs are those one process computes.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import Any
 
 import torch
 
+from qanalyze.distributed import all_reduce_floats, all_reduce_sum, shard
 from qanalyze.errors import ConfigError, DataError
 from qanalyze.lm_data import Windows, window_batches
 
@@ -139,9 +144,16 @@ def draw_calibration(data: CalibrationData, count: int, *, seed: int) -> Calibra
     return Encoded([data.features[i] for i in chosen], data.labels[chosen])
 
 
-def first_layer_inputs(model: torch.nn.Module, data: CalibrationData, *, batch_size: int = 4) -> LayerInputs:
+def batch_count(data: CalibrationData, batch_size: int) -> int:
+    """How many batches `first_layer_inputs` makes of ``data``: of ``batch_size`` windows, or one per example."""
+    return -(-len(data) // batch_size) if isinstance(data, Windows) else calibration_size(data)
+
+
+def first_layer_inputs(model: torch.nn.Module, data: CalibrationData, *, batch_size: int = 4,
+                       batches: Sequence[int] | None = None) -> LayerInputs:
     """The hidden states and other arguments the model passes its first decoder layer, one triple per batch
-    of ``batch_size`` windows (or per example of encoded examples)."""
+    of ``batch_size`` windows (or per example of encoded examples); only the batches of index ``batches``
+    when given (a rank's share)."""
     layers = decoder_layers(model)
     if calibration_size(data) == 0:
         raise DataError("calibration needs at least one window or example")
@@ -157,9 +169,12 @@ def first_layer_inputs(model: torch.nn.Module, data: CalibrationData, *, batch_s
 
     handle = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
     device = next(model.parameters()).device
+    wanted = None if batches is None else set(batches)
     try:
         with torch.no_grad():
-            for inputs in _model_inputs(data, batch_size, device):
+            for index, inputs in enumerate(_model_inputs(data, batch_size, device)):
+                if wanted is not None and index not in wanted:
+                    continue
                 with contextlib.suppress(_Stop):
                     model(**inputs)
     finally:
@@ -203,7 +218,9 @@ def sequential_calibration(model: torch.nn.Module, windows: CalibrationData, tar
     if outside:
         raise ConfigError(f"layer-by-layer calibration reaches modules inside decoder layers only, not "
                           f"{', '.join(sorted(outside))}")
-    inputs = first_layer_inputs(model, windows, batch_size=batch_size)
+    mine = shard(batch_count(windows, batch_size), "calibration batches (--calib-windows windows, --calib-batch "
+                                                   "per batch)")
+    inputs = first_layer_inputs(model, windows, batch_size=batch_size, batches=mine)
     last = max(by_layer, default=-1)
     for index, layer in enumerate(layers[: last + 1]):
         modules = by_layer.get(index)
@@ -215,6 +232,16 @@ def sequential_calibration(model: torch.nn.Module, windows: CalibrationData, tar
             finally:
                 for handle in handles:
                     handle.remove()
+            _reduce_stats(accumulator.stats)
             on_layer(index, {name: (module, accumulator.stats[name]) for name, module in modules.items()})
         if index < last:
             inputs = [(out, rest, kwargs) for out, (_, rest, kwargs) in zip(_run_layer(layer, inputs), inputs)]
+
+
+def _reduce_stats(stats: dict[str, InputStats]) -> None:
+    """Every module's ``Σ XᵀX`` and rows summed over all ranks (nothing when not distributed)."""
+    names = sorted(stats)
+    for name in names:
+        all_reduce_sum(stats[name].xtx)
+    for name, rows in zip(names, all_reduce_floats([stats[name].rows for name in names])):
+        stats[name].rows = round(rows)
