@@ -105,7 +105,7 @@ def llama_cpp_check(python: str, folder: Path, tokenizer, data) -> dict:
     """Perplexity of ``folder/model.gguf`` computed by llama.cpp (llama-cpp-python in ``python``'s environment)."""
     windows = encode(data.dev, tokenizer, max_length=128)
     with tempfile.TemporaryDirectory() as scratch:
-        Path(f"{scratch}/windows.json").write_text(json.dumps([list(map(int, w["input_ids"])) for w in windows]))
+        Path(f"{scratch}/windows.json").write_text(json.dumps(windows.input_ids.tolist()))
         done = subprocess.run([python, "-c", LLAMA_CPP_CHECK, str(folder / "model.gguf"), f"{scratch}/windows.json"],
                               capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -132,7 +132,7 @@ def gptqmodel_check(python: str, folder: Path, reference: torch.nn.Module, token
         weights = {f"{name}.weight": module.weight.detach().contiguous()
                    for name, module in reference.named_modules() if isinstance(module, torch.nn.Linear)}
         safetensors.torch.save_file(weights, f"{scratch}/reference.safetensors")
-        torch.save([torch.as_tensor(w["input_ids"]) for w in windows], f"{scratch}/windows.pt")
+        torch.save(list(windows.input_ids), f"{scratch}/windows.pt")
         done = subprocess.run([python, "-c", GPTQMODEL_CHECK, str(folder), f"{scratch}/reference.safetensors",
                                f"{scratch}/windows.pt"], capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])

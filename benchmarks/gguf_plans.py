@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import subprocess
 import sys
 import time
@@ -50,7 +49,7 @@ def figures(folder: Path) -> dict:
     metrics = record["metrics"]
     totals = plan["totals"]
     return {"perplexity": metrics["perplexity"], "kl": metrics.get("kl"), "weight_bytes": totals["weight_bytes"],
-            "bits_per_weight": totals["weight_bits_mean_all_scales"], "budget_bits": totals["weight_bits_mean"]}
+            "bits_per_weight": totals["weight_bits_mean_all_scales"]}
 
 
 def quantize(plan: str, out: Path, args) -> dict:
@@ -94,8 +93,8 @@ def main() -> None:
     for name in args.types.split(","):
         uniform = quantize(f"uniform:{name}", args.out / f"u-{name}", args)
         plan_path = args.out / f"plan-at-{name}.json"
-        # the bits budget both plans are measured by (each tensor's first scale free), rounded up
-        budget = f"{math.ceil(uniform['budget_bits'] * 1e6) / 1e6:.6f}bit"
+        # a bytes budget: every weight byte of the model (the float embeddings and norms too), as plans count them
+        budget = f"{uniform['weight_bytes'] / 1e6:.6f}MB"
         checked(["plan", "smollm2-135m", "--sensitivity", args.sensitivity, "--budget", budget, "--target",
                  "gguf", "--out", str(plan_path), "--overwrite", "-q"])
         mixed = quantize(str(plan_path), args.out / f"h-{name}", args)
