@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+GGML_NAMES = ("Q2_K", "Q3_K", "Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0")
 CLI = [sys.executable, "-m", "qanalyze"]
 
 
@@ -69,6 +71,13 @@ def fp32_perplexity(args) -> float:
     return json.loads(path.read_text())["metrics"]["perplexity"]
 
 
+def verdict(gap: float) -> str:
+    """What a gap ratio says, in words."""
+    if math.isnan(gap):
+        return "the uniform type is at FP32 already: no gap to close"
+    return "the Hessian plan is closer to FP32" if gap < 1 else "the uniform type is as close or closer"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sensitivity", required=True, help="analyze output of smollm2-135m on task lm")
@@ -77,11 +86,13 @@ def main() -> None:
     parser.add_argument("--eval-windows", type=int, default=16)
     parser.add_argument("--data", default=str(ROOT.parent / "shared/data/wikitext-2"))
     parser.add_argument("--out", type=Path, default=ROOT / "runs/gguf/bench")
+    parser.add_argument("--without", default="", help="GGML types the Hessian plans may not use (Q4_1: the type "
+                        "SmolLM2's GGUF is stored in, which re-quantizes it without loss)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
-    for budget in args.refused.split(","):
+    for budget in filter(None, args.refused.split(",")):
         done = run(["plan", "smollm2-135m", "--sensitivity", args.sensitivity, "--budget", budget, "--target",
                     "gguf", "--out", str(args.out / f"plan-{budget}.json"), "--overwrite"])
         print(f"plan --budget {budget} --target gguf: exit {done.returncode}: "
@@ -92,19 +103,23 @@ def main() -> None:
     rows = []
     for name in args.types.split(","):
         uniform = quantize(f"uniform:{name}", args.out / f"u-{name}", args)
-        plan_path = args.out / f"plan-at-{name}.json"
+        tag = "".join(f"-no{kind}" for kind in filter(None, args.without.split(",")))
+        plan_path = args.out / f"plan-at-{name}{tag}.json"
         # a bytes budget: every weight byte of the model (the float embeddings and norms too), as plans count them
         budget = f"{uniform['weight_bytes'] / 1e6:.6f}MB"
+        allowed = ["--group-sizes", ",".join(kind for kind in GGML_NAMES if kind not in args.without.split(","))]
         checked(["plan", "smollm2-135m", "--sensitivity", args.sensitivity, "--budget", budget, "--target",
-                 "gguf", "--out", str(plan_path), "--overwrite", "-q"])
-        mixed = quantize(str(plan_path), args.out / f"h-{name}", args)
-        gap = (mixed["perplexity"] - fp32) / (uniform["perplexity"] - fp32)
+                 "gguf", "--out", str(plan_path), "--overwrite", "-q", *(allowed if tag else [])])
+        mixed = quantize(str(plan_path), args.out / f"h-{name}{tag}", args)
+        # a uniform plan at FP32's perplexity (uniform:Q4_1 on SmolLM2, whose weights are Q4_1 already) has no gap
+        uniform_gap = uniform["perplexity"] - fp32
+        gap = (mixed["perplexity"] - fp32) / uniform_gap if uniform_gap > 0 else float("nan")
         row = {"type": name, "budget": budget, "uniform": uniform, "hessian": mixed, "gap_ratio": gap}
         rows.append(row)
         print(f"{name}: uniform {uniform['bits_per_weight']:.3f} bpw ppl {uniform['perplexity']:.4f} "
               f"(KL {uniform['kl']:.4f}); hessian {mixed['bits_per_weight']:.3f} bpw ppl {mixed['perplexity']:.4f} "
               f"(KL {mixed['kl']:.4f}); gap ratio {gap:.3f} "
-              f"({'the Hessian plan is closer to FP32' if gap < 1 else 'the uniform type is as close or closer'})",
+              f"({verdict(gap)})",
               flush=True)
     if args.json:
         args.json.write_text(json.dumps({"fp32": fp32, "rows": rows}, indent=1) + "\n")
