@@ -56,6 +56,7 @@ from qanalyze.plan.entries import FloatEntry, PlanEntry, QuantizedEntry
 from qanalyze.plan.knapsack import cost_scales, make_solution, make_table
 from qanalyze.plan.solvers import InfeasibleError, Item, Solution, solve
 from qanalyze.plan.ties import default_ties
+from qanalyze.quant.ggml import is_ggml_layout
 from qanalyze.quant.layouts import is_column_layout, layout_symmetric, parse_layout
 from qanalyze.quant.primitives import ACTIVATION_GROUPS, GRADIENT_GROUPS
 from qanalyze.quant.targets import Target, get_target
@@ -197,8 +198,9 @@ def _stuck_modules(budget: Budget, planned: Sequence[ModuleOptions]) -> str:
         return ""
     first = stuck[0]
     least = min(first.candidates, key=lambda c: c.cost_bits)
+    named = least.group if is_ggml_layout(least.group) else f"{least.bits}-bit {least.group}"
     return (f": {len(stuck)} of {len(planned)} planned modules take nothing smaller, e.g. {first.name} "
-            f"(shape {list(first.shape)}), whose least is {least.group} at {least.cost_bits / first.params:g} bits")
+            f"(shape {list(first.shape)}), whose least is {named} at {least.cost_bits / first.params:.3g} bits")
 
 
 AUTO_OBJECTIVES = {"lm": "fisher"}

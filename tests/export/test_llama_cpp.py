@@ -110,4 +110,4 @@ def test_codes_no_type_holds_are_refused_through_the_cli(capfd, tmp_path, asym_r
     assert_one_line_error(code, err, "exists; pass --overwrite")
     assert [path.name for path in tmp_path.iterdir()] == ["x"] and (tmp_path / "x" / "old.txt").is_file()
     code, _, err = run_cli(capfd, "export", ggml_run, "--format", "gguf", "--out", tmp_path / "y")
-    assert_one_line_error(code, err, "known: compressed-tensors, gptq, llama-cpp, torchao")
+    assert_one_line_error(code, err, "'gguf' is not one of 'compressed-tensors', 'gptq', 'llama-cpp', 'torchao'")

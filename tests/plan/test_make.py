@@ -162,9 +162,12 @@ def test_hessian_plan_beats_its_baselines_at_equal_budget(analysed):
 def test_unreachable_budget_names_the_smallest_reachable(analysed):
     report, _, _ = analysed
     # the same rule as the budget: 2 bits at one scale per tensor is exactly 2bit
-    with pytest.raises(ConfigError, match=r"smallest reachable is 2bit$"):
+    with pytest.raises(ConfigError, match=r"smallest reachable is 2bit: 11 of 11 planned modules take nothing "
+                       r"smaller, e\.g\. bert\.embeddings\.word_embeddings \(shape \[30522, 32\]\), whose least "
+                       r"is 2-bit tensor at 2 bits$"):
         make_plan(report, parse_budget("1bit"), PlanConfig())
-    with pytest.raises(ConfigError, match=r"smallest reachable is 3bit$"):
+    with pytest.raises(ConfigError, match=r"smallest reachable is 3bit: 11 of 11 .* whose least is 3-bit tensor at "
+                       r"3 bits$"):
         make_plan(report, parse_budget("2.5bit"), PlanConfig(bits=(3, 4, 8)))
     with pytest.raises(ConfigError, match="smallest reachable"):
         make_plan(report, parse_budget("30x"), PlanConfig())
