@@ -84,8 +84,11 @@ LLAMA_CPP_CHECK = r"""
 import json, math, sys
 import numpy as np
 from llama_cpp import Llama
-path, windows_file = sys.argv[1:3]
+path, windows_file, text_file = sys.argv[1:4]
 windows = json.load(open(windows_file))
+sample = json.load(open(text_file))
+vocab = Llama(model_path=path, vocab_only=True, verbose=False)
+same_tokens = vocab.tokenize(sample["text"].encode(), add_bos=False, special=False) == sample["ids"]
 model = Llama(model_path=path, n_ctx=len(windows[0]), logits_all=True, n_threads=2, n_batch=len(windows[0]),
               verbose=False)
 total, tokens = 0.0, 0
@@ -97,8 +100,12 @@ for window in windows:
     logz = (top[:, 0] + np.log(np.exp(logits - top).sum(axis=1)))
     total += float((logz - logits[np.arange(len(window) - 1), window[1:]]).sum())
     tokens += len(window) - 1
-print(json.dumps({"perplexity": math.exp(total / tokens), "windows": len(windows)}))
+print(json.dumps({"perplexity": math.exp(total / tokens), "windows": len(windows), "same_tokens": same_tokens,
+                  "sample_tokens": len(sample["ids"])}))
 """
+
+
+TOKENIZER_SAMPLE_CHARS = 200_000
 
 
 def llama_cpp_check(python: str, folder: Path, tokenizer, data) -> dict:
@@ -106,8 +113,12 @@ def llama_cpp_check(python: str, folder: Path, tokenizer, data) -> dict:
     windows = encode(data.dev, tokenizer, max_length=128)
     with tempfile.TemporaryDirectory() as scratch:
         Path(f"{scratch}/windows.json").write_text(json.dumps(windows.input_ids.tolist()))
-        done = subprocess.run([python, "-c", LLAMA_CPP_CHECK, str(folder / "model.gguf"), f"{scratch}/windows.json"],
-                              capture_output=True, text=True, check=True)
+        # llama.cpp's own tokenizer (the GGUF's vocabulary, merges and pre-tokenizer) against qanalyze's
+        text = data.dev.text[:TOKENIZER_SAMPLE_CHARS]
+        sample = {"text": text, "ids": tokenizer(text, add_special_tokens=False)["input_ids"]}
+        Path(f"{scratch}/sample.json").write_text(json.dumps(sample))
+        done = subprocess.run([python, "-c", LLAMA_CPP_CHECK, str(folder / "model.gguf"), f"{scratch}/windows.json",
+                               f"{scratch}/sample.json"], capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -174,7 +185,8 @@ def check_run(run: Path, formats: list[str], data, out: Path, gptqmodel_python: 
         if name == "llama-cpp" and llama_cpp_python:
             found = llama_cpp_check(llama_cpp_python, folder, tokenizer, data)
             print(f"  llama-cpp in llama.cpp (llama-cpp-python): perplexity {found['perplexity']:.4f}/{own:.4f} = "
-                  f"{found['perplexity'] / own:.6f}", flush=True)
+                  f"{found['perplexity'] / own:.6f}; its tokenizer gives qanalyze's {found['sample_tokens']:,} "
+                  f"tokens of the text's start: {'yes' if found['same_tokens'] else 'NO'}", flush=True)
             rows.append({"run": run.name, "format": "llama-cpp (llama.cpp)", **found, "qanalyze_perplexity": own,
                          "ratio": found["perplexity"] / own})
         if name == "gptq" and gptqmodel_python:

@@ -9,8 +9,12 @@ Two kinds are written, read from the tokenizer's own ``tokenizer.json``:
 
 Added special tokens are ``CONTROL``, other added tokens ``USER_DEFINED``; a model whose embedding has more rows
 than the tokenizer has tokens gets ``[PAD<id>]`` tokens of type ``UNUSED`` (llama.cpp needs one token per row).
-No ``tokenizer.ggml.pre`` is written: llama.cpp names its pre-tokenizers by a hash of their output that only its
-converter computes, and uses its default one without it. Other tokenizers (SentencePiece, Unigram) are refused
+``tokenizer.ggml.pre`` names llama.cpp's pre-tokenizer, the regular expressions that cut text into words before
+the merges. llama.cpp's converter picks it by a hash of a tokenization that only it computes; here it is read from
+the shape of the tokenizer's own pre-tokenizer where that shape is one llama.cpp names (`PRE_TOKENIZERS`: plain
+byte-level, GPT-2's expression, is ``gpt-2``; single digits first, then byte-level, is ``smollm``). Any other
+shape is written without a name, and llama.cpp then uses its default expressions, which split punctuation
+differently (``Vocab.pre`` None; export.json records it). Other tokenizers (SentencePiece, Unigram) are refused
 by name.
 """
 
@@ -38,10 +42,14 @@ class GGUFVocab:
     types: list[int]
     merges: list[str] = field(default_factory=list)
     special: dict[str, int] = field(default_factory=dict)
+    pre: str | None = None
+    """llama.cpp's name of the pre-tokenizer (`PRE_TOKENIZERS`), None where the shape is not one it names."""
 
     def write(self, writer: Any) -> None:
         """Add the keys to ``gguf.GGUFWriter`` ``writer``."""
         writer.add_tokenizer_model(self.model)
+        if self.pre is not None:
+            writer.add_tokenizer_pre(self.pre)
         writer.add_token_list(self.tokens)
         writer.add_token_types(self.types)
         if self.merges:
@@ -55,6 +63,32 @@ def _wordpiece_token(token: str) -> str:
     if token.startswith("[") and token.endswith("]"):
         return token
     return token[2:] if token.startswith("##") else "\u2581" + token
+
+
+PRE_TOKENIZERS: dict[tuple[str, ...], str] = {
+    ("ByteLevel",): "gpt-2",
+    ("Digits:individual", "ByteLevel"): "smollm",
+}
+"""llama.cpp's pre-tokenizer name by the shape of a byte-level tokenizer's pre-tokenizer (`pre_tokenizer_shape`)."""
+
+
+def pre_tokenizer_shape(spec: dict[str, Any]) -> tuple[str, ...]:
+    """The parts of ``tokenizer.json``'s pre-tokenizer, in order: ``ByteLevel`` (only with GPT-2's expression,
+    ``use_regex``, and no prefix space), ``Digits:individual``, or the part's type with a ``?`` (a shape no table
+    entry matches)."""
+    pre = spec.get("pre_tokenizer") or {}
+    parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    shape = []
+    for part in parts:
+        kind = part.get("type", "?")
+        if kind == "ByteLevel":
+            plain = part.get("use_regex", True) and not part.get("add_prefix_space", False)
+            shape.append("ByteLevel" if plain else "ByteLevel?")
+        elif kind == "Digits":
+            shape.append("Digits:individual" if part.get("individual_digits") else "Digits?")
+        else:
+            shape.append(f"{kind}?")
+    return tuple(shape)
 
 
 def _byte_level(spec: dict[str, Any]) -> bool:
@@ -95,4 +129,5 @@ def gguf_vocab(tokenizer: Any, vocab_size: int) -> GGUFVocab:
     merges = [merge if isinstance(merge, str) else " ".join(merge) for merge in spec["model"].get("merges", [])]
     special = {name: int(token_id) for name in SPECIAL_IDS
                if (token_id := getattr(tokenizer, f"{name}_token_id", None)) is not None}
-    return GGUFVocab(model, tokens, types, merges if model == "gpt2" else [], special)
+    pre = PRE_TOKENIZERS.get(pre_tokenizer_shape(spec)) if model == "gpt2" else None
+    return GGUFVocab(model, tokens, types, merges if model == "gpt2" else [], special, pre)

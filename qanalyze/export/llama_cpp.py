@@ -198,7 +198,8 @@ class LlamaCppExporter(Exporter):
         writer = gguf.GGUFWriter(str(staging / GGUF_FILE), "llama")
         write_hyperparameters(writer, model_config, source.path.name)
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        gguf_vocab(source.tokenizer, model_config.vocab_size).write(writer)
+        vocab = gguf_vocab(source.tokenizer, model_config.vocab_size)
+        vocab.write(writer)
         for name, (array, raw) in tensors.items():
             writer.add_tensor(name, array, raw_dtype=raw)
         writer.write_header_to_file()
@@ -207,7 +208,8 @@ class LlamaCppExporter(Exporter):
         writer.close()
         data = sum(array.nbytes for array, _ in tensors.values())
         types = Counter("F32" if raw is None else raw.name for _, raw in tensors.values())
-        return {"file": GGUF_FILE, "tensor_types": dict(sorted(types.items())),
+        return {"file": GGUF_FILE, "tensor_types": dict(sorted(types.items())), "tokenizer": vocab.model,
+                "pre_tokenizer": vocab.pre,
                 "metadata_bytes": (staging / GGUF_FILE).stat().st_size - data}
 
     def load(self, path: Path) -> torch.nn.Module:
