@@ -309,6 +309,14 @@ def test_cli_defaults_are_the_library_defaults():
                                                                     defaults.grad_tol)
 
 
+def test_an_unknown_qanalyze_kernel_is_refused_with_one_line(capfd, monkeypatch, tmp_path, tiny_bert_dir, glue_dir):
+    monkeypatch.setenv("QANALYZE_KERNEL", "vnni")
+    out = tmp_path / "run"
+    code, _, err = run_cli(capfd, *_train_args(tiny_bert_dir, glue_dir, out, "uniform:8", "--mode", "int"))
+    assert_one_line_error(code, err, "QANALYZE_KERNEL='vnni' is not a kernel", "known: auto, reference, float")
+    assert not (out / "metrics.json").exists() and not (out / "weights.safetensors").exists()
+
+
 def test_diverged_training_has_its_own_exit_code(capfd, tmp_path, tiny_bert_dir, glue_dir):
     import torch
     from transformers import AutoTokenizer, BertForSequenceClassification

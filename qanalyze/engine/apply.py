@@ -17,6 +17,7 @@ from torch import nn
 
 from qanalyze.engine.functions import TensorSpec
 from qanalyze.engine.int4 import Int4Embedding, Int4Linear, Int4Spec
+from qanalyze.engine.kernels import forced_kernel
 from qanalyze.engine.modules import (
     IntEmbedding,
     IntLayerNorm,
@@ -237,10 +238,12 @@ def apply_plan(model: nn.Module, plan: BitPlan, mode: str, *, seed: int = 0,
     module kind the mode cannot run is refused with the module's name and the reason. Each swapped
     module gets its own ``torch.Generator`` (on the weight's device) seeded from ``seed`` and its
     position, so stochastic rounding is reproducible. ``options`` go to the mode's builders (int4:
-    ``lss``, ``block``, ``keep_fraction`` of `qanalyze.engine.int4.Int4Spec`).
+    ``lss``, ``block``, ``keep_fraction`` of `qanalyze.engine.int4.Int4Spec`). ConfigError for a
+    ``QANALYZE_KERNEL`` that names no integer GEMM path (`qanalyze.engine.kernels.forced_kernel`).
     """
     chosen = get_mode(mode)
     planned = validate_plan(model, plan, mode)
+    forced_kernel()  # a bad QANALYZE_KERNEL is refused now, before a model is changed or a run begins
     infos = inventory(model)
     # (position, module, spec): the position seeds the module's generator, so it is the inventory's
     swaps = [(index, info, planned[info.name]) for index, info in enumerate(infos) if info.name in planned]

@@ -17,6 +17,9 @@ symmetric codes (``|v| <= 2**(bits-1) - 1``, 2 to 16 bits), whatever their shape
   exact integer product. float32 takes chunks of up to ``2**24 / (qmax_a * qmax_b)`` columns (1,040 at
   8 x 8 bits), float64 the rest (16-bit codes); chunk results are summed in int64, like the int8 path's. It needs
   full float32 precision (no bfloat16 or TF32 GEMMs, `_float32_is_exact`), else it works in float64.
+- ``avx2``: the ``int8`` and ``split`` paths with a compiled AVX2 kernel (`qanalyze.engine.avx2_gemm`) in place
+  of ``torch._int_mm``, for x86 CPUs without VNNI; exact for every pair of 8-bit codes (int16 lanes, pair sums
+  in int32), built on first use, absent where it cannot be built.
 - ``reference``: int64 matmul, the oracle every other path is tested against.
 
 ``auto`` takes ``int8`` / ``split`` where int8 GEMMs are fast, and ``float`` where they are not: without
@@ -24,7 +27,10 @@ AVX-512 VNNI, AVX-VNNI or AMX, oneDNN's ``torch._int_mm`` on the CPU falls back 
 slower than a float32 GEMM of the same shape (measured on an AVX2-only AMD EPYC: 0.6 to 1.9 s against 23 ms
 for 2048 x 384 x 1536), where a VNNI CPU runs it about 3.7 times faster than float32. Which one this CPU
 is, is measured once per process (`int8_gemm_is_fast`): both paths give the same integers, so the choice
-changes only the speed.
+changes only the speed. Where ``torch._int_mm`` is slow and the AVX2 kernel builds, ``auto`` also times it
+against ``float`` (once per process, per operand class: both sides <= 8 bits, or wider) and takes the faster.
+``QANALYZE_KERNEL`` (`KERNEL_ENV`) forces what ``auto`` takes: ``reference``, ``float``, ``int_mm`` (``int8`` /
+``split``) or ``avx2``; any other value is a ConfigError.
 
 Shape and hardware rules of ``torch._int_mm`` live in :func:`safe_int_mm`, nowhere else. Values
 outside the declared code range are not checked (that would cost a pass over both operands per
@@ -35,6 +41,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,10 +50,19 @@ import torch
 import torch.nn.functional as F
 
 from qanalyze.cpu import onednn_int8_is_exact
+from qanalyze.engine.avx2_gemm import avx2_int8_mm_op
 from qanalyze.errors import ConfigError
 from qanalyze.quant.primitives import qmax
 
 _Kernel = Callable[..., torch.Tensor]  # kernel(a, b, *, bits_a, bits_b) on validated operands
+_Int8Mm = Callable[..., torch.Tensor]  # mm(a8, b8, *, out=None) -> int32, like safe_int_mm
+
+KERNEL_ENV = "QANALYZE_KERNEL"
+"""Environment variable that forces what ``int_mm(..., path="auto")`` takes (`FORCED_KERNELS`)."""
+
+FORCED_KERNELS = ("auto", "reference", "float", "int_mm", "avx2")
+"""Values of `KERNEL_ENV`: ``int_mm`` is ``int8`` for codes of <= 8 bits and ``split`` above, ``avx2`` is the
+AVX2 kernel (`qanalyze.engine.avx2_gemm`) at every width; ``auto`` (or unset) lets the CPU check decide."""
 
 KERNEL_PATHS: dict[str, _Kernel] = {}
 """Path name -> ``kernel(a, b, *, bits_a, bits_b)``, the exact product of validated operands.
@@ -95,7 +111,8 @@ def int_mm(a: torch.Tensor, b: torch.Tensor, *, bits_a: int, bits_b: int, path: 
     of the call's shape and path: the int8 and float paths give int32 unless K * qmax_a * qmax_b >= 2**31
     (K > 133144 at 8 x 8 bits); the split path gives int32 when its digits' bound fits (8 x 16 bits up to
     K = 512, 16 x 16 bits only at K = 1); the reference path always gives int64. ``auto`` picks a path by
-    device (`int8_gemm_is_fast`), so callers should not depend on which of int32 and int64 they get.
+    device (`int8_gemm_is_fast`) or by `KERNEL_ENV`, so callers should not depend on which of int32 and int64
+    they get.
 
     ``a`` and ``b`` may have any signed integer dtype (int8, int16, int32, int64) and any strides (a
     transposed view is used as it is). ``path`` is ``"auto"`` or a name in :data:`KERNEL_PATHS`.
@@ -128,22 +145,54 @@ def _int8_gemm_is_fast(device_type: str) -> bool:
     a = torch.randint(-127, 128, (256, 1024), generator=generator, dtype=torch.int32).to(torch.int8)
     b = torch.randint(-127, 128, (1024, 256), generator=generator, dtype=torch.int32).to(torch.int8)
 
-    def best(product: Callable[[], torch.Tensor]) -> float:
-        product()  # first call: packing, dispatch and allocation
-        times = []
-        for _ in range(3):
-            start = time.perf_counter()
-            product()
-            times.append(time.perf_counter() - start)
-        return min(times)
+    return _best_seconds(lambda: safe_int_mm(a, b)) < _best_seconds(lambda: _float_path(a, b, bits_a=8, bits_b=8))
 
-    return best(lambda: safe_int_mm(a, b)) < best(lambda: _float_path(a, b, bits_a=8, bits_b=8))
+
+def forced_kernel() -> str:
+    """The value of `KERNEL_ENV` (lower case, ``auto`` when unset or empty); ConfigError for a value not in
+    `FORCED_KERNELS`, or ``avx2`` on a machine where the AVX2 kernel cannot be built."""
+    value = os.environ.get(KERNEL_ENV, "").strip().lower() or "auto"
+    if value not in FORCED_KERNELS:
+        raise ConfigError(f"{KERNEL_ENV}={value!r} is not a kernel; known: {', '.join(FORCED_KERNELS)}")
+    if value == "avx2" and avx2_int8_mm_op() is None:
+        raise ConfigError(f"{KERNEL_ENV}=avx2, but the AVX2 int8 kernel cannot be built or run on this machine")
+    return value
 
 
 def _auto_path(bits_a: int, bits_b: int, device: torch.device) -> str:
-    if not int8_gemm_is_fast(device):
+    narrow = max(bits_a, bits_b) <= 8
+    forced = forced_kernel()
+    if forced == "int_mm" or (forced == "auto" and int8_gemm_is_fast(device)):
+        return "int8" if narrow else "split"
+    if forced == "auto" and device.type == "cpu":
+        return _cpu_fallback(narrow)
+    return "float" if forced == "auto" else forced
+
+
+@functools.cache
+def _cpu_fallback(narrow: bool) -> str:
+    """``avx2`` or ``float``, whichever multiplies a 256 x 1024 x 256 product of 8-bit codes (``narrow``) or of
+    16-bit codes faster here (best of three); ``float`` without the AVX2 kernel. Once per process."""
+    if avx2_int8_mm_op() is None:
         return "float"
-    return "int8" if max(bits_a, bits_b) <= 8 else "split"
+    bits = 8 if narrow else 16
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randint(-qmax(bits), qmax(bits) + 1, (256, 1024), generator=generator)
+    b = torch.randint(-qmax(bits), qmax(bits) + 1, (1024, 256), generator=generator)
+    a, b = (a.to(torch.int8), b.to(torch.int8)) if narrow else (a.to(torch.int16), b.to(torch.int16))
+    avx2 = _best_seconds(lambda: _avx2_path(a, b, bits_a=bits, bits_b=bits))
+    return "avx2" if avx2 < _best_seconds(lambda: _float_path(a, b, bits_a=bits, bits_b=bits)) else "float"
+
+
+def _best_seconds(product: Callable[[], torch.Tensor]) -> float:
+    """Best of three timed calls of ``product``, after one untimed call (packing, dispatch, allocation)."""
+    product()
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        product()
+        times.append(time.perf_counter() - start)
+    return min(times)
 
 
 def reference_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -255,13 +304,37 @@ def _int8_path(a: torch.Tensor, b: torch.Tensor, *, bits_a: int, bits_b: int) ->
     if max(bits_a, bits_b) > 8:
         raise ConfigError(f"the int8 path multiplies codes of at most 8 bits, not {bits_a} x {bits_b}; "
                           f"use path='split' (or 'auto')")
+    return _narrow_mm(a, b, bits_a, bits_b, safe_int_mm)
+
+
+def _narrow_mm(a: torch.Tensor, b: torch.Tensor, bits_a: int, bits_b: int, mm: _Int8Mm) -> torch.Tensor:
+    """a @ b for codes of <= 8 bits through one int8 GEMM ``mm`` per chunk of K that keeps int32 exact."""
     # values of <= 8-bit codes fit int8 whatever the dtype, so the conversion is exact
     a8 = a if a.dtype == torch.int8 else a.to(torch.int8)
     b8 = b if b.dtype == torch.int8 else b.to(torch.int8)
     step = _INT32_MAX // (qmax(bits_a) * qmax(bits_b))
     if a8.shape[1] <= step:
-        return safe_int_mm(a8, b8)
-    return _sum_k_chunks(lambda x, y: safe_int_mm(x, y), a8, b8, step)
+        return mm(a8, b8)
+    return _sum_k_chunks(lambda x, y: mm(x, y), a8, b8, step)
+
+
+@_register("avx2")
+def _avx2_path(a: torch.Tensor, b: torch.Tensor, *, bits_a: int, bits_b: int) -> torch.Tensor:
+    if a.device.type != "cpu" or avx2_int8_mm_op() is None:
+        raise ConfigError(f"the avx2 path needs CPU operands and the AVX2 int8 kernel, which this machine "
+                          f"cannot build or run (operands on {a.device})")
+    if max(bits_a, bits_b) <= 8:
+        return _narrow_mm(a, b, bits_a, bits_b, _avx2_mm)
+    step = _split_k_step(bits_a, bits_b)
+    if a.shape[1] <= step:
+        return _split_mm(a, b, bits_a, bits_b, _avx2_mm)
+    return _sum_k_chunks(lambda x, y: _split_mm(x, y, bits_a, bits_b, _avx2_mm), a, b, step)
+
+
+def _avx2_mm(a8: torch.Tensor, b8: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The AVX2 kernel with `safe_int_mm`'s signature (``out`` receives a copy: the kernel allocates)."""
+    product = avx2_int8_mm_op()(a8, b8)
+    return product if out is None else out.copy_(product)
 
 
 @_register("float")
@@ -401,7 +474,7 @@ def _digits(x: torch.Tensor, bits: int, dim: int, hi_first: bool) -> tuple[torch
     return stacked, _Operand({1: hi, 0: lo}, offset=offset)
 
 
-def _levels(a: torch.Tensor, b: torch.Tensor, bits_a: int, bits_b: int) -> list[_Level]:
+def _levels(a: torch.Tensor, b: torch.Tensor, bits_a: int, bits_b: int, mm: _Int8Mm) -> list[_Level]:
     """The product as ``sum(256**e * (A_e @ B_e + row_e + col_e))``, highest exponent first.
 
     With a = a' + 128 (a' the digit sum, when a is split) and likewise b:
@@ -426,24 +499,26 @@ def _levels(a: torch.Tensor, b: torch.Tensor, bits_a: int, bits_b: int) -> list[
             a_e, b_e = a_stack, b_stack
         row = col = None
         if db.offset and e in da.digits:
-            row = safe_int_mm(da.digits[e], ones_k.t()).mul_(_OFFSET)
+            row = mm(da.digits[e], ones_k.t()).mul_(_OFFSET)
         if da.offset and e in db.digits:
-            col = safe_int_mm(ones_k, db.digits[e]).mul_(_OFFSET)
+            col = mm(ones_k, db.digits[e]).mul_(_OFFSET)
         if e == 0 and da.offset and db.offset:
             row += _OFFSET * _OFFSET * k
         levels.append(_Level(a_e, b_e, row, col, k * per_k[e]))
     return levels
 
 
-def _split_mm(a: torch.Tensor, b: torch.Tensor, bits_a: int, bits_b: int) -> torch.Tensor:
-    """Exact a @ b through int8 digits, int32 when its bound fits, else int64; K <= ``_split_k_step``.
+def _split_mm(a: torch.Tensor, b: torch.Tensor, bits_a: int, bits_b: int,
+              mm: _Int8Mm = safe_int_mm) -> torch.Tensor:
+    """Exact a @ b through int8 digits multiplied by ``mm``, int32 when its bound fits, else int64;
+    K <= ``_split_k_step``.
 
     The levels are combined by Horner's rule, ``acc = 256 * acc + level``, one block of rows at a
     time so that a block's partial products are still in cache when they are combined. ``acc`` stays
     int32 while its bound allows and only then moves to int64, whose ops cost two to five times more
     here: at K = 384 a 16 x 16 product needs int64 for its last level only, an 8 x 16 product not at all.
     """
-    levels = _levels(a, b, bits_a, bits_b)
+    levels = _levels(a, b, bits_a, bits_b, mm)
     bounds = list(itertools.accumulate((level.bound for level in levels), lambda acc, x: acc * _RADIX + x))
     narrow = [bound <= _INT32_MAX for bound in bounds]  # once False, False for every lower level
     m, n = a.shape[0], b.shape[1]
@@ -459,7 +534,7 @@ def _split_mm(a: torch.Tensor, b: torch.Tensor, bits_a: int, bits_b: int) -> tor
         buffers = [*partials, block if last is None else last]
         acc = block
         for i, (level, buffer) in enumerate(zip(levels, buffers)):
-            p = safe_int_mm(level.a[start:stop], level.b, out=buffer[: stop - start])
+            p = mm(level.a[start:stop], level.b, out=buffer[: stop - start])
             if level.row is not None:
                 p += level.row[start:stop]
             if level.col is not None:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from qanalyze.engine import kernels
+from qanalyze.engine.avx2_gemm import avx2_int8_mm_op
 from qanalyze.engine.kernels import KERNEL_PATHS, int_mm, reference_mm, safe_int_mm
 from qanalyze.errors import ConfigError
 
@@ -36,7 +37,8 @@ def _operands(m, k, n, bits_a, bits_b, generator, *, a_t=False, b_t=False, dtype
 
 
 def _paths(bits_a, bits_b):
-    return ("auto", "split", "float", "reference") + (("int8",) if max(bits_a, bits_b) <= 8 else ())
+    avx2 = ("avx2",) if avx2_int8_mm_op() is not None else ()
+    return ("auto", "split", "float", "reference", *avx2) + (("int8",) if max(bits_a, bits_b) <= 8 else ())
 
 
 def _assert_exact(a, b, bits_a, bits_b):
@@ -48,8 +50,8 @@ def _assert_exact(a, b, bits_a, bits_b):
         assert torch.equal(got.to(torch.int64), expected), f"path {path}, bits {bits_a} x {bits_b}"
 
 
-def test_registry_names_the_four_paths():
-    assert set(KERNEL_PATHS) == {"int8", "split", "float", "reference"}
+def test_registry_names_the_five_paths():
+    assert set(KERNEL_PATHS) == {"int8", "split", "float", "reference", "avx2"}
 
 
 @pytest.mark.parametrize(("bits_a", "bits_b"), list(itertools.product(BITS, BITS)))
@@ -175,8 +177,12 @@ def test_auto_takes_the_float_path_where_int8_gemms_are_slow(monkeypatch):
     device = torch.device("cpu")
     assert isinstance(kernels.int8_gemm_is_fast(device), bool)
     assert kernels.int8_gemm_is_fast("cpu") is kernels.int8_gemm_is_fast(device)  # measured once
+    monkeypatch.delenv(kernels.KERNEL_ENV, raising=False)
     monkeypatch.setattr(kernels, "int8_gemm_is_fast", lambda device: False)
+    monkeypatch.setattr(kernels, "_cpu_fallback", lambda narrow: "float")
     assert {kernels._auto_path(x, y, device) for x, y in ((8, 8), (16, 8), (4, 16))} == {"float"}
+    monkeypatch.setattr(kernels, "_cpu_fallback", lambda narrow: "avx2" if narrow else "float")
+    assert [kernels._auto_path(x, y, device) for x, y in ((8, 8), (16, 8), (4, 16))] == ["avx2", "float", "float"]
     monkeypatch.setattr(kernels, "int8_gemm_is_fast", lambda device: True)
     assert [kernels._auto_path(x, y, device) for x, y in ((8, 8), (16, 8), (2, 9))] == ["int8", "split", "split"]
 

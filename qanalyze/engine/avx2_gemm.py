@@ -1,0 +1,56 @@
+"""An exact int8 GEMM for x86 CPUs with AVX2 but no VNNI, compiled on first use from ``csrc/avx2_int8_gemm.cpp``.
+
+On such CPUs ``torch._int_mm`` has no fast kernel (oneDNN's AVX2 int8 GEMM sums pairs of u8 x s8 products in
+saturating 16-bit lanes, ``vpmaddubsw``, which is not exact for signed 8-bit codes on both sides). The compiled
+kernel multiplies int16 lanes and sums pairs in int32 (``vpmaddwd``): ``2 * 127 * 127`` never saturates, so the
+product is the exact integer one for every pair of 8-bit codes. It accumulates in int32, so the caller keeps
+``K * max|a| * max|b| < 2**31`` (K <= 133,143 at 8 x 8 bits).
+
+The kernel is built with the machine's C++ compiler through ``torch.utils.cpp_extension`` (about 10 s, once;
+PyTorch caches the library and rebuilds only when the source changes). Where it cannot be built (no compiler,
+no AVX2, not x86) :func:`avx2_int8_mm_op` warns once and returns None, and the engine keeps its other paths.
+"""
+
+from __future__ import annotations
+
+import functools
+import platform
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("csrc") / "avx2_int8_gemm.cpp"
+"""The kernel's C++ source."""
+
+_LIBRARY_NAME = "qanalyze_avx2_int8_gemm"
+
+
+class Avx2KernelWarning(UserWarning):
+    """The AVX2 int8 kernel could not be built or loaded; the engine falls back to its other paths."""
+
+
+def avx2_available() -> bool:
+    """Whether this CPU is x86 with AVX2, the one instruction set the kernel needs."""
+    return platform.machine().lower() in ("x86_64", "amd64") and bool(torch.cpu._is_avx2_supported())
+
+
+@functools.cache
+def avx2_int8_mm_op() -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
+    """The compiled ``op(a8, b8) -> int32`` (int8 (M, K) @ int8 (K, N), any strides, CPU), built on the first
+    call; None, with one :class:`Avx2KernelWarning`, where this machine cannot build or run it."""
+    if not avx2_available():
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+
+        load(name=_LIBRARY_NAME, sources=[str(SOURCE)], extra_cflags=["-O3", "-mavx2", "-mfma"],
+             is_python_module=False, verbose=False)
+        return torch.ops.qanalyze_avx2.int8_mm
+    except Exception as exc:  # a compiler or toolchain failure of any kind: the other paths still work
+        # why: warnings.warn, not print; one line, like every message qanalyze gives
+        reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+        warnings.warn(f"the AVX2 int8 kernel could not be built ({reason}); using the other integer GEMM paths",
+                      Avx2KernelWarning, stacklevel=2)
+        return None
