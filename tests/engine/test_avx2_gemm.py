@@ -146,3 +146,17 @@ def test_a_build_failure_warns_once_and_gives_none(monkeypatch):
         assert "\n" not in str(caught[0].message) and "no compiler" in str(caught[0].message)
     finally:
         avx2_gemm.avx2_int8_mm_op.cache_clear()
+
+
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 2])
+def test_kernel_is_exact_on_one_thread_and_on_several(threads):
+    """Row blocks of 64 are shared among threads (at::parallel_for): every split of the rows gives the same integers."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        generator = torch.Generator().manual_seed(threads)
+        a, b = _codes((301, 777), 8, generator), _codes((777, 45), 8, generator)
+        assert torch.equal(avx2_gemm.avx2_int8_mm_op()(a, b).to(torch.int64), reference_mm(a, b))
+    finally:
+        torch.set_num_threads(previous)

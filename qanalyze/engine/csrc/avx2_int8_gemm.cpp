@@ -63,19 +63,31 @@ inline void kernel_4x16(const int16_t* a, const int16_t* b, int64_t kpairs, int3
   }
 }
 
-// B (K x N, int8, any strides) -> int16 panels, zero-padded to an even K and a multiple of NR columns.
+// B (K x N, int8, any strides) -> int16 panels, zero-padded to an even K and a multiple of NR columns. Full
+// panels and full k pairs take a loop without bounds checks (GCC vectorizes it for row-major B); only the last
+// panel and an odd K's last row check.
 void pack_b(const int8_t* b, int64_t k, int64_t n, int64_t sk, int64_t sn, int16_t* out, int64_t kpairs) {
   const int64_t panels = (n + NR - 1) / NR;
   at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; ++j) {
       int16_t* dst = out + j * kpairs * 2 * NR;
+      const int64_t col0 = j * NR;
+      const bool full = col0 + NR <= n;
       for (int64_t p = 0; p < kpairs; ++p) {
-        for (int64_t col = 0; col < NR; ++col) {
-          const int64_t cc = j * NR + col;
-          for (int64_t h = 0; h < 2; ++h) {
-            const int64_t kk = 2 * p + h;
-            dst[(p * NR + col) * 2 + h] = (cc < n && kk < k) ? b[kk * sk + cc * sn] : 0;
+        int16_t* row = dst + p * 2 * NR;
+        const int8_t* k0 = b + 2 * p * sk + col0 * sn;
+        if (full && 2 * p + 1 < k) {
+          const int8_t* k1 = k0 + sk;
+          for (int64_t col = 0; col < NR; ++col) {
+            row[2 * col] = k0[col * sn];
+            row[2 * col + 1] = k1[col * sn];
           }
+          continue;
+        }
+        for (int64_t col = 0; col < NR; ++col) {
+          const bool in = col0 + col < n;
+          row[2 * col] = in ? k0[col * sn] : 0;
+          row[2 * col + 1] = (in && 2 * p + 1 < k) ? k0[sk + col * sn] : 0;
         }
       }
     }
@@ -86,15 +98,26 @@ void pack_b(const int8_t* b, int64_t k, int64_t n, int64_t sk, int64_t sn, int16
 void pack_a(const int8_t* a, int64_t m, int64_t k, int64_t sm, int64_t sk, int64_t row0, int64_t rows, int64_t k0,
             int64_t kpairs, int16_t* out) {
   const int64_t tiles = (rows + MR - 1) / MR;
+  const bool full_k = k0 + 2 * kpairs <= k;
   for (int64_t t = 0; t < tiles; ++t) {
     int16_t* dst = out + t * kpairs * 2 * MR;
     for (int64_t r = 0; r < MR; ++r) {
       const int64_t row = row0 + t * MR + r;
-      for (int64_t p = 0; p < kpairs; ++p) {
-        for (int64_t h = 0; h < 2; ++h) {
-          const int64_t kk = k0 + 2 * p + h;
-          dst[(p * MR + r) * 2 + h] = (row < m && kk < k) ? a[row * sm + kk * sk] : 0;
-        }
+      int16_t* d = dst + 2 * r;
+      if (row >= m) {
+        for (int64_t p = 0; p < kpairs; ++p) d[p * 2 * MR] = d[p * 2 * MR + 1] = 0;
+        continue;
+      }
+      const int8_t* src = a + row * sm + k0 * sk;
+      const int64_t pairs = full_k ? kpairs : (k - k0) / 2;
+      for (int64_t p = 0; p < pairs; ++p) {
+        d[p * 2 * MR] = src[2 * p * sk];
+        d[p * 2 * MR + 1] = src[(2 * p + 1) * sk];
+      }
+      for (int64_t p = pairs; p < kpairs; ++p) {  // the odd last k, and the zero padding after it
+        const int64_t kk = k0 + 2 * p;
+        d[p * 2 * MR] = kk < k ? src[2 * p * sk] : 0;
+        d[p * 2 * MR + 1] = kk + 1 < k ? src[(2 * p + 1) * sk] : 0;
       }
     }
   }
