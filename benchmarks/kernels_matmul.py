@@ -1,33 +1,50 @@
 """Integer GEMM paths against an FP32 matmul of the same shapes and layouts, in the same run.
 
-The six products of one training step of MiniLM-L6's feed-forward layers at 2048 tokens (batch 32 x
-64 tokens): for each of the 384 -> 1536 and 1536 -> 384 linears, the forward ``X @ W.t()``, the input
-gradient ``G @ W`` and the weight gradient ``G.t() @ X``, with the operand layouts the engine passes
-(``W.t()`` and ``G.t()`` are transposed views). For each: the median time of FP32 ``torch.matmul``,
-the ``int8`` path (8 x 8 bits), the ``split`` path at 8 x 16 and 16 x 16 bits, and the ``float`` path (the
-same integers through float BLAS) at all three, and their ratio to FP32. Each integer result is checked
-against ``reference_mm`` once before timing (``--no-check`` skips). The first line says which path ``auto``
-takes on this machine (`qanalyze.engine.kernels.int8_gemm_is_fast`).
+The six products of one training step of MiniLM-L6's feed-forward layers at 2048 tokens (batch 32 x 64 tokens):
+for each of the 384 -> 1536 and 1536 -> 384 linears, the forward ``X @ W.t()``, the input gradient ``G @ W`` and
+the weight gradient ``G.t() @ X``, with the operand layouts the engine passes (``W.t()`` and ``G.t()`` are
+transposed views). For each: the median time, over rounds that call each once (interleaved), of FP32
+``torch.matmul``, the ``int8`` path (8 x 8 bits), the ``split`` path at 8 x 16 and 16 x 16 bits, the ``float``
+path (the same integers through float BLAS) and the ``avx2`` path (the compiled AVX2 kernel,
+`qanalyze.engine.avx2_gemm`) at all three, and their ratio to FP32. Each integer result is checked against
+``reference_mm`` once before timing (``--no-check`` skips). Two alternatives that are NOT exact for signed 8-bit
+codes on both sides are timed for comparison (``--variants qlinear7,int_mm_raw``):
+``torch.ops.quantized.linear`` on the ``x86`` engine (u8 x s8, prepacked weight), exact only for activations of
+7 bits unsigned, fed |X| here; and bare ``torch._int_mm``, which a oneDNN capped below VNNI runs with saturating
+16-bit pair sums. The first lines give the CPU's flags, the environment that emulates another CPU
+(``ONEDNN_MAX_CPU_ISA``, ``ATEN_CPU_CAPABILITY``, ``MKL_ENABLE_INSTRUCTIONS``) and which path ``auto`` takes
+here.
 
-    .venv/bin/python benchmarks/kernels_matmul.py [--repeats 30] [--threads N] [--variants int8,float8x8]
+    .venv/bin/python benchmarks/kernels_matmul.py [--repeats 30] [--threads N] [--variants int8,float8x8,avx2_8x8]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
+import warnings
 from collections.abc import Callable
 
 import torch
 
-from qanalyze.engine.kernels import int8_gemm_is_fast, int_mm, reference_mm
+from qanalyze.engine import kernels
+from qanalyze.engine.kernels import int_mm, reference_mm
 
 TOKENS = 2048
 VARIANTS = {"int8": ("int8 8x8", 8, 8, "int8"), "split8x16": ("split 8x16", 8, 16, "split"),
             "split16x16": ("split 16x16", 16, 16, "split"), "float8x8": ("float 8x8", 8, 8, "float"),
-            "float8x16": ("float 8x16", 8, 16, "float"), "float16x16": ("float 16x16", 16, 16, "float")}
-"""Option name -> (label, bits_a, bits_b, kernel path)."""
+            "float8x16": ("float 8x16", 8, 16, "float"), "float16x16": ("float 16x16", 16, 16, "float"),
+            "avx2_8x8": ("avx2 8x8", 8, 8, "avx2"), "avx2_8x16": ("avx2 8x16", 8, 16, "avx2"),
+            "avx2_16x16": ("avx2 16x16", 16, 16, "avx2"),
+            "qlinear7": ("qlinear x86 7b", 7, 8, "qlinear"), "int_mm_raw": ("_int_mm raw", 8, 8, "int_mm_raw")}
+"""Option name -> (label, bits_a, bits_b, kernel path); ``qlinear`` and ``int_mm_raw`` are not int_mm paths
+(see the module docstring) and are not checked for exactness."""
+DEFAULT_VARIANTS = "int8,split8x16,split16x16,float8x8,float8x16,float16x16,avx2_8x8,avx2_8x16,avx2_16x16"
+ENV = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "QANALYZE_KERNEL")
+"""Environment variables that change which kernels run, printed with every table."""
+FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8")
 LAYERS = ((384, 1536), (1536, 384))  # (in, out) of the feed-forward up and down projections
 
 
@@ -37,15 +54,19 @@ def _codes(shape: tuple[int, int], bits: int, generator: torch.Generator) -> tor
     return torch.randint(-top, top + 1, shape, generator=generator, dtype=torch.int32).to(dtype)
 
 
-def _median_ms(fn: Callable[[], object], repeats: int, warmup: int) -> tuple[float, float]:
-    for _ in range(warmup):
-        fn()
-    times = []
+def _interleaved_ms(fns: list[Callable[[], object]], repeats: int, warmup: int) -> list[tuple[float, float]]:
+    """(median, min) ms of each function, timed round robin (one call of each per round) so that drifting load
+    from other processes hits every function alike."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3, min(times) * 1e3
+        for fn, spent in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            spent.append(time.perf_counter() - start)
+    return [(statistics.median(spent) * 1e3, min(spent) * 1e3) for spent in times]
 
 
 def _products(fan_in: int, fan_out: int) -> dict[str, Callable[[Callable], tuple]]:
@@ -60,13 +81,35 @@ def _products(fan_in: int, fan_out: int) -> dict[str, Callable[[Callable], tuple
     }
 
 
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            lines = handle.read().splitlines()
+    except OSError:
+        return "unknown"
+    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "?")
+    flags = next((set(line.split(":", 1)[1].split()) for line in lines if line.startswith("flags")), set())
+    return f"{model}; " + " ".join(flag for flag in FLAGS if flag in flags)
+
+
+def _qlinear(a: torch.Tensor, b: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """torch.ops.quantized.linear on the x86 engine: |a| as quint8 (7-bit values), b.t() prepacked as qint8."""
+    torch.backends.quantized.engine = "x86"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the quantized tensor API's deprecation warning
+        x = torch.quantize_per_tensor(a.abs().float().contiguous(), 1.0, 0, torch.quint8)
+        packed = torch.ops.quantized.linear_prepack(
+            torch.quantize_per_tensor(b.t().float().contiguous(), 1.0, 0, torch.qint8), None)
+    return lambda: torch.ops.quantized.linear(x, packed, 1.0, 0)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=30, help="timed calls per measurement (median reported)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed calls before each measurement")
+    parser.add_argument("--repeats", type=int, default=30, help="timed rounds (median reported)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed calls of each before the rounds")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: PyTorch's own)")
     parser.add_argument("--no-check", action="store_true", help="skip the exactness check against reference_mm")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"among {', '.join(VARIANTS)}")
+    parser.add_argument("--variants", default=DEFAULT_VARIANTS, help=f"among {', '.join(VARIANTS)}")
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -78,17 +121,19 @@ def main() -> None:
         return _codes(shape, bits, generator)
 
     variants = [VARIANTS[name] for name in args.variants.split(",")]
-    fast = int8_gemm_is_fast("cpu")
+    cpu = torch.device("cpu")
+    auto = f"{kernels._auto_path(8, 8, cpu)} at 8x8, {kernels._auto_path(16, 16, cpu)} at 16x16"
+    print(f"cpu: {_cpu_flags()}")
+    print("env: " + " ".join(f"{name}={os.environ.get(name, '')}" for name in ENV))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, median (min) of {args.repeats} calls, ms; "
-          f"int8 GEMMs {'fast' if fast else 'slow'} here: auto takes {'int8 / split' if fast else 'float'}")
+          f"torch._int_mm {'fast' if kernels.int8_gemm_is_fast(cpu) else 'slow'} here; auto takes {auto}")
     header = f"{'product':44} {'fp32':>15}" + "".join(f" {name:>15} {'/fp32':>6}" for name, *_ in variants)
     print(header)
     ratios: dict[str, list[float]] = {name: [] for name, *_ in variants}
     for fan_in, fan_out in LAYERS:
         for label, operands in _products(fan_in, fan_out).items():
             fa, fb = operands(make, None, None)
-            fp32, fp32_min = _median_ms(lambda fa=fa, fb=fb: torch.matmul(fa, fb), args.repeats, args.warmup)
-            row = f"{label:44} {fp32:7.2f} ({fp32_min:5.2f})"
+            runs: list[Callable[[], object]] = [lambda fa=fa, fb=fb: torch.matmul(fa, fb)]
             for name, bits_a, bits_b, path in variants:
                 a, b = operands(make, bits_a, bits_b)
 
@@ -96,9 +141,16 @@ def main() -> None:
                         path: str = path) -> torch.Tensor:
                     return int_mm(a, b, bits_a=bits_a, bits_b=bits_b, path=path)
 
-                if not args.no_check and not torch.equal(run().to(torch.int64), reference_mm(a, b)):
+                if path == "qlinear":
+                    run = _qlinear(a, b)
+                elif path == "int_mm_raw":
+                    run = lambda a=a, b=b: torch._int_mm(a, b)  # noqa: E731
+                elif not args.no_check and not torch.equal(run().to(torch.int64), reference_mm(a, b)):
                     raise SystemExit(f"{name} is not exact on {label}")
-                ms, ms_min = _median_ms(run, args.repeats, args.warmup)
+                runs.append(run)
+            (fp32, fp32_min), *timed = _interleaved_ms(runs, args.repeats, args.warmup)
+            row = f"{label:44} {fp32:7.2f} ({fp32_min:5.2f})"
+            for (name, *_), (ms, ms_min) in zip(variants, timed):
                 ratios[name].append(ms / fp32)
                 row += f" {ms:7.2f} ({ms_min:5.2f}) {ms / fp32:6.2f}"
             print(row)

@@ -9,13 +9,19 @@ drifting machine load hits every mode alike; the median over steps is reported. 
 optimizer `qanalyze train` uses (`qanalyze.engine.train.adamw`, fused AdamW on CPU); one more FP32 row
 with PyTorch's default per-tensor AdamW loop shows what the fused kernel saves.
 
-    .venv/bin/python benchmarks/train_step.py --steps 20
+``--kernels float,avx2`` repeats each integer row once per integer GEMM path, with ``QANALYZE_KERNEL`` set to
+that path during the row's steps only (`qanalyze.engine.kernels.KERNEL_ENV`), so paths compare in one run. The
+first lines give the CPU's flags and the environment that emulates another CPU (see kernels_matmul.py).
+
+    .venv/bin/python benchmarks/train_step.py --steps 20 [--kernels auto,float,avx2] [--threads N]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -24,11 +30,14 @@ import torch
 import qanalyze
 from qanalyze.data import collate, encode
 from qanalyze.engine.apply import apply_plan
+from qanalyze.engine.kernels import KERNEL_ENV
 from qanalyze.engine.train import adamw
 from qanalyze.methods import get_method
 from qanalyze.plan.uniform import uniform_plan
 
 TARGETS = {"int W8A8G8": 0.7, "int W8A8G8 channel": 0.7, "int W16A16G16": 1.5}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from kernels_matmul import ENV, _cpu_flags  # noqa: E402  (benchmarks/ is not a package)
 
 
 def _setup(label: str, mode: str | None, bits: int | None, layout: str = "tensor", *, fused: bool = True):
@@ -42,7 +51,15 @@ def _setup(label: str, mode: str | None, bits: int | None, layout: str = "tensor
     return label, model, optimizer
 
 
-def _step(model, optimizer, batch) -> float:
+_OUTER_KERNEL = os.environ.get(KERNEL_ENV)  # what the caller set, restored for rows without a kernel of their own
+
+
+def _step(model, optimizer, batch, kernel: str | None = None) -> float:
+    value = kernel if kernel is not None else _OUTER_KERNEL
+    if value is None:
+        os.environ.pop(KERNEL_ENV, None)
+    else:
+        os.environ[KERNEL_ENV] = value
     start = time.perf_counter()
     model(**batch).loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -56,30 +73,43 @@ def main() -> None:
     parser.add_argument("--data", default=str(Path(__file__).resolve().parents[1].parent / "shared/data/glue"))
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--kernels", default=None,
+                        help="QANALYZE_KERNEL values, one integer row each (default: the environment's)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: PyTorch's own)")
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     data = qanalyze.load_task("sst2", args.data, max_train_examples=32 * (args.steps + args.warmup), seed=0)
     tokenizer = qanalyze.load_model("minilm-l6", num_labels=2).tokenizer
     encoded = encode(data.train, tokenizer, max_length=64)
     batches = [collate(encoded, list(range(i * 32, (i + 1) * 32)), tokenizer)
                for i in range(args.steps + args.warmup)]
-    rows = [_setup("fp32", None, None), _setup("int W8A8G8", "int", 8),
-            _setup("int W8A8G8 channel", "int", 8, "channel"), _setup("int W16A16G16", "int", 16),
-            _setup("qat W8A8", "qat", 8), _setup("fp32, AdamW loop", None, None, fused=False)]
-    times: dict[str, list[float]] = {label: [] for label, _, _ in rows}
+    kernels = [None] if args.kernels is None else args.kernels.split(",")
+
+    def variants(label: str, *setup) -> list[tuple]:
+        return [(*_setup(label if k is None else f"{label} [{k}]", *setup), k) for k in kernels]
+
+    rows = [(*_setup("fp32", None, None), None), *variants("int W8A8G8", "int", 8),
+            *variants("int W8A8G8 channel", "int", 8, "channel"), *variants("int W16A16G16", "int", 16),
+            (*_setup("qat W8A8", "qat", 8), None), (*_setup("fp32, AdamW loop", None, None, fused=False), None)]
+    times: dict[str, list[float]] = {label: [] for label, _, _, _ in rows}
     for index, batch in enumerate(batches):
-        for label, model, optimizer in rows:
-            seconds = _step(model, optimizer, batch)
+        for label, model, optimizer, kernel in rows:
+            seconds = _step(model, optimizer, batch, kernel)
             if index >= args.warmup:
                 times[label].append(seconds)
+    print(f"cpu: {_cpu_flags()}")
+    print("env: " + " ".join(f"{name}={os.environ.get(name, '') if name != KERNEL_ENV else _OUTER_KERNEL or ''}"
+                             for name in ENV))
     print(f"torch threads {torch.get_num_threads()}, batch 32 x <=64 tokens, {args.steps} steps per row "
           f"(+{args.warmup} warm-up), interleaved")
     base = statistics.median(times["fp32"])
     for label, values in times.items():
         median = statistics.median(values)
         ratio = median / base
-        target = TARGETS.get(label)
+        target = TARGETS.get(label.split(" [")[0])
         verdict = "" if target is None else f"  target <= {target}x: {'met' if ratio <= target else 'MISSED'}"
-        print(f"{label:>18}: median step {median:.3f} s, {ratio:.2f}x fp32{verdict}")
+        print(f"{label:>26}: median step {median:.3f} s, {ratio:.2f}x fp32{verdict}")
 
 
 if __name__ == "__main__":
