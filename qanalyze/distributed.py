@@ -117,6 +117,16 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` replaced in place by its elementwise maximum over every rank (returned); unchanged when not
+    distributed."""
+    if world().distributed:
+        import torch.distributed as dist
+
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
+
+
 def all_reduce_floats(values: Sequence[float]) -> list[float]:
     """The sums over every rank of a list of numbers (in float64); the numbers themselves when not
     distributed."""
@@ -174,10 +184,16 @@ def private_output(out: str | Path) -> Iterator[Path]:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+def keyed_seed(*key: object) -> int:
+    """A 63-bit seed derived from ``key`` (its ``repr`` hashed by BLAKE2b): the same on every rank and in every
+    process, and unrelated seeds for different keys."""
+    digest = hashlib.blake2b(repr(key).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") & (2**63 - 1)
+
+
 def keyed_generator(*key: object, device: torch.device | str = "cpu") -> torch.Generator:
     """A generator seeded from ``key`` (for example the seed, a stream name and a global batch index): the
     same draws on every rank and for any number of ranks, and independent streams for different keys."""
     import torch
 
-    digest = hashlib.blake2b(repr(key).encode(), digest_size=8).digest()
-    return torch.Generator(device=device).manual_seed(int.from_bytes(digest, "big") & (2**63 - 1))
+    return torch.Generator(device=device).manual_seed(keyed_seed(*key))
