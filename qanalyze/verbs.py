@@ -63,7 +63,12 @@ def train(model: str | LoadedModel, data: TaskData, config: TrainConfig, out: st
     ``plan`` is a `BitPlan`, a plan.json path or ``uniform:N[:LAYOUT]`` (the method's module kinds).
     Everything that can be refused (the output folder, the plan against the architecture and the
     method, the method's settings) is refused before the folder is touched.
+
+    Under ``torchrun`` the ranks share each global batch of ``config.batch_size`` examples, which must be a
+    multiple of the number of ranks (`qanalyze.engine.data_parallel`); rank 0 makes and writes ``out``.
     """
+    from qanalyze.distributed import barrier, world
+    from qanalyze.engine.data_parallel import check_batch_size
     from qanalyze.engine.train import train as run_loop
     from qanalyze.methods import get_method
     from qanalyze.models import load_model
@@ -73,6 +78,8 @@ def train(model: str | LoadedModel, data: TaskData, config: TrainConfig, out: st
 
     method = get_method(mode)
     method_config = method_config if method_config is not None else method.make_config()
+    if method.trains:
+        check_batch_size(config.batch_size)
     check_run_dir(out, overwrite=overwrite, resume=resume)
     seed_everything(config.seed)
     loaded = load_model(model, num_labels=data.task.num_labels) if isinstance(model, str) else model
@@ -86,7 +93,11 @@ def train(model: str | LoadedModel, data: TaskData, config: TrainConfig, out: st
         plan = resolve_plan(plan, loaded.model, kinds=method.module_kinds,
                             partial_last=bool(getattr(method_config, "partial_groups", False)))
     method.check(loaded.model, plan, method_config)  # before the run directory is made: bad input leaves nothing
-    run = prepare_run_dir(out, overwrite=overwrite, resume=resume)
+    # Under torchrun every rank has checked `out` before rank 0 makes (or empties) it, and reads a resumed
+    # run's checkpoint only after that.
+    barrier()
+    run = prepare_run_dir(out, overwrite=overwrite, resume=resume) if world().is_main else Path(out)
+    barrier()
     return run_loop(loaded, data, config, run, resume=resume, on_step=on_step, on_eval=on_eval, plan=plan,
                     mode=mode, plan_source=source, method_config=method_config, on_prepare=on_prepare)
 

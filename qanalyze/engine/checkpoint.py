@@ -7,7 +7,7 @@ moment leaves at least one complete checkpoint behind (see `qanalyze.rundir.chec
 from __future__ import annotations
 
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +30,13 @@ def save_checkpoint(
     scheduler: Any,
     state: dict[str, Any],
     generators: Mapping[str, torch.Generator] | None = None,
+    other_ranks: Sequence[Mapping[str, Any]] = (),
 ) -> Path:
     """Write a complete checkpoint of the training state into ``run/checkpoint`` and return it.
 
     ``generators`` are the engine's stochastic-rounding generators (by module name): their states
     are saved so a resumed quantized run draws the same roundings as an uninterrupted one.
+    ``other_ranks`` are the `random_state` of ranks 1 to N-1 of a run on N ranks (each draws its own).
     """
     final = run / CHECKPOINT_DIR
     tmp = run / (CHECKPOINT_DIR + ".tmp")
@@ -44,12 +46,9 @@ def save_checkpoint(
     try:
         # save_model, unlike save_file, copes with tied parameters (GPT-2, LLaMA heads).
         safetensors.torch.save_model(model, str(tmp / _WEIGHTS))
-        rng = {"cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        engine = {name: generator.get_state() for name, generator in (generators or {}).items()}
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng,
-                    "generators": engine}, tmp / _TRAINER)
+        ranks = {"ranks": list(other_ranks)} if other_ranks else {}
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    **random_state(generators), **ranks}, tmp / _TRAINER)
         atomic_write_json(tmp / CHECKPOINT_STATE, {"schema": CHECKPOINT_SCHEMA, **state})
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # a full disk leaves no half checkpoint behind
@@ -78,8 +77,10 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     generators: Mapping[str, torch.Generator] | None = None,
+    rank: int = 0,
 ) -> dict[str, Any]:
-    """Restore model, optimizer, scheduler and random state in place; return the saved progress state."""
+    """Restore model, optimizer, scheduler and random state in place; return the saved progress state.
+    ``rank`` r > 0 of a run on several ranks takes its own random state (``other_ranks[r - 1]``)."""
     folder = checkpoint_dir(run)
     if folder is None:
         raise RecordError(f"no complete checkpoint in {run}")
@@ -93,6 +94,11 @@ def load_checkpoint(
     trainer = torch.load(folder / _TRAINER, map_location=device, weights_only=True)
     optimizer.load_state_dict(trainer["optimizer"])
     scheduler.load_state_dict(trainer["scheduler"])
+    if rank:
+        others = trainer.get("ranks", [])
+        if len(others) < rank:
+            raise RecordError(f"checkpoint in {folder} has no random state for rank {rank}: it was made on fewer ranks")
+        trainer = others[rank - 1]
     torch.set_rng_state(trainer["rng"]["cpu"].cpu())
     if "cuda" in trainer["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in trainer["rng"]["cuda"]])
@@ -102,6 +108,15 @@ def load_checkpoint(
             raise RecordError(f"checkpoint in {folder} has no random state for {name}: it was made with another plan")
         generator.set_state(saved[name].cpu())
     return state
+
+
+def random_state(generators: Mapping[str, torch.Generator] | None = None) -> dict[str, Any]:
+    """This process's random state as a checkpoint stores it: the global CPU (and CUDA) generators' states and
+    ``generators``' states by name."""
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return {"rng": rng, "generators": {name: generator.get_state() for name, generator in (generators or {}).items()}}
 
 
 def discard_checkpoints(run: Path) -> None:

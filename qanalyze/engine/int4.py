@@ -52,6 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qanalyze.distributed import gather_objects
 from qanalyze.engine.functions import TensorSpec
 from qanalyze.engine.kernels import int_mm
 from qanalyze.engine.modules import _Swapped
@@ -490,6 +491,7 @@ class Int4Linear(_Swapped):
         self.s_x = nn.Parameter(torch.zeros((), device=device))
         self.s_w = nn.Parameter(lsq_init(block_hadamard(matrix.float(), block or 1)))
         self._ready = False
+        self.ranks_share_batch = False
         self._int4_cache: tuple[tuple[int, int, int], Quantized] | None = None
 
     @property
@@ -505,11 +507,16 @@ class Int4Linear(_Swapped):
         return block
 
     def _prepare(self, x: torch.Tensor) -> None:
-        """Choose the block and initialise the step sizes on the first batch (not again after a load)."""
+        """Choose the block and initialise the step sizes on the first batch (not again after a load). With
+        ``ranks_share_batch`` (a run on several ranks) they are chosen from every rank's share of it, so that
+        the ranks choose alike (the rows one process sees, but for the padding of each share)."""
         if self._ready:
             return
         with torch.no_grad():
             matrix = self.matrix().detach().float()
+            if self.ranks_share_batch and (self.block is None or not bool(self.s_x > 0)):
+                rows = gather_objects(x.detach().reshape(-1, x.shape[-1]).cpu())
+                x = torch.cat(rows).to(x.device)
             if self.block is None:
                 block = choose_block(x.detach().float(), matrix)
                 self.block_size.fill_(block)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from qanalyze.distributed import all_reduce_max
 from qanalyze.engine.functions import (
     IntEmbeddingFunction,
     IntLayerNormFunction,
@@ -126,18 +127,24 @@ class QATLinear(_Swapped):
     With ``spec.per_token`` (a plan's ``activation_group: token``) the input takes one scale per token, each
     token's own max|x| at every step (LLM-QAT's per-token activations; what the integer path and dynamic PTQ
     use), and no EMA range: BERT's residual stream has a few outlier tokens that one range must cover.
+
+    ``ranks_share_batch`` (set by the trainer of a run on several ranks, `qanalyze.engine.data_parallel`): the
+    range is updated with max|x| over every rank's share of the batch, the maximum one process would see.
     """
 
     def __init__(self, original: nn.Module, spec: TensorSpec, generator: torch.Generator, *,
                  transposed: bool = False) -> None:
         super().__init__(original, spec, generator, transposed=transposed)
         self.register_buffer("activation_range", torch.zeros((), device=original.weight.device))
+        self.ranks_share_batch = False
 
     def _input(self, x: torch.Tensor) -> torch.Tensor:
         if self.spec.per_token:
             return straight_through(x, quantize_tokens(x, self.spec).dequantize().reshape(x.shape))
         if self.training:
             current = x.detach().abs().amax().float()
+            if self.ranks_share_batch:
+                all_reduce_max(current)
             with torch.no_grad():
                 first = bool(self.activation_range == 0)
                 self.activation_range.copy_(current if first else

@@ -6,6 +6,13 @@ built, may draw something before each step (DyLoRA's rank), says whether it trai
 AdamW with a linear warm-up and decay, gradient clipping, evaluation at the end (and every N
 steps when asked), a CSV log per step, and checkpoints that make a killed or interrupted run
 resumable to the same numbers.
+
+Under ``torchrun`` every rank runs this loop on its share of each global batch, and the ranks' gradients are
+summed into the global batch's (`qanalyze.engine.data_parallel`); rank 0 alone writes the run directory, its
+logs and checkpoints (which hold every rank's random state; a resumed run's ranks all read rank 0's checkpoint,
+so across machines the run directory must lie on a filesystem they share). Every rank evaluates: the ranks hold
+the same weights, so they compute the same figures in the time rank 0 alone would take, and no rank waits at a
+collective for the length of an evaluation.
 """
 
 from __future__ import annotations
@@ -26,8 +33,26 @@ import torch
 from transformers import get_linear_schedule_with_warmup
 
 from qanalyze.bootstrap import metric_intervals
-from qanalyze.data import Encoded, TaskData, encode, epoch_order, iter_batches, num_batches
-from qanalyze.engine.checkpoint import checkpoint_state, discard_checkpoints, load_checkpoint, save_checkpoint
+from qanalyze.data import Encoded, TaskData, encode, epoch_order, num_batches
+from qanalyze.distributed import barrier, gather_objects, world
+from qanalyze.engine.checkpoint import (
+    checkpoint_state,
+    discard_checkpoints,
+    load_checkpoint,
+    random_state,
+    save_checkpoint,
+)
+from qanalyze.engine.data_parallel import (
+    check_batch_size,
+    check_last_batch,
+    loss_items,
+    rank_batches,
+    rank_seed,
+    reduce_step,
+    seed_rank_generators,
+    share_batch_statistics,
+    sum_gradients,
+)
 from qanalyze.engine.distill import Teacher
 from qanalyze.engine.evaluate import EvalResult, evaluate
 from qanalyze.errors import ConfigError, Interrupted, NonFiniteError, QAnalyzeError
@@ -184,14 +209,23 @@ class _Trainer:
         self.teacher = Teacher(self.model, config.distill, config.distill_temperature) if config.distill else None
         self.train_enc: Encoded = encode(data.train, loaded.tokenizer, max_length=config.max_length)
         self.dev_enc: Encoded = encode(data.dev, loaded.tokenizer, max_length=config.max_length)
+        self.batches_per_epoch = num_batches(len(self.train_enc), config.batch_size)
+        self.total_steps = (config.max_steps or config.epochs * self.batches_per_epoch) if method.trains else 0
+        self.world = world()
+        self.writes = self.world.is_main
+        self.parallel = self.world.distributed and method.trains  # a post-training method shares no step
+        if self.parallel:
+            check_batch_size(config.batch_size)
+            check_last_batch(len(self.train_enc), config.batch_size, self.total_steps)
         began = time.perf_counter()
         self.prepared: Prepared = method.prepare_with_data(self.model, plan, method_config, seed=config.seed,
                                                            calibration=self.train_enc, progress=on_prepare)
         self.prepare_seconds = time.perf_counter() - began  # a post-training method's whole quantization
+        if self.parallel:
+            seed_rank_generators(self.prepared.generators, self.prepared.shared_generators)
+            share_batch_statistics(self.model)
         self.recorded = method.recorded(method_config)
         self.plan_hash = plan_hash(plan)
-        self.batches_per_epoch = num_batches(len(self.train_enc), config.batch_size)
-        self.total_steps = (config.max_steps or config.epochs * self.batches_per_epoch) if method.trains else 0
         self.optimizer = adamw(self.model, config.lr, config.weight_decay)
         self.scheduler = get_linear_schedule_with_warmup(
             self.optimizer, round(config.warmup_ratio * self.total_steps), max(self.total_steps, 1))
@@ -201,16 +235,26 @@ class _Trainer:
         self.train_seconds = 0.0
         self.last_saved = 0
         self.mid_step = False
+        self.stop_agreed = False  # on several ranks: whether any rank was asked to stop at the last step
+
+    @property
+    def ranks(self) -> int:
+        """How many ranks train the run (1 in one process)."""
+        return self.world.size if self.parallel else 1
 
     def progress_state(self) -> dict[str, Any]:
         return {"step": self.step, "total_steps": self.total_steps, "settings": self.config.numbers(),
                 "data_hash": self.data.identity.get("hash"), "model": self.loaded.identity,
                 "mode": self.mode, "plan_hash": self.plan_hash, "method": as_json(self.recorded),
-                "train_seconds": self.train_seconds, "log": self.log, "evals": self.evals}
+                "train_seconds": self.train_seconds, "log": self.log, "evals": self.evals,
+                **({"ranks": self.ranks} if self.parallel else {})}
 
     def save(self) -> None:
-        save_checkpoint(self.run, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
-                        state=self.progress_state(), generators=self._generators())
+        # Every rank gets here at the same step; rank 0 writes every rank's random state with its own.
+        others = gather_objects(random_state(self._generators()))[1:] if self.parallel else []
+        if self.writes:
+            save_checkpoint(self.run, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+                            state=self.progress_state(), generators=self._generators(), other_ranks=others)
         self.last_saved = self.step
 
     def restore(self) -> None:
@@ -219,7 +263,7 @@ class _Trainer:
         state = checkpoint_state(self.run)
         self._check_resumable(state)
         state = load_checkpoint(self.run, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
-                                generators=self._generators())
+                                generators=self._generators(), rank=self.world.rank if self.parallel else 0)
         self.step, self.log, self.evals = state["step"], state["log"], state["evals"]
         self.train_seconds = state["train_seconds"]
         self.last_saved = self.step
@@ -235,6 +279,9 @@ class _Trainer:
         changed = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in self.config.numbers().items() if saved.get(k) != v]
         if changed:
             raise CheckpointMismatchError(f"cannot resume {self.run} with different settings: {', '.join(changed)}")
+        if state.get("ranks", 1) != self.ranks:
+            raise CheckpointMismatchError(f"cannot resume {self.run} on {self.ranks} rank(s): it was trained on "
+                                          f"{state.get('ranks', 1)}, whose random states the checkpoint holds")
         if state.get("data_hash") != self.data.identity.get("hash"):
             raise CheckpointMismatchError(f"cannot resume {self.run}: the training/evaluation data differ from the "
                                           "saved run")
@@ -252,24 +299,31 @@ class _Trainer:
         return evaluate(self.model, self.loaded.tokenizer, self.dev_enc, self.data.task,
                         batch_size=self.config.eval_batch_size, reference=self.prepared.reference)
 
-    def one_step(self, batch: dict[str, torch.Tensor], epoch: int) -> StepLog:
+    def one_step(self, batch: dict[str, torch.Tensor], epoch: int, stop: bool = False) -> StepLog:
+        """One optimizer step on ``batch`` (this rank's share of the global batch); ``stop``: this rank was asked
+        to stop (Ctrl-C), shared with the other ranks in ``stop_agreed``."""
         start = time.perf_counter()
         device = next(self.model.parameters()).device
         self.mid_step = True
         self.prepared.before_step()
+        global_loss = None
         try:
             inputs = {k: v.to(device) for k, v in batch.items()}
             out = self.model(**inputs)
             loss = out.loss if self.teacher is None else self.teacher.mix(out.loss, out.logits, inputs)
-            if not torch.isfinite(loss):
-                raise NonFiniteError(f"loss {float(loss.detach())}")
-            loss.backward()
+            if self.parallel:
+                global_loss = self._backward_across_ranks(loss, inputs, stop)
+            else:
+                if not torch.isfinite(loss):
+                    raise NonFiniteError(f"loss {float(loss.detach())}")
+                loss.backward()
         except NonFiniteError as exc:
             # The log up to the bad step is what tells a too-high lr from a plan that cannot train.
             self.log.append({"step": self.step + 1, "epoch": epoch, "loss": float("nan"),
                              "lr": self.scheduler.get_last_lr()[0], "grad_norm": float("nan"),
                              "seconds": round(time.perf_counter() - start, 4)})
-            atomic_write_text(self.run / LOG_FILE, _csv(self.log))
+            if self.writes:
+                atomic_write_text(self.run / LOG_FILE, _csv(self.log))
             raise TrainingDiverged(f"training diverged at step {self.step + 1} ({exc}); the loss of every step is in "
                                    f"{self.run / LOG_FILE}; {self.kept()}") from None
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
@@ -281,7 +335,20 @@ class _Trainer:
         self.mid_step = False
         seconds = time.perf_counter() - start
         self.train_seconds += seconds
-        return StepLog(self.step, self.total_steps, epoch, float(loss.detach()), lr, float(grad_norm), seconds)
+        logged = float(loss.detach()) if global_loss is None else global_loss
+        return StepLog(self.step, self.total_steps, epoch, logged, lr, float(grad_norm), seconds)
+
+    def _backward_across_ranks(self, loss: torch.Tensor, inputs: dict[str, torch.Tensor], stop: bool) -> float:
+        """The backward pass of this rank's share, weighted by its share of the global batch's items, and the
+        gradients summed over the ranks; returns the global batch's loss. NonFiniteError on every rank when
+        any rank's loss is not finite."""
+        totals = reduce_step(loss, loss_items(self.model, inputs), stop)
+        self.stop_agreed = totals.stop
+        if not totals.finite:
+            raise NonFiniteError(f"loss {totals.loss}")
+        (loss * totals.weight).backward()
+        sum_gradients(self.model.parameters())
+        return totals.loss
 
 
 def plan_hash(plan: BitPlan | None) -> str | None:
@@ -334,7 +401,7 @@ def train(
     # Dropout draws from the global generator: seed it for this run only and give the caller's state back.
     devices = [torch.cuda.current_device()] if model.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(config.seed)
+        torch.manual_seed(rank_seed(config.seed))
         if resume:
             trainer.restore()
         model.train()
@@ -345,7 +412,9 @@ def train(
         kept = (f"the trained model is saved in {run / CHECKPOINT_DIR}; --resume evaluates it"
                 if trainer.step and trainer.last_saved == trainer.step else "nothing was trained, so nothing is kept")
         raise TrainingInterrupted(trainer.step, run, f"during the final evaluation; {kept}") from None
-    discard_checkpoints(run)
+    if trainer.writes:
+        discard_checkpoints(run)
+    barrier()  # on several ranks, none returns before rank 0 has written the run
     return record
 
 
@@ -355,13 +424,19 @@ def _train_steps(trainer: _Trainer, on_step: Callable[[StepLog], None] | None,
     the finished model is checkpointed too, so an interrupted final evaluation loses no training."""
     config, loaded = trainer.config, trainer.loaded
     with deferred_interrupt() as interrupt:
+
+        def stopping() -> bool:
+            # On several ranks a Ctrl-C counts from the step at which every rank has heard of it, so that they
+            # save and stop at the same step.
+            return trainer.stop_agreed if trainer.parallel else interrupt.requested
+
         try:
-            while trainer.step < trainer.total_steps and not interrupt.requested:
+            while trainer.step < trainer.total_steps and not stopping():
                 epoch, first = divmod(trainer.step, trainer.batches_per_epoch)
                 order = epoch_order(len(trainer.train_enc), seed=config.seed, epoch=epoch)
-                for batch in iter_batches(trainer.train_enc, loaded.tokenizer, batch_size=config.batch_size,
+                for batch in rank_batches(trainer.train_enc, loaded.tokenizer, batch_size=config.batch_size,
                                           order=order, start=first):
-                    log = trainer.one_step(batch, epoch)
+                    log = trainer.one_step(batch, epoch, interrupt.requested)
                     trainer.log.append({k: v for k, v in asdict(log).items() if k != "total_steps"})
                     if on_step is not None:
                         on_step(log)
@@ -371,18 +446,21 @@ def _train_steps(trainer: _Trainer, on_step: Callable[[StepLog], None] | None,
                         trainer.evals.append({"step": trainer.step, **result.to_dict()})
                         if on_eval is not None:
                             on_eval(trainer.step, result)
-                    if done or interrupt.requested or trainer.step % config.save_every == 0:
+                    if done or stopping() or trainer.step % config.save_every == 0:
                         trainer.save()
-                    if done or interrupt.requested:
+                    if done or stopping():
                         break
         except KeyboardInterrupt:  # a second Ctrl-C, or one raised by a callback between steps
             if trainer.mid_step:  # weights, moments and random state of two different steps: not worth saving
                 raise TrainingInterrupted(trainer.step, trainer.run,
                                           f"stopped inside a step without saving; {trainer.kept()}") from None
+            if trainer.parallel:  # saving is a collective, which the ranks not interrupted here would not join
+                raise TrainingInterrupted(trainer.step, trainer.run,
+                                          f"stopped without saving; {trainer.kept()}") from None
             trainer.save()
             raise TrainingInterrupted(trainer.step, trainer.run,
                                       f"checkpoint saved in {trainer.run / CHECKPOINT_DIR}") from None
-        if interrupt.requested:
+        if stopping():
             raise TrainingInterrupted(trainer.step, trainer.run, f"checkpoint saved in {trainer.run / CHECKPOINT_DIR}")
 
 
@@ -397,19 +475,22 @@ def _finish(trainer: _Trainer, on_eval: Callable[[int, EvalResult], None] | None
         on_eval(trainer.step, final)
     rank_metrics, rank_parameters = trainer.prepared.extra_evaluations(trainer.evaluate)
     _label_names(loaded, data)
-    trainer.method.save(run, model, loaded.tokenizer, trainer.plan, trainer.method_config, trainer.prepared)
-    atomic_write_text(run / LOG_FILE, _csv(trainer.log))
-    atomic_write_text(run / EVALS_FILE, _csv(trainer.evals))
+    if trainer.writes:
+        trainer.method.save(run, model, loaded.tokenizer, trainer.plan, trainer.method_config, trainer.prepared)
+        atomic_write_text(run / LOG_FILE, _csv(trainer.log))
+        atomic_write_text(run / EVALS_FILE, _csv(trainer.evals))
     intervals = {}
     if final.predictions is not None and final.labels is not None and len(final.labels):
         intervals = metric_intervals(data.task.metrics, final.predictions, final.labels, seed=config.seed)
-        save_predictions(run, final.predictions, final.labels)
+        if trainer.writes:
+            save_predictions(run, final.predictions, final.labels)
     steps = [row["seconds"] for row in trainer.log]
     plan = trainer.plan
     record = RunRecord(
         task=data.task.name, mode=trainer.mode, plan=plan_source, metrics=final.metrics,
         model=loaded.identity, data=data.identity,
         settings={**config.numbers(), "total_steps": trainer.total_steps, "device": str(model.device),
+                  **({"ranks": trainer.ranks} if trainer.parallel else {}),
                   **({"plan": _plan_summary(plan, trainer.prepared)} if plan is not None else {}),
                   **trainer.recorded},
         timings={"train_seconds": round(trainer.train_seconds, 3),
@@ -417,5 +498,6 @@ def _finish(trainer: _Trainer, on_eval: Callable[[int, EvalResult], None] | None
                  "eval_seconds": round(final.seconds, 3), "prepare_seconds": round(trainer.prepare_seconds, 3)},
         eval_history=trainer.evals, rank_metrics=rank_metrics, rank_parameters=rank_parameters, intervals=intervals,
     )
-    record.save(run / METRICS_FILE)
+    if trainer.writes:
+        record.save(run / METRICS_FILE)
     return record

@@ -49,6 +49,9 @@ class Prepared:
 
     generators: dict[str, torch.Generator] = field(default_factory=dict)
     swapped: int = 0
+    shared_generators: frozenset[str] = frozenset()
+    """Names of ``generators`` whose draws must be the same on every rank of a run on several ranks (DyLoRA's
+    rank of each step); the others draw per rank (`qanalyze.engine.data_parallel`)."""
     reference: torch.nn.Module | None = None
     """The unquantized model, kept by post-training methods so that the ``lm`` task's evaluation reports the
     KL divergence to it (None: no reference)."""

@@ -130,8 +130,8 @@ class QDyLoRAMethod(Method):
         built = apply_qdylora(model, plan, config.lora(), seed=seed)
         sampler = RankSampler(built, torch.Generator().manual_seed(seed * 7919 + 1))
         generators = {"rank-sampler": sampler.generator, **{name: m.generator for name, m in built.items()}}
-        return _Adapters(generators=generators, adapters=built, sampler=sampler, eval_ranks=config.eval_ranks,
-                         model=model)
+        return _Adapters(generators=generators, shared_generators=frozenset({"rank-sampler"}), adapters=built,
+                         sampler=sampler, eval_ranks=config.eval_ranks, model=model)
 
     def save(self, run: Path, model: torch.nn.Module, tokenizer: Any, plan: BitPlan | None, config: MethodConfig,
              prepared: Prepared) -> None:
