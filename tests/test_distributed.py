@@ -5,14 +5,13 @@ every rank with one line from rank 0 (`qanalyze.distributed`, `qanalyze.launch`)
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from rank_helpers import free_port, rank_env, two_ranks
 from safetensors.torch import load_file
 
 from qanalyze.distributed import World, all_reduce_floats, gather_objects, keyed_generator, shard, world
@@ -23,38 +22,15 @@ ANALYZE_TOLERANCE = 1e-6
 (measured worst 9e-9 on the tiny LLaMA); every other number is the same arithmetic on the same batch."""
 
 
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    return {**env, "OMP_NUM_THREADS": "1", "QANALYZE_THREADS": "1", "QANALYZE_DIST_TIMEOUT": "120", **extra}
-
-
 def _one(*args: object) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "qanalyze", *map(str, args)], env=_env(), capture_output=True,
+    return subprocess.run([sys.executable, "-m", "qanalyze", *map(str, args)], env=rank_env(), capture_output=True,
                           text=True, timeout=300)
 
 
 def _torchrun(*args: object) -> subprocess.CompletedProcess:
-    return subprocess.run([str(VENV_BIN / "torchrun"), "--nproc-per-node", "2", "--master-port", str(_free_port()),
-                           "-m", "qanalyze", *map(str, args)], env=_env(), capture_output=True, text=True, timeout=300)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ranks(*argv: str) -> list[subprocess.CompletedProcess]:
-    """Two ranks started by hand with the environment torchrun gives them, to read each one's exit and output."""
-    port = str(_free_port())
-    procs = [subprocess.Popen([sys.executable, *argv], env=_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2",
-                                                              MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
-    done = []
-    for proc in procs:
-        out, err = proc.communicate(timeout=180)
-        done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
-    return done
+    return subprocess.run([str(VENV_BIN / "torchrun"), "--nproc-per-node", "2", "--master-port", str(free_port()),
+                           "-m", "qanalyze", *map(str, args)], env=rank_env(), capture_output=True, text=True,
+                          timeout=300)
 
 
 def _messages(err: str) -> list[str]:
@@ -111,7 +87,7 @@ def test_gptq_on_two_ranks_gives_the_same_codes(tmp_path, tiny_llama_dir, wikite
 
 
 def test_more_ranks_than_calibration_windows_exit_2_with_one_line(tmp_path, tiny_llama_dir, wikitext_sample_dir):
-    ranks = _ranks("-m", "qanalyze", "analyze", str(tiny_llama_dir), "--task", "lm", "--data",
+    ranks = two_ranks("-m", "qanalyze", "analyze", str(tiny_llama_dir), "--task", "lm", "--data",
                    str(wikitext_sample_dir), "--seq-len", "32", "--batches", "1", "--batch-size", "1",
                    "--metrics", "weights", "--out", str(tmp_path / "s.json"))
     assert [r.returncode for r in ranks] == [2, 2]
@@ -143,7 +119,7 @@ sys.exit(ranked(command))
 
 
 def test_a_failing_rank_stops_the_other_with_its_message():
-    ranks = _ranks("-c", FAILING_RANK)
+    ranks = two_ranks("-c", FAILING_RANK)
     assert [r.returncode for r in ranks] == [2, 2]
     assert "RankInputError: calibration batch 4: the loss is nan" in ranks[0].stderr
     assert ranks[1].stderr == ""  # quiet: rank 0 said it
