@@ -1,7 +1,7 @@
 """Training on two gloo ranks follows one process's loss curve (`qanalyze.engine.data_parallel`): ``finetune`` of a
 tiny LLaMA on the ``lm`` task on two ranks (token-weighted losses, an uneven last batch), and ``train --mode
 qat`` of a dropout-free tiny BERT, interrupted and resumed on two ranks; a global batch the ranks cannot share
-is refused with one line. Two launches of two processes, about 20 s on two cores (mostly imports)."""
+is refused with one line. One launch of two processes, about 20 s on two cores (mostly imports)."""
 
 from __future__ import annotations
 
@@ -90,29 +90,13 @@ def test_rank_one_takes_the_second_slice_and_its_own_seeds(rank_one_of_two):
     data_parallel.check_last_batch(9, 4, 2)  # the run ends before the last batch
 
 
-def test_finetune_on_two_ranks_follows_one_process(tmp_path, one_thread, tiny_llama_dir, wikitext_sample_dir):
-    # 19 windows in global batches of 4: the last batch of each epoch, 3 windows, is shared 2 + 1, so the ranks'
-    # losses are means over different numbers of tokens
-    data = load_task("lm", str(wikitext_sample_dir), seq_len=32, max_train_examples=19, max_eval_examples=2)
-    config = TrainConfig(max_steps=STEPS, batch_size=4, lr=1e-3, save_every=STEPS)
-    verbs.train(str(tiny_llama_dir), data, config, tmp_path / "one")
-    ranks = two_ranks("-m", "qanalyze", "finetune", str(tiny_llama_dir), "--task", "lm", "--data",
-                       str(wikitext_sample_dir), "--seq-len", "32", "--max-train-windows", "19", "--max-eval-windows",
-                       "2", "--max-steps", str(STEPS), "--batch-size", "4", "--lr", "1e-3", "--save-every", str(STEPS),
-                       "--out", str(tmp_path / "two"), "-q")
-    assert [r.returncode for r in ranks] == [0, 0], ranks[0].stderr + ranks[1].stderr
-    assert ranks[0].stdout.count("perplexity") == 1 and ranks[1].stdout == ""  # rank 0 speaks
-    one_log, two_log = _log(tmp_path / "one"), _log(tmp_path / "two")
-    assert _worst(one_log, two_log, "loss") < LOSS_TOLERANCE and _worst(one_log, two_log, "grad_norm") < LOSS_TOLERANCE
-    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
-
-
-QAT_ON_TWO_RANKS = """
+ON_TWO_RANKS = """
 import sys
 from qanalyze import load_task, verbs
+from qanalyze.cli import main
 from qanalyze.engine.train import TrainConfig, TrainingInterrupted
 
-model, glue, out = sys.argv[1:]
+bert, glue, llama, wikitext, out = sys.argv[1:]
 data = load_task("sst2", glue, max_train_examples=45, max_eval_examples=8, seed=2)
 config = TrainConfig(max_steps=20, batch_size=8, lr=1e-3, max_length=32, save_every=5, seed=4)
 
@@ -121,25 +105,54 @@ def stop_at_12(log):
         raise KeyboardInterrupt
 
 try:
-    verbs.train(model, data, config, out, mode="qat", plan="uniform:4", on_step=stop_at_12)
+    verbs.train(bert, data, config, out + "/qat", mode="qat", plan="uniform:4", on_step=stop_at_12)
 except TrainingInterrupted as exc:
     print(exc)
-verbs.train(model, data, config, out, mode="qat", plan="uniform:4", resume=True)
+verbs.train(bert, data, config, out + "/qat", mode="qat", plan="uniform:4", resume=True)
+# last: the command line leaves the process group when it is done
+sys.exit(main(["finetune", llama, "--task", "lm", "--data", wikitext, "--seq-len", "32", "--max-train-windows", "19",
+               "--max-eval-windows", "2", "--max-steps", "20", "--batch-size", "4", "--lr", "1e-3", "--save-every",
+               "20", "--out", out + "/lm", "-q"]))
 """
 
 
-def test_qat_on_two_ranks_resumed_follows_one_process(tmp_path, one_thread, still_bert_dir, glue_dir):
+@pytest.fixture(scope="module")
+def on_two_ranks(tmp_path_factory, still_bert_dir, glue_dir, tiny_llama_dir, wikitext_sample_dir):
+    """One launch of two ranks (the imports are most of its time) that runs ``ON_TWO_RANKS``: ``qat`` into
+    ``qat`` (interrupted at step 12, resumed from the checkpoint of step 10), then ``qanalyze finetune`` into
+    ``lm``; returns the folder and the two ranks' outcomes."""
+    out = tmp_path_factory.mktemp("two-ranks")
+    ranks = two_ranks("-c", ON_TWO_RANKS, str(still_bert_dir), str(glue_dir), str(tiny_llama_dir),
+                      str(wikitext_sample_dir), str(out))
+    assert [r.returncode for r in ranks] == [0, 0], ranks[0].stderr + ranks[1].stderr
+    return out, ranks
+
+
+def test_finetune_on_two_ranks_follows_one_process(tmp_path, one_thread, on_two_ranks, tiny_llama_dir,
+                                                   wikitext_sample_dir):
+    # 19 windows in global batches of 4: the last batch of each epoch, 3 windows, is shared 2 + 1, so the ranks'
+    # losses are means over different numbers of tokens
+    data = load_task("lm", str(wikitext_sample_dir), seq_len=32, max_train_examples=19, max_eval_examples=2)
+    config = TrainConfig(max_steps=STEPS, batch_size=4, lr=1e-3, save_every=STEPS)
+    verbs.train(str(tiny_llama_dir), data, config, tmp_path / "one")
+    out, ranks = on_two_ranks
+    assert ranks[0].stdout.count("perplexity") == 1 and "perplexity" not in ranks[1].stdout  # rank 0 speaks
+    one_log, two_log = _log(tmp_path / "one"), _log(out / "lm")
+    assert _worst(one_log, two_log, "loss") < LOSS_TOLERANCE and _worst(one_log, two_log, "grad_norm") < LOSS_TOLERANCE
+    assert sorted(p.name for p in (out / "lm").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
+
+
+def test_qat_on_two_ranks_resumed_follows_one_process(tmp_path, one_thread, on_two_ranks, still_bert_dir, glue_dir):
     data = load_task("sst2", str(glue_dir), max_train_examples=45, max_eval_examples=8, seed=2)
     config = TrainConfig(max_steps=STEPS, batch_size=8, lr=1e-3, max_length=32, save_every=5, seed=4)
     one = verbs.train(str(still_bert_dir), data, config, tmp_path / "one", mode="qat", plan="uniform:4")
-    ranks = two_ranks("-c", QAT_ON_TWO_RANKS, str(still_bert_dir), str(glue_dir), str(tmp_path / "two"))
-    assert [r.returncode for r in ranks] == [0, 0], ranks[0].stderr + ranks[1].stderr
+    out, ranks = on_two_ranks
     assert all("interrupted at step 12; stopped without saving; the last checkpoint is step 10" in r.stdout
                for r in ranks)
-    one_log, two_log = _log(tmp_path / "one"), _log(tmp_path / "two")
+    one_log, two_log = _log(tmp_path / "one"), _log(out / "qat")
     # each rank's own max|x| as its EMA range (no all_reduce): 4e-5 (loss), 2e-3 (gradient norm)
     assert _worst(one_log, two_log, "loss") < LOSS_TOLERANCE and _worst(one_log, two_log, "grad_norm") < LOSS_TOLERANCE
-    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    two = json.loads((out / "qat" / "metrics.json").read_text())
     assert two["metrics"] == pytest.approx(one.metrics) and two["settings"]["ranks"] == 2
 
 
