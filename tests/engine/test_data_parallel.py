@@ -109,6 +109,14 @@ try:
 except TrainingInterrupted as exc:
     print(exc)
 verbs.train(bert, data, config, out + "/qat", mode="qat", plan="uniform:4", resume=True)
+# int4: stochastic rounding drawn per rank, block and step sizes chosen on the first global batch
+from qanalyze.distributed import gather_objects
+from qanalyze.models import load_model
+loaded = load_model(bert, num_labels=2)
+verbs.train(loaded, data, TrainConfig(max_steps=3, batch_size=8, max_length=32), out + "/int4", mode="int4",
+            plan="uniform:4")
+sums = gather_objects([float(p.detach().double().sum()) for p in loaded.model.parameters()])
+print("int4 weights the same on every rank:", sums[0] == sums[1])
 # last: the command line leaves the process group when it is done
 sys.exit(main(["finetune", llama, "--task", "lm", "--data", wikitext, "--seq-len", "32", "--max-train-windows", "19",
                "--max-eval-windows", "2", "--max-steps", "20", "--batch-size", "4", "--lr", "1e-3", "--save-every",
@@ -154,6 +162,11 @@ def test_qat_on_two_ranks_resumed_follows_one_process(tmp_path, one_thread, on_t
     assert _worst(one_log, two_log, "loss") < LOSS_TOLERANCE and _worst(one_log, two_log, "grad_norm") < LOSS_TOLERANCE
     two = json.loads((out / "qat" / "metrics.json").read_text())
     assert two["metrics"] == pytest.approx(one.metrics) and two["settings"]["ranks"] == 2
+
+
+def test_ranks_that_draw_their_own_roundings_keep_the_same_weights(on_two_ranks):
+    # int4 follows one process's training, not its numbers (data_parallel's docstring), but the ranks stay one model
+    assert "int4 weights the same on every rank: True" in on_two_ranks[1][0].stdout
 
 
 def test_a_batch_the_ranks_cannot_share_exits_2_with_one_line(capfd, tmp_path, rank_one_of_two, tiny_llama_dir,
