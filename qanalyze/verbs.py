@@ -69,6 +69,7 @@ def train(model: str | LoadedModel, data: TaskData, config: TrainConfig, out: st
     """
     from qanalyze.distributed import barrier, world
     from qanalyze.engine.data_parallel import check_batch_size
+    from qanalyze.engine.kernels import forced_kernel
     from qanalyze.engine.train import train as run_loop
     from qanalyze.methods import get_method
     from qanalyze.models import load_model
@@ -80,6 +81,7 @@ def train(model: str | LoadedModel, data: TaskData, config: TrainConfig, out: st
     method_config = method_config if method_config is not None else method.make_config()
     if method.trains:
         check_batch_size(config.batch_size)
+    forced_kernel()  # a bad QANALYZE_KERNEL is refused before the run directory is made, not by apply_plan inside it
     check_run_dir(out, overwrite=overwrite, resume=resume)
     seed_everything(config.seed)
     loaded = load_model(model, num_labels=data.task.num_labels) if isinstance(model, str) else model
