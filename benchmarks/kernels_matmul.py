@@ -23,6 +23,10 @@ MKL_ENABLE_INSTRUCTIONS=AVX2``: 2 threads: avx2 8x8 0.73, float 8x8 1.19, int8 8
 stand-in: the capped ``torch._int_mm`` is fast, 0.47, but not exact, so this emulation does NOT reproduce an AVX2
 CPU's slow ``_int_mm``), avx2 16x16 3.56, float 16x16 2.13, split 16x16 9.73, quantized.linear x86 0.25 (FBGEMM
 ignores the oneDNN cap and runs VNNI here: not an AVX2 figure); 1 thread: avx2 8x8 0.66, float 8x8 0.98.
+Issue 26's second way, ``--variants avx2_8x8,avx2u_8x8,float8x8`` under the same caps, machine idle: 2 threads
+(``--repeats 20``) avx2 8x8 0.70, avx2u 8x8 0.84 (``vpmaddubsw`` on 4-bit digits, exact; 1.08-1.29x the
+``vpmaddwd`` kernel's time on each product), float 8x8 1.22; 1 thread (``--repeats 10``) 0.76, 0.81 (0.99-1.24x),
+1.13. Never faster than the ``vpmaddwd`` kernel, so the ``avx2`` path does not use it.
 Without the caps (VNNI, 2 threads): int8 8x8 0.28, auto takes int8 / split as before.
 """
 
@@ -38,6 +42,7 @@ from collections.abc import Callable
 import torch
 
 from qanalyze.engine import kernels
+from qanalyze.engine.avx2_gemm import avx2_int8_mm_variant
 from qanalyze.engine.kernels import int_mm, reference_mm
 
 TOKENS = 2048
@@ -45,10 +50,11 @@ VARIANTS = {"int8": ("int8 8x8", 8, 8, "int8"), "split8x16": ("split 8x16", 8, 1
             "split16x16": ("split 16x16", 16, 16, "split"), "float8x8": ("float 8x8", 8, 8, "float"),
             "float8x16": ("float 8x16", 8, 16, "float"), "float16x16": ("float 16x16", 16, 16, "float"),
             "avx2_8x8": ("avx2 8x8", 8, 8, "avx2"), "avx2_8x16": ("avx2 8x16", 8, 16, "avx2"),
-            "avx2_16x16": ("avx2 16x16", 16, 16, "avx2"),
+            "avx2_16x16": ("avx2 16x16", 16, 16, "avx2"), "avx2u_8x8": ("avx2u 8x8", 8, 8, "avx2u"),
             "qlinear7": ("qlinear x86 7b", 7, 8, "qlinear"), "int_mm_raw": ("_int_mm raw", 8, 8, "int_mm_raw")}
 """Option name -> (label, bits_a, bits_b, kernel path); ``qlinear`` and ``int_mm_raw`` are not int_mm paths
-(see the module docstring) and are not checked for exactness."""
+(see the module docstring) and are not checked for exactness; ``avx2u`` is the AVX2 library's ``maddubs4``
+kernel through the ``avx2`` path's K chunking (`_avx2u`), checked like the paths."""
 DEFAULT_VARIANTS = "int8,split8x16,split16x16,float8x8,float8x16,float16x16,avx2_8x8,avx2_8x16,avx2_16x16"
 ENV = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "QANALYZE_KERNEL")
 """Environment variables that change which kernels run, printed with every table."""
@@ -111,6 +117,15 @@ def _qlinear(a: torch.Tensor, b: torch.Tensor) -> Callable[[], torch.Tensor]:
     return lambda: torch.ops.quantized.linear(x, packed, 1.0, 0)
 
 
+def _avx2u(a: torch.Tensor, b: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """The ``maddubs4`` kernel variant (`qanalyze.engine.avx2_gemm.KERNEL_VARIANTS`) on 8-bit codes, through the
+    same int32-safe K chunking as the ``avx2`` path, so that it is timed as that path would run it."""
+    op = avx2_int8_mm_variant("maddubs4")
+    if op is None:
+        raise SystemExit("avx2u: the AVX2 kernel cannot be built on this machine")
+    return lambda: kernels._narrow_mm(a, b, 8, 8, op)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=30, help="timed rounds (median reported)")
@@ -149,6 +164,8 @@ def main() -> None:
                         path: str = path) -> torch.Tensor:
                     return int_mm(a, b, bits_a=bits_a, bits_b=bits_b, path=path)
 
+                if path == "avx2u":
+                    run = _avx2u(a, b)  # and checked below like the int_mm paths
                 if path == "qlinear":
                     run = _qlinear(a, b)
                 elif path == "int_mm_raw":

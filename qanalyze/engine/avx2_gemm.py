@@ -9,6 +9,12 @@ product is the exact integer one for every pair of 8-bit codes. It accumulates i
 The kernel is built with the machine's C++ compiler through ``torch.utils.cpp_extension`` (about 10 s, once;
 PyTorch caches the library and rebuilds only when the source changes). Where it cannot be built (no compiler,
 no AVX2, not x86) :func:`avx2_int8_mm_op` warns once and returns None, and the engine keeps its other paths.
+
+The same library holds a second, slower kernel that the engine does not use, kept to measure (issue 26's second
+way, ``benchmarks/kernels_matmul.py --variants avx2u_8x8``): ``vpmaddubsw`` (u8 x s8, pair sums in saturating
+int16) made exact by offsetting A to unsigned and cutting it into 4-bit digits, 8 steps summed in int16 before
+widening. Per instruction it does as many 8-bit multiply-adds as ``vpmaddwd`` (two digit products per product)
+plus the widening, and measured 1.0-1.3x the ``vpmaddwd`` kernel's time, never less: see :data:`KERNEL_VARIANTS`.
 """
 
 from __future__ import annotations
@@ -25,6 +31,10 @@ SOURCE = Path(__file__).with_name("csrc") / "avx2_int8_gemm.cpp"
 """The kernel's C++ source."""
 
 _LIBRARY_NAME = "qanalyze_avx2_int8_gemm"
+
+KERNEL_VARIANTS = {"madd": "int8_mm", "maddubs4": "int8_mm_u4"}
+"""Kernel variant -> op name in the library: ``madd`` (``vpmaddwd`` on int16 lanes, the one the ``avx2`` path
+uses) and ``maddubs4`` (``vpmaddubsw`` on 4-bit digits of A + 128; exact too, measured slower, benchmarks only)."""
 
 
 class Avx2KernelWarning(UserWarning):
@@ -57,3 +67,11 @@ def avx2_int8_mm_op() -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | 
         warnings.warn(f"the AVX2 int8 kernel could not be built ({reason}); using the other integer GEMM paths",
                       Avx2KernelWarning, stacklevel=2)
         return None
+
+
+def avx2_int8_mm_variant(name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
+    """The compiled op of kernel variant ``name`` (a key of :data:`KERNEL_VARIANTS`), built like
+    :func:`avx2_int8_mm_op`; None where that cannot be built."""
+    if avx2_int8_mm_op() is None:
+        return None
+    return getattr(torch.ops.qanalyze_avx2, KERNEL_VARIANTS[name])

@@ -18,6 +18,12 @@ needs_kernel = pytest.mark.skipif(avx2_gemm.avx2_int8_mm_op() is None, reason="n
 # odd M, K, N; M beyond one block of 64 rows and not a multiple of the 4-row tile; K beyond one 512 block and odd;
 # N not a multiple of the 16-column panel
 SHAPES = ((1, 1, 1), (3, 5, 7), (7, 13, 5), (67, 151, 91), (65, 513, 17), (131, 1025, 33), (5, 2049, 3))
+# the maddubs4 kernel's edges: 3-row tiles and 48-row blocks (M 2, 4, 47, 49, 97), k in quads (K 3, 4, 5), 8 quads
+# summed in int16 before widening (K 31, 32, 33, 63), 512-k blocks (K 511, 512, 515), 16-column panels (N 15, 16, 17)
+SHAPES_U4 = ((2, 3, 15), (4, 4, 16), (47, 5, 17), (49, 31, 16), (97, 32, 33), (3, 33, 1), (50, 63, 31),
+             (48, 511, 16), (6, 512, 48), (11, 515, 9))
+VARIANTS = tuple(avx2_gemm.KERNEL_VARIANTS)
+"""Every kernel variant in the library: the ``avx2`` path's and the benchmarked maddubs4 one."""
 
 
 def _codes(shape, bits, generator):
@@ -35,9 +41,10 @@ def _layouts(m, k, n, bits_a, bits_b, generator):
 
 
 @needs_kernel
-@pytest.mark.parametrize(("m", "k", "n"), SHAPES)
-def test_kernel_is_exact_on_odd_shapes_and_every_layout(m, k, n):
-    op = avx2_gemm.avx2_int8_mm_op()
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize(("m", "k", "n"), SHAPES + SHAPES_U4)
+def test_kernel_is_exact_on_odd_shapes_and_every_layout(variant, m, k, n):
+    op = avx2_gemm.avx2_int8_mm_variant(variant)
     generator = torch.Generator().manual_seed(m * 10007 + k * 101 + n)
     for a, b in _layouts(m, k, n, 8, 8, generator):
         got = op(a, b)
@@ -46,10 +53,12 @@ def test_kernel_is_exact_on_odd_shapes_and_every_layout(m, k, n):
 
 
 @needs_kernel
-def test_kernel_extreme_codes_and_the_int8_minimum():
-    """+-127 everywhere (the largest pair sums, 2 * 127 * 127), and -128, which no code takes but int8 holds."""
-    op = avx2_gemm.avx2_int8_mm_op()
-    for value_a, value_b in itertools.product((127, -127, -128), repeat=2):
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_kernel_extreme_codes_and_the_int8_minimum(variant):
+    """+-127 everywhere (the largest pair sums, 2 * 127 * 127), and -128, which no code takes but int8 holds; for
+    maddubs4, 127 is the largest digits (15, 15) and -128 on B the most negative digit pair sums (-3840)."""
+    op = avx2_gemm.avx2_int8_mm_variant(variant)
+    for value_a, value_b in itertools.product((127, -127, -128, 0), repeat=2):
         a = torch.full((9, 1031), value_a, dtype=torch.int8)
         b = torch.full((1031, 19), value_b, dtype=torch.int8)
         assert torch.equal(op(a, b).to(torch.int64), reference_mm(a, b))
@@ -58,8 +67,24 @@ def test_kernel_extreme_codes_and_the_int8_minimum():
 
 
 @needs_kernel
-def test_kernel_empty_operands():
-    op = avx2_gemm.avx2_int8_mm_op()
+def test_maddubs4_is_exact_where_its_offset_sum_wraps_int32():
+    """A + 128 = 255 against 127 over 100,003 k: U @ B (3.2e9) wraps int32 while A @ B (1.6e9) fits; the offset
+    correction, also wrapped, gives the exact product (random codes at that K too)."""
+    op = avx2_gemm.avx2_int8_mm_variant("maddubs4")
+    k = 100_003
+    for value_a, value_b in ((127, 127), (127, -128), (-128, -128)):
+        a = torch.full((5, k), value_a, dtype=torch.int8)
+        b = torch.full((k, 17), value_b, dtype=torch.int8)
+        assert torch.equal(op(a, b).to(torch.int64), reference_mm(a, b))
+    generator = torch.Generator().manual_seed(7)
+    a, b = _codes((4, k), 8, generator), _codes((k, 19), 8, generator)
+    assert torch.equal(op(a, b).to(torch.int64), reference_mm(a, b))
+
+
+@needs_kernel
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_kernel_empty_operands(variant):
+    op = avx2_gemm.avx2_int8_mm_variant(variant)
     for m, k, n in ((0, 5, 3), (3, 0, 4), (3, 5, 0)):
         got = op(torch.zeros(m, k, dtype=torch.int8), torch.zeros(k, n, dtype=torch.int8))
         assert got.shape == (m, n) and torch.equal(got, torch.zeros(m, n, dtype=torch.int32))
@@ -149,14 +174,16 @@ def test_a_build_failure_warns_once_and_gives_none(monkeypatch):
 
 
 @needs_kernel
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("threads", [1, 2])
-def test_kernel_is_exact_on_one_thread_and_on_several(threads):
-    """Row blocks of 64 are shared among threads (at::parallel_for): every split of the rows gives the same integers."""
+def test_kernel_is_exact_on_one_thread_and_on_several(variant, threads):
+    """Row blocks (64 or 48 rows) and B panels are shared among threads (at::parallel_for): every split gives the
+    same integers."""
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         generator = torch.Generator().manual_seed(threads)
         a, b = _codes((301, 777), 8, generator), _codes((777, 45), 8, generator)
-        assert torch.equal(avx2_gemm.avx2_int8_mm_op()(a, b).to(torch.int64), reference_mm(a, b))
+        assert torch.equal(avx2_gemm.avx2_int8_mm_variant(variant)(a, b).to(torch.int64), reference_mm(a, b))
     finally:
         torch.set_num_threads(previous)

@@ -1,7 +1,8 @@
 // Exact int8 x int8 -> int32 GEMM for AVX2 CPUs without VNNI (qanalyze.engine.avx2_gemm builds and loads it).
 //
 // Why vpmaddwd and not vpmaddubsw: vpmaddubsw (u8 x s8, what oneDNN and FBGEMM use without VNNI) sums pairs of
-// products in saturating 16-bit lanes, so signed 8-bit codes on both sides are not exact. vpmaddwd multiplies
+// products in saturating 16-bit lanes, so signed 8-bit codes on both sides are not exact (made exact with 4-bit
+// digits, it is slower: avx2_int8_mm_u4 below). vpmaddwd multiplies
 // 16-bit lanes and sums pairs in 32 bits: 2 * 127 * 127 never saturates, and it does 16 multiply-adds per
 // instruction against 8 for a float32 FMA. The operands are widened to int16 while they are packed.
 //
@@ -123,56 +124,224 @@ void pack_a(const int8_t* a, int64_t m, int64_t k, int64_t sm, int64_t sk, int64
   }
 }
 
+// The loop nest both kernels share: row blocks of mc rows spread over the threads, k blocks of kc (each packs its
+// A block once for all B panels), B panels of nr columns, tiles of mr rows. pack(row0, rows, k0, kn, out) packs an
+// A block into this thread's buffer; tile(apack, t, j, k0, kn, c, ldc, add) runs the micro-kernel on tile t of it
+// and panel j. An edge tile goes through a full-size buffer, of which only the valid part is copied.
+template <typename Elem, int64_t mr, int64_t nr, typename Pack, typename Tile>
+void run_blocks(int64_t m, int64_t k, int64_t n, int64_t mc, int64_t kc, size_t pack_size, int32_t* cp,
+                const Pack& pack, const Tile& tile) {
+  const int64_t panels = (n + nr - 1) / nr;
+  const int64_t blocks = (m + mc - 1) / mc;
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<Elem> apack(pack_size);
+    int32_t edge[mr * nr];
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t row0 = blk * mc, rows = std::min(mc, m - row0);
+      const int64_t tiles = (rows + mr - 1) / mr;
+      for (int64_t k0 = 0; k0 < k; k0 += kc) {
+        const int64_t kn = std::min(kc, k - k0);
+        const bool add = k0 > 0;
+        pack(row0, rows, k0, kn, apack.data());
+        for (int64_t j = 0; j < panels; ++j) {
+          const int64_t cols = std::min(nr, n - j * nr);
+          for (int64_t t = 0; t < tiles; ++t) {
+            const int64_t r0 = row0 + t * mr, trows = std::min(mr, m - r0);
+            int32_t* ctile = cp + r0 * n + j * nr;
+            if (trows == mr && cols == nr) {
+              tile(apack.data(), t, j, k0, kn, ctile, n, add);
+              continue;
+            }
+            for (int64_t r = 0; r < trows && add; ++r) std::memcpy(edge + r * nr, ctile + r * n, cols * 4);
+            tile(apack.data(), t, j, k0, kn, edge, nr, add);
+            for (int64_t r = 0; r < trows; ++r) std::memcpy(ctile + r * n, edge + r * nr, cols * 4);
+          }
+        }
+      }
+    }
+  });
+}
+
+// The operands' checks, shared by both kernels; the int32 (M, N) result, zero where K == 0 (an empty sum).
+at::Tensor checked_output(const at::Tensor& a, const at::Tensor& b, const char* name) {
+  TORCH_CHECK(a.dtype() == at::kChar && b.dtype() == at::kChar, name, " needs int8 operands");
+  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0), name, " needs (M, K) @ (K, N)");
+  TORCH_CHECK(a.device().is_cpu() && b.device().is_cpu(), name, " runs on the CPU");
+  at::Tensor c = at::empty({a.size(0), b.size(1)}, a.options().dtype(at::kInt));
+  return a.size(1) == 0 ? c.zero_() : c;
+}
+
 at::Tensor avx2_int8_mm(const at::Tensor& a, const at::Tensor& b) {
-  TORCH_CHECK(a.dtype() == at::kChar && b.dtype() == at::kChar, "avx2_int8_mm needs int8 operands");
-  TORCH_CHECK(a.dim() == 2 && b.dim() == 2 && a.size(1) == b.size(0), "avx2_int8_mm needs (M, K) @ (K, N)");
-  TORCH_CHECK(a.device().is_cpu() && b.device().is_cpu(), "avx2_int8_mm runs on the CPU");
+  at::Tensor c = checked_output(a, b, "avx2_int8_mm");
   const int64_t m = a.size(0), k = a.size(1), n = b.size(1);
-  at::Tensor c = at::empty({m, n}, a.options().dtype(at::kInt));
-  if (m == 0 || n == 0) return c;
-  if (k == 0) return c.zero_();
+  if (m == 0 || n == 0 || k == 0) return c;
   const int64_t kpairs = (k + 1) / 2;
   const int64_t panels = (n + NR - 1) / NR;
   std::vector<int16_t> bp(static_cast<size_t>(panels * kpairs * 2 * NR));
   pack_b(b.data_ptr<int8_t>(), k, n, b.stride(0), b.stride(1), bp.data(), kpairs);
   const int8_t* ap = a.data_ptr<int8_t>();
   const int64_t sm = a.stride(0), sk = a.stride(1);
-  int32_t* cp = c.data_ptr<int32_t>();
-  const int64_t blocks = (m + MC - 1) / MC;
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<int16_t> apack(static_cast<size_t>(MC * KC));
-    int32_t edge[MR * NR];
-    for (int64_t blk = begin; blk < end; ++blk) {
-      const int64_t row0 = blk * MC, rows = std::min(MC, m - row0);
-      const int64_t tiles = (rows + MR - 1) / MR;
-      for (int64_t k0 = 0; k0 < k; k0 += KC) {
-        const int64_t kp0 = k0 / 2, kps = (std::min(KC, k - k0) + 1) / 2;
-        const bool add = k0 > 0;
-        pack_a(ap, m, k, sm, sk, row0, rows, k0, kps, apack.data());
-        for (int64_t j = 0; j < panels; ++j) {
-          const int16_t* bpanel = bp.data() + (j * kpairs + kp0) * 2 * NR;
-          const int64_t cols = std::min(NR, n - j * NR);
-          for (int64_t t = 0; t < tiles; ++t) {
-            const int64_t r0 = row0 + t * MR, trows = std::min(MR, m - r0);
-            const int16_t* atile = apack.data() + t * kps * 2 * MR;
-            int32_t* ctile = cp + r0 * n + j * NR;
-            if (trows == MR && cols == NR) {
-              kernel_4x16(atile, bpanel, kps, ctile, n, add);
-              continue;
-            }
-            // an edge tile goes through a full-size buffer, of which only the valid part is copied
-            for (int64_t r = 0; r < trows && add; ++r) std::memcpy(edge + r * NR, ctile + r * n, cols * 4);
-            kernel_4x16(atile, bpanel, kps, edge, NR, add);
-            for (int64_t r = 0; r < trows; ++r) std::memcpy(ctile + r * n, edge + r * NR, cols * 4);
+  run_blocks<int16_t, MR, NR>(
+      m, k, n, MC, KC, static_cast<size_t>(MC * KC), c.data_ptr<int32_t>(),
+      [&](int64_t row0, int64_t rows, int64_t k0, int64_t kn, int16_t* out) {
+        pack_a(ap, m, k, sm, sk, row0, rows, k0, (kn + 1) / 2, out);
+      },
+      [&](const int16_t* apack, int64_t t, int64_t j, int64_t k0, int64_t kn, int32_t* ct, int64_t ldc, bool add) {
+        const int64_t kps = (kn + 1) / 2;
+        kernel_4x16(apack + t * kps * 2 * MR, bp.data() + (j * kpairs + k0 / 2) * 2 * NR, kps, ct, ldc, add);
+      });
+  return c;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Second way (issue 26): vpmaddubsw on 4-bit digits. vpmaddubsw multiplies 32 unsigned by 32 signed bytes and sums
+// pairs into saturating int16 lanes. A is offset to unsigned, u = a + 128 in 0..255 (a = u - 128, so
+// A @ B = U @ B - 128 * colsum(B)), and u is cut into digits u = 16 * h + l, h and l in 0..15. A pair sum of a
+// digit times B is at most 2 * 15 * 128 = 3840 in magnitude: never saturates, and 8 of them (30720) still fit
+// int16, so 8 steps accumulate in int16 before one vpmaddwd (by 1 for l, by 16 for h) widens them to int32.
+// The int32 sums wrap modulo 2**32 (U @ B alone can exceed int32 where A @ B does not), which the offset undoes
+// exactly: only the final A @ B has to fit int32, the same contract as the vpmaddwd kernel.
+// Layout: B in panels of NRU = 16 columns, k in quads: panel[q][col][4] (two ymm per quad); A in tiles of MRU = 3
+// rows: tile[q][row][digit][4], one 32-bit broadcast per row and digit. 3 rows x 2 digits x 2 column halves =
+// 12 int16 accumulators + 2 B vectors + 1 broadcast: the 16 ymm registers.
+// Measured slower than the vpmaddwd kernel above, so the avx2 path does not use it (benchmarks/kernels_matmul.py,
+// variant avx2u_8x8): a vpmaddubsw plus its vpaddw costs what a vpmaddwd plus its vpaddd does (0.277 ns per ymm
+// each on the AMD EPYC, 12 independent chains), and both give 16 multiply-adds of 8-bit codes (two digit products
+// per product here), so the digits' widening (one vpmaddwd per 8 vpmaddubsw) and the extra broadcasts are pure
+// overhead: 0.84x float32 against 0.70x on the six training products, 2 threads.
+
+constexpr int64_t MRU = 3;
+constexpr int64_t NRU = 16;
+constexpr int64_t MCU = 48;    // rows per parallel work item, a multiple of MRU (384 rows: 8 items, even on 2 threads)
+constexpr int64_t KCU = 512;   // k per block, a multiple of 4 * STEPS16
+constexpr int64_t STEPS16 = 8; // quads summed in int16 per lane: 8 * 3840 = 30720 < 32768 (9 saturate: tested)
+
+inline __m256i bcast32(const uint8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);  // why: a 32-bit load of a byte buffer without breaking strict aliasing
+  return _mm256_set1_epi32(v);
+}
+
+// c (MRU x NRU, int32) = (add ? c : init) + a_tile @ b_panel over `quads` quads of k
+inline void kernel_u4_3x16(const uint8_t* a, const int8_t* b, int64_t quads, int32_t* c, int64_t ldc, bool add,
+                           const int32_t* init) {
+  __m256i s[MRU][2];
+  for (int r = 0; r < MRU; ++r)
+    for (int g = 0; g < 2; ++g)
+      s[r][g] = add ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + r * ldc + 8 * g))
+                    : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(init + 8 * g));
+  const __m256i ones = _mm256_set1_epi16(1), sixteens = _mm256_set1_epi16(16);
+  for (int64_t q0 = 0; q0 < quads; q0 += STEPS16) {
+    const int64_t q1 = std::min(quads, q0 + STEPS16);
+    __m256i l00 = _mm256_setzero_si256(), l01 = l00, h00 = l00, h01 = l00, l10 = l00, l11 = l00, h10 = l00;
+    __m256i h11 = l00, l20 = l00, l21 = l00, h20 = l00, h21 = l00;
+    for (int64_t q = q0; q < q1; ++q) {
+      const __m256i* bp = reinterpret_cast<const __m256i*>(b + q * 4 * NRU);
+      const __m256i b0 = _mm256_loadu_si256(bp), b1 = _mm256_loadu_si256(bp + 1);
+      const uint8_t* ap = a + q * MRU * 8;
+      __m256i x;
+#define QA_ROW(r)                                                              \
+      x = bcast32(ap + 8 * r);                                                 \
+      l##r##0 = _mm256_add_epi16(l##r##0, _mm256_maddubs_epi16(x, b0));       \
+      l##r##1 = _mm256_add_epi16(l##r##1, _mm256_maddubs_epi16(x, b1));       \
+      x = bcast32(ap + 8 * r + 4);                                             \
+      h##r##0 = _mm256_add_epi16(h##r##0, _mm256_maddubs_epi16(x, b0));       \
+      h##r##1 = _mm256_add_epi16(h##r##1, _mm256_maddubs_epi16(x, b1));
+      QA_ROW(0) QA_ROW(1) QA_ROW(2)
+#undef QA_ROW
+    }
+#define QA_WIDEN(r, g) \
+    s[r][g] = _mm256_add_epi32(s[r][g], _mm256_add_epi32(_mm256_madd_epi16(l##r##g, ones), _mm256_madd_epi16(h##r##g, sixteens)));
+    QA_WIDEN(0, 0) QA_WIDEN(0, 1) QA_WIDEN(1, 0) QA_WIDEN(1, 1) QA_WIDEN(2, 0) QA_WIDEN(2, 1)
+#undef QA_WIDEN
+  }
+  for (int r = 0; r < MRU; ++r)
+    for (int g = 0; g < 2; ++g) _mm256_storeu_si256(reinterpret_cast<__m256i*>(c + r * ldc + 8 * g), s[r][g]);
+}
+
+// B (K x N, int8, any strides) -> panels[j][q][col][4], zero-padded; init[col] = -128 * colsum(B), mod 2**32.
+// k outer, columns inner: a row-major B is read along its rows (column by column over all of K re-read each cache
+// line 16 times from L2: measured 1.4x slower on the weight gradient's product), a column-major B touches only
+// the panel's 16 columns' lines.
+void pack_b_u4(const int8_t* b, int64_t k, int64_t n, int64_t sk, int64_t sn, int8_t* out, int64_t quads,
+               int32_t* init) {
+  const int64_t panels = (n + NRU - 1) / NRU;
+  at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      int8_t* dst = out + j * quads * 4 * NRU;
+      const int64_t col0 = j * NRU, cols = std::min(NRU, n - col0);
+      uint32_t sums[NRU] = {};  // unsigned: the wrap modulo 2**32 is defined
+      for (int64_t q = 0; q < quads; ++q) {
+        for (int64_t i = 0; i < 4; ++i) {
+          const int64_t kk = 4 * q + i;
+          const int8_t* src = b + kk * sk + col0 * sn;
+          for (int64_t col = 0; col < NRU; ++col) {
+            const int8_t v = (col < cols && kk < k) ? src[col * sn] : 0;
+            dst[(q * NRU + col) * 4 + i] = v;
+            sums[col] += static_cast<uint32_t>(static_cast<int32_t>(v));
           }
         }
       }
+      for (int64_t col = 0; col < cols; ++col) init[col0 + col] = static_cast<int32_t>(sums[col] * 0xFFFFFF80u);
     }
   });
+}
+
+// rows [row0, row0 + rows) of A, k in [k0, k0 + 4 * quads) -> digit tiles [t][q][row][l, h][4], zero-padded
+void pack_a_u4(const int8_t* a, int64_t m, int64_t k, int64_t sm, int64_t sk, int64_t row0, int64_t rows, int64_t k0,
+               int64_t quads, uint8_t* out) {
+  const int64_t tiles = (rows + MRU - 1) / MRU;
+  const int64_t kend = std::min(k, k0 + 4 * quads);
+  for (int64_t t = 0; t < tiles; ++t) {
+    uint8_t* dst = out + t * quads * MRU * 8;
+    for (int64_t r = 0; r < MRU; ++r) {
+      const int64_t row = row0 + t * MRU + r;
+      uint8_t* d = dst + 8 * r;
+      const int8_t* src = a + row * sm;
+      for (int64_t q = 0; q < quads; ++q) {
+        for (int64_t i = 0; i < 4; ++i) {
+          const int64_t kk = k0 + 4 * q + i;
+          // padding: u = 0 (B is zero there too, and rows past m are never stored)
+          const uint8_t u = (row < m && kk < kend) ? static_cast<uint8_t>(src[kk * sk] + 128) : 0;
+          d[q * MRU * 8 + i] = u & 15;
+          d[q * MRU * 8 + 4 + i] = u >> 4;
+        }
+      }
+    }
+  }
+}
+
+at::Tensor avx2_int8_mm_u4(const at::Tensor& a, const at::Tensor& b) {
+  at::Tensor c = checked_output(a, b, "avx2_int8_mm_u4");
+  const int64_t m = a.size(0), k = a.size(1), n = b.size(1);
+  if (m == 0 || n == 0 || k == 0) return c;
+  const int64_t quads = (k + 3) / 4;
+  const int64_t panels = (n + NRU - 1) / NRU;
+  std::vector<int8_t> bp(static_cast<size_t>(panels * quads * 4 * NRU));
+  std::vector<int32_t> init(static_cast<size_t>(panels * NRU));
+  pack_b_u4(b.data_ptr<int8_t>(), k, n, b.stride(0), b.stride(1), bp.data(), quads, init.data());
+  const int8_t* ap = a.data_ptr<int8_t>();
+  const int64_t sm = a.stride(0), sk = a.stride(1);
+  run_blocks<uint8_t, MRU, NRU>(
+      m, k, n, MCU, KCU, static_cast<size_t>(MCU * KCU * 2), c.data_ptr<int32_t>(),
+      [&](int64_t row0, int64_t rows, int64_t k0, int64_t kn, uint8_t* out) {
+        pack_a_u4(ap, m, k, sm, sk, row0, rows, k0, (kn + 3) / 4, out);
+      },
+      [&](const uint8_t* apack, int64_t t, int64_t j, int64_t k0, int64_t kn, int32_t* ct, int64_t ldc, bool add) {
+        const int64_t qs = (kn + 3) / 4;
+        kernel_u4_3x16(apack + t * qs * MRU * 8, bp.data() + (j * quads + k0 / 4) * 4 * NRU, qs, ct, ldc, add,
+                       init.data() + j * NRU);
+      });
   return c;
 }
 
 }  // namespace
 
-TORCH_LIBRARY(qanalyze_avx2, m) { m.def("int8_mm(Tensor a, Tensor b) -> Tensor"); }
-TORCH_LIBRARY_IMPL(qanalyze_avx2, CPU, m) { m.impl("int8_mm", &avx2_int8_mm); }
+TORCH_LIBRARY(qanalyze_avx2, m) {
+  m.def("int8_mm(Tensor a, Tensor b) -> Tensor");
+  m.def("int8_mm_u4(Tensor a, Tensor b) -> Tensor");
+}
+TORCH_LIBRARY_IMPL(qanalyze_avx2, CPU, m) {
+  m.impl("int8_mm", &avx2_int8_mm);
+  m.impl("int8_mm_u4", &avx2_int8_mm_u4);
+}
