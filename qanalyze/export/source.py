@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from qanalyze.errors import ConfigError, InputError, RecordError
 from qanalyze.export.layouts import ModuleLayout, layout_from_entry
+from qanalyze.quant.ggml import is_ggml_layout
 
 if TYPE_CHECKING:
     import torch
@@ -57,16 +58,6 @@ def read_source(path: str | Path) -> ExportSource:
     raise InputError(f"{source} does not exist; export takes a plan.json or a run directory of quantize")
 
 
-def _is_column_layout(column_group: str | None) -> bool:
-    from qanalyze.quant.columns import parse_column_layout
-
-    try:
-        parse_column_layout(column_group)
-    except ConfigError:
-        return False
-    return True
-
-
 def _read_plan(path: Path) -> ExportSource:
     from qanalyze.records import BitPlan
 
@@ -81,7 +72,7 @@ def _read_plan(path: Path) -> ExportSource:
             if len(shape) == 2:
                 floats.append(name)
             continue
-        if entry.column_group is not None and not _is_column_layout(entry.column_group):
+        if is_ggml_layout(entry.column_group):
             other[name] = entry.column_group
             continue
         if len(shape) != 2:
@@ -96,6 +87,7 @@ def _read_run(run: Path) -> ExportSource:
     from qanalyze.engine.column_checkpoint import is_column_run, load_column_run
     from qanalyze.ptq.quantize import linear_modules
     from qanalyze.quant.columns import ColumnQuantized
+    from qanalyze.quant.ggml import GGMLQuantized
     from qanalyze.records import RunRecord
     from qanalyze.rundir import METRICS_FILE
 
@@ -110,8 +102,7 @@ def _read_run(run: Path) -> ExportSource:
         raise RecordError(f"{run}: cannot read its checkpoint ({error})") from None
     layouts = {name: ModuleLayout(name, q.spec.bits, q.spec.group_size, q.spec.symmetric, tuple(q.q.shape))
                for name, q in codes.items() if isinstance(q, ColumnQuantized)}
-    other = {name: str(getattr(getattr(q, "type", None), "name", type(q).__name__))
-             for name, q in codes.items() if not isinstance(q, ColumnQuantized)}
+    other = {name: q.type.name for name, q in codes.items() if isinstance(q, GGMLQuantized)}
     floats = tuple(name for name in linear_modules(model) if name not in codes)
     return ExportSource(run, "run", layouts, floats, other, mode=mode, model=model, tokenizer=tokenizer,
                         codes=codes)
