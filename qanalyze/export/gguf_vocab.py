@@ -72,14 +72,18 @@ PRE_TOKENIZERS: dict[tuple[str, ...], str] = {
 """llama.cpp's pre-tokenizer name by the shape of a byte-level tokenizer's pre-tokenizer (`pre_tokenizer_shape`)."""
 
 
+def _pre_tokenizer_parts(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """The pre-tokenizers ``tokenizer.json`` applies, in order (a ``Sequence`` unpacked)."""
+    pre = spec.get("pre_tokenizer") or {}
+    return pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+
+
 def pre_tokenizer_shape(spec: dict[str, Any]) -> tuple[str, ...]:
     """The parts of ``tokenizer.json``'s pre-tokenizer, in order: ``ByteLevel`` (only with GPT-2's expression,
     ``use_regex``, and no prefix space), ``Digits:individual``, or the part's type with a ``?`` (a shape no table
     entry matches)."""
-    pre = spec.get("pre_tokenizer") or {}
-    parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
     shape = []
-    for part in parts:
+    for part in _pre_tokenizer_parts(spec):
         kind = part.get("type", "?")
         if kind == "ByteLevel":
             plain = part.get("use_regex", True) and not part.get("add_prefix_space", False)
@@ -92,9 +96,7 @@ def pre_tokenizer_shape(spec: dict[str, Any]) -> tuple[str, ...]:
 
 
 def _byte_level(spec: dict[str, Any]) -> bool:
-    pre = spec.get("pre_tokenizer") or {}
-    parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
-    return any(part.get("type") == "ByteLevel" for part in parts)
+    return any(part.get("type") == "ByteLevel" for part in _pre_tokenizer_parts(spec))
 
 
 def gguf_vocab(tokenizer: Any, vocab_size: int) -> GGUFVocab:
