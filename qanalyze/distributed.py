@@ -108,23 +108,23 @@ def shard(count: int, what: str) -> list[int]:
     return list(range(here.rank, count, here.size))
 
 
-def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """``tensor`` replaced in place by its sum over every rank (returned); unchanged when not distributed."""
+def _all_reduce(tensor: torch.Tensor, op: str) -> torch.Tensor:
     if world().distributed:
         import torch.distributed as dist
 
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        dist.all_reduce(tensor, op=getattr(dist.ReduceOp, op))
     return tensor
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` replaced in place by its sum over every rank (returned); unchanged when not distributed."""
+    return _all_reduce(tensor, "SUM")
 
 
 def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
     """``tensor`` replaced in place by its elementwise maximum over every rank (returned); unchanged when not
     distributed."""
-    if world().distributed:
-        import torch.distributed as dist
-
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return tensor
+    return _all_reduce(tensor, "MAX")
 
 
 def all_reduce_floats(values: Sequence[float]) -> list[float]:
