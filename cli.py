@@ -5,7 +5,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from qanalyze.cli import main
+from qanalyze.entry import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -36,7 +36,7 @@ if mode != "default":
 else:
     import torch
     print("threads:", torch.get_num_threads(), "torch threads (default)", file=sys.stderr)
-from qanalyze.cli import main
+from qanalyze.entry import main
 # the CLI chooses threads itself (--threads, default auto): name this configuration's count
 threads = str(torch.get_num_threads()) if mode == "default" else mode
 sys.exit(main(["--threads", threads, *argv]))

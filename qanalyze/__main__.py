@@ -1,6 +1,6 @@
 """``python -m qanalyze``: the command line, as the ``qanalyze`` script runs it."""
 
-from qanalyze.cli import entry_point
+from qanalyze.entry import entry_point
 
 if __name__ == "__main__":
     entry_point()

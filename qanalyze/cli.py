@@ -13,7 +13,6 @@ diverged (NaN or overflow: a finding about the plan or the settings, not bad inp
 from __future__ import annotations
 
 import os
-import sys
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -585,8 +584,3 @@ def _internal(exc: BaseException) -> int:
 
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or exc.__class__.__name__
-
-
-def entry_point() -> None:
-    """Console-script entry: exit with `main`'s code."""
-    sys.exit(main())

@@ -171,14 +171,21 @@ def prepare_threads(requested: str | int | None = None, environ: MutableMapping[
     """Call before ``import torch``: set the wait policy in ``environ`` (default ``os.environ``) where
     unset, and choose the thread count for ``requested`` (N, or ``None``/"auto"). Raises `ConfigError`
     for a bad ``requested``."""
-    environ = os.environ if environ is None else environ
     count = parse_threads(requested)
-    added = wait_env(environ)
-    environ.update(added)
+    added = set_wait_env(environ)
     usable = usable_cpus()
     busy = busy_elsewhere(usable) if count is None else None
+    # late only when this call had to set the policy after torch loaded (`qanalyze.entry` sets it earlier)
     return ThreadPlan(threads=choose_threads(count, usable, busy), requested=count, usable_cpus=usable,
-                      busy_elsewhere=busy, env_set=tuple(added), late="torch" in sys.modules)
+                      busy_elsewhere=busy, env_set=added, late=bool(added) and "torch" in sys.modules)
+
+
+def set_wait_env(environ: MutableMapping[str, str] | None = None) -> tuple[str, ...]:
+    """Set `WAIT_ENV` in ``environ`` (default ``os.environ``) where unset; the names it set."""
+    environ = os.environ if environ is None else environ
+    added = wait_env(environ)
+    environ.update(added)
+    return tuple(added)
 
 
 def apply_threads(plan: ThreadPlan) -> None:

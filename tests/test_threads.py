@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 from qanalyze.errors import ConfigError
@@ -96,3 +100,20 @@ def test_plan_is_frozen():
     with pytest.raises(AttributeError):
         plan.threads = 2  # type: ignore[misc]
     assert "auto: 2 usable cores, 1 busy elsewhere" in plan.describe()
+
+
+def test_the_command_line_sets_the_wait_policy_before_torch_loads():
+    # building the command line imports torch (the targets and exporters), so the entry sets the policy first
+    probe = ("import os, sys\n"
+             "seen = []\n"
+             "class Spy:\n"
+             "    def find_spec(self, name, path=None, target=None):\n"
+             "        if name == 'torch' and not seen:\n"
+             "            seen.append(os.environ.get('OMP_WAIT_POLICY'))\n"
+             "sys.meta_path.insert(0, Spy())\n"
+             "from qanalyze.entry import main\n"
+             "code = main(['--version'])\n"
+             "print(seen, code)\n")
+    env = {key: value for key, value in os.environ.items() if key not in WAIT_ENV}
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=True)
+    assert done.stdout.strip().splitlines()[-1] == "['PASSIVE'] 0"
