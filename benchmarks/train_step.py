@@ -10,7 +10,9 @@ optimizer `qanalyze train` uses (`qanalyze.engine.train.adamw`, fused AdamW on C
 with PyTorch's default per-tensor AdamW loop shows what the fused kernel saves.
 
 ``--kernels float,avx2`` repeats each integer row once per integer GEMM path, with ``QANALYZE_KERNEL`` set to
-that path during the row's steps only (`qanalyze.engine.kernels.KERNEL_ENV`), so paths compare in one run. The
+that path during the row's steps only (`qanalyze.engine.kernels.KERNEL_ENV`), so paths compare in one run; a
+name ending in ``/unfused`` (``avx2/unfused``) runs that path without the compiled fused quantization and
+rescaling (the torch ops, as before issue 26's third way), so before and after compare in one run too. The
 first lines give the CPU's flags and the environment that emulates another CPU (see kernels_matmul.py).
 
     .venv/bin/python benchmarks/train_step.py --steps 20 [--kernels auto,float,avx2] [--threads N]
@@ -38,6 +40,7 @@ import torch
 
 import qanalyze
 from qanalyze.data import collate, encode
+from qanalyze.engine import kernels
 from qanalyze.engine.apply import apply_plan
 from qanalyze.engine.kernels import KERNEL_ENV
 from qanalyze.engine.train import adamw
@@ -61,10 +64,16 @@ def _setup(label: str, mode: str | None, bits: int | None, layout: str = "tensor
 
 
 _OUTER_KERNEL = os.environ.get(KERNEL_ENV)  # what the caller set, restored for rows without a kernel of their own
+_LIBRARY_OP = kernels.avx2_library_op
+UNFUSED = "/unfused"
+"""A kernel name's suffix: the row runs without the library's fused ops (`qanalyze.engine.avx2_gemm.LIBRARY_OPS`),
+so quantization and rescaling take the torch ops as before issue 26's third way (the same values)."""
 
 
 def _step(model, optimizer, batch, kernel: str | None = None) -> float:
-    value = kernel if kernel is not None else _OUTER_KERNEL
+    unfused = kernel is not None and kernel.endswith(UNFUSED)
+    kernels.avx2_library_op = (lambda name: None) if unfused else _LIBRARY_OP
+    value = kernel.removesuffix(UNFUSED) if kernel is not None else _OUTER_KERNEL
     if value is None:
         os.environ.pop(KERNEL_ENV, None)
     else:

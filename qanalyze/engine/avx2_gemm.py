@@ -15,6 +15,9 @@ way, ``benchmarks/kernels_matmul.py --variants avx2u_8x8``): ``vpmaddubsw`` (u8 
 int16) made exact by offsetting A to unsigned and cutting it into 4-bit digits, 8 steps summed in int16 before
 widening. Per instruction it does as many 8-bit multiply-adds as ``vpmaddwd`` (two digit products per product)
 plus the widening, and measured 1.0-1.3x the ``vpmaddwd`` kernel's time, never less: see :data:`KERNEL_VARIANTS`.
+
+And it holds the fused ops around the products (issue 26's third way, :data:`LIBRARY_OPS`): the rescale of the
+int32 product in the GEMM's epilogue, and quantization (divide, round, clamp, cast) in one pass.
 """
 
 from __future__ import annotations
@@ -37,6 +40,15 @@ KERNEL_VARIANTS = {"madd": "int8_mm", "maddubs4": "int8_mm_u4"}
 uses) and ``maddubs4`` (``vpmaddubsw`` on 4-bit digits of A + 128; exact too, measured slower, benchmarks only)."""
 
 
+LIBRARY_OPS = ("int8_mm_scaled", "quantize_codes")
+"""The library's fused ops around the GEMM (issue 26's third way), both bit-identical to the torch ops they
+replace: ``int8_mm_scaled(a8, b8, row_scale, col_scale, bias) -> float32``, the ``madd`` kernel with
+``float32(acc) * (row_scale[i] * col_scale[j]) + bias[j]`` done in its epilogue, in the int32 result's memory
+while a block of rows is in cache; ``quantize_codes(x, scale, qmax, levels) -> int8 / int16``,
+`qanalyze.engine.functions.integer_codes` (nearest, or stochastic from the int16 levels that
+`qanalyze.quant.primitives.uniform_noise` maps to its draws) in one pass over float32 ``x``."""
+
+
 class Avx2KernelWarning(UserWarning):
     """The AVX2 int8 kernel could not be built or loaded; the engine falls back to its other paths."""
 
@@ -55,11 +67,14 @@ def avx2_int8_mm_op() -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | 
     try:
         from torch.utils.cpp_extension import load
 
+        # -ffp-contract=off: the fused epilogue and quantization must round each float operation on its own, as the
+        # torch ops they replace do (an FMA would round a * b + c once and change the last bit).
         # -fopenmp turns at::parallel_for's pragma on (without it the kernel runs on one thread: measured 1.0x
         # from 1 to 2 threads, 2.0x with it); libgomp is not linked: its symbols resolve to the OpenMP runtime
         # torch has already loaded, so there is one thread pool, not two
-        load(name=_LIBRARY_NAME, sources=[str(SOURCE)], extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
-             is_python_module=False, verbose=False)
+        load(name=_LIBRARY_NAME, sources=[str(SOURCE)],
+             extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp", "-ffp-contract=off"], is_python_module=False,
+             verbose=False)
         return torch.ops.qanalyze_avx2.int8_mm
     except Exception as exc:  # a compiler or toolchain failure of any kind: the other paths still work
         # why: warnings.warn, not print; one line, like every message qanalyze gives
@@ -67,6 +82,14 @@ def avx2_int8_mm_op() -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | 
         warnings.warn(f"the AVX2 int8 kernel could not be built ({reason}); using the other integer GEMM paths",
                       Avx2KernelWarning, stacklevel=2)
         return None
+
+
+def avx2_library_op(name: str) -> Callable[..., torch.Tensor] | None:
+    """The library's op ``name`` (`LIBRARY_OPS`), built like :func:`avx2_int8_mm_op`; None where that cannot be
+    built."""
+    if avx2_int8_mm_op() is None:
+        return None
+    return getattr(torch.ops.qanalyze_avx2, name)
 
 
 def avx2_int8_mm_variant(name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:

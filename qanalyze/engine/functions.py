@@ -9,22 +9,26 @@ Integer linear (the integer fine-tuning paper, with the plan's bits per tensor):
     forward    X_q = Q_a(X), W_q = Q_w(W)            Y   = s_x s_w ⊙ (X_q · W_qᵀ) + b
     backward   G_x = Q_g(G ⊙ s_w), G_w = Q_g(G ⊙ s_x)  ∇X  = s_gx (G_x · W_q),  ∇W = s_gw (G_wᵀ · X_q)
 
-Every product is an integer GEMM (`qanalyze.engine.kernels.int_mm`). The weight has one scale per
-group of output rows and the activation one per tensor or per token, so those scales vary along the
-dimension a backward product sums over; they are folded into the output gradient *before* it is
-quantized (one scale per tensor), which keeps both backward products purely integer and exact in
+Every product is an integer GEMM (`qanalyze.engine.kernels.int_mm_scaled`, which also applies the product's
+scales). The weight has one scale per group of output rows and the activation one per tensor or per token,
+so those scales vary along the dimension a backward product sums over; they are folded into the output gradient
+*before* it is quantized (one scale per tensor), which keeps both backward products purely integer and exact in
 the maths: Σ_n g[m,n] s_w[n] W_q[n,k] = Σ_n (g ⊙ s_w)[m,n] W_q[n,k].
+
+Where `qanalyze.engine.kernels.fused_quantize_selected` holds (a CPU without fast int8 GEMMs, where the compiled
+library builds) each quantization is one compiled pass (`qanalyze.engine.kernels.fused_codes`): the same codes.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from qanalyze.engine.kernels import int_mm
+from qanalyze.engine.kernels import fused_codes, fused_quantize_selected, int_mm_scaled
 from qanalyze.errors import ConfigError
 from qanalyze.quant.primitives import (
     GRADIENT_GROUPS,
@@ -35,6 +39,7 @@ from qanalyze.quant.primitives import (
     mse_clip,
     qmax,
     quantize_symmetric,
+    random_bytes,
     symmetric_scale,
     uniform_noise,
 )
@@ -120,9 +125,14 @@ def row_scales(quantized: Quantized, rows: int) -> torch.Tensor:
     return quantized.scale.reshape(-1).repeat_interleave(quantized.rows_per_group, output_size=rows)
 
 
-def quantize_weight(weight: torch.Tensor, spec: TensorSpec, clip: torch.Tensor | None = None) -> Quantized:
+def quantize_weight(weight: torch.Tensor, spec: TensorSpec, clip: torch.Tensor | None = None, *,
+                    fused: bool = False) -> Quantized:
     """The weight's integer codes and scales as ``spec`` says (nearest rounding, rows of dim 0 grouped),
-    each group clipped at its ratio in ``clip`` when given (`weight_clip`)."""
+    each group clipped at its ratio in ``clip`` when given (`weight_clip`). ``fused``: through `fused_quantized`
+    where it applies (float32 matrix, one scale per tensor or per row, no clipping): the same result."""
+    fits = clip is None and weight.dtype == torch.float32 and weight.dim() == 2 and spec.rows_per_group in (None, 1)
+    if fused and fits:
+        return fused_quantized(weight, spec.weight_bits, spec.quantizer, per_row=spec.rows_per_group == 1)
     return get_quantizer(spec.quantizer)(weight.detach(), spec.weight_bits, spec.rows_per_group, "nearest", None,
                                          clip=clip)
 
@@ -137,9 +147,12 @@ def weight_clip(weight: torch.Tensor, spec: TensorSpec) -> torch.Tensor | None:
                     scale_rule=_registered(spec.quantizer).step)
 
 
-def quantize_tokens(x: torch.Tensor, spec: TensorSpec) -> Quantized:
+def quantize_tokens(x: torch.Tensor, spec: TensorSpec, *, fused: bool = False) -> Quantized:
     """``x`` flattened to ``(tokens, features)``, each token quantized with its own scale (``spec``'s activation
-    bits and quantizer, nearest rounding): the per-token input of the integer linear and of per-token QAT."""
+    bits and quantizer, nearest rounding): the per-token input of the integer linear and of per-token QAT.
+    ``fused``: through `fused_quantized` (float32 input): the same result."""
+    if fused and x.dtype == torch.float32:
+        return fused_quantized(x.reshape(-1, x.shape[-1]), spec.activation_bits, spec.quantizer, per_row=True)
     return get_quantizer(spec.quantizer)(x.detach().reshape(-1, x.shape[-1]).float(), spec.activation_bits, 1,
                                          "nearest", None)
 
@@ -161,13 +174,19 @@ def line_scales(x: torch.Tensor, bits: int, quantizer: str, dim: int) -> torch.T
     return scale.unsqueeze(1) if dim == 1 else scale.unsqueeze(0)
 
 
-def integer_codes(x: torch.Tensor, scale: torch.Tensor, bits: int, noise: torch.Tensor | None = None) -> torch.Tensor:
+def integer_codes(x: torch.Tensor, scale: torch.Tensor, bits: int, noise: torch.Tensor | None = None, *,
+                  fused: bool = False) -> torch.Tensor:
     """``clamp(round(x / scale), -qmax, qmax)`` as int8 (<= 8 bits) or int16: nearest rounding, or with
     ``noise`` (uniform [0, 1) draws of x's shape) stochastic rounding ``floor(x/s) + [u < frac(x/s)]``.
 
     The hot path of the engine: the same values as `qanalyze.quant.primitives` for a per-tensor scale,
-    with in-place steps so that no more temporaries than needed are made.
+    with in-place steps so that no more temporaries than needed are made. ``fused`` (only where
+    `qanalyze.engine.kernels.fused_quantize_selected` holds; ``scale`` one value or one per row): the same codes
+    from one compiled pass (`fused_codes`), ``noise`` then being the int16 levels of ``draw_noise(...,
+    levels=True)``.
     """
+    if fused:
+        return fused_codes(x, scale, bits, noise)
     limit = qmax(bits)
     values = x.detach().float() / scale
     if noise is None:
@@ -180,10 +199,30 @@ def integer_codes(x: torch.Tensor, scale: torch.Tensor, bits: int, noise: torch.
     return values.to(torch.int8 if bits <= 8 else torch.int16)
 
 
-def draw_noise(shape: torch.Size, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+def draw_noise(shape: torch.Size, generator: torch.Generator, device: torch.device, *,
+               levels: bool = False) -> torch.Tensor:
     """Uniform [0, 1) float32 draws for stochastic rounding, from ``generator``: the draws of
-    `qanalyze.quant.primitives.uniform_noise`, so the codes equal the reference quantizers'."""
+    `qanalyze.quant.primitives.uniform_noise`, so the codes equal the reference quantizers'. ``levels``: the
+    same draws as the int16 levels k that ``uniform_noise`` maps to ``(k + 2**15 + 1/2) / 2**16``, for
+    ``integer_codes(..., fused=True)`` (the conversion then happens inside its one pass)."""
+    if levels:  # uniform_noise's own draw: 2 bytes per value from random_bytes, read as int16
+        return random_bytes(2 * math.prod(shape), generator, device).view(torch.int16).reshape(tuple(shape))
     return uniform_noise(shape, generator, device=device)
+
+
+def fused_quantized(x: torch.Tensor, bits: int, quantizer: str, *, per_row: bool,
+                    levels: torch.Tensor | None = None) -> Quantized:
+    """What ``get_quantizer(quantizer)(x, bits, 1 if per_row else None, rounding, generator)`` gives a float32
+    matrix ``x`` (nearest rounding, or stochastic from the ``levels`` of ``draw_noise(..., levels=True)`` drawn
+    from that generator): the same scales (`tensor_scale`, or the quantizer on each row's ``max|x|``, in its
+    ``(rows, 1, 1)`` shape) and the same codes, quantized in one compiled pass (`fused_codes`)."""
+    if per_row:
+        amax = x.detach().abs().amax(dim=1).reshape(-1, 1)
+        scale = get_quantizer(quantizer)(amax, bits, 1, "nearest", None).scale
+    else:
+        scale = tensor_scale(x, bits, quantizer)
+    return Quantized(q=fused_codes(x, scale, bits, levels), scale=scale, zero_point=None, bits=bits,
+                     rows_per_group=1 if per_row else None)
 
 
 class IntLinearFunction(torch.autograd.Function):
@@ -200,18 +239,19 @@ class IntLinearFunction(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, spec: TensorSpec,
                 generator: torch.Generator, frozen: Quantized | None) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])
+        fused = fused_quantize_selected(spec.activation_bits, spec.weight_bits, x.device)
         if spec.per_token:
-            xq = quantize_tokens(x2, spec)
+            xq = quantize_tokens(x2, spec, fused=fused)
             x_codes, s_x = xq.q, row_scales(xq, x2.shape[0]).float().unsqueeze(1)
         else:
             s_x = tensor_scale(x2, spec.activation_bits, spec.quantizer).float().reshape(())
-            x_codes = integer_codes(x2, s_x, spec.activation_bits)
-        wq = frozen if frozen is not None else quantize_weight(weight, spec)
+            x_codes = integer_codes(x2, s_x, spec.activation_bits, fused=fused)
+        wq = frozen if frozen is not None else quantize_weight(weight, spec, fused=fused)
         s_w = row_scales(wq, weight.shape[0]).float()
-        acc = int_mm(x_codes, wq.q.t(), bits_a=spec.activation_bits, bits_b=spec.weight_bits)
-        y = acc.to(torch.float32).mul_(s_x * s_w)
-        if bias is not None:
-            y.add_(bias.detach().float())
+        # the scale s_x * s_w of each output, as torch's broadcast forms it: per tensor one vector over columns
+        row, col = (None, s_x * s_w) if s_x.dim() == 0 else (s_x, s_w)
+        y = int_mm_scaled(x_codes, wq.q.t(), bits_a=spec.activation_bits, bits_b=spec.weight_bits, row_scale=row,
+                          col_scale=col, bias=None if bias is None else bias.detach().float())
         ctx.save_for_backward(x_codes, s_x, wq.q, s_w)
         ctx.spec, ctx.generator, ctx.x_shape, ctx.has_bias = spec, generator, x.shape, bias is not None
         return y.reshape(*x.shape[:-1], weight.shape[0]).to(x.dtype)
@@ -223,13 +263,15 @@ class IntLinearFunction(torch.autograd.Function):
         bits = spec.gradient_bits
         g2 = grad.reshape(-1, grad.shape[-1]).float()
         want_x, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        noise = draw_noise(g2.shape, ctx.generator, g2.device) if want_x or want_w else None
         rows = spec.gradient_group == "row"
+        # per-column scales (rows: the weight gradient's) take the torch ops, and so the float draws
+        fused = fused_quantize_selected(bits, spec.weight_bits, g2.device) and not rows
+        noise = draw_noise(g2.shape, ctx.generator, g2.device, levels=fused) if want_x or want_w else None
         shared = s_x.dim() == 0 and s_w.dim() == 0 and not rows
         grad_x = grad_w = grad_b = None
         if shared and want_x and want_w:
             scale = tensor_scale(g2, bits, spec.quantizer)
-            codes_x = codes_w = integer_codes(g2, scale, bits, noise)
+            codes_x = codes_w = integer_codes(g2, scale, bits, noise, fused=fused)
             scale_x, scale_w = scale * s_w, scale * s_x
         else:
             # per row, the input gradient's scales are per token (rows of G) and the weight gradient's per output
@@ -238,22 +280,27 @@ class IntLinearFunction(torch.autograd.Function):
                 folded = g2 * s_w
                 scale_x = line_scales(folded, bits, spec.quantizer, 1) if rows else \
                     tensor_scale(folded, bits, spec.quantizer)
-                codes_x = integer_codes(folded, scale_x, bits, noise)
+                codes_x = integer_codes(folded, scale_x, bits, noise, fused=fused)
             if want_w:
                 folded = g2 * s_x
                 scale_w = line_scales(folded, bits, spec.quantizer, 0) if rows else \
                     tensor_scale(folded, bits, spec.quantizer)
-                codes_w = integer_codes(folded, scale_w, bits, noise)
+                codes_w = integer_codes(folded, scale_w, bits, noise, fused=fused)
                 scale_w = scale_w.reshape(-1, 1) if rows else scale_w
         if want_x:
-            product = int_mm(codes_x, w_q, bits_a=bits, bits_b=spec.weight_bits)
-            grad_x = product.to(torch.float32).mul_(scale_x).reshape(ctx.x_shape).to(grad.dtype)
+            product = int_mm_scaled(codes_x, w_q, bits_a=bits, bits_b=spec.weight_bits, **_scales(scale_x))
+            grad_x = product.reshape(ctx.x_shape).to(grad.dtype)
         if want_w:
-            product = int_mm(codes_w.t(), x_q, bits_a=bits, bits_b=spec.activation_bits)
-            grad_w = product.to(torch.float32).mul_(scale_w).to(grad.dtype)
+            grad_w = int_mm_scaled(codes_w.t(), x_q, bits_a=bits, bits_b=spec.activation_bits,
+                                   **_scales(scale_w)).to(grad.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = g2.sum(0).to(grad.dtype)
         return grad_x, grad_w, grad_b, None, None, None
+
+
+def _scales(scale: torch.Tensor) -> dict[str, torch.Tensor]:
+    """A product's scale, (rows, 1) or one value, as `int_mm_scaled`'s keyword."""
+    return {"row_scale": scale} if scale.dim() == 2 else {"col_scale": scale}
 
 
 class IntEmbeddingFunction(torch.autograd.Function):
@@ -292,7 +339,9 @@ class IntEmbeddingFunction(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             g2 = grad.reshape(-1, grad.shape[-1]).float()
             scale = tensor_scale(g2, spec.gradient_bits, spec.quantizer)
-            codes = integer_codes(g2, scale, spec.gradient_bits, draw_noise(g2.shape, ctx.generator, g2.device))
+            fused = fused_quantize_selected(spec.gradient_bits, spec.gradient_bits, g2.device)
+            noise = draw_noise(g2.shape, ctx.generator, g2.device, levels=fused)
+            codes = integer_codes(g2, scale, spec.gradient_bits, noise, fused=fused)
             # accumulate over the distinct ids only; int32 holds the sum: a row repeated n times sums to
             # at most n * 32767, and n < 65536 tokens per batch
             distinct, position = torch.unique(ids.reshape(-1), return_inverse=True)
@@ -322,7 +371,10 @@ class IntLayerNormFunction(torch.autograd.Function):
         x2 = x.reshape(-1, width).detach().float()
         # one scale per token: the statistics are per token, so a token's own exponent costs nothing and
         # keeps the tokens whose residual stream is small from being flattened by the loudest one
-        xq = quantize(x2, spec.activation_bits, 1, "nearest", None)
+        if fused_quantize_selected(spec.activation_bits, spec.activation_bits, x.device):
+            xq = fused_quantized(x2, spec.activation_bits, spec.quantizer, per_row=True)
+        else:
+            xq = quantize(x2, spec.activation_bits, 1, "nearest", None)
         scale = xq.scale.reshape(-1, 1).double()
         q = xq.q.to(torch.int64)
         sum1 = q.sum(-1, keepdim=True)
@@ -345,7 +397,11 @@ class IntLayerNormFunction(torch.autograd.Function):
         xhat, gamma, rstd = ctx.saved_tensors
         spec: TensorSpec = ctx.spec
         g2 = grad.reshape(-1, grad.shape[-1]).float()
-        gq = get_quantizer(spec.quantizer)(g2, spec.gradient_bits, None, "stochastic", ctx.generator)
+        if fused_quantize_selected(spec.gradient_bits, spec.gradient_bits, g2.device):
+            levels = draw_noise(g2.shape, ctx.generator, g2.device, levels=True)
+            gq = fused_quantized(g2, spec.gradient_bits, spec.quantizer, per_row=False, levels=levels)
+        else:
+            gq = get_quantizer(spec.quantizer)(g2, spec.gradient_bits, None, "stochastic", ctx.generator)
         g = gq.dequantize().float()
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:

@@ -35,6 +35,11 @@ against ``float`` (once per process, per operand class: both sides <= 8 bits, or
 ``QANALYZE_KERNEL`` (`KERNEL_ENV`) forces what ``auto`` takes: ``reference``, ``float``, ``int_mm`` (``int8`` /
 ``split``) or ``avx2``; any other value is a ConfigError.
 
+Around the products (issue 26's third way): :func:`int_mm_scaled` gives ``float32(a @ b) * scale + bias``, the
+rescale done in the AVX2 kernel's epilogue on the ``avx2`` path; :func:`fused_codes` quantizes in one compiled
+pass; :func:`fused_quantize_selected` says where the engine uses the latter (CPU, on the ``avx2`` and ``float``
+paths, where the library builds; the VNNI paths keep the torch ops). Both give the same values as the torch ops.
+
 Shape and hardware rules of ``torch._int_mm`` live in :func:`safe_int_mm`, nowhere else. Values
 outside the declared code range are not checked (that would cost a pass over both operands per
 call; the quantizers guarantee the range) and may give wrong results.
@@ -53,7 +58,7 @@ import torch
 import torch.nn.functional as F
 
 from qanalyze.cpu import onednn_int8_is_exact
-from qanalyze.engine.avx2_gemm import avx2_int8_mm_op
+from qanalyze.engine.avx2_gemm import avx2_int8_mm_op, avx2_library_op
 from qanalyze.errors import ConfigError
 from qanalyze.quant.primitives import qmax
 
@@ -127,6 +132,56 @@ def int_mm(a: torch.Tensor, b: torch.Tensor, *, bits_a: int, bits_b: int, path: 
     if name not in KERNEL_PATHS:
         raise ConfigError(f"unknown kernel path {path!r}; known: auto, {', '.join(KERNEL_PATHS)}")
     return KERNEL_PATHS[name](a, b, bits_a=bits_a, bits_b=bits_b)
+
+
+def int_mm_scaled(a: torch.Tensor, b: torch.Tensor, *, bits_a: int, bits_b: int, row_scale: torch.Tensor | None = None,
+                  col_scale: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                  path: str = "auto") -> torch.Tensor:
+    """``int_mm(a, b).to(float32).mul_(row_scale * col_scale).add_(bias)``, the same float32 values on every path:
+    ``row_scale`` (M, 1), ``col_scale`` (N,) or 0-d, ``bias`` (N,), each float32 and optional (a missing scale
+    is 1; with both, their float32 product is the scale, as torch's broadcast forms it).
+
+    On the ``avx2`` path with codes of <= 8 bits and K within int32 the kernel applies them in its epilogue, in
+    its int32 result's memory while each block of rows is in cache: one pass instead of a conversion, a multiply
+    and an add over the whole output."""
+    _check_operands(a, b, bits_a, bits_b)
+    name = _auto_path(bits_a, bits_b, a.device) if path == "auto" else path
+    m, k, n = a.shape[0], a.shape[1], b.shape[1]
+    scaled = avx2_library_op("int8_mm_scaled") if name == "avx2" and a.device.type == "cpu" else None
+    if scaled is not None and max(bits_a, bits_b) <= 8 and k <= _INT32_MAX // (qmax(bits_a) * qmax(bits_b)):
+        return scaled(a.to(torch.int8), b.to(torch.int8), _float_vector(row_scale, m), _float_vector(col_scale, n),
+                      _float_vector(bias, n))
+    out = int_mm(a, b, bits_a=bits_a, bits_b=bits_b, path=name).to(torch.float32)
+    scale = row_scale if col_scale is None else col_scale if row_scale is None else row_scale * col_scale
+    if scale is not None:
+        out.mul_(scale)
+    return out if bias is None else out.add_(bias)
+
+
+def _float_vector(x: torch.Tensor | None, size: int) -> torch.Tensor | None:
+    """A scale or bias (one value, or ``size``) as the contiguous float32 vector of ``size`` the kernel reads."""
+    return None if x is None else x.detach().to(torch.float32).reshape(-1).expand(size).contiguous()
+
+
+def fused_quantize_selected(bits_a: int, bits_b: int, device: torch.device) -> bool:
+    """Whether the engine quantizes the operands of an ``a @ b`` of these bits with :func:`fused_codes`: on the CPU,
+    where ``auto`` takes the ``avx2`` or ``float`` path (a CPU without fast int8 GEMMs; the ``int8`` / ``split``
+    paths of VNNI CPUs and the ``reference`` path keep the torch ops) and the library builds."""
+    if device.type != "cpu" or _auto_path(bits_a, bits_b, device) not in ("avx2", "float"):
+        return False
+    return avx2_library_op("quantize_codes") is not None
+
+
+def fused_codes(x: torch.Tensor, scale: torch.Tensor, bits: int, levels: torch.Tensor | None = None) -> torch.Tensor:
+    """`qanalyze.engine.functions.integer_codes` in one compiled pass over ``x`` (a contiguous float32 copy is
+    made of anything else): ``scale`` is one value, or (rows, 1) for a 2-D ``x``; ``levels`` (int16, x's size, the
+    draws `qanalyze.quant.primitives.uniform_noise` maps to (k + 1/2) / 2**16) gives stochastic rounding. Only
+    where :func:`fused_quantize_selected` holds."""
+    x = x.detach().to(torch.float32).contiguous()
+    flat = scale.detach().to(torch.float32).reshape(-1).contiguous()
+    if levels is not None:
+        levels = levels.reshape(-1).contiguous()
+    return avx2_library_op("quantize_codes")(x, flat, qmax(bits), levels)
 
 
 def int8_gemm_is_fast(device: torch.device | str = "cpu") -> bool:

@@ -21,8 +21,10 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #include <vector>
 
 namespace {
@@ -128,9 +130,10 @@ void pack_a(const int8_t* a, int64_t m, int64_t k, int64_t sm, int64_t sk, int64
 // A block once for all B panels), B panels of nr columns, tiles of mr rows. pack(row0, rows, k0, kn, out) packs an
 // A block into this thread's buffer; tile(apack, t, j, k0, kn, c, ldc, add) runs the micro-kernel on tile t of it
 // and panel j. An edge tile goes through a full-size buffer, of which only the valid part is copied.
-template <typename Elem, int64_t mr, int64_t nr, typename Pack, typename Tile>
+// finish(row0, rows) runs once a row block's every k block is done, while its rows are still in cache.
+template <typename Elem, int64_t mr, int64_t nr, typename Pack, typename Tile, typename Finish>
 void run_blocks(int64_t m, int64_t k, int64_t n, int64_t mc, int64_t kc, size_t pack_size, int32_t* cp,
-                const Pack& pack, const Tile& tile) {
+                const Pack& pack, const Tile& tile, const Finish& finish) {
   const int64_t panels = (n + nr - 1) / nr;
   const int64_t blocks = (m + mc - 1) / mc;
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
@@ -158,8 +161,38 @@ void run_blocks(int64_t m, int64_t k, int64_t n, int64_t mc, int64_t kc, size_t 
           }
         }
       }
+      finish(row0, rows);
     }
   });
+}
+
+// The epilogue of int8_mm_scaled: rows [row0, row0 + rows) of the int32 product c (ldc n) become, in place,
+// float32 c * (rs[i] * cs[j]) + bias[j] (a null rs, cs or bias stands for 1, 1 or no bias). Written as the
+// separate roundings of torch's acc.to(float32).mul_(rs * cs).add_(bias): the int32 -> float conversion rounds
+// to nearest, the scale product rounds once, then the product, then the sum (no FMA: the library is built
+// with -ffp-contract=off).
+void scale_rows(int32_t* c, int64_t n, int64_t row0, int64_t rows, const float* rs, const float* cs,
+                const float* bias) {
+  for (int64_t i = row0; i < row0 + rows; ++i) {
+    int32_t* line = c + i * n;
+    float* out = reinterpret_cast<float*>(line);  // the same bytes, written after they are read
+    const float r = rs ? rs[i] : 1.0f;
+    const __m256 rv = _mm256_set1_ps(r);
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+      const __m256 s = cs ? _mm256_mul_ps(rv, _mm256_loadu_ps(cs + j)) : rv;
+      __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(line + j))), s);
+      if (bias) v = _mm256_add_ps(v, _mm256_loadu_ps(bias + j));
+      _mm256_storeu_ps(out + j, v);
+    }
+    for (; j < n; ++j) {
+      int32_t acc;
+      std::memcpy(&acc, line + j, 4);
+      float v = static_cast<float>(acc) * (cs ? r * cs[j] : r);
+      if (bias) v = v + bias[j];
+      std::memcpy(line + j, &v, 4);
+    }
+  }
 }
 
 // The operands' checks, shared by both kernels; the int32 (M, N) result, zero where K == 0 (an empty sum).
@@ -171,10 +204,14 @@ at::Tensor checked_output(const at::Tensor& a, const at::Tensor& b, const char* 
   return a.size(1) == 0 ? c.zero_() : c;
 }
 
-at::Tensor avx2_int8_mm(const at::Tensor& a, const at::Tensor& b) {
-  at::Tensor c = checked_output(a, b, "avx2_int8_mm");
+// c = a @ b (int32), then finish(row0, rows) on each block of rows (the whole of c when it is empty or K == 0)
+template <typename Finish>
+void int8_mm_into(const at::Tensor& a, const at::Tensor& b, at::Tensor& c, const Finish& finish) {
   const int64_t m = a.size(0), k = a.size(1), n = b.size(1);
-  if (m == 0 || n == 0 || k == 0) return c;
+  if (m == 0 || n == 0 || k == 0) {
+    finish(0, m);
+    return;
+  }
   const int64_t kpairs = (k + 1) / 2;
   const int64_t panels = (n + NR - 1) / NR;
   std::vector<int16_t> bp(static_cast<size_t>(panels * kpairs * 2 * NR));
@@ -189,8 +226,35 @@ at::Tensor avx2_int8_mm(const at::Tensor& a, const at::Tensor& b) {
       [&](const int16_t* apack, int64_t t, int64_t j, int64_t k0, int64_t kn, int32_t* ct, int64_t ldc, bool add) {
         const int64_t kps = (kn + 1) / 2;
         kernel_4x16(apack + t * kps * 2 * MR, bp.data() + (j * kpairs + k0 / 2) * 2 * NR, kps, ct, ldc, add);
-      });
+      },
+      finish);
+}
+
+at::Tensor avx2_int8_mm(const at::Tensor& a, const at::Tensor& b) {
+  at::Tensor c = checked_output(a, b, "avx2_int8_mm");
+  int8_mm_into(a, b, c, [](int64_t, int64_t) {});
   return c;
+}
+
+const float* float_vector(const std::optional<at::Tensor>& v, int64_t size, const char* name) {
+  if (!v.has_value()) return nullptr;
+  TORCH_CHECK(v->dtype() == at::kFloat && v->dim() == 1 && v->size(0) == size && v->is_contiguous(),
+              "int8_mm_scaled: ", name, " must be a contiguous float32 vector of ", size, " values");
+  return v->data_ptr<float>();
+}
+
+// float32(a @ b) * (row_scale[i] * col_scale[j]) + bias[j], each optional: int8_mm with the rescale fused into
+// its epilogue, in the int32 result's own memory. The caller keeps the product within int32, as for int8_mm.
+at::Tensor avx2_int8_mm_scaled(const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& row_scale,
+                               const std::optional<at::Tensor>& col_scale, const std::optional<at::Tensor>& bias) {
+  at::Tensor c = checked_output(a, b, "avx2_int8_mm_scaled");
+  const int64_t m = a.size(0), n = b.size(1);
+  const float* rs = float_vector(row_scale, m, "row_scale");
+  const float* cs = float_vector(col_scale, n, "col_scale");
+  const float* bs = float_vector(bias, n, "bias");
+  int32_t* cp = c.data_ptr<int32_t>();
+  int8_mm_into(a, b, c, [&](int64_t row0, int64_t rows) { scale_rows(cp, n, row0, rows, rs, cs, bs); });
+  return c.view(at::kFloat);
 }
 
 // ---------------------------------------------------------------------------------------------------------------
@@ -331,8 +395,109 @@ at::Tensor avx2_int8_mm_u4(const at::Tensor& a, const at::Tensor& b) {
         const int64_t qs = (kn + 3) / 4;
         kernel_u4_3x16(apack + t * qs * MRU * 8, bp.data() + (j * quads + k0 / 4) * 4 * NRU, qs, ct, ldc, add,
                        init.data() + j * NRU);
-      });
+      },
+      [](int64_t, int64_t) {});
   return c;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Issue 26's third way: the quantization around the products in one pass. quantize_codes gives the codes of
+// qanalyze.engine.functions.integer_codes, clamp(round(x / s), -qmax, qmax) (round: to nearest, ties to even) or,
+// with levels (the int16 draws of qanalyze.quant.primitives.uniform_noise), stochastic rounding
+// floor(v) + [u < v - floor(v)] with u = (level + 32768.5) / 65536, as int8 (qmax <= 127) or int16: the same
+// IEEE operations in the same order as the torch ops it replaces (a true division, not a reciprocal; exact u),
+// so the codes are identical, in one read of x (and of the levels) and one write instead of four to seven passes.
+
+// 8 int32 codes (within int16) -> 8 int8 / int16 in memory order; the saturating packs never saturate here
+inline void store_codes(int16_t* out, __m256i v) {
+  const __m256i words = _mm256_permute4x64_epi64(_mm256_packs_epi32(v, v), 0x08);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm256_castsi256_si128(words));
+}
+
+inline void store_codes(int8_t* out, __m256i v) {
+  const __m128i words = _mm256_castsi256_si128(_mm256_permute4x64_epi64(_mm256_packs_epi32(v, v), 0x08));
+  _mm_storel_epi64(reinterpret_cast<__m128i*>(out), _mm_packs_epi16(words, words));
+}
+
+// len values of x with one scale s (levels: null for nearest rounding)
+template <typename Out>
+void quantize_span(const float* x, float s, float q, const int16_t* levels, Out* out, int64_t len) {
+  constexpr float offset = 32768.5f, step = 1.0f / 65536.0f;
+  const __m256 sv = _mm256_set1_ps(s), hi = _mm256_set1_ps(q), lo = _mm256_set1_ps(-q);
+  const __m256 off = _mm256_set1_ps(offset), stp = _mm256_set1_ps(step), one = _mm256_set1_ps(1.0f);
+  int64_t i = 0;
+  for (; i + 8 <= len; i += 8) {
+    __m256 v = _mm256_div_ps(_mm256_loadu_ps(x + i), sv);
+    if (levels) {
+      const __m256 low = _mm256_floor_ps(v);
+      const __m256 frac = _mm256_sub_ps(v, low);
+      const __m256i l32 = _mm256_cvtepi16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(levels + i)));
+      const __m256 u = _mm256_mul_ps(_mm256_add_ps(_mm256_cvtepi32_ps(l32), off), stp);
+      v = _mm256_add_ps(low, _mm256_and_ps(_mm256_cmp_ps(u, frac, _CMP_LT_OQ), one));
+    } else {
+      v = _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    }
+    store_codes(out + i, _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(v, lo), hi)));
+  }
+  for (; i < len; ++i) {
+    float v = x[i] / s;
+    if (levels) {
+      const float low = std::floor(v);
+      const float u = (static_cast<float>(levels[i]) + offset) * step;
+      v = low + (u < v - low ? 1.0f : 0.0f);
+    } else {
+      v = std::nearbyint(v);
+    }
+    out[i] = static_cast<Out>(static_cast<int32_t>(std::min(std::max(v, -q), q)));
+  }
+}
+
+constexpr int64_t QUANTIZE_GRAIN = 1 << 15;  // values per parallel work item
+
+template <typename Out>
+void quantize_all(const at::Tensor& x, const at::Tensor& scale, float q, const int16_t* levels, at::Tensor& out) {
+  const float* xp = x.data_ptr<float>();
+  const float* sp = scale.data_ptr<float>();
+  Out* op = out.data_ptr<Out>();
+  if (scale.numel() == 1) {
+    at::parallel_for(0, x.numel(), QUANTIZE_GRAIN, [&](int64_t begin, int64_t end) {
+      quantize_span(xp + begin, sp[0], q, levels ? levels + begin : nullptr, op + begin, end - begin);
+    });
+    return;
+  }
+  const int64_t cols = x.size(1);
+  at::parallel_for(0, x.size(0), std::max<int64_t>(1, QUANTIZE_GRAIN / std::max<int64_t>(cols, 1)),
+                   [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r)
+      quantize_span(xp + r * cols, sp[r], q, levels ? levels + r * cols : nullptr, op + r * cols, cols);
+  });
+}
+
+// x: contiguous float32; scale: float32, one value, or one per row of a 2-D x; levels: contiguous int16 of x's
+// size, or none for nearest rounding.
+at::Tensor quantize_codes(const at::Tensor& x, const at::Tensor& scale, int64_t qmax,
+                          const std::optional<at::Tensor>& levels) {
+  TORCH_CHECK(x.dtype() == at::kFloat && x.is_contiguous() && x.device().is_cpu(),
+              "quantize_codes needs a contiguous float32 CPU tensor");
+  TORCH_CHECK(qmax >= 1 && qmax <= 32767, "quantize_codes: qmax must be in 1..32767, not ", qmax);
+  TORCH_CHECK(scale.dtype() == at::kFloat && scale.is_contiguous() &&
+                  (scale.numel() == 1 || (x.dim() == 2 && scale.numel() == x.size(0))),
+              "quantize_codes: scale must be float32 with one value, or one per row of a matrix");
+  const int16_t* lp = nullptr;
+  if (levels.has_value()) {
+    TORCH_CHECK(levels->dtype() == at::kShort && levels->is_contiguous() && levels->numel() == x.numel(),
+                "quantize_codes: levels must be contiguous int16 with x's number of values");
+    lp = levels->data_ptr<int16_t>();
+  }
+  at::Tensor out = at::empty(x.sizes(), x.options().dtype(qmax <= 127 ? at::kChar : at::kShort));
+  if (x.numel() == 0) return out;
+  const float q = static_cast<float>(qmax);
+  if (qmax <= 127) {
+    quantize_all<int8_t>(x, scale, q, lp, out);
+  } else {
+    quantize_all<int16_t>(x, scale, q, lp, out);
+  }
+  return out;
 }
 
 }  // namespace
@@ -340,8 +505,12 @@ at::Tensor avx2_int8_mm_u4(const at::Tensor& a, const at::Tensor& b) {
 TORCH_LIBRARY(qanalyze_avx2, m) {
   m.def("int8_mm(Tensor a, Tensor b) -> Tensor");
   m.def("int8_mm_u4(Tensor a, Tensor b) -> Tensor");
+  m.def("int8_mm_scaled(Tensor a, Tensor b, Tensor? row_scale, Tensor? col_scale, Tensor? bias) -> Tensor");
+  m.def("quantize_codes(Tensor x, Tensor scale, int qmax, Tensor? levels) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(qanalyze_avx2, CPU, m) {
   m.impl("int8_mm", &avx2_int8_mm);
   m.impl("int8_mm_u4", &avx2_int8_mm_u4);
+  m.impl("int8_mm_scaled", &avx2_int8_mm_scaled);
+  m.impl("quantize_codes", &quantize_codes);
 }
