@@ -1,0 +1,172 @@
+"""`analyze_pipelined`: the ``analyze`` verb's weight errors and Hutchinson traces for a causal LM split by
+decoder layers over the ranks (`qanalyze.sensitivity.stages`, `qanalyze.sensitivity.pipeline`), so that a
+model too big for one process is analysed by several, each holding one stage.
+
+It writes the sensitivity.json of ``analyze --metrics weights,trace``: the same module entries (identity
+fields, ``weight_error``, ``hessian.trace_per_batch`` and what `summarise` derives), the same model and data
+identity, and under ``model_level["pipeline"]`` the ranks, their layer ranges and parameter bytes.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+from qanalyze.data import TaskData
+from qanalyze.distributed import gather_objects, world
+from qanalyze.errors import ConfigError
+from qanalyze.models import LoadedModel, ModelSource, ModuleInfo, check_max_length, resolve_model
+from qanalyze.records import SensitivityReport
+from qanalyze.sensitivity.analyze import AnalyzeConfig, module_groups
+from qanalyze.sensitivity.calibration import calibration_batches
+from qanalyze.sensitivity.pipeline import PipelinedHVP, module_order, pipelined_traces
+from qanalyze.sensitivity.stages import Stage, load_stage
+from qanalyze.sensitivity.summary import summarise
+
+PIPELINE_METRICS = ("weights", "trace")
+"""What `analyze_pipelined` measures; the other metrics need the whole model in one process."""
+
+Progress = Callable[[str, int, int, str], None]
+"""``progress(stage, done, total, detail)``, as `qanalyze.sensitivity.analyze.Progress`."""
+
+
+def analyze_pipelined(model_dir: str | Path, data: TaskData, config: AnalyzeConfig, out: str | Path, *,
+                      progress: Progress | None = None) -> SensitivityReport:
+    """Measure the ``weights`` and ``trace`` metrics of ``config`` on task ``lm`` data with the model in
+    ``model_dir`` (a LLaMA-style causal LM's folder with safetensors files and a tokenizer) split by decoder
+    layers over the launcher's ranks (one rank: the whole model). Every rank calls it with the same arguments;
+    rank 0 writes ``out`` atomically and every rank returns the same report.
+
+    The traces are the normal analysis's one-pass Hutchinson estimates with its stopping rule (`pipelined_traces`)
+    in float32 products, from probes drawn per module (`qanalyze.sensitivity.pipeline.draw_probe`) rather than
+    one stream over the block: equal in distribution, not draw for draw, to one process's ``analyze``. No
+    resume. ConfigError for another metric, engine, precision or task, and for a model `load_stage` cannot
+    split.
+    """
+    report_progress = progress or (lambda *_: None)
+    _check(data, config)
+    here = world()
+    folder = Path(model_dir)
+    stage = load_stage(folder, here.rank, here.size)
+    config = replace(config, hvp_precision="float32")
+    loaded = _loaded(folder, stage)
+    batches = calibration_batches(data, loaded.tokenizer, config)
+    check_max_length(stage.model, batches[0]["input_ids"].shape[1], flag="--seq-len")
+    infos = _selected(stage.infos, config.modules)
+    # the report of one process's analysis: it reads only the config, identity and module list of the model
+    from qanalyze.sensitivity.analyze import _new_report
+
+    report = _new_report(loaded, data, config, infos, stage.infos)
+    started = time.perf_counter()
+    if "weights" in config.metrics:
+        _weights(stage, infos, config, report, report_progress)
+        report.timings["weights_seconds"] = time.perf_counter() - started
+    if "trace" in config.metrics:
+        _traces(stage, [info.name for info in infos], batches, config, report, report_progress)
+    report.model_level["pipeline"] = {
+        "ranks": here.size,
+        "layers": [[split.start, split.stop] for split in gather_objects(stage.split)],
+        "parameter_bytes": gather_objects(stage.parameter_bytes),
+    }
+    report.timings["seconds"] = time.perf_counter() - started
+    summarise(report)
+    report.complete = True
+    if here.is_main:
+        report.save(out)
+    return report
+
+
+def _check(data: TaskData, config: AnalyzeConfig) -> None:
+    other = sorted(set(config.metrics) - set(PIPELINE_METRICS))
+    if other:
+        raise ConfigError(f"a pipelined analysis measures {', '.join(PIPELINE_METRICS)}, not {', '.join(other)}")
+    if config.engine != "native":
+        raise ConfigError(f"a pipelined analysis runs the native engine, not {config.engine}")
+    if config.hvp_precision not in ("auto", "float32"):
+        raise ConfigError(f"a pipelined analysis computes its products in float32, not {config.hvp_precision}")
+    kind = getattr(data.task, "kind", None)
+    if kind != "lm":
+        raise ConfigError(f"a pipelined analysis needs task lm (windows of a causal LM's text), not {kind!r}")
+
+
+def _loaded(folder: Path, stage: Stage) -> LoadedModel:
+    """The stage as a `LoadedModel` with the identity `qanalyze.models.load_model` gives the whole model."""
+    from transformers import AutoTokenizer
+
+    from qanalyze.models import _config_hash, _prepare_tokenizer, _weights_hash
+    from qanalyze.records import recorded_source
+
+    source: ModelSource = resolve_model(str(folder))
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    if stage.split.first:  # the tokenizer's size is checked against the embedding rows where they are
+        _prepare_tokenizer(tokenizer, stage.model, source)
+    elif tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    identity = {"source": recorded_source(str(folder)), "location": source.location,
+                "config_hash": _config_hash(source, source.location),
+                "weights_hash": _weights_hash(Path(source.location)) if stage.split.first else ""}
+    identity["weights_hash"] = gather_objects(identity["weights_hash"])[0]
+    return LoadedModel(model=stage.model, tokenizer=tokenizer, source=source, identity=identity)
+
+
+def _selected(infos: list[ModuleInfo], pattern: str | None) -> list[ModuleInfo]:
+    if pattern is None:
+        return infos
+    chosen = [info for info in infos if re.search(pattern, info.name)]
+    if not chosen:
+        raise ConfigError(f"--modules {pattern!r} matches none of the {len(infos)} quantizable modules "
+                          f"(for example {infos[0].name})")
+    return chosen
+
+
+def _weights(stage: Stage, infos: list[ModuleInfo], config: AnalyzeConfig, report: SensitivityReport,
+             report_progress: Progress) -> None:
+    """Each rank the weight errors of the modules its stage owns, gathered on every rank."""
+    from qanalyze.quant.primitives import module_weight_range
+    from qanalyze.sensitivity.errors import all_weight_errors
+
+    modules = dict(stage.model.named_modules())
+    measured = {}
+    for i, info in enumerate(infos):
+        if not stage.split.owns(info.name):
+            continue
+        report_progress("weights", i, len(infos), info.name)
+        errors = all_weight_errors(modules[info.name].weight.detach(), config.bits, module_groups(info, config.groups),
+                                   head_dim=report.modules[info.name]["head_dim"],
+                                   weight_range=module_weight_range(info.kind, config.weight_range))
+        measured[info.name] = {str(b): e for b, e in errors.items()}
+    for part in gather_objects(measured):
+        for name, errors in part.items():
+            report.modules[name]["weight_error"] = errors
+    report_progress("weights", len(infos), len(infos), "done")
+
+
+def _traces(stage: Stage, names: list[str], batches: list[dict[str, Any]], config: AnalyzeConfig,
+            report: SensitivityReport, report_progress: Progress) -> None:
+    """Per batch, one pipelined product per probe gives every module's trace (`pipelined_traces`)."""
+    from qanalyze.sensitivity.hvp import NonFiniteError
+
+    order = None
+    started = time.perf_counter()
+    for b, batch in enumerate(batches):
+        report_progress("trace", b, len(batches), f"batch {b + 1}: all {len(names)} modules")
+        try:
+            op = PipelinedHVP.build(stage, batch, names)
+            order = order or module_order(op)
+            estimates = pipelined_traces(op, seed=config.seed, batch=b, max_probes=config.trace_max_probes,
+                                         min_probes=config.trace_min_probes, rel_tol=config.trace_rel_tol,
+                                         order=order)
+        except NonFiniteError as exc:
+            raise NonFiniteError(f"calibration batch {b + 1}: {exc}") from None
+        for name, estimate in estimates.items():
+            report.modules[name]["hessian"].setdefault("trace_per_batch", []).append(
+                {**asdict(estimate), "method": "one-pass"})
+        report.timings[f"hessian_products_batch_{b}"] = op.count
+    report_progress("trace", len(batches), len(batches), "done")
+    report.timings["hessian_products"] = sum(v for k, v in report.timings.items()
+                                             if k.startswith("hessian_products_batch_"))
+    report.timings["hessian_seconds"] = time.perf_counter() - started
