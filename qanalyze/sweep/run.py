@@ -14,6 +14,15 @@ Resumable: a finished run whose plan, mode, settings and data match is reused; a
 continues from its checkpoint (or restarts when that checkpoint no longer matches). Plans that come
 out identical (at 2 bits only the all-2-bit plan fits, so every baseline equals the Hessian plan)
 are trained once and share the run.
+
+Under ``torchrun --nproc-per-node N -m qanalyze sweep ...`` the analysis (when the sweep makes one) shards its
+batches over the ranks as `analyze` does; then the sweep's independent jobs (the FP32 reference and each distinct
+run) are spread over the ranks, each job whole in one process on one rank (`qanalyze.sweep.ranks`), and every rank
+builds the rows from the gathered results, which rank 0 alone writes: ``sweep.json`` and ``sweep.csv`` once every
+rank is done, the plans before any job. A job's files (``fp32.json``, its run directory) are written by the rank
+that ran it, so the ranks must share a file system. The rows are those of one process's sweep: each run is seeded
+by its own settings, whichever rank runs it. An interrupted sweep on N ranks resumes on any number of ranks, from
+the finished runs and checkpoints.
 """
 
 from __future__ import annotations
@@ -31,7 +40,8 @@ from typing import Any
 import numpy as np
 
 from qanalyze.bootstrap import paired_difference
-from qanalyze.data import TaskData, encode
+from qanalyze.data import TaskData, encode, num_batches
+from qanalyze.distributed import barrier, broadcast_object, world
 from qanalyze.engine.evaluate import evaluate
 from qanalyze.engine.train import CheckpointMismatchError, StepLog, TrainingDiverged, plan_hash, resolve_device, train
 from qanalyze.errors import ConfigError
@@ -62,6 +72,7 @@ from qanalyze.records import (
 from qanalyze.rundir import METRICS_FILE, checkpoint_dir, is_finished_run, load_predictions, prepare_run_dir
 from qanalyze.sensitivity.analyze import analyze, partial_path, task_defaults
 from qanalyze.sweep.config import BEST_UNIFORM, SweepConfig, plan_modes, reference_modes
+from qanalyze.sweep.ranks import spread
 from qanalyze.sweep.table import write_table
 
 FP32_FILE = "fp32.json"
@@ -111,9 +122,13 @@ def sweep(model: str, data: TaskData, config: SweepConfig, out: str | Path, *,
     """Plan ``model`` at every budget of ``config``, train each plan, and return the collected record.
 
     ``model`` is the FP32 fine-tuned starting point (Q-BERT re-trains from it). Every plan is made
-    before any training, so an unreachable budget fails fast. The record is rewritten after each run.
+    before any training, so an unreachable budget fails fast. In one process the record is rewritten
+    after each run; on several ranks (module docstring) every rank returns it and rank 0 writes it once
+    every rank is done, and the hooks hear each rank's own runs start (``on_run_start`` counts this rank's
+    runs) but no ``on_run_end``.
     """
     hooks = hooks or SweepHooks()
+    here = world()
     config = ptq_layouts(config)
     out = Path(out)
     loaded = load_model(model, num_labels=data.task.num_labels)
@@ -121,7 +136,7 @@ def sweep(model: str, data: TaskData, config: SweepConfig, out: str | Path, *,
         raise ConfigError(f"{model} has no trained {data.task.name} head: a sweep re-trains an FP32 fine-tuned "
                           f"model (qanalyze finetune {model} --task {data.task.name} ... --out RUN, then sweep RUN)")
     source = Path(sensitivity) if sensitivity else out / "sensitivity.json"
-    if not source.exists():
+    if broadcast_object(not source.exists()):  # rank 0 decides: every rank joins the analysis, or none
         if sensitivity:
             raise ConfigError(f"sensitivity file not found: {sensitivity}")
         _call(hooks.on_stage, f"analyzing {model} into {source}")
@@ -130,38 +145,106 @@ def sweep(model: str, data: TaskData, config: SweepConfig, out: str | Path, *,
                     resolve_objective(config.plan.objective, data.task.kind)),
                 source, resume=partial_path(source).exists(),
                 progress=hooks.on_analysis)
+        barrier()  # rank 0 wrote the file the others read next
     _call(hooks.on_stage, "planning")
     report = SensitivityReport.load(source)
     check_sensitivity(report, inventory(loaded.model), loaded.identity, source,
                       objective=resolve_objective(config.plan.objective, data.task.kind))
     runs = _plan_runs(loaded, config, out, report, source)
-    _call(hooks.on_stage, "evaluating the FP32 model")
-    fp32 = _fp32_reference(loaded, data, config, out)
+    first = _first_runs(runs)
+    started = time.perf_counter()
+
+    def fp32_reference() -> dict[str, Any]:
+        _call(hooks.on_stage, "evaluating the FP32 model")
+        return _fp32_reference(loaded, data, config, out)
+
+    def run(job: SweepRun) -> RunOutcome:
+        tic = time.perf_counter()
+        result, status = _train_or_reuse(model, data, config, out / "runs" / job.name, job, loaded.identity, hooks)
+        return RunOutcome(result, status, round(time.perf_counter() - tic, 1))
+
+    outcomes: dict[str, RunOutcome] = {}
+    if here.distributed:
+        distinct = [job for job in runs if first[job.name] is job]
+        _call(hooks.on_stage, f"the FP32 reference and {len(distinct)} distinct runs over {here.size} ranks")
+
+        def announced(job: SweepRun) -> Callable[[int, int], RunOutcome]:
+            def go(position: int, count: int) -> RunOutcome:
+                _call(hooks.on_run_start, position, count, job)
+                return run(job)
+            return go
+
+        def costs() -> list[float]:
+            fp32_cost = 0.0 if _cached_fp32(loaded, data, config, out) is not None else EVALUATION_COST
+            return [fp32_cost, *(_cost(job, config, data, out, loaded.identity) for job in distinct)]
+
+        done = spread([lambda position, count: fp32_reference(), *map(announced, distinct)], costs)
+        fp32, outcomes = done[0], {job.name: outcome for job, outcome in zip(distinct, done[1:])}
+    else:
+        fp32 = fp32_reference()
     record = SweepRecord(model=fp32["model"], data=data.identity, settings=config.recorded(),
                          sensitivity={"path": str(source.resolve()), "sha256": _sha256(source)}, fp32=fp32, rows=[])
-    trained: dict[str, dict[str, Any]] = {}
-    started = time.perf_counter()
-    for index, run in enumerate(runs):
-        _call(hooks.on_run_start, index, len(runs), run)
-        first = trained.get(run.key)
-        if first is not None:
-            row = {**_row(run, first["record"], out), "status": "same as " + first["row"]["run"], "seconds": 0.0}
+    for index, job in enumerate(runs):
+        if not here.distributed:
+            _call(hooks.on_run_start, index, len(runs), job)
+        origin = first[job.name]
+        if origin.name not in outcomes:  # one process: the run happens now
+            outcomes[origin.name] = run(origin)
+        outcome = outcomes[origin.name]
+        row = _row(job, outcome.result, out)
+        if origin is job:
+            row.update(status=outcome.status, seconds=outcome.seconds)
         else:
-            tic = time.perf_counter()
-            result, status = _train_or_reuse(model, data, config, out / "runs" / run.name, run, fp32["model"],
-                                             hooks)
-            row = {**_row(run, result, out), "status": status, "seconds": round(time.perf_counter() - tic, 1)}
-            if result is not None:
-                trained[run.key] = {"record": result, "row": row}
+            row.update(status="same as " + _row(origin, None, out)["run"], seconds=0.0)
         row.update(_against_fp32(row, fp32, data.task.main_metric))
         record.rows.append(row)
         compare_with_uniform(record.rows, fp32, out, budget=row["budget"], mode=row["mode"])
         record.timings["seconds"] = round(time.perf_counter() - started, 1)
-        _save(record, out)
-        _call(hooks.on_run_end, index, len(runs), run, row)
+        if here.is_main:
+            _save(record, out)
+        if not here.distributed:
+            _call(hooks.on_run_end, index, len(runs), job, row)
     record.complete = True
-    _save(record, out)
+    if here.is_main:
+        _save(record, out)
     return record
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    """What one distinct run gave: its record (None when its training diverged), how it came about
+    (``trained``, ``reused``, ``resumed``, ``quantized``, ``diverged: ...``) and its seconds."""
+
+    result: RunRecord | None
+    status: str
+    seconds: float
+
+
+def _first_runs(runs: list[SweepRun]) -> dict[str, SweepRun]:
+    """Each run's name -> the first run with its `SweepRun.key` (itself for a distinct run): only that one runs,
+    the others share its result."""
+    firsts: dict[str, SweepRun] = {}
+    for job in runs:
+        firsts.setdefault(job.key, job)
+    return {job.name: firsts[job.key] for job in runs}
+
+
+EVALUATION_COST = 1.0
+"""What `balance` counts for a job that only evaluates (the FP32 reference, a post-training method's run); a
+training run counts one more per training step."""
+
+
+def _cost(job: SweepRun, config: SweepConfig, data: TaskData, out: Path, identity: dict[str, Any]) -> float:
+    """A rough cost of ``job`` for `qanalyze.sweep.ranks.balance`: nothing for a finished run the sweep will
+    reuse, else `EVALUATION_COST` plus its training steps (an ``lm`` split's windows are not counted before they
+    are tokenized: one step per epoch stands for them, the same for every run of the sweep)."""
+    if _reusable(out / "runs" / job.name, job, config, data, identity) is not None:
+        return 0.0
+    if not get_method(job.mode).trains:
+        return EVALUATION_COST
+    train = config.train
+    per_epoch = num_batches(len(data.train), train.batch_size) if isinstance(data.train, list) else 1
+    return EVALUATION_COST + (train.max_steps or train.epochs * per_epoch)
 
 
 def ptq_layouts(config: SweepConfig) -> SweepConfig:
@@ -180,27 +263,39 @@ def _sha256(path: Path) -> str:
 
 def _fp32_reference(loaded: LoadedModel, data: TaskData, config: SweepConfig, out: Path) -> dict[str, Any]:
     """The starting model's own dev metrics (the FP32 line), cached in ``fp32.json`` by model and data."""
-    path = out / FP32_FILE
-    key = {"model": loaded.identity, "data_hash": data.identity.get("hash"), "max_length": config.train.max_length}
-    if path.exists():
-        cached = json.loads(path.read_text(encoding="utf-8"))
-        if cached.get("key") == key:
-            return cached
+    cached = _cached_fp32(loaded, data, config, out)
+    if cached is not None:
+        return cached
     params = sum(math.prod(info.shape) for info in inventory(loaded.model))
     loaded.model.to(resolve_device(config.train.device))
     result = evaluate(loaded.model, loaded.tokenizer, encode(data.dev, loaded.tokenizer,
                                                              max_length=config.train.max_length),
                       data.task, batch_size=config.train.eval_batch_size)
-    fp32 = {"key": key, "model": loaded.identity, "metrics": result.metrics, "loss": result.loss,
-            "examples": result.examples, "seconds": round(result.seconds, 3), "weight_bytes": 4 * params,
-            "created": utc_now()}
-    atomic_write_json(path, fp32)
+    fp32 = {"key": _fp32_key(loaded, data, config), "model": loaded.identity, "metrics": result.metrics,
+            "loss": result.loss, "examples": result.examples, "seconds": round(result.seconds, 3),
+            "weight_bytes": 4 * params, "created": utc_now()}
+    atomic_write_json(out / FP32_FILE, fp32)
     return fp32
+
+
+def _fp32_key(loaded: LoadedModel, data: TaskData, config: SweepConfig) -> dict[str, Any]:
+    return {"model": loaded.identity, "data_hash": data.identity.get("hash"), "max_length": config.train.max_length}
+
+
+def _cached_fp32(loaded: LoadedModel, data: TaskData, config: SweepConfig, out: Path) -> dict[str, Any] | None:
+    """``fp32.json`` when it was made for this model, data and length."""
+    path = out / FP32_FILE
+    if path.exists():
+        cached = json.loads(path.read_text(encoding="utf-8"))
+        if cached.get("key") == _fp32_key(loaded, data, config):
+            return cached
+    return None
 
 
 def _plan_runs(loaded: LoadedModel, config: SweepConfig, out: Path, report: SensitivityReport,
                source: Path) -> list[SweepRun]:
-    """Every run of the sweep with its plan; the plans are written only once all of them could be made."""
+    """Every run of the sweep with its plan; the plans are written (by rank 0) only once all of them could be
+    made."""
     architecture = {info.name: list(info.shape) for info in inventory(loaded.model)}
     plans = out / "plans"
     runs = []
@@ -235,8 +330,9 @@ def _plan_runs(loaded: LoadedModel, config: SweepConfig, out: Path, report: Sens
             record = uniform_plan(loaded.model, bits, kinds=get_method(mode).module_kinds)
             runs.append(SweepRun(f"uniform{bits}-{mode}", None, mode, mode, record,
                                  plans / f"uniform-{bits}.{mode}.json"))
-    for run in runs:
-        run.record.save(run.path)
+    if world().is_main:
+        for run in runs:
+            run.record.save(run.path)
     return runs
 
 
@@ -280,12 +376,22 @@ def _matches(record: RunRecord, run: SweepRun, config: SweepConfig, data: TaskDa
             and record.model.get("weights_hash") == identity.get("weights_hash"))
 
 
-def _train_or_reuse(model: str, data: TaskData, config: SweepConfig, folder: Path, run: SweepRun,
-                    identity: dict[str, Any], hooks: SweepHooks) -> tuple[RunRecord | None, str]:
+def _reusable(folder: Path, run: SweepRun, config: SweepConfig, data: TaskData,
+              identity: dict[str, Any]) -> RunRecord | None:
+    """The finished run in ``folder`` when it was made with ``run``'s plan, mode, settings and data (the sweep
+    reuses it), else None."""
     if is_finished_run(folder):
         previous = RunRecord.load(folder / METRICS_FILE)
         if _matches(previous, run, config, data, identity):
-            return previous, "reused"
+            return previous
+    return None
+
+
+def _train_or_reuse(model: str, data: TaskData, config: SweepConfig, folder: Path, run: SweepRun,
+                    identity: dict[str, Any], hooks: SweepHooks) -> tuple[RunRecord | None, str]:
+    previous = _reusable(folder, run, config, data, identity)
+    if previous is not None:
+        return previous, "reused"
 
     def attempt(resume: bool) -> RunRecord:
         loaded = load_model(model, num_labels=data.task.num_labels)
