@@ -64,24 +64,20 @@ def draw_probe(shapes: Mapping[str, torch.Size], *, seed: int, batch: int, probe
     return parts
 
 
-class _Link:
-    """Point-to-point messages between neighbouring stages (gloo send and recv of float32 tensors)."""
+def _send(tensor: Tensor, to: int, tag: int) -> None:
+    """Send ``tensor`` to rank ``to`` (gloo point-to-point)."""
+    import torch.distributed as dist
 
-    def __init__(self, stage: Stage) -> None:
-        self.rank = stage.split.rank
+    dist.send(tensor.detach().contiguous(), dst=to, tag=tag)
 
-    def send(self, tensor: Tensor, to: int, tag: int) -> None:
-        import torch.distributed as dist
 
-        dist.send(tensor.detach().contiguous(), dst=to, tag=tag)
+def _recv(shape: torch.Size, source: int, tag: int) -> Tensor:
+    """A float32 tensor of ``shape`` from rank ``source``."""
+    import torch.distributed as dist
 
-    def recv(self, like: Tensor | torch.Size, source: int, tag: int) -> Tensor:
-        import torch.distributed as dist
-
-        shape = like.shape if isinstance(like, Tensor) else like
-        buffer = torch.empty(shape, dtype=torch.float32)
-        dist.recv(buffer, src=source, tag=tag)
-        return buffer
+    buffer = torch.empty(shape, dtype=torch.float32)
+    dist.recv(buffer, src=source, tag=tag)
+    return buffer
 
 
 class PipelinedHVP:
@@ -108,7 +104,6 @@ class PipelinedHVP:
         self._borrowed = borrowed
         self._hidden, self._output, self._vjp = hidden, output, list(vjp)
         self._dummy, self._jvp = dummy, list(jvp)
-        self._link = _Link(stage)
         self._receives_tied = stage.tied and split.first and not split.last and EMBEDDING in self.params
 
     @classmethod
@@ -120,21 +115,21 @@ class PipelinedHVP:
         weights = stage.weights()
         chosen = list(weights) if modules is None else [name for name in modules if name in weights]
         params = {name: weights[name] for name in chosen}
-        split, link = stage.split, _Link(stage)
+        split = stage.split
         ids, labels = batch["input_ids"], batch["labels"]
         shape = torch.Size((*ids.shape, stage.config.hidden_size))
         with _differentiable(params.values()):
-            hidden = None if split.first else link.recv(shape, split.rank - 1, _FORWARD).requires_grad_()
+            hidden = None if split.first else _recv(shape, split.rank - 1, _FORWARD).requires_grad_()
             output = stage.layers(stage.embed(ids) if split.first else hidden)
             if split.last:
                 output = stage.head(output, labels)
             else:
-                link.send(output, split.rank + 1, _FORWARD)
+                _send(output, split.rank + 1, _FORWARD)
             inputs = ([] if hidden is None else [hidden]) + list(params.values())
-            delta = None if split.last else link.recv(shape, split.rank + 1, _BACKWARD)
+            delta = None if split.last else _recv(shape, split.rank + 1, _BACKWARD)
             vjp = _grad([output], inputs, [delta], create_graph=True)
             if hidden is not None:
-                link.send(vjp[0], split.rank - 1, _BACKWARD)
+                _send(vjp[0], split.rank - 1, _BACKWARD)
             dummy, jvp = None, []
             if not split.last:
                 dummy = torch.zeros_like(output, requires_grad=True)
@@ -154,29 +149,28 @@ class PipelinedHVP:
         """(H v)_m for each module m of `names`; ``v`` holds this rank's parts (every key of `params`). Every
         rank must call it with its parts of the same probe. NonFiniteError when a product holds NaN or
         infinity."""
-        split, link = self.stage.split, self._link
+        split = self.stage.split
         vectors = [v[name].to(torch.float32) for name in self.params]
-        tangent = None if split.first else link.recv(self._output.shape if not split.last else self._hidden.shape,
-                                                     split.rank - 1, _FORWARD)
+        tangent = None if split.first else _recv(self._hidden.shape, split.rank - 1, _FORWARD)
         directions = ([] if tangent is None else [tangent]) + vectors
         if not split.last:
-            link.send(_grad(self._jvp, [self._dummy], directions)[0], split.rank + 1, _FORWARD)
+            _send(_grad(self._jvp, [self._dummy], directions)[0], split.rank + 1, _FORWARD)
         # S_k = h_k·w_k + <z_k, (u_{k-1}, v_k)>: its gradient is (w_{k-1}, (Hv)_k)
         if split.last:
             outputs, weights = self._vjp, directions
         else:
-            adjoint = link.recv(self._output.shape, split.rank + 1, _BACKWARD)
+            adjoint = _recv(self._output.shape, split.rank + 1, _BACKWARD)
             outputs, weights = [self._output, *self._vjp], [adjoint, *directions]
         inputs = ([] if self._hidden is None else [self._hidden]) + list(self.params.values())
         with _differentiable(self.params.values()):
             grads = _grad(outputs, inputs, weights)
         if self._hidden is not None:
-            link.send(grads[0], split.rank - 1, _BACKWARD)
+            _send(grads[0], split.rank - 1, _BACKWARD)
         products = dict(zip(self.params, grads[len(inputs) - len(self.params):]))
         if self._borrowed:
-            link.send(products.pop(EMBEDDING), 0, _TIED)
+            _send(products.pop(EMBEDDING), 0, _TIED)
         elif self._receives_tied:
-            products[EMBEDDING] = products[EMBEDDING] + link.recv(self.shapes[EMBEDDING], split.size - 1, _TIED)
+            products[EMBEDDING] = products[EMBEDDING] + _recv(self.shapes[EMBEDDING], split.size - 1, _TIED)
         self.count += 1
         bad = next((name for name, h in products.items() if not bool(torch.isfinite(h).all())), None)
         if bad is not None:
