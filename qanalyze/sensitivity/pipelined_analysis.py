@@ -34,12 +34,13 @@ Progress = Callable[[str, int, int, str], None]
 """``progress(stage, done, total, detail)``, as `qanalyze.sensitivity.analyze.Progress`."""
 
 
-def analyze_pipelined(model_dir: str | Path, data: TaskData, config: AnalyzeConfig, out: str | Path, *,
+def analyze_pipelined(model: str | Path, data: TaskData, config: AnalyzeConfig, out: str | Path, *,
                       progress: Progress | None = None) -> SensitivityReport:
-    """Measure the ``weights`` and ``trace`` metrics of ``config`` on task ``lm`` data with the model in
-    ``model_dir`` (a LLaMA-style causal LM's folder with safetensors files and a tokenizer) split by decoder
-    layers over the launcher's ranks (one rank: the whole model). Every rank calls it with the same arguments;
-    rank 0 writes ``out`` atomically and every rank returns the same report.
+    """Measure the ``weights`` and ``trace`` metrics of ``config`` on task ``lm`` data with ``model`` (what
+    `qanalyze.models.load_model` takes, but local: a LLaMA-style causal LM's folder with safetensors files and a
+    tokenizer, or a GGUF file or alias, read from its converted folder) split by decoder layers over the
+    launcher's ranks (one rank: the whole model). Every rank calls it with the same arguments; rank 0 writes
+    ``out`` atomically and every rank returns the same report, whose model identity is `load_model`'s.
 
     The traces are the normal analysis's one-pass Hutchinson estimates with its stopping rule (`pipelined_traces`)
     in float32 products, from probes drawn per module (`qanalyze.sensitivity.pipeline.draw_probe`) rather than
@@ -50,10 +51,10 @@ def analyze_pipelined(model_dir: str | Path, data: TaskData, config: AnalyzeConf
     report_progress = progress or (lambda *_: None)
     _check(data, config)
     here = world()
-    folder = Path(model_dir)
+    source, folder, weights_hash = _local(str(model))
     stage = load_stage(folder, here.rank, here.size)
     config = replace(config, hvp_precision="float32")
-    loaded = _loaded(folder, stage)
+    loaded = _loaded(str(model), source, folder, weights_hash, stage)
     batches = calibration_batches(data, loaded.tokenizer, config)
     check_max_length(stage.model, batches[0]["input_ids"].shape[1], flag="--seq-len")
     infos = _selected(stage.infos, config.modules)
@@ -93,23 +94,42 @@ def _check(data: TaskData, config: AnalyzeConfig) -> None:
         raise ConfigError(f"a pipelined analysis needs task lm (windows of a causal LM's text), not {kind!r}")
 
 
-def _loaded(folder: Path, stage: Stage) -> LoadedModel:
+def _local(spec: str) -> tuple[ModelSource, Path, str]:
+    """Where ``spec``'s safetensors are, and the weights hash `load_model` records: a GGUF file's SHA-256 (its
+    converted folder made by rank 0 while the others wait), else "" (hashed later from the folder)."""
+    from qanalyze.distributed import barrier, broadcast_object
+
+    source = resolve_model(spec)
+    if source.kind == "hub":
+        raise ConfigError(f"a pipelined analysis reads a local model folder or GGUF file, not the hub id {spec!r}")
+    if source.kind != "gguf":
+        return source, Path(source.location), ""
+    from qanalyze.gguf_source import converted_folder, file_sha256
+
+    digest = broadcast_object(file_sha256(Path(source.location)) if world().is_main else None)
+    if world().is_main:
+        converted_folder(Path(source.location), digest)
+    barrier()
+    return source, converted_folder(Path(source.location), digest), digest
+
+
+def _loaded(spec: str, source: ModelSource, folder: Path, weights_hash: str, stage: Stage) -> LoadedModel:
     """The stage as a `LoadedModel` with the identity `qanalyze.models.load_model` gives the whole model."""
     from transformers import AutoTokenizer
 
     from qanalyze.models import _config_hash, _prepare_tokenizer, _weights_hash
     from qanalyze.records import recorded_source
 
-    source: ModelSource = resolve_model(str(folder))
     tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     if stage.split.first:  # the tokenizer's size is checked against the embedding rows where they are
         _prepare_tokenizer(tokenizer, stage.model, source)
     elif tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    identity = {"source": recorded_source(str(folder)), "location": source.location,
-                "config_hash": _config_hash(source, source.location),
-                "weights_hash": _weights_hash(Path(source.location)) if stage.split.first else ""}
-    identity["weights_hash"] = gather_objects(identity["weights_hash"])[0]
+    if not weights_hash:  # a folder's files, hashed by rank 0 alone
+        weights_hash = gather_objects(_weights_hash(folder) if world().is_main else "")[0]
+    identity = {"source": recorded_source(spec), "location": source.location,
+                "config_hash": _config_hash(source, str(folder)), "weights_hash": weights_hash,
+                **({"converted": str(folder)} if str(folder) != source.location else {})}
     return LoadedModel(model=stage.model, tokenizer=tokenizer, source=source, identity=identity)
 
 

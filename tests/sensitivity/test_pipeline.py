@@ -12,11 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 from rank_helpers import two_ranks
-from transformers import AutoTokenizer, LlamaForCausalLM
 
 from qanalyze.data import load_task
 from qanalyze.errors import ConfigError
-from qanalyze.models import architecture_fingerprint, inventory
+from qanalyze.models import LoadedModel, architecture_fingerprint, inventory, load_model
 from qanalyze.sensitivity.analyze import AnalyzeConfig, module_groups
 from qanalyze.sensitivity.calibration import calibration_batches
 from qanalyze.sensitivity.errors import all_weight_errors
@@ -79,9 +78,15 @@ def two(tmp_path_factory, tiny_llama_dir, wikitext_sample_dir) -> Path:
 
 
 @pytest.fixture(scope="module")
-def full(tiny_llama_dir) -> torch.nn.Module:
+def loaded(tiny_llama_dir) -> LoadedModel:
     """The whole tiny LLaMA in one process, eager attention."""
-    return LlamaForCausalLM.from_pretrained(tiny_llama_dir, attn_implementation="eager", dtype=torch.float32).eval()
+    return load_model(str(tiny_llama_dir), eager_attention=True)
+
+
+@pytest.fixture(scope="module")
+def full(loaded) -> torch.nn.Module:
+    """The whole tiny LLaMA's module."""
+    return loaded.model
 
 
 def _reference_products(model: torch.nn.Module, batch: dict, *, batch_index: int, probes: int) -> list[dict]:
@@ -126,17 +131,17 @@ def test_products_on_two_ranks_equal_one_process(two, full):
     assert losses[0] == losses[1] and math.isclose(losses[0], expected, rel_tol=1e-6)
 
 
-def test_the_report_holds_the_reference_traces_and_one_process_weight_errors(two, full, tiny_llama_dir,
+def test_the_report_holds_the_reference_traces_and_one_process_weight_errors(two, loaded, full,
                                                                              wikitext_sample_dir):
     report = json.loads((two / "two.json").read_text())
     assert report["complete"] and report["model_level"]["pipeline"]["layers"] == [[0, 1], [1, 2]]
     infos = inventory(full)
     assert set(report["modules"]) == {info.name for info in infos}
     assert report["model"]["fingerprint"] == architecture_fingerprint(infos)
-    assert report["model"]["weights_hash"] and report["model"]["architecture"] == "LlamaForCausalLM"
+    assert report["model"]["architecture"] == "LlamaForCausalLM"
+    assert {key: report["model"][key] for key in loaded.identity} == loaded.identity  # load_model's identity
     data = load_task("lm", str(wikitext_sample_dir), seq_len=32)
-    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
-    for b, batch in enumerate(calibration_batches(data, tokenizer, CONFIG)):
+    for b, batch in enumerate(calibration_batches(data, loaded.tokenizer, CONFIG)):
         probes = _reference_products(full, batch, batch_index=b, probes=CONFIG.trace_max_probes)
         for name, entry in report["modules"].items():
             samples = torch.tensor([float(torch.dot(p["v"][name].reshape(-1), p["hv"][name].reshape(-1)))
