@@ -36,7 +36,7 @@ import json, sys
 import torch
 from qanalyze.data import load_task
 from qanalyze.distributed import world
-from qanalyze.sensitivity.analyze import AnalyzeConfig, module_groups
+from qanalyze.sensitivity.analyze import AnalyzeConfig
 from qanalyze.sensitivity.pipeline import PipelinedHVP
 from qanalyze.sensitivity.pipelined_analysis import analyze_pipelined
 from qanalyze.sensitivity.stages import load_stage
@@ -49,17 +49,10 @@ op = PipelinedHVP.build(stage, {"input_ids": ids, "labels": ids})
 torch.save(op(op.probe(seed=0, batch=0, probe=0)), f"{out}/hv{rank}.pt")
 names = [name for name, _ in stage.model.named_parameters()]
 with open(f"{out}/rank{rank}.json", "w") as f:
-    json.dump({"names": names, "bytes": stage.parameter_bytes, "loss": op.loss, "products": sorted(op.names)}, f)
-config = AnalyzeConfig(**json.loads(sys.argv[4]))
+    json.dump({"names": names, "bytes": stage.parameter_bytes, "loss": op.loss}, f)
+config = AnalyzeConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(sys.argv[4]).items()})
 analyze_pipelined(model, load_task("lm", text, seq_len=32), config, f"{out}/two.json")
 """
-
-
-def _config_args() -> str:
-    fields = {"batches": CONFIG.batches, "batch_size": CONFIG.batch_size, "max_length": CONFIG.max_length,
-              "metrics": list(CONFIG.metrics), "trace_max_probes": CONFIG.trace_max_probes,
-              "trace_min_probes": CONFIG.trace_min_probes, "groups": list(CONFIG.groups), "bits": list(CONFIG.bits)}
-    return json.dumps(fields)
 
 
 def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -72,7 +65,8 @@ def two(tmp_path_factory, tiny_llama_dir, wikitext_sample_dir) -> Path:
     out = tmp_path_factory.mktemp("pipeline")
     script = out / "ranks.py"
     script.write_text(TWO_RANKS)
-    ranks = two_ranks(str(script), str(tiny_llama_dir), str(wikitext_sample_dir), str(out), _config_args())
+    settings = json.dumps(CONFIG.recorded())
+    ranks = two_ranks(str(script), str(tiny_llama_dir), str(wikitext_sample_dir), str(out), settings)
     assert [r.returncode for r in ranks] == [0, 0], ranks[0].stderr[-3000:] + ranks[1].stderr[-3000:]
     return out
 
