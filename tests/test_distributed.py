@@ -62,8 +62,10 @@ def test_helpers_are_the_identity_in_one_process():
 
 
 def test_analyze_on_two_ranks_matches_one_process(tmp_path, tiny_llama_dir, wikitext_sample_dir):
-    args = ["analyze", tiny_llama_dir, "--task", "lm", "--data", wikitext_sample_dir, "--seq-len", 32, "--batches", 2,
-            "--batch-size", 2, "--metrics", "weights,fisher,trace,activations,gradients", "--trace-probes", 3, "-q"]
+    # three windows on two ranks: a round of one window each, then the last window's Lanczos runs split by module
+    args = ["analyze", tiny_llama_dir, "--task", "lm", "--data", wikitext_sample_dir, "--seq-len", 32, "--batches", 3,
+            "--batch-size", 1, "--metrics", "weights,fisher,trace,eig,activations,gradients", "--trace-probes", 3,
+            "--eig-tol", "0.3", "--hvp-precision", "float32", "-q"]
     one = _one(*args, "--out", tmp_path / "one.json")
     assert one.returncode == 0, one.stderr
     two = _torchrun(*args, "--out", tmp_path / "two.json")
@@ -71,7 +73,9 @@ def test_analyze_on_two_ranks_matches_one_process(tmp_path, tiny_llama_dir, wiki
     a, b = (json.loads((tmp_path / name).read_text()) for name in ("one.json", "two.json"))
     assert b["complete"] and not (tmp_path / "two.json.partial").exists()
     assert _close(a["modules"], b["modules"], "modules") < ANALYZE_TOLERANCE
-    assert a["modules"]["model.layers.0.mlp.up_proj"]["hessian"]["trace_per_batch"]  # the traces were compared
+    assert _close(a["blocks"], b["blocks"], "blocks") < ANALYZE_TOLERANCE
+    hessian = a["modules"]["model.layers.0.mlp.up_proj"]["hessian"]  # the traces and eigenvalues were compared
+    assert len(hessian["trace_per_batch"]) == len(hessian["eig_per_batch"]) == 3
 
 
 def test_gptq_on_two_ranks_gives_the_same_codes(tmp_path, tiny_llama_dir, wikitext_sample_dir):
@@ -133,3 +137,38 @@ def test_a_bad_collective_timeout_is_refused(monkeypatch, value):
     monkeypatch.setenv("QANALYZE_DIST_TIMEOUT", value)
     with pytest.raises(ConfigError, match="QANALYZE_DIST_TIMEOUT"):
         timeout()
+
+
+def test_a_killed_rank_stops_the_other_and_its_partial_file_resumes(tmp_path, tiny_llama_dir, wikitext_sample_dir):
+    import os
+    import signal
+    import time
+
+    args = ["analyze", str(tiny_llama_dir), "--task", "lm", "--data", str(wikitext_sample_dir), "--seq-len", "32",
+            "--batches", "6", "--batch-size", "1", "--metrics", "trace", "--trace-probes", "16", "--trace-tol",
+            "1e-9", "--hvp-precision", "float32", "-q"]
+    out = tmp_path / "two.json"
+    port = str(free_port())
+    ranks = [subprocess.Popen([sys.executable, "-m", "qanalyze", *args, "--out", str(out)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True,
+                              env=rank_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                                           MASTER_PORT=port, QANALYZE_DIST_TIMEOUT="20")) for r in range(2)]
+    partial = tmp_path / "two.json.partial"
+    deadline = time.monotonic() + 120
+    while '"hessian_batch_1": true' not in (partial.read_text() if partial.exists() else ""):
+        assert time.monotonic() < deadline and ranks[0].poll() is None, ranks[0].communicate()
+        time.sleep(0.05)
+    os.kill(ranks[1].pid, signal.SIGKILL)  # dies without a word, in the middle of the second round
+    started = time.monotonic()
+    _, err = ranks[0].communicate(timeout=60)
+    ranks[1].communicate()
+    assert ranks[0].returncode not in (0, None) and time.monotonic() - started < 30, err
+    assert not out.exists() and partial.exists()
+    kept = json.loads(partial.read_text())["modules"]
+
+    resumed = _one(*args, "--out", out, "--resume")  # one process finishes what two ranks started
+    assert resumed.returncode == 0, resumed.stderr
+    for name, entry in json.loads(out.read_text())["modules"].items():
+        done = kept[name]["hessian"]["trace_per_batch"]
+        assert len(done) >= 2 and entry["hessian"]["trace_per_batch"][:len(done)] == done
+        assert len(entry["hessian"]["trace_per_batch"]) == 6

@@ -19,7 +19,6 @@ Weights only: biases and norm shifts are not quantized, so their Hessian blocks 
 
 from __future__ import annotations
 
-import copy
 import re
 import statistics
 import time
@@ -67,9 +66,10 @@ from qanalyze.records import SensitivityReport
 from qanalyze.sensitivity.calibration import calibration_batches
 from qanalyze.sensitivity.candidates import CandidateSteps
 from qanalyze.sensitivity.errors import ErrorProbe, all_weight_errors, reduce_error_sums
+from qanalyze.sensitivity.hessian_stage import HessianTargets, measure_hessian
 from qanalyze.sensitivity.hvp import PRECISIONS, NonFiniteError, resolve_precision
 from qanalyze.sensitivity.scores import SCORE_LABELS, SCORE_METRICS, measure_scores
-from qanalyze.sensitivity.sources import EIG_METHODS, HESSIAN_ENGINES
+from qanalyze.sensitivity.sources import EIG_METHODS
 from qanalyze.sensitivity.summary import summarise
 
 METRICS = ("eig", "trace", "density", "weights", "activations", "gradients", *SCORE_METRICS)
@@ -408,8 +408,7 @@ def analyze(
         state.mark("scores")
 
     if metrics & {"eig", "trace", "density"}:
-        measure = _measure_hessian_ranks if world().distributed else _measure_hessian
-        measure(model, infos, modules, batches, config, state, report_progress)
+        measure_hessian(model, HessianTargets.of(infos, modules), batches, config, state, report_progress)
         products = [v for k, v in state.report.timings.items() if k.startswith("hessian_products_batch_")]
         state.report.timings["hessian_products"] = sum(products)
 
@@ -469,150 +468,6 @@ def _measure_errors(model: torch.nn.Module, infos: list[ModuleInfo], modules: di
             state.entry(name)["gradient_error"] = summary["gradient_error"]
 
 
-
-
-def _measure_hessian(model: torch.nn.Module, infos: list[ModuleInfo], modules: dict[str, torch.nn.Module],
-                     batches: list[dict[str, torch.Tensor]], config: AnalyzeConfig, state: _State,
-                     report_progress: Progress) -> None:
-    targets = _Targets([info.name for info in infos], {info.name: modules[info.name].weight for info in infos}, {})
-    for index, info in enumerate(infos):
-        if info.block is not None:
-            targets.blocks.setdefault(info.block, []).append(index)
-    for b, batch in enumerate(batches):
-        key = f"hessian_batch_{b}"
-        if state.done(key):
-            continue
-        generator = torch.Generator().manual_seed(config.seed * 7919 + b)
-        started = time.perf_counter()
-        try:
-            _hessian_batch(model, batch, (b, len(batches)), targets, config, state, generator, report_progress)
-        except NonFiniteError as exc:
-            raise NonFiniteError(f"calibration batch {b + 1}: {exc}") from None
-        # a resumed batch adds to what its first attempt recorded
-        timings = state.report.timings
-        timings["hessian_seconds"] = timings.get("hessian_seconds", 0.0) + time.perf_counter() - started
-        state.mark(key)
-    for stage in ("trace", "eig"):
-        if stage in config.metrics:
-            report_progress(stage, len(batches), len(batches), "done")
-
-
-def _measure_hessian_ranks(model: torch.nn.Module, infos: list[ModuleInfo], modules: dict[str, torch.nn.Module],
-                           batches: list[dict[str, torch.Tensor]], config: AnalyzeConfig, state: _State,
-                           report_progress: Progress) -> None:
-    """`_measure_hessian` under torchrun, in rounds of one batch per rank: each rank measures its batch of the
-    round into a scratch record (the same probes as one process: batch b's generator is keyed by b), the records
-    are gathered and merged in batch order on every rank, and the round's batches are marked done (rank 0
-    writes the partial file), so the records equal one process's and a resume continues from the last round."""
-    here = world()
-    targets = _Targets([info.name for info in infos], {info.name: modules[info.name].weight for info in infos}, {})
-    for index, info in enumerate(infos):
-        if info.block is not None:
-            targets.blocks.setdefault(info.block, []).append(index)
-    todo = [b for b in range(len(batches)) if not state.done(f"hessian_batch_{b}")]
-    for start in range(0, len(todo), here.size):
-        batch_round = todo[start:start + here.size]
-        started = time.perf_counter()
-        record = None
-        if here.rank < len(batch_round):
-            b = batch_round[here.rank]
-            record = _scratch_batch(model, batches[b], (b, len(batches)), targets, config, state, report_progress)
-        for b, part in zip(batch_round, gather_objects(record)):  # rank order is the round's batch order
-            _merge_batch(state, b, part)
-        timings = state.report.timings
-        timings["hessian_seconds"] = timings.get("hessian_seconds", 0.0) + time.perf_counter() - started
-        for b in batch_round:
-            state.mark(f"hessian_batch_{b}")
-    for stage in ("trace", "eig"):
-        if stage in config.metrics:
-            report_progress(stage, len(batches), len(batches), "done")
-
-
-def _scratch_batch(model: torch.nn.Module, batch: dict[str, torch.Tensor], position: tuple[int, int],
-                   targets: _Targets, config: AnalyzeConfig, state: _State,
-                   report_progress: Progress) -> dict[str, Any]:
-    """One batch's Hessian work as `_hessian_batch` does it, recorded apart from ``state``: what it adds."""
-    b = position[0]
-    key = f"hessian_batch_{b}"
-    report = copy.copy(state.report)  # its settings and identity; what the batch adds goes to fresh containers
-    report.modules = {name: {"hessian": {}} for name in targets.names}
-    report.blocks, report.model_level, report.timings = {}, {}, {}
-    report.progress = {key + "_units": list(state.report.progress.get(key + "_units", []))}
-    scratch = _State(report, state.partial, writes=False)
-    generator = torch.Generator().manual_seed(config.seed * 7919 + b)
-    try:
-        _hessian_batch(model, batch, position, targets, config, scratch, generator, report_progress)
-    except NonFiniteError as exc:
-        raise NonFiniteError(f"calibration batch {b + 1}: {exc}") from None
-    return {"modules": {name: entry["hessian"] for name, entry in report.modules.items() if entry["hessian"]},
-            "blocks": report.blocks, "model_level": report.model_level, "units": report.progress[key + "_units"],
-            "timings": {k: v for k, v in report.timings.items() if k.startswith("hessian_products_batch_")}}
-
-
-def _merge_batch(state: _State, b: int, part: dict[str, Any]) -> None:
-    for name, hessian in part["modules"].items():
-        for key, values in hessian.items():  # per-batch lists: trace_per_batch, eig_per_batch
-            state.entry(name)["hessian"].setdefault(key, []).extend(values)
-    for block, record in part["blocks"].items():
-        state.report.blocks.setdefault(block, {"modules": record["modules"], "per_batch": []})["per_batch"].extend(
-            record["per_batch"])
-    state.report.model_level.update(part["model_level"])
-    state.report.timings.update(part["timings"])
-    state.report.progress[f"hessian_batch_{b}_units"] = part["units"]
-
-
-@dataclass(frozen=True)
-class _Targets:
-    """What the Hessian is asked about: module names, their weights, and layer blocks (indices)."""
-
-    names: list[str]
-    weights: dict[str, torch.nn.Parameter]
-    blocks: dict[int, list[int]]
-
-
-def _hessian_batch(model: torch.nn.Module, batch: dict[str, torch.Tensor], position: tuple[int, int],
-                   targets: _Targets, config: AnalyzeConfig, state: _State, generator: torch.Generator,
-                   report_progress: Progress) -> None:
-    metrics = set(config.metrics)
-    (b, total), names, blocks = position, targets.names, targets.blocks
-    key = f"hessian_batch_{b}"
-    done_units = set(state.report.progress.get(key + "_units", []))
-    source = HESSIAN_ENGINES[config.engine](model, batch, targets.weights, config, generator)
-    if "trace" in metrics and "trace" not in done_units:
-        report_progress("trace", b, total, f"batch {b + 1}: all {len(names)} modules")
-        for name, (estimate, method) in source.traces(names).items():
-            state.entry(name)["hessian"].setdefault("trace_per_batch", []).append({**asdict(estimate),
-                                                                                   "method": method})
-        _unit_done(state, key, "trace")
-    if "eig" in metrics:
-        for block, members in sorted(blocks.items()):
-            unit = f"block {block}"
-            if unit in done_units:
-                continue
-            report_progress("eig", b, total, f"batch {b + 1}: layer {block}")
-            estimate = source.top_eigenvalue(members)
-            state.report.blocks.setdefault(str(block), {"modules": [names[i] for i in members],
-                                                        "per_batch": []})["per_batch"].append(asdict(estimate))
-            _unit_done(state, key, unit)
-        for index, name in enumerate(names):
-            if name in done_units:
-                continue
-            report_progress("eig", b, total, f"batch {b + 1}: {name}")
-            estimate = source.top_eigenvalue([index])
-            state.entry(name)["hessian"].setdefault("eig_per_batch", []).append(asdict(estimate))
-            _unit_done(state, key, name)
-    if "density" in metrics and b == 0 and "density" not in done_units:
-        report_progress("density", 0, 1, "whole weight Hessian, batch 1")
-        state.report.model_level["density"] = source.density()
-        report_progress("density", 1, 1, "done")
-        _unit_done(state, key, "density")
-    state.report.timings[f"hessian_products_batch_{b}"] = source.products
-
-
-def _unit_done(state: _State, key: str, unit: str) -> None:
-    units = state.report.progress.setdefault(key + "_units", [])
-    units.append(unit)
-    state.mark(key + "_units", units)
 
 
 def _measure_delta_loss(model: torch.nn.Module, infos: list[ModuleInfo], modules: dict[str, torch.nn.Module],

@@ -1,7 +1,8 @@
 """Where Hessian answers come from on one batch: qanalyze's engine or PyHessian 0.1.
 
 Each source answers the same three questions for the analysis (traces of every module, the top
-eigenvalue of a set of modules, the spectral density) and counts the products it used;
+eigenvalue of a set of modules, the spectral density), each from the generator it is given (one per unit of
+work, `qanalyze.sensitivity.hessian_stage`), and counts the products it used;
 `HESSIAN_ENGINES` maps ``--engine`` names to them.
 """
 
@@ -79,9 +80,9 @@ class NativeSource:
     """
 
     def __init__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], weights: dict[str, torch.nn.Parameter],
-                 config: AnalyzeConfig, generator: torch.Generator) -> None:
+                 config: AnalyzeConfig) -> None:
         self.model, self.batch, self.weights = model, batch, weights
-        self.config, self.generator = config, generator
+        self.config = config
         self.fast = HVP.build(model, batch, weights, method=config.hvp_method, precision=config.hvp_precision,
                         sparse_embeddings=True, unpad=config.unpad)
         self._exact = self.fast if config.hvp_precision == "float32" else None
@@ -101,7 +102,7 @@ class NativeSource:
         both = {id(op): op for op in (self.fast, self._exact) if op is not None}
         return sum(op.count for op in both.values())
 
-    def traces(self, names: list[str]) -> dict[str, tuple[Estimate, str]]:
+    def traces(self, names: list[str], generator: torch.Generator) -> dict[str, tuple[Estimate, str]]:
         """One pass over all modules; then small modules the pass left imprecise, on their own.
 
         A one-pass sample for module i is Σ_j v_iᵀH_ij v_j: the cross terms vanish in expectation
@@ -109,7 +110,7 @@ class NativeSource:
         token-type embedding). Those get a Hutchinson estimate from products restricted to their
         block on the same graph (cheap: few parameters, one graph).
         """
-        settings = {"generator": self.generator, "max_probes": self.config.trace_max_probes,
+        settings = {"generator": generator, "max_probes": self.config.trace_max_probes,
                     "min_probes": self.config.trace_min_probes, "rel_tol": self.config.trace_rel_tol}
         estimates = hutchinson_traces(self.fast, {n: [i] for i, n in enumerate(names)}, **settings)
         result = {name: (estimate, "one-pass") for name, estimate in estimates.items()}
@@ -122,9 +123,9 @@ class NativeSource:
                 result[name] = (alone, "restricted")
         return result
 
-    def top_eigenvalue(self, indices: list[int]) -> Estimate:
+    def top_eigenvalue(self, indices: list[int], generator: torch.Generator) -> Estimate:
         """Top eigenvalue (largest magnitude) of the diagonal block of the given parameters."""
-        settings = {"generator": self.generator, "max_iter": self.config.eig_max_iter, "tol": self.config.eig_tol}
+        settings = {"generator": generator, "max_iter": self.config.eig_max_iter, "tol": self.config.eig_tol}
         exact = Restricted(self.exact, indices)
         if self.eig is not lanczos:
             return self.eig(exact, **settings)[0]
@@ -134,14 +135,14 @@ class NativeSource:
         fast = Restricted(self.fast, indices)
         return refined_lanczos(fast, exact, hint=fast.gradient(), **settings)[0]
 
-    def density(self) -> dict[str, Any]:
+    def density(self, generator: torch.Generator) -> dict[str, Any]:
         """Ritz nodes and weights of the whole weight Hessian (one SLQ probe).
 
         The embedding rows the batch does not look up span a null space of the Hessian. A Rademacher
         start over all weights puts exactly their share of its squared norm there, so they enter as a
         node at 0 with that weight, the Lanczos weights over the other entries scaled by the rest.
         """
-        density = slq_density(self.fast, generator=self.generator, probes=1, steps=self.config.density_steps)
+        density = slq_density(self.fast, generator=generator, probes=1, steps=self.config.density_steps)
         if not self.fast.omitted:
             return {"nodes": density.nodes, "weights": density.weights}
         kept = self.fast.numel / (self.fast.numel + self.fast.omitted)
@@ -153,37 +154,42 @@ class PyHessianSource:
     """The same questions answered by PyHessian 0.1, one block at a time (the reference and baseline)."""
 
     def __init__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor], weights: dict[str, torch.nn.Parameter],
-                 config: AnalyzeConfig, generator: torch.Generator) -> None:
+                 config: AnalyzeConfig) -> None:
         self.model, self.batch, self.config = model, batch, config
         self.weights = list(weights.values())
-        # PyHessian draws from the global generator; its seeds come from ours so runs repeat.
-        self.seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
         self.products = 0
 
-    def traces(self, names: list[str]) -> dict[str, tuple[Estimate, str]]:
+    def traces(self, names: list[str], generator: torch.Generator) -> dict[str, tuple[Estimate, str]]:
         """PyHessian's Hutchinson trace of each module's block, one module at a time."""
+        seed = _seed(generator)
         result = {}
         for index, name in enumerate(names):
             oracle = pyhessian_adapter(self.model, self.batch, [self.weights[index]])
             samples = oracle.trace(max_iter=self.config.trace_max_probes, tol=self.config.trace_rel_tol,
-                                   seed=self.seed + index)
+                                   seed=seed + index)
             self.products += len(samples)
             stderr = statistics.stdev(samples) / math.sqrt(len(samples)) if len(samples) > 1 else math.inf
             result[name] = (Estimate(statistics.fmean(samples), stderr, len(samples),
                                      len(samples) < self.config.trace_max_probes), "pyhessian")
         return result
 
-    def top_eigenvalue(self, indices: list[int]) -> Estimate:
+    def top_eigenvalue(self, indices: list[int], generator: torch.Generator) -> Estimate:
         """PyHessian's power iteration on the block of the given parameters."""
         oracle = pyhessian_adapter(self.model, self.batch, [self.weights[i] for i in indices])
-        value = oracle.eigenvalues(max_iter=self.config.eig_max_iter, tol=self.config.eig_tol, seed=self.seed)[0]
+        value = oracle.eigenvalues(max_iter=self.config.eig_max_iter, tol=self.config.eig_tol,
+                                   seed=_seed(generator))[0]
         # PyHessian reports neither its iteration count nor a residual.
         return Estimate(value, math.nan, 0, True)
 
-    def density(self) -> dict[str, Any]:
+    def density(self, generator: torch.Generator) -> dict[str, Any]:
         """Not available: PyHessian 0.1's density needs torch.eig."""
         raise ConfigError("--metrics density needs --engine native: pyhessian 0.1's density() calls torch.eig, "
                           "which PyTorch 2 removed")
+
+
+def _seed(generator: torch.Generator) -> int:
+    # PyHessian draws from the global generator; its seeds come from ours so runs repeat.
+    return int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
 
 
 HESSIAN_ENGINES = {"native": NativeSource, "pyhessian": PyHessianSource}
