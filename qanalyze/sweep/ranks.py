@@ -7,10 +7,12 @@ ranks, and it draws from the generators one process seeds (rank 0's). Its number
 rank that ran it nor on the number of ranks. `spread` runs this rank's share and returns every job's result, in
 order, on every rank.
 
-Who runs what (`balance`): the most expensive job first, each to the rank with the least work so far; with equal
-costs job ``i`` goes to rank ``i mod N``. The costs are the caller's estimates (a finished run that will be reused
-costs nothing, so a resumed sweep spreads what is left); rank 0 computes them and broadcasts the assignment, so
-that every rank follows the same one even while the ranks' views of the files differ.
+Who runs what (`balance`): jobs the caller pins go to rank 0 (the sweep's FP32 reference, so that rank 0 can
+report each of its runs against it as it ends), then the most expensive job first, each to the rank with the least
+work so far; with equal costs job ``i`` goes to rank ``i mod N``. The costs are the caller's estimates (a finished
+run that will be reused costs nothing, so a resumed sweep spreads what is left); rank 0 computes them and
+broadcasts the assignment, so that every rank follows the same one even while the ranks' views of the files
+differ.
 
 Waiting: a rank whose share is done waits for the others by polling the launcher's key-value store, not inside a
 collective, whose timeout (`qanalyze.distributed.timeout`) bounds the work between two collectives, not a share of
@@ -63,30 +65,31 @@ def alone() -> Iterator[None]:
             os.environ["WORLD_SIZE"] = before
 
 
-def balance(costs: Sequence[float], ranks: int) -> list[int]:
-    """The rank of each job: the most expensive first (equal costs in job order), each to the rank with the least
-    work so far (the lowest of equals). Equal costs give job ``i`` to rank ``i mod ranks``."""
-    load = [0.0] * ranks
+def balance(costs: Sequence[float], ranks: int, *, pinned: int = 0) -> list[int]:
+    """The rank of each job: the first ``pinned`` on rank 0, then the most expensive first (equal costs in job
+    order), each to the rank with the least work so far (the lowest of equals). Equal costs and nothing pinned
+    give job ``i`` to rank ``i mod ranks``."""
+    load = [sum(costs[:pinned])] + [0.0] * (ranks - 1)
     owners = [0] * len(costs)
-    for job in sorted(range(len(costs)), key=lambda j: -costs[j]):
+    for job in sorted(range(pinned, len(costs)), key=lambda j: -costs[j]):
         rank = min(range(ranks), key=lambda r: load[r])
         owners[job] = rank
         load[rank] += costs[job]
     return owners
 
 
-def spread(jobs: Sequence[Callable[[int, int], R]], costs: Callable[[], Sequence[float]]) -> list[R]:
-    """Every job's result (picklable), in job order, on every rank; each job run on one rank (`balance` of
-    ``costs()``, called on rank 0 only) inside `alone`, and called with its position among this rank's jobs and
-    their number (for progress). In one process: every job here, in order."""
+def spread(jobs: Sequence[Callable[[], R]], costs: Callable[[], Sequence[float]], *, pinned: int = 0) -> list[R]:
+    """Every job's result (picklable), in job order, on every rank. Each job runs on one rank, inside `alone`:
+    `balance` of ``costs()`` (called on rank 0 only) and ``pinned`` says which; a rank runs its jobs in job order,
+    so rank 0 runs the ``pinned`` first. In one process: every job here, in order."""
     here = world()
     number = next(_spreads)
-    owners = broadcast_object(balance(costs(), here.size) if here.is_main else None)
-    mine = [index for index, owner in enumerate(owners) if owner == here.rank]
+    owners = broadcast_object(balance(costs(), here.size, pinned=pinned) if here.is_main else None)
     done: dict[int, R] = {}
-    for position, index in enumerate(mine):
-        with alone():
-            done[index] = jobs[index](position, len(mine))
+    for index, job in enumerate(jobs):
+        if owners[index] == here.rank:
+            with alone():
+                done[index] = job()
     if here.distributed:
         _wait_for_ranks(number)
     merged: dict[int, R] = {}

@@ -28,6 +28,7 @@ the finished runs and checkpoints.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -123,12 +124,12 @@ def sweep(model: str, data: TaskData, config: SweepConfig, out: str | Path, *,
 
     ``model`` is the FP32 fine-tuned starting point (Q-BERT re-trains from it). Every plan is made
     before any training, so an unreachable budget fails fast. In one process the record is rewritten
-    after each run; on several ranks (module docstring) every rank returns it and rank 0 writes it once
-    every rank is done, and the hooks hear each rank's own runs start (``on_run_start`` counts this rank's
-    runs) but no ``on_run_end``.
+    after each run. On several ranks (module docstring) every rank returns it, rank 0 writes it once every
+    rank is done, and only rank 0 calls the hooks: the start and end of its own runs as they happen, the
+    end of the others' once they are gathered.
     """
-    hooks = hooks or SweepHooks()
     here = world()
+    speaker = hooks if hooks is not None and here.is_main else SweepHooks()  # rank 0 alone speaks (qanalyze.launch)
     config = ptq_layouts(config)
     out = Path(out)
     loaded = load_model(model, num_labels=data.task.num_labels)
@@ -139,75 +140,87 @@ def sweep(model: str, data: TaskData, config: SweepConfig, out: str | Path, *,
     if broadcast_object(not source.exists()):  # rank 0 decides: every rank joins the analysis, or none
         if sensitivity:
             raise ConfigError(f"sensitivity file not found: {sensitivity}")
-        _call(hooks.on_stage, f"analyzing {model} into {source}")
+        _call(speaker.on_stage, f"analyzing {model} into {source}")
         analyze(load_model(model, num_labels=data.task.num_labels, eager_attention=True), data,
                 task_defaults(config.analysis, data.task.kind).for_objective(
                     resolve_objective(config.plan.objective, data.task.kind)),
                 source, resume=partial_path(source).exists(),
-                progress=hooks.on_analysis)
+                progress=speaker.on_analysis)
         barrier()  # rank 0 wrote the file the others read next
-    _call(hooks.on_stage, "planning")
+    _call(speaker.on_stage, "planning")
     report = SensitivityReport.load(source)
     check_sensitivity(report, inventory(loaded.model), loaded.identity, source,
                       objective=resolve_objective(config.plan.objective, data.task.kind))
     runs = _plan_runs(loaded, config, out, report, source)
     first = _first_runs(runs)
+    position = {job.name: index for index, job in enumerate(runs)}
     started = time.perf_counter()
+    metric = data.task.main_metric
+    fp32: dict[str, Any] = {}  # the FP32 line, once this rank has it
+    outcomes: dict[str, RunOutcome] = {}
+    reported: set[str] = set()  # runs whose end was reported as they finished
 
     def fp32_reference() -> dict[str, Any]:
-        _call(hooks.on_stage, "evaluating the FP32 model")
-        return _fp32_reference(loaded, data, config, out)
+        _call(speaker.on_stage, "evaluating the FP32 model")
+        fp32.update(_fp32_reference(loaded, data, config, out))
+        return dict(fp32)
 
     def run(job: SweepRun) -> RunOutcome:
+        index = position[job.name]
+        _call(speaker.on_run_start, index, len(runs), job)
         tic = time.perf_counter()
-        result, status = _train_or_reuse(model, data, config, out / "runs" / job.name, job, loaded.identity, hooks)
-        return RunOutcome(result, status, round(time.perf_counter() - tic, 1))
+        result, status = _train_or_reuse(model, data, config, out / "runs" / job.name, job, loaded.identity,
+                                         speaker)
+        outcome = RunOutcome(result, status, round(time.perf_counter() - tic, 1))
+        if fp32:  # in one process and on rank 0, which evaluates the FP32 model before its runs
+            _call(speaker.on_run_end, index, len(runs), job, _full_row(job, job, outcome, fp32, metric, out))
+            reported.add(job.name)
+        return outcome
 
-    outcomes: dict[str, RunOutcome] = {}
     if here.distributed:
         distinct = [job for job in runs if first[job.name] is job]
-        _call(hooks.on_stage, f"the FP32 reference and {len(distinct)} distinct runs over {here.size} ranks")
-
-        def announced(job: SweepRun) -> Callable[[int, int], RunOutcome]:
-            def go(position: int, count: int) -> RunOutcome:
-                _call(hooks.on_run_start, position, count, job)
-                return run(job)
-            return go
+        _call(speaker.on_stage, f"the FP32 reference (rank 0) and {len(distinct)} distinct runs over {here.size} "
+                                "ranks")
 
         def costs() -> list[float]:
             fp32_cost = 0.0 if _cached_fp32(loaded, data, config, out) is not None else EVALUATION_COST
             return [fp32_cost, *(_cost(job, config, data, out, loaded.identity) for job in distinct)]
 
-        done = spread([lambda position, count: fp32_reference(), *map(announced, distinct)], costs)
-        fp32, outcomes = done[0], {job.name: outcome for job, outcome in zip(distinct, done[1:])}
+        done = spread([fp32_reference, *(functools.partial(run, job) for job in distinct)], costs, pinned=1)
+        fp32.update(done[0])
+        outcomes.update(zip((job.name for job in distinct), done[1:]))
     else:
-        fp32 = fp32_reference()
+        fp32_reference()
     record = SweepRecord(model=fp32["model"], data=data.identity, settings=config.recorded(),
                          sensitivity={"path": str(source.resolve()), "sha256": _sha256(source)}, fp32=fp32, rows=[])
     for index, job in enumerate(runs):
-        if not here.distributed:
-            _call(hooks.on_run_start, index, len(runs), job)
         origin = first[job.name]
         if origin.name not in outcomes:  # one process: the run happens now
             outcomes[origin.name] = run(origin)
-        outcome = outcomes[origin.name]
-        row = _row(job, outcome.result, out)
-        if origin is job:
-            row.update(status=outcome.status, seconds=outcome.seconds)
-        else:
-            row.update(status="same as " + _row(origin, None, out)["run"], seconds=0.0)
-        row.update(_against_fp32(row, fp32, data.task.main_metric))
+        row = _full_row(job, origin, outcomes[origin.name], fp32, metric, out)
         record.rows.append(row)
         compare_with_uniform(record.rows, fp32, out, budget=row["budget"], mode=row["mode"])
         record.timings["seconds"] = round(time.perf_counter() - started, 1)
         if here.is_main:
             _save(record, out)
-        if not here.distributed:
-            _call(hooks.on_run_end, index, len(runs), job, row)
+        if job.name not in reported:  # a shared run, or one another rank ran
+            _call(speaker.on_run_end, index, len(runs), job, row)
     record.complete = True
     if here.is_main:
         _save(record, out)
     return record
+
+
+def _full_row(job: SweepRun, origin: SweepRun, outcome: RunOutcome, fp32: dict[str, Any], metric: str,
+              out: Path) -> dict[str, Any]:
+    """``job``'s row, from the outcome of ``origin`` (``job`` itself, or the first run of the same key)."""
+    row = _row(job, outcome.result, out)
+    if origin is job:
+        row.update(status=outcome.status, seconds=outcome.seconds)
+    else:
+        row.update(status="same as " + _row(origin, None, out)["run"], seconds=0.0)
+    row.update(_against_fp32(row, fp32, metric))
+    return row
 
 
 @dataclass(frozen=True)

@@ -45,6 +45,7 @@ def _assert_same(mine: object, theirs: object) -> None:
 def test_the_most_expensive_runs_go_first_to_the_least_busy_rank():
     assert balance([1.0] * 5, 2) == [0, 1, 0, 1, 0]  # equal costs: run i on rank i mod N
     assert balance([1.0, 8.0, 0.0, 1.0, 1.0], 2) == [1, 0, 1, 1, 1]
+    assert balance([1.0, 1.0, 1.0, 1.0], 2, pinned=1) == [0, 1, 0, 1]  # the pinned job counts in rank 0's work
     assert balance([2.0, 1.0], 4) == [0, 1]
 
 
@@ -54,7 +55,7 @@ def test_alone_is_one_process_and_spread_runs_every_job_here(monkeypatch):
         assert world() == World(0, 1) and os.environ["WORLD_SIZE"] == "1"
     assert os.environ["WORLD_SIZE"] == "2"
     monkeypatch.delenv("WORLD_SIZE")
-    assert spread([lambda position, count: (position, count)] * 3, lambda: [1.0, 0.0, 2.0]) == [(0, 3), (1, 3), (2, 3)]
+    assert spread([lambda: 1, lambda: 2, lambda: 3], lambda: [1.0, 0.0, 2.0], pinned=1) == [1, 2, 3]
 
 
 def test_a_sweep_on_two_ranks_gives_the_rows_of_one_process(tmp_path, tiny_bert_dir, glue_dir):
