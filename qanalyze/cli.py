@@ -286,7 +286,7 @@ def build_cli() -> click.Group:
 
         with _interrupts(kept), stage_progress(console) as progress:
             report = run_analysis(model, data, config, out, resume=kw["resume"], overwrite=kw["overwrite"],
-                                  device=kw["device"], progress=progress.update)
+                                  device=kw["device"], pipeline=kw["pipeline"], progress=progress.update)
         print_most_sensitive(report, console)
         counts = report.timings.get("hessian_products")
         console.print(f"sensitivity of {len(report.modules)} modules written to {out} "

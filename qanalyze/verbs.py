@@ -14,7 +14,7 @@ a Python caller can do the same way::
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -151,10 +151,11 @@ def quantize(model: str | LoadedModel, data: TaskData, plan: str | BitPlan, out:
 
 
 def analyze(model: str, data: TaskData, config: AnalyzeConfig, out: str | Path, *, resume: bool = False,
-            overwrite: bool = False, device: str = "auto",
+            overwrite: bool = False, device: str = "auto", pipeline: bool = False,
             progress: Callable[[str, int, int, str], None] | None = None) -> Any:
     """Measure the sensitivity of ``model`` (which needs a trained task head) into ``out``; return the
-    `SensitivityReport`."""
+    `SensitivityReport`. With ``pipeline``, a causal LM split by decoder layers over torchrun's ranks
+    (`qanalyze.sensitivity.pipelined_analysis`)."""
     from qanalyze.engine.train import resolve_device
     from qanalyze.models import has_task_head, load_model
     from qanalyze.rundir import check_output_file
@@ -163,6 +164,8 @@ def analyze(model: str, data: TaskData, config: AnalyzeConfig, out: str | Path, 
 
     check_output_file(out, inputs=(model,), overwrite=overwrite or resume)  # resume writes OUT from OUT.partial
     seed_everything(config.seed)
+    if pipeline:
+        return _analyze_pipelined(model, data, config, out, resume=resume, device=device, progress=progress)
     loaded = load_model(model, num_labels=data.task.num_labels, eager_attention=True)
     _check_input_length(loaded.model, data, config.max_length)
     config = task_defaults(config, data.task.kind)
@@ -172,6 +175,22 @@ def analyze(model: str, data: TaskData, config: AnalyzeConfig, out: str | Path, 
                           "and analyze RUN")
     loaded.model.to(resolve_device(device))
     return run_analysis(loaded, data, config, out, resume=resume, progress=progress)
+
+
+def _analyze_pipelined(model: str, data: TaskData, config: AnalyzeConfig, out: str | Path, *, resume: bool,
+                       device: str, progress: Callable[[str, int, int, str], None] | None) -> Any:
+    from qanalyze.sensitivity.analyze import DEFAULT_METRICS, LM_DEFAULT_GROUPS, AnalyzeConfig
+    from qanalyze.sensitivity.pipelined_analysis import PIPELINE_METRICS, analyze_pipelined
+
+    if resume:
+        raise ConfigError("--pipeline keeps no partial file to resume: run it again without --resume")
+    if device not in ("auto", "cpu"):
+        raise ConfigError(f"--pipeline runs on the CPU (gloo); --device {device} is not taken")
+    if config.metrics == DEFAULT_METRICS:
+        config = replace(config, metrics=PIPELINE_METRICS)
+    if config.groups == AnalyzeConfig().groups and data.task.kind == "lm":
+        config = replace(config, groups=LM_DEFAULT_GROUPS)
+    return analyze_pipelined(model, data, config, out, progress=progress)
 
 
 def baseline_path(out: str | Path, name: str) -> Path:

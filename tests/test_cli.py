@@ -494,3 +494,16 @@ def test_quantize_then_evaluate_prints_perplexity_and_kl(tmp_path, capfd, tiny_l
     assert_one_line_error(code, err, "exists and is a qanalyze run; pass --overwrite")
     code, _, err = run_cli(capfd, "train", tiny_llama_dir, "--mode", "gptq", *common, "--out", tmp_path / "t")
     assert code == 2 and "'gptq' is not one of" in err
+
+
+def test_analyze_pipeline_refuses_what_a_split_model_cannot_measure(capfd, tmp_path, tiny_llama_dir,
+                                                                    wikitext_sample_dir):
+    common = ["analyze", tiny_llama_dir, "--task", "lm", "--data", wikitext_sample_dir, "--seq-len", "32",
+              "--batches", "2", "--batch-size", "1", "--pipeline", "--quiet"]
+    code, _, err = run_cli(capfd, *common, "--resume", "--out", tmp_path / "a.json")
+    assert_one_line_error(code, err, "--pipeline", "without --resume")
+    code, _, err = run_cli(capfd, *common, "--metrics", "eig", "--out", tmp_path / "b.json")
+    assert_one_line_error(code, err, "eig")
+    code, _, err = run_cli(capfd, *common, "--device", "cuda", "--out", tmp_path / "c.json")
+    assert_one_line_error(code, err, "--pipeline", "--device cuda")
+    assert not list(tmp_path.iterdir())

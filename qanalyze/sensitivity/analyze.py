@@ -248,8 +248,10 @@ def select_modules(model: torch.nn.Module, pattern: str | None) -> list[ModuleIn
     return chosen
 
 
-def _new_report(loaded: LoadedModel, data: TaskData, config: AnalyzeConfig, infos: list[ModuleInfo],
-                all_infos: list[ModuleInfo]) -> SensitivityReport:
+def new_report(loaded: LoadedModel, data: TaskData, config: AnalyzeConfig, infos: list[ModuleInfo],
+               all_infos: list[ModuleInfo]) -> SensitivityReport:
+    """An empty report of ``config`` on ``infos`` (each module's identity, head size and group counts; no
+    measurements yet); ``all_infos``, every quantizable module, give the architecture's fingerprint."""
     model = loaded.model
     modules = {}
     for info in infos:
@@ -307,9 +309,9 @@ def _open(loaded: LoadedModel, data: TaskData, config: AnalyzeConfig, out: Path,
     if not resume or not partial.exists():
         if resume:
             raise ConfigError(f"nothing to resume: {partial} does not exist")
-        return _State(_new_report(loaded, data, config, infos, all_infos), partial)
+        return _State(new_report(loaded, data, config, infos, all_infos), partial)
     report = SensitivityReport.load(partial)
-    fresh = _new_report(loaded, data, config, infos, all_infos)
+    fresh = new_report(loaded, data, config, infos, all_infos)
     if report.settings != fresh.settings:
         changed = [k for k in fresh.settings if report.settings.get(k) != fresh.settings[k]]
         raise ConfigError(f"cannot resume {partial} with different settings: {', '.join(changed)}")

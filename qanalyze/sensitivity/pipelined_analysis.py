@@ -21,7 +21,7 @@ from qanalyze.distributed import gather_objects, world
 from qanalyze.errors import ConfigError
 from qanalyze.models import LoadedModel, ModelSource, ModuleInfo, check_max_length, resolve_model
 from qanalyze.records import SensitivityReport
-from qanalyze.sensitivity.analyze import AnalyzeConfig, module_groups
+from qanalyze.sensitivity.analyze import AnalyzeConfig, module_groups, new_report
 from qanalyze.sensitivity.calibration import calibration_batches
 from qanalyze.sensitivity.pipeline import PipelinedHVP, module_order, pipelined_traces
 from qanalyze.sensitivity.stages import Stage, load_stage
@@ -59,9 +59,7 @@ def analyze_pipelined(model: str | Path, data: TaskData, config: AnalyzeConfig, 
     check_max_length(stage.model, batches[0]["input_ids"].shape[1], flag="--seq-len")
     infos = _selected(stage.infos, config.modules)
     # the report of one process's analysis: it reads only the config, identity and module list of the model
-    from qanalyze.sensitivity.analyze import _new_report
-
-    report = _new_report(loaded, data, config, infos, stage.infos)
+    report = new_report(loaded, data, config, infos, stage.infos)
     started = time.perf_counter()
     if "weights" in config.metrics:
         _weights(stage, infos, config, report, report_progress)
