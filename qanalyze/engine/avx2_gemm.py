@@ -40,13 +40,15 @@ KERNEL_VARIANTS = {"madd": "int8_mm", "maddubs4": "int8_mm_u4"}
 uses) and ``maddubs4`` (``vpmaddubsw`` on 4-bit digits of A + 128; exact too, measured slower, benchmarks only)."""
 
 
-LIBRARY_OPS = ("int8_mm_scaled", "quantize_codes")
+LIBRARY_OPS = ("int8_mm_scaled", "quantize_codes", "layer_norm_codes")
 """The library's fused ops around the GEMM (issue 26's third way), both bit-identical to the torch ops they
 replace: ``int8_mm_scaled(a8, b8, row_scale, col_scale, bias) -> float32``, the ``madd`` kernel with
 ``float32(acc) * (row_scale[i] * col_scale[j]) + bias[j]`` done in its epilogue, in the int32 result's memory
 while a block of rows is in cache; ``quantize_codes(x, scale, qmax, levels) -> int8 / int16``,
 `qanalyze.engine.functions.integer_codes` (nearest, or stochastic from the int16 levels that
-`qanalyze.quant.primitives.uniform_noise` maps to its draws) in one pass over float32 ``x``."""
+`qanalyze.quant.primitives.uniform_noise` maps to its draws) in one pass over float32 ``x``;
+``layer_norm_codes(q, scale, gamma, bias, eps) -> (xhat, y, rstd)``, the integer layer norm's forward after its
+quantization (exact int64 sums, then torch's double operations in torch's order) in one pass over the codes."""
 
 
 class Avx2KernelWarning(UserWarning):

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from qanalyze.engine.kernels import fused_codes, fused_quantize_selected, int_mm_scaled
+from qanalyze.engine.kernels import fused_codes, fused_layer_norm, fused_quantize_selected, int_mm_scaled
 from qanalyze.errors import ConfigError
 from qanalyze.quant.primitives import (
     GRADIENT_GROUPS,
@@ -369,26 +369,28 @@ class IntLayerNormFunction(torch.autograd.Function):
         quantize = get_quantizer(spec.quantizer)
         width = x.shape[-1]
         x2 = x.reshape(-1, width).detach().float()
+        gain = get_quantizer(spec.quantizer)(weight.detach().float(), spec.weight_bits, None, "nearest", None)
+        gamma = gain.dequantize().float()
         # one scale per token: the statistics are per token, so a token's own exponent costs nothing and
         # keeps the tokens whose residual stream is small from being flattened by the loudest one
         if fused_quantize_selected(spec.activation_bits, spec.activation_bits, x.device):
             xq = fused_quantized(x2, spec.activation_bits, spec.quantizer, per_row=True)
+            xhat, y, rstd = fused_layer_norm(xq.q, xq.scale, gamma, bias, eps)  # the same values as below
         else:
             xq = quantize(x2, spec.activation_bits, 1, "nearest", None)
-        scale = xq.scale.reshape(-1, 1).double()
-        q = xq.q.to(torch.int64)
-        sum1 = q.sum(-1, keepdim=True)
-        sum2 = (q * q).sum(-1, keepdim=True)
-        mean_q = sum1.double() / width
-        var = (sum2.double() / width - mean_q * mean_q) * scale**2
-        rstd = torch.rsqrt(var + eps)
-        xhat = ((q.double() - mean_q) * scale * rstd).float()
-        gain = get_quantizer(spec.quantizer)(weight.detach().float(), spec.weight_bits, None, "nearest", None)
-        gamma = gain.dequantize().float()
-        y = xhat * gamma
-        if bias is not None:
-            y = y + bias.detach().float()
-        ctx.save_for_backward(xhat, gamma, rstd.float())
+            scale = xq.scale.reshape(-1, 1).double()
+            q = xq.q.to(torch.int64)
+            sum1 = q.sum(-1, keepdim=True)
+            sum2 = (q * q).sum(-1, keepdim=True)
+            mean_q = sum1.double() / width
+            var = (sum2.double() / width - mean_q * mean_q) * scale**2
+            rstd64 = torch.rsqrt(var + eps)
+            xhat = ((q.double() - mean_q) * scale * rstd64).float()
+            rstd = rstd64.float()
+            y = xhat * gamma
+            if bias is not None:
+                y = y + bias.detach().float()
+        ctx.save_for_backward(xhat, gamma, rstd)
         ctx.spec, ctx.generator, ctx.x_shape, ctx.has_bias = spec, generator, x.shape, bias is not None
         return y.reshape(x.shape).to(x.dtype)
 

@@ -143,7 +143,7 @@ def int_mm_scaled(a: torch.Tensor, b: torch.Tensor, *, bits_a: int, bits_b: int,
 
     On the ``avx2`` path with codes of <= 8 bits and K within int32 the kernel applies them in its epilogue, in
     its int32 result's memory while each block of rows is in cache: one pass instead of a conversion, a multiply
-    and an add over the whole output."""
+    and an add over the whole output. The ``float`` path's exact float product goes to float32 directly."""
     _check_operands(a, b, bits_a, bits_b)
     name = _auto_path(bits_a, bits_b, a.device) if path == "auto" else path
     m, k, n = a.shape[0], a.shape[1], b.shape[1]
@@ -151,7 +151,10 @@ def int_mm_scaled(a: torch.Tensor, b: torch.Tensor, *, bits_a: int, bits_b: int,
     if scaled is not None and max(bits_a, bits_b) <= 8 and k <= _INT32_MAX // (qmax(bits_a) * qmax(bits_b)):
         return scaled(a.to(torch.int8), b.to(torch.int8), _float_vector(row_scale, m), _float_vector(col_scale, n),
                       _float_vector(bias, n))
-    out = int_mm(a, b, bits_a=bits_a, bits_b=bits_b, path=name).to(torch.float32)
+    if name == "float":  # float32 from the exact float / int64 product: no round trip through int32 / int64
+        out = _float_exact(a, b, bits_a, bits_b).to(torch.float32)
+    else:
+        out = int_mm(a, b, bits_a=bits_a, bits_b=bits_b, path=name).to(torch.float32)
     scale = row_scale if col_scale is None else col_scale if row_scale is None else row_scale * col_scale
     if scale is not None:
         out.mul_(scale)
@@ -182,6 +185,17 @@ def fused_codes(x: torch.Tensor, scale: torch.Tensor, bits: int, levels: torch.T
     if levels is not None:
         levels = levels.reshape(-1).contiguous()
     return avx2_library_op("quantize_codes")(x, flat, qmax(bits), levels)
+
+
+def fused_layer_norm(q: torch.Tensor, scale: torch.Tensor, gamma: torch.Tensor, bias: torch.Tensor | None,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The integer layer norm's forward after quantization (`qanalyze.engine.functions.IntLayerNormFunction`) in
+    one compiled pass over the codes ``q`` (rows, width) with one ``scale`` per row: ``(xhat, y, rstd)`` with the
+    values of its torch ops (exact int64 sums, then the same double operations in the same order). Only where
+    :func:`fused_quantize_selected` holds."""
+    vector = lambda v: v.detach().to(torch.float32).reshape(-1).contiguous()  # noqa: E731
+    return avx2_library_op("layer_norm_codes")(q.contiguous(), vector(scale), vector(gamma),
+                                               None if bias is None else vector(bias), float(eps))
 
 
 def int8_gemm_is_fast(device: torch.device | str = "cpu") -> bool:
@@ -397,6 +411,14 @@ def _avx2_mm(a8: torch.Tensor, b8: torch.Tensor, *, out: torch.Tensor | None = N
 
 @_register("float")
 def _float_path(a: torch.Tensor, b: torch.Tensor, *, bits_a: int, bits_b: int) -> torch.Tensor:
+    out = _float_exact(a, b, bits_a, bits_b)
+    return out.to(torch.int32 if a.shape[1] * qmax(bits_a) * qmax(bits_b) <= _INT32_MAX else torch.int64)
+
+
+def _float_exact(a: torch.Tensor, b: torch.Tensor, bits_a: int, bits_b: int) -> torch.Tensor:
+    """The exact integer a @ b held in float32 or float64 (one GEMM), or int64 (chunks of K summed): the
+    ``float`` path before its integer dtype, which `int_mm_scaled` converts to float32 directly (rounding the
+    same exact integer to nearest as the int32 / int64 route would)."""
     per_product = qmax(bits_a) * qmax(bits_b)
     k = a.shape[1]
     step = _FLOAT32_EXACT // per_product
@@ -405,10 +427,9 @@ def _float_path(a: torch.Tensor, b: torch.Tensor, *, bits_a: int, bits_b: int) -
         step = _FLOAT64_EXACT // per_product
     # .to() keeps a transposed view's layout: BLAS reads it as it is
     if k <= step:
-        out = a.to(dtype) @ b.to(dtype)
-    else:  # each chunk's float product is an exact integer, so its int64 copy is too
-        out = _sum_k_chunks(lambda x, y: (x.to(dtype) @ y.to(dtype)).to(torch.int64), a, b, step)
-    return out.to(torch.int32 if k * per_product <= _INT32_MAX else torch.int64)
+        return a.to(dtype) @ b.to(dtype)
+    # each chunk's float product is an exact integer, so its int64 copy is too
+    return _sum_k_chunks(lambda x, y: (x.to(dtype) @ y.to(dtype)).to(torch.int64), a, b, step)
 
 
 def _float32_is_exact(device: torch.device) -> bool:

@@ -88,19 +88,25 @@ def test_int_mm_scaled_equals_the_torch_ops(m, k, n):
             want.mul_(scale)
         if bb is not None:
             want.add_(bb)
-        for path in ("avx2", "reference"):
+        for path in ("avx2", "float", "reference"):
             got = int_mm_scaled(a, b, bits_a=8, bits_b=8, row_scale=r, col_scale=c, bias=bb, path=path)
             assert got.dtype == torch.float32 and torch.equal(got, want), (path, r is None, c is None)
 
 
 @needs_kernel
 def test_int_mm_scaled_wide_codes_and_long_k_take_the_int_mm_route():
-    """16-bit codes and a K beyond int32 give the same values through int_mm and the torch ops."""
+    """16-bit codes, a K beyond int32 and the float path's int64 chunk sums give the same values as the torch
+    ops."""
     g = _gen(5)
     a = torch.randint(-32767, 32768, (7, 33), generator=g, dtype=torch.int16)
     b = torch.randint(-127, 128, (33, 5), generator=g, dtype=torch.int8)
     want = reference_mm(a, b).to(torch.float32).mul_(0.25)
-    assert torch.equal(int_mm_scaled(a, b, bits_a=16, bits_b=8, col_scale=torch.tensor(0.25), path="avx2"), want)
+    for path in ("avx2", "float"):
+        assert torch.equal(int_mm_scaled(a, b, bits_a=16, bits_b=8, col_scale=torch.tensor(0.25), path=path), want)
+    a = torch.randint(-127, 128, (3, 3001), generator=g, dtype=torch.int8)  # float path: K in float32 chunks
+    b = torch.randint(-127, 128, (3001, 2), generator=g, dtype=torch.int8)
+    want = reference_mm(a, b).to(torch.float32)
+    assert torch.equal(int_mm_scaled(a, b, bits_a=8, bits_b=8, path="float"), want)
     k = 140_000
     a, b = torch.full((2, k), 127, dtype=torch.int8), torch.full((k, 3), 127, dtype=torch.int8)
     got = int_mm_scaled(a, b, bits_a=8, bits_b=8, path="avx2")
@@ -143,19 +149,26 @@ def test_int_linear_is_identical_with_and_without_the_fused_ops(monkeypatch, bit
 
 
 @needs_kernel
-def test_layer_norm_and_embedding_are_identical_with_and_without_the_fused_ops(monkeypatch):
-    spec = TensorSpec(8, 8, 8)
+@pytest.mark.parametrize(("bits", "width", "with_bias", "quantizer"), [
+    (8, 24, True, "dfp"), (8, 37, False, "symmetric"), (16, 13, True, "dfp"), (4, 385, True, "symmetric")])
+def test_layer_norm_and_embedding_are_identical_with_and_without_the_fused_ops(monkeypatch, bits, width, with_bias,
+                                                                               quantizer):
+    """The layer norm's fused forward (exact sums, then double maths in torch's order) and quantized gradient, and
+    the embedding's gradient: forced avx2 against forced reference, odd widths, int8 and int16 codes."""
+    spec = TensorSpec(bits, bits, bits, quantizer=quantizer)
     results = {}
     for kernel in ("avx2", "reference"):
         monkeypatch.setenv(kernels.KERNEL_ENV, kernel)
-        g = _gen(11)
-        x = torch.randn(5, 7, 24, generator=g, requires_grad=True)
-        gain, shift = torch.rand(24, generator=g, requires_grad=True), torch.randn(24, generator=g, requires_grad=True)
-        table = torch.randn(50, 24, generator=g, requires_grad=True)
+        g = _gen(width)
+        x = (torch.randn(5, 7, width, generator=g) * 3 + 1).requires_grad_()
+        gain = torch.rand(width, generator=g).requires_grad_()
+        shift = torch.randn(width, generator=g).requires_grad_() if with_bias else None
+        table = torch.randn(50, width, generator=g, requires_grad=True)
         ids = torch.randint(0, 50, (5, 7), generator=g)
         y = IntLayerNormFunction.apply(x, gain, shift, spec, _gen(12), 1e-12)
         z = IntEmbeddingFunction.apply(ids, table, spec, _gen(13), 0, None)
         (y * torch.randn(y.shape, generator=g)).sum().add((z * torch.randn(z.shape, generator=g)).sum()).backward()
-        results[kernel] = (y.detach(), z.detach(), x.grad, gain.grad, shift.grad, table.grad)
+        results[kernel] = (y.detach(), z.detach(), x.grad, gain.grad, table.grad,
+                           shift.grad if with_bias else x.grad)
     for got, want in zip(results["avx2"], results["reference"]):
         assert torch.equal(got, want)

@@ -25,6 +25,7 @@
 #include <cstdint>
 #include <cstring>
 #include <optional>
+#include <tuple>
 #include <vector>
 
 namespace {
@@ -500,6 +501,66 @@ at::Tensor quantize_codes(const at::Tensor& x, const at::Tensor& scale, int64_t 
   return out;
 }
 
+// The integer layer norm's forward after its quantization (qanalyze.engine.functions.IntLayerNormFunction), row by
+// row: exact int64 sums of q and q^2, then in double, in torch's order of operations, mean = sum1 / w,
+// var = (sum2 / w - mean * mean) * (s * s), rstd = 1 / sqrt(var + eps), xhat = float(((q - mean) * s) * rstd),
+// y = xhat * gamma (+ bias) in float32. Returns (xhat, y, float32 rstd (rows, 1)).
+template <typename Code>
+void layer_norm_rows(const Code* q, const float* scale, const float* gamma, const float* bias, double eps,
+                     int64_t width, int64_t begin, int64_t end, float* xhat, float* y, float* rstd_out) {
+  for (int64_t r = begin; r < end; ++r) {
+    const Code* row = q + r * width;
+    int64_t sum1 = 0, sum2 = 0;
+    for (int64_t j = 0; j < width; ++j) {
+      const int64_t v = row[j];
+      sum1 += v;
+      sum2 += v * v;
+    }
+    const double w = static_cast<double>(width), s = static_cast<double>(scale[r]);
+    const double mean = static_cast<double>(sum1) / w;
+    const double var = (static_cast<double>(sum2) / w - mean * mean) * (s * s);
+    const double rstd = 1.0 / std::sqrt(var + eps);
+    rstd_out[r] = static_cast<float>(rstd);
+    float* xr = xhat + r * width;
+    float* yr = y + r * width;
+    for (int64_t j = 0; j < width; ++j) {
+      const float h = static_cast<float>(((static_cast<double>(row[j]) - mean) * s) * rstd);
+      xr[j] = h;
+      const float t = h * gamma[j];
+      yr[j] = bias ? t + bias[j] : t;
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_codes(const at::Tensor& q, const at::Tensor& scale,
+                                                                const at::Tensor& gamma,
+                                                                const std::optional<at::Tensor>& bias, double eps) {
+  TORCH_CHECK(q.dim() == 2 && q.is_contiguous() && (q.dtype() == at::kChar || q.dtype() == at::kShort),
+              "layer_norm_codes needs contiguous int8 or int16 codes (rows, width)");
+  const int64_t rows = q.size(0), width = q.size(1);
+  auto vector = [](const at::Tensor& v, int64_t size) {
+    return v.dtype() == at::kFloat && v.dim() == 1 && v.size(0) == size && v.is_contiguous();
+  };
+  TORCH_CHECK(vector(scale, rows) && vector(gamma, width) && (!bias.has_value() || vector(*bias, width)),
+              "layer_norm_codes: scale (rows), gamma and bias (width) must be contiguous float32 vectors");
+  at::Tensor xhat = at::empty({rows, width}, q.options().dtype(at::kFloat));
+  at::Tensor y = at::empty({rows, width}, xhat.options());
+  at::Tensor rstd = at::empty({rows, 1}, xhat.options());
+  const float* sp = scale.data_ptr<float>();
+  const float* gp = gamma.data_ptr<float>();
+  const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+  float *hp = xhat.data_ptr<float>(), *yp = y.data_ptr<float>(), *rp = rstd.data_ptr<float>();
+  at::parallel_for(0, rows, std::max<int64_t>(1, QUANTIZE_GRAIN / std::max<int64_t>(width, 1)),
+                   [&](int64_t begin, int64_t end) {
+    if (q.dtype() == at::kChar) {
+      layer_norm_rows(q.data_ptr<int8_t>(), sp, gp, bp, eps, width, begin, end, hp, yp, rp);
+    } else {
+      layer_norm_rows(q.data_ptr<int16_t>(), sp, gp, bp, eps, width, begin, end, hp, yp, rp);
+    }
+  });
+  return {xhat, y, rstd};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(qanalyze_avx2, m) {
@@ -507,10 +568,12 @@ TORCH_LIBRARY(qanalyze_avx2, m) {
   m.def("int8_mm_u4(Tensor a, Tensor b) -> Tensor");
   m.def("int8_mm_scaled(Tensor a, Tensor b, Tensor? row_scale, Tensor? col_scale, Tensor? bias) -> Tensor");
   m.def("quantize_codes(Tensor x, Tensor scale, int qmax, Tensor? levels) -> Tensor");
+  m.def("layer_norm_codes(Tensor q, Tensor scale, Tensor gamma, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor)");
 }
 TORCH_LIBRARY_IMPL(qanalyze_avx2, CPU, m) {
   m.impl("int8_mm", &avx2_int8_mm);
   m.impl("int8_mm_u4", &avx2_int8_mm_u4);
   m.impl("int8_mm_scaled", &avx2_int8_mm_scaled);
   m.impl("quantize_codes", &quantize_codes);
+  m.impl("layer_norm_codes", &layer_norm_codes);
 }
