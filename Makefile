@@ -33,8 +33,10 @@ browser:
 		  { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq chromium >/dev/null 2>&1; }; }; } || \
 		echo "chromium could not be installed: the browser test will be skipped"
 
+# Two workers (pytest-xdist), one thread each (tests/conftest.py), a test file to a worker: the suite's
+# processes and single-threaded stretches leave a core idle when run one test at a time.
 test: lint browser
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadfile
 
 # The main job end to end at small scale on the packaged model and real GLUE data: fine-tune, analyze, plan 4 bits
 # with baselines, integer training that follows the plan, evaluate, report; each stage's seconds printed at the end

@@ -4,6 +4,7 @@ use the real MiniLM tokenizer."""
 from __future__ import annotations
 
 import importlib.resources
+import os
 import sys
 from pathlib import Path
 
@@ -16,6 +17,13 @@ WIKITEXT = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "wik
 
 # the CLI tests share `cli_helpers` (tests are not a package under --import-mode=importlib)
 sys.path.insert(0, str(Path(__file__).parent))
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs one worker per core (pytest-xdist): one thread each, or two workers' OpenMP teams would
+    # fight over the cores; the processes the tests start inherit it
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("QANALYZE_THREADS", "1")
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 
 def rank_env(**extra: str) -> dict[str, str]:
@@ -34,3 +35,38 @@ def two_ranks(*argv: str) -> list[subprocess.CompletedProcess]:
         out, err = proc.communicate(timeout=180)
         done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
     return done
+
+
+VENV_BIN = Path(sys.executable).parent
+
+
+def one_process(*args: object) -> subprocess.CompletedProcess:
+    """``python -m qanalyze ARGS`` in one process with `rank_env`."""
+    return subprocess.run([sys.executable, "-m", "qanalyze", *map(str, args)], env=rank_env(), capture_output=True,
+                          text=True, timeout=300)
+
+
+def torchrun(*args: object) -> subprocess.CompletedProcess:
+    """``torchrun --nproc-per-node 2 -m qanalyze ARGS`` with `rank_env` on a free port."""
+    return subprocess.run([str(VENV_BIN / "torchrun"), "--nproc-per-node", "2", "--master-port", str(free_port()),
+                           "-m", "qanalyze", *map(str, args)], env=rank_env(), capture_output=True, text=True,
+                          timeout=300)
+
+
+def messages(err: str) -> list[str]:
+    """The lines qanalyze itself wrote to stderr (the environment's import-time warnings are not ours)."""
+    return [line for line in err.splitlines() if line.startswith(("error:", "internal error:"))]
+
+
+def largest_difference(a: object, b: object, where: str = "") -> float:
+    """The largest relative difference of the numbers of two JSON values, which must match in structure."""
+    if isinstance(a, dict):
+        assert set(a) == set(b), (where, set(a) ^ set(b))
+        return max((largest_difference(a[k], b[k], f"{where}.{k}") for k in a), default=0.0)
+    if isinstance(a, list):
+        assert len(a) == len(b), where
+        return max((largest_difference(x, y, f"{where}[{i}]") for i, (x, y) in enumerate(zip(a, b))), default=0.0)
+    if isinstance(a, float):
+        return abs(a - b) / max(abs(a), abs(b), 1e-30)
+    assert a == b, (where, a, b)
+    return 0.0
