@@ -4,6 +4,9 @@ bit for bit) and the wall times are printed side by side.
 
     .venv/bin/python benchmarks/distributed_smollm2.py --windows 8 --json runs/distributed_smollm2.json
     .venv/bin/python benchmarks/distributed_smollm2.py --model /tmp/tiny-llama --seq-len 32   # a quick check
+    # Lanczos eigenvalues: 3 windows on 2 ranks, so the last window's per-module runs are split over the ranks
+    .venv/bin/python benchmarks/distributed_smollm2.py --windows 3 --seq-len 128 --metrics eig \
+        --modules 'layers[.]0[.]' --no-quantize --tolerance 1e-3   # Lanczos stops at --eig-tol 1e-3
 
 On a 2-core machine the point is correctness and the path to many machines, not speed: two ranks hold two
 copies of the model and split the same two cores. Each run is a subprocess (`python -m qanalyze` or `torchrun
@@ -39,7 +42,9 @@ def _worst_relative(a: object, b: object) -> float:
     if isinstance(a, dict):
         if set(a) != set(b):
             return float("inf")
-        return max((_worst_relative(a[k], b[k]) for k in a), default=0.0)
+        # a Lanczos residual bound moves with the float summation order of 1 against 2 threads far more than
+        # the eigenvalue it bounds (1.5 % against 1e-4 on a tiny LLaMA): the values are compared, not the bounds
+        return max((_worst_relative(a[k], b[k]) for k in a if k != "stderr"), default=0.0)
     if isinstance(a, list):
         if len(a) != len(b):
             return float("inf")
@@ -65,6 +70,9 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--plan", default="uniform:4:g32", help="quantize --plan")
     parser.add_argument("--tolerance", type=float, default=1e-4, help="relative, for sensitivity.json")
+    parser.add_argument("--metrics", default=None, help="analyze --metrics (default: the LM defaults)")
+    parser.add_argument("--modules", default=None, help="analyze --modules")
+    parser.add_argument("--no-quantize", action="store_true", help="time the analysis only")
     parser.add_argument("--json", default=None, help="write the figures to this file")
     args = parser.parse_args()
 
@@ -75,24 +83,29 @@ def main() -> None:
     figures: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as folder:
         out = Path(folder)
-        analyze = ["analyze", args.model, *data, "--batches", str(args.windows), "--batch-size", "1"]
+        analyze = ["analyze", args.model, *data, "--batches", str(args.windows), "--batch-size", "1",
+                   *(["--metrics", args.metrics] if args.metrics else []),
+                   *(["--modules", args.modules] if args.modules else [])]
         figures["analyze"] = {"1 rank x 2 threads": _run(one_process + analyze + ["--out", str(out / "a1.json")], 2),
                               "2 ranks x 1 thread": _run(two_ranks + analyze + ["--out", str(out / "a2.json")], 1)}
         a1, a2 = (json.loads((out / name).read_text()) for name in ("a1.json", "a2.json"))
         worst = _worst_relative(a1["modules"], a2["modules"])
         figures["analyze"]["worst relative difference"] = worst
-        quantize = ["quantize", args.model, "--plan", args.plan, "--method", "gptq", *data, "--calib-windows",
-                    str(args.windows), "--calib-batch", "1"]
-        figures["quantize"] = {"1 rank x 2 threads": _run(one_process + quantize + ["--out", str(out / "q1")], 2),
-                               "2 ranks x 1 thread": _run(two_ranks + quantize + ["--out", str(out / "q2")], 1)}
-        same = _same_codes(out / "q1", out / "q2")
-        figures["quantize"]["same codes"] = float(same)
+        same = True
+        if not args.no_quantize:
+            quantize = ["quantize", args.model, "--plan", args.plan, "--method", "gptq", *data, "--calib-windows",
+                        str(args.windows), "--calib-batch", "1"]
+            figures["quantize"] = {"1 rank x 2 threads": _run(one_process + quantize + ["--out", str(out / "q1")], 2),
+                                   "2 ranks x 1 thread": _run(two_ranks + quantize + ["--out", str(out / "q2")], 1)}
+            same = _same_codes(out / "q1", out / "q2")
+            figures["quantize"]["same codes"] = float(same)
     print(f"{args.model}, {args.windows} windows of {args.seq_len} tokens (wall seconds)")
     print(f"{'command':<10} {'1 rank x 2 threads':>20} {'2 ranks x 1 thread':>20}  agreement")
     print(f"{'analyze':<10} {figures['analyze']['1 rank x 2 threads']:>20.1f} "
           f"{figures['analyze']['2 ranks x 1 thread']:>20.1f}  worst relative difference {worst:.2e}")
-    print(f"{'quantize':<10} {figures['quantize']['1 rank x 2 threads']:>20.1f} "
-          f"{figures['quantize']['2 ranks x 1 thread']:>20.1f}  GPTQ codes {'identical' if same else 'DIFFER'}")
+    if "quantize" in figures:
+        print(f"{'quantize':<10} {figures['quantize']['1 rank x 2 threads']:>20.1f} "
+              f"{figures['quantize']['2 ranks x 1 thread']:>20.1f}  GPTQ codes {'identical' if same else 'DIFFER'}")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(figures, indent=2))
