@@ -97,7 +97,9 @@ def _leave() -> None:
             dist.destroy_process_group()
 
 
-def _store() -> Any:
+def launcher_store() -> Any:
+    """The launcher's key-value store that the process group was joined through (where failures are published);
+    None when not distributed or when this torch does not expose it."""
     import torch.distributed as dist
 
     if not dist.is_initialized():
@@ -157,7 +159,7 @@ def shared_failures() -> Iterator[None]:
         yield
     except BaseException as exc:
         _armed = False
-        store = _store()
+        store = launcher_store()
         if store is None:
             raise
         # Our own named errors and interrupts are causes; anything else (a broken collective, the launcher's

@@ -177,7 +177,7 @@ def load_model(spec: str, *, num_labels: int | None = None, eager_attention: boo
             folder = str(converted_folder(Path(source.location), weights_hash))
     with _quiet_transformers(hide_progress=offline), _as_input_errors(source):
         config = transformers.AutoConfig.from_pretrained(folder, local_files_only=offline)
-        config_hash = _config_hash(source, folder)
+        config_hash = hash_config(source, folder)
         if num_labels is not None:
             _set_head(config, num_labels, source)
         auto = _auto_class(config, num_labels)
@@ -190,10 +190,10 @@ def load_model(spec: str, *, num_labels: int | None = None, eager_attention: boo
         )
         _check_loaded_weights(info, source)
         tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=offline)
-    _prepare_tokenizer(tokenizer, model, source)
+    prepare_tokenizer(tokenizer, model, source)
     model.eval()
     if source.kind in ("local", "alias"):
-        weights_hash = _weights_hash(Path(source.location))
+        weights_hash = hash_weights(Path(source.location))
     identity = {
         "source": recorded_source(spec),
         "location": source.location,
@@ -258,7 +258,9 @@ def _check_loaded_weights(info: dict[str, Any], source: ModelSource) -> None:
         )
 
 
-def _prepare_tokenizer(tokenizer: Any, model: torch.nn.Module, source: ModelSource) -> None:
+def prepare_tokenizer(tokenizer: Any, model: torch.nn.Module, source: ModelSource) -> None:
+    """Make ``tokenizer`` usable with ``model`` as `load_model` does (refuses a folder without tokenizer files,
+    sets a padding token)."""
     # transformers 5 builds a tokenizer of special tokens only when a folder has no tokenizer
     # files, instead of failing; every word would then become [UNK].
     if len(tokenizer) <= len(set(tokenizer.all_special_ids)):
@@ -328,7 +330,8 @@ def _first_line(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
-def _config_hash(source: ModelSource, folder: str) -> str:
+def hash_config(source: ModelSource, folder: str) -> str:
+    """The sha256 of the model's config.json in canonical JSON (``config_hash`` of a model's identity)."""
     if source.kind == "hub":
         # AutoConfig has fetched it already; this reads the cached copy.
         path = transformers.utils.cached_file(source.location, "config.json")
@@ -342,7 +345,8 @@ def _config_hash(source: ModelSource, folder: str) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
-def _weights_hash(folder: Path) -> str:
+def hash_weights(folder: Path) -> str:
+    """The sha256 of the weight files of ``folder`` (``weights_hash`` of a model's identity)."""
     digest = hashlib.sha256()
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.name.endswith(_WEIGHT_SUFFIXES))
     for path in files:

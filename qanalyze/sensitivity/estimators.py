@@ -224,16 +224,16 @@ def hutchinson_traces(
     samples = torch.zeros(max_probes, len(names), dtype=torch.float64, device=op.device)
     probes, met = 0, torch.zeros(len(names), dtype=torch.bool)
     for probes in range(1, max_probes + 1):
-        v = _split(op, _rademacher(op, generator))
+        v = _split(op, rademacher(op, generator))
         hv = op(v)
         per_param = torch.stack([torch.dot(a.reshape(-1), b.reshape(-1)) for a, b in zip(v, hv)])
         samples[probes - 1] = membership @ per_param.to(torch.float64)
         if probes >= min_probes:
-            met = _precise_enough(samples[:probes], rel_tol, abs_tol)
+            met = precise_enough(samples[:probes], rel_tol, abs_tol)
             # One host sync per probe: the stopping test needs it.
             if bool(met.all()):
                 break
-    mean, stderr = _mean_stderr(samples[:probes])
+    mean, stderr = mean_stderr(samples[:probes])
     return {
         name: Estimate(value=value, stderr=error, iterations=probes, converged=ok)
         for name, value, error, ok in zip(names, mean.tolist(), stderr.tolist(), met.tolist())
@@ -252,7 +252,7 @@ def slq_density(op: HVP, *, generator: torch.Generator, probes: int = 1, steps: 
     _check_count("steps", steps)
     nodes, weights = [], []
     for _ in range(probes):
-        tri = deque(_lanczos_steps(op, _rademacher(op, generator), steps), maxlen=1)[0]
+        tri = deque(_lanczos_steps(op, rademacher(op, generator), steps), maxlen=1)[0]
         theta, vectors = tri.eigh()
         nodes.append(theta.tolist())
         weights.append((vectors[0] ** 2).tolist())
@@ -398,7 +398,8 @@ def _gaussian(op: HVP, generator: torch.Generator) -> Tensor:
     return draw.to(op.device)
 
 
-def _rademacher(op: HVP, generator: torch.Generator) -> Tensor:
+def rademacher(op: HVP, generator: torch.Generator) -> Tensor:
+    """A flat vector of ±1 over ``op``'s parameters (``op.numel``, ``op.dtype``, ``op.device``) from ``generator``."""
     # Eight signs from each random byte, sixty-four per generator call: one draw per sign took a fifth
     # of a probe's time on minilm-l6 (22.7M weights), more than every dot product of the probe together.
     device = generator.device
@@ -422,14 +423,17 @@ def _deflate(v: Tensor, found: Sequence[Tensor]) -> Tensor:
     return v
 
 
-def _mean_stderr(samples: Tensor) -> tuple[Tensor, Tensor]:
+def mean_stderr(samples: Tensor) -> tuple[Tensor, Tensor]:
+    """The mean over the first dimension of ``samples`` and its standard error."""
     mean = samples.mean(dim=0)
     stderr = samples.std(dim=0, correction=1) / math.sqrt(samples.shape[0])
     return mean, stderr
 
 
-def _precise_enough(samples: Tensor, rel_tol: float, abs_tol: float) -> Tensor:
-    mean, stderr = _mean_stderr(samples)
+def precise_enough(samples: Tensor, rel_tol: float, abs_tol: float) -> Tensor:
+    """Per column of ``samples``: whether the standard error of the mean is within ``rel_tol`` of its size or
+    under ``abs_tol``."""
+    mean, stderr = mean_stderr(samples)
     size = mean.abs()
     floor = torch.clamp(NEGLIGIBLE_TRACE * size.max(), min=abs_tol / rel_tol)
     return (stderr <= rel_tol * torch.maximum(size, floor)).cpu()

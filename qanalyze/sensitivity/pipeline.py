@@ -34,7 +34,7 @@ from torch import Tensor
 
 from qanalyze.distributed import all_reduce_sum, gather_objects, keyed_generator
 from qanalyze.errors import ConfigError, NonFiniteError
-from qanalyze.sensitivity.estimators import Estimate, _mean_stderr, _precise_enough, _rademacher
+from qanalyze.sensitivity.estimators import Estimate, mean_stderr, precise_enough, rademacher
 from qanalyze.sensitivity.stages import EMBEDDING, Stage
 
 PROBE_STREAM = "pipeline-probe"
@@ -45,7 +45,7 @@ _FORWARD, _BACKWARD, _TIED = 1, 2, 3  # message tags
 
 @dataclass(frozen=True)
 class _Flat:
-    """What `_rademacher` reads of a block: its size, dtype and device."""
+    """What `rademacher` reads of a block: its size, dtype and device."""
 
     numel: int
     dtype: torch.dtype
@@ -59,7 +59,7 @@ def draw_probe(shapes: Mapping[str, torch.Size], *, seed: int, batch: int, probe
     parts = {}
     for name, shape in shapes.items():
         generator = keyed_generator(seed, PROBE_STREAM, batch, probe, name)
-        flat = _rademacher(_Flat(shape.numel(), dtype, torch.device("cpu")), generator)
+        flat = rademacher(_Flat(shape.numel(), dtype, torch.device("cpu")), generator)
         parts[name] = flat.view(shape)
     return parts
 
@@ -228,10 +228,10 @@ def pipelined_traces(op: PipelinedHVP, *, seed: int, batch: int, max_probes: int
             row[position[name]] = torch.dot(v[name].reshape(-1), product.reshape(-1)).double()
         samples[probes - 1] = all_reduce_sum(row)
         if probes >= min_probes:
-            met = _precise_enough(samples[:probes], rel_tol, 0.0)
+            met = precise_enough(samples[:probes], rel_tol, 0.0)
             if bool(met.all()):
                 break
-    mean, stderr = _mean_stderr(samples[:probes])
+    mean, stderr = mean_stderr(samples[:probes])
     return {name: Estimate(value=value, stderr=error, iterations=probes, converged=ok)
             for name, value, error, ok in zip(names, mean.tolist(), stderr.tolist(), met.tolist())}
 

@@ -115,18 +115,18 @@ def _loaded(spec: str, source: ModelSource, folder: Path, weights_hash: str, sta
     """The stage as a `LoadedModel` with the identity `qanalyze.models.load_model` gives the whole model."""
     from transformers import AutoTokenizer
 
-    from qanalyze.models import _config_hash, _prepare_tokenizer, _weights_hash
+    from qanalyze.models import hash_config, hash_weights, prepare_tokenizer
     from qanalyze.records import recorded_source
 
     tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     if stage.split.first:  # the tokenizer's size is checked against the embedding rows where they are
-        _prepare_tokenizer(tokenizer, stage.model, source)
+        prepare_tokenizer(tokenizer, stage.model, source)
     elif tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if not weights_hash:  # a folder's files, hashed by rank 0 alone
-        weights_hash = gather_objects(_weights_hash(folder) if world().is_main else "")[0]
+        weights_hash = gather_objects(hash_weights(folder) if world().is_main else "")[0]
     identity = {"source": recorded_source(spec), "location": source.location,
-                "config_hash": _config_hash(source, str(folder)), "weights_hash": weights_hash,
+                "config_hash": hash_config(source, str(folder)), "weights_hash": weights_hash,
                 **({"converted": str(folder)} if str(folder) != source.location else {})}
     return LoadedModel(model=stage.model, tokenizer=tokenizer, source=source, identity=identity)
 

@@ -101,9 +101,9 @@ def spread(jobs: Sequence[Callable[[], R]], costs: Callable[[], Sequence[float]]
 def _wait_for_ranks(number: int) -> None:
     """Return once every rank has finished its share of spread ``number``; RuntimeError naming another rank's
     failure as soon as it is published. Without the store the gather's collective waits instead."""
-    from qanalyze.launch import FAILURE_KEY, _store
+    from qanalyze.launch import FAILURE_KEY, launcher_store
 
-    store = _store()
+    store = launcher_store()
     if store is None:
         return
     here = world()

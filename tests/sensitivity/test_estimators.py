@@ -309,10 +309,10 @@ def test_bad_settings_are_config_errors(setup):
 
 
 def test_rademacher_probes_are_fair_independent_signs(setup):
-    from qanalyze.sensitivity.estimators import _rademacher
+    from qanalyze.sensitivity.estimators import rademacher
 
     op = op_for(setup, CLASSIFIER)
-    draws = torch.stack([_rademacher(op, seeded(s)) for s in range(200)])
+    draws = torch.stack([rademacher(op, seeded(s)) for s in range(200)])
     assert draws.shape == (200, op.numel) and draws.dtype == op.dtype
     assert set(draws.unique().tolist()) == {-1.0, 1.0}
     # each coordinate is a fair sign: mean 0 with standard error 1/sqrt(200) per coordinate
