@@ -18,10 +18,11 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from qanalyze.quant.ggml import GGML_TYPES, GGMLType, is_ggml_layout
+from qanalyze.quant.ggml_names import is_ggml_layout
 
 if TYPE_CHECKING:
     from qanalyze.export.layouts import ModuleLayout
+    from qanalyze.quant.ggml import GGMLType
     from qanalyze.quant.targets import Target
 
 EXACT: dict[tuple[int, bool], str] = {(4, True): "Q4_0", (5, True): "Q5_0", (8, True): "Q8_0",
@@ -52,6 +53,8 @@ def exact_ggml(layout: ModuleLayout, target: Target, *, fixed_codes: bool) -> Mo
     name = EXACT.get((layout.bits, layout.symmetric)) if layout.group_size == EXACT_GROUP else None
     if name is None or (fixed_codes and name not in SAME_CODES):
         return None
+    from qanalyze.quant.ggml import GGML_TYPES  # torch: the export registry is read by --help
+
     kind = GGML_TYPES[name]
     return as_ggml(layout, kind) if target.allows(kind.bits, name) and kind.fits(layout.shape[1]) else None
 
@@ -67,6 +70,8 @@ def at_least_as_precise(kind: GGMLType, layout: ModuleLayout) -> bool:
 def snap_ggml(layout: ModuleLayout, target: Target) -> ModuleLayout | None:
     """The cheapest type ``target`` lists that is at least as precise as ``layout`` and fits its rows; None when
     there is none."""
+    from qanalyze.quant.ggml import GGML_TYPES
+
     fitting = [GGML_TYPES[name] for bits, name in sorted(target.formats or ())
                if at_least_as_precise(GGML_TYPES[name], layout) and GGML_TYPES[name].fits(layout.shape[1])]
     return as_ggml(layout, min(fitting, key=lambda kind: (kind.bits_per_weight, kind.name))) if fitting else None

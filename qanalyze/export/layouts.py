@@ -21,7 +21,6 @@ from dataclasses import dataclass, replace
 from qanalyze.errors import ConfigError
 from qanalyze.export.ggml_layouts import exact_ggml, is_ggml_target, snap_ggml
 from qanalyze.quant.columns import ColumnSpec, column_group_name, parse_column_layout, storage_bits
-from qanalyze.quant.ggml import get_ggml_type
 from qanalyze.quant.targets import Target, get_target
 
 SNAP_CHOICES = ("none", "up")
@@ -64,6 +63,8 @@ class ModuleLayout:
         """Bits of codes, float16 scales and zero points (`qanalyze.quant.columns.storage_bits`), or the GGML
         type's exact bytes."""
         if self.ggml is not None:
+            from qanalyze.quant.ggml import get_ggml_type  # torch: the export registry is read by --help
+
             return get_ggml_type(self.ggml).storage_bits(*self.shape)
         return storage_bits(*self.shape, self.spec)
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from qanalyze.errors import ConfigError, InputError, RecordError
 from qanalyze.export.layouts import ModuleLayout, layout_from_entry
-from qanalyze.quant.ggml import is_ggml_layout
+from qanalyze.quant.ggml_names import is_ggml_layout
 
 if TYPE_CHECKING:
     import torch

@@ -36,6 +36,7 @@ import torch
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from qanalyze.errors import ConfigError
+from qanalyze.quant.ggml_names import GGML_BITS, is_ggml_layout
 
 Quantizer = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
 """``blocks (n, row_multiple) float32 -> (codes (n, row_multiple), scale (n, blocks), bias (n, blocks) or None)``."""
@@ -206,24 +207,23 @@ def _k_symmetric(half_range: int, scale_half_range: int) -> Quantizer:
     return quantize
 
 
+def _type(name: str, block: int, quantizer: Quantizer, minimum: bool) -> GGMLType:
+    return GGMLType(name, GGML_BITS[name], block, quantizer, minimum)
+
+
 GGML_TYPES: dict[str, GGMLType] = {t.name: t for t in (
-    GGMLType("Q2_K", 2, 16, _k_asymmetric(16, 3, 15), True),
-    GGMLType("Q3_K", 3, 16, _k_symmetric(4, 32), False),
-    GGMLType("Q4_0", 4, 32, _legacy_symmetric(8), False),
-    GGMLType("Q4_1", 4, 32, _legacy_asymmetric(15), True),
-    GGMLType("Q4_K", 4, 32, _k_asymmetric(32, 15, 63), True),
-    GGMLType("Q5_0", 5, 32, _legacy_symmetric(16), False),
-    GGMLType("Q5_1", 5, 32, _legacy_asymmetric(31), True),
-    GGMLType("Q5_K", 5, 32, _k_asymmetric(32, 31, 63), True),
-    GGMLType("Q6_K", 6, 16, _k_symmetric(32, 128), False),
-    GGMLType("Q8_0", 8, 32, _q8_0, False),
+    _type("Q2_K", 16, _k_asymmetric(16, 3, 15), True),
+    _type("Q3_K", 16, _k_symmetric(4, 32), False),
+    _type("Q4_0", 32, _legacy_symmetric(8), False),
+    _type("Q4_1", 32, _legacy_asymmetric(15), True),
+    _type("Q4_K", 32, _k_asymmetric(32, 15, 63), True),
+    _type("Q5_0", 32, _legacy_symmetric(16), False),
+    _type("Q5_1", 32, _legacy_asymmetric(31), True),
+    _type("Q5_K", 32, _k_asymmetric(32, 31, 63), True),
+    _type("Q6_K", 16, _k_symmetric(32, 128), False),
+    _type("Q8_0", 32, _q8_0, False),
 )}
 """Every GGML weight type qanalyze models, by llama.cpp's name."""
-
-
-def is_ggml_layout(name: object) -> bool:
-    """Whether ``name`` names a GGML type (``"Q4_K"``, any case)."""
-    return isinstance(name, str) and name.upper() in GGML_TYPES
 
 
 def get_ggml_type(name: str) -> GGMLType:

@@ -29,7 +29,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from qanalyze.errors import ConfigError
-from qanalyze.quant.ggml import GGML_TYPES
+from qanalyze.quant.ggml_names import GGML_BITS
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ TARGETS: dict[str, Target] = {
                       {**_grid((4,), ("g32", "g64", "g128"), "Int4WeightOnlyConfig(group_size={layout})"),
                        (8, "row"): "Int8WeightOnlyConfig"}),
     "gguf": Target("gguf", "llama.cpp weight types (legacy blocks of 32, k-quants in super-blocks of 256)",
-                   {(kind.bits, name): name for name, kind in GGML_TYPES.items()}, fuses=False),
+                   {(bits, name): name for name, bits in GGML_BITS.items()}, fuses=False),
     "compressed-tensors": Target("compressed-tensors", "compressed-tensors pack-quantized (vLLM)",
                                  _grid((4, 8), ("g32", "g64", "g128", "row"), "pack-quantized {bits}-bit {layout}")),
 }
