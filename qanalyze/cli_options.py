@@ -321,7 +321,8 @@ analyze_options = option_group(
     click.option("--resume", is_flag=True, help="Continue from OUT.partial, skipping finished work."),
     click.option("--pipeline", is_flag=True,
                  help="Under torchrun, split a LLaMA-style decoder's layers over the ranks, each loading only its "
-                      "own, for a model too big for one process (task lm; metrics weights and trace; no resume)."),
+                      "own, for a model too big for one process (task lm; metrics weights, fisher and trace; no "
+                      "resume)."),
     click.option("--overwrite", is_flag=True, help="Replace OUT if it exists."),
 )
 """Options of `qanalyze analyze`; the defaults are `AnalyzeConfig`'s (a test holds them equal)."""

@@ -21,6 +21,9 @@ is the exact sum of both uses. Probe parts come from generators keyed by (seed, 
 `pipelined_traces` is `qanalyze.sensitivity.estimators.hutchinson_traces` on these products: the sample of
 module m is v_mᵀ(H v)_m, summed into one vector over the ranks per probe so that every rank applies the same
 stopping rule (`qanalyze.sensitivity.pipelined_analysis` runs it as the ``analyze`` verb's traces).
+
+`forward_sweep`, `agreed_loss`, `backward_sweep` and `sum_tied_table` are the steps of a batch's sweeps, shared
+with the Fisher passes (`qanalyze.sensitivity.pipeline_fisher`).
 """
 
 from __future__ import annotations
@@ -40,7 +43,8 @@ from qanalyze.sensitivity.stages import EMBEDDING, Stage
 PROBE_STREAM = "pipeline-probe"
 """The name in every probe generator's key (`draw_probe`)."""
 
-_FORWARD, _BACKWARD, _TIED = 1, 2, 3  # message tags
+FORWARD, BACKWARD, TIED = 1, 2, 3
+"""Message tags: activations and tangents sent on, gradients sent back, a tied head's part sent to rank 0."""
 
 
 @dataclass(frozen=True)
@@ -64,20 +68,66 @@ def draw_probe(shapes: Mapping[str, torch.Size], *, seed: int, batch: int, probe
     return parts
 
 
-def _send(tensor: Tensor, to: int, tag: int) -> None:
-    """Send ``tensor`` to rank ``to`` (gloo point-to-point)."""
+def send(tensor: Tensor, to: int, tag: int) -> None:
+    """Send ``tensor`` (detached) to rank ``to`` (gloo point-to-point)."""
     import torch.distributed as dist
 
     dist.send(tensor.detach().contiguous(), dst=to, tag=tag)
 
 
-def _recv(shape: torch.Size, source: int, tag: int) -> Tensor:
-    """A float32 tensor of ``shape`` from rank ``source``."""
+def receive(shape: torch.Size, source: int, tag: int) -> Tensor:
+    """A float32 tensor of ``shape`` from rank ``source`` (what its `send` with ``tag`` sent)."""
     import torch.distributed as dist
 
     buffer = torch.empty(shape, dtype=torch.float32)
     dist.recv(buffer, src=source, tag=tag)
     return buffer
+
+
+def stage_params(stage: Stage, modules: Sequence[str] | None = None) -> dict[str, Tensor]:
+    """Module name -> weight of each of ``modules`` (whole-model names; default: every quantizable module) whose
+    weight this stage holds (`Stage.weights`, a tied head's copy of the table included), in model order."""
+    weights = stage.weights()
+    chosen = list(weights) if modules is None else [name for name in modules if name in weights]
+    return {name: weights[name] for name in chosen}
+
+
+def forward_sweep(stage: Stage, input_ids: Tensor) -> tuple[Tensor | None, Tensor]:
+    """This rank's part of a forward sweep on ``input_ids`` (one window): the activation received from the
+    previous rank (None on rank 0; it requires grad) and this stage's last layer's output, sent on to the next
+    rank unless this is the last. Run it under `differentiable`."""
+    split = stage.split
+    shape = torch.Size((*input_ids.shape, stage.config.hidden_size))
+    hidden = None if split.first else receive(shape, split.rank - 1, FORWARD).requires_grad_()
+    output = stage.layers(stage.embed(input_ids) if split.first else hidden)
+    if not split.last:
+        send(output, split.rank + 1, FORWARD)
+    return hidden, output
+
+
+def agreed_loss(stage: Stage, loss: Tensor, where: str) -> float:
+    """The last rank's ``loss`` on every rank (the other ranks' ``loss`` is ignored); NonFiniteError on every
+    rank when it is NaN or infinite, so that no rank waits for a sweep another has left."""
+    value = float(all_reduce_sum(torch.tensor([float(loss.detach()) if stage.split.last else 0.0],
+                                              dtype=torch.float64))[0])
+    if value != value or abs(value) == float("inf"):
+        raise NonFiniteError(f"the loss on {where} is {value}")
+    return value
+
+
+def backward_sweep(stage: Stage, hidden: Tensor | None, output: Tensor, params: Iterable[Tensor], *,
+                   create_graph: bool = False) -> list[Tensor]:
+    """This rank's part of a backward sweep after `forward_sweep`: the gradients of the loss (``output`` on the
+    last rank) by ``hidden`` (first, when not None) and by each of ``params``, from the gradient by ``output``
+    the next rank sends back; the one by ``hidden`` is sent to the previous rank. With ``create_graph`` they keep
+    their graph."""
+    split = stage.split
+    inputs = ([] if hidden is None else [hidden]) + list(params)
+    delta = None if split.last else receive(output.shape, split.rank + 1, BACKWARD)
+    grads = weighted_grads([output], inputs, [delta], create_graph=create_graph)
+    if hidden is not None:
+        send(grads[0], split.rank - 1, BACKWARD)
+    return grads
 
 
 class PipelinedHVP:
@@ -96,15 +146,11 @@ class PipelinedHVP:
         (the next activation, or the loss on the last rank) with their graph, `vjp` (z_k, with its graph), and
         the dummy vector whose VJP `jvp` gives tangents (None on the last rank)."""
         self.stage, self.params, self.loss = stage, dict(params), loss
-        split = stage.split
-        borrowed = stage.tied and split.last and not split.first and EMBEDDING in self.params
-        self.names = [name for name in self.params if not (borrowed and name == EMBEDDING)]
+        self.names = [name for name in self.params if not (stage.lends_table and name == EMBEDDING)]
         self.shapes = {name: p.shape for name, p in self.params.items()}
         self.count = 0
-        self._borrowed = borrowed
         self._hidden, self._output, self._vjp = hidden, output, list(vjp)
         self._dummy, self._jvp = dummy, list(jvp)
-        self._receives_tied = stage.tied and split.first and not split.last and EMBEDDING in self.params
 
     @classmethod
     def build(cls, stage: Stage, batch: Mapping[str, Tensor], modules: Sequence[str] | None = None) -> PipelinedHVP:
@@ -112,32 +158,18 @@ class PipelinedHVP:
         (whole-model module names; default: every quantizable module), of which this rank takes those its stage
         holds. Runs the batch's forward and backward sweeps. NonFiniteError (on every rank) when the loss is NaN
         or infinite."""
-        weights = stage.weights()
-        chosen = list(weights) if modules is None else [name for name in modules if name in weights]
-        params = {name: weights[name] for name in chosen}
-        split = stage.split
-        ids, labels = batch["input_ids"], batch["labels"]
-        shape = torch.Size((*ids.shape, stage.config.hidden_size))
-        with _differentiable(params.values()):
-            hidden = None if split.first else _recv(shape, split.rank - 1, _FORWARD).requires_grad_()
-            output = stage.layers(stage.embed(ids) if split.first else hidden)
-            if split.last:
-                output = stage.head(output, labels)
-            else:
-                _send(output, split.rank + 1, _FORWARD)
-            inputs = ([] if hidden is None else [hidden]) + list(params.values())
-            delta = None if split.last else _recv(shape, split.rank + 1, _BACKWARD)
-            vjp = _grad([output], inputs, [delta], create_graph=True)
-            if hidden is not None:
-                _send(vjp[0], split.rank - 1, _BACKWARD)
+        params = stage_params(stage, modules)
+        with differentiable(params.values()):
+            hidden, output = forward_sweep(stage, batch["input_ids"])
+            if stage.split.last:
+                output = stage.head(output, batch["labels"])
+            loss = agreed_loss(stage, output, "this batch")
+            vjp = backward_sweep(stage, hidden, output, params.values(), create_graph=True)
             dummy, jvp = None, []
-            if not split.last:
+            if not stage.split.last:
+                inputs = ([] if hidden is None else [hidden]) + list(params.values())
                 dummy = torch.zeros_like(output, requires_grad=True)
-                jvp = _grad([output], inputs, [dummy], create_graph=True)
-        loss = float(all_reduce_sum(torch.tensor([float(output.detach()) if split.last else 0.0],
-                                                 dtype=torch.float64))[0])
-        if loss != loss or abs(loss) == float("inf"):
-            raise NonFiniteError(f"the loss on this batch is {loss}")
+                jvp = weighted_grads([output], inputs, [dummy], create_graph=True)
         return cls(stage, params, hidden, output, vjp, dummy, jvp, loss)
 
     def probe(self, *, seed: int, batch: int, probe: int) -> dict[str, Tensor]:
@@ -151,26 +183,22 @@ class PipelinedHVP:
         infinity."""
         split = self.stage.split
         vectors = [v[name].to(torch.float32) for name in self.params]
-        tangent = None if split.first else _recv(self._hidden.shape, split.rank - 1, _FORWARD)
+        tangent = None if split.first else receive(self._hidden.shape, split.rank - 1, FORWARD)
         directions = ([] if tangent is None else [tangent]) + vectors
         if not split.last:
-            _send(_grad(self._jvp, [self._dummy], directions)[0], split.rank + 1, _FORWARD)
+            send(weighted_grads(self._jvp, [self._dummy], directions)[0], split.rank + 1, FORWARD)
         # S_k = h_k·w_k + <z_k, (u_{k-1}, v_k)>: its gradient is (w_{k-1}, (Hv)_k)
         if split.last:
             outputs, weights = self._vjp, directions
         else:
-            adjoint = _recv(self._output.shape, split.rank + 1, _BACKWARD)
+            adjoint = receive(self._output.shape, split.rank + 1, BACKWARD)
             outputs, weights = [self._output, *self._vjp], [adjoint, *directions]
         inputs = ([] if self._hidden is None else [self._hidden]) + list(self.params.values())
-        with _differentiable(self.params.values()):
-            grads = _grad(outputs, inputs, weights)
+        with differentiable(self.params.values()):
+            grads = weighted_grads(outputs, inputs, weights)
         if self._hidden is not None:
-            _send(grads[0], split.rank - 1, _BACKWARD)
-        products = dict(zip(self.params, grads[len(inputs) - len(self.params):]))
-        if self._borrowed:
-            _send(products.pop(EMBEDDING), 0, _TIED)
-        elif self._receives_tied:
-            products[EMBEDDING] = products[EMBEDDING] + _recv(self.shapes[EMBEDDING], split.size - 1, _TIED)
+            send(grads[0], split.rank - 1, BACKWARD)
+        products = sum_tied_table(self.stage, dict(zip(self.params, grads[len(inputs) - len(self.params):])))
         self.count += 1
         bad = next((name for name, h in products.items() if not bool(torch.isfinite(h).all())), None)
         if bad is not None:
@@ -179,8 +207,9 @@ class PipelinedHVP:
 
 
 @contextmanager
-def _differentiable(params: Iterable[Tensor]) -> Iterator[None]:
-    # The stage's weights require grad while a sweep differentiates them; their flags come back afterwards.
+def differentiable(params: Iterable[Tensor]) -> Iterator[None]:
+    """Grad mode on, and ``params`` (a stage's weights) requiring grad while a sweep differentiates them; their
+    flags come back afterwards."""
     flags = [(p, p.requires_grad) for p in params]
     try:
         for p, _ in flags:
@@ -192,9 +221,11 @@ def _differentiable(params: Iterable[Tensor]) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
-def _grad(outputs: Sequence[Tensor], inputs: Sequence[Tensor], weights: Sequence[Tensor | None], *,
-          create_graph: bool = False) -> list[Tensor]:
-    # Terms whose output does not depend on the inputs add nothing (their rows of the product are 0).
+def weighted_grads(outputs: Sequence[Tensor], inputs: Sequence[Tensor], weights: Sequence[Tensor | None], *,
+                   create_graph: bool = False) -> list[Tensor]:
+    """Σ_i weights_iᵀ ∂outputs_i/∂x for each x of ``inputs`` (a None weight: a scalar output's 1), zeros where
+    nothing depends on x; detached unless ``create_graph``. Terms whose output does not depend on the inputs add
+    nothing (their rows of the product are 0)."""
     live = [(o, w) for o, w in zip(outputs, weights) if o.requires_grad]
     if not live:
         return [torch.zeros_like(x) for x in inputs]
@@ -202,6 +233,20 @@ def _grad(outputs: Sequence[Tensor], inputs: Sequence[Tensor], weights: Sequence
                                 retain_graph=True, create_graph=create_graph, allow_unused=True,
                                 materialize_grads=True)
     return list(grads) if create_graph else [g.detach() for g in grads]
+
+
+def sum_tied_table(stage: Stage, parts: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``parts`` (module name -> this rank's tensor of that module's weight: a gradient or a product) with a tied
+    table's two uses summed on rank 0: the last rank sends its head copy's part there and drops it, rank 0 adds
+    it to the table's own, as autograd sums both uses of one shared tensor. Both ranks must hold the table's part
+    (the same module selection on every rank) or neither."""
+    if EMBEDDING not in parts:
+        return parts
+    if stage.lends_table:
+        send(parts.pop(EMBEDDING), 0, TIED)
+    elif stage.receives_table:
+        parts[EMBEDDING] = parts[EMBEDDING] + receive(parts[EMBEDDING].shape, stage.split.size - 1, TIED)
+    return parts
 
 
 def module_order(op: PipelinedHVP) -> list[str]:

@@ -1,10 +1,12 @@
-"""`analyze_pipelined`: the ``analyze`` verb's weight errors and Hutchinson traces for a causal LM split by
-decoder layers over the ranks (`qanalyze.sensitivity.stages`, `qanalyze.sensitivity.pipeline`), so that a
-model too big for one process is analysed by several, each holding one stage.
+"""`analyze_pipelined`: the ``analyze`` verb's weight errors, Fisher scores and Hutchinson traces for a causal
+LM split by decoder layers over the ranks (`qanalyze.sensitivity.stages`, `qanalyze.sensitivity.pipeline`,
+`qanalyze.sensitivity.pipeline_fisher`), so that a model too big for one process is analysed by several, each
+holding one stage.
 
-It writes the sensitivity.json of ``analyze --metrics weights,trace``: the same module entries (identity
-fields, ``weight_error``, ``hessian.trace_per_batch`` and what `summarise` derives), the same model and data
-identity, and under ``model_level["pipeline"]`` the ranks, their layer ranges and parameter bytes.
+It writes the sensitivity.json of ``analyze --metrics`` any of weights, fisher and trace: the same module
+entries (identity fields, ``weight_error``, ``fisher_error``, ``hessian.trace_per_batch`` and what `summarise`
+derives), the same model and data identity, and under ``model_level["pipeline"]`` the ranks, their layer ranges
+and parameter bytes.
 """
 
 from __future__ import annotations
@@ -24,10 +26,11 @@ from qanalyze.records import SensitivityReport
 from qanalyze.sensitivity.analyze import AnalyzeConfig, module_groups, new_report
 from qanalyze.sensitivity.calibration import calibration_batches
 from qanalyze.sensitivity.pipeline import PipelinedHVP, module_order, pipelined_traces
+from qanalyze.sensitivity.pipeline_fisher import pipelined_fisher
 from qanalyze.sensitivity.stages import Stage, load_stage
 from qanalyze.sensitivity.summary import summarise
 
-PIPELINE_METRICS = ("weights", "trace")
+PIPELINE_METRICS = ("weights", "fisher", "trace")
 """What `analyze_pipelined` measures; the other metrics need the whole model in one process."""
 
 Progress = Callable[[str, int, int, str], None]
@@ -36,17 +39,18 @@ Progress = Callable[[str, int, int, str], None]
 
 def analyze_pipelined(model: str | Path, data: TaskData, config: AnalyzeConfig, out: str | Path, *,
                       progress: Progress | None = None) -> SensitivityReport:
-    """Measure the ``weights`` and ``trace`` metrics of ``config`` on task ``lm`` data with ``model`` (what
+    """Measure the ``weights``, ``fisher`` and ``trace`` metrics of ``config`` on task ``lm`` data with ``model`` (what
     `qanalyze.models.load_model` takes, but local: a LLaMA-style causal LM's folder with safetensors files and a
     tokenizer, or a GGUF file or alias, read from its converted folder) split by decoder layers over the
     launcher's ranks (one rank: the whole model). Every rank calls it with the same arguments; rank 0 writes
     ``out`` atomically and every rank returns the same report, whose model identity is `load_model`'s.
 
-    The traces are the normal analysis's one-pass Hutchinson estimates with its stopping rule (`pipelined_traces`)
-    in float32 products, from probes drawn per module (`qanalyze.sensitivity.pipeline.draw_probe`) rather than
-    one stream over the block: equal in distribution, not draw for draw, to one process's ``analyze``. No
-    resume. ConfigError for another metric, engine, precision or task, and for a model `load_stage` cannot
-    split.
+    The Fisher scores are one process's (`pipelined_fisher`: the same sampled labels, gradients and candidate
+    steps, within float32 rounding). The traces are the normal analysis's one-pass Hutchinson estimates with its
+    stopping rule (`pipelined_traces`) in float32 products, from probes drawn per module
+    (`qanalyze.sensitivity.pipeline.draw_probe`) rather than one stream over the block: equal in distribution,
+    not draw for draw, to one process's ``analyze``. No resume. ConfigError for another metric, engine,
+    precision or task, and for a model `load_stage` cannot split.
     """
     report_progress = progress or (lambda *_: None)
     _check(data, config)
@@ -64,6 +68,8 @@ def analyze_pipelined(model: str | Path, data: TaskData, config: AnalyzeConfig, 
     if "weights" in config.metrics:
         _weights(stage, infos, config, report, report_progress)
         report.timings["weights_seconds"] = time.perf_counter() - started
+    if "fisher" in config.metrics:
+        _fisher(stage, infos, batches, config, report, report_progress)
     if "trace" in config.metrics:
         _traces(stage, [info.name for info in infos], batches, config, report, report_progress)
     report.model_level["pipeline"] = {
@@ -161,6 +167,31 @@ def _weights(stage: Stage, infos: list[ModuleInfo], config: AnalyzeConfig, repor
         for name, errors in part.items():
             report.modules[name]["weight_error"] = errors
     report_progress("weights", len(infos), len(infos), "done")
+
+
+def _fisher(stage: Stage, infos: list[ModuleInfo], batches: list[dict[str, Any]], config: AnalyzeConfig,
+            report: SensitivityReport, report_progress: Progress) -> None:
+    """Each rank the Fisher diagonal of its modules (`pipelined_fisher`) and their ``fisher_error`` at every
+    bits x group layout (`CandidateSteps.weighted_errors`, as one process), gathered on every rank."""
+    from qanalyze.sensitivity.analyze import _candidate_steps
+
+    started = time.perf_counter()
+    found = pipelined_fisher(stage, batches, labels=config.score_labels, seed=config.seed,
+                             modules=[info.name for info in infos], progress=report_progress)
+    weights = stage.weights()
+    measured = {}
+    for i, info in enumerate(infos):
+        if info.name not in found.fisher:
+            continue
+        report_progress("fisher errors", i, len(infos), info.name)
+        steps = _candidate_steps(weights[info.name].detach(), info, config.bits, config,
+                                 report.modules[info.name]["head_dim"])
+        measured[info.name] = {str(b): e for b, e in steps.weighted_errors(found.fisher[info.name]).items()}
+    for part in gather_objects(measured):
+        for name, errors in part.items():
+            report.modules[name]["fisher_error"] = errors
+    report.timings["score_passes"] = found.passes
+    report.timings["scores_seconds"] = time.perf_counter() - started
 
 
 def _traces(stage: Stage, names: list[str], batches: list[dict[str, Any]], config: AnalyzeConfig,

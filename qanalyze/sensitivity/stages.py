@@ -104,9 +104,20 @@ class Stage:
         modules = dict(self.model.named_modules())
         found = {info.name: modules[info.name].weight for info in self.infos
                  if self.split.owns(info.name) and info.name in modules}
-        if self.tied and self.split.last and not self.split.first:
+        if self.lends_table:
             found[EMBEDDING] = self.model.lm_head.weight
         return found
+
+    @property
+    def lends_table(self) -> bool:
+        """Whether this rank's LM head is a copy of the tied table rank 0 holds (tied, last, not first): what is
+        measured of that copy is sent to rank 0 and added to the table's own."""
+        return self.tied and self.split.last and not self.split.first
+
+    @property
+    def receives_table(self) -> bool:
+        """Whether this rank holds the tied table whose head copy the last rank lends (tied, first, not last)."""
+        return self.tied and self.split.first and not self.split.last
 
     def embed(self, input_ids: Tensor) -> Tensor:
         """The input embeddings of ``input_ids`` (first stage only)."""
@@ -126,11 +137,19 @@ class Stage:
                                                     position_ids=positions)
         return hidden
 
-    def head(self, hidden: Tensor, labels: Tensor) -> Tensor:
-        """The next-token loss of ``labels`` from the last layer's ``hidden`` (last stage only), as
-        ``LlamaForCausalLM`` computes it."""
-        logits = self.model.lm_head(self.model.model.norm(hidden))
+    def logits(self, hidden: Tensor) -> Tensor:
+        """The next-token logits from the last layer's ``hidden`` (last stage only): the final norm and the LM
+        head."""
+        return self.model.lm_head(self.model.model.norm(hidden))
+
+    def loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        """The next-token loss of ``labels`` from ``logits`` (last stage only), as ``LlamaForCausalLM`` computes
+        it (it shifts the labels itself)."""
         return self.model.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size)
+
+    def head(self, hidden: Tensor, labels: Tensor) -> Tensor:
+        """The next-token loss of ``labels`` from the last layer's ``hidden`` (last stage only)."""
+        return self.loss(self.logits(hidden), labels)
 
 
 def llama_config(folder: Path) -> Any:

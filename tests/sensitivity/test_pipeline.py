@@ -1,22 +1,25 @@
-"""A LLaMA split by decoder layers over two gloo ranks gives one process's Hessian-vector products and traces
-while each rank holds only its stage (`qanalyze.sensitivity.stages`, `qanalyze.sensitivity.pipeline`,
-`qanalyze.sensitivity.pipelined_analysis`); bad input is refused with one line."""
+"""A LLaMA split by decoder layers over two gloo ranks gives one process's Hessian-vector products, traces and
+Fisher scores while each rank holds only its stage (`qanalyze.sensitivity.stages`, `qanalyze.sensitivity.pipeline`,
+`qanalyze.sensitivity.pipeline_fisher`, `qanalyze.sensitivity.pipelined_analysis`); bad input is refused with
+one line."""
 
 from __future__ import annotations
 
 import json
 import math
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import run_cli
 from rank_helpers import two_ranks
 
 from qanalyze.data import load_task
 from qanalyze.errors import ConfigError
 from qanalyze.models import LoadedModel, architecture_fingerprint, inventory, load_model
-from qanalyze.sensitivity.analyze import AnalyzeConfig, module_groups
+from qanalyze.sensitivity.analyze import AnalyzeConfig, analyze, module_groups
 from qanalyze.sensitivity.calibration import calibration_batches
 from qanalyze.sensitivity.errors import all_weight_errors
 from qanalyze.sensitivity.hvp import HVP
@@ -28,8 +31,8 @@ TOLERANCE = 1e-5
 """Relative: the same float32 operations as one process's double backward, the tied table's two contributions
 added after the sweeps instead of by autograd (measured 0 on the tiny LLaMA and on SmolLM2-135M's samples)."""
 
-CONFIG = AnalyzeConfig(batches=2, batch_size=1, max_length=32, metrics=("weights", "trace"), trace_max_probes=3,
-                       trace_min_probes=3, groups=("channel", "32"), bits=(4, 8))
+CONFIG = AnalyzeConfig(batches=2, batch_size=1, max_length=32, metrics=("weights", "fisher", "trace"),
+                       trace_max_probes=3, trace_min_probes=3, groups=("channel", "32"), bits=(4, 8))
 
 TWO_RANKS = """
 import json, sys
@@ -153,6 +156,36 @@ def test_the_report_holds_the_reference_traces_and_one_process_weight_errors(two
             assert all(math.isclose(recorded[g], e, rel_tol=1e-9) for g, e in measured.items()), info.name
 
 
+def test_the_fisher_scores_equal_one_process(two, loaded, wikitext_sample_dir, tmp_path):
+    data = load_task("lm", str(wikitext_sample_dir), seq_len=32)
+    one = analyze(loaded, data, replace(CONFIG, metrics=("weights", "fisher")), tmp_path / "one.json")
+    report = json.loads((two / "two.json").read_text())
+    assert report["timings"]["score_passes"] == one.timings["score_passes"] == CONFIG.batches * CONFIG.batch_size
+    worst = 0.0  # the sampled labels, the tied table's two uses and the candidate steps as in one process
+    for name, entry in one.modules.items():
+        recorded = report["modules"][name]["fisher_error"]
+        assert recorded.keys() == entry["fisher_error"].keys(), name
+        for bits, errors in entry["fisher_error"].items():
+            assert recorded[bits].keys() == errors.keys(), name
+            # a gain of ones quantizes exactly per channel: 0 in both
+            worst = max(worst, *(abs(recorded[bits][g] - e) / max(e, 1e-30) for g, e in errors.items()))
+    assert worst < TOLERANCE, worst
+    assert one.modules["model.embed_tokens"]["fisher_error"]["4"]["channel"] > 0  # the tied table's two uses
+
+
+def test_the_default_is_one_process_lm_metrics_and_plan_takes_its_default_objective(capfd, tmp_path, tiny_llama_dir,
+                                                                                   wikitext_sample_dir):
+    out = tmp_path / "sensitivity.json"  # one rank: the whole model, in this process
+    code, _, err = run_cli(capfd, "analyze", tiny_llama_dir, "--task", "lm", "--data", wikitext_sample_dir,
+                           "--seq-len", "32", "--batches", "2", "--batch-size", "1", "--pipeline", "--quiet",
+                           "--out", out)
+    assert code == 0, err
+    assert json.loads(out.read_text())["settings"]["metrics"] == ["weights", "fisher"]
+    code, _, err = run_cli(capfd, "plan", tiny_llama_dir, "--budget", "4bit", "--sensitivity", out, "--quiet",
+                           "--out", tmp_path / "plan.json")
+    assert code == 0, err
+
+
 @pytest.mark.parametrize(("layers", "size", "expected"), [
     (2, 2, [(0, 1), (1, 2)]), (5, 2, [(0, 3), (3, 5)]), (30, 4, [(0, 8), (8, 16), (16, 23), (23, 30)]),
     (3, 1, [(0, 3)]),
@@ -183,13 +216,11 @@ def test_a_folder_that_is_not_a_llama_is_refused(tmp_path, tiny_llama_dir):
 
 
 @pytest.mark.parametrize(("change", "message"), [
-    ({"metrics": ("trace", "fisher")}, "measures weights, trace, not fisher"),
+    ({"metrics": ("fisher", "output-gradient")}, "measures weights, fisher, trace, not output-gradient"),
     ({"engine": "pyhessian"}, "native engine, not pyhessian"),
     ({"hvp_precision": "bfloat16"}, "in float32, not bfloat16"),
 ])
 def test_unsupported_settings_are_refused(tmp_path, tiny_llama_dir, wikitext_sample_dir, change, message):
-    from dataclasses import replace
-
     data = load_task("lm", str(wikitext_sample_dir), seq_len=32)
     with pytest.raises(ConfigError, match=message):
         analyze_pipelined(tiny_llama_dir, data, replace(CONFIG, **change), tmp_path / "s.json")
