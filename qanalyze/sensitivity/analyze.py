@@ -521,9 +521,10 @@ def _empirical_fisher(model: torch.nn.Module, infos: list[ModuleInfo], modules: 
                           progress=report_progress, indices=list(batches)).fisher
 
 
-def _candidate_steps(weight: torch.Tensor, info: ModuleInfo, bits: Sequence[int], config: AnalyzeConfig,
-                     head_dim: int | None) -> CandidateSteps:
-    # the same quantizer and range rule as the module's weight_error (`all_weight_errors`)
+def candidate_steps(weight: torch.Tensor, info: ModuleInfo, bits: Sequence[int], config: AnalyzeConfig,
+                    head_dim: int | None) -> CandidateSteps:
+    """``weight``'s quantization steps at ``bits`` in each of the module's measured layouts: the same quantizer and
+    range rule as its ``weight_error`` (`all_weight_errors`), which the Fisher and output-gradient scores weigh."""
     return CandidateSteps(weight, bits, module_groups(info, config.groups), head_dim=head_dim,
                           weight_range=module_weight_range(info.kind, config.weight_range))
 
@@ -536,7 +537,7 @@ def _measure_scores(model: torch.nn.Module, infos: list[ModuleInfo], modules: di
     metrics = set(config.metrics)
     output_steps = None
     if "output-gradient" in metrics:
-        output_steps = {info.name: _candidate_steps(modules[info.name].weight, info, config.score_bits, config,
+        output_steps = {info.name: candidate_steps(modules[info.name].weight, info, config.score_bits, config,
                                                     state.entry(info.name)["head_dim"]) for info in infos}
     device = next(model.parameters()).device
     # The labels of batch i are drawn from a generator keyed by i: the same whichever rank runs it.
@@ -549,7 +550,7 @@ def _measure_scores(model: torch.nn.Module, infos: list[ModuleInfo], modules: di
         entry = state.entry(info.name)
         if scores.fisher is not None:
             report_progress("fisher errors", i, len(infos), info.name)
-            steps = _candidate_steps(modules[info.name].weight, info, config.bits, config, entry["head_dim"])
+            steps = candidate_steps(modules[info.name].weight, info, config.bits, config, entry["head_dim"])
             errors = steps.weighted_errors(scores.fisher[info.name])
             entry["fisher_error"] = {str(b): e for b, e in errors.items()}
         if info.name in scores.output:

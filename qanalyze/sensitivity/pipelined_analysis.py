@@ -23,7 +23,7 @@ from qanalyze.distributed import gather_objects, world
 from qanalyze.errors import ConfigError
 from qanalyze.models import LoadedModel, ModelSource, ModuleInfo, check_max_length, resolve_model
 from qanalyze.records import SensitivityReport
-from qanalyze.sensitivity.analyze import AnalyzeConfig, module_groups, new_report
+from qanalyze.sensitivity.analyze import AnalyzeConfig, candidate_steps, module_groups, new_report
 from qanalyze.sensitivity.calibration import calibration_batches
 from qanalyze.sensitivity.pipeline import PipelinedHVP, module_order, pipelined_traces
 from qanalyze.sensitivity.pipeline_fisher import pipelined_fisher
@@ -173,8 +173,6 @@ def _fisher(stage: Stage, infos: list[ModuleInfo], batches: list[dict[str, Any]]
             report: SensitivityReport, report_progress: Progress) -> None:
     """Each rank the Fisher diagonal of its modules (`pipelined_fisher`) and their ``fisher_error`` at every
     bits x group layout (`CandidateSteps.weighted_errors`, as one process), gathered on every rank."""
-    from qanalyze.sensitivity.analyze import _candidate_steps
-
     started = time.perf_counter()
     found = pipelined_fisher(stage, batches, labels=config.score_labels, seed=config.seed,
                              modules=[info.name for info in infos], progress=report_progress)
@@ -184,7 +182,7 @@ def _fisher(stage: Stage, infos: list[ModuleInfo], batches: list[dict[str, Any]]
         if info.name not in found.fisher:
             continue
         report_progress("fisher errors", i, len(infos), info.name)
-        steps = _candidate_steps(weights[info.name].detach(), info, config.bits, config,
+        steps = candidate_steps(weights[info.name].detach(), info, config.bits, config,
                                  report.modules[info.name]["head_dim"])
         measured[info.name] = {str(b): e for b, e in steps.weighted_errors(found.fisher[info.name]).items()}
     for part in gather_objects(measured):
