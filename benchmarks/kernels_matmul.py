@@ -51,10 +51,14 @@ VARIANTS = {"int8": ("int8 8x8", 8, 8, "int8"), "split8x16": ("split 8x16", 8, 1
             "float8x16": ("float 8x16", 8, 16, "float"), "float16x16": ("float 16x16", 16, 16, "float"),
             "avx2_8x8": ("avx2 8x8", 8, 8, "avx2"), "avx2_8x16": ("avx2 8x16", 8, 16, "avx2"),
             "avx2_16x16": ("avx2 16x16", 16, 16, "avx2"), "avx2u_8x8": ("avx2u 8x8", 8, 8, "avx2u"),
-            "qlinear7": ("qlinear x86 7b", 7, 8, "qlinear"), "int_mm_raw": ("_int_mm raw", 8, 8, "int_mm_raw")}
+            "qlinear7": ("qlinear x86 7b", 7, 8, "qlinear"), "int_mm_raw": ("_int_mm raw", 8, 8, "int_mm_raw"),
+            "avx2s_8x8": ("avx2 8x8 scaled", 8, 8, "avx2s"), "avx2r_8x8": ("avx2 8x8 +torch", 8, 8, "avx2r")}
 """Option name -> (label, bits_a, bits_b, kernel path); ``qlinear`` and ``int_mm_raw`` are not int_mm paths
 (see the module docstring) and are not checked for exactness; ``avx2u`` is the AVX2 library's ``maddubs4``
-kernel through the ``avx2`` path's K chunking (`_avx2u`), checked like the paths."""
+kernel through the ``avx2`` path's K chunking (`_avx2u`), checked like the paths; ``avx2s`` is the product as the
+engine takes it, rescaled to float32 (`kernels.int_mm_scaled`, the rescale in the kernel's epilogue), and
+``avx2r`` the same values as before issue 26's third way (``int_mm(...).to(float32).mul_(scale)``), both
+checked against the rescaled ``reference_mm``."""
 DEFAULT_VARIANTS = "int8,split8x16,split16x16,float8x8,float8x16,float16x16,avx2_8x8,avx2_8x16,avx2_16x16"
 ENV = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "QANALYZE_KERNEL")
 """Environment variables that change which kernels run, printed with every table."""
@@ -126,6 +130,16 @@ def _avx2u(a: torch.Tensor, b: torch.Tensor) -> Callable[[], torch.Tensor]:
     return lambda: kernels._narrow_mm(a, b, 8, 8, op)
 
 
+_SCALE = torch.tensor(2.0**-12)  # a power of two: the check's float32 values are exact
+
+
+def _rescaled(a: torch.Tensor, b: torch.Tensor, path: str) -> Callable[[], torch.Tensor]:
+    """``avx2s`` (`kernels.int_mm_scaled`) or ``avx2r`` (int_mm, then torch's conversion and multiply)."""
+    if path == "avx2s":
+        return lambda: kernels.int_mm_scaled(a, b, bits_a=8, bits_b=8, col_scale=_SCALE, path="avx2")
+    return lambda: int_mm(a, b, bits_a=8, bits_b=8, path="avx2").to(torch.float32).mul_(_SCALE)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=30, help="timed rounds (median reported)")
@@ -166,7 +180,12 @@ def main() -> None:
 
                 if path == "avx2u":
                     run = _avx2u(a, b)  # and checked below like the int_mm paths
-                if path == "qlinear":
+                if path in ("avx2s", "avx2r"):
+                    run = _rescaled(a, b, path)
+                    want = reference_mm(a, b).to(torch.float32).mul_(_SCALE)
+                    if not args.no_check and not torch.equal(run(), want):
+                        raise SystemExit(f"{name} is not exact on {label}")
+                elif path == "qlinear":
                     run = _qlinear(a, b)
                 elif path == "int_mm_raw":
                     run = lambda a=a, b=b: torch._int_mm(a, b)  # noqa: E731

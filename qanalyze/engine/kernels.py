@@ -22,7 +22,8 @@ symmetric codes (``|v| <= 2**(bits-1) - 1``, 2 to 16 bits), whatever their shape
   in int32), built on first use, absent where it cannot be built. Measured on the six products of
   benchmarks/kernels_matmul.py, AVX2 emulated on a VNNI AMD EPYC (oneDNN, ATen and MKL capped to AVX2), 2
   threads: 0.73x a float32 GEMM at 8 x 8 bits where the ``float`` path takes 1.19x; at 16 x 16 bits its four
-  digit products take 3.6x, the ``float`` path's float64 GEMM 2.1x, so ``auto`` keeps ``float`` there.
+  digit products take 3.6x, the ``float`` path's float64 GEMM 2.1x, so ``auto`` keeps ``float`` there. With the
+  rescale in its epilogue (`int_mm_scaled`) the engine's products take no extra pass over their outputs.
 - ``reference``: int64 matmul, the oracle every other path is tested against.
 
 ``auto`` takes ``int8`` / ``split`` where int8 GEMMs are fast, and ``float`` where they are not: without
