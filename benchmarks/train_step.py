@@ -25,6 +25,12 @@ emulated (``ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCT
 kernel 54 % of the time (898 ms against 1180 ms of FP32 mm / addmm), quantization and copies most of the rest.
 Targets 0.7x (issue 26: 0.8x) and 1.5x missed on AVX2. Without the caps (VNNI, 1 thread, ``--steps 8``): int
 W8A8G8 0.64x, W16A16G16 1.44x.
+Issue 26's third way (fused quantization, rescale in the kernel's epilogue, fused layer norm forward), same caps,
+machine idle, ``--steps 8 --warmup 1 --kernels float,avx2/unfused,avx2``, 2 threads: int W8A8G8 1.13x fp32 before
+(avx2/unfused) and 1.02x after, channel 1.22x / 1.05x, W8A8G8 on the float path 1.33x, int W16A16G16 (float) 2.00x;
+1 thread (``--steps 6``): 0.97x / 0.88x, channel 1.11x / 0.92x, float 1.21x, W16A16G16 1.94x. Targets still
+missed: the kernel is 0.74x fp32's GEMMs and 52 % of the step; the serial stochastic-rounding draws and Python
+around 38 linears remain (reports/pending/avx2_overhead.md).
 """
 
 from __future__ import annotations
