@@ -470,8 +470,6 @@ def _measure_errors(model: torch.nn.Module, infos: list[ModuleInfo], modules: di
             state.entry(name)["gradient_error"] = summary["gradient_error"]
 
 
-
-
 def _measure_delta_loss(model: torch.nn.Module, infos: list[ModuleInfo], modules: dict[str, torch.nn.Module],
                         batches: dict[int, dict[str, torch.Tensor]], config: AnalyzeConfig, state: _State,
                         report_progress: Progress) -> None:
@@ -538,7 +536,7 @@ def _measure_scores(model: torch.nn.Module, infos: list[ModuleInfo], modules: di
     output_steps = None
     if "output-gradient" in metrics:
         output_steps = {info.name: candidate_steps(modules[info.name].weight, info, config.score_bits, config,
-                                                    state.entry(info.name)["head_dim"]) for info in infos}
+                                                   state.entry(info.name)["head_dim"]) for info in infos}
     device = next(model.parameters()).device
     # The labels of batch i are drawn from a generator keyed by i: the same whichever rank runs it.
     scores = measure_scores(model, infos, list(batches.values()), fisher="fisher" in metrics,
