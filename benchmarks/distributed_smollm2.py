@@ -38,20 +38,28 @@ def _run(command: list[str], threads: int) -> float:
     return seconds
 
 
-def _worst_relative(a: object, b: object) -> float:
+STOPPING = ("stderr", "iterations", "converged")
+
+
+def _worst_relative(a: object, b: object, where: str = "") -> tuple[float, str]:
+    """The largest relative difference of two JSON values' numbers and where it is (inf: their structure or a
+    flag differs)."""
     if isinstance(a, dict):
         if set(a) != set(b):
-            return float("inf")
-        # a Lanczos residual bound moves with the float summation order of 1 against 2 threads far more than
-        # the eigenvalue it bounds (1.5 % against 1e-4 on a tiny LLaMA): the values are compared, not the bounds
-        return max((_worst_relative(a[k], b[k]) for k in a if k != "stderr"), default=0.0)
+            return float("inf"), where
+        # Lanczos's stopping bookkeeping (residual bound, products, converged) moves with the float summation order
+        # of 1 against 2 threads far more than the eigenvalue (a bound 1.5 % against the value's 1e-4 on a tiny
+        # LLaMA; a step more or less): the values are compared, not the bookkeeping
+        return max((_worst_relative(a[k], b[k], f"{where}.{k}") for k in a if k not in STOPPING),
+                   default=(0.0, where))
     if isinstance(a, list):
         if len(a) != len(b):
-            return float("inf")
-        return max((_worst_relative(x, y) for x, y in zip(a, b)), default=0.0)
+            return float("inf"), where
+        return max((_worst_relative(x, y, f"{where}[{i}]") for i, (x, y) in enumerate(zip(a, b))),
+                   default=(0.0, where))
     if isinstance(a, float):
-        return abs(a - b) / max(abs(a), abs(b), 1e-30)
-    return 0.0 if a == b else float("inf")
+        return abs(a - b) / max(abs(a), abs(b), 1e-30), where
+    return (0.0 if a == b else float("inf")), where
 
 
 def _same_codes(one: Path, two: Path) -> bool:
@@ -89,7 +97,7 @@ def main() -> None:
         figures["analyze"] = {"1 rank x 2 threads": _run(one_process + analyze + ["--out", str(out / "a1.json")], 2),
                               "2 ranks x 1 thread": _run(two_ranks + analyze + ["--out", str(out / "a2.json")], 1)}
         a1, a2 = (json.loads((out / name).read_text()) for name in ("a1.json", "a2.json"))
-        worst = _worst_relative(a1["modules"], a2["modules"])
+        worst, where = _worst_relative(a1["modules"], a2["modules"])
         figures["analyze"]["worst relative difference"] = worst
         same = True
         if not args.no_quantize:
@@ -102,7 +110,7 @@ def main() -> None:
     print(f"{args.model}, {args.windows} windows of {args.seq_len} tokens (wall seconds)")
     print(f"{'command':<10} {'1 rank x 2 threads':>20} {'2 ranks x 1 thread':>20}  agreement")
     print(f"{'analyze':<10} {figures['analyze']['1 rank x 2 threads']:>20.1f} "
-          f"{figures['analyze']['2 ranks x 1 thread']:>20.1f}  worst relative difference {worst:.2e}")
+          f"{figures['analyze']['2 ranks x 1 thread']:>20.1f}  worst relative difference {worst:.2e} ({where})")
     if "quantize" in figures:
         print(f"{'quantize':<10} {figures['quantize']['1 rank x 2 threads']:>20.1f} "
               f"{figures['quantize']['2 ranks x 1 thread']:>20.1f}  GPTQ codes {'identical' if same else 'DIFFER'}")
