@@ -14,7 +14,7 @@ a Python caller can do the same way::
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -179,18 +179,15 @@ def analyze(model: str, data: TaskData, config: AnalyzeConfig, out: str | Path, 
 
 def _analyze_pipelined(model: str, data: TaskData, config: AnalyzeConfig, out: str | Path, *, resume: bool,
                        device: str, progress: Callable[[str, int, int, str], None] | None) -> Any:
-    from qanalyze.sensitivity.analyze import DEFAULT_METRICS, LM_DEFAULT_GROUPS, LM_DEFAULT_METRICS, AnalyzeConfig
+    from qanalyze.sensitivity.analyze import lm_defaults
     from qanalyze.sensitivity.pipelined_analysis import analyze_pipelined
 
     if resume:
         raise ConfigError("--pipeline keeps no partial file to resume: run it again without --resume")
     if device not in ("auto", "cpu"):
         raise ConfigError(f"--pipeline runs on the CPU (gloo); --device {device} is not taken")
-    if config.metrics == DEFAULT_METRICS:  # what one process measures for lm: the LM objective's Fisher score
-        config = replace(config, metrics=LM_DEFAULT_METRICS)
-    if config.groups == AnalyzeConfig().groups and data.task.kind == "lm":
-        config = replace(config, groups=LM_DEFAULT_GROUPS)
-    return analyze_pipelined(model, data, config, out, progress=progress)
+    # what one process measures for lm (another task is refused by name by the pipelined analysis)
+    return analyze_pipelined(model, data, lm_defaults(config), out, progress=progress)
 
 
 def baseline_path(out: str | Path, name: str) -> Path:

@@ -565,8 +565,14 @@ def task_defaults(config: AnalyzeConfig, kind: str) -> AnalyzeConfig:
         return config
     from qanalyze.plan.make import resolve_objective
 
+    return lm_defaults(config).for_objective(resolve_objective("auto", kind))
+
+
+def lm_defaults(config: AnalyzeConfig) -> AnalyzeConfig:
+    """``config`` with task ``lm``'s metrics (`LM_DEFAULT_METRICS`) and group layouts (`LM_DEFAULT_GROUPS`) where
+    it holds the generic defaults."""
     if config.metrics == DEFAULT_METRICS:
         config = replace(config, metrics=LM_DEFAULT_METRICS)
     if config.groups == AnalyzeConfig().groups:
         config = replace(config, groups=LM_DEFAULT_GROUPS)
-    return config.for_objective(resolve_objective("auto", kind))
+    return config
