@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -237,7 +237,11 @@ def partial_path(out: str | Path) -> Path:
 
 def select_modules(model: torch.nn.Module, pattern: str | None) -> list[ModuleInfo]:
     """The quantizable modules whose name matches ``pattern`` (all when None); ConfigError if none."""
-    modules = inventory(model)
+    return matching_modules(inventory(model), pattern)
+
+
+def matching_modules(modules: list[ModuleInfo], pattern: str | None) -> list[ModuleInfo]:
+    """The ``modules`` whose name matches ``pattern`` (all when None); ConfigError if none."""
     if pattern is None:
         return modules
     regex = re.compile(pattern)
@@ -378,22 +382,10 @@ def analyze(
 
     if "weights" in metrics and not state.done("weights"):
         started = time.perf_counter()
-        measured = {}
         here = world()
-        for i, info in enumerate(infos):
-            if i % here.size != here.rank:  # each rank its share of the modules (no data in this stage)
-                continue
-            report_progress("weights", i, len(infos), info.name)
-            # the same rule the engine gives this module (`apply_plan`)
-            weight_range = module_weight_range(info.kind, config.weight_range)
-            errors = all_weight_errors(modules[info.name].weight.detach(), config.bits,
-                                       module_groups(info, config.groups),
-                                       head_dim=state.entry(info.name)["head_dim"], weight_range=weight_range)
-            measured[info.name] = {str(b): e for b, e in errors.items()}
-        for part in gather_objects(measured):
-            for name, errors in part.items():
-                state.entry(name)["weight_error"] = errors
-        report_progress("weights", len(infos), len(infos), "done")
+        # each rank its share of the modules (no data in this stage)
+        measure_weight_errors(state.report, modules, infos, config, lambda i, _: i % here.size == here.rank,
+                              report_progress)
         state.report.timings["weights_seconds"] = time.perf_counter() - started
         state.mark("weights")
 
@@ -425,6 +417,27 @@ def analyze(
         state.report.save(out)
         state.partial.unlink(missing_ok=True)
     return state.report
+
+
+def measure_weight_errors(report: SensitivityReport, modules: Mapping[str, torch.nn.Module], infos: list[ModuleInfo],
+                          config: AnalyzeConfig, mine: Callable[[int, ModuleInfo], bool],
+                          report_progress: Progress) -> None:
+    """Every module's ``weight_error`` into ``report``: this process measures the modules ``mine(index, info)``
+    picks, and the errors of every rank are gathered."""
+    measured = {}
+    for i, info in enumerate(infos):
+        if not mine(i, info):
+            continue
+        report_progress("weights", i, len(infos), info.name)
+        # the same rule the engine gives this module (`apply_plan`)
+        weight_range = module_weight_range(info.kind, config.weight_range)
+        errors = all_weight_errors(modules[info.name].weight.detach(), config.bits, module_groups(info, config.groups),
+                                   head_dim=report.modules[info.name]["head_dim"], weight_range=weight_range)
+        measured[info.name] = {str(b): e for b, e in errors.items()}
+    for part in gather_objects(measured):
+        for name, errors in part.items():
+            report.modules[name]["weight_error"] = errors
+    report_progress("weights", len(infos), len(infos), "done")
 
 
 def _measure_errors(model: torch.nn.Module, infos: list[ModuleInfo], modules: dict[str, torch.nn.Module],
@@ -527,6 +540,13 @@ def candidate_steps(weight: torch.Tensor, info: ModuleInfo, bits: Sequence[int],
                           weight_range=module_weight_range(info.kind, config.weight_range))
 
 
+def fisher_errors(weight: torch.Tensor, info: ModuleInfo, config: AnalyzeConfig, head_dim: int | None,
+                  fisher: torch.Tensor) -> dict[str, Any]:
+    """``fisher_error`` of sensitivity.json: Σ diag(F) ⊙ ΔW² of ``weight`` at every bits x layout of ``config``."""
+    errors = candidate_steps(weight, info, config.bits, config, head_dim).weighted_errors(fisher)
+    return {str(b): e for b, e in errors.items()}
+
+
 def _measure_scores(model: torch.nn.Module, infos: list[ModuleInfo], modules: dict[str, torch.nn.Module],
                     batches: dict[int, dict[str, torch.Tensor]], config: AnalyzeConfig, state: _State,
                     report_progress: Progress) -> None:
@@ -548,9 +568,8 @@ def _measure_scores(model: torch.nn.Module, infos: list[ModuleInfo], modules: di
         entry = state.entry(info.name)
         if scores.fisher is not None:
             report_progress("fisher errors", i, len(infos), info.name)
-            steps = candidate_steps(modules[info.name].weight, info, config.bits, config, entry["head_dim"])
-            errors = steps.weighted_errors(scores.fisher[info.name])
-            entry["fisher_error"] = {str(b): e for b, e in errors.items()}
+            entry["fisher_error"] = fisher_errors(modules[info.name].weight, info, config, entry["head_dim"],
+                                                  scores.fisher[info.name])
         if info.name in scores.output:
             entry["output_gradient_error"] = scores.output[info.name]
 

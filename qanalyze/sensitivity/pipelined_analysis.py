@@ -11,7 +11,6 @@ and parameter bytes.
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, replace
@@ -23,7 +22,13 @@ from qanalyze.distributed import gather_objects, world
 from qanalyze.errors import ConfigError
 from qanalyze.models import LoadedModel, ModelSource, ModuleInfo, check_max_length, resolve_model
 from qanalyze.records import SensitivityReport
-from qanalyze.sensitivity.analyze import AnalyzeConfig, candidate_steps, module_groups, new_report
+from qanalyze.sensitivity.analyze import (
+    AnalyzeConfig,
+    fisher_errors,
+    matching_modules,
+    measure_weight_errors,
+    new_report,
+)
 from qanalyze.sensitivity.calibration import calibration_batches
 from qanalyze.sensitivity.pipeline import PipelinedHVP, module_order, pipelined_traces
 from qanalyze.sensitivity.pipeline_fisher import pipelined_fisher
@@ -61,12 +66,13 @@ def analyze_pipelined(model: str | Path, data: TaskData, config: AnalyzeConfig, 
     loaded = _loaded(str(model), source, folder, weights_hash, stage)
     batches = calibration_batches(data, loaded.tokenizer, config)
     check_max_length(stage.model, batches[0]["input_ids"].shape[1], flag="--seq-len")
-    infos = _selected(stage.infos, config.modules)
+    infos = matching_modules(stage.infos, config.modules)
     # the report of one process's analysis: it reads only the config, identity and module list of the model
     report = new_report(loaded, data, config, infos, stage.infos)
     started = time.perf_counter()
-    if "weights" in config.metrics:
-        _weights(stage, infos, config, report, report_progress)
+    if "weights" in config.metrics:  # each rank the modules its stage owns
+        measure_weight_errors(report, dict(stage.model.named_modules()), infos, config,
+                              lambda _, info: stage.split.owns(info.name), report_progress)
         report.timings["weights_seconds"] = time.perf_counter() - started
     if "fisher" in config.metrics:
         _fisher(stage, infos, batches, config, report, report_progress)
@@ -137,38 +143,6 @@ def _loaded(spec: str, source: ModelSource, folder: Path, weights_hash: str, sta
     return LoadedModel(model=stage.model, tokenizer=tokenizer, source=source, identity=identity)
 
 
-def _selected(infos: list[ModuleInfo], pattern: str | None) -> list[ModuleInfo]:
-    if pattern is None:
-        return infos
-    chosen = [info for info in infos if re.search(pattern, info.name)]
-    if not chosen:
-        raise ConfigError(f"--modules {pattern!r} matches none of the {len(infos)} quantizable modules "
-                          f"(for example {infos[0].name})")
-    return chosen
-
-
-def _weights(stage: Stage, infos: list[ModuleInfo], config: AnalyzeConfig, report: SensitivityReport,
-             report_progress: Progress) -> None:
-    """Each rank the weight errors of the modules its stage owns, gathered on every rank."""
-    from qanalyze.quant.primitives import module_weight_range
-    from qanalyze.sensitivity.errors import all_weight_errors
-
-    modules = dict(stage.model.named_modules())
-    measured = {}
-    for i, info in enumerate(infos):
-        if not stage.split.owns(info.name):
-            continue
-        report_progress("weights", i, len(infos), info.name)
-        errors = all_weight_errors(modules[info.name].weight.detach(), config.bits, module_groups(info, config.groups),
-                                   head_dim=report.modules[info.name]["head_dim"],
-                                   weight_range=module_weight_range(info.kind, config.weight_range))
-        measured[info.name] = {str(b): e for b, e in errors.items()}
-    for part in gather_objects(measured):
-        for name, errors in part.items():
-            report.modules[name]["weight_error"] = errors
-    report_progress("weights", len(infos), len(infos), "done")
-
-
 def _fisher(stage: Stage, infos: list[ModuleInfo], batches: list[dict[str, Any]], config: AnalyzeConfig,
             report: SensitivityReport, report_progress: Progress) -> None:
     """Each rank the Fisher diagonal of its modules (`pipelined_fisher`) and their ``fisher_error`` at every
@@ -182,9 +156,8 @@ def _fisher(stage: Stage, infos: list[ModuleInfo], batches: list[dict[str, Any]]
         if info.name not in found.fisher:
             continue
         report_progress("fisher errors", i, len(infos), info.name)
-        steps = candidate_steps(weights[info.name].detach(), info, config.bits, config,
-                                 report.modules[info.name]["head_dim"])
-        measured[info.name] = {str(b): e for b, e in steps.weighted_errors(found.fisher[info.name]).items()}
+        measured[info.name] = fisher_errors(weights[info.name].detach(), info, config,
+                                            report.modules[info.name]["head_dim"], found.fisher[info.name])
     for part in gather_objects(measured):
         for name, errors in part.items():
             report.modules[name]["fisher_error"] = errors
