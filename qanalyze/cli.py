@@ -1,19 +1,13 @@
 """The ``qanalyze`` command line: each command parses its options, calls one library verb
 (`qanalyze.verbs`) and prints what comes back.
 
-Exit codes: 0 ok; 2 what the user can fix (`qanalyze.errors.InputError`, click usage errors, and
-file-system errors such as permissions or a full disk: one line on stderr, nothing written); 3 training
-diverged (NaN or overflow: a finding about the plan or the settings, not bad input); 130 interrupted
-(`qanalyze.errors.Interrupted`: one line saying what was kept and how to go on); 1 an internal error
-(traceback only with ``QANALYZE_DEBUG=1``). Heavy libraries are imported inside the commands so that
+Every outcome becomes an exit code (`qanalyze.cli_exits`). Heavy libraries are imported inside the commands so that
 ``--help`` answers at once; the commands are built per call so that methods registered at run time
 (`qanalyze.methods.register`) get their ``--mode`` choice and options.
 """
 
 from __future__ import annotations
 
-import os
-import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,6 +20,9 @@ from qanalyze.cli_options import (
     SectionedCommand,
     analyze_options,
     data_options,
+    export_formats,
+    exporter_options,
+    exporter_settings,
     group_options,
     int_list,
     integer_reference_bits,
@@ -40,8 +37,6 @@ from qanalyze.cli_options import (
 )
 from qanalyze.cli_output import print_metrics, print_most_sensitive, print_plan
 from qanalyze.methods.parse import name_list as names
-
-EXIT_OK, EXIT_INTERNAL, EXIT_INPUT, EXIT_DIVERGED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 
 def _console(quiet: bool) -> Any:
@@ -453,7 +448,7 @@ def build_cli() -> click.Group:
 
     @cli.command()
     @click.argument("plan_or_run")
-    @click.option("--format", "format_name", required=True, type=click.Choice(_export_formats()),
+    @click.option("--format", "format_name", required=True, type=click.Choice(export_formats()),
                   help="Engine format (every registered exporter).")
     @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to write.")
     @click.option("--snap", type=click.Choice(["none", "up"]), default="none", show_default=True,
@@ -462,7 +457,7 @@ def build_cli() -> click.Group:
                        "run's codes are never moved).")
     @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
     @click.option("--quiet", "-q", is_flag=True, help="Print only the folder written.")
-    @_exporter_options
+    @exporter_options
     def export(plan_or_run: str, format_name: str, out: str, snap: str, overwrite: bool, quiet: bool,
                **settings: Any) -> None:
         """Write a plan as an inference engine's recipe, or a quantized run as a checkpoint it loads.
@@ -473,16 +468,9 @@ def build_cli() -> click.Group:
         which the engine loads to the weights qanalyze evaluated). Entries the format cannot store are refused
         by name unless --snap up.
         """
-        from qanalyze.errors import ConfigError
         from qanalyze.verbs import export as export_verb
 
-        given = {key: value for key, value in settings.items() if value is not None}
-        prefix = format_name.replace("-", "_") + "__"
-        stray = [key for key in given if not key.startswith(prefix)]
-        if stray:
-            raise ConfigError(f"--{stray[0].replace('__', '-').replace('_', '-')} is not a setting of --format "
-                              f"{format_name}")
-        options = {key.removeprefix(prefix): value for key, value in given.items()}
+        options = exporter_settings(format_name, settings)
         with _console(quiet).status(f"exporting to {format_name}"):
             record = export_verb(plan_or_run, format_name, out, snap=snap, overwrite=overwrite, options=options)
         if not quiet:
@@ -495,92 +483,10 @@ def build_cli() -> click.Group:
     return cli
 
 
-def _exporter_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    """``--<format>-<setting>`` for every field of every registered exporter's config (its choices and help);
-    the keyword is ``<format>__<setting>``."""
-    import dataclasses
-
-    from qanalyze.export.registry import EXPORTERS
-
-    for exporter in reversed(list(EXPORTERS.values())):
-        for item in reversed(dataclasses.fields(exporter.config_class)):
-            flag = f"--{exporter.name}-{item.name}".replace("_", "-")
-            keyword = f"{exporter.name.replace('-', '_')}__{item.name}"
-            command = click.option(flag, keyword, type=click.Choice(item.metadata["choices"]), default=None,
-                                   help=f"--format {exporter.name}: {item.metadata['help']} [default: "
-                                        f"{item.default}]")(command)
-    return command
-
-
-def _export_formats() -> list[str]:
-    from qanalyze.export.registry import EXPORTERS
-
-    return sorted(EXPORTERS)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI and turn every outcome into an exit code (0, 1, 2, 3 or 130); launched by torchrun as one
     rank of several, joined to the process group and quiet unless rank 0 (`qanalyze.launch`)."""
+    from qanalyze.cli_exits import run_command
     from qanalyze.launch import ranked
 
-    return ranked(lambda: _run(argv))
-
-
-def _run(argv: list[str] | None) -> int:
-    from qanalyze.errors import InputError
-    from qanalyze.launch import shared_failures
-
-    _quiet_engine_loggers()
-    try:
-        # Without standalone mode click returns the code of --help / --version instead of exiting.
-        with shared_failures():  # a rank that fails because another did reports that rank's error
-            result = build_cli().main(args=argv, prog_name="qanalyze", standalone_mode=False)
-    except click.Abort:
-        click.echo("error: aborted", err=True)
-        return EXIT_INTERRUPTED
-    except click.ClickException as exc:
-        click.echo(f"error: {exc.format_message()}", err=True)
-        return EXIT_INPUT
-    except InputError as exc:
-        click.echo(f"error: {_one_line(exc)}", err=True)
-        return EXIT_INPUT
-    except KeyboardInterrupt:
-        click.echo("error: interrupted; nothing was written", err=True)
-        return EXIT_INTERRUPTED
-    except Exception as exc:
-        from qanalyze.engine.train import TrainingDiverged
-        from qanalyze.errors import Interrupted, file_system_problem
-
-        if isinstance(exc, Interrupted | TrainingDiverged):
-            click.echo(f"error: {_one_line(exc)}", err=True)
-            return EXIT_INTERRUPTED if isinstance(exc, Interrupted) else EXIT_DIVERGED
-        problem = file_system_problem(exc)
-        if problem is None:
-            return _internal(exc)
-        click.echo(f"error: {problem}", err=True)
-        return EXIT_INPUT
-    return result if isinstance(result, int) else EXIT_OK
-
-
-QUIET_LOGGERS = ("torchao", "torch.utils._pytree")
-"""Loggers of packages that transformers imports when installed (the ``export`` extra's torchao), whose
-import-time warnings concern GPU kernels and torch.compile, never a qanalyze command: shown only as errors."""
-
-
-def _quiet_engine_loggers() -> None:
-    import logging
-
-    for name in QUIET_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR)
-
-
-def _internal(exc: BaseException) -> int:
-    if os.environ.get("QANALYZE_DEBUG"):
-        traceback.print_exception(exc)
-    click.echo(f"internal error: {exc.__class__.__name__}: {_one_line(exc)} "
-               "(set QANALYZE_DEBUG=1 for the traceback)", err=True)
-    return EXIT_INTERNAL
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or exc.__class__.__name__
+    return ranked(lambda: run_command(build_cli, argv))

@@ -377,3 +377,39 @@ plan_options = option_group(
     click.option("--overwrite", is_flag=True, help="Replace OUT if it exists."),
 )
 """Options of `qanalyze plan`; the defaults are `PlanConfig`'s (a test holds them equal)."""
+
+
+def exporter_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """``--<format>-<setting>`` for every field of every registered exporter's config (its choices and help);
+    the keyword is ``<format>__<setting>``."""
+    from qanalyze.export.registry import EXPORTERS
+
+    for exporter in reversed(list(EXPORTERS.values())):
+        for item in reversed(dataclasses.fields(exporter.config_class)):
+            flag = f"--{exporter.name}-{item.name}".replace("_", "-")
+            keyword = f"{exporter.name.replace('-', '_')}__{item.name}"
+            command = click.option(flag, keyword, type=click.Choice(item.metadata["choices"]), default=None,
+                                   help=f"--format {exporter.name}: {item.metadata['help']} [default: "
+                                        f"{item.default}]")(command)
+    return command
+
+
+def exporter_settings(format_name: str, settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings given by `exporter_options`' flags, by field name of ``format_name``'s config; ConfigError for
+    a flag of another format."""
+    from qanalyze.errors import ConfigError
+
+    given = {key: value for key, value in settings.items() if value is not None}
+    prefix = format_name.replace("-", "_") + "__"
+    stray = [key for key in given if not key.startswith(prefix)]
+    if stray:
+        raise ConfigError(f"--{stray[0].replace('__', '-').replace('_', '-')} is not a setting of --format "
+                          f"{format_name}")
+    return {key.removeprefix(prefix): value for key, value in given.items()}
+
+
+def export_formats() -> list[str]:
+    """The ``--format`` names of every registered exporter."""
+    from qanalyze.export.registry import EXPORTERS
+
+    return sorted(EXPORTERS)
