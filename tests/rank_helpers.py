@@ -46,11 +46,11 @@ def one_process(*args: object) -> subprocess.CompletedProcess:
                           text=True, timeout=300)
 
 
-def torchrun(*args: object) -> subprocess.CompletedProcess:
+def torchrun(*args: object, timeout: float = 300) -> subprocess.CompletedProcess:
     """``torchrun --nproc-per-node 2 -m qanalyze ARGS`` with `rank_env` on a free port."""
     return subprocess.run([str(VENV_BIN / "torchrun"), "--nproc-per-node", "2", "--master-port", str(free_port()),
                            "-m", "qanalyze", *map(str, args)], env=rank_env(), capture_output=True, text=True,
-                          timeout=300)
+                          timeout=timeout)
 
 
 def messages(err: str) -> list[str]:

@@ -6,12 +6,9 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-from rank_helpers import free_port, rank_env
+from rank_helpers import torchrun
 
 from qanalyze.cli import main
 from qanalyze.data import load_task
@@ -70,9 +67,7 @@ def test_a_sweep_on_two_ranks_gives_the_rows_of_one_process(tmp_path, tiny_bert_
             "--max-eval-examples", "16", "--max-length", "24", "--sensitivity", str(sensitivity), "--budgets", "2,4",
             "--plans", "hessian,uniform", "--integer-bits", "none", "--batch-size", "5"]
     assert main([*args, "--quiet", "--out", str(tmp_path / "one")]) == 0
-    two = subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--nproc-per-node", "2", "--master-port",
-                          str(free_port()), "-m", "qanalyze", *args, "--out", str(tmp_path / "two")],
-                         env=rank_env(), capture_output=True, text=True, timeout=120)
+    two = torchrun(*args, "--out", tmp_path / "two", timeout=120)
     assert two.returncode == 0, two.stderr  # torchrun exits 0 when both ranks do
     # rank 1 is quiet: one table (stdout), one closing line and no error (stderr, the console's)
     assert two.stdout.count("delta_pts") == 1 and two.stderr.count("sweep of 4 rows") == 1
